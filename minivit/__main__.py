@@ -1,0 +1,3 @@
+from minivit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""One code path for NumPy and CuPy.
+
+Everything that computes (ops, blocks, models, the optimizer) reaches its array library only
+through this module, in the style of Chainer's ``chainer.backend``::
+
+    xp = array_module(x)          # numpy or cupy, whichever x lives in
+    y = xp.exp(x - x.max(axis=-1, keepdims=True))
+
+A :class:`Backend` bundles the array module with the few things that differ between the two
+libraries: how to move data to the host, how to wait for the device, where ``erf`` lives and how
+to make a seeded random generator.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "array_module",
+    "backend_of",
+    "erf",
+    "get_backend",
+    "available_backends",
+]
+
+BACKEND_NAMES = ("numpy", "cupy")
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when a backend is asked for but cannot run here (no CuPy, or no CUDA device)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An array library plus the handful of operations that differ between libraries.
+
+    Attributes:
+        name: ``"numpy"`` or ``"cupy"``.
+        xp: the array module itself.
+    """
+
+    name: str
+    xp: ModuleType
+    _erf: Any = field(repr=False, compare=False)
+
+    def asarray(self, a, dtype=None):
+        """Put ``a`` (array, list or scalar, from either backend) on this backend."""
+        if self.name == "numpy" and _is_cupy_array(a):
+            a = a.get()
+        return self.xp.asarray(a, dtype=dtype)
+
+    def to_numpy(self, a) -> numpy.ndarray:
+        """Return ``a`` as a host ``numpy.ndarray`` (a copy from the device for CuPy)."""
+        if _is_cupy_array(a):
+            return a.get()
+        return numpy.asarray(a)
+
+    def synchronize(self) -> None:
+        """Block until all queued device work has finished (a no-op on the CPU)."""
+        if self.name == "cupy":
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def erf(self, x):
+        """The error function, elementwise, keeping ``x``'s dtype."""
+        return self._erf(x)
+
+    def rng(self, seed=None):
+        """A seeded random generator living on this backend (``xp.random.default_rng``).
+
+        It supports ``random(shape, dtype=...)``, ``standard_normal(shape, dtype=...)`` and
+        ``integers(...)`` on both backends.
+        """
+        return self.xp.random.default_rng(seed)
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+
+_CACHE: dict[str, Backend] = {}
+
+
+def _make_numpy() -> Backend:
+    import scipy.special
+
+    return Backend("numpy", numpy, scipy.special.erf)
+
+
+def _make_cupy() -> Backend:
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+        raise BackendUnavailable(
+            f"backend 'cupy' needs CuPy, which could not be imported ({exc}). "
+            "Install it with `pip install minivit[gpu]` (cupy-cuda12x) on a machine with CUDA."
+        ) from exc
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        raise BackendUnavailable(
+            f"backend 'cupy': CuPy is installed but no CUDA device could be queried ({exc})."
+        ) from exc
+    if n < 1:
+        raise BackendUnavailable("backend 'cupy': CuPy is installed but no CUDA device was found.")
+    import cupyx.scipy.special
+
+    return Backend("cupy", cupy, cupyx.scipy.special.erf)
+
+
+def get_backend(name: str | Backend | None = None) -> Backend:
+    """Return the backend called ``name`` (``"numpy"`` or ``"cupy"``).
+
+    ``None`` reads the environment variable ``MINIVIT_BACKEND`` (default ``"numpy"``). A
+    :class:`Backend` passed in is returned unchanged. Raises :class:`BackendUnavailable` when
+    CuPy or a CUDA device is missing, and ``ValueError`` for an unknown name.
+    """
+    if isinstance(name, Backend):
+        return name
+    if name is None:
+        name = os.environ.get("MINIVIT_BACKEND", "numpy") or "numpy"
+    name = str(name).lower()
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    if name not in _CACHE:
+        _CACHE[name] = _make_numpy() if name == "numpy" else _make_cupy()
+    return _CACHE[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine."""
+    names = []
+    for name in BACKEND_NAMES:
+        try:
+            get_backend(name)
+        except BackendUnavailable:
+            continue
+        names.append(name)
+    return names
+
+
+def _is_cupy_array(a) -> bool:
+    # Checked by type name so that NumPy-only machines never import cupy.
+    t = type(a)
+    return t.__module__.startswith("cupy") and t.__name__ == "ndarray"
+
+
+def _library_of(a) -> str | None:
+    if isinstance(a, numpy.ndarray) or isinstance(a, numpy.generic):
+        return "numpy"
+    if _is_cupy_array(a):
+        return "cupy"
+    return None
+
+
+def backend_of(*arrays) -> Backend:
+    """The :class:`Backend` that the arrays live in (``None`` entries and scalars are skipped).
+
+    Arrays from two backends together raise ``TypeError`` naming both. With no arrays at all,
+    the NumPy backend is returned.
+    """
+    found: dict[str, int] = {}
+    for i, a in enumerate(arrays):
+        lib = _library_of(a)
+        if lib is not None and lib not in found:
+            found[lib] = i
+    if len(found) > 1:
+        raise TypeError(
+            "arrays from two backends were mixed: argument "
+            f"{found['numpy']} is a numpy.ndarray and argument {found['cupy']} is a "
+            "cupy.ndarray; move them to one backend first (Backend.asarray)"
+        )
+    return get_backend(next(iter(found), "numpy"))
+
+
+def array_module(*arrays) -> ModuleType:
+    """The array module (``numpy`` or ``cupy``) that the arrays live in.
+
+    Mixing arrays from two backends raises ``TypeError`` naming both.
+    """
+    return backend_of(*arrays).xp
+
+
+def erf(x):
+    """The error function on whichever backend ``x`` lives in."""
+    return backend_of(x).erf(x)

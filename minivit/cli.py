@@ -1,0 +1,86 @@
+"""The ``minivit`` command line.
+
+Each command lives in its own module, which provides two functions::
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> int        # the exit status
+
+This file only wires them together, so adding a command never touches another command's code.
+Modules are imported when the parser is built; they keep heavy imports (matplotlib, tqdm, torch)
+inside ``run`` so that ``minivit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command words, module, one-line help)
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("train", "vit"), "minivit.train.vit", "train a ViT (default: sklearn digits)"),
+    (("train", "hybrid"), "minivit.train.hybrid", "train a Hybrid ViT (CNN stem + encoder)"),
+    (("train", "vilt"), "minivit.train.vilt", "train ViLT on generated image-caption data"),
+    (("eval",), "minivit.train.evaluate", "evaluate a checkpoint on its test split"),
+    (("predict",), "minivit.train.predict", "class probabilities for image files"),
+    (("gradcheck",), "minivit.gradcheck_cli", "check every op's backward numerically"),
+    (("bench",), "minivit.bench", "time ops and models on a backend, beside PyTorch"),
+]
+
+
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--backend numpy|cupy`` option every command takes."""
+    parser.add_argument(
+        "--backend",
+        choices=["numpy", "cupy"],
+        default=None,
+        help="array backend (default: $MINIVIT_BACKEND, else numpy)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minivit",
+        description="ViT and ViLT from scratch in NumPy and CuPy, with hand-written backward passes.",
+    )
+    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    top.required = True
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, module_name, help_text in COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a command whose module is not part of this install
+        if len(words) == 1:
+            sub = top.add_parser(words[0], help=help_text, description=help_text)
+        else:
+            if words[0] not in groups:
+                grp = top.add_parser(words[0], help=f"{words[0]} a model")
+                groups[words[0]] = grp.add_subparsers(dest="what", metavar="MODEL")
+                groups[words[0]].required = True
+            sub = groups[words[0]].add_parser(words[1], help=help_text, description=help_text)
+        add_backend_argument(sub)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .backend import BackendUnavailable
+
+    try:
+        return int(args._run(args) or 0)
+    except BackendUnavailable as exc:
+        print(f"minivit: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minivit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""What every op shares: the cache type and the input checks.
+
+Checks raise ``TypeError`` for a wrong kind of value (not an array, wrong dtype, two backends) and
+``ValueError`` for a wrong shape or value, and always name the argument, what was expected and
+what was given.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from ..backend import array_module, backend_of
+
+__all__ = [
+    "Cache",
+    "array_module",
+    "backend_of",
+    "check_float",
+    "check_same_dtype",
+    "check_shape",
+    "check_int",
+    "check_bool",
+    "result_dtype",
+]
+
+
+class Cache(SimpleNamespace):
+    """What a forward keeps for its backward: a plain record with named fields.
+
+    Backward reads a cache and never writes to it, so one cache can be replayed (as the gradient
+    checks do).
+    """
+
+
+def _describe(a) -> str:
+    dtype = getattr(a, "dtype", None)
+    shape = getattr(a, "shape", None)
+    if dtype is None:
+        return type(a).__name__
+    return f"{type(a).__module__.split('.')[0]}.ndarray of dtype {dtype} and shape {tuple(shape)}"
+
+
+def check_float(name: str, a, ndim_min: int = 0):
+    """``a`` must be a float32/float64 array with at least ``ndim_min`` dims."""
+    dtype = getattr(a, "dtype", None)
+    if dtype is None or not hasattr(a, "shape"):
+        raise TypeError(f"{name} must be a float32 or float64 array, got {_describe(a)}")
+    if dtype.kind != "f" or dtype.itemsize not in (4, 8):
+        raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
+    if a.ndim < ndim_min:
+        raise ValueError(
+            f"{name} must have at least {ndim_min} dimension(s), got shape {tuple(a.shape)}"
+        )
+    return a
+
+
+def check_int(name: str, a):
+    """``a`` must be an integer array (ids, targets)."""
+    dtype = getattr(a, "dtype", None)
+    if dtype is None or dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got {_describe(a)}")
+    return a
+
+
+def check_bool(name: str, a):
+    """``a`` must be a boolean array (masks)."""
+    dtype = getattr(a, "dtype", None)
+    if dtype is None or dtype.kind != "b":
+        raise TypeError(f"{name} must be a boolean array, got {_describe(a)}")
+    return a
+
+
+def check_same_dtype(**arrays):
+    """All non-None arrays must share one floating dtype; returns it."""
+    named = [(k, v) for k, v in arrays.items() if v is not None]
+    first_name, first = named[0]
+    for k, v in named[1:]:
+        if v.dtype != first.dtype:
+            raise TypeError(
+                f"{k} has dtype {v.dtype} but {first_name} has dtype {first.dtype}; "
+                "all floating inputs of an op must share one dtype"
+            )
+    return first.dtype
+
+
+def check_shape(name: str, a, expected: tuple, what: str = ""):
+    """``a.shape`` must equal ``expected`` (entries of ``None`` match any size)."""
+    shape = tuple(a.shape)
+    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
+    if not ok:
+        exp = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape {exp}{extra}, got {shape}")
+    return a
+
+
+def result_dtype(*arrays):
+    """The dtype an op returns: that of its floating inputs (checked equal by the op)."""
+    for a in arrays:
+        if a is not None:
+            return a.dtype
+    raise ValueError("no array given")
