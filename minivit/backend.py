@@ -71,6 +71,15 @@ class Backend:
         """The error function, elementwise, keeping ``x``'s dtype."""
         return self._erf(x)
 
+    def scatter_add(self, a, indices, values) -> None:
+        """In place ``a[indices] += values`` where repeated indices add up (``numpy.add.at``)."""
+        if self.name == "numpy":
+            numpy.add.at(a, indices, values)
+        else:
+            import cupyx
+
+            cupyx.scatter_add(a, indices, values)
+
     def rng(self, seed=None):
         """A seeded random generator living on this backend (``xp.random.default_rng``).
 

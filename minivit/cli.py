@@ -41,7 +41,7 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minivit",
-        description="ViT and ViLT from scratch in NumPy and CuPy, with hand-written backward passes.",
+        description="ViT and ViLT from scratch in NumPy and CuPy, backward passes by hand.",
     )
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     top.required = True

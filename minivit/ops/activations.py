@@ -1,0 +1,93 @@
+"""Pointwise activations: GELU (exact erf form and tanh approximation) and tanh.
+
+Derivations: docs/ops/gelu.md and docs/ops/tanh.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ._common import Cache, backend_of, check_float
+
+__all__ = ["gelu_forward", "gelu_backward", "tanh_forward", "tanh_backward"]
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_TANH_C = 0.044715
+
+
+def gelu_forward(x, approximate="none"):
+    """GELU(x) = x * Phi(x).
+
+    ``approximate="none"``: Phi(x) = (1 + erf(x / sqrt 2)) / 2, as timm, BERT and ViLT use.
+    ``approximate="tanh"``: Phi(x) ~ (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2.
+    """
+    check_float("x", x)
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    be = backend_of(x)
+    xp = be.xp
+    if approximate == "none":
+        cdf = be.erf(x * _SQRT_HALF)  # (...), erf(x / sqrt 2)
+        cdf += 1.0
+        cdf *= 0.5  # Phi(x)
+        return x * cdf, Cache(x=x, cdf=cdf, approximate="none")
+    inner = x * x
+    inner *= _GELU_TANH_C
+    inner += 1.0
+    inner *= x
+    inner *= _SQRT_2_OVER_PI  # sqrt(2/pi) (x + c x^3)
+    t = xp.tanh(inner)
+    half = t + 1.0
+    half *= 0.5
+    return x * half, Cache(x=x, t=t, approximate="tanh")
+
+
+def gelu_backward(dout, cache):
+    """Returns (dx,).
+
+    exact: d/dx [x Phi(x)] = Phi(x) + x phi(x), phi the standard normal density.
+    tanh:  0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 c x^2), t the forward's tanh.
+    """
+    x = cache.x
+    xp = backend_of(x).xp
+    if cache.approximate == "none":
+        pdf = x * x
+        pdf *= -0.5
+        xp.exp(pdf, out=pdf)
+        pdf *= _INV_SQRT_2PI  # phi(x)
+        pdf *= x
+        pdf += cache.cdf  # Phi(x) + x phi(x)
+        pdf *= dout
+        return (pdf,)
+    t = cache.t
+    dinner = x * x
+    dinner *= 3.0 * _GELU_TANH_C
+    dinner += 1.0
+    dinner *= _SQRT_2_OVER_PI  # d inner / dx
+    sech2 = t * t
+    sech2 -= 1.0
+    sech2 *= -0.5  # (1 - t^2) / 2
+    sech2 *= x
+    sech2 *= dinner
+    sech2 += 0.5 * (t + 1.0)
+    sech2 *= dout
+    return (sech2,)
+
+
+def tanh_forward(x):
+    """tanh(x), elementwise (the ViLT and BERT pooler's activation)."""
+    check_float("x", x)
+    y = backend_of(x).xp.tanh(x)
+    return y, Cache(y=y)
+
+
+def tanh_backward(dout, cache):
+    """Returns (dx,): dx = dout * (1 - y^2), y = tanh(x) from the forward."""
+    y = cache.y
+    dx = y * y
+    dx -= 1.0
+    dx *= -1.0
+    dx *= dout
+    return (dx,)

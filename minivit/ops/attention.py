@@ -1,0 +1,120 @@
+"""Multi-head self-attention with an optional key-padding mask, as timm's ``Attention``.
+
+    qkv = x W_qkv^T + b_qkv               rows of W_qkv are [q; k; v], each head-major
+    S   = (q / sqrt(hd)) k^T              per head
+    P   = softmax(S) over the valid keys  a fully masked row gives P = 0 (not NaN)
+    ctx = P v, heads concatenated
+    out = ctx W_proj^T + b_proj
+
+All heads run in one batched matmul; there is no loop over heads or tokens.
+Derivation: docs/ops/attention.md.
+"""
+
+from __future__ import annotations
+
+from ._common import (
+    Cache,
+    array_module,
+    check_bool,
+    check_float,
+    check_same_dtype,
+    check_shape,
+)
+from .linear import linear_backward, linear_forward
+
+__all__ = ["attention_forward", "attention_backward"]
+
+
+def _check(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask):
+    check_float("x", x)
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (B, N, D), got {tuple(x.shape)}")
+    B, N, D = x.shape
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if D % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide the width D={D} of x")
+    for name, a, shape in (
+        ("w_qkv", w_qkv, (3 * D, D)),
+        ("b_qkv", b_qkv, (3 * D,)),
+        ("w_proj", w_proj, (D, D)),
+        ("b_proj", b_proj, (D,)),
+    ):
+        if a is not None:
+            check_float(name, a)
+            check_shape(name, a, shape, f"D={D}")
+    check_same_dtype(x=x, w_qkv=w_qkv, b_qkv=b_qkv, w_proj=w_proj, b_proj=b_proj)
+    if key_mask is not None:
+        check_bool("key_mask", key_mask)
+        check_shape("key_mask", key_mask, (B, N), "one flag per key, True = may be attended to")
+    array_module(x, w_qkv, b_qkv, w_proj, b_proj, key_mask)
+
+
+def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask=None):
+    """x (B, N, D) -> out (B, N, D). ``cache.attn`` holds the probabilities (B, H, N, N)."""
+    _check(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask)
+    xp = array_module(x)
+    B, N, D = x.shape
+    H = num_heads
+    hd = D // H
+    scale = hd**-0.5
+
+    qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (B, N, 3D)
+    qkv = qkv.reshape(B, N, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, N, hd)
+
+    s = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, H, N, N)
+    if key_mask is None:
+        p = s
+        p -= s.max(axis=-1, keepdims=True)
+        xp.exp(p, out=p)
+        p /= p.sum(axis=-1, keepdims=True)
+    else:
+        valid = key_mask[:, None, None, :]  # (B, 1, 1, N)
+        s = xp.where(valid, s, -xp.inf)  # masked keys score -inf
+        m = s.max(axis=-1, keepdims=True)  # (B, H, N, 1); -inf on fully masked rows
+        m = xp.where(xp.isfinite(m), m, 0)  # keep exp(-inf - 0) = 0 there instead of NaN
+        p = s
+        p -= m
+        xp.exp(p, out=p)  # masked entries are exactly 0
+        denom = p.sum(axis=-1, keepdims=True)  # (B, H, N, 1)
+        denom[denom == 0] = 1  # a fully masked row stays all zeros
+        p /= denom
+    ctx = p @ v  # (B, H, N, hd)
+    ctx = ctx.transpose(0, 2, 1, 3).reshape(B, N, D)  # heads concatenated, (B, N, D)
+    out, proj_cache = linear_forward(ctx, w_proj, b_proj)  # (B, N, D)
+    cache = Cache(
+        attn=p, q=q, k=k, v=v, scale=scale, num_heads=H, qkv_cache=qkv_cache, proj_cache=proj_cache
+    )
+    return out, cache
+
+
+def attention_backward(dout, cache):
+    """Returns (dx, dw_qkv, db_qkv, dw_proj, db_proj), following the forward in reverse."""
+    p, q, k, v, scale = cache.attn, cache.q, cache.k, cache.v, cache.scale
+    xp = array_module(p)
+    B, H, N, hd = q.shape
+    D = H * hd
+
+    # out = ctx W_proj^T + b_proj
+    dctx, dw_proj, db_proj = linear_backward(dout, cache.proj_cache)  # (B, N, D)
+    dctx = dctx.reshape(B, N, H, hd).transpose(0, 2, 1, 3)  # (B, H, N, hd)
+
+    # ctx = P v
+    dp = dctx @ v.transpose(0, 1, 3, 2)  # (B, H, N, N)
+    dv = p.transpose(0, 1, 3, 2) @ dctx  # (B, H, N, hd)
+
+    # P = softmax(S): dS = P * (dP - sum_j dP P). Masked keys have P = 0, so they get dS = 0.
+    ds = dp
+    ds *= p
+    ds -= p * ds.sum(axis=-1, keepdims=True)
+
+    # S = scale * q k^T
+    ds *= scale
+    dq = ds @ k  # (B, H, N, hd)
+    dk = ds.transpose(0, 1, 3, 2) @ q  # (B, H, N, hd)
+
+    dqkv = xp.stack((dq, dk, dv))  # (3, B, H, N, hd)
+    dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * D)  # (B, N, 3D), rows [q; k; v]
+    dx, dw_qkv, db_qkv = linear_backward(dqkv, cache.qkv_cache)
+    return dx, dw_qkv, db_qkv, dw_proj, db_proj

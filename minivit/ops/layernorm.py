@@ -1,0 +1,61 @@
+"""Layer normalization over the last axis.
+
+    xhat = (x - mean) / sqrt(var + eps),   out = gamma * xhat + beta
+
+Derivation: docs/ops/layernorm.md.
+"""
+
+from __future__ import annotations
+
+from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
+
+__all__ = ["layernorm_forward", "layernorm_backward"]
+
+
+def layernorm_forward(x, gamma, beta, eps=1e-6):
+    """x (..., D), gamma (D,), beta (D,) -> out (..., D).
+
+    The variance is computed from the centred values (two passes), not as E[x^2] - E[x]^2,
+    so rows whose entries are nearly equal keep their precision.
+    """
+    check_float("x", x, ndim_min=1)
+    d = x.shape[-1]
+    check_float("gamma", gamma)
+    check_float("beta", beta)
+    check_shape("gamma", gamma, (d,), "the size of x's last axis")
+    check_shape("beta", beta, (d,), "the size of x's last axis")
+    check_same_dtype(x=x, gamma=gamma, beta=beta)
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    xp = array_module(x, gamma, beta)
+
+    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
+    xhat = x - mean  # (..., D), centred
+    var = xp.mean(xhat * xhat, axis=-1, keepdims=True)  # (..., 1)
+    rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
+    xhat *= rstd  # (..., D), normalized
+    out = xhat * gamma
+    out += beta
+    # backward needs xhat and rstd only (gamma for dxhat).
+    return out, Cache(xhat=xhat, rstd=rstd, gamma=gamma)
+
+
+def layernorm_backward(dout, cache):
+    """Returns (dx, dgamma, dbeta).
+
+    With g = dout * gamma (the gradient w.r.t. xhat):
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    """
+    xhat, rstd, gamma = cache.xhat, cache.rstd, cache.gamma
+    d = xhat.shape[-1]
+    d2 = dout.reshape(-1, d)  # (M, D)
+    dgamma = (d2 * xhat.reshape(-1, d)).sum(axis=0)  # (D,)
+    dbeta = d2.sum(axis=0)  # (D,)
+
+    g = dout * gamma  # (..., D)
+    mean_g = g.mean(axis=-1, keepdims=True)  # (..., 1)
+    mean_gx = (g * xhat).mean(axis=-1, keepdims=True)  # (..., 1)
+    g -= mean_g
+    g -= xhat * mean_gx
+    g *= rstd
+    return g, dgamma, dbeta

@@ -1,0 +1,55 @@
+"""Linear (fully connected) layer: ``out = x @ w.T + b``.
+
+Derivation: docs/ops/linear.md.
+"""
+
+from __future__ import annotations
+
+from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
+
+__all__ = ["linear_forward", "linear_backward"]
+
+
+def linear_forward(x, w, b=None):
+    """x (..., Din), w (Dout, Din), b (Dout,) or None -> out (..., Dout).
+
+    The weight layout is PyTorch's and timm's (out_features, in_features), so checkpoints load
+    without transposes.
+    """
+    check_float("x", x, ndim_min=1)
+    check_float("w", w)
+    if w.ndim != 2:
+        raise ValueError(f"w must have shape (Dout, Din), got {tuple(w.shape)}")
+    d_out, d_in = w.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(
+            f"x's last dimension must equal w's in_features {d_in} (w is {tuple(w.shape)}), "
+            f"got x of shape {tuple(x.shape)}"
+        )
+    if b is not None:
+        check_float("b", b)
+        check_shape("b", b, (d_out,), "one bias per output feature")
+    check_same_dtype(x=x, w=w, b=b)
+    array_module(x, w, b)  # raises TypeError on mixed backends
+
+    # One GEMM over all leading dims: (M, Din) @ (Din, Dout), M = prod(leading dims).
+    out = x.reshape(-1, d_in) @ w.T  # (M, Dout)
+    if b is not None:
+        out += b
+    out = out.reshape(*x.shape[:-1], d_out)  # (..., Dout)
+    return out, Cache(x=x, w=w, has_bias=b is not None)
+
+
+def linear_backward(dout, cache):
+    """Returns (dx, dw, db); db is None when the forward had no bias.
+
+    Forward was out = x w^T + b, so dx = dout w, dw = dout^T x (summed over all leading dims),
+    db = sum of dout over all leading dims.
+    """
+    x, w = cache.x, cache.w
+    d_out, d_in = w.shape
+    d2 = dout.reshape(-1, d_out)  # (M, Dout)
+    dx = (d2 @ w).reshape(x.shape)  # (..., Din)
+    dw = d2.T @ x.reshape(-1, d_in)  # (Dout, Din)
+    db = d2.sum(axis=0) if cache.has_bias else None  # (Dout,)
+    return dx, dw, db

@@ -1,0 +1,64 @@
+"""Patch embedding: a P x P convolution with stride P, written as reshape + one GEMM.
+
+The weight has the layout of timm's ``patch_embed.proj`` (D, C, P, P), so it loads directly.
+Derivation: docs/ops/patch_embed.md.
+"""
+
+from __future__ import annotations
+
+from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
+from .linear import linear_backward, linear_forward
+
+__all__ = ["patch_embed_forward", "patch_embed_backward", "patchify", "unpatchify"]
+
+
+def patchify(images, patch_size):
+    """(B, C, H, W) -> (B, N, C*P*P), patches in row-major order, each flattened as (C, P, P)."""
+    B, C, H, W = images.shape
+    P = patch_size
+    gh, gw = H // P, W // P
+    x = images.reshape(B, C, gh, P, gw, P).transpose(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, P, P)
+    return x.reshape(B, gh * gw, C * P * P)
+
+
+def unpatchify(patches, shape, patch_size):
+    """The inverse of :func:`patchify`: (B, N, C*P*P) -> (B, C, H, W)."""
+    B, C, H, W = shape
+    P = patch_size
+    gh, gw = H // P, W // P
+    x = patches.reshape(B, gh, gw, C, P, P).transpose(0, 3, 1, 4, 2, 5)  # (B, C, gh, P, gw, P)
+    return x.reshape(B, C, H, W)
+
+
+def patch_embed_forward(images, w, b, patch_size):
+    """images (B, C, H, W), w (D, C, P, P), b (D,) or None -> (B, N, D), N = (H/P)(W/P)."""
+    check_float("images", images)
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
+    B, C, H, W = images.shape
+    P = patch_size
+    if not isinstance(P, int) or P < 1:
+        raise ValueError(f"patch_size must be a positive int, got {P!r}")
+    if H % P or W % P:
+        raise ValueError(f"image size {H}x{W} must be divisible by patch_size {P}")
+    check_float("w", w)
+    if w.ndim != 4:
+        raise ValueError(f"w must have shape (D, C, P, P), got {tuple(w.shape)}")
+    check_shape("w", w, (None, C, P, P), f"C={C} channels, patch_size={P}")
+    D = w.shape[0]
+    if b is not None:
+        check_float("b", b)
+        check_shape("b", b, (D,))
+    check_same_dtype(images=images, w=w, b=b)
+    array_module(images, w, b)
+
+    patches = patchify(images, P)  # (B, N, C*P*P)
+    out, lin_cache = linear_forward(patches, w.reshape(D, C * P * P), b)  # (B, N, D)
+    return out, Cache(lin_cache=lin_cache, image_shape=images.shape, w_shape=w.shape, P=P)
+
+
+def patch_embed_backward(dout, cache):
+    """Returns (dimages, dw, db): the linear backward, then patches folded back into images."""
+    dpatches, dw, db = linear_backward(dout, cache.lin_cache)  # (B, N, C*P*P), (D, C*P*P)
+    dimages = unpatchify(dpatches, cache.image_shape, cache.P)  # (B, C, H, W)
+    return dimages, dw.reshape(cache.w_shape), db

@@ -1,0 +1,38 @@
+"""Softmax along one axis.
+
+Derivation: docs/ops/softmax.md.
+"""
+
+from __future__ import annotations
+
+from ._common import Cache, array_module, check_float
+
+__all__ = ["softmax_forward", "softmax_backward", "softmax"]
+
+
+def softmax(x, axis=-1):
+    """The stable softmax itself, shared with attention: subtract the max before exp."""
+    xp = array_module(x)
+    y = x - x.max(axis=axis, keepdims=True)
+    xp.exp(y, out=y)
+    y /= y.sum(axis=axis, keepdims=True)
+    return y
+
+
+def softmax_forward(x, axis=-1):
+    """x (...) -> y (...), with y summing to 1 along ``axis``."""
+    check_float("x", x, ndim_min=1)
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(
+            f"axis must be in [-{x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {axis}"
+        )
+    y = softmax(x, axis)
+    return y, Cache(y=y, axis=axis)
+
+
+def softmax_backward(dout, cache):
+    """Returns (dx,): dx = y * (dout - sum(dout * y, axis)), the Jacobian-vector product."""
+    y, axis = cache.y, cache.axis
+    dx = dout * y
+    dx -= y * dx.sum(axis=axis, keepdims=True)
+    return (dx,)
