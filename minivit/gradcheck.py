@@ -50,6 +50,8 @@ __all__ = [
     "check_model_directional",
     "grad_slots",
     "random_like",
+    "host_rng",
+    "format_table",
 ]
 
 
@@ -176,6 +178,11 @@ def _host(a) -> np.ndarray:
 
 def _unit_roundoff(dtype) -> float:
     return float(np.finfo(np.dtype(str(dtype))).eps)
+
+
+def host_rng(seed) -> np.random.Generator:
+    """A seeded host generator, for making test data that is the same on every backend."""
+    return np.random.default_rng(seed)
 
 
 def random_like(a, seed: int | np.random.Generator, dtype=None):

@@ -1,0 +1,371 @@
+"""``minivit gradcheck``: check every op's backward against numerical derivatives.
+
+For each case (an op with one choice of options, on small inputs) it runs the directional check
+and the elementwise check of :mod:`minivit.gradcheck`, prints one row per case (op, input shapes,
+largest relative error of each check, pass or fail), then the per-input table of every failure,
+and exits 1 when any case fails (2 for a bad ``--ops`` name).
+
+Ops that other parts of the package add later (optimal transport, the hybrid stem's convolution)
+are picked up here when ``minivit.ops`` has them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import gradcheck as gc
+from .backend import get_backend
+
+__all__ = ["Case", "add_arguments", "build_cases", "run", "run_case"]
+
+# Default tolerances per dtype: in float64 a central difference with eps ~ 1e-6 is good to ~1e-9
+# relative, so 1e-6 leaves room; float32 only supports a coarse check (see docs/gradcheck.md).
+DEFAULTS = {"float64": {"eps": 1e-6, "rtol": 1e-6}, "float32": {"eps": 3e-3, "rtol": 2e-2}}
+
+
+@dataclass
+class Case:
+    """One op under one set of options, with its inputs ready."""
+
+    name: str  # shown in the table, e.g. "attention (one valid key)"
+    op: str  # the op family, used by --ops, e.g. "attention"
+    forward: Callable[..., Any]
+    backward: Callable[..., Any]
+    inputs: tuple
+    kwargs: dict = field(default_factory=dict)
+    grad_indices: Any = None  # see gradcheck.check_backward
+    names: tuple | None = None
+
+    def shapes(self) -> str:
+        parts = []
+        for a in self.inputs:
+            if hasattr(a, "shape") and hasattr(a, "dtype"):
+                s = "x".join(str(d) for d in a.shape) or "()"
+                kind = a.dtype.kind
+                parts.append(s if kind == "f" else f"{s}:{'int' if kind in 'iu' else 'bool'}")
+        return " ".join(parts)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DEFAULTS),
+        default="float64",
+        help="dtype of the inputs (default float64; float32 gives only a coarse check)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for inputs and directions")
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        default=None,
+        metavar="OP",
+        help="check only these op families or cases (e.g. attention gelu); default: all",
+    )
+    parser.add_argument("--rtol", type=float, default=None, help="relative tolerance")
+    parser.add_argument("--eps", type=float, default=None, help="finite-difference step")
+    parser.add_argument(
+        "--directions", type=int, default=3, help="random directions per input (default 3)"
+    )
+    parser.add_argument(
+        "--no-full",
+        action="store_true",
+        help="skip the elementwise check (directional only; for larger inputs)",
+    )
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="print every per-input table, not only failures",
+    )
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+
+
+# --------------------------------------------------------------------------------------------
+# The cases
+# --------------------------------------------------------------------------------------------
+
+
+def build_cases(backend, dtype: str = "float64", seed: int = 0) -> list[Case]:
+    """Every op in ``minivit.ops`` on small inputs, each interesting option as its own case."""
+    from . import ops
+
+    gen = gc.host_rng(seed)
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        return backend.asarray(gen.standard_normal(shape) * scale + shift, dtype=dtype)
+
+    def uniform(*shape, low=0.0, high=1.0):
+        return backend.asarray(gen.uniform(low, high, shape), dtype=dtype)
+
+    def ints(high, *shape):
+        return backend.asarray(gen.integers(0, high, shape), dtype="int64")
+
+    def boolean(values):
+        return backend.asarray(values, dtype=bool)
+
+    def pair(name):
+        return getattr(ops, name + "_forward"), getattr(ops, name + "_backward")
+
+    def has(name):
+        return hasattr(ops, name + "_forward") and hasattr(ops, name + "_backward")
+
+    cases: list[Case] = []
+
+    def add(name, op, inputs, **kw):
+        fwd, bwd = pair(op)
+        cases.append(Case(name, op, fwd, bwd, tuple(inputs), **kw))
+
+    # --- the core ops (API.md) ---------------------------------------------------------------
+    add("linear", "linear", [randn(2, 3, 4), randn(5, 4), randn(5)])
+    add("linear (no bias)", "linear", [randn(3, 4), randn(5, 4), None])
+    add("layernorm", "layernorm", [randn(2, 3, 6), randn(6, shift=1.0), randn(6)])
+    # Rows that are almost constant: the variance is tiny, so errors in a one-pass variance or a
+    # sloppy rstd derivative show here first.
+    add(
+        "layernorm (near-constant rows)",
+        "layernorm",
+        [randn(3, 5, scale=1e-2, shift=3.0), randn(5, shift=1.0), randn(5)],
+    )
+    add("gelu (none)", "gelu", [randn(3, 5, scale=2.0)], kwargs={"approximate": "none"})
+    add("gelu (tanh)", "gelu", [randn(3, 5, scale=2.0)], kwargs={"approximate": "tanh"})
+    if has("tanh"):
+        add("tanh", "tanh", [randn(3, 5)])
+    add("softmax", "softmax", [randn(2, 3, 5)])
+    add("softmax (axis=1)", "softmax", [randn(2, 4, 3)], kwargs={"axis": 1})
+    add("softmax (large logits)", "softmax", [randn(3, 5, scale=30.0)])
+    if has("dropout"):
+        fwd, bwd = pair("dropout")
+
+        # A fresh generator with the same seed on every call, so every forward of the finite
+        # difference draws the same mask.
+        def dropout_fixed(x, p=0.3):
+            return fwd(x, p, rng=backend.rng(seed + 1), train=True)
+
+        cases.append(Case("dropout (train, p=0.3)", "dropout", dropout_fixed, bwd, (randn(4, 6),)))
+        add("dropout (eval)", "dropout", [randn(4, 6)], kwargs={"p": 0.3, "train": False})
+
+    B, N, D, H = 2, 4, 8, 2
+
+    def attn_inputs(bias=True, mask=None):
+        return [
+            randn(B, N, D),
+            randn(3 * D, D, scale=D**-0.5),
+            randn(3 * D) if bias else None,
+            randn(D, D, scale=D**-0.5),
+            randn(D) if bias else None,
+            H,
+            mask,
+        ]
+
+    add("attention", "attention", attn_inputs())
+    add("attention (no biases)", "attention", attn_inputs(bias=False))
+    mask = [[True, True, False, True], [True, False, True, False]]
+    add("attention (key_mask)", "attention", attn_inputs(mask=boolean(mask)))
+    one = [[False, False, True, False], [True, True, True, True]]
+    add("attention (one valid key)", "attention", attn_inputs(mask=boolean(one)))
+    none_valid = [[False] * N, [True, False, True, True]]
+    add("attention (no valid key)", "attention", attn_inputs(mask=boolean(none_valid)))
+
+    add("embedding", "embedding", [ints(7, 2, 5), randn(7, 4)])
+    add("patch_embed", "patch_embed", [randn(2, 3, 4, 6), randn(5, 3, 2, 2), randn(5), 2])
+
+    targets = ints(5, 3, 4)
+    add("cross_entropy", "cross_entropy", [randn(3, 4, 5), targets])
+    ignored = backend.to_numpy(targets).copy()
+    ignored[0, :2] = -100
+    ignored[2, 3] = -100
+    add(
+        "cross_entropy (ignore_index)",
+        "cross_entropy",
+        [randn(3, 4, 5), backend.asarray(ignored)],
+    )
+    add(
+        "cross_entropy (label_smoothing=0.1)",
+        "cross_entropy",
+        [randn(6, 5), ints(5, 6)],
+        kwargs={"label_smoothing": 0.1},
+    )
+    add("cross_entropy (large logits)", "cross_entropy", [randn(6, 5, scale=30.0), ints(5, 6)])
+
+    # --- ops that later parts add (optimal transport, hybrid stem) ---------------------------
+    if has("cosine_cost"):
+        add("cosine_cost", "cosine_cost", [randn(2, 3, 4), randn(2, 5, 4)])
+    if has("sinkhorn"):
+        cost = uniform(2, 3, 4)
+        a = backend.asarray(_simplex(gen, (2, 3)), dtype=dtype)
+        b = backend.asarray(_simplex(gen, (2, 4)), dtype=dtype)
+        add(
+            "sinkhorn (uniform marginals)",
+            "sinkhorn",
+            [cost, None, None],
+            kwargs={"epsilon": 0.1, "n_iters": 20},
+        )
+        add(
+            "sinkhorn (given marginals)",
+            "sinkhorn",
+            [uniform(2, 3, 4), a, b],
+            kwargs={"epsilon": 0.1, "n_iters": 20},
+        )
+    if has("ot_distance"):
+        # The plan is held constant (ViLT's WPA), so only dcost is defined: check cost alone.
+        for method in ("ipot", "sinkhorn"):
+            add(
+                f"ot_distance ({method})",
+                "ot_distance",
+                [uniform(2, 3, 4), None, None],
+                kwargs={"method": method},
+                grad_indices=[0],
+            )
+    if has("conv2d"):
+        add("conv2d", "conv2d", [randn(2, 3, 5, 5), randn(4, 3, 3, 3), randn(4)])
+    if has("relu"):
+        # Away from the kink at 0, where the derivative does not exist.
+        x = gen.standard_normal((3, 5))
+        x += 0.1 * (2 * (x > 0) - 1)
+        add("relu", "relu", [backend.asarray(x, dtype=dtype)])
+    if has("maxpool"):
+        add("maxpool", "maxpool", [randn(2, 3, 4, 4)])
+    if has("batchnorm"):
+        add("batchnorm", "batchnorm", [randn(4, 3, 2, 2), randn(3, shift=1.0), randn(3)])
+    return cases
+
+
+def _simplex(gen, shape):
+    w = gen.uniform(0.5, 1.5, shape)
+    return w / w.sum(axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    directional: gc.GradcheckReport | None = None
+    full: gc.GradcheckReport | None = None
+    error: str = ""
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        if self.error or self.directional is None:
+            return False
+        return self.directional.passed and (self.full is None or self.full.passed)
+
+    @property
+    def max_rel_err(self) -> float:
+        errs = [r.max_rel_err for r in (self.directional, self.full) if r is not None]
+        return max(errs) if errs else float("inf")
+
+
+def run_case(case: Case, *, eps, rtol, n_directions=3, full=True, seed=0) -> CaseResult:
+    """Both checks on one case; an exception becomes a failed result carrying its message."""
+    res = CaseResult(case)
+    t0 = time.perf_counter()
+    common = dict(
+        grad_indices=case.grad_indices,
+        eps=eps,
+        rtol=rtol,
+        seed=seed,
+        kwargs=case.kwargs,
+        names=case.names,
+        title=case.name,
+    )
+    try:
+        res.directional = gc.check_backward(
+            case.forward, case.backward, case.inputs, n_directions=n_directions, **common
+        )
+        if full:
+            res.full = gc.check_backward_full(case.forward, case.backward, case.inputs, **common)
+    except Exception as exc:  # a crash in an op is a failure to report, not to hide
+        res.error = f"{type(exc).__name__}: {exc}"
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _select(cases: list[Case], wanted: list[str] | None) -> tuple[list[Case], list[str]]:
+    if not wanted:
+        return cases, []
+    chosen, unknown = [], []
+    for w in wanted:
+        hits = [c for c in cases if c.op == w or c.name == w or c.name.startswith(w + " (")]
+        if not hits:
+            unknown.append(w)
+        chosen += [c for c in hits if c not in chosen]
+    return chosen, unknown
+
+
+def _fmt_err(report) -> str:
+    if report is None:
+        return "-"
+    return f"{report.max_rel_err:.1e}"
+
+
+def run(args) -> int:
+    backend = get_backend(getattr(args, "backend", None))
+    dtype = getattr(args, "dtype", "float64")
+    defaults = DEFAULTS[dtype]
+    eps = args.eps if getattr(args, "eps", None) is not None else defaults["eps"]
+    rtol = args.rtol if getattr(args, "rtol", None) is not None else defaults["rtol"]
+    seed = getattr(args, "seed", 0)
+    cases, unknown = _select(build_cases(backend, dtype, seed), getattr(args, "ops", None))
+    if unknown:
+        known = sorted({c.op for c in build_cases(backend, dtype, seed)})
+        print(f"minivit gradcheck: unknown op(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return 2
+    if getattr(args, "list", False):
+        for c in cases:
+            print(f"{c.name:40s} {c.shapes()}")
+        return 0
+
+    full = not getattr(args, "no_full", False)
+    print(
+        f"gradcheck on {backend.name}, {dtype}, eps={eps:g}, rtol={rtol:g}, seed={seed}"
+        f" ({'directional + elementwise' if full else 'directional only'})"
+    )
+    results = []
+    table = [("op", "shapes", "directional", "elementwise", "max rel err", "result")]
+    for case in cases:
+        r = run_case(
+            case,
+            eps=eps,
+            rtol=rtol,
+            n_directions=getattr(args, "directions", 3),
+            full=full,
+            seed=seed,
+        )
+        results.append(r)
+        table.append(
+            (
+                case.name,
+                case.shapes(),
+                _fmt_err(r.directional),
+                _fmt_err(r.full),
+                "-" if r.error else f"{r.max_rel_err:.1e}",
+                "pass" if r.passed else ("ERROR" if r.error else "FAIL"),
+            )
+        )
+    print(gc.format_table(table))
+
+    failed = [r for r in results if not r.passed]
+    for r in results:
+        if r.passed and not getattr(args, "verbose", False):
+            continue
+        print()
+        if r.error:
+            print(f"{r.case.name}: {r.error}")
+            continue
+        for rep in (r.directional, r.full):
+            if rep is not None:
+                print(rep)
+    print()
+    print(
+        f"{len(results) - len(failed)}/{len(results)} cases passed"
+        + (f"; FAILED: {', '.join(r.case.name for r in failed)}" if failed else "")
+    )
+    return 1 if failed else 0
