@@ -1,0 +1,15 @@
+"""Weights from other libraries' namings into minivit's (timm's names).
+
+``from_hf_vit`` accepts both Hugging Face namings (hub checkpoints and transformers 5 in memory)
+and timm dicts (validated, passed through); ``resample_abs_pos_embed`` resizes a position
+embedding for another image size as timm does.
+"""
+
+from .vit import (  # noqa: F401
+    check_timm_vit,
+    detect_vit_naming,
+    from_hf_vit,
+    infer_vit_config,
+    resample_abs_pos_embed,
+    to_timm_vit,
+)

@@ -1,0 +1,286 @@
+"""ViT weights from other namings into minivit's (which are timm's), and position-embedding resize.
+
+Three namings are understood (an optional leading ``vit.`` or ``model.`` is ignored):
+
+* timm: ``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.attn.qkv.*``, ... —
+  validated and passed through.
+* Hugging Face hub checkpoints (``model.safetensors`` as published):
+  ``vit.embeddings.{cls_token, position_embeddings, patch_embeddings.projection.*}``,
+  ``vit.encoder.layer.N.attention.attention.{query,key,value}.*``,
+  ``vit.encoder.layer.N.attention.output.dense.*``, ``vit.encoder.layer.N.intermediate.dense.*``,
+  ``vit.encoder.layer.N.output.dense.*``, ``vit.encoder.layer.N.layernorm_{before,after}.*``,
+  ``vit.layernorm.*``, ``classifier.*``.
+* transformers 5 in memory (``ViTForImageClassification().state_dict()``):
+  ``vit.layers.N.attention.{q,k,v,o}_proj.*``, ``vit.layers.N.mlp.fc{1,2}.*``,
+  ``vit.layers.N.layernorm_{before,after}.*``, embeddings, ``vit.layernorm`` and ``classifier``
+  as above.
+
+HF keeps query, key and value as three (D, D) linears; timm fuses them into one (3D, D) ``qkv``
+whose rows are [q; k; v]. Both split each of q, k, v into heads the same way (head-major rows),
+so the fused weight is a plain concatenation. HF's optional pooler (``vit.pooler.dense``, used
+by ``ViTModel`` only, never by the classifier) has no timm counterpart and is dropped.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+__all__ = [
+    "from_hf_vit",
+    "detect_vit_naming",
+    "check_timm_vit",
+    "to_timm_vit",
+    "infer_vit_config",
+    "resample_abs_pos_embed",
+    "bicubic_resize_matrix",
+]
+
+_TIMM_BLOCK = re.compile(
+    r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$"
+)
+_TIMM_TOP = {
+    "cls_token",
+    "pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "norm.weight",
+    "norm.bias",
+    "head.weight",
+    "head.bias",
+}
+
+# HF per-layer sub-names (after "encoder.layer.N." or "layers.N.") -> timm's or a q/k/v slot.
+_HF_HUB_LAYER = {
+    "attention.attention.query": "q",
+    "attention.attention.key": "k",
+    "attention.attention.value": "v",
+    "attention.output.dense": "attn.proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+}
+_HF_V5_LAYER = {
+    "attention.q_proj": "q",
+    "attention.k_proj": "k",
+    "attention.v_proj": "v",
+    "attention.o_proj": "attn.proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+}
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+    "classifier.weight": "head.weight",
+    "classifier.bias": "head.bias",
+}
+_HF_LAYER_RE = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def _strip(key):
+    for prefix in ("model.", "vit."):
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key
+
+
+def detect_vit_naming(state_dict) -> str:
+    """'timm', 'hf_hub' or 'hf_v5' from the keys; ValueError when none fits."""
+    keys = [_strip(k) for k in state_dict]
+    if any(k.startswith("encoder.layer.") for k in keys):
+        return "hf_hub"
+    if any(k.startswith("layers.") for k in keys):
+        return "hf_v5"
+    if any(k.startswith("blocks.") for k in keys) or "pos_embed" in keys:
+        return "timm"
+    if any(k.startswith("embeddings.") for k in keys):
+        return "hf_v5"  # no layers at all; both HF namings agree on the rest
+    sample = ", ".join(list(state_dict)[:5])
+    raise ValueError(f"cannot tell the naming of this ViT state dict (first keys: {sample})")
+
+
+def check_timm_vit(state_dict) -> dict:
+    """Validate timm names (a leading 'vit.'/'model.' is stripped); returns a new dict.
+
+    Raises ValueError naming every key that is not a timm ViT parameter, and every block that
+    lacks a parameter that its siblings have.
+    """
+    out, bad = {}, []
+    for k, v in state_dict.items():
+        s = _strip(k)
+        if s in _TIMM_TOP or _TIMM_BLOCK.match(s):
+            out[s] = v
+        else:
+            bad.append(k)
+    if bad:
+        raise ValueError("not timm ViT parameter names: " + ", ".join(bad))
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
+        if key not in out:
+            raise ValueError(f"timm ViT state dict lacks {key!r}")
+    return out
+
+
+def from_hf_vit(state_dict) -> dict:
+    """Map a Hugging Face ViT state dict (either naming) to timm names, fusing q/k/v into qkv.
+
+    The input is a dict of numpy arrays (as ``safetensors.numpy.load_file`` gives); so is the
+    output. Every key must be understood: unknown keys raise one ValueError naming them all.
+    """
+    naming = detect_vit_naming(state_dict)
+    if naming == "timm":
+        return check_timm_vit(state_dict)
+    layer_map = _HF_HUB_LAYER if naming == "hf_hub" else _HF_V5_LAYER
+    out, qkv, unknown = {}, {}, []
+    for key, value in state_dict.items():
+        k = _strip(key)
+        v = np.asarray(value)
+        if k in _HF_TOP:
+            out[_HF_TOP[k]] = v
+            continue
+        if k.startswith("pooler."):
+            continue  # ViTModel's pooler: no timm counterpart
+        m = _HF_LAYER_RE.match(k)
+        if m and m.group(2) in layer_map:
+            i, sub, kind = int(m.group(1)), layer_map[m.group(2)], m.group(3)
+            if sub in ("q", "k", "v"):
+                qkv.setdefault((i, kind), {})[sub] = v
+            else:
+                out[f"blocks.{i}.{sub}.{kind}"] = v
+            continue
+        unknown.append(key)
+    if unknown:
+        raise ValueError(f"keys not understood as {naming} ViT names: " + ", ".join(unknown))
+    for (i, kind), parts in sorted(qkv.items()):
+        if set(parts) != {"q", "k", "v"}:
+            missing = sorted({"q", "k", "v"} - set(parts))
+            raise ValueError(f"layer {i}: {kind} of {missing} missing (query/key/value)")
+        # timm's rows are [q; k; v]: one concatenation along the output axis.
+        out[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate(
+            [parts["q"], parts["k"], parts["v"]], axis=0
+        )
+    return _timm_order(out)
+
+
+def to_timm_vit(state_dict) -> dict:
+    """Any understood naming -> timm names (timm dicts are validated and passed through)."""
+    return from_hf_vit(state_dict)
+
+
+def _timm_order(sd):
+    def rank(k):
+        m = _TIMM_BLOCK.match(k)
+        if m:
+            order = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
+            return (1, int(m.group(1)), order.index(m.group(2)), m.group(3) == "bias")
+        top = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+        if k in top:
+            return (0, top.index(k), 0, 0)
+        return (2, ["norm.weight", "norm.bias", "head.weight", "head.bias"].index(k), 0, 0)
+
+    return {k: sd[k] for k in sorted(sd, key=rank)}
+
+
+def infer_vit_config(state_dict, num_heads=None) -> dict:
+    """ViT keyword arguments read off a timm-named state dict.
+
+    The number of heads leaves no trace in the weights; it defaults to embed_dim // 64 (what
+    every timm ViT config uses) unless given. img_size assumes a square grid.
+    """
+    sd = state_dict
+    D, C, P, _ = sd["patch_embed.proj.weight"].shape
+    n_tokens = sd["pos_embed"].shape[1]
+    grid = int(round((n_tokens - 1) ** 0.5))
+    if grid * grid != n_tokens - 1:
+        raise ValueError(f"pos_embed has {n_tokens} tokens: not 1 + a square grid")
+    depth = len({int(_TIMM_BLOCK.match(k).group(1)) for k in sd if _TIMM_BLOCK.match(k)})
+    cfg = dict(
+        img_size=grid * P,
+        patch_size=int(P),
+        in_chans=int(C),
+        num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
+        embed_dim=int(D),
+        depth=depth,
+        num_heads=int(num_heads) if num_heads else max(1, int(D) // 64),
+        qkv_bias=any(k.endswith("attn.qkv.bias") for k in sd),
+    )
+    if depth:
+        cfg["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / D
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# position-embedding resize
+
+
+def _cubic(x, a=-0.5):
+    # Keys' cubic convolution kernel; a = -0.5 as in PIL and torch's antialiased bicubic.
+    x = np.abs(x)
+    return np.where(
+        x < 1,
+        ((a + 2) * x - (a + 3)) * x * x + 1,
+        np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0),
+    )
+
+
+def bicubic_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of an antialiased bicubic resize along one axis (float64).
+
+    Pixel centres are aligned as with align_corners=False. When shrinking, the kernel is
+    stretched by n_in / n_out so that every input contributes (antialiasing); taps falling off
+    the border are dropped and each row is renormalised to sum to 1. This is the separable
+    filter of PIL's ``Image.resize(BICUBIC)`` and of
+    ``torch.nn.functional.interpolate(mode="bicubic", antialias=True, align_corners=False)``,
+    which timm's ``resample_abs_pos_embed`` calls.
+    """
+    scale = n_in / n_out
+    support_scale = max(scale, 1.0)
+    support = 2.0 * support_scale
+    W = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        j = np.arange(lo, hi)
+        w = _cubic((j - center + 0.5) / support_scale)
+        W[i, lo:hi] = w / w.sum()
+    return W
+
+
+def resample_abs_pos_embed(pos_embed, new_size, old_size=None, num_prefix_tokens=1):
+    """Resize a learned position embedding (1, prefix + gh*gw, D) to a new grid, like timm.
+
+    new_size, old_size: (gh, gw) grids of patches (old_size defaults to a square grid). The
+    prefix tokens (the CLS token) are kept as they are; the grid is resized with
+    :func:`bicubic_resize_matrix` along each axis, in float64, and cast back to the input dtype.
+    """
+    pe = np.asarray(pos_embed)
+    if pe.ndim != 3 or pe.shape[0] != 1:
+        raise ValueError(f"pos_embed must have shape (1, T, D), got {pe.shape}")
+    new_size = tuple(int(s) for s in new_size)
+    n_grid = pe.shape[1] - num_prefix_tokens
+    if old_size is None:
+        g = int(round(n_grid**0.5))
+        if g * g != n_grid:
+            raise ValueError(f"pos_embed grid of {n_grid} tokens is not square; give old_size")
+        old_size = (g, g)
+    old_size = tuple(int(s) for s in old_size)
+    if old_size[0] * old_size[1] != n_grid:
+        raise ValueError(f"old_size {old_size} does not hold the {n_grid} grid tokens")
+    if new_size == old_size:
+        return pe.copy()
+    prefix, grid = pe[:, :num_prefix_tokens], pe[0, num_prefix_tokens:]
+    D = pe.shape[2]
+    grid = grid.reshape(old_size[0], old_size[1], D).astype(np.float64)  # (gh, gw, D)
+    Wh = bicubic_resize_matrix(old_size[0], new_size[0])  # (gh', gh)
+    Ww = bicubic_resize_matrix(old_size[1], new_size[1])  # (gw', gw)
+    out = np.einsum("ah,hwd,bw->abd", Wh, grid, Ww)  # (gh', gw', D)
+    out = out.reshape(1, new_size[0] * new_size[1], D).astype(pe.dtype)
+    return np.concatenate([prefix, out], axis=1)
