@@ -1,0 +1,521 @@
+"""Optimal transport: Sinkhorn, IPOT, the OT distance and the cosine cost.
+
+Derivations: docs/ops/sinkhorn.md, docs/ops/ipot.md, docs/ops/ot_distance.md,
+docs/ops/cosine_cost.md.
+
+Shape legend: ``...`` any leading (batch) dims, ``n`` rows of the cost (the ``a`` side, text
+tokens in ViLT), ``m`` columns (the ``b`` side, image patches), ``d`` feature size, ``T`` the
+number of Sinkhorn iterations actually run.
+
+Everything runs in the log domain: the plan is ``exp(logK + f[:, None] + g[None, :])`` with
+``logK = -cost / epsilon`` and the log-scalings ``f``, ``g`` updated by log-sum-exp. A zero
+marginal entry gives ``log a_i = -inf``, so its row (or column) is ``exp(-inf) = 0`` exactly; the
+log-sum-exp reductions never see a slice made only of ``-inf`` (the marginals are checked to keep
+some mass), so no NaN can appear.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from ._common import Cache, array_module, check_float, check_same_dtype
+
+__all__ = [
+    "SinkhornConvergenceWarning",
+    "sinkhorn_forward",
+    "sinkhorn_backward",
+    "sinkhorn_value_forward",
+    "sinkhorn_value_backward",
+    "ipot_forward",
+    "ipot_backward",
+    "ot_distance_forward",
+    "ot_distance_backward",
+    "cosine_cost_forward",
+    "cosine_cost_backward",
+]
+
+# Marginal totals may differ by this much (relative) before we refuse them: finite differences
+# perturb them by ~1e-6, which must still be accepted.
+_MASS_RTOL = 1e-3
+
+
+class SinkhornConvergenceWarning(RuntimeWarning):
+    """The requested tolerance was not reached within ``n_iters`` iterations."""
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks shared by Sinkhorn, IPOT and the OT distance
+# --------------------------------------------------------------------------------------------
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _check_count(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_marginal(name, p, cost, axis_size, xp):
+    """``p`` (..., k) must broadcast to cost's batch dims, be non-negative and keep some mass."""
+    check_float(name, p, ndim_min=1)
+    batch = tuple(cost.shape[:-2])
+    if p.shape[-1] != axis_size:
+        raise ValueError(
+            f"{name} must have shape (..., {axis_size}) to match cost of shape "
+            f"{tuple(cost.shape)}, got {tuple(p.shape)}"
+        )
+    try:
+        full = xp.broadcast_shapes(tuple(p.shape[:-1]), batch)
+    except ValueError:
+        full = None
+    if full != batch:
+        raise ValueError(
+            f"{name} of shape {tuple(p.shape)} does not broadcast to the batch dims {batch} of "
+            f"cost of shape {tuple(cost.shape)}"
+        )
+    if bool((p < 0).any()):
+        raise ValueError(f"{name} must be non-negative, got a minimum of {float(p.min())}")
+    return p
+
+
+def _prepare_marginals(cost, a, b):
+    """Validate (cost, a, b); return xp and the host-free pieces the solvers need.
+
+    Returns ``(xp, a_b, b_b, la, lb)``: the marginals broadcast to the batch (or python floats
+    ``1/n``, ``1/m`` when None) and their logs (``-inf`` where the marginal is 0).
+    """
+    xp = array_module(cost, a, b)  # TypeError naming both backends if mixed
+    check_float("cost", cost, ndim_min=2)
+    check_same_dtype(cost=cost, a=a, b=b)
+    n, m = cost.shape[-2], cost.shape[-1]
+    if n == 0 or m == 0:
+        raise ValueError(f"cost must have non-empty last two axes, got shape {tuple(cost.shape)}")
+    batch = tuple(cost.shape[:-2])
+    if a is not None:
+        _check_marginal("a", a, cost, n, xp)
+    if b is not None:
+        _check_marginal("b", b, cost, m, xp)
+    sa = a.sum(-1) if a is not None else xp.ones((), dtype=cost.dtype)  # (...)
+    sb = b.sum(-1) if b is not None else xp.ones((), dtype=cost.dtype)  # (...)
+    if bool((sa <= 0).any()):
+        raise ValueError("a must have a positive total mass in every problem, got a zero total")
+    if bool((sb <= 0).any()):
+        raise ValueError("b must have a positive total mass in every problem, got a zero total")
+    gap = xp.abs(sa - sb) / xp.maximum(sa, sb)
+    if bool((gap > _MASS_RTOL).any()):
+        raise ValueError(
+            "a and b must have equal total mass (within 1e-3 relative); the largest relative "
+            f"difference is {float(gap.max()):.3g}"
+        )
+
+    def logs(p, k):
+        if p is None:
+            return 1.0 / k, -math.log(k)
+        p_b = xp.broadcast_to(p, batch + (k,))
+        pos = p_b > 0
+        lp = xp.where(pos, xp.log(xp.where(pos, p_b, 1)), -xp.inf).astype(cost.dtype)
+        return p_b, lp
+
+    a_b, la = logs(a, n)
+    b_b, lb = logs(b, m)
+    return xp, a_b, b_b, la, lb
+
+
+def _unbroadcast(g, shape, xp):
+    """Sum ``g`` over the dims that broadcasting added to reach it from ``shape``."""
+    if g is None or tuple(g.shape) == tuple(shape):
+        return g
+    lead = g.ndim - len(shape)
+    g = g.sum(axis=tuple(range(lead))) if lead else g
+    axes = tuple(i for i, s in enumerate(shape) if s == 1 and g.shape[i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g.reshape(shape)
+
+
+def _lse_(buf, axis, xp):
+    """log-sum-exp of ``buf`` along ``axis`` (-1 or -2), destroying ``buf`` (it is scratch).
+
+    Subtracting the max keeps exp in range for any epsilon; done in place to avoid temporaries.
+    """
+    mx = buf.max(axis=axis, keepdims=True)  # (..., 1, m) or (..., n, 1)
+    buf -= mx
+    xp.exp(buf, out=buf)
+    s = buf.sum(axis=axis)  # (..., m) or (..., n)
+    xp.log(s, out=s)
+    s += mx.squeeze(axis)
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# Sinkhorn
+# --------------------------------------------------------------------------------------------
+
+
+def sinkhorn_forward(cost, a=None, b=None, *, epsilon=0.05, n_iters=100, tol=None, check_every=10):
+    """Entropic optimal transport by log-domain Sinkhorn iterations (docs/ops/sinkhorn.md).
+
+    Args:
+        cost: (..., n, m) float32/float64.
+        a: (..., n) non-negative row marginals (or None: uniform 1/n); leading dims broadcast.
+        b: (..., m) non-negative column marginals (or None: uniform 1/m). Totals of a and b must
+            agree within 1e-3 relative. Zero entries mark padding: exactly zero rows/columns.
+        epsilon: entropic regularization (> 0), in the units of the cost.
+        n_iters: maximum number of iterations; one iteration updates g (columns) then f (rows),
+            the order of POT's ``sinkhorn_log``, so rows match ``a`` exactly after each one.
+        tol: if given, stop once the L1 violation of the column marginals, the largest over the
+            batch, drops below ``tol``. Measured every ``check_every`` iterations only (one host
+            sync each time), and a :class:`SinkhornConvergenceWarning` is raised if never met.
+
+    Returns ``plan (..., n, m), cache``. The cache keeps ``logK = -cost/epsilon`` and the
+    per-iteration log-scalings minus the log marginals (``alphas`` (T, ..., m), ``betas``
+    (T, ..., n), always finite), never per-iteration plans.
+    """
+    xp, a_b, b_b, la, lb = _prepare_marginals(cost, a, b)
+    epsilon = _check_positive("epsilon", epsilon)
+    n_iters = _check_count("n_iters", n_iters)
+    check_every = _check_count("check_every", check_every)
+    if tol is not None:
+        tol = _check_positive("tol", tol)
+    n, m = cost.shape[-2], cost.shape[-1]
+    batch = tuple(cost.shape[:-2])
+    dtype = cost.dtype
+
+    logK = cost * (-1.0 / epsilon)  # (..., n, m); python float keeps the dtype
+    buf = xp.empty_like(logK)  # (..., n, m) scratch for every log-sum-exp
+    # f starts at 0 on real rows and -inf on padding rows, so a padded problem follows exactly
+    # the iterates of the trimmed one (POT starts at 0 everywhere; same thing without padding).
+    if a is None:
+        f = xp.zeros(batch + (n,), dtype=dtype)  # (..., n)
+    else:
+        f = xp.where(a_b > 0, 0, -xp.inf).astype(dtype)  # (..., n)
+    f0 = f
+    alphas = xp.empty((n_iters,) + batch + (m,), dtype=dtype)  # alpha_t = g_t - log b
+    betas = xp.empty((n_iters,) + batch + (n,), dtype=dtype)  # beta_t = f_t - log a
+
+    n_run = n_iters
+    converged = False
+    for t in range(n_iters):
+        xp.add(logK, f[..., :, None], out=buf)
+        alpha = _lse_(buf, -2, xp)  # (..., m)
+        xp.negative(alpha, out=alpha)
+        if tol is not None and t > 0 and t % check_every == 0:
+            # Column sums of the plan after iteration t, for free: b * exp(alpha_old - alpha).
+            col = xp.exp(alphas[t - 1] - alpha)  # (..., m)
+            col -= 1
+            col *= b_b
+            err = float(xp.abs(col).sum(-1).max())
+            if err < tol:
+                n_run, converged = t, True
+                break
+        alphas[t] = alpha
+        g = alpha + lb  # (..., m)
+        xp.add(logK, g[..., None, :], out=buf)
+        beta = _lse_(buf, -1, xp)  # (..., n)
+        xp.negative(beta, out=beta)
+        betas[t] = beta
+        f = beta + la  # (..., n)
+
+    alphas, betas = alphas[:n_run], betas[:n_run]
+    g = alphas[-1] + lb
+    f = betas[-1] + la
+    xp.add(logK, f[..., :, None], out=buf)
+    buf += g[..., None, :]
+    plan = xp.exp(buf, out=buf)  # (..., n, m)
+    if tol is not None and not converged:
+        err = float(xp.abs(plan.sum(-2) - b_b).sum(-1).max())
+        if not err < tol:
+            warnings.warn(
+                f"Sinkhorn did not reach tol={tol:g} in {n_iters} iterations (column marginal "
+                f"L1 error {err:.3g}); increase n_iters or epsilon",
+                SinkhornConvergenceWarning,
+                stacklevel=2,
+            )
+    cache = Cache(
+        logK=logK,
+        plan=plan,
+        alphas=alphas,
+        betas=betas,
+        f0=f0,
+        a=a_b,
+        b=b_b,
+        la=la,
+        lb=lb,
+        a_shape=None if a is None else tuple(a.shape),
+        b_shape=None if b is None else tuple(b.shape),
+        epsilon=epsilon,
+        n_run=n_run,
+    )
+    return plan, cache
+
+
+def sinkhorn_backward(dplan, cache):
+    """Reverse mode through the unrolled iterations: returns (dcost, da, db).
+
+    The exact derivative of the computation that ``sinkhorn_forward`` ran (``cache.n_run``
+    iterations). Each step's softmax weights are recomputed from ``logK`` and the stored
+    potentials (docs/ops/sinkhorn.md, "The unrolled backward"). Gradients with respect to the
+    marginals are computed divided by the marginal already, so zero entries give finite values
+    (the one-sided derivative) instead of 0/0.
+    """
+    xp = array_module(dplan)
+    logK, alphas, betas = cache.logK, cache.alphas, cache.betas
+    A, B = cache.a, cache.b  # (..., n) / (..., m) arrays, or python floats 1/n, 1/m
+    T = cache.n_run
+    col_b = B[..., None, :] if not isinstance(B, float) else B  # (..., 1, m)
+    row_a = A[..., :, None] if not isinstance(A, float) else A  # (..., n, 1)
+
+    buf = xp.empty_like(logK)  # (..., n, m)
+    # Plan: P = a_i b_j Q_ij with Q = exp(logK + beta_T + alpha_T).
+    xp.add(logK, betas[T - 1][..., :, None], out=buf)
+    buf += alphas[T - 1][..., None, :]
+    xp.exp(buf, out=buf)  # Q
+    buf *= dplan  # dP * Q
+    f_hat = (buf * col_b).sum(-1)  # (..., n)  dL/df_T divided by a
+    g_hat = (buf * row_a).sum(-2)  # (..., m)  dL/dg_T divided by b
+    dlogK = dplan * cache.plan  # (..., n, m)
+    da = f_hat.copy()  # accumulates dL/d(log a) / a
+    db = xp.zeros_like(g_hat)  # accumulates dL/d(log b) / b
+
+    for t in range(T - 1, -1, -1):
+        # f_t = log a + beta_t,  beta_t = -LSE_j(logK + g_t):  d beta_i / d g_j = -S_ij,
+        # S = b_j exp(logK + alpha_t + beta_t) (rows of S sum to 1).
+        beta_bar = f_hat * A  # (..., n)
+        xp.add(logK, betas[t][..., :, None], out=buf)
+        buf += alphas[t][..., None, :]
+        xp.exp(buf, out=buf)  # S / b
+        buf *= beta_bar[..., :, None]
+        g_hat = g_hat - buf.sum(-2)  # (..., m)
+        buf *= col_b
+        dlogK -= buf
+        db += g_hat
+        # g_t = log b + alpha_t,  alpha_t = -LSE_i(logK + f_{t-1}):  d alpha_j / d f_i = -R_ij,
+        # R = a_i exp(logK + beta_{t-1} + alpha_t) (columns of R sum to 1).
+        alpha_bar = g_hat * B  # (..., m)
+        if t > 0:
+            xp.add(logK, betas[t - 1][..., :, None], out=buf)
+        else:
+            xp.add(logK, cache.f0[..., :, None], out=buf)  # f_0: 0 or -inf, no a in it
+        buf += alphas[t][..., None, :]
+        xp.exp(buf, out=buf)  # R / a (t > 0) or R (t = 0)
+        buf *= alpha_bar[..., None, :]
+        if t > 0:
+            f_hat = -buf.sum(-1)  # (..., n)
+            da += f_hat
+            buf *= row_a
+        dlogK -= buf
+        g_hat = xp.zeros_like(g_hat)
+
+    dcost = dlogK
+    dcost *= -1.0 / cache.epsilon
+    da_out = None if cache.a_shape is None else _unbroadcast(da, cache.a_shape, xp)
+    db_out = None if cache.b_shape is None else _unbroadcast(db, cache.b_shape, xp)
+    return dcost, da_out, db_out
+
+
+def sinkhorn_value_forward(
+    cost, a=None, b=None, *, epsilon=0.05, n_iters=100, tol=None, check_every=10
+):
+    """The entropic OT value <P, C> + epsilon * sum P (log P - 1) at the Sinkhorn plan, (...).
+
+    Its backward is the envelope (Danskin) gradient, right at convergence only: see
+    :func:`sinkhorn_value_backward` and docs/ops/sinkhorn.md.
+    """
+    plan, sc = sinkhorn_forward(
+        cost, a, b, epsilon=epsilon, n_iters=n_iters, tol=tol, check_every=check_every
+    )
+    xp = array_module(plan)
+    # With log P = -C/eps + f + g, the value is eps * sum P (f_i + g_j - 1). beta and alpha are
+    # f - log a and g - log b; the dual potentials in cost units are F = eps f, G = eps g.
+    F = sc.betas[-1] + sc.la  # (..., n)
+    G = sc.alphas[-1] + sc.lb  # (..., m)
+    if sc.a_shape is not None:
+        F = xp.where(sc.a > 0, F, 0)  # padding rows carry no mass: drop their -inf
+    if sc.b_shape is not None:
+        G = xp.where(sc.b > 0, G, 0)
+    rows = plan.sum(-1)  # (..., n)
+    cols = plan.sum(-2)  # (..., m)
+    value = (rows * F).sum(-1) + (cols * G).sum(-1) - rows.sum(-1)  # (...)
+    value *= epsilon
+    F *= epsilon
+    G *= epsilon
+    cache = Cache(plan=plan, F=F, G=G, a_shape=sc.a_shape, b_shape=sc.b_shape)
+    return value, cache
+
+
+def sinkhorn_value_backward(dvalue, cache):
+    """Envelope gradient of the regularized OT value: (dcost, da, db).
+
+    dcost = dvalue * P, da = dvalue * F, db = dvalue * G with F, G the dual potentials (cost
+    units). Exact only at convergence; F and G are defined up to F + c, G - c, so da and db are
+    meaningful along perturbations that keep sum(a) = sum(b). Padding entries get 0.
+    """
+    xp = array_module(cache.plan)
+    dv = xp.asarray(dvalue, dtype=cache.plan.dtype)
+    dcost = dv[..., None, None] * cache.plan
+    da = None
+    db = None
+    if cache.a_shape is not None:
+        da = _unbroadcast(dv[..., None] * cache.F, cache.a_shape, xp)
+    if cache.b_shape is not None:
+        db = _unbroadcast(dv[..., None] * cache.G, cache.b_shape, xp)
+    return dcost, da, db
+
+
+# --------------------------------------------------------------------------------------------
+# IPOT
+# --------------------------------------------------------------------------------------------
+
+
+def ipot_forward(cost, a=None, b=None, *, beta=0.5, n_iters=50, inner_iters=1):
+    """Inexact proximal point OT (Xie et al. 2018) as ViLT's word-patch alignment runs it.
+
+    Each outer iteration replaces the kernel by ``Q = exp(-cost/beta) * T`` (a KL proximal step
+    around the current plan ``T``) and runs ``inner_iters`` Sinkhorn steps on it, warm-started
+    from the previous row scaling. In the log domain; zero marginals give exactly zero rows and
+    columns (docs/ops/ipot.md). Returns ``plan (..., n, m), cache``.
+    """
+    xp, a_b, b_b, la, lb = _prepare_marginals(cost, a, b)
+    beta = _check_positive("beta", beta)
+    n_iters = _check_count("n_iters", n_iters)
+    inner_iters = _check_count("inner_iters", inner_iters)
+    batch = tuple(cost.shape[:-2])
+    n = cost.shape[-2]
+
+    logA = cost * (-1.0 / beta)  # (..., n, m)
+    logQ = xp.zeros_like(logA)  # (..., n, m) log T, then log Q = log T + log A in place
+    buf = xp.empty_like(logA)
+    # ViLT starts the row scaling at sigma = a (0 on padding): in logs, log a.
+    lsig = xp.broadcast_to(xp.asarray(la, dtype=cost.dtype), batch + (n,))  # (..., n)
+    for _ in range(n_iters):
+        logQ += logA
+        for _ in range(inner_iters):
+            xp.add(logQ, lsig[..., :, None], out=buf)
+            ldel = _lse_(buf, -2, xp)  # (..., m)
+            ldel = lb - ldel  # delta = b / (Q^T sigma)
+            xp.add(logQ, ldel[..., None, :], out=buf)
+            lsig = _lse_(buf, -1, xp)  # (..., n)
+            lsig = la - lsig  # sigma = a / (Q delta)
+        # T = diag(sigma) Q diag(delta). Padding rows/columns (-inf) are left out of log T so
+        # that it stays finite; they are never read because sigma/delta are -inf there.
+        logQ += xp.where(xp.isfinite(lsig), lsig, 0)[..., :, None]
+        logQ += xp.where(xp.isfinite(ldel), ldel, 0)[..., None, :]
+    xp.add(logQ, xp.where(xp.isfinite(lsig), 0, -xp.inf)[..., :, None], out=buf)
+    buf += xp.where(xp.isfinite(ldel), 0, -xp.inf)[..., None, :]
+    plan = xp.exp(buf, out=buf)  # (..., n, m)
+    cache = Cache(
+        shape=tuple(cost.shape),
+        dtype=cost.dtype,
+        xp=xp,
+        a_shape=None if a is None else tuple(a.shape),
+        b_shape=None if b is None else tuple(b.shape),
+    )
+    return plan, cache
+
+
+def ipot_backward(dplan, cache):
+    """IPOT is used as a stop-gradient solver (ViLT wraps it in ``torch.no_grad``).
+
+    Returns zeros: ``(dcost, da, db)`` with the plan treated as a constant of its inputs. This is
+    NOT the derivative of the iterations; differentiate through Sinkhorn when you need one
+    (docs/ops/ipot.md).
+    """
+    xp = cache.xp
+    dcost = xp.zeros(cache.shape, dtype=cache.dtype)
+    da = None if cache.a_shape is None else xp.zeros(cache.a_shape, dtype=cache.dtype)
+    db = None if cache.b_shape is None else xp.zeros(cache.b_shape, dtype=cache.dtype)
+    return dcost, da, db
+
+
+# --------------------------------------------------------------------------------------------
+# OT distance
+# --------------------------------------------------------------------------------------------
+
+
+def ot_distance_forward(cost, a=None, b=None, *, method="ipot", **solver_options):
+    """<plan, cost> over the last two axes, (...), with the plan held constant (ViLT's WPA).
+
+    ``method`` "ipot" (options beta=0.5, n_iters=50, inner_iters=1) or "sinkhorn" (epsilon,
+    n_iters, tol, check_every). The cache keeps only the plan (docs/ops/ot_distance.md).
+    """
+    if method == "ipot":
+        plan, _ = ipot_forward(cost, a, b, **solver_options)
+    elif method == "sinkhorn":
+        plan, _ = sinkhorn_forward(cost, a, b, **solver_options)
+    else:
+        raise ValueError(f"method must be 'ipot' or 'sinkhorn', got {method!r}")
+    distance = (plan * cost).sum(axis=(-2, -1))  # (...)
+    return distance, Cache(plan=plan)
+
+
+def ot_distance_backward(ddistance, cache):
+    """Returns (dcost,) = ddistance[..., None, None] * plan: the plan is a constant here."""
+    xp = array_module(cache.plan)
+    dd = xp.asarray(ddistance, dtype=cache.plan.dtype)
+    return (dd[..., None, None] * cache.plan,)
+
+
+# --------------------------------------------------------------------------------------------
+# Cosine cost
+# --------------------------------------------------------------------------------------------
+
+
+def cosine_cost_forward(x, y, eps=1e-5):
+    """1 - cosine similarity: x (..., n, d), y (..., m, d) -> (..., n, m).
+
+    Each row is normalized as ``x / max(|x|, eps)`` (torch's ``F.normalize``, as in ViLT).
+    Leading dims broadcast. The cache keeps the normalized rows and the clamped norms
+    (docs/ops/cosine_cost.md).
+    """
+    xp = array_module(x, y)
+    check_float("x", x, ndim_min=2)
+    check_float("y", y, ndim_min=2)
+    check_same_dtype(x=x, y=y)
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(
+            f"x (..., n, d) and y (..., m, d) must share d, got x {tuple(x.shape)} and "
+            f"y {tuple(y.shape)}"
+        )
+    try:
+        xp.broadcast_shapes(tuple(x.shape[:-2]), tuple(y.shape[:-2]))
+    except ValueError:
+        raise ValueError(
+            f"the leading dims of x {tuple(x.shape)} and y {tuple(y.shape)} do not broadcast"
+        ) from None
+    eps = _check_positive("eps", eps)
+    nx = xp.sqrt((x * x).sum(-1, keepdims=True))  # (..., n, 1)
+    ny = xp.sqrt((y * y).sum(-1, keepdims=True))  # (..., m, 1)
+    rx = xp.maximum(nx, eps)  # (..., n, 1)
+    ry = xp.maximum(ny, eps)
+    xn = x / rx  # (..., n, d)
+    yn = y / ry  # (..., m, d)
+    out = xn @ xp.swapaxes(yn, -1, -2)  # (..., n, m) cosine similarity
+    xp.subtract(1, out, out=out)
+    cache = Cache(xn=xn, yn=yn, rx=rx, ry=ry, x_free=nx >= eps, y_free=ny >= eps)
+    return out, cache
+
+
+def cosine_cost_backward(dout, cache):
+    """Returns (dx, dy). d(1 - xn.yn) = -(dxn.yn + xn.dyn); through x / max(|x|, eps):
+    dx = (dxn - xn (xn . dxn)) / |x| where |x| >= eps, dxn / eps where the norm was clamped."""
+    xp = array_module(dout)
+    xn, yn = cache.xn, cache.yn
+    dxn = -(dout @ yn)  # (..., n, d)
+    dyn = -(xp.swapaxes(dout, -1, -2) @ xn)  # (..., m, d)
+
+    def through_norm(dn, un, r, free):
+        proj = (un * dn).sum(-1, keepdims=True)  # (..., k, 1)
+        proj *= free  # the clamped norm is a constant: no projection there
+        return (dn - un * proj) / r
+
+    dx = through_norm(dxn, xn, cache.rx, cache.x_free)
+    dy = through_norm(dyn, yn, cache.ry, cache.y_free)
+    return _unbroadcast(dx, xn.shape, xp), _unbroadcast(dy, yn.shape, xp)
