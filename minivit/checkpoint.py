@@ -1,0 +1,248 @@
+"""Checkpoints as safetensors: atomic writes, config in the metadata, no pickle anywhere.
+
+A minivit checkpoint is one ``.safetensors`` file:
+
+* the model's parameters under their own (timm) names, so timm and other safetensors readers see
+  an ordinary ViT state dict;
+* optionally other tensors under a prefix, e.g. the optimizer state as ``optim.<key>``;
+* text metadata: ``format = "minivit"``, ``model`` (the class name), ``config`` (the model's
+  keyword arguments as JSON) and any extra JSON entries (training state: epoch, history, ...).
+
+Writes go to a temporary file in the same folder, are fsync'ed, then ``os.replace``d over the
+target, so a crash or an error mid-save leaves the previous checkpoint intact.
+
+:func:`load_model` also reads weights that were not written here: a timm or Hugging Face
+``model.safetensors`` (the naming is detected and converted; see :mod:`minivit.convert`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_model",
+    "load_model",
+    "load_weights_into",
+    "read_metadata",
+]
+
+FORMAT = "minivit"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, truncated, or was written for another config."""
+
+
+def _to_host(a):
+    # cupy arrays have .get(); everything becomes a contiguous numpy array.
+    if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
+        a = a.get()
+    return np.ascontiguousarray(np.asarray(a))
+
+
+def save_checkpoint(path, tensors: dict, metadata: dict | None = None) -> Path:
+    """Write ``tensors`` (name -> array, any backend) and JSON-able ``metadata`` atomically.
+
+    Each metadata value is stored as a JSON string (safetensors metadata is str -> str).
+    Returns the path written.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    host = {k: _to_host(v) for k, v in tensors.items()}
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(host, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # Make the rename itself durable (POSIX: fsync the directory).
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def _open_error(path, exc):
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    return CheckpointError(
+        f"checkpoint {str(path)!r} ({size} bytes) is corrupt or truncated and cannot be read "
+        f"as safetensors: {exc}"
+    )
+
+
+def read_metadata(path) -> dict:
+    """The metadata of a safetensors file, each value JSON-decoded where it is JSON."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            raw = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise _open_error(path, exc) from exc
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except (TypeError, ValueError):
+            out[k] = v  # metadata written by other tools is plain text
+    return out
+
+
+def load_checkpoint(path) -> tuple[dict, dict]:
+    """(tensors, metadata) from a safetensors file; tensors are numpy arrays.
+
+    Raises FileNotFoundError when missing and :class:`CheckpointError` when the file cannot be
+    parsed (corrupt header, truncated data).
+    """
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise _open_error(path, exc) from exc
+    return tensors, meta
+
+
+def split_prefix(tensors: dict, prefix: str) -> tuple[dict, dict]:
+    """(the entries under ``prefix`` with the prefix removed, all the others)."""
+    inside = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    outside = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+    return inside, outside
+
+
+def save_model(path, model, extra_tensors: dict | None = None, metadata: dict | None = None):
+    """Save ``model.params`` (plus ``extra_tensors``, whose names must not clash) with the
+    model's class name and config in the metadata."""
+    tensors = dict(model.state_dict())
+    for k, v in (extra_tensors or {}).items():
+        if k in tensors:
+            raise ValueError(f"extra tensor {k!r} clashes with a model parameter name")
+        tensors[k] = v
+    meta = {"format": FORMAT, "model": type(model).__name__, "config": model.config}
+    meta["dtype"] = model.dtype
+    meta.update(metadata or {})
+    return save_checkpoint(path, tensors, meta)
+
+
+def _model_classes():
+    from .models.vit import ViT
+
+    classes = {"ViT": ViT}
+    for mod, name in (("minivit.models.hybrid", "HybridViT"), ("minivit.models.vilt", "ViLT")):
+        try:
+            module = __import__(mod, fromlist=[name])
+            classes[name] = getattr(module, name)
+        except (ImportError, AttributeError):
+            pass
+    return classes
+
+
+def load_weights_into(model, path, strict=True) -> dict:
+    """Load a checkpoint's parameters into an existing ``model``; returns the metadata.
+
+    A minivit checkpoint written for another config (another class, or any differing config
+    entry, such as num_heads, which leaves no trace in the shapes) raises
+    :class:`CheckpointError` naming the differences. Tensors other than the model's (e.g. the
+    optimizer's ``optim.*``) are ignored here.
+    """
+    tensors, meta = load_checkpoint(path)
+    if meta.get("format") == FORMAT:
+        if meta.get("model") != type(model).__name__:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds a {meta.get('model')}, not a "
+                f"{type(model).__name__}"
+            )
+        saved = meta.get("config", {})
+        diffs = [
+            f"{k}: checkpoint {saved.get(k)!r}, model {model.config.get(k)!r}"
+            for k in sorted(set(saved) | set(model.config))
+            if saved.get(k) != model.config.get(k)
+            and k not in ("drop_rate", "drop_path_rate")  # training-only, not architecture
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was written for another config: " + "; ".join(diffs)
+            )
+        tensors = {k: v for k, v in tensors.items() if k in model.params}
+    else:
+        from .convert import to_timm_vit
+
+        tensors = to_timm_vit(tensors)
+    try:
+        model.load_state_dict(tensors, strict=strict)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit the model: {exc}") from exc
+    return meta
+
+
+def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
+    """Build a model from a checkpoint file and load its weights.
+
+    * a minivit checkpoint: the class and config come from its metadata;
+    * a timm or Hugging Face ``model.safetensors``: names are converted to timm's and the ViT
+      config is read off the shapes. The head count leaves no trace in the weights: it comes
+      from ``num_heads``, else from a ``config.json`` beside the file (HF's
+      ``num_attention_heads``, which also gives ``layer_norm_eps``), else embed_dim // 64 as in
+      every timm ViT.
+
+    ``overrides`` replace config entries (e.g. drop_rate). Returns (model, metadata).
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    if meta.get("format") == FORMAT:
+        classes = _model_classes()
+        name = meta.get("model")
+        if name not in classes:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds an unknown model {name!r}")
+        cfg = {**meta.get("config", {}), **overrides}
+        model = classes[name](
+            **cfg, dtype=dtype or meta.get("dtype", "float32"), backend=backend
+        )
+        load_weights_into(model, path)
+        return model, meta
+    from .convert import infer_vit_config, to_timm_vit
+    from .models.vit import ViT
+
+    tensors, meta = load_checkpoint(path)
+    sd = to_timm_vit(tensors)
+    from_json = {}
+    cfg_json = path.parent / "config.json"
+    if cfg_json.exists():
+        # HF's config.json: the head count, and layernorm eps (HF's ViT default is 1e-12).
+        hf = json.loads(cfg_json.read_text())
+        if num_heads is None:
+            num_heads = hf.get("num_attention_heads") or hf.get("num_heads")
+        if "layer_norm_eps" in hf:
+            from_json["eps"] = float(hf["layer_norm_eps"])
+    cfg = {**infer_vit_config(sd, num_heads=num_heads), **from_json, **overrides}
+    model = ViT(**cfg, dtype=dtype or "float32", backend=backend)
+    model.load_state_dict(sd, strict=True)
+    return model, meta
