@@ -13,3 +13,4 @@ from .vit import (  # noqa: F401
     resample_abs_pos_embed,
     to_timm_vit,
 )
+from .vilt import from_hf_vilt  # noqa: F401
