@@ -1,0 +1,302 @@
+"""minivit.gradcheck and `minivit gradcheck`: right backwards pass, wrong ones are caught.
+
+Budget: < 30 s (the full CLI run is about 2 s).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minivit import gradcheck as gc
+from minivit import gradcheck_cli, ops
+from minivit.cli import main
+
+
+def linear_inputs(backend, rng):
+    return (
+        backend.asarray(rng.standard_normal((2, 3, 4))),
+        backend.asarray(rng.standard_normal((5, 4))),
+        backend.asarray(rng.standard_normal(5)),
+    )
+
+
+def corrupt(backward, slot, index, factor=1.001):
+    """A backward whose grads[slot] is wrong by a factor at one entry (the rest is right)."""
+
+    def wrong(dout, cache):
+        grads = list(backward(dout, cache))
+        g = grads[slot].copy()
+        g[index] *= factor
+        grads[slot] = g
+        return tuple(grads)
+
+    return wrong
+
+
+# --------------------------------------------------------------------------------------------
+# The library
+# --------------------------------------------------------------------------------------------
+
+
+def test_numerical_grad_matches_a_known_gradient(backend, rng):
+    x = backend.asarray(rng.standard_normal((3, 4)))
+    w = backend.asarray(rng.standard_normal((3, 4)))
+    before = backend.to_numpy(x).copy()
+
+    def f(x, w):  # d/dx sum(sin(x) w) = cos(x) w
+        return float((backend.xp.sin(x) * w).sum())
+
+    num = gc.numerical_grad(f, (x, w), 0)
+    assert type(num) is type(x) and num.dtype == np.float64 and num.shape == x.shape
+    exact = np.cos(before) * backend.to_numpy(w)
+    np.testing.assert_allclose(backend.to_numpy(num), exact, rtol=1e-8, atol=1e-9)
+    np.testing.assert_array_equal(backend.to_numpy(x), before)  # the caller's x is untouched
+
+
+@pytest.mark.parametrize("check", [gc.check_backward, gc.check_backward_full, gc.check_jacobian])
+def test_right_backward_passes(backend, rng, check):
+    rep = check(ops.linear_forward, ops.linear_backward, linear_inputs(backend, rng))
+    rep.assert_ok()
+    assert [r.name for r in rep.rows] == ["x", "w", "b"]  # names from the forward's signature
+    assert rep.max_rel_err < 1e-7
+
+
+@pytest.mark.parametrize("check", [gc.check_backward, gc.check_backward_full, gc.check_jacobian])
+def test_wrong_backward_fails_and_names_the_input(backend, rng, check):
+    wrong = corrupt(ops.linear_backward, 1, (2, 1), factor=1.001)  # dw[2, 1] off by 0.1 %
+    rep = check(ops.linear_forward, wrong, linear_inputs(backend, rng))
+    assert not rep.passed
+    assert [r.passed for r in rep.rows] == [True, False, True]
+    with pytest.raises(AssertionError, match="FAIL"):
+        rep.assert_ok()
+
+
+def test_elementwise_check_points_at_the_wrong_entry(backend, rng):
+    wrong = corrupt(ops.linear_backward, 1, (2, 1), factor=1.01)
+    rep = gc.check_backward_full(ops.linear_forward, wrong, linear_inputs(backend, rng))
+    row = rep.rows[1]
+    assert row.worst == "(2, 1)"
+    assert row.max_rel_err == pytest.approx(0.01, rel=0.05)
+
+
+def test_jacobian_assembled_from_backward_is_the_softmax_jacobian(backend, rng):
+    x = backend.asarray(rng.standard_normal(5))
+    ja = gc.analytic_jacobian(ops.softmax_forward, ops.softmax_backward, (x,), 0)
+    s = np.exp(backend.to_numpy(x))
+    s /= s.sum()
+    np.testing.assert_allclose(ja, np.diag(s) - np.outer(s, s), atol=1e-15)
+    jn = gc.numerical_jacobian(lambda x: ops.softmax_forward(x)[0], (x,), 0)
+    np.testing.assert_allclose(jn, ja, atol=1e-9)
+    gc.check_jacobian(ops.softmax_forward, ops.softmax_backward, (x,)).assert_ok()
+
+
+def test_random_dout_catches_what_dout_ones_cannot(backend, rng):
+    """Softmax's gradient for dout = ones is exactly zero, so a zero backward would pass."""
+    x = backend.asarray(rng.standard_normal((2, 5)))
+
+    def zero_backward(dout, cache):
+        return (backend.xp.zeros_like(dout),)
+
+    ones = backend.xp.ones((2, 5))
+    assert gc.check_backward(ops.softmax_forward, zero_backward, (x,), dout=ones).passed
+    assert not gc.check_backward(ops.softmax_forward, zero_backward, (x,)).passed
+
+
+def test_grad_slots_follow_the_api_convention():
+    x, w, b = np.zeros((1, 2, 4)), np.zeros((12, 4)), np.zeros(12)
+    mask = np.ones((1, 2), dtype=bool)
+    # attention(x, w_qkv, b_qkv=None, w_proj, b_proj, num_heads, key_mask)
+    assert gc.grad_slots((x, w, None, np.zeros((4, 4)), b[:4], 2, mask)) == {0: 0, 1: 1, 3: 3, 4: 4}
+    # embedding(ids, table); cross_entropy(logits, targets)
+    assert gc.grad_slots((np.zeros(3, dtype=np.int64), w)) == {1: 0}
+    assert gc.grad_slots((w, np.zeros(12, dtype=np.int64))) == {0: 0}
+
+
+def test_attention_options_check_with_defaults(backend, rng):
+    B, N, D, H = 2, 3, 4, 2
+    inputs = (
+        backend.asarray(rng.standard_normal((B, N, D))),
+        backend.asarray(rng.standard_normal((3 * D, D))),
+        None,
+        backend.asarray(rng.standard_normal((D, D))),
+        backend.asarray(rng.standard_normal(D)),
+        H,
+        backend.asarray(np.array([[True, False, False], [True, True, False]])),
+    )
+    rep = gc.check_backward(ops.attention_forward, ops.attention_backward, inputs).assert_ok()
+    assert [r.name for r in rep.rows] == ["x", "w_qkv", "w_proj", "b_proj"]
+
+
+def test_missing_or_misshaped_grads_fail_with_a_note(backend, rng):
+    inputs = linear_inputs(backend, rng)
+
+    def no_db(dout, cache):
+        dx, dw, _ = ops.linear_backward(dout, cache)
+        return dx, dw.T, None
+
+    rep = gc.check_backward(ops.linear_forward, no_db, inputs)
+    assert [r.passed for r in rep.rows] == [True, False, False]
+    assert "shape" in rep.rows[1].note and "None" in rep.rows[2].note
+    text = str(rep)
+    assert "backward gave None" in text
+
+
+def test_report_format():
+    rows = [
+        gc.GradcheckRow("x", (2, 3), 1e-9, 2e-8, True, 1e-7, 6, "dir 0"),
+        gc.GradcheckRow("w", (4,), 3e-3, 1e-3, False, 1e-7, 4, "(1,)"),
+    ]
+    rep = gc.GradcheckReport("elementwise", rows, rtol=1e-6, title="toy")
+    text = str(rep)
+    lines = text.splitlines()
+    assert lines[0] == "elementwise gradient check of toy (rtol=1e-06): FAIL"
+    assert lines[1].split() == ["input", "shape", "max", "abs", "err", "max", "rel", "err"] + [
+        "atol",
+        "worst",
+        "at",
+        "result",
+    ]
+    assert "2x3" in lines[3] and "2.00e-08" in lines[3] and lines[3].rstrip().endswith("ok")
+    assert lines[4].rstrip().endswith("FAIL") and "1.00e-03" in lines[4]
+    assert not rep.passed and rep.max_rel_err == 1e-3 and rep.worst_row().name == "w"
+    with pytest.raises(AssertionError) as err:
+        rep.assert_ok()
+    assert text in str(err.value)
+    rows[1].passed = True
+    assert rep.passed and rep.assert_ok() is rep
+    assert not gc.GradcheckReport("directional").passed  # nothing checked is not a pass
+
+
+def test_relative_error_definition():
+    # |a - n| / max(|a|, |n|, atol / rtol): relative for large values, absolute for tiny ones.
+    ae, re, k = gc._compare([1.0, 2.0], [1.0, 2.002], rtol=1e-6, atol=1e-12)
+    assert k == 1 and ae == pytest.approx(0.002) and re == pytest.approx(0.002 / 2.002)
+    ae, re, _ = gc._compare([1e-12], [3e-12], rtol=1e-6, atol=1e-9)
+    assert re == pytest.approx(2e-12 / 1e-3)  # below the floor: compared against atol
+    _, re, _ = gc._compare([np.nan], [1.0], rtol=1e-6, atol=1e-9)
+    assert re == np.inf
+
+
+# --------------------------------------------------------------------------------------------
+# Whole model
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_model(backend, rng):
+    """linear -> gelu -> linear -> cross-entropy, with its hand-written backward."""
+    params = {
+        "fc1.weight": backend.asarray(rng.standard_normal((6, 4)) * 0.5),
+        "fc1.bias": backend.asarray(rng.standard_normal(6) * 0.1),
+        "fc2.weight": backend.asarray(rng.standard_normal((3, 6)) * 0.5),
+        "fc2.bias": backend.asarray(rng.standard_normal(3) * 0.1),
+    }
+    x = backend.asarray(rng.standard_normal((5, 4)))
+    t = backend.asarray(rng.integers(0, 3, 5))
+
+    def loss_and_grads():
+        h, c1 = ops.linear_forward(x, params["fc1.weight"], params["fc1.bias"])
+        a, c2 = ops.gelu_forward(h)
+        z, c3 = ops.linear_forward(a, params["fc2.weight"], params["fc2.bias"])
+        loss, c4 = ops.cross_entropy_forward(z, t)
+        (dz,) = ops.cross_entropy_backward(backend.xp.ones_like(loss), c4)
+        da, dw2, db2 = ops.linear_backward(dz, c3)
+        (dh,) = ops.gelu_backward(da, c2)
+        _, dw1, db1 = ops.linear_backward(dh, c1)
+        grads = {"fc1.weight": dw1, "fc1.bias": db1, "fc2.weight": dw2, "fc2.bias": db2}
+        return loss, grads
+
+    return params, loss_and_grads
+
+
+def test_model_directional_check(backend, rng):
+    params, loss_and_grads = tiny_model(backend, rng)
+    ids = {k: id(v) for k, v in params.items()}
+    before = {k: backend.to_numpy(v).copy() for k, v in params.items()}
+    _, grads = loss_and_grads()
+
+    def loss_fn():
+        return loss_and_grads()[0]
+
+    gc.check_model_directional(loss_fn, params, grads).assert_ok()
+    rep = gc.check_model_directional(loss_fn, params, grads, per_parameter=True).assert_ok()
+    assert [r.name for r in rep.rows] == list(params)
+
+    bad = dict(grads)
+    bad["fc2.bias"] = grads["fc2.bias"] * 1.01
+    assert not gc.check_model_directional(loss_fn, params, bad).passed
+    rep = gc.check_model_directional(loss_fn, params, bad, per_parameter=True)
+    assert [r.name for r in rep.rows if not r.passed] == ["fc2.bias"]
+
+    # perturbed in place and restored exactly: same objects, same bits
+    assert {k: id(v) for k, v in params.items()} == ids
+    for k in params:
+        np.testing.assert_array_equal(backend.to_numpy(params[k]), before[k])
+
+
+def test_model_check_restores_params_when_the_loss_raises(backend, rng):
+    params, loss_and_grads = tiny_model(backend, rng)
+    before = {k: backend.to_numpy(v).copy() for k, v in params.items()}
+    _, grads = loss_and_grads()
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("boom")
+        return loss_and_grads()[0]
+
+    with pytest.raises(RuntimeError, match="boom"):
+        gc.check_model_directional(flaky, params, grads)
+    for k in params:
+        np.testing.assert_array_equal(backend.to_numpy(params[k]), before[k])
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_passes_on_every_op(capsys):
+    assert main(["gradcheck", "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("op "))
+    assert header.split() == ["op", "shapes", "directional", "elementwise", "max", "rel", "err"] + [
+        "result"
+    ]
+    for name in ("linear", "gelu (tanh)", "attention (one valid key)", "dropout (train, p=0.3)"):
+        assert any(
+            line.startswith(name + " ") and line.endswith("pass") for line in out.splitlines()
+        )
+    assert "cross_entropy (ignore_index)" in out
+    assert "FAIL" not in out and "WARNING" not in out
+
+
+def test_every_op_has_a_case(backend):
+    assert gradcheck_cli.uncovered_ops(gradcheck_cli.build_cases(backend)) == []
+
+
+def test_cli_fails_on_a_broken_op(monkeypatch, capsys):
+    monkeypatch.setattr(ops, "gelu_backward", corrupt(ops.gelu_backward, 0, (0, 0), 1.01))
+    assert main(["gradcheck", "--backend", "numpy", "--ops", "gelu", "softmax"]) == 1
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert any(line.startswith("gelu (none)") and line.endswith("FAIL") for line in lines)
+    assert any(line.startswith("softmax ") and line.endswith("pass") for line in lines)
+    assert "FAILED: gelu (none), gelu (tanh)" in out
+    assert "elementwise gradient check of gelu (none)" in out  # the per-input table follows
+
+
+def test_cli_reports_a_crashing_op(monkeypatch, capsys):
+    def crash(dout, cache):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(ops, "tanh_backward", crash)
+    assert main(["gradcheck", "--backend", "numpy", "--ops", "tanh"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR" in out and "RuntimeError: kaboom" in out
+
+
+def test_cli_unknown_op(capsys):
+    assert main(["gradcheck", "--backend", "numpy", "--ops", "nonsense"]) == 2
+    assert "unknown op(s) nonsense" in capsys.readouterr().out
