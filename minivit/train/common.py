@@ -1,0 +1,216 @@
+"""What every training job shares: run folders, progress, metrics, curves, resumable checkpoints.
+
+A training job (``minivit train vit``, ``train vilt``, ``train hybrid``) uses it like this::
+
+    run_dir = make_run_dir(args.out, "vit-digits")            # or the resumed run's folder
+    history = History()
+    for epoch in range(start_epoch, epochs):
+        host_rng = epoch_rngs(model, seed, epoch)             # seeds this epoch's randomness
+        with progress(total=steps, desc=f"epoch {epoch+1}/{epochs}", disable=quiet) as bar:
+            ...  bar.update(1); bar.set_postfix(loss=..., acc=...)
+        history.append(epoch=epoch + 1, train_loss=..., test_acc=..., ...)
+        save_training_checkpoint(run_dir / CHECKPOINT, model, optimizer, epoch + 1, history,
+                                 args=vars_for_json(args))
+    write_json(run_dir / "metrics.json", {...})
+    plot_curves(history, run_dir / "curves.png")
+
+Exact resume: nothing random is carried from one epoch to the next. Each epoch draws its
+shuffling, augmentation and dropout from generators seeded by (seed, epoch) (:func:`epoch_rngs`),
+so the checkpoint's epoch counter, together with the parameters and the optimizer state, is the
+complete training state; a run stopped after k epochs and resumed continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import load_checkpoint, load_weights_into, save_model, split_prefix
+
+__all__ = [
+    "CHECKPOINT",
+    "History",
+    "make_run_dir",
+    "resolve_checkpoint",
+    "progress",
+    "epoch_rngs",
+    "save_training_checkpoint",
+    "load_training_checkpoint",
+    "write_json",
+    "plot_curves",
+    "vars_for_json",
+    "Timer",
+]
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class History:
+    """Per-epoch records (dicts of numbers), kept in order; JSON-able."""
+
+    def __init__(self, records=None):
+        self.records = [dict(r) for r in (records or [])]
+
+    def append(self, **record):
+        self.records.append(record)
+
+    def column(self, key):
+        """[(epoch, value)] for every record that has ``key``."""
+        return [(r["epoch"], r[key]) for r in self.records if key in r]
+
+    def last(self, key, default=None):
+        for r in reversed(self.records):
+            if key in r:
+                return r[key]
+        return default
+
+    def to_list(self):
+        return [dict(r) for r in self.records]
+
+    def __len__(self):
+        return len(self.records)
+
+
+def make_run_dir(out=None, prefix="run", root="runs") -> Path:
+    """``out`` if given, else ``runs/<prefix>-<YYYYmmdd-HHMMSS>`` (made unique); created."""
+    if out:
+        path = Path(out)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(root) / f"{prefix}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path(root) / f"{prefix}-{stamp}-{n}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_checkpoint(path) -> Path:
+    """A run folder or a checkpoint file -> the checkpoint file (FileNotFoundError if none)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    return path
+
+
+def progress(total, desc="", disable=False, **kwargs):
+    """A tqdm progress bar (to stderr) over ``total`` steps; use as a context manager."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def epoch_rngs(model, seed, epoch):
+    """Seed this epoch's randomness; returns the host generator for shuffling and augmentation.
+
+    The model's dropout generator (``model.rng``, on the model's backend) is replaced by one
+    seeded from (seed, epoch) too, so every epoch's random draws depend on nothing else.
+    """
+    model.rng = model.backend.rng(int(seed) * 1_000_003 + int(epoch) + 1)
+    return np.random.default_rng([int(seed), int(epoch), 7919])
+
+
+def save_training_checkpoint(path, model, optimizer, epoch, history, **extra) -> Path:
+    """Atomically write model parameters, optimizer state (as ``optim.<key>`` tensors), the
+    epoch count and the history (and any JSON-able ``extra`` entries) to ``path``."""
+    tensors = {f"optim.{k}": v for k, v in optimizer.state_dict().items()} if optimizer else {}
+    train = {"epoch": int(epoch), "history": history.to_list(), **extra}
+    return save_model(path, model, extra_tensors=tensors, metadata={"train": train})
+
+
+def load_training_checkpoint(path, model, optimizer=None):
+    """Load parameters (and optimizer state) saved by :func:`save_training_checkpoint`.
+
+    Returns (epoch, History, train_metadata). Raises CheckpointError for a corrupt file or one
+    written for another config.
+    """
+    meta = load_weights_into(model, path)
+    train = meta.get("train", {})
+    if optimizer is not None:
+        tensors, _ = load_checkpoint(path)
+        state, _ = split_prefix(tensors, "optim.")
+        if not state:
+            raise ValueError(f"checkpoint {str(path)!r} has no optimizer state to resume from")
+        optimizer.load_state_dict(state)
+    return int(train.get("epoch", 0)), History(train.get("history", [])), train
+
+
+def write_json(path, obj) -> Path:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def vars_for_json(args, drop=("_run", "resume", "out", "no_progress")) -> dict:
+    """argparse Namespace -> a JSON-able dict (callables and run-local options dropped)."""
+    return {k: v for k, v in vars(args).items() if k not in drop and not callable(v)}
+
+
+def plot_curves(history: History, path, title="") -> Path:
+    """Loss and accuracy per epoch (train and, where recorded, test) in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax, label in (
+        ("train_loss", ax1, "train"),
+        ("test_loss", ax1, "test"),
+        ("train_acc", ax2, "train"),
+        ("test_acc", ax2, "test"),
+    ):
+        pts = history.column(key)
+        if pts:
+            e, v = zip(*pts)
+            ax.plot(e, v, label=label)
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+class Timer:
+    """Wall time since creation (``elapsed()`` seconds)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def elapsed(self):
+        return time.perf_counter() - self.t0

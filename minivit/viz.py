@@ -1,0 +1,87 @@
+"""Pictures of what a ViT attends to: attention maps per head and attention rollout.
+
+Attention rollout (Abnar & Zuidema, 2020, "Quantifying Attention Flow in Transformers"): each
+layer's attention, averaged over heads, is mixed with the identity to account for the residual
+connection, ``A_hat = 0.5 A + 0.5 I`` (rows renormalised), and the layers are multiplied,
+``R = A_hat_L ... A_hat_1``. Row 0 of R (the CLS token) over the patch tokens says how much each
+patch flows into the representation the head classifies.
+
+Drawn with matplotlib's Agg backend into PNG files; no display needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["attention_maps", "attention_rollout", "attention_figure"]
+
+
+def attention_maps(model, images):
+    """Run ``model.forward(images)`` (eval) and return each block's attention as numpy arrays,
+    a list of depth arrays (B, H, T, T), T = 1 + number of patches."""
+    be = model.backend
+    model.forward(be.asarray(images, dtype=model.dtype), train=False)
+    return [be.to_numpy(c.attn) for c in model._cache.encoder.blocks]
+
+
+def attention_rollout(attns, head_fusion="mean"):
+    """attns: list of (B, H, T, T) from the first block to the last -> rollout (B, T, T)."""
+    B, _, T, _ = attns[0].shape
+    eye = np.eye(T)
+    R = np.broadcast_to(eye, (B, T, T)).copy()  # (B, T, T)
+    for a in attns:
+        fused = a.max(axis=1) if head_fusion == "max" else a.mean(axis=1)  # (B, T, T)
+        a_hat = 0.5 * fused + 0.5 * eye  # the residual path carries the token itself
+        a_hat /= a_hat.sum(axis=-1, keepdims=True)
+        R = a_hat @ R  # later layers act on what earlier layers already mixed
+    return R
+
+
+def attention_figure(model, images, labels=None, path="attention.png", probs=None, layer=-1):
+    """One row per image: the image, the CLS token's attention over the patches for every head
+    of block ``layer`` (default the last), and the attention rollout over all blocks.
+
+    images: (B, C, S, S) model inputs (numpy or the model's backend). Returns the path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(model.backend.to_numpy(images))
+    attns = attention_maps(model, images)
+    roll = attention_rollout(attns)  # (B, T, T)
+    a = attns[layer]  # (B, H, T, T)
+    B, H = a.shape[:2]
+    g = model.img_size // model.patch_size
+    n_layer = layer % len(attns)
+    fig, axes = plt.subplots(B, H + 2, figsize=(1.8 * (H + 2), 1.9 * B), squeeze=False)
+    for b in range(B):
+        img = images[b].mean(axis=0) if images.shape[1] != 3 else images[b].transpose(1, 2, 0)
+        if img.ndim == 3:
+            img = (img - img.min()) / (np.ptp(img) + 1e-12)
+        ax = axes[b, 0]
+        ax.imshow(img, cmap="gray_r" if img.ndim == 2 else None)
+        title = ""
+        if labels is not None:
+            title = f"label {int(labels[b])}"
+        if probs is not None:
+            title += f"\npred {int(np.argmax(probs[b]))} ({float(np.max(probs[b])):.2f})"
+        ax.set_title(title, fontsize=8)
+        for h in range(H):
+            ax = axes[b, 1 + h]
+            ax.imshow(a[b, h, 0, 1:].reshape(g, g), cmap="viridis")  # CLS row, patches only
+            if b == 0:
+                ax.set_title(f"block {n_layer} head {h}", fontsize=8)
+        ax = axes[b, H + 1]
+        ax.imshow(roll[b, 0, 1:].reshape(g, g), cmap="magma")
+        if b == 0:
+            ax.set_title("rollout", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("CLS attention over patches", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
