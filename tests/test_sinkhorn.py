@@ -1,0 +1,578 @@
+"""Optimal transport ops: Sinkhorn, its unrolled and envelope backward, IPOT, OT distance, cosine.
+
+Oracles: POT (``ot.sinkhorn(..., method="sinkhorn_log")`` and the exact ``ot.emd2``) and PyTorch
+autograd through unrolled torch implementations written here. Budget: < 40 s on 2 cores.
+Everything in float64 unless the test says otherwise.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import ot
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minivit import ops
+from minivit.ops.sinkhorn import SinkhornConvergenceWarning
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def rel(a, r, floor=0.0):
+    """Norm-wise relative error max|a - r| / max(max|a|, max|r|, floor).
+
+    ``floor`` is the noise level of a central difference (~1e-10 absolute here): where the true
+    gradient is exactly zero (one row: the plan is b whatever the cost) it keeps rounding noise
+    from counting as a relative error of 1.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    r = np.asarray(r, dtype=np.float64)
+    assert a.shape == r.shape, (a.shape, r.shape)
+    scale = max(np.abs(a).max(), np.abs(r).max(), floor)
+    diff = np.abs(a - r).max()
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def central_diff(loss, x, h=1e-6):
+    """Central differences of the scalar loss(x) for a host float64 array x, entry by entry."""
+    x = np.array(x, dtype=np.float64)
+    g = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        orig = flat[i]
+        flat[i] = orig + h
+        hi, f_hi = flat[i], loss(x)
+        flat[i] = orig - h
+        lo, f_lo = flat[i], loss(x)
+        flat[i] = orig
+        gflat[i] = (f_hi - f_lo) / (hi - lo)
+    return g
+
+
+def simplex(rng, shape, lo=0.2):
+    w = rng.uniform(lo, 1.0, shape)
+    return w / w.sum(-1, keepdims=True)
+
+
+def pot_log(a, b, C, eps, iters, stop=0.0):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ot.sinkhorn(a, b, C, eps, method="sinkhorn_log", numItermax=iters, stopThr=stop)
+
+
+def torch_sinkhorn(C, a, b, eps, iters):
+    """Unrolled log-domain Sinkhorn in torch (same start and order as POT): an autograd oracle."""
+    logK = -C / eps
+    la, lb = torch.log(a), torch.log(b)
+    f = torch.zeros_like(la)
+    for _ in range(iters):
+        g = lb - torch.logsumexp(logK + f[..., :, None], dim=-2)
+        f = la - torch.logsumexp(logK + g[..., None, :], dim=-1)
+    return torch.exp(logK + f[..., :, None] + g[..., None, :])
+
+
+def ipot_reference(C, a, b, beta, iters, inner):
+    """IPOT in the scaling domain, zero marginals as masks (Xie et al. 2018, ViLT's variant)."""
+    T = np.ones_like(C)
+    A = np.exp(-C / beta)
+    sigma = a.copy()
+    for _ in range(iters):
+        Q = A * T
+        for _ in range(inner):
+            qs = np.einsum("...ij,...i->...j", Q, sigma)
+            delta = np.where(b > 0, b / np.where(b > 0, qs, 1), 0.0)
+            qd = np.einsum("...ij,...j->...i", Q, delta)
+            sigma = np.where(a > 0, a / np.where(a > 0, qd, 1), 0.0)
+        T = sigma[..., :, None] * Q * delta[..., None, :]
+    return T
+
+
+def problem(rng, lead=(), n=5, m=7, marg=True):
+    C = rng.random(lead + (n, m))
+    if not marg:
+        return C, None, None
+    return C, simplex(rng, lead + (n,)), simplex(rng, lead + (m,))
+
+
+# --------------------------------------------------------------------------------------------
+# Forward against POT
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("iters", [1, 7, 60])
+@pytest.mark.parametrize("eps", [0.03, 0.5])
+def test_sinkhorn_matches_pot_same_iterations(backend, iters, eps):
+    rng = np.random.default_rng(iters)
+    C, a, b = problem(rng, lead=(3,))
+    plan, cache = ops.sinkhorn_forward(
+        backend.asarray(C), backend.asarray(a), backend.asarray(b), epsilon=eps, n_iters=iters
+    )
+    plan = backend.to_numpy(plan)
+    assert cache.n_run == iters
+    for k in range(3):  # stopThr=0: POT runs all its iterations, as we do
+        ref = pot_log(a[k], b[k], C[k], eps, iters)
+        assert np.abs(plan[k] - ref).max() <= 1e-9
+    # uniform marginals by default
+    plan_u, _ = ops.sinkhorn_forward(backend.asarray(C[0]), epsilon=eps, n_iters=iters)
+    ref_u = pot_log(np.full(5, 1 / 5), np.full(7, 1 / 7), C[0], eps, iters)
+    assert np.abs(backend.to_numpy(plan_u) - ref_u).max() <= 1e-9
+
+
+@pytest.mark.oracle
+def test_sinkhorn_matches_pot_at_convergence_and_marginals_hold(backend):
+    rng = np.random.default_rng(1)
+    C, a, b = problem(rng, n=9, m=6)
+    plan, cache = ops.sinkhorn_forward(
+        backend.asarray(C),
+        backend.asarray(a),
+        backend.asarray(b),
+        epsilon=0.1,
+        n_iters=5000,
+        tol=1e-14,
+    )
+    assert cache.n_run < 5000 and cache.n_run % 10 == 0  # stopped early, at a check
+    plan = backend.to_numpy(plan)
+    ref = pot_log(a, b, C, 0.1, 5000, stop=1e-15)
+    assert np.abs(plan - ref).max() <= 1e-9
+    assert np.abs(plan.sum(-1) - a).max() <= 1e-9
+    assert np.abs(plan.sum(-2) - b).max() <= 1e-9
+
+
+def test_tiny_epsilon_is_finite_and_non_negative(backend):
+    rng = np.random.default_rng(2)
+    C = rng.random((2, 8, 11)) * 3
+    eps = 1e-4 * float(np.median(C))
+    for dtype in (np.float32, np.float64):
+        plan, _ = ops.sinkhorn_forward(backend.asarray(C, dtype=dtype), epsilon=eps, n_iters=50)
+        p = backend.to_numpy(plan)
+        assert p.dtype == dtype
+        assert np.isfinite(p).all() and (p >= 0).all()
+        assert np.abs(p.sum(-1) - 1 / 8).max() < 1e-3  # rows exact after each iteration
+    dp = backend.asarray(rng.standard_normal(C.shape))
+    plan, cache = ops.sinkhorn_forward(backend.asarray(C), epsilon=eps, n_iters=20)
+    for g in ops.sinkhorn_backward(dp, cache)[:1]:
+        assert np.isfinite(backend.to_numpy(g)).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: central differences, torch autograd, envelope
+# --------------------------------------------------------------------------------------------
+
+
+@given(
+    lead=st.sampled_from([(), (2,), (2, 1)]),
+    n=st.integers(1, 5),
+    m=st.integers(1, 5),
+    eps=st.sampled_from([0.05, 0.2, 1.0]),
+    iters=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_sinkhorn_backward_central_differences(lead, n, m, eps, iters, seed):
+    rng = np.random.default_rng(seed)
+    C, a, b = problem(rng, lead, n, m)
+    dP = rng.standard_normal(C.shape)
+    plan, cache = ops.sinkhorn_forward(C, a, b, epsilon=eps, n_iters=iters)
+    dC, da, db = ops.sinkhorn_backward(dP, cache)
+
+    def loss(C_, a_, b_):
+        return float((ops.sinkhorn_forward(C_, a_, b_, epsilon=eps, n_iters=iters)[0] * dP).sum())
+
+    assert rel(dC, central_diff(lambda x: loss(x, a, b), C), floor=1e-3) <= 1e-6
+    assert rel(da, central_diff(lambda x: loss(C, x, b), a), floor=1e-3) <= 1e-6
+    assert rel(db, central_diff(lambda x: loss(C, a, x), b), floor=1e-3) <= 1e-6
+
+
+def test_sinkhorn_backward_with_gradcheck_module(backend):
+    from minivit.gradcheck import check_backward
+
+    rng = np.random.default_rng(3)
+    C, a, b = (backend.asarray(x) for x in problem(rng, (2,), 4, 6))
+    check_backward(
+        ops.sinkhorn_forward,
+        ops.sinkhorn_backward,
+        [C, a, b],
+        kwargs={"epsilon": 0.1, "n_iters": 25},
+        n_directions=4,
+    ).assert_ok()
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("iters", [1, 5, 40])
+def test_sinkhorn_backward_matches_torch_autograd(backend, iters):
+    rng = np.random.default_rng(10 + iters)
+    C, a, b = problem(rng, (2, 3), 6, 4)
+    dP = rng.standard_normal(C.shape)
+    plan, cache = ops.sinkhorn_forward(
+        backend.asarray(C), backend.asarray(a), backend.asarray(b), epsilon=0.07, n_iters=iters
+    )
+    grads = ops.sinkhorn_backward(backend.asarray(dP), cache)
+    tC, ta, tb = (torch.tensor(x, requires_grad=True) for x in (C, a, b))
+    tplan = torch_sinkhorn(tC, ta, tb, 0.07, iters)
+    (tplan * torch.tensor(dP)).sum().backward()
+    assert rel(backend.to_numpy(plan), tplan.detach().numpy()) <= 1e-12
+    for g, t in zip(grads, (tC, ta, tb)):
+        assert rel(backend.to_numpy(g), t.grad.numpy()) <= 1e-10
+
+
+def test_sinkhorn_backward_broadcast_marginals_and_zero_entries(backend):
+    rng = np.random.default_rng(4)
+    C = rng.random((3, 5, 6))
+    a = simplex(rng, (5,))  # shared by the 3 problems: da must be summed back to (5,)
+    b = simplex(rng, (3, 6))
+    b[:, 2] = 0.0
+    b /= b.sum(-1, keepdims=True)
+    dP = rng.standard_normal(C.shape)
+    plan, cache = ops.sinkhorn_forward(
+        backend.asarray(C), backend.asarray(a), backend.asarray(b), epsilon=0.1, n_iters=9
+    )
+    dC, da, db = (backend.to_numpy(g) for g in ops.sinkhorn_backward(backend.asarray(dP), cache))
+    assert da.shape == (5,) and db.shape == (3, 6) and dC.shape == C.shape
+    assert all(np.isfinite(g).all() for g in (dC, da, db))
+
+    def loss(C_, a_, b_):
+        return float((ops.sinkhorn_forward(C_, a_, b_, epsilon=0.1, n_iters=9)[0] * dP).sum())
+
+    assert rel(dC, central_diff(lambda x: loss(x, a, b), C)) <= 1e-6
+    assert rel(da, central_diff(lambda x: loss(C, x, b), a)) <= 1e-6
+    # at a zero entry the derivative is one-sided (the marginal cannot go negative): compare the
+    # returned value with a forward difference
+    h = 1e-7
+    bp = b.copy()
+    bp[1, 2] = h
+    one_sided = (loss(C, a, bp) - loss(C, a, b)) / h
+    assert abs(db[1, 2] - one_sided) <= 1e-5 * max(1.0, abs(one_sided))
+    mask = b > 0
+    num_b = central_diff(lambda x: loss(C, a, np.where(mask, x, 0.0)), b)
+    assert rel(db[mask], num_b[mask]) <= 1e-6
+
+
+def test_envelope_gradient_of_regularized_value(backend):
+    rng = np.random.default_rng(5)
+    C, a, b = problem(rng, (2,), 5, 4)
+    kw = dict(epsilon=0.3, n_iters=3000, tol=1e-15, check_every=5)
+
+    def value(C_, a_, b_):
+        v, _ = ops.sinkhorn_value_forward(
+            backend.asarray(C_), backend.asarray(a_), backend.asarray(b_), **kw
+        )
+        return backend.to_numpy(v)
+
+    v, cache = ops.sinkhorn_value_forward(
+        backend.asarray(C), backend.asarray(a), backend.asarray(b), **kw
+    )
+    dv = np.array([0.7, -1.3])
+    dC, da, db = (
+        backend.to_numpy(g) for g in ops.sinkhorn_value_backward(backend.asarray(dv), cache)
+    )
+    assert rel(dC, central_diff(lambda x: float(value(x, a, b) @ dv), C, h=1e-5)) <= 1e-6
+    # the value lives on sum(a) = sum(b): differentiate along a balanced direction
+    ua = rng.standard_normal(a.shape)
+    ub = rng.standard_normal(b.shape)
+    ub += (ua.sum(-1, keepdims=True) - ub.sum(-1, keepdims=True)) / b.shape[-1]
+    h = 1e-5
+    num = (value(C, a + h * ua, b + h * ub) - value(C, a - h * ua, b - h * ub)) / (2 * h)
+    ana = (da * ua).sum(-1) + (db * ub).sum(-1)
+    assert rel(ana, dv * num) <= 1e-6
+    # the envelope dcost is the plan itself
+    plan, _ = ops.sinkhorn_forward(backend.asarray(C), backend.asarray(a), backend.asarray(b), **kw)
+    assert np.abs(dC - dv[:, None, None] * backend.to_numpy(plan)).max() == 0.0
+
+
+def test_unrolled_backward_tends_to_envelope_at_convergence():
+    # d<P, C> through the plan differs from the envelope, but the unrolled gradient of the
+    # regularized value, <P,C> + eps sum P(log P - 1), tends to P as the iterations converge.
+    rng = np.random.default_rng(6)
+    C, a, b = problem(rng, (), 4, 5)
+    eps = 0.5
+    plan, cache = ops.sinkhorn_forward(C, a, b, epsilon=eps, n_iters=400)
+    dP = C + eps * np.log(plan)  # d value / d P
+    dC, _, _ = ops.sinkhorn_backward(dP, cache)
+    dC = dC + plan  # the explicit dependence of <P, C> on C
+    assert rel(dC, plan) <= 1e-8
+
+
+# --------------------------------------------------------------------------------------------
+# Invariants
+# --------------------------------------------------------------------------------------------
+
+
+def test_invariants(backend):
+    rng = np.random.default_rng(7)
+    C, a, b = problem(rng, (4,), 6, 5)
+    kw = dict(epsilon=0.1, n_iters=30)
+    to = backend.asarray
+    P = backend.to_numpy(ops.sinkhorn_forward(to(C), to(a), to(b), **kw)[0])
+    # Column constants in the cost are absorbed by g at every iteration (g is recomputed from
+    # scratch first); row constants by f only at the fixed point, since f starts at 0.
+    C2 = C + rng.random((4, 1, 5)) * 3
+    P2 = backend.to_numpy(ops.sinkhorn_forward(to(C2), to(a), to(b), **kw)[0])
+    assert np.abs(P2 - P).max() <= 1e-12
+    conv = dict(epsilon=0.1, n_iters=5000, tol=1e-14)
+    Pc = backend.to_numpy(ops.sinkhorn_forward(to(C), to(a), to(b), **conv)[0])
+    C3 = C2 + rng.random((4, 6, 1)) * 3
+    P3 = backend.to_numpy(ops.sinkhorn_forward(to(C3), to(a), to(b), **conv)[0])
+    assert np.abs(P3 - Pc).max() <= 1e-12
+    # permuting rows and columns of the inputs permutes the plan
+    pi, pj = rng.permutation(6), rng.permutation(5)
+    P3 = ops.sinkhorn_forward(to(C[:, pi][:, :, pj]), to(a[:, pi]), to(b[:, pj]), **kw)[0]
+    assert np.abs(backend.to_numpy(P3) - P[:, pi][:, :, pj]).max() <= 1e-14
+    # a batch equals its problems one by one
+    for k in range(4):
+        Pk = ops.sinkhorn_forward(to(C[k]), to(a[k]), to(b[k]), **kw)[0]
+        assert np.abs(backend.to_numpy(Pk) - P[k]).max() <= 1e-15
+    # nothing is mutated; backward is replayable
+    copies = [x.copy() for x in (C, a, b)]
+    _, cache = ops.sinkhorn_forward(to(C), to(a), to(b), **kw)
+    dP = to(rng.standard_normal(C.shape))
+    dP0 = backend.to_numpy(dP).copy()
+    g1 = ops.sinkhorn_backward(dP, cache)
+    g2 = ops.sinkhorn_backward(dP, cache)
+    assert all(np.array_equal(x, y) for x, y in zip(copies, (C, a, b)))
+    assert np.array_equal(backend.to_numpy(dP), dP0)
+    for x, y, inp in zip(g1, g2, (C, a, b)):
+        assert np.array_equal(backend.to_numpy(x), backend.to_numpy(y))
+        assert x.shape == inp.shape and x.dtype == inp.dtype
+
+
+def test_padding_is_exactly_zero_and_equals_trimmed_problem(backend):
+    rng = np.random.default_rng(8)
+    C = rng.random((2, 7, 9))
+    a = rng.uniform(0.2, 1, (2, 7))
+    b = rng.uniform(0.2, 1, (2, 9))
+    a[0, 5:] = 0  # text padding
+    a[1, 2] = 0
+    b[0, 6:] = 0  # image padding
+    b[1, 0] = 0
+    a /= a.sum(-1, keepdims=True)
+    b /= b.sum(-1, keepdims=True)
+    to = backend.asarray
+    for method in ("sinkhorn", "ipot"):
+        if method == "sinkhorn":
+            P, cache = ops.sinkhorn_forward(to(C), to(a), to(b), epsilon=0.05, n_iters=25)
+        else:
+            P, cache = ops.ipot_forward(to(C), to(a), to(b), n_iters=25)
+        P = backend.to_numpy(P)
+        assert np.isfinite(P).all()
+        assert (P[a == 0] == 0).all()
+        assert (np.swapaxes(P, -1, -2)[b == 0] == 0).all()
+        for k in range(2):
+            ra, cb = a[k] > 0, b[k] > 0
+            kw = {"epsilon": 0.05} if method == "sinkhorn" else {}
+            fwd = ops.sinkhorn_forward if method == "sinkhorn" else ops.ipot_forward
+            Pt, _ = fwd(to(C[k][np.ix_(ra, cb)]), to(a[k][ra]), to(b[k][cb]), n_iters=25, **kw)
+            assert np.abs(P[k][np.ix_(ra, cb)] - backend.to_numpy(Pt)).max() <= 1e-15
+    dP = to(rng.standard_normal(C.shape))
+    _, cache = ops.sinkhorn_forward(to(C), to(a), to(b), epsilon=0.05, n_iters=25)
+    for g in ops.sinkhorn_backward(dP, cache):
+        assert np.isfinite(backend.to_numpy(g)).all()
+    dC = backend.to_numpy(ops.sinkhorn_backward(dP, cache)[0])
+    assert (dC[a == 0] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Errors and warnings
+# --------------------------------------------------------------------------------------------
+
+
+class _FakeCupyArray:
+    """Looks like a cupy.ndarray to minivit.backend (it only checks the type's name)."""
+
+    dtype = np.dtype(np.float64)
+    shape = (3,)
+    ndim = 1
+
+
+_FakeCupyArray.__module__ = "cupy._core.core"
+_FakeCupyArray.__name__ = "ndarray"
+
+
+def test_bad_inputs(backend):
+    rng = np.random.default_rng(9)
+    C, a, b = (backend.asarray(x) for x in problem(rng, (), 3, 4))
+    f = ops.sinkhorn_forward
+    neg = backend.to_numpy(a).copy()
+    neg[0] = -0.1
+    with pytest.raises(ValueError, match="a must be non-negative"):
+        f(C, backend.asarray(neg), b)
+    with pytest.raises(ValueError, match="equal total mass"):
+        f(C, a * 1.01, b)
+    f(C, a * (1 + 1e-5), b)  # within tolerance: accepted (finite differences need this)
+    for eps in (0.0, -1.0):
+        with pytest.raises(ValueError, match="epsilon"):
+            f(C, a, b, epsilon=eps)
+    with pytest.raises(ValueError, match=r"a must have shape \(\.\.\., 3\)"):
+        f(C, b, b)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        f(C, backend.asarray(np.full((2, 3), 1 / 3)), b)
+    with pytest.raises(ValueError, match="cost must have at least 2"):
+        f(backend.asarray(np.ones(3)))
+    with pytest.raises(TypeError, match="dtype"):
+        f(C, a.astype(np.float32), b)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        f(backend.asarray(np.ones((3, 4), dtype=np.int64)))
+    with pytest.raises(TypeError, match="two backends"):
+        f(backend.asarray(np.ones((3, 3))), _FakeCupyArray())
+    with pytest.raises(ValueError, match="n_iters"):
+        f(C, n_iters=0)
+    with pytest.raises(ValueError, match="beta"):
+        ops.ipot_forward(C, beta=0)
+    with pytest.raises(ValueError, match="equal total mass"):
+        ops.ipot_forward(C, a * 2, b)
+    with pytest.raises(ValueError, match="method"):
+        ops.ot_distance_forward(C, method="emd")
+    with pytest.raises(ValueError, match="share d"):
+        ops.cosine_cost_forward(C, backend.asarray(np.ones((2, 5))))
+
+
+def test_tolerance_warning_and_early_stop(backend):
+    rng = np.random.default_rng(11)
+    C = backend.asarray(rng.random((2, 6, 8)))
+    with pytest.warns(SinkhornConvergenceWarning, match="did not reach tol"):
+        ops.sinkhorn_forward(C, epsilon=0.01, n_iters=5, tol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan, cache = ops.sinkhorn_forward(C, epsilon=0.5, n_iters=1000, tol=1e-10, check_every=7)
+        ops.sinkhorn_forward(C, epsilon=0.01, n_iters=5)  # no tol: no check, no warning
+    assert cache.n_run % 7 == 0 and cache.n_run < 1000
+    assert cache.alphas.shape[0] == cache.n_run
+    err = np.abs(backend.to_numpy(plan).sum(-2) - 1 / 8).sum(-1).max()
+    assert err < 1e-10
+
+
+# --------------------------------------------------------------------------------------------
+# IPOT and the OT distance
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.oracle
+def test_ipot_distance_approaches_emd2(backend):
+    rng = np.random.default_rng(12)
+    C, a, b = problem(rng, (), 8, 10)
+    exact = ot.emd2(a, b, C)
+    errs = []
+    for iters in (50, 200, 1000):
+        d, _ = ops.ot_distance_forward(
+            backend.asarray(C),
+            backend.asarray(a),
+            backend.asarray(b),
+            method="ipot",
+            n_iters=iters,
+        )
+        errs.append(abs(float(backend.to_numpy(d)) - exact) / exact)
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[-1] <= 1e-3
+
+
+def test_ipot_matches_scaling_domain_reference(backend):
+    rng = np.random.default_rng(13)
+    C = rng.random((3, 5, 8)) * 2
+    a = rng.uniform(0.2, 1, (3, 5))
+    b = rng.uniform(0.2, 1, (3, 8))
+    a[1, 3:] = 0
+    b[2, 6:] = 0
+    a /= a.sum(-1, keepdims=True)
+    b /= b.sum(-1, keepdims=True)
+    for inner in (1, 3):
+        P, cache = ops.ipot_forward(
+            backend.asarray(C),
+            backend.asarray(a),
+            backend.asarray(b),
+            n_iters=50,
+            inner_iters=inner,
+        )
+        ref = ipot_reference(C, a, b, 0.5, 50, inner)
+        assert rel(backend.to_numpy(P), ref) <= 1e-12
+    grads = ops.ipot_backward(backend.asarray(np.ones(C.shape)), cache)
+    assert all(float(abs(backend.to_numpy(g)).max()) == 0.0 for g in grads)
+    assert [g.shape for g in grads] == [C.shape, a.shape, b.shape]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("method", ["ipot", "sinkhorn"])
+def test_ot_distance_forward_backward(backend, method):
+    rng = np.random.default_rng(14)
+    C, a, b = problem(rng, (4,), 6, 7)
+    opts = {"epsilon": 0.1, "n_iters": 40} if method == "sinkhorn" else {}
+    d, cache = ops.ot_distance_forward(
+        backend.asarray(C), backend.asarray(a), backend.asarray(b), method=method, **opts
+    )
+    if method == "ipot":
+        plan = ipot_reference(C, a, b, 0.5, 50, 1)
+    else:
+        plan = np.stack([pot_log(a[k], b[k], C[k], 0.1, 40) for k in range(4)])
+    # ViLT's form: trace(C @ T^T) with T the plan
+    assert (
+        rel(backend.to_numpy(d), np.trace(C @ np.swapaxes(plan, -1, -2), axis1=1, axis2=2)) < 1e-9
+    )
+    dd = rng.standard_normal(4)
+    (dC,) = ops.ot_distance_backward(backend.asarray(dd), cache)
+    assert rel(backend.to_numpy(dC), dd[:, None, None] * plan) <= 1e-9
+
+
+# --------------------------------------------------------------------------------------------
+# Cosine cost
+# --------------------------------------------------------------------------------------------
+
+
+def cosine_reference(x, y, eps):
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+    y = y / np.maximum(np.linalg.norm(y, axis=-1, keepdims=True), eps)
+    return 1 - np.einsum("...nd,...md->...nm", x, y)
+
+
+@pytest.mark.oracle
+def test_cosine_cost_forward_backward(backend):
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((2, 4, 6))
+    y = rng.standard_normal((2, 5, 6))
+    x[0, 1] = 0.0  # a zero row: the eps clamp is active
+    x[1, 2] *= 1e-7
+    dout = rng.standard_normal((2, 4, 5))
+    out, cache = ops.cosine_cost_forward(backend.asarray(x), backend.asarray(y))
+    assert rel(backend.to_numpy(out), cosine_reference(x, y, 1e-5)) <= 1e-14
+    dx, dy = (backend.to_numpy(g) for g in ops.cosine_cost_backward(backend.asarray(dout), cache))
+
+    def loss(x_, y_):
+        return float((backend.to_numpy(ops.cosine_cost_forward(x_, y_)[0]) * dout).sum())
+
+    assert rel(dx, central_diff(lambda v: loss(v, y), x, h=1e-9)) <= 1e-6
+    assert rel(dy, central_diff(lambda v: loss(x, v), y)) <= 1e-6
+    tx, ty = torch.tensor(x, requires_grad=True), torch.tensor(y, requires_grad=True)
+    nx = torch.nn.functional.normalize(tx, dim=-1, eps=1e-5)
+    ny = torch.nn.functional.normalize(ty, dim=-1, eps=1e-5)
+    tout = 1 - nx @ ny.transpose(-1, -2)
+    (tout * torch.tensor(dout)).sum().backward()
+    assert rel(backend.to_numpy(out), tout.detach().numpy()) <= 1e-14
+    assert rel(dx, tx.grad.numpy()) <= 1e-10
+    assert rel(dy, ty.grad.numpy()) <= 1e-10
+
+
+def test_cosine_cost_broadcast_and_float32(backend):
+    rng = np.random.default_rng(16)
+    x = rng.standard_normal((3, 4, 5))
+    y = rng.standard_normal((6, 5))  # shared by the batch: dy summed back
+    out, cache = ops.cosine_cost_forward(backend.asarray(x), backend.asarray(y))
+    dx, dy = ops.cosine_cost_backward(backend.asarray(np.ones((3, 4, 6))), cache)
+    assert out.shape == (3, 4, 6) and dx.shape == x.shape and dy.shape == y.shape
+    dy1 = sum(
+        backend.to_numpy(
+            ops.cosine_cost_backward(
+                backend.asarray(np.ones((4, 6))),
+                ops.cosine_cost_forward(backend.asarray(x[k]), backend.asarray(y))[1],
+            )[1]
+        )
+        for k in range(3)
+    )
+    assert rel(backend.to_numpy(dy), dy1) <= 1e-14
+    out32, _ = ops.cosine_cost_forward(
+        backend.asarray(x, dtype=np.float32), backend.asarray(y, dtype=np.float32)
+    )
+    assert out32.dtype == np.float32
+    assert rel(backend.to_numpy(out32), backend.to_numpy(out)) <= 1e-6
