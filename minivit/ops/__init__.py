@@ -19,3 +19,4 @@ from .loss import cross_entropy_backward, cross_entropy_forward  # noqa: F401
 from .patch import patch_embed_backward, patch_embed_forward  # noqa: F401
 from .softmax import softmax_backward, softmax_forward  # noqa: F401
 from .sinkhorn import *  # noqa: F401,F403
+from .conv import *  # noqa: F401,F403

@@ -1,0 +1,327 @@
+"""The convolutional stem's ops: 2-D convolution, ReLU, group norm and 2x2 max-pool.
+
+Layouts are PyTorch's: images and feature maps (B, C, H, W), conv weights (Cout, Cin, kh, kw),
+so timm's hybrid checkpoints load without transposes.
+
+- ``conv2d``: im2col through a strided view of the padded input plus one GEMM. Its backward is
+  two more GEMMs: ``dw = dout^T cols`` and ``dx`` as the stride-1 convolution of the zero-dilated,
+  padded ``dout`` with the flipped, in/out-swapped kernel (the gather form of col2im), so there
+  is no scatter, no atomic add and no Python loop over pixels or kernel offsets.
+- ``relu``: max(x, 0); the derivative at 0 is taken as 0, as PyTorch does.
+- ``groupnorm``: normalise each (sample, group of channels) over the group's channels and all
+  positions, then a per-channel affine. Chosen over batch norm because it is stateless (no
+  running statistics, the same computation in train and eval, no batch-size dependence), which
+  keeps the op a pure forward/backward pair like all the others, and it is what timm's hybrid
+  backbones (ResNetV2 with GroupNorm) use.
+- ``maxpool2d``: non-overlapping k x k windows (stride k), floor mode like PyTorch's default.
+
+Derivations: docs/ops/conv2d.md, docs/ops/relu.md, docs/ops/groupnorm.md, docs/ops/maxpool2d.md.
+"""
+
+from __future__ import annotations
+
+from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
+
+__all__ = [
+    "conv2d_forward",
+    "conv2d_backward",
+    "conv_output_size",
+    "relu_forward",
+    "relu_backward",
+    "groupnorm_forward",
+    "groupnorm_backward",
+    "maxpool2d_forward",
+    "maxpool2d_backward",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _pair(name: str, v, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints (height, width), each >= minimum."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    ok = (
+        isinstance(v, tuple | list)
+        and len(v) == 2
+        and all(isinstance(e, int) and not isinstance(e, bool) and e >= minimum for e in v)
+    )
+    if not ok:
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {v!r}")
+    return int(v[0]), int(v[1])
+
+
+def _check_image(name: str, x, what: str = "(B, C, H, W)"):
+    check_float(name, x)
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have shape {what}, got {tuple(x.shape)}")
+
+
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    """Output length along one axis: floor((size + 2 padding - kernel) / stride) + 1."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _im2col(xpad, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int):
+    """(B, C, Hp, Wp) contiguous -> cols (B*Ho*Wo, C*kh*kw).
+
+    Row (b, oy, ox) of ``cols`` is the receptive field of output pixel (oy, ox), flattened in the
+    weight's (C, kh, kw) order. The (B, Ho, Wo, C, kh, kw) strided view aliases the input (no
+    copy); the final reshape makes the one copy that the GEMM needs.
+    """
+    xp = array_module(xpad)
+    B, C = xpad.shape[:2]
+    s_b, s_c, s_h, s_w = xpad.strides  # bytes, as as_strided wants them on numpy and cupy
+    view = xp.lib.stride_tricks.as_strided(
+        xpad,
+        shape=(B, ho, wo, C, kh, kw),
+        strides=(s_b, s_h * sh, s_w * sw, s_c, s_h, s_w),
+    )  # (B, Ho, Wo, C, kh, kw), a view
+    return view.reshape(B * ho * wo, C * kh * kw)  # (M, K), M = B Ho Wo, K = C kh kw
+
+
+def _conv_gemm(xpad, wmat, kh, kw, sh, sw, ho, wo):
+    """Convolution of an already padded input with wmat (Cout, K): im2col plus one GEMM."""
+    xp = array_module(xpad)
+    B = xpad.shape[0]
+    cols = _im2col(xpad, kh, kw, sh, sw, ho, wo)  # (M, K)
+    out = cols @ wmat.T  # (M, Cout)
+    # (B, Ho, Wo, Cout) -> (B, Cout, Ho, Wo); made contiguous so that later ops and the next
+    # im2col view see the usual NCHW strides.
+    return xp.ascontiguousarray(out.reshape(B, ho, wo, -1).transpose(0, 3, 1, 2)), cols
+
+
+# --------------------------------------------------------------------------------------------
+# conv2d
+# --------------------------------------------------------------------------------------------
+
+
+def conv2d_forward(x, w, b=None, stride=1, padding=0):
+    """x (B, Cin, H, W), w (Cout, Cin, kh, kw), b (Cout,) or None -> out (B, Cout, Ho, Wo).
+
+    A cross-correlation, as ``torch.nn.functional.conv2d``: out[b, o, oy, ox] =
+    sum_{c,i,j} w[o, c, i, j] xpad[b, c, sh oy + i, sw ox + j] + b[o], with xpad the input
+    zero-padded by ``padding`` on each side. ``stride`` and ``padding`` are an int or a pair
+    (height, width); Ho = floor((H + 2 ph - kh) / sh) + 1, likewise Wo.
+    """
+    _check_image("x", x, "(B, Cin, H, W)")
+    check_float("w", w)
+    if w.ndim != 4:
+        raise ValueError(f"w must have shape (Cout, Cin, kh, kw), got {tuple(w.shape)}")
+    B, C, H, W = x.shape
+    check_shape("w", w, (None, C, None, None), f"Cin={C}, the channels of x")
+    cout, _, kh, kw = w.shape
+    if kh < 1 or kw < 1:
+        raise ValueError(f"w must have a non-empty kernel, got shape {tuple(w.shape)}")
+    if b is not None:
+        check_float("b", b)
+        check_shape("b", b, (cout,), "one bias per output channel")
+    check_same_dtype(x=x, w=w, b=b)
+    sh, sw = _pair("stride", stride, 1)
+    ph, pw = _pair("padding", padding, 0)
+    if H + 2 * ph < kh or W + 2 * pw < kw:
+        raise ValueError(
+            f"the kernel {kh}x{kw} (w) is larger than the padded input {H + 2 * ph}x{W + 2 * pw} "
+            f"(x is {H}x{W}, padding=({ph}, {pw}))"
+        )
+    xp = array_module(x, w, b)
+
+    ho, wo = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
+    if ph or pw:
+        xpad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # (B, Cin, Hp, Wp)
+    else:
+        xpad = xp.ascontiguousarray(x)  # as_strided below needs known (C-order) strides
+    out, _ = _conv_gemm(xpad, w.reshape(cout, -1), kh, kw, sh, sw, ho, wo)  # (B, Cout, Ho, Wo)
+    if b is not None:
+        out += b.reshape(1, cout, 1, 1)
+    # Backward rebuilds cols from xpad (a view, then one copy) rather than keeping the kh*kw
+    # times larger cols matrix alive between forward and backward.
+    cache = Cache(
+        xpad=xpad,
+        w=w,
+        has_bias=b is not None,
+        x_shape=tuple(x.shape),
+        stride=(sh, sw),
+        padding=(ph, pw),
+        out_hw=(ho, wo),
+    )
+    return out, cache
+
+
+def conv2d_backward(dout, cache):
+    """Returns (dx, dw, db); db is None when the forward had no bias.
+
+    Forward was out = cols W^T (+ b), cols = im2col(xpad), W = w as (Cout, Cin kh kw), so
+
+        dW = dout_mat^T cols            (one GEMM)
+        db = sum of dout over B, Ho, Wo
+        dx = col2im(dout_mat W)         computed without a scatter, as the stride-1 convolution
+                                        of dout dilated by the stride and padded by k-1-p with
+                                        the kernel flipped in space and Cin/Cout swapped
+                                        (one im2col and one GEMM; docs/ops/conv2d.md).
+    """
+    xpad, w = cache.xpad, cache.w
+    xp = array_module(xpad)
+    B, C, H, W = cache.x_shape
+    cout, _, kh, kw = w.shape
+    sh, sw = cache.stride
+    ph, pw = cache.padding
+    ho, wo = cache.out_hw
+    check_shape("dout", dout, (B, cout, ho, wo), "the shape of the forward's output")
+
+    dmat = dout.transpose(0, 2, 3, 1).reshape(-1, cout)  # (M, Cout), rows ordered (b, oy, ox)
+    cols = _im2col(xpad, kh, kw, sh, sw, ho, wo)  # (M, K)
+    dw = (dmat.T @ cols).reshape(w.shape)  # (Cout, Cin, kh, kw)
+    db = dmat.sum(axis=0) if cache.has_bias else None  # (Cout,)
+
+    # dx[y] = sum_{oy, i : sh oy + i - ph = y} dout[oy] w[i]. Put dout[oy] at row
+    # q + (kh-1-ph) + sh oy of a zero map Z; then dx[y] = sum_i' Z[q + y + i'] w[kh-1-i'], a
+    # stride-1 correlation with the flipped kernel. q = max(0, ph - (kh-1)) only makes room when
+    # the padding exceeds kh - 1 (then some outputs see nothing but padding); the q extra rows
+    # of the result on each side are cropped.
+    qh, qw = max(0, ph - (kh - 1)), max(0, pw - (kw - 1))
+    zh, zw = H + kh - 1 + 2 * qh, W + kw - 1 + 2 * qw
+    z = xp.zeros((B, cout, zh, zw), dtype=dout.dtype)  # (B, Cout, Zh, Zw)
+    oh, ow = qh + kh - 1 - ph, qw + kw - 1 - pw
+    z[:, :, oh : oh + sh * (ho - 1) + 1 : sh, ow : ow + sw * (wo - 1) + 1 : sw] = dout
+    w_flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (Cin, Cout, kh, kw)
+    w_flip = xp.ascontiguousarray(w_flip).reshape(C, -1)  # (Cin, Cout kh kw)
+    dx, _ = _conv_gemm(z, w_flip, kh, kw, 1, 1, H + 2 * qh, W + 2 * qw)  # (B, Cin, H+2qh, W+2qw)
+    if qh or qw:
+        dx = xp.ascontiguousarray(dx[:, :, qh : qh + H, qw : qw + W])  # (B, Cin, H, W)
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# ReLU
+# --------------------------------------------------------------------------------------------
+
+
+def relu_forward(x):
+    """max(x, 0), elementwise."""
+    check_float("x", x)
+    xp = array_module(x)
+    mask = x > 0  # (...) bool; 1 byte per entry is all backward needs
+    return xp.where(mask, x, xp.zeros((), dtype=x.dtype)), Cache(mask=mask)
+
+
+def relu_backward(dout, cache):
+    """Returns (dx,): dout where x > 0, else 0 (the subgradient 0 at x = 0, as PyTorch)."""
+    xp = array_module(dout)
+    return (xp.where(cache.mask, dout, xp.zeros((), dtype=dout.dtype)),)
+
+
+# --------------------------------------------------------------------------------------------
+# Group norm
+# --------------------------------------------------------------------------------------------
+
+
+def groupnorm_forward(x, gamma, beta, num_groups, eps=1e-5):
+    """x (B, C, *spatial), gamma (C,), beta (C,) -> out, the shape of x.
+
+    The C channels are split into ``num_groups`` contiguous groups of C / G channels; each
+    (sample, group) is normalised over its channels and positions, then every channel gets its
+    own scale and shift. G = 1 is layer norm over (C, H, W); G = C is instance norm. The variance
+    is that of the centred values (two passes), like layernorm_forward.
+    """
+    check_float("x", x, ndim_min=2)
+    B, C = x.shape[:2]
+    check_float("gamma", gamma)
+    check_float("beta", beta)
+    check_shape("gamma", gamma, (C,), "one scale per channel of x")
+    check_shape("beta", beta, (C,), "one shift per channel of x")
+    check_same_dtype(x=x, gamma=gamma, beta=beta)
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    if C % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide the channels C={C} of x")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    xp = array_module(x, gamma, beta)
+
+    G = num_groups
+    xg = x.reshape(B, G, -1)  # (B, G, C/G * S), S = prod(spatial)
+    mean = xg.mean(axis=-1, keepdims=True)  # (B, G, 1)
+    xhat = xg - mean  # (B, G, C/G * S), centred
+    var = xp.mean(xhat * xhat, axis=-1, keepdims=True)  # (B, G, 1)
+    rstd = 1.0 / xp.sqrt(var + eps)  # (B, G, 1)
+    xhat *= rstd
+    xhat = xhat.reshape(x.shape)  # (B, C, *spatial), normalised
+    bshape = (1, C) + (1,) * (x.ndim - 2)  # per-channel broadcast
+    out = xhat * gamma.reshape(bshape)
+    out += beta.reshape(bshape)
+    return out, Cache(xhat=xhat, rstd=rstd, gamma=gamma, num_groups=G)
+
+
+def groupnorm_backward(dout, cache):
+    """Returns (dx, dgamma, dbeta).
+
+    With g = dout * gamma (the gradient w.r.t. xhat), per (sample, group), means over the group's
+    channels and positions:
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    """
+    xhat, rstd, gamma, G = cache.xhat, cache.rstd, cache.gamma, cache.num_groups
+    check_shape("dout", dout, tuple(xhat.shape), "the shape of the forward's output")
+    B, C = xhat.shape[:2]
+    axes = (0,) + tuple(range(2, xhat.ndim))  # every axis but the channels
+    dgamma = (dout * xhat).sum(axis=axes)  # (C,)
+    dbeta = dout.sum(axis=axes)  # (C,)
+
+    g = dout * gamma.reshape((1, C) + (1,) * (xhat.ndim - 2))  # (B, C, *spatial)
+    g = g.reshape(B, G, -1)  # (B, G, C/G * S)
+    xg = xhat.reshape(B, G, -1)
+    mean_g = g.mean(axis=-1, keepdims=True)  # (B, G, 1)
+    mean_gx = (g * xg).mean(axis=-1, keepdims=True)  # (B, G, 1)
+    g -= mean_g
+    g -= xg * mean_gx
+    g *= rstd
+    return g.reshape(xhat.shape), dgamma, dbeta
+
+
+# --------------------------------------------------------------------------------------------
+# Max-pool
+# --------------------------------------------------------------------------------------------
+
+
+def maxpool2d_forward(x, kernel_size=2):
+    """x (B, C, H, W) -> out (B, C, H // k, W // k), the max of each non-overlapping k x k window.
+
+    Stride k, no padding, floor mode: trailing rows and columns that do not fill a window are
+    dropped (and get zero gradient), as ``torch.nn.functional.max_pool2d(x, k)``. Ties go to the
+    first maximum in row-major order within the window.
+    """
+    _check_image("x", x)
+    k = kernel_size
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"kernel_size must be a positive int, got {k!r}")
+    B, C, H, W = x.shape
+    if H < k or W < k:
+        raise ValueError(f"x is {H}x{W}, smaller than kernel_size={k}")
+    xp = array_module(x)
+    ho, wo = H // k, W // k
+    win = x[:, :, : ho * k, : wo * k].reshape(B, C, ho, k, wo, k)
+    win = win.transpose(0, 1, 2, 4, 3, 5).reshape(B, C, ho, wo, k * k)  # (B, C, Ho, Wo, k k)
+    idx = xp.argmax(win, axis=-1)  # (B, C, Ho, Wo), the first maximum
+    out = xp.take_along_axis(win, idx[..., None], axis=-1)[..., 0]  # (B, C, Ho, Wo)
+    return out, Cache(idx=idx, x_shape=tuple(x.shape), k=k)
+
+
+def maxpool2d_backward(dout, cache):
+    """Returns (dx,): each window's gradient goes entirely to its (first) maximum."""
+    idx, k = cache.idx, cache.k
+    B, C, H, W = cache.x_shape
+    ho, wo = idx.shape[2:]
+    check_shape("dout", dout, (B, C, ho, wo), "the shape of the forward's output")
+    xp = array_module(dout)
+    onehot = idx[..., None] == xp.arange(k * k)  # (B, C, Ho, Wo, k k) bool
+    dwin = xp.where(onehot, dout[..., None], xp.zeros((), dtype=dout.dtype))
+    dwin = dwin.reshape(B, C, ho, wo, k, k).transpose(0, 1, 2, 4, 3, 5)  # (B, C, Ho, k, Wo, k)
+    dwin = dwin.reshape(B, C, ho * k, wo * k)
+    if ho * k == H and wo * k == W:
+        return (xp.ascontiguousarray(dwin),)
+    dx = xp.zeros((B, C, H, W), dtype=dout.dtype)
+    dx[:, :, : ho * k, : wo * k] = dwin
+    return (dx,)
