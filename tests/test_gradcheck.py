@@ -72,6 +72,17 @@ def test_wrong_backward_fails_and_names_the_input(backend, rng, check):
         rep.assert_ok()
 
 
+def test_joint_direction_row(backend, rng):
+    """joint=True adds Chainer's all-inputs-at-once direction, which also sees the error."""
+    inputs = linear_inputs(backend, rng)
+    rep = gc.check_backward(ops.linear_forward, ops.linear_backward, inputs, joint=True)
+    rep.assert_ok()
+    assert rep.rows[-1].name == "(all inputs)" and rep.rows[-1].shape == (24 + 20 + 5,)
+    wrong = corrupt(ops.linear_backward, 0, (0, 0, 0), factor=1.01)
+    rep = gc.check_backward(ops.linear_forward, wrong, inputs, joint=True)
+    assert [r.passed for r in rep.rows] == [False, True, True, False]
+
+
 def test_elementwise_check_points_at_the_wrong_entry(backend, rng):
     wrong = corrupt(ops.linear_backward, 1, (2, 1), factor=1.01)
     rep = gc.check_backward_full(ops.linear_forward, wrong, linear_inputs(backend, rng))
