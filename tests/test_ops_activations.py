@@ -1,0 +1,132 @@
+"""gelu (exact and tanh forms) and tanh: reference, gradients, PyTorch oracle, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minivit import ops
+
+shapes = st.lists(st.integers(1, 5), min_size=0, max_size=4)
+scales = st.sampled_from([0.1, 1.0, 4.0, 12.0])  # 12: deep in both tails
+approx = st.sampled_from(["none", "tanh"])
+
+
+def ref_gelu(x, approximate):
+    """Element by element with the math module, in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    if approximate == "none":
+        f = lambda v: 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0)))  # noqa: E731
+    else:
+        c = math.sqrt(2.0 / math.pi)
+        f = lambda v: 0.5 * v * (1.0 + math.tanh(c * (v + 0.044715 * v**3)))  # noqa: E731
+    return np.array([f(v) for v in x.reshape(-1)]).reshape(x.shape)
+
+
+def ref_tanh(x):
+    return np.array([math.tanh(v) for v in np.ravel(x)]).reshape(np.shape(x))
+
+
+def _draw(seed, shape, scale):
+    return scale * np.random.default_rng(seed).standard_normal(shape)
+
+
+@fixture_settings()
+@given(shape=shapes, scale=scales, approximate=approx, seed=st.integers(0, 2**31))
+def test_gelu_forward_matches_reference(backend, shape, scale, approximate, seed):
+    x = _draw(seed, shape, scale)
+    out, _ = ops.gelu_forward(backend.asarray(x), approximate=approximate)
+    assert out.shape == x.shape
+    assert rel_err(backend.to_numpy(out), ref_gelu(x, approximate)) <= 1e-14
+
+
+@fixture_settings()
+@given(shape=shapes, scale=scales, seed=st.integers(0, 2**31))
+def test_tanh_forward_matches_reference(backend, shape, scale, seed):
+    x = _draw(seed, shape, scale)
+    out, _ = ops.tanh_forward(backend.asarray(x))
+    assert rel_err(backend.to_numpy(out), ref_tanh(x)) <= 1e-15
+
+
+@fixture_settings()
+@given(shape=shapes, scale=scales, approximate=approx, seed=st.integers(0, 2**31))
+def test_gelu_backward_matches_central_differences(backend, shape, scale, approximate, seed):
+    x = _draw(seed, shape, scale)
+    check_grads(
+        backend,
+        ops.gelu_forward,
+        ops.gelu_backward,
+        [x],
+        {0: 0},
+        kwargs={"approximate": approximate},
+        seed=seed,
+    )
+
+
+@fixture_settings()
+@given(shape=shapes, scale=scales, seed=st.integers(0, 2**31))
+def test_tanh_backward_matches_central_differences(backend, shape, scale, seed):
+    x = _draw(seed, shape, scale)
+    check_grads(backend, ops.tanh_forward, ops.tanh_backward, [x], {0: 0}, seed=seed)
+
+
+@fixture_settings()
+@given(shape=shapes, scale=scales, approximate=approx, seed=st.integers(0, 2**31))
+def test_gelu_matches_torch(backend, shape, scale, approximate, seed):
+    torch = pytest.importorskip("torch")
+    x = _draw(seed, shape, scale)
+    out, cache = ops.gelu_forward(backend.asarray(x), approximate=approximate)
+    g = np.random.default_rng(seed + 1).standard_normal(x.shape)
+    (dx,) = ops.gelu_backward(backend.asarray(g), cache)
+    tx = to_torch(x)
+    tout = torch.nn.functional.gelu(tx, approximate=approximate)
+    tout.backward(torch.from_numpy(g))
+    errs = (
+        rel_err(backend.to_numpy(out), tout.detach().numpy()),
+        rel_err(backend.to_numpy(dx), tx.grad.numpy()),
+    )
+    assert record_torch_err(f"gelu[{approximate}]", *errs) <= 1e-10
+
+
+@fixture_settings()
+@given(shape=shapes, scale=scales, seed=st.integers(0, 2**31))
+def test_tanh_matches_torch(backend, shape, scale, seed):
+    torch = pytest.importorskip("torch")
+    x = _draw(seed, shape, scale)
+    out, cache = ops.tanh_forward(backend.asarray(x))
+    g = np.random.default_rng(seed + 1).standard_normal(x.shape)
+    (dx,) = ops.tanh_backward(backend.asarray(g), cache)
+    tx = to_torch(x)
+    tout = torch.tanh(tx)
+    tout.backward(torch.from_numpy(g))
+    errs = (
+        rel_err(backend.to_numpy(out), tout.detach().numpy()),
+        rel_err(backend.to_numpy(dx), tx.grad.numpy()),
+    )
+    assert record_torch_err("tanh", *errs) <= 1e-10
+
+
+def test_gelu_known_values(backend):
+    # GELU(0) = 0, GELU'(0) = 1/2; far tails: GELU(x) -> x and -> 0.
+    x = backend.asarray(np.array([0.0, 40.0, -40.0]))
+    out, cache = ops.gelu_forward(x)
+    np.testing.assert_array_equal(backend.to_numpy(out), [0.0, 40.0, -0.0])
+    (dx,) = ops.gelu_backward(backend.asarray(np.ones(3)), cache)
+    np.testing.assert_allclose(backend.to_numpy(dx), [0.5, 1.0, 0.0], atol=1e-300)
+
+
+def test_bad_input(backend):
+    x = backend.asarray(np.zeros(3))
+    with pytest.raises(ValueError, match=r"approximate must be 'none' or 'tanh', got 'erf'"):
+        ops.gelu_forward(x, approximate="erf")
+    with pytest.raises(TypeError, match=r"x must have dtype float32 or float64, got int64"):
+        ops.gelu_forward(backend.asarray(np.zeros(3, dtype=np.int64)))
+    with pytest.raises(TypeError, match=r"x must have dtype float32 or float64, got float16"):
+        ops.tanh_forward(backend.asarray(np.zeros(3, dtype=np.float16)))
+    with pytest.raises(TypeError, match=r"x must be a float32 or float64 array, got float"):
+        ops.tanh_forward(1.0)

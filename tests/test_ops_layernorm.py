@@ -1,0 +1,154 @@
+"""layernorm_forward / layernorm_backward: reference, gradients, PyTorch oracle, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minivit import ops
+
+lead_dims = st.lists(st.integers(1, 4), min_size=0, max_size=3)
+# "normal": N(0, 1) rows; "near_constant": c + 1e-6 * noise, rows whose variance is far below
+# eps; "offset": 1e3 + noise, where a one-pass E[x^2] - E[x]^2 would lose most of its digits.
+row_kinds = st.sampled_from(["normal", "near_constant", "offset"])
+
+
+def ref_layernorm(x, gamma, beta, eps):
+    """Row by row with exactly rounded sums (math.fsum), in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.empty_like(rows)
+    d = rows.shape[1]
+    for i, row in enumerate(rows):
+        mean = math.fsum(row) / d
+        var = math.fsum((v - mean) ** 2 for v in row) / d
+        out[i] = [(v - mean) / math.sqrt(var + eps) for v in row]
+    return (out * gamma + beta).reshape(x.shape)
+
+
+def _draw(seed, lead, d, kind):
+    r = np.random.default_rng(seed)
+    noise = r.standard_normal((*lead, d))
+    if kind == "near_constant":
+        x = r.uniform(-5, 5) + 1e-6 * noise
+    elif kind == "offset":
+        x = 1e3 + noise
+    else:
+        x = noise
+    return x, r.standard_normal(d), r.standard_normal(d)
+
+
+@fixture_settings()
+@given(
+    lead=lead_dims,
+    d=st.integers(1, 9),
+    kind=row_kinds,
+    eps=st.sampled_from([1e-6, 1e-5, 1e-12]),
+    seed=st.integers(0, 2**31),
+)
+def test_forward_matches_reference(backend, lead, d, kind, eps, seed):
+    x, gamma, beta = _draw(seed, lead, d, kind)
+    out, cache = ops.layernorm_forward(*map(backend.asarray, (x, gamma, beta)), eps=eps)
+    ref = ref_layernorm(x, gamma, beta, eps)
+    # Near-constant rows lose ~|c| / spread = 1e7 of the 1e16 in x itself, nothing more.
+    tol = 1e-8 if kind == "near_constant" else 1e-12
+    assert rel_err(backend.to_numpy(out), ref) <= tol
+    # The cache keeps what the backward needs: normalized x and 1 / std per row.
+    assert cache.xhat.shape == x.shape and cache.rstd.shape == (*lead, 1)
+
+
+@fixture_settings()
+@given(
+    lead=lead_dims,
+    d=st.integers(1, 7),
+    kind=row_kinds,
+    eps=st.sampled_from([1e-6, 1e-5]),
+    seed=st.integers(0, 2**31),
+)
+def test_backward_matches_central_differences(backend, lead, d, kind, eps, seed):
+    x, gamma, beta = _draw(seed, lead, d, kind)
+    # Near-constant rows vary on the scale sqrt(eps) ~ 1e-3: a smaller step keeps the
+    # truncation error of the central difference (~ h^2 / eps) far below 1e-6.
+    h = 1e-7 if kind == "near_constant" else 1e-6
+    check_grads(
+        backend,
+        ops.layernorm_forward,
+        ops.layernorm_backward,
+        [x, gamma, beta],
+        {0: 0, 1: 1, 2: 2},
+        kwargs={"eps": eps},
+        seed=seed,
+        h=h,
+    )
+
+
+@fixture_settings()
+@given(lead=lead_dims, d=st.integers(2, 9), kind=row_kinds, seed=st.integers(0, 2**31))
+def test_matches_torch(backend, lead, d, kind, seed):
+    torch = pytest.importorskip("torch")
+    x, gamma, beta = _draw(seed, lead, d, kind)
+    out, cache = ops.layernorm_forward(*map(backend.asarray, (x, gamma, beta)), eps=1e-6)
+    g = np.random.default_rng(seed + 1).standard_normal(x.shape)
+    dx, dgamma, dbeta = ops.layernorm_backward(backend.asarray(g), cache)
+    dx_scale = float(np.abs(backend.to_numpy(cache.rstd)).max() * np.abs(g * gamma).max())
+    tx, tg, tb = map(to_torch, (x, gamma, beta))
+    tout = torch.nn.functional.layer_norm(tx, (d,), tg, tb, eps=1e-6)
+    tout.backward(torch.from_numpy(g))
+    errs = [
+        rel_err(backend.to_numpy(out), tout.detach().numpy()),
+        # dx subtracts terms of size rstd |dout gamma|; with D = 2 the result is O(eps) only.
+        rel_err(backend.to_numpy(dx), tx.grad.numpy(), scale=dx_scale),
+        rel_err(backend.to_numpy(dgamma), tg.grad.numpy()),
+        rel_err(backend.to_numpy(dbeta), tb.grad.numpy()),
+    ]
+    # torch uses a one-pass (Welford) variance; on near-constant rows both are exact only to the
+    # ~1e-9 that the rows' own rounding allows (see test_forward_matches_reference).
+    tol = 1e-8 if kind == "near_constant" else 1e-10
+    assert record_torch_err(f"layernorm[{kind}]", *errs) <= tol
+
+
+def test_single_feature_rows(backend):
+    # D = 1: xhat is identically 0, so out = beta and every gradient but dbeta is exactly 0.
+    # (PyTorch returns rounding noise ~1e-14 here, which is why the oracle test draws D >= 2.)
+    x, gamma, beta = np.array([[2.0], [-7.5]]), np.array([3.0]), np.array([0.25])
+    out, cache = ops.layernorm_forward(*map(backend.asarray, (x, gamma, beta)))
+    np.testing.assert_array_equal(backend.to_numpy(out), [[0.25], [0.25]])
+    dx, dgamma, dbeta = ops.layernorm_backward(backend.asarray(np.array([[1.0], [2.0]])), cache)
+    np.testing.assert_array_equal(backend.to_numpy(dx), 0.0)
+    np.testing.assert_array_equal(backend.to_numpy(dgamma), 0.0)
+    np.testing.assert_array_equal(backend.to_numpy(dbeta), [3.0])
+
+
+def test_near_constant_float32_rows_stay_finite(backend):
+    x = (3.0 + 1e-6 * np.random.default_rng(0).standard_normal((4, 16))).astype(np.float32)
+    g, b = np.ones(16, np.float32), np.zeros(16, np.float32)
+    out, cache = ops.layernorm_forward(*map(backend.asarray, (x, g, b)))
+    dx, _, _ = ops.layernorm_backward(backend.asarray(np.ones_like(x)), cache)
+    assert out.dtype == np.float32 and dx.dtype == np.float32
+    assert np.all(np.isfinite(backend.to_numpy(out))) and np.all(np.isfinite(backend.to_numpy(dx)))
+    # A constant row normalizes to beta exactly, and its gradient is zero.
+    c = np.full((2, 5), 7.0)
+    out, cache = ops.layernorm_forward(*map(backend.asarray, (c, np.ones(5), np.zeros(5))))
+    np.testing.assert_array_equal(backend.to_numpy(out), 0.0)
+
+
+def test_bad_input(backend):
+    x = backend.asarray(np.zeros((2, 4)))
+    g = backend.asarray(np.ones(4))
+    with pytest.raises(ValueError, match=r"gamma must have shape \(4\)"):
+        ops.layernorm_forward(x, backend.asarray(np.ones(3)), g)
+    with pytest.raises(ValueError, match=r"beta must have shape \(4\)"):
+        ops.layernorm_forward(x, g, backend.asarray(np.ones((1, 4))))
+    with pytest.raises(ValueError, match=r"eps must be positive"):
+        ops.layernorm_forward(x, g, g, eps=0.0)
+    with pytest.raises(TypeError, match=r"x must have dtype float32 or float64"):
+        ops.layernorm_forward(backend.asarray(np.zeros((2, 4), dtype=np.int32)), g, g)
+    with pytest.raises(TypeError, match=r"gamma has dtype float32 but x has dtype float64"):
+        ops.layernorm_forward(x, g.astype(np.float32), g)
+    with pytest.raises(ValueError, match=r"x must have at least 1 dimension"):
+        ops.layernorm_forward(backend.asarray(np.float64(1.0).reshape(())), g, g)

@@ -1,0 +1,107 @@
+"""linear_forward / linear_backward: reference, gradients, PyTorch oracle, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minivit import ops
+
+lead_dims = st.lists(st.integers(1, 4), min_size=0, max_size=3)
+
+
+def ref_linear(x, w, b):
+    """An explicit contraction over the input features, in float64."""
+    out = np.einsum("...i,oi->...o", x.astype(np.float64), w.astype(np.float64))
+    return out if b is None else out + b
+
+
+def _draw(seed, lead, din, dout, bias):
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((*lead, din))
+    w = r.standard_normal((dout, din))
+    b = r.standard_normal(dout) if bias else None
+    return x, w, b
+
+
+@fixture_settings()
+@given(
+    lead=lead_dims,
+    din=st.integers(1, 7),
+    dout=st.integers(1, 6),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_forward_matches_reference(backend, lead, din, dout, bias, seed):
+    x, w, b = _draw(seed, lead, din, dout, bias)
+    out, _ = ops.linear_forward(*(backend.asarray(a) if a is not None else None for a in (x, w, b)))
+    assert out.shape == (*lead, dout)
+    assert rel_err(backend.to_numpy(out), ref_linear(x, w, b)) <= 1e-13
+
+
+@fixture_settings()
+@given(
+    lead=lead_dims,
+    din=st.integers(1, 5),
+    dout=st.integers(1, 5),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_backward_matches_central_differences(backend, lead, din, dout, bias, seed):
+    x, w, b = _draw(seed, lead, din, dout, bias)
+    slots = {0: 0, 1: 1, 2: 2} if bias else {0: 0, 1: 1}
+    check_grads(backend, ops.linear_forward, ops.linear_backward, [x, w, b], slots, seed=seed)
+
+
+@fixture_settings()
+@given(
+    lead=lead_dims,
+    din=st.integers(1, 7),
+    dout=st.integers(1, 6),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_matches_torch(backend, lead, din, dout, bias, seed):
+    torch = pytest.importorskip("torch")
+    x, w, b = _draw(seed, lead, din, dout, bias)
+    out, cache = ops.linear_forward(
+        *(backend.asarray(a) if a is not None else None for a in (x, w, b))
+    )
+    g = np.random.default_rng(seed + 1).standard_normal(out.shape)
+    dx, dw, db = ops.linear_backward(backend.asarray(g), cache)
+    tx, tw = to_torch(x), to_torch(w)
+    tb = to_torch(b) if bias else None
+    tout = torch.nn.functional.linear(tx, tw, tb)
+    tout.backward(torch.from_numpy(g))
+    errs = [
+        rel_err(backend.to_numpy(out), tout.detach().numpy()),
+        rel_err(backend.to_numpy(dx), tx.grad.numpy()),
+        rel_err(backend.to_numpy(dw), tw.grad.numpy()),
+    ]
+    if bias:
+        errs.append(rel_err(backend.to_numpy(db), tb.grad.numpy()))
+    else:
+        assert db is None
+    assert record_torch_err("linear", *errs) <= 1e-10
+
+
+def test_bad_input(backend):
+    x = backend.asarray(np.zeros((2, 3)))
+    w = backend.asarray(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match=r"x's last dimension must equal w's in_features 3"):
+        ops.linear_forward(backend.asarray(np.zeros((2, 5))), w)
+    with pytest.raises(ValueError, match=r"w must have shape \(Dout, Din\)"):
+        ops.linear_forward(x, backend.asarray(np.zeros((4, 3, 1))))
+    with pytest.raises(ValueError, match=r"b must have shape \(4\)"):
+        ops.linear_forward(x, w, backend.asarray(np.zeros(3)))
+    with pytest.raises(TypeError, match=r"x must have dtype float32 or float64, got int64"):
+        ops.linear_forward(backend.asarray(np.zeros((2, 3), dtype=np.int64)), w)
+    with pytest.raises(TypeError, match=r"x must be a float32 or float64 array, got list"):
+        ops.linear_forward([[0.0, 1.0, 2.0]], w)
+    with pytest.raises(TypeError, match=r"w has dtype float32 but x has dtype float64"):
+        ops.linear_forward(x, w.astype(np.float32))
+    with pytest.raises(TypeError, match=r"b has dtype float32"):
+        ops.linear_forward(x, w, backend.asarray(np.zeros(4, dtype=np.float32)))
