@@ -53,7 +53,7 @@ def gelu_backward(dout, cache):
     x = cache.x
     xp = backend_of(x).xp
     if cache.approximate == "none":
-        pdf = x * x
+        pdf = xp.multiply(x, x, out=xp.empty_like(x))  # an array even for 0-d x, for out= below
         pdf *= -0.5
         xp.exp(pdf, out=pdf)
         pdf *= _INV_SQRT_2PI  # phi(x)
