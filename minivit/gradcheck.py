@@ -470,7 +470,8 @@ def check_backward(
         analytic = <grads[slot(i)], v>
 
     One row per checked input, so a failure says which input is wrong. Two forward calls per
-    direction and input, whatever the input size. With ``joint=True`` one more row,
+    direction and input, whatever the input size. It also fails (with a note) when forward
+    modifies an input or backward modifies ``dout``. With ``joint=True`` one more row,
     ``(all inputs)``, perturbs every checked input at once along one unit direction and compares
     with ``sum_i <grads[slot(i)], v_i>``: exactly Chainer's check.
 
@@ -489,11 +490,19 @@ def check_backward(
     inputs = list(inputs)
     idx = _resolve_indices(inputs, grad_indices)
     labels = _input_names(forward, inputs, names)
+    before = {i: _host(a).copy() for i, a in enumerate(inputs) if _is_array(a)}
     out, cache = _call(forward, inputs, kwargs)
     dout = _prepare_dout(out, dout, seed)
+    dout_before = _host(dout).copy()
     grads = backward(dout, cache)
     scale = _abs_inner(out, dout)
     report = GradcheckReport("directional", rtol=rtol, title=title)
+    # The contract of every op: forward leaves its inputs alone and backward leaves dout alone.
+    for i, a in before.items():
+        if not np.array_equal(_host(inputs[i]), a, equal_nan=a.dtype.kind == "f"):
+            report.rows.append(_failed_row(labels[i], inputs[i], "forward modified this input"))
+    if not np.array_equal(_host(dout), dout_before, equal_nan=True):
+        report.rows.append(_failed_row("dout", dout, "backward modified dout"))
     gen = np.random.default_rng([seed, 2])
 
     def directional(group: list[int], label: str, shape: tuple) -> GradcheckRow:

@@ -153,6 +153,26 @@ def test_missing_or_misshaped_grads_fail_with_a_note(backend, rng):
     assert "backward gave None" in text
 
 
+def test_mutating_forward_or_backward_fails(backend, rng):
+    inputs = linear_inputs(backend, rng)
+
+    def scribbling_backward(dout, cache):
+        grads = ops.linear_backward(dout, cache)
+        dout *= 2
+        return grads
+
+    rep = gc.check_backward(ops.linear_forward, scribbling_backward, inputs)
+    assert not rep.passed and any(r.name == "dout" and "modified" in r.note for r in rep.rows)
+
+    def scribbling_forward(x, w, b):
+        out = ops.linear_forward(x, w, b)
+        b += 0.0 * b + 1e-3
+        return out
+
+    rep = gc.check_backward(scribbling_forward, ops.linear_backward, inputs)
+    assert "forward modified this input" in str(rep) and not rep.passed
+
+
 def test_report_format():
     rows = [
         gc.GradcheckRow("x", (2, 3), 1e-9, 2e-8, True, 1e-7, 6, "dir 0"),
