@@ -285,6 +285,38 @@ def test_envelope_gradient_of_regularized_value(backend):
     assert np.abs(dC - dv[:, None, None] * backend.to_numpy(plan)).max() == 0.0
 
 
+def test_implicit_backward_matches_unrolled_at_convergence(backend):
+    rng = np.random.default_rng(17)
+    C = rng.random((2, 5, 7))
+    a = rng.uniform(0.2, 1, (2, 5))
+    b = rng.uniform(0.2, 1, (2, 7))
+    a[1, 3] = 0  # padding is handled too
+    b[0, 6] = 0
+    a /= a.sum(-1, keepdims=True)
+    b /= b.sum(-1, keepdims=True)
+    to = backend.asarray
+    P, cache = ops.sinkhorn_forward(to(C), to(a), to(b), epsilon=0.2, n_iters=5000, tol=1e-15)
+    dP = to(rng.standard_normal(C.shape))
+    unrolled = [backend.to_numpy(g) for g in ops.sinkhorn_backward(dP, cache)]
+    implicit = [backend.to_numpy(g) for g in ops.sinkhorn_implicit_backward(dP, cache)]
+    assert rel(implicit[0], unrolled[0]) <= 1e-9
+    # marginal gradients are defined up to (da + c, db - c): compare along balanced directions
+    ua = rng.standard_normal(a.shape) * (a > 0)
+    ub = rng.standard_normal(b.shape) * (b > 0)
+    ub += (ua.sum(-1, keepdims=True) - ub.sum(-1, keepdims=True)) / (b > 0).sum(-1)[:, None]
+    ub *= b > 0
+
+    def along(g):
+        return (g[1] * ua).sum(-1) + (g[2] * ub).sum(-1)
+
+    assert rel(along(implicit), along(unrolled)) <= 1e-9
+    # far from convergence the two differ: the implicit gradient assumes the fixed point
+    P5, cache5 = ops.sinkhorn_forward(to(C), to(a), to(b), epsilon=0.02, n_iters=2)
+    d5 = backend.to_numpy(ops.sinkhorn_backward(dP, cache5)[0])
+    i5 = backend.to_numpy(ops.sinkhorn_implicit_backward(dP, cache5)[0])
+    assert rel(i5, d5) > 1e-3
+
+
 def test_unrolled_backward_tends_to_envelope_at_convergence():
     # d<P, C> through the plan differs from the envelope, but the unrolled gradient of the
     # regularized value, <P,C> + eps sum P(log P - 1), tends to P as the iterations converge.

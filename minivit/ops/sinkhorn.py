@@ -25,6 +25,7 @@ __all__ = [
     "SinkhornConvergenceWarning",
     "sinkhorn_forward",
     "sinkhorn_backward",
+    "sinkhorn_implicit_backward",
     "sinkhorn_value_forward",
     "sinkhorn_value_backward",
     "ipot_forward",
@@ -72,11 +73,7 @@ def _check_marginal(name, p, cost, axis_size, xp):
             f"{name} must have shape (..., {axis_size}) to match cost of shape "
             f"{tuple(cost.shape)}, got {tuple(p.shape)}"
         )
-    try:
-        full = xp.broadcast_shapes(tuple(p.shape[:-1]), batch)
-    except ValueError:
-        full = None
-    if full != batch:
+    if _broadcast_shape(tuple(p.shape[:-1]), batch) != batch:
         raise ValueError(
             f"{name} of shape {tuple(p.shape)} does not broadcast to the batch dims {batch} of "
             f"cost of shape {tuple(cost.shape)}"
@@ -127,6 +124,18 @@ def _prepare_marginals(cost, a, b):
     a_b, la = logs(a, n)
     b_b, lb = logs(b, m)
     return xp, a_b, b_b, la, lb
+
+
+def _broadcast_shape(s1, s2):
+    """NumPy's broadcasting rule on two shapes; None when they do not broadcast."""
+    out = []
+    for i in range(1, max(len(s1), len(s2)) + 1):
+        d1 = s1[-i] if i <= len(s1) else 1
+        d2 = s2[-i] if i <= len(s2) else 1
+        if d1 != d2 and 1 not in (d1, d2):
+            return None
+        out.append(d2 if d1 == 1 else d1)
+    return tuple(reversed(out))
 
 
 def _unbroadcast(g, shape, xp):
@@ -321,6 +330,45 @@ def sinkhorn_backward(dplan, cache):
     return dcost, da_out, db_out
 
 
+def sinkhorn_implicit_backward(dplan, cache):
+    """Implicit differentiation at the fixed point: returns (dcost, da, db).
+
+    Differentiates the converged plan through the marginal constraints (implicit function
+    theorem) instead of through the iterations: one symmetric (n + m) linear solve per problem,
+    memory independent of the number of iterations. Right only when the forward converged
+    (docs/ops/sinkhorn.md, "Three gradients"). da and db are defined up to (da + c, db - c);
+    this returns the pair with equal sums. Padding entries get 0.
+    """
+    xp = array_module(dplan)
+    P = cache.plan  # (..., n, m)
+    n, m = P.shape[-2], P.shape[-1]
+    batch = tuple(P.shape[:-2])
+    A = xp.broadcast_to(xp.asarray(cache.a, dtype=P.dtype), batch + (n,))  # (..., n)
+    B = xp.broadcast_to(xp.asarray(cache.b, dtype=P.dtype), batch + (m,))  # (..., m)
+    W = dplan * P  # (..., n, m)
+    rhs = xp.concatenate([W.sum(-1), W.sum(-2)], axis=-1)  # (..., n + m)
+    # H = [[diag(a), P], [P^T, diag(b)]] is singular along v = (1, -1) (F + c, G - c leave the
+    # plan unchanged); rhs is orthogonal to v, so adding s v v^T picks the solution with v.z = 0.
+    # Padding rows/columns (zero marginal, zero plan row) get an identity row instead.
+    ra, cb = A > 0, B > 0
+    diag = xp.concatenate([xp.where(ra, A, 1), xp.where(cb, B, 1)], axis=-1)  # (..., n + m)
+    v = xp.concatenate([ra.astype(P.dtype), -cb.astype(P.dtype)], axis=-1)  # (..., n + m)
+    s = 1.0 / max(n, m)
+    H = s * v[..., :, None] * v[..., None, :]  # (..., n + m, n + m)
+    H[..., :n, n:] += P
+    H[..., n:, :n] += xp.swapaxes(P, -1, -2)
+    idx = xp.arange(n + m)
+    H[..., idx, idx] += diag
+    z = xp.linalg.solve(H, rhs[..., None])[..., 0]  # (..., n + m)
+    x, y = z[..., :n], z[..., n:]
+    dcost = P * (x[..., :, None] + y[..., None, :])
+    dcost -= W
+    dcost *= 1.0 / cache.epsilon
+    da = None if cache.a_shape is None else _unbroadcast(x, cache.a_shape, xp)
+    db = None if cache.b_shape is None else _unbroadcast(y, cache.b_shape, xp)
+    return dcost, da, db
+
+
 def sinkhorn_value_forward(
     cost, a=None, b=None, *, epsilon=0.05, n_iters=100, tol=None, check_every=10
 ):
@@ -484,12 +532,10 @@ def cosine_cost_forward(x, y, eps=1e-5):
             f"x (..., n, d) and y (..., m, d) must share d, got x {tuple(x.shape)} and "
             f"y {tuple(y.shape)}"
         )
-    try:
-        xp.broadcast_shapes(tuple(x.shape[:-2]), tuple(y.shape[:-2]))
-    except ValueError:
+    if _broadcast_shape(tuple(x.shape[:-2]), tuple(y.shape[:-2])) is None:
         raise ValueError(
             f"the leading dims of x {tuple(x.shape)} and y {tuple(y.shape)} do not broadcast"
-        ) from None
+        )
     eps = _check_positive("eps", eps)
     nx = xp.sqrt((x * x).sum(-1, keepdims=True))  # (..., n, 1)
     ny = xp.sqrt((y * y).sum(-1, keepdims=True))  # (..., m, 1)
