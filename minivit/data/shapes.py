@@ -185,22 +185,30 @@ class ShapesCaptions:
 
     # ----------------------------------------------------------------------------- scenes
     def sample_scene(self, rng, n_objects: int | None = None, counts=None, probs=None) -> tuple:
+        """A random scene: ``n_objects`` (default: drawn from ``counts`` with ``probs``) objects
+        with distinct (colour, shape) pairs, not overlapping, and (for two or more) at least one
+        pair in a clear spatial relation."""
         counts = self.shape_counts if counts is None else counts
         probs = self.count_probs if probs is None else probs
         if n_objects is None:
-            n_objects = int(rng.choice(counts, p=probs))
+            n_objects = int(counts[0] if len(counts) == 1 else rng.choice(counts, p=probs))
         S = self.img_size
+        colours = list(COLOURS)
+        n_pairs = len(colours) * len(SHAPES)
         for _ in range(200):
-            pairs = rng.choice(len(COLOURS) * len(SHAPES), size=n_objects, replace=False)
+            # one draw per attempt: pair choice, size, radius and position for every object
+            u = rng.random((n_objects, 5))
+            pairs = np.argsort(rng.random(n_pairs))[:n_objects]
             objs = []
-            for p in pairs:
-                colour = list(COLOURS)[p // len(SHAPES)]
-                shape = SHAPES[p % len(SHAPES)]
-                size = SIZES[int(rng.integers(2))]
+            for k, p in enumerate(pairs):
+                size = SIZES[int(u[k, 0] * 2)]
                 lo, hi = self._r_small if size == "small" else self._r_large
-                r = float(rng.uniform(lo, hi))
-                cx, cy = rng.uniform(r + 0.5, S - r - 0.5, size=2)
-                objs.append(Obj(shape, colour, size, float(cx), float(cy), r))
+                r = lo + (hi - lo) * u[k, 1]
+                cx = (r + 0.5) + (S - 2 * r - 1) * u[k, 2]
+                cy = (r + 0.5) + (S - 2 * r - 1) * u[k, 3]
+                objs.append(
+                    Obj(SHAPES[p % len(SHAPES)], colours[p // len(SHAPES)], size, cx, cy, r)
+                )
             if self._valid_layout(objs):
                 return tuple(objs)
         raise RuntimeError("could not place the objects; img_size too small")
@@ -209,7 +217,7 @@ class ShapesCaptions:
         for i in range(len(objs)):
             for j in range(i + 1, len(objs)):
                 a, b = objs[i], objs[j]
-                if np.hypot(a.cx - b.cx, a.cy - b.cy) < a.r + b.r + 1.0:
+                if (a.cx - b.cx) ** 2 + (a.cy - b.cy) ** 2 < (a.r + b.r + 1.0) ** 2:
                     return False
         if len(objs) > 1 and not self._clear_pairs(objs):
             return False
@@ -293,10 +301,14 @@ class ShapesCaptions:
                 return neg
         raise RuntimeError("could not make a hard negative")
 
-    def easy_negative(self, scene, rng) -> Caption:
-        """The caption of another random scene, false of ``scene``."""
-        for _ in range(100):
-            other = self.sample_scene(rng)
+    def easy_negative(self, scene, rng, pool=()) -> Caption:
+        """The caption of another scene (from ``pool`` first, as the original swaps images
+        within a batch, else a fresh one), false of ``scene``."""
+        for t in range(100):
+            if t < 8 and len(pool):
+                other = pool[int(rng.integers(len(pool)))]
+            else:
+                other = self.sample_scene(rng)
             cap = self.describe(other, rng)
             if not self.is_true(cap, scene):
                 return cap
@@ -304,29 +316,45 @@ class ShapesCaptions:
 
     # ----------------------------------------------------------------------------- images
     def render(self, scenes, rng) -> np.ndarray:
-        """Scenes -> images float32 (n, 3, S, S), normalized with mean 0.5 and std 0.5."""
+        """Scenes -> images float32 (n, 3, S, S), normalized with mean 0.5 and std 0.5.
+
+        Vectorized over images: one pass per object slot (at most three), the later object
+        painted over the earlier where they touch.
+        """
         S = self.img_size
         n = len(scenes)
-        yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5  # pixel centres, (S, S) each
         img = np.empty((n, 3, S, S), np.float32)
         img[:] = rng.uniform(0.0, 0.15, size=(n, 3, 1, 1)).astype(np.float32)  # background
-        for i, scene in enumerate(scenes):
-            for o in scene:
-                dx, dy = xx - o.cx, yy - o.cy
-                if o.shape == "circle":
-                    inside = dx * dx + dy * dy <= o.r * o.r
-                elif o.shape == "square":
-                    h = o.r * 0.88
-                    inside = (np.abs(dx) <= h) & (np.abs(dy) <= h)
-                else:  # triangle, apex up: half width grows from 0 at the top to r at the base
-                    t = (dy + o.r) / (2 * o.r)
-                    inside = (t >= 0) & (t <= 1) & (np.abs(dx) <= o.r * t)
-                colour = np.asarray(COLOURS[o.colour], np.float32)
-                colour = np.clip(colour + rng.uniform(-0.06, 0.06, size=3), 0, 1)
-                img[i, :, inside] = colour.astype(np.float32)
+        grid = np.arange(S, dtype=np.float32) + 0.5  # pixel centres
+        jitter = rng.uniform(-0.06, 0.06, size=(n, 3, 3)).astype(np.float32)
+        for k in range(3):
+            rows = [i for i, sc in enumerate(scenes) if len(sc) > k]
+            if not rows:
+                break
+            objs = [scenes[i][k] for i in rows]
+            cx = np.array([o.cx for o in objs], np.float32)[:, None, None]  # (m, 1, 1)
+            cy = np.array([o.cy for o in objs], np.float32)[:, None, None]
+            r = np.array([o.r for o in objs], np.float32)[:, None, None]
+            shape = np.array([SHAPES.index(o.shape) for o in objs])[:, None, None]
+            dx = grid[None, None, :] - cx  # (m, 1, S)
+            dy = grid[None, :, None] - cy  # (m, S, 1)
+            circle = dx * dx + dy * dy <= r * r  # (m, S, S)
+            h = 0.88 * r
+            square = (np.abs(dx) <= h) & (np.abs(dy) <= h)
+            # triangle, apex up: the half width grows from 0 at the top to r at the base
+            t = (dy + r) / (2 * r)
+            triangle = (t >= 0) & (t <= 1) & (np.abs(dx) <= r * t)
+            inside = np.where(shape == 0, circle, np.where(shape == 1, square, triangle))
+            colour = np.array([COLOURS[o.colour] for o in objs], np.float32)  # (m, 3)
+            colour = np.clip(colour + jitter[rows, k], 0, 1)
+            sub = img[rows]  # (m, 3, S, S)
+            np.copyto(sub, colour[:, :, None, None], where=inside[:, None])
+            img[rows] = sub
         if self.noise:
             img += rng.normal(0.0, self.noise, size=img.shape).astype(np.float32)
-        return (img - _MEAN) / _STD
+        img -= _MEAN
+        img /= _STD
+        return img
 
     # ----------------------------------------------------------------------------- batches
     def itm_batch(
@@ -338,18 +366,17 @@ class ShapesCaptions:
         itm_labels (n,) (1 = match), kind (n,) (0 positive, 1 easy negative, 2 hard negative),
         and texts (list of str).
         """
-        scenes, caps, labels, kinds = [], [], [], []
-        for _ in range(n):
-            scene = self.sample_scene(rng, counts=counts, probs=probs)
+        scenes = [self.sample_scene(rng, counts=counts, probs=probs) for _ in range(n)]
+        u = rng.random((n, 2))
+        caps, labels, kinds = [], [], []
+        for i, scene in enumerate(scenes):
             cap = self.describe(scene, rng)
-            u = rng.random()
-            if u < pos_fraction:
+            if u[i, 0] < pos_fraction:
                 kind = 0
-            elif rng.random() < hard_fraction:
+            elif u[i, 1] < hard_fraction:
                 kind, cap = 2, self.hard_negative(cap, scene, rng)
             else:
-                kind, cap = 1, self.easy_negative(scene, rng)
-            scenes.append(scene)
+                kind, cap = 1, self.easy_negative(scene, rng, scenes)
             caps.append(cap)
             labels.append(int(kind == 0))
             kinds.append(kind)

@@ -1,0 +1,411 @@
+"""``minivit train vilt``: pre-train a small ViLT on the generated shapes captions.
+
+With no arguments it trains on the CPU with the three objectives of the original (ITM, MLM and
+word-patch alignment) and ends by printing, on held-out pairs::
+
+    itm accuracy: 0.xxxx
+    mlm accuracy: 0.xxxx
+
+The run folder (``runs/vilt-shapes-<time>`` or ``--out``) receives ``checkpoint.safetensors``
+(model, optimizer state, history), ``metrics.json``, ``curves.png`` and ``alignment.png`` (the
+word-patch transport plan of a held-out pair, one panel per word).
+
+Recipe (see docs/vilt.md): every step runs one fused forward over ``--batch-size`` ITM rows
+(half matching, the mismatches half hard) and ``--mlm-batch-size`` MLM rows (matching pairs,
+captions BERT-masked), as the original's two forwards but in one batch; AdamW with a linear
+warmup and a cosine decay; a curriculum that shows scenes of one or two objects first and adds
+three-object scenes after ``--curriculum`` of the steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from .common import (
+    CHECKPOINT,
+    History,
+    load_training_checkpoint,
+    make_run_dir,
+    progress,
+    save_training_checkpoint,
+    vars_for_json,
+    write_json,
+)
+
+__all__ = ["add_arguments", "run", "make_batch", "evaluate", "train"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--steps", type=int, default=600, help="optimizer steps (default: 600)")
+    a("--batch-size", type=int, default=64, help="ITM rows per step (default: 64)")
+    a("--mlm-batch-size", type=int, default=32, help="MLM rows per step (default: 32)")
+    a("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    a("--min-lr", type=float, default=1e-5, help="learning rate at the end (default: 1e-5)")
+    a("--warmup", type=float, default=0.05, help="warmup, a fraction of the steps")
+    a("--weight-decay", type=float, default=0.01)
+    a("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    a("--wpa-weight", type=float, default=0.1, help="word-patch alignment weight (0: off)")
+    a(
+        "--curriculum",
+        type=float,
+        default=0.3,
+        help="fraction of the steps with one- and two-object scenes only (0: off)",
+    )
+    a("--img-size", type=int, default=32)
+    a("--patch-size", type=int, default=8)
+    a("--embed-dim", type=int, default=128)
+    a("--depth", type=int, default=4)
+    a("--num-heads", type=int, default=4)
+    a("--mlp-ratio", type=float, default=2.0)
+    a("--max-text-len", type=int, default=16)
+    a("--dtype", default="float32", choices=["float32", "float64"])
+    a("--eval-size", type=int, default=1000, help="held-out ITM pairs and MLM captions each")
+    a("--eval-every", type=int, default=100, help="steps between quick held-out checks (0: off)")
+    a("--seed", type=int, default=0)
+    a(
+        "--threads",
+        type=int,
+        default=0,
+        help="BLAS threads (default 0: one per core, at most 2; small matmuls gain little more)",
+    )
+    a("--out", default=None, help="run folder (default: runs/vilt-shapes-<time>)")
+    a("--resume", default=None, help="a run folder or checkpoint to continue from")
+    a("--no-progress", action="store_true", help="no progress bar")
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+
+def make_batch(data, rng, n_itm, n_mlm, counts=None, probs=None):
+    """One fused batch as numpy arrays: ITM rows first, then MLM rows.
+
+    Returns dict(input_ids (B, L), text_mask (B, L), images (B, 3, S, S), mlm_labels (B, L),
+    itm_labels (B,)), with L cut to the longest caption of the batch.
+    """
+    parts = []
+    if n_itm:
+        ib = data.itm_batch(rng, n_itm, counts=counts, probs=probs)
+        parts.append(
+            (
+                ib["input_ids"],
+                ib["text_mask"],
+                ib["images"],
+                np.full_like(ib["input_ids"], -100),
+                ib["itm_labels"],
+            )
+        )
+    if n_mlm:
+        mb = data.mlm_batch(rng, n_mlm, counts=counts, probs=probs)
+        parts.append(
+            (
+                mb["masked_ids"],
+                mb["text_mask"],
+                mb["images"],
+                mb["mlm_labels"],
+                np.full(n_mlm, -100, dtype=np.int64),
+            )
+        )
+    ids, mask, images, mlm, itm = (np.concatenate(x) for x in zip(*parts))
+    L = int(mask.sum(axis=1).max())
+    return dict(
+        input_ids=ids[:, :L],
+        text_mask=mask[:, :L],
+        images=images,
+        mlm_labels=mlm[:, :L],
+        itm_labels=itm,
+    )
+
+
+def heldout(data, n):
+    """The held-out evaluation sets (numpy): n ITM pairs and n BERT-masked matching captions,
+    both from the test stream, which training never draws from."""
+    rng = data.rng("test")
+    itm = data.itm_batch(rng, n)
+    mlm = data.mlm_batch(rng, n)
+    return itm, mlm
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _forward_chunks(model, be, ids, mask, images, chunk=256):
+    outs = []
+    for s in range(0, len(ids), chunk):
+        L = int(mask[s : s + chunk].sum(axis=1).max())
+        out = model.forward(
+            be.asarray(ids[s : s + chunk, :L]),
+            be.asarray(mask[s : s + chunk, :L]),
+            be.asarray(images[s : s + chunk], dtype=model.dtype),
+        )
+        outs.append((s, L, out))
+    return outs
+
+
+def evaluate(model, data, itm_set, mlm_set, n=None):
+    """ITM accuracy on held-out pairs and MLM accuracy on held-out masked content words.
+
+    Returns dict(itm_acc, mlm_acc, mlm_acc_all (every masked token), itm_acc_hard (hard
+    negatives only), itm_loss, mlm_loss).
+    """
+    from ..models import vilt_heads as H
+
+    be = model.backend
+    n = len(itm_set["itm_labels"]) if n is None else n
+    # ITM
+    logits = []
+    for _, _, out in _forward_chunks(
+        model, be, itm_set["input_ids"][:n], itm_set["text_mask"][:n], itm_set["images"][:n]
+    ):
+        lg, _ = H.itm_forward(out["pooled"], model.params)
+        logits.append(be.to_numpy(lg))
+    logits = np.concatenate(logits).astype(np.float64)
+    labels = itm_set["itm_labels"][:n]
+    pred = logits.argmax(axis=1)
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    itm_loss = float(-logp[np.arange(n), labels].mean())
+    hard = itm_set["kind"][:n] == 2
+    # MLM: accuracy over masked tokens, and over masked content words (the reported figure)
+    correct = total = correct_all = total_all = 0
+    nll = 0.0
+    labels_m = mlm_set["mlm_labels"][:n]
+    for s, L, out in _forward_chunks(
+        model, be, mlm_set["masked_ids"][:n], mlm_set["text_mask"][:n], mlm_set["images"][:n]
+    ):
+        lab = labels_m[s : s + len(out["pooled"]), :L]
+        rows, cols = np.nonzero(lab != -100)
+        feats = out["text_feats"][be.asarray(rows), be.asarray(cols)]
+        lg, _ = H.mlm_forward(feats, model.params, model.text_eps)
+        lg = be.to_numpy(lg).astype(np.float64)
+        tgt = lab[rows, cols]
+        hit = lg.argmax(axis=1) == tgt
+        content = data.is_content(tgt)
+        correct += int(hit[content].sum())
+        total += int(content.sum())
+        correct_all += int(hit.sum())
+        total_all += len(tgt)
+        z = lg - lg.max(axis=1, keepdims=True)
+        nll += float(-(z[np.arange(len(tgt)), tgt] - np.log(np.exp(z).sum(axis=1))).sum())
+    return dict(
+        itm_acc=float((pred == labels).mean()),
+        itm_acc_hard=float((pred[hard] == labels[hard]).mean()) if hard.any() else float("nan"),
+        itm_loss=itm_loss,
+        mlm_acc=correct / max(total, 1),
+        mlm_acc_all=correct_all / max(total_all, 1),
+        mlm_loss=nll / max(total_all, 1),
+        mlm_tokens=total,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def build(args):
+    from ..data.shapes import ShapesCaptions
+    from ..models.vilt import ViLT
+
+    data = ShapesCaptions(img_size=args.img_size, max_text_len=args.max_text_len, seed=args.seed)
+    model = ViLT(
+        vocab_size=data.tokenizer.vocab_size,
+        max_text_len=args.max_text_len,
+        img_size=args.img_size,
+        patch_size=args.patch_size,
+        embed_dim=args.embed_dim,
+        depth=args.depth,
+        num_heads=args.num_heads,
+        mlp_ratio=args.mlp_ratio,
+        dtype=args.dtype,
+        backend=args.backend,
+        seed=args.seed,
+    )
+    return data, model
+
+
+def curriculum_counts(step, total, fraction):
+    """Object counts allowed at ``step``: (1, 2) during the first ``fraction`` of the steps."""
+    if fraction > 0 and step < fraction * total:
+        return (1, 2)
+    return (1, 2, 3)
+
+
+def train(args, data, model, *, log=print, quiet=False):
+    """The training loop; returns (history, run_dir, final metrics, held-out sets)."""
+    from .. import optim
+    from ..models import vilt_heads as H
+
+    be = model.backend
+    run_dir = make_run_dir(args.out, "vilt-shapes")
+    opt = optim.AdamW(model.params, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = int(round(args.warmup * args.steps))
+    sched = optim.WarmupCosine(args.lr, args.steps, warmup, min_lr=args.min_lr)
+    history = History()
+    start = 0
+    if args.resume:
+        from .common import resolve_checkpoint
+
+        start, history, _ = load_training_checkpoint(resolve_checkpoint(args.resume), model, opt)
+        opt.step_count = start
+    itm_set, mlm_set = heldout(data, args.eval_size)
+    quick = min(256, args.eval_size)
+    t0 = time.perf_counter()
+    sums = dict(loss=0.0, itm=0.0, mlm=0.0, wpa=0.0, acc=0.0, n=0)
+    with progress(total=args.steps, initial=start, desc="vilt", disable=quiet) as bar:
+        for step in range(start, args.steps):
+            # every step's data comes from its own stream: resuming at step k is exact
+            rng = data.rng("train", step)
+            counts = curriculum_counts(step, args.steps, args.curriculum)
+            b = make_batch(data, rng, args.batch_size, args.mlm_batch_size, counts=counts)
+            losses, cache = H.pretrain_forward(
+                model,
+                be.asarray(b["input_ids"]),
+                be.asarray(b["text_mask"]),
+                be.asarray(b["images"], dtype=model.dtype),
+                be.asarray(b["mlm_labels"]),
+                be.asarray(b["itm_labels"]),
+                wpa_weight=args.wpa_weight,
+            )
+            grads = H.pretrain_backward(model, cache)
+            if args.clip:
+                optim.clip_grad_norm(grads, args.clip)
+            opt.step(grads, lr=sched(step))
+            itm_pred = be.to_numpy(losses["itm_logits"]).argmax(axis=1)
+            rows = b["itm_labels"] != -100
+            acc = float((itm_pred[rows] == b["itm_labels"][rows]).mean())
+            sums["loss"] += float(losses["loss"])
+            for k in ("itm", "mlm", "wpa"):
+                sums[k] += losses[k]
+            sums["acc"] += acc
+            sums["n"] += 1
+            bar.update(1)
+            bar.set_postfix(
+                itm=f"{losses['itm']:.3f}", mlm=f"{losses['mlm']:.3f}", acc=f"{acc:.2f}"
+            )
+            last = step + 1 == args.steps
+            if (args.eval_every and (step + 1) % args.eval_every == 0) or last:
+                n = sums["n"]
+                rec = dict(
+                    epoch=step + 1,
+                    train_loss=sums["loss"] / n,
+                    train_itm_loss=sums["itm"] / n,
+                    train_mlm_loss=sums["mlm"] / n,
+                    train_wpa_loss=sums["wpa"] / n,
+                    train_acc=sums["acc"] / n,
+                    lr=sched(step),
+                    time=time.perf_counter() - t0,
+                )
+                if not last:
+                    m = evaluate(model, data, itm_set, mlm_set, n=quick)
+                    rec.update(test_acc=m["itm_acc"], test_mlm_acc=m["mlm_acc"])
+                    if not quiet:
+                        bar.write(
+                            f"step {step + 1}: loss {rec['train_loss']:.3f} "
+                            f"itm {m['itm_acc']:.3f} (hard {m['itm_acc_hard']:.3f}) "
+                            f"mlm {m['mlm_acc']:.3f} [{rec['time']:.0f}s]"
+                        )
+                history.append(**rec)
+                sums = dict(loss=0.0, itm=0.0, mlm=0.0, wpa=0.0, acc=0.0, n=0)
+    final = evaluate(model, data, itm_set, mlm_set)
+    history.records[-1].update(test_acc=final["itm_acc"], test_mlm_acc=final["mlm_acc"])
+    final["train_time_s"] = time.perf_counter() - t0
+    save_training_checkpoint(
+        run_dir / CHECKPOINT, model, opt, args.steps, history, args=vars_for_json(args)
+    )
+    return history, run_dir, final, (itm_set, mlm_set)
+
+
+def plot_vilt_curves(history, path):
+    """Losses (train ITM/MLM/WPA) and held-out accuracies (ITM, MLM) against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (
+        ("train_itm_loss", "ITM"),
+        ("train_mlm_loss", "MLM"),
+        ("train_wpa_loss", "WPA (x0.1, +pos -neg)"),
+    ):
+        pts = history.column(key)
+        if pts:
+            ax1.plot(*zip(*pts), label=label)
+    for key, label in (
+        ("train_acc", "ITM train"),
+        ("test_acc", "ITM held-out"),
+        ("test_mlm_acc", "MLM held-out (content words)"),
+    ):
+        pts = history.column(key)
+        if pts:
+            ax2.plot(*zip(*pts), marker=".", label=label)
+    ax1.set(xlabel="step", ylabel="loss", title="training losses")
+    ax2.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _limit_threads(n):
+    import os
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return None
+    if n <= 0:
+        n = min(os.cpu_count() or 1, 2)
+    return threadpool_limits(n)
+
+
+def run(args) -> int:
+    from ..viz_vilt import alignment_figure
+
+    limiter = _limit_threads(args.threads)
+    try:
+        data, model = build(args)
+        wall = time.perf_counter()
+        history, run_dir, final, (itm_set, _) = train(args, data, model, quiet=args.no_progress)
+        plot_vilt_curves(history, run_dir / "curves.png")
+        # a held-out matching pair with the most objects, for the alignment figure
+        pos = np.nonzero(itm_set["itm_labels"] == 1)[0]
+        k = int(pos[np.argmax([len(itm_set["scenes"][i]) for i in pos])])
+        fig_path = alignment_figure(
+            model,
+            data,
+            itm_set["input_ids"][k],
+            itm_set["text_mask"][k],
+            itm_set["images"][k],
+            run_dir / "alignment.png",
+        )
+        final["wall_time_s"] = time.perf_counter() - wall
+        write_json(
+            run_dir / "metrics.json",
+            dict(
+                final,
+                args=vars_for_json(args),
+                backend=model.backend.name,
+                params=model.num_params(),
+                history=history.to_list(),
+                checkpoint=str(run_dir / CHECKPOINT),
+                alignment_figure=str(fig_path),
+            ),
+        )
+        print(f"run folder: {run_dir}")
+        print(f"alignment figure: {fig_path}")
+        print(f"hard-negative itm accuracy: {final['itm_acc_hard']:.4f}")
+        print(f"itm accuracy: {final['itm_acc']:.4f}")
+        print(f"mlm accuracy: {final['mlm_acc']:.4f}")
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+    return 0

@@ -1,0 +1,235 @@
+"""Parity with Hugging Face transformers' ViLT (an oracle nobody here wrote).
+
+A random-weight ``ViltForMaskedLM`` in float64, with no dropout, is converted with
+``from_hf_vilt`` and must give minivit's ViLT the same pooled output and text features (relative
+error < 1e-10), the same image features up to HF's random patch order, and the same parameter
+gradients (< 1e-8).
+
+HF's ``ViltEmbeddings.visual_embed`` draws the patch order with ``torch.multinomial`` even when
+every patch is kept (``max_image_length=-1``): the features come out permuted. The forward test
+recovers that permutation by matching features (attention is permutation-equivariant, so every
+row must find an exact partner); the gradient test replaces ``torch.multinomial`` by the
+identity order, so HF's image features line up with minivit's row-major patches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from minivit.convert import from_hf_vilt  # noqa: E402
+from minivit.models import vilt_heads as H  # noqa: E402
+from minivit.models.vilt import ViLT  # noqa: E402
+
+pytestmark = pytest.mark.oracle
+
+V, D, DEPTH, HEADS, S, P, MAXLEN = 37, 32, 2, 4, 32, 8, 12
+B, L = 3, 9
+
+
+def _hf_model(seed=0):
+    from transformers import ViltConfig, ViltForMaskedLM
+
+    cfg = ViltConfig(
+        vocab_size=V,
+        hidden_size=D,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS,
+        intermediate_size=2 * D,
+        image_size=S,
+        patch_size=P,
+        max_position_embeddings=MAXLEN,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=1e-12,
+    )
+    torch.manual_seed(seed)
+    model = ViltForMaskedLM(cfg).double().eval()
+    # HF ties the decoder to the word embeddings (ViltConfig keeps tie_word_embeddings=True);
+    # the original ViLT keeps them apart, as minivit does: untie, so each has its own gradient.
+    dec = model.mlm_score.decoder
+    dec.weight = torch.nn.Parameter(dec.weight.detach().clone())
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # random weights everywhere (HF starts biases and norms at 0 / 1)
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if name.endswith("LayerNorm.weight") or "layernorm" in name and "weight" in name:
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+    return model
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, V, size=(B, L))
+    mask = np.ones((B, L), bool)
+    mask[0, 6:] = False  # padding in two captions
+    mask[1, 4:] = False
+    ids[:, 0] = 1
+    lengths = mask.sum(1)
+    ids[np.arange(B), lengths - 1] = 2  # [SEP]
+    ids[~mask] = 0
+    images = rng.standard_normal((B, 3, S, S))
+    return ids, mask, images
+
+
+def _minivit_from(hf):
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    model = ViLT(
+        vocab_size=V,
+        max_text_len=MAXLEN,
+        img_size=S,
+        patch_size=P,
+        embed_dim=D,
+        depth=DEPTH,
+        num_heads=HEADS,
+        mlp_ratio=2.0,
+        eps=1e-12,
+        text_eps=1e-12,
+        dtype="float64",
+    )
+    converted = from_hf_vilt(sd)
+    # HF has no ITM head in ViltForMaskedLM: keep minivit's own itm_score.*
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    assert set(missing) == {"itm_score.fc.weight", "itm_score.fc.bias"}
+    assert not unexpected
+    return model
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+def test_forward_parity_with_hf_vilt():
+    hf = _hf_model()
+    model = _minivit_from(hf)
+    ids, mask, images = _inputs()
+    with torch.no_grad():
+        out = hf.vilt(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask.astype(np.int64)),
+            pixel_values=torch.from_numpy(images),
+        )
+        seq = out.last_hidden_state.numpy()
+        pooled_hf = out.pooler_output.numpy()
+        mlm_hf = hf.mlm_score(out.last_hidden_state[:, :L]).numpy()
+    mine = model.forward(ids, mask, images)
+    assert _rel(mine["pooled"], pooled_hf) < 1e-10
+    text_hf = seq[:, :L]
+    assert _rel(mine["text_feats"][mask], text_hf[mask]) < 1e-10
+    logits, _ = H.mlm_forward(mine["text_feats"], model.params, model.text_eps)
+    assert _rel(logits[mask], mlm_hf[mask]) < 1e-10
+
+    # image features: the same rows up to HF's random patch order
+    img_hf = seq[:, L:]  # (B, 1 + Np, D), CLS first
+    img = mine["image_feats"]
+    assert img.shape == img_hf.shape
+    assert _rel(img[:, 0], img_hf[:, 0]) < 1e-10  # the image CLS is never permuted
+    for b in range(B):
+        dist = ((img_hf[b, 1:, None, :] - img[b, None, 1:, :]) ** 2).sum(-1)  # (Np, Np)
+        perm = dist.argmin(axis=1)
+        assert sorted(perm.tolist()) == list(range(img.shape[1] - 1)), "not a permutation"
+        assert _rel(img[b, 1:][perm], img_hf[b, 1:]) < 1e-10
+
+
+def test_gradient_parity_with_hf_vilt(monkeypatch):
+    # identity patch order inside HF's visual_embed (see the module docstring)
+    monkeypatch.setattr(torch, "multinomial", lambda w, n, replacement=False, **kw: torch.arange(n))
+    hf = _hf_model(seed=3)
+    model = _minivit_from(hf)
+    ids, mask, images = _inputs(seed=4)
+    rng = np.random.default_rng(5)
+    Np = (S // P) ** 2
+    r_pool = rng.standard_normal((B, D))
+    r_text = rng.standard_normal((B, L, D)) * mask[:, :, None]
+    r_img = rng.standard_normal((B, 1 + Np, D))
+    r_mlm = rng.standard_normal((B, L, V)) * mask[:, :, None]
+
+    # HF: a scalar that touches every output, then autograd
+    out = hf.vilt(
+        input_ids=torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(mask.astype(np.int64)),
+        pixel_values=torch.from_numpy(images),
+    )
+    seq = out.last_hidden_state
+    loss = (
+        (out.pooler_output * torch.from_numpy(r_pool)).sum()
+        + (seq[:, :L] * torch.from_numpy(r_text)).sum()
+        + (seq[:, L:] * torch.from_numpy(r_img)).sum()
+        + (hf.mlm_score(seq[:, :L]) * torch.from_numpy(r_mlm)).sum()
+    )
+    loss.backward()
+    hf_grads = from_hf_vilt(
+        {k: p.grad.numpy() for k, p in hf.named_parameters() if p.grad is not None}
+    )
+
+    # minivit: the same scalar, by hand
+    mine = model.forward(ids, mask, images)
+    assert _rel(mine["image_feats"], seq[:, L:].detach().numpy()) < 1e-10  # identity order
+    logits, cache = H.mlm_forward(mine["text_feats"], model.params, model.text_eps)
+    head_grads = {}
+    dtext = H.mlm_backward(r_mlm, cache, head_grads) + r_text
+    model.backward(dict(text_feats=dtext, image_feats=r_img, pooled=r_pool))
+    grads = dict(model.grads)
+    for k, g in head_grads.items():
+        grads[k] = grads[k] + g
+
+    assert set(hf_grads) <= set(grads)
+    assert len(hf_grads) == len(grads) - 2  # all but minivit's itm_score.*
+    worst = max(_rel(grads[k], hf_grads[k]) for k in hf_grads)
+    assert worst < 1e-8, worst
+
+
+def _rename_to_new_layout(sd):
+    """The transformers-5 layout of its newer vision models (layers.N.attention.q_proj ...)."""
+    table = {
+        "attention.attention.query": "attention.q_proj",
+        "attention.attention.key": "attention.k_proj",
+        "attention.attention.value": "attention.v_proj",
+        "attention.output.dense": "attention.o_proj",
+        "intermediate.dense": "mlp.fc1",
+        "output.dense": "mlp.fc2",
+    }
+    out = {}
+    for k, v in sd.items():
+        k2 = k.replace("vilt.encoder.layer.", "vilt.layers.")
+        for old, new in table.items():
+            k2 = k2.replace("." + old + ".", "." + new + ".")
+        out[k2] = v
+    return out
+
+
+def test_from_hf_vilt_accepts_both_namings_and_model_without_prefix():
+    hf = _hf_model(seed=7)
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    a = from_hf_vilt(sd)
+    b = from_hf_vilt(_rename_to_new_layout(sd))
+    c = from_hf_vilt({k[len("vilt.") :]: v for k, v in sd.items() if k.startswith("vilt.")})
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert set(c) == {k for k in a if not k.startswith("mlm_score")}
+    q = sd["vilt.encoder.layer.1.attention.attention.query.weight"]
+    kk = sd["vilt.encoder.layer.1.attention.attention.key.weight"]
+    v = sd["vilt.encoder.layer.1.attention.attention.value.weight"]
+    np.testing.assert_array_equal(
+        a["transformer.blocks.1.attn.qkv.weight"], np.concatenate([q, kk, v])
+    )
+    # HF's decoder bias is the original's separate mlm_score.bias
+    np.testing.assert_array_equal(a["mlm_score.bias"], sd["mlm_score.decoder.bias"])
+    assert "mlm_score.decoder.bias" not in a
+
+
+def test_from_hf_vilt_names_unknown_and_incomplete_keys():
+    hf = _hf_model(seed=8)
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    with pytest.raises(ValueError, match="vilt.encoder.layer.0.crossattention.weight"):
+        from_hf_vilt({**sd, "vilt.encoder.layer.0.crossattention.weight": np.zeros(3)})
+    broken = dict(sd)
+    del broken["vilt.encoder.layer.0.attention.attention.key.bias"]
+    with pytest.raises(ValueError, match="layer 0 has no k bias"):
+        from_hf_vilt(broken)

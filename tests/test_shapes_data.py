@@ -1,0 +1,212 @@
+"""The generated image-caption data and the word tokenizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minivit.data.shapes import COLOURS, Caption, ShapesCaptions, mask_tokens
+from minivit.data.tokenizer import SPECIAL_TOKENS, WordTokenizer
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ShapesCaptions(seed=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def test_tokenizer_round_trip_padding_and_mask():
+    tok = WordTokenizer(["a", "red", "circle"], max_text_len=6)
+    assert tok.vocab[:5] == list(SPECIAL_TOKENS)
+    ids, mask = tok.encode("A red circle")
+    assert ids.tolist() == [1, 5, 6, 7, 2, 0]
+    assert mask.tolist() == [True] * 5 + [False]
+    assert tok.decode(ids) == "a red circle"
+    assert tok.decode(ids, skip_special_tokens=False) == "[CLS] a red circle [SEP]"
+    ids, _ = tok.encode("a [MASK] zebra")
+    assert ids[1:4].tolist() == [5, tok.mask_id, tok.unk_id]
+
+
+def test_tokenizer_rejects_long_text_unless_truncating():
+    tok = WordTokenizer(["a"], max_text_len=4)
+    with pytest.raises(ValueError, match="max_text_len"):
+        tok.encode("a a a")
+    ids, mask = tok.encode("a a a", truncate=True)
+    assert ids.tolist() == [1, 5, 5, 2] and mask.all()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([99])
+
+
+def test_tokenizer_encode_batch_shapes():
+    tok = WordTokenizer(["a", "b"], max_text_len=5)
+    ids, mask = tok.encode_batch(["a", "a b b"])
+    assert ids.shape == mask.shape == (2, 5)
+    assert ids.dtype == np.int64 and mask.dtype == bool
+    assert mask.sum(1).tolist() == [3, 5]
+
+
+# ----------------------------------------------------------------------------------------------
+# scenes and captions
+
+
+def test_same_seed_same_data_and_streams_differ(data):
+    a = data.itm_batch(data.rng("train", 3), 16)
+    b = ShapesCaptions(seed=0).itm_batch(ShapesCaptions(seed=0).rng("train", 3), 16)
+    np.testing.assert_array_equal(a["images"], b["images"])
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    assert a["texts"] == b["texts"]
+    other = data.itm_batch(data.rng("train", 4), 16)
+    test = data.itm_batch(data.rng("test"), 16)
+    seed1 = ShapesCaptions(seed=1).itm_batch(ShapesCaptions(seed=1).rng("train", 3), 16)
+    for x in (other, test, seed1):
+        assert not np.array_equal(a["images"], x["images"])
+
+
+def test_heldout_is_fixed_and_disjoint_from_training(data):
+    h1 = data.heldout(32)
+    h2 = ShapesCaptions(seed=0).heldout(32)
+    np.testing.assert_array_equal(h1["images"], h2["images"])
+    np.testing.assert_array_equal(h1["mlm_labels"], h2["mlm_labels"])
+    train = np.concatenate([data.itm_batch(data.rng("train", s), 32)["images"] for s in range(3)])
+    # no held-out image appears among training images
+    d = ((h1["images"][:, None] - train[None]) ** 2).reshape(32, len(train), -1).sum(-1)
+    assert d.min() > 1.0
+
+
+def test_scenes_have_one_to_three_objects_of_every_kind(data):
+    rng = data.rng("train", 0)
+    scenes = [data.sample_scene(rng) for _ in range(300)]
+    assert {len(s) for s in scenes} == {1, 2, 3}
+    objs = [o for s in scenes for o in s]
+    assert {o.shape for o in objs} == {"circle", "square", "triangle"}
+    assert {o.colour for o in objs} == set(COLOURS)
+    assert {o.size for o in objs} == {"small", "large"}
+    for s in scenes:
+        assert len({(o.colour, o.shape) for o in s}) == len(s)  # distinct objects
+        for o in s:
+            assert o.r <= o.cx <= data.img_size - o.r and o.r <= o.cy <= data.img_size - o.r
+
+
+def test_positive_captions_are_true_and_negatives_false(data):
+    b = data.itm_batch(data.rng("train", 1), 200)
+    kinds = b["kind"]
+    assert set(np.unique(kinds)) == {0, 1, 2}
+    assert 0.35 < (kinds == 0).mean() < 0.65
+    assert 0.3 < (kinds == 2).sum() / (kinds > 0).sum() < 0.7  # half the negatives are hard
+    np.testing.assert_array_equal(b["itm_labels"], (kinds == 0).astype(np.int64))
+    tok = data.tokenizer
+    for text, scene, kind in zip(b["texts"], b["scenes"], kinds):
+        ids, _ = tok.encode(text)  # every caption fits and has no unknown word
+        assert tok.unk_id not in ids
+        cap = _parse(text)
+        assert data.is_true(cap, scene) == (kind == 0)
+
+
+def test_hard_negatives_change_exactly_one_attribute(data):
+    rng = data.rng("train", 2)
+    for _ in range(100):
+        scene = data.sample_scene(rng)
+        pos = data.describe(scene, rng)
+        neg = data.hard_negative(pos, scene, rng)
+        a, b = pos.text().split(), neg.text().split()
+        assert len(a) == len(b)
+        assert sum(x != y for x, y in zip(a, b)) == 1, (pos.text(), neg.text())
+        assert data.is_true(pos, scene) and not data.is_true(neg, scene)
+
+
+def test_relations_match_positions(data):
+    rng = data.rng("train", 5)
+    for _ in range(100):
+        scene = data.sample_scene(rng, n_objects=2)
+        cap = data.describe(scene, rng)
+        first = next(o for o in scene if (o.colour, o.shape) == cap.objects[0][:2])
+        second = next(o for o in scene if (o.colour, o.shape) == cap.objects[1][:2])
+        dx, dy = second.cx - first.cx, second.cy - first.cy
+        expected = {
+            "left of": dx >= data.gap,
+            "right of": -dx >= data.gap,
+            "above": dy >= data.gap,
+            "below": -dy >= data.gap,
+        }[cap.relation]
+        assert expected
+
+
+def test_images_show_the_objects_colours(data):
+    rng = data.rng("train", 6)
+    scenes = [data.sample_scene(rng) for _ in range(20)]
+    images = data.render(scenes, rng)
+    assert images.shape == (20, 3, 32, 32) and images.dtype == np.float32
+    pix = images * 0.5 + 0.5
+    for img, scene in zip(pix, scenes):
+        for o in scene:
+            # a pixel just below the centre is inside every shape (the triangle's apex is up)
+            y, x = int(o.cy + 1), int(o.cx)
+            np.testing.assert_allclose(img[:, y, x], COLOURS[o.colour], atol=0.25)
+
+
+# ----------------------------------------------------------------------------------------------
+# masking
+
+
+def test_bert_masking_rates_and_labels():
+    rng = np.random.default_rng(0)
+    n, L, V = 4000, 12, 30
+    ids = rng.integers(5, V, size=(n, L))
+    ids[:, 0], ids[:, -1] = 1, 2
+    mask = np.ones((n, L), bool)
+    mask[:, -3:] = False  # padding
+    ids[:, -3:] = 0
+    masked, labels = mask_tokens(
+        ids, mask, rng, vocab_size=V, mask_id=3, special_ids=(0, 1, 2, 3, 4), min_one=False
+    )
+    chosen = labels != -100
+    words = mask & (ids > 4)
+    assert not chosen[~words].any()  # never CLS, SEP or padding
+    assert abs(chosen.sum() / words.sum() - 0.15) < 0.01
+    np.testing.assert_array_equal(labels[chosen], ids[chosen])
+    as_mask = (masked == 3) & chosen
+    kept = (masked == ids) & chosen
+    swapped = chosen & ~as_mask & ~kept
+    frac = np.array([as_mask.sum(), swapped.sum(), kept.sum()]) / chosen.sum()
+    # 80 / 10 / 10, where a random word may happen to equal the original (1/25 of the swaps)
+    np.testing.assert_allclose(frac, [0.8, 0.1 * 24 / 25, 0.1 + 0.1 / 25], atol=0.02)
+    assert (masked[swapped] > 4).all()  # random words are never specials
+    np.testing.assert_array_equal(masked[~chosen], ids[~chosen])
+
+
+def test_masking_min_one_and_mlm_batch(data):
+    b = data.mlm_batch(data.rng("train", 7), 64)
+    chosen = b["mlm_labels"] != -100
+    assert chosen.any(axis=1).all()  # at least one masked word per caption
+    assert (b["itm_labels"] == 1).all()
+    # labels hold the original caption's ids
+    np.testing.assert_array_equal(b["mlm_labels"][chosen], b["input_ids"][chosen])
+    assert data.is_content(np.array(data.tokenizer.convert_tokens_to_ids(["red", "left"]))).all()
+    assert not data.is_content(np.array(data.tokenizer.convert_tokens_to_ids(["a", "of"]))).any()
+
+
+def _parse(text):
+    """Caption text -> Caption (the inverse of Caption.text, for the tests)."""
+    words = text.split()
+    objects, relation, i = [], None, 0
+    while i < len(words):
+        w = words[i]
+        if w == "a":
+            size = None
+            if words[i + 1] in ("small", "large"):
+                size = words[i + 1]
+                i += 1
+            objects.append((words[i + 1], words[i + 2], size))
+            i += 3
+        elif w in ("left", "right"):
+            relation = f"{w} of"
+            i += 2
+        elif w in ("above", "below"):
+            relation = w
+            i += 1
+        else:  # "and"
+            i += 1
+    return Caption(tuple(objects), relation)
