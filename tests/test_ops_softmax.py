@@ -62,9 +62,12 @@ def test_matches_torch(backend, shape, regime, data, seed):
     tx = to_torch(x)
     ty = torch.softmax(tx, dim=axis)
     ty.backward(torch.from_numpy(g))
+    # dx = y * dout - y * <dout, y> subtracts terms of size |y| |dout|: on a saturated row the
+    # result is far smaller than that, and its error is measured against the terms' size.
+    terms = float(np.abs(backend.to_numpy(y)).max() * np.abs(g).max()) if g.size else 0.0
     errs = (
         rel_err(backend.to_numpy(y), ty.detach().numpy()),
-        rel_err(backend.to_numpy(dx), tx.grad.numpy()),
+        rel_err(backend.to_numpy(dx), tx.grad.numpy(), scale=terms),
     )
     assert record_torch_err("softmax", *errs) <= 1e-10
 
