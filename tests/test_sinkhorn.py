@@ -449,8 +449,9 @@ def test_bad_inputs(backend):
         f(C, a.astype(np.float32), b)
     with pytest.raises(TypeError, match="float32 or float64"):
         f(backend.asarray(np.ones((3, 4), dtype=np.int64)))
+    other = np.full(3, 1 / 3) if backend.name == "cupy" else _FakeCupyArray()
     with pytest.raises(TypeError, match="two backends"):
-        f(backend.asarray(np.ones((3, 3))), _FakeCupyArray())
+        f(backend.asarray(np.ones((3, 3))), other)
     with pytest.raises(ValueError, match="n_iters"):
         f(C, n_iters=0)
     with pytest.raises(ValueError, match="beta"):
