@@ -1,0 +1,388 @@
+"""minivit's ViLT: shapes, masks, position interpolation, gradients with all three losses, bad
+input, names, and a few steps of the training loop on a tiny config."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import numpy as np
+import pytest
+
+from minivit.models import vilt_heads as H
+from minivit.models.vilt import ViLT, interpolation_matrix
+
+V, T = 23, 10
+
+
+def tiny(backend, dtype="float64", **kw):
+    cfg = dict(
+        vocab_size=V,
+        max_text_len=T,
+        img_size=16,
+        patch_size=8,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        dtype=dtype,
+        backend=backend,
+        seed=1,
+    )
+    cfg.update(kw)
+    model = ViLT(**cfg)
+    # random values everywhere (biases start at zero, norms at one)
+    rng = np.random.default_rng(2)
+    for k, v in model.params.items():
+        noise = rng.normal(0, 0.1, v.shape)
+        model.params[k] = v + backend.asarray(noise, dtype=v.dtype)
+    return model
+
+
+def batch(backend, B=4, L=8, S=16, dtype="float64", seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, V, (B, L))
+    mask = np.ones((B, L), bool)
+    mask[0, 6:] = False
+    mask[1, 4:] = False
+    ids[:, 0] = 1
+    ids[np.arange(B), mask.sum(1) - 1] = 2
+    ids[~mask] = 0
+    images = rng.normal(size=(B, 3, S, S))
+    return backend.asarray(ids), backend.asarray(mask), backend.asarray(images, dtype=dtype)
+
+
+def test_forward_shapes_masks_and_determinism(backend):
+    model = tiny(backend)
+    ids, mask, images = batch(backend)
+    out = model.forward(ids, mask, images)
+    B, L, D, Np = 4, 8, 16, 4
+    assert out["text_feats"].shape == (B, L, D)
+    assert out["image_feats"].shape == (B, 1 + Np, D)
+    assert out["pooled"].shape == (B, D)
+    assert out["image_mask"].shape == (B, 1 + Np) and bool(out["image_mask"].all())
+    assert backend.to_numpy(out["patch_index"]).tolist() == [list(range(Np))] * B
+    assert len(out["attn"]) == 2 and out["attn"][0].shape == (B, 2, L + 1 + Np, L + 1 + Np)
+    attn = backend.to_numpy(out["attn"][0])
+    # no query attends to text padding (key-padding mask)
+    assert np.abs(attn[0, :, :, 6:8]).max() == 0 and np.abs(attn[1, :, :, 4:8]).max() == 0
+    again = model.forward(ids, mask, images)
+    for k in ("text_feats", "image_feats", "pooled"):
+        np.testing.assert_array_equal(backend.to_numpy(out[k]), backend.to_numpy(again[k]))
+    # padding tokens' ids do not change the valid outputs
+    ids2 = backend.to_numpy(ids).copy()
+    ids2[0, 7] = 9
+    out2 = model.forward(backend.asarray(ids2), mask, images)
+    np.testing.assert_allclose(
+        backend.to_numpy(out2["pooled"]), backend.to_numpy(out["pooled"]), rtol=1e-12
+    )
+
+
+def test_float32_stays_float32(backend):
+    model = tiny(backend, dtype="float32")
+    ids, mask, images = batch(backend, dtype="float32")
+    out = model.forward(ids, mask, images)
+    assert out["text_feats"].dtype == np.float32 and out["pooled"].dtype == np.float32
+    model.backward(dict(pooled=out["pooled"] * 0 + 1))
+    assert all(g.dtype == np.float32 for g in model.grads.values())
+
+
+def _directional(model, loss_fn, grads, rng, h=1e-5):
+    orig = {k: v.copy() for k, v in model.params.items()}
+    dirs = {k: rng.normal(size=v.shape) for k, v in orig.items()}
+    be = model.backend
+
+    def at(s):
+        for k in orig:
+            model.params[k] = orig[k] + be.asarray(s * h * dirs[k])
+        return loss_fn()
+
+    num = (at(1) - at(-1)) / (2 * h)
+    for k in orig:
+        model.params[k] = orig[k]
+    ana = sum(float((be.to_numpy(grads[k]) * dirs[k]).sum()) for k in orig)
+    return ana, num
+
+
+def test_whole_model_directional_gradient_all_three_losses(backend):
+    """d(itm + mlm + 0.1 wpa)/d(every parameter) along a random direction, float64, with the
+    IPOT plan held constant (the plan is a constant of the loss, as in the original)."""
+    model = tiny(backend)
+    ids, mask, images = batch(backend)
+    labels = np.full((4, 8), -100)
+    labels[0, 2], labels[1, 1], labels[2, 3], labels[3, 5] = 7, 9, 11, 6
+    labels = backend.asarray(labels)
+    itm = backend.asarray(np.array([-100, 1, 0, 1]))
+    plan = [None]
+
+    def loss():
+        losses, cache = H.pretrain_forward(
+            model, ids, mask, images, labels, itm, wpa_weight=0.1, wpa_plan=plan[0]
+        )
+        return float(losses["loss"]), losses, cache
+
+    _, losses, cache = loss()
+    assert losses["itm"] > 0 and losses["mlm"] > 0 and losses["wpa"] != 0
+    plan[0] = losses["wpa_plan"]
+    grads = {k: v.copy() for k, v in H.pretrain_backward(model, cache).items()}
+    assert set(grads) == set(model.params)
+    ana, num = _directional(model, lambda: loss()[0], grads, np.random.default_rng(3))
+    assert abs(ana - num) <= 1e-7 * abs(num), (ana, num)
+
+
+def test_directional_gradient_with_image_mask_and_other_grid(backend):
+    """Pixel mask (a smaller valid region per image) and 24x24 images on a 16x16 model: the
+    interpolated position embeddings and their transpose in backward."""
+    model = tiny(backend)
+    ids, mask, _ = batch(backend)
+    rng = np.random.default_rng(4)
+    images = backend.asarray(rng.normal(size=(4, 3, 24, 24)))
+    pix = np.ones((4, 24, 24), bool)
+    pix[0, 16:, :] = False  # 2 x 3 valid patches
+    pix[1, :, 8:] = False  # 3 x 1
+    pix = backend.asarray(pix)
+    r = {
+        "text_feats": rng.normal(size=(4, 8, 16)),
+        "image_feats": rng.normal(size=(4, 10, 16)),
+        "pooled": rng.normal(size=(4, 16)),
+    }
+
+    def loss():
+        out = model.forward(ids, mask, images, pix, interpolate_pos_encoding=True)
+        return sum(float((backend.to_numpy(out[k]) * r[k]).sum()) for k in r)
+
+    out = model.forward(ids, mask, images, pix, interpolate_pos_encoding=True)
+    im = backend.to_numpy(out["image_mask"])
+    assert im.sum(1).tolist() == [7, 4, 10, 10]
+    model.backward({k: backend.asarray(v) for k, v in r.items()})
+    grads = {k: v.copy() for k, v in model.grads.items()}
+    dimg_ok = float(np.abs(backend.to_numpy(grads["transformer.pos_embed"])).sum()) > 0
+    assert dimg_ok
+    ana, num = _directional(model, loss, grads, np.random.default_rng(5))
+    assert abs(ana - num) <= 1e-7 * abs(num), (ana, num)
+
+
+def test_position_interpolation_matches_torch_bilinear_align_corners():
+    torch = pytest.importorskip("torch")
+    g = 4
+    table = np.random.default_rng(0).normal(size=(1, 6, g, g))
+    for h, w in ((4, 4), (3, 5), (6, 2), (1, 3)):
+        rh, rw = np.array(interpolation_matrix(h, g)), np.array(interpolation_matrix(w, g))
+        mine = np.einsum("hi,wj,cij->chw", rh, rw, table[0])
+        ref = torch.nn.functional.interpolate(
+            torch.from_numpy(table), size=(h, w), mode="bilinear", align_corners=True
+        )[0].numpy()
+        np.testing.assert_allclose(mine, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_wpa_uses_only_words_and_patches(backend):
+    model = tiny(backend)
+    ids, mask, images = batch(backend)
+    out = model.forward(ids, mask, images)
+    tv, iv = H.wpa_valid_masks(out["text_mask"], out["image_mask"])
+    tv_h = backend.to_numpy(tv)
+    assert tv_h[0].tolist() == [False, True, True, True, True, False, False, False]
+    assert not backend.to_numpy(iv)[:, 0].any()
+    dist, cache = H.wpa_forward(out["text_feats"], out["image_feats"], tv, iv)
+    plan = backend.to_numpy(H.wpa_plan(cache))  # (B, L, I)
+    assert np.abs(plan[~tv_h]).max() == 0  # CLS, SEP and padding rows
+    assert np.abs(plan[:, :, 0]).max() == 0  # the image CLS column
+    np.testing.assert_allclose(plan.sum(axis=(1, 2)), 1.0, rtol=1e-6)
+    # d dist / d cost = plan: the gradient of a row's distance never reaches padding words
+    dt, di = H.wpa_backward(backend.asarray(np.ones(4)), cache)
+    assert np.abs(backend.to_numpy(dt)[~tv_h]).max() == 0
+    assert np.abs(backend.to_numpy(di)[:, 0]).max() == 0
+    assert (backend.to_numpy(dist) > 0).all()
+
+
+def test_max_image_len_samples_with_a_seeded_generator(backend):
+    a, b = tiny(backend, max_image_len=3), tiny(backend, max_image_len=3)
+    ids, mask, images = batch(backend)
+    oa, ob = a.forward(ids, mask, images), b.forward(ids, mask, images)
+    assert oa["image_feats"].shape == (4, 4, 16)
+    pa = backend.to_numpy(oa["patch_index"])
+    np.testing.assert_array_equal(pa, backend.to_numpy(ob["patch_index"]))
+    assert (np.diff(pa, axis=1) > 0).all()  # distinct, row-major order
+    # backward scatters the kept patches back: gradient check along one direction
+    r = np.random.default_rng(0).normal(size=(4, 4, 16))
+    a.rng = a.backend.rng(7)
+    out = a.forward(ids, mask, images)
+    keep = backend.to_numpy(out["patch_index"])
+    a.backward(dict(image_feats=backend.asarray(r)))
+    grads = {k: v.copy() for k, v in a.grads.items()}
+
+    def loss():
+        a.rng = a.backend.rng(7)  # the same sample each time
+        o = a.forward(ids, mask, images)
+        assert (backend.to_numpy(o["patch_index"]) == keep).all()
+        return float((backend.to_numpy(o["image_feats"]) * r).sum())
+
+    ana, num = _directional(a, loss, grads, np.random.default_rng(1))
+    assert abs(ana - num) <= 1e-7 * abs(num)
+    assert a.forward(ids, mask, images, max_image_len=-1)["image_feats"].shape == (4, 5, 16)
+
+
+def test_bad_inputs_raise_clear_errors(backend):
+    model = tiny(backend)
+    ids, mask, images = batch(backend)
+    ids_h, mask_h = backend.to_numpy(ids), backend.to_numpy(mask)
+    long_ids = backend.asarray(np.ones((4, T + 1), np.int64))
+    with pytest.raises(ValueError, match="longer than max_text_len"):
+        model.forward(long_ids, backend.asarray(np.ones((4, T + 1), bool)), images)
+    bad = ids_h.copy()
+    bad[2, 3] = V
+    with pytest.raises(ValueError, match=r"vocab_size=23.*23"):
+        model.forward(backend.asarray(bad), mask, images)
+    bad[2, 3] = -1
+    with pytest.raises(ValueError, match="vocab_size"):
+        model.forward(backend.asarray(bad), mask, images)
+    with pytest.raises(ValueError, match="text_mask must have the shape of input_ids"):
+        model.forward(ids, backend.asarray(mask_h[:, :5]), images)
+    with pytest.raises(TypeError, match="text_mask must be boolean"):
+        model.forward(ids, backend.asarray(mask_h * 0.5), images)
+    with pytest.raises(TypeError, match="input_ids must be an integer"):
+        model.forward(backend.asarray(ids_h * 1.0), mask, images)
+    with pytest.raises(ValueError, match=r"images must be 16x16.*got 24x24"):
+        model.forward(ids, mask, backend.asarray(np.zeros((4, 3, 24, 24))))
+    with pytest.raises(ValueError, match=r"in_chans=3"):
+        model.forward(ids, mask, backend.asarray(np.zeros((4, 1, 16, 16))))
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        model.forward(
+            ids, mask, backend.asarray(np.zeros((4, 3, 20, 20))), interpolate_pos_encoding=True
+        )
+    with pytest.raises(ValueError, match="hold 2 images but input_ids holds 4"):
+        model.forward(ids, mask, images[:2])
+    with pytest.raises(TypeError, match="dtype float64"):
+        model.forward(ids, mask, images.astype(np.float32))
+    with pytest.raises(ValueError, match="image_mask must have shape"):
+        model.forward(ids, mask, images, backend.asarray(np.ones((4, 5), bool)))
+    with pytest.raises(ValueError, match="backward takes gradients"):
+        model.forward(ids, mask, images)
+        model.backward(dict(logits=images))
+
+
+def test_names_state_dict_and_registry(backend):
+    model = tiny(backend)
+    names = list(model.params)
+    for k in (
+        "text_embeddings.word_embeddings.weight",
+        "text_embeddings.position_embeddings.weight",
+        "text_embeddings.token_type_embeddings.weight",
+        "text_embeddings.LayerNorm.weight",
+        "token_type_embeddings.weight",
+        "transformer.cls_token",
+        "transformer.pos_embed",
+        "transformer.patch_embed.proj.weight",
+        "transformer.blocks.1.attn.qkv.weight",
+        "transformer.blocks.0.mlp.fc2.bias",
+        "transformer.norm.weight",
+        "pooler.dense.weight",
+        "itm_score.fc.weight",
+        "mlm_score.transform.dense.weight",
+        "mlm_score.transform.LayerNorm.bias",
+        "mlm_score.decoder.weight",
+        "mlm_score.bias",
+    ):
+        assert k in names
+    assert model.params["token_type_embeddings.weight"].shape == (2, 16)
+    other = tiny(backend)
+    other.params = {k: v * 0 for k, v in other.params.items()}
+    other.load_state_dict(model.state_dict())
+    ids, mask, images = batch(backend)
+    np.testing.assert_array_equal(
+        backend.to_numpy(other.forward(ids, mask, images)["pooled"]),
+        backend.to_numpy(model.forward(ids, mask, images)["pooled"]),
+    )
+    sd = model.state_dict()
+    sd.pop("pooler.dense.bias")
+    with pytest.raises(ValueError, match="pooler.dense.bias"):
+        other.load_state_dict(sd)
+    from minivit import create_model
+
+    small = create_model("vilt_shapes_small", backend=backend)
+    assert isinstance(small, ViLT) and small.embed_dim == 128
+    full = create_model("vilt_b32_mlm", depth=1, backend=backend)  # the published shapes
+    assert full.params["transformer.pos_embed"].shape == (1, 145, 768)
+    assert full.params["text_embeddings.word_embeddings.weight"].shape == (30522, 768)
+
+
+def test_vqa_head_gradient(backend):
+    model = tiny(backend, num_vqa_labels=5)
+    rng = np.random.default_rng(0)
+    pooled = backend.asarray(rng.normal(size=(3, 16)))
+    r = rng.normal(size=(3, 5))
+    logits, cache = H.vqa_forward(pooled, model.params)
+    g = {}
+    dpooled = H.vqa_backward(backend.asarray(r), cache, g)
+    assert set(g) == {k for k in model.params if k.startswith("vqa_classifier.")}
+    d = rng.normal(size=(3, 16))
+    h = 1e-6
+    lp = float(
+        (
+            backend.to_numpy(H.vqa_forward(pooled + h * backend.asarray(d), model.params)[0]) * r
+        ).sum()
+    )
+    lm = float(
+        (
+            backend.to_numpy(H.vqa_forward(pooled - h * backend.asarray(d), model.params)[0]) * r
+        ).sum()
+    )
+    num = (lp - lm) / (2 * h)
+    ana = float((backend.to_numpy(dpooled) * d).sum())
+    assert abs(ana - num) <= 1e-6 * abs(num)
+
+
+def test_training_loop_runs_a_few_steps(tmp_path, capsys):
+    from minivit.cli import build_parser
+    from minivit.train import vilt as train_vilt
+
+    args = build_parser().parse_args(
+        [
+            "train", "vilt", "--steps", "4", "--batch-size", "8", "--mlm-batch-size", "4",
+            "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--eval-size", "16",
+            "--eval-every", "2", "--out", str(tmp_path), "--no-progress", "--dtype", "float64",
+        ]
+    )  # fmt: skip
+    assert isinstance(args, argparse.Namespace)
+    assert train_vilt.run(args) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^itm accuracy: \d\.\d{4}$", text, re.M)
+    assert re.search(r"^mlm accuracy: \d\.\d{4}$", text, re.M)
+    for name in ("checkpoint.safetensors", "metrics.json", "curves.png", "alignment.png"):
+        assert (tmp_path / name).exists(), name
+    import json
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0 <= metrics["itm_acc"] <= 1 and 0 <= metrics["mlm_acc"] <= 1
+    assert len(metrics["history"]) == 2
+    # the checkpoint loads back into a model that reproduces the evaluation
+    from minivit.checkpoint import load_model
+
+    model, _ = load_model(tmp_path / "checkpoint.safetensors")
+    assert isinstance(model, ViLT) and model.embed_dim == 16
+
+
+def test_training_loss_decreases_on_a_fixed_batch():
+    """A handful of AdamW steps on one batch must reduce all of ITM + MLM + WPA."""
+    from minivit import optim
+    from minivit.backend import get_backend
+    from minivit.data.shapes import ShapesCaptions
+    from minivit.train.vilt import make_batch
+
+    data = ShapesCaptions(seed=0)
+    model = ViLT(
+        vocab_size=data.tokenizer.vocab_size, max_text_len=16, img_size=32, patch_size=8,
+        embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, dtype="float64", seed=0,
+    )  # fmt: skip
+    b = make_batch(data, data.rng("train", 0), 16, 8)
+    be = get_backend("numpy")
+    opt = optim.AdamW(model.params, lr=3e-3)
+    first = None
+    for _ in range(12):
+        losses, cache = H.pretrain_forward(
+            model, b["input_ids"], b["text_mask"], be.asarray(b["images"], "float64"),
+            b["mlm_labels"], b["itm_labels"],
+        )  # fmt: skip
+        first = float(losses["loss"]) if first is None else first
+        opt.step(H.pretrain_backward(model, cache))
+    assert float(losses["loss"]) < 0.8 * first
