@@ -243,3 +243,12 @@ def test_bad_input(backend):
         HybridViT(**{**CFG, "stem_kernel": 2})
     with pytest.raises(ValueError, match=r"stages\[1\]"):
         HybridViT(**{**CFG, "stages": [[4, 1, 1], [6, 0, 2]]})
+
+
+def test_forward_flops_by_hand():
+    # stem 2 (4x4 px) (2 ch) (1 ch) (9 taps) = 576; proj 2 (16 tokens) (2 ch) (4) = 256;
+    # block: 2 (17 tokens) (4) (4*4 + 2*4) = 3264 and 4 (17^2) (4) = 4624; head 2 (4) (3) = 24.
+    m = HybridViT(img_size=4, in_chans=1, num_classes=3, stem_chs=2, stages=[], embed_dim=4,
+                  depth=1, num_heads=1, mlp_ratio=1.0)  # fmt: skip
+    assert m.forward_flops(1) == 576 + 256 + 3264 + 4624 + 24
+    assert m.forward_flops(5) == 5 * m.forward_flops(1)

@@ -251,6 +251,24 @@ class HybridViT:
     def num_params(self):
         return sum(int(v.size) for v in self.params.values())
 
+    def forward_flops(self, batch_size: int) -> float:
+        """Forward GEMM FLOPs of one batch (2 per multiply-add; convs, proj, encoder, head),
+        the numerator of a roofline figure; norms and activations are left out."""
+        B, S, k = batch_size, self.img_size, self.stem_kernel
+        f = 2.0 * B * S * S * self.stem_chs * self.in_chans * k * k  # stem conv, "same" size
+        side = S // 2 if self.stem_pool else S
+        for _, cin, cout, stride, down in self._blocks():
+            side_out = ops.conv_output_size(side, 3, stride, 1)
+            px = B * side_out * side_out
+            f += 2.0 * px * cout * (cin * 9 + cout * 9 + (cin if down else 0))
+            side = side_out
+        N, T, D = self.num_patches, 1 + self.num_patches, self.embed_dim
+        f += 2.0 * B * N * self.feature_chs * D  # 1x1 proj
+        per_block = 2.0 * B * T * D * (4 * D + 2 * self.mlp_hidden) + 4.0 * B * T * T * D
+        f += self.depth * per_block
+        f += 2.0 * B * D * max(self.num_classes, 0)
+        return f
+
     # ------------------------------------------------------------------------------------------
     # backbone: forward and backward
 
