@@ -145,6 +145,41 @@ def test_sinkhorn_matches_pot_at_convergence_and_marginals_hold(backend):
     assert np.abs(plan.sum(-2) - b).max() <= 1e-9
 
 
+@pytest.fixture
+def stable_path(monkeypatch):
+    """Run the max-stabilized log-sum-exp path (the one CuPy always takes) on NumPy too."""
+    import minivit.ops.sinkhorn as sk
+
+    monkeypatch.setattr(sk, "_FAST_CPU_PATH", False)
+
+
+@pytest.mark.oracle
+def test_stabilized_path_matches_pot_and_fast_path(stable_path):
+    # The CPU normally takes the cheaper update (docs/ops/sinkhorn.md); this is the other one.
+    import minivit.ops.sinkhorn as sk
+
+    rng = np.random.default_rng(21)
+    C, a, b = problem(rng, (3,), 6, 9)
+    a[1, 4] = 0
+    b[2, :2] = 0
+    a /= a.sum(-1, keepdims=True)
+    b /= b.sum(-1, keepdims=True)
+    stable, cache = ops.sinkhorn_forward(C, a, b, epsilon=0.05, n_iters=40)
+    for k in (0,):  # POT starts padding rows at 0, so compare it where there is no padding
+        assert np.abs(stable[k] - pot_log(a[k], b[k], C[k], 0.05, 40)).max() <= 1e-9
+    sk._FAST_CPU_PATH = True
+    fast, cache_f = ops.sinkhorn_forward(C, a, b, epsilon=0.05, n_iters=40)
+    assert np.abs(fast - stable).max() <= 1e-12
+    assert (fast[a == 0] == 0).all() and (stable[a == 0] == 0).all()
+    dP = rng.standard_normal(C.shape)
+    for g1, g2 in zip(ops.sinkhorn_backward(dP, cache), ops.sinkhorn_backward(dP, cache_f)):
+        assert rel(g1, g2) <= 1e-10
+    # the stabilized path with an early stop
+    sk._FAST_CPU_PATH = False
+    _, c2 = ops.sinkhorn_forward(C, a, b, epsilon=0.5, n_iters=1000, tol=1e-12)
+    assert c2.n_run < 1000
+
+
 def test_tiny_epsilon_is_finite_and_non_negative(backend):
     rng = np.random.default_rng(2)
     C = rng.random((2, 8, 11)) * 3
@@ -155,6 +190,17 @@ def test_tiny_epsilon_is_finite_and_non_negative(backend):
         assert p.dtype == dtype
         assert np.isfinite(p).all() and (p >= 0).all()
         assert np.abs(p.sum(-1) - 1 / 8).max() < 1e-3  # rows exact after each iteration
+    # On NumPy the first half-steps fall back to the stabilized log-sum-exp (sums underflow);
+    # the result must equal the stabilized path's.
+    import minivit.ops.sinkhorn as sk
+
+    fast, _ = ops.sinkhorn_forward(backend.asarray(C), epsilon=eps, n_iters=50)
+    old, sk._FAST_CPU_PATH = sk._FAST_CPU_PATH, False
+    try:
+        stable, _ = ops.sinkhorn_forward(backend.asarray(C), epsilon=eps, n_iters=50)
+    finally:
+        sk._FAST_CPU_PATH = old
+    assert np.abs(backend.to_numpy(fast) - backend.to_numpy(stable)).max() <= 1e-10
     dp = backend.asarray(rng.standard_normal(C.shape))
     plan, cache = ops.sinkhorn_forward(backend.asarray(C), epsilon=eps, n_iters=20)
     for g in ops.sinkhorn_backward(dp, cache)[:1]:
