@@ -1,0 +1,1 @@
+"""minivit's benchmark harness: ops and models on NumPy, CuPy and PyTorch eager (see README)."""

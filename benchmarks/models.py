@@ -1,0 +1,353 @@
+"""Whole-model benchmarks: forward and train step, minivit beside a PyTorch eager twin.
+
+Models: ViT-Ti/16, ViT-S/16, ViT-B/16 at 224 (timm's configs), ViLT-B/32 (40 text tokens, one
+384 x 384 image, the masked-attention path) and, minivit only, the small hybrid ViT; ViLT and the
+hybrid are added only when their classes import.
+
+Phases:
+- ``forward``: inference; minivit ``forward(train=False)``, torch under ``torch.no_grad()``.
+- ``train_step``: forward, the loss, and the full backward (every parameter gradient).
+  ViT: mean cross-entropy over random labels. ViLT: the pooled output against a fixed random
+  gradient (``pooled.backward(g)``; minivit ``backward({"pooled": g})``).
+
+The PyTorch twin is written in this file as plain eager code (``F.linear``, ``F.layer_norm``,
+``F.gelu``, matmul + softmax attention, ``F.conv2d`` for the patches) and is loaded with the
+minivit model's own parameters, so both compute the same function; the largest difference of
+their outputs is recorded with every result (``twin_max_abs_diff``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks import harness
+
+MODEL_NAMES = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vilt_b32")
+EXTRA_MODELS = ("hybrid_resnet_small_32",)
+SHORT = {
+    "vit_tiny_patch16_224": "ViT-Ti/16",
+    "vit_small_patch16_224": "ViT-S/16",
+    "vit_base_patch16_224": "ViT-B/16",
+    "vilt_b32": "ViLT-B/32",
+    "hybrid_resnet_small_32": "Hybrid-R18s/32px",
+}
+TEXT_LEN = 40
+VILT_IMG = 384
+
+
+def batch_size(name: str, device: str, quick: bool) -> int:
+    """Batch 8 on the CPU (the target case is ViT-Ti/16 at 8), 64 on a GPU."""
+    if name.startswith("hybrid"):
+        return 32 if device == "cpu" else 256
+    return 8 if device == "cpu" else 64
+
+
+def model_list(cfg: harness.BenchConfig, device: str) -> list[str]:
+    if cfg.models is not None:
+        return [m for m in MODEL_NAMES + EXTRA_MODELS if m in cfg.models]
+    if cfg.quick:
+        if device == "cuda":
+            return ["vit_tiny_patch16_224", "vit_base_patch16_224"]
+        return ["vit_tiny_patch16_224"]
+    return list(MODEL_NAMES + EXTRA_MODELS)
+
+
+# ----------------------------------------------------------------------------------------------
+# flop counts (GEMMs only, as a roofline numerator)
+
+
+def encoder_flops(B, N, D, depth, mlp_ratio=4.0):
+    """Forward FLOPs of ``depth`` pre-LN blocks: 2 M D (3D + D + 2 * hidden) + 4 B N^2 D each."""
+    M = B * N
+    hidden = int(D * mlp_ratio)
+    return depth * (2.0 * M * D * (4 * D + 2 * hidden) + 4.0 * B * N * N * D)
+
+
+def model_flops(model, name: str, B: int) -> float | None:
+    """Forward GEMM FLOPs of one batch."""
+    if name.startswith("vit"):
+        P, S, D = model.patch_size, model.img_size, model.embed_dim
+        Np = (S // P) ** 2
+        f = encoder_flops(B, Np + 1, D, model.depth, model.mlp_ratio)
+        f += 2.0 * B * Np * (model.in_chans * P * P) * D  # patch embedding
+        f += 2.0 * B * D * model.num_classes  # head
+        return f
+    if name.startswith("vilt"):
+        P, S, D = model.patch_size, VILT_IMG, model.embed_dim
+        Np = (S // P) ** 2
+        f = encoder_flops(B, TEXT_LEN + Np + 1, D, model.depth, model.mlp_ratio)
+        f += 2.0 * B * Np * (model.in_chans * P * P) * D + 2.0 * B * D * D
+        return f
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the PyTorch twin
+
+
+def _torch_twin(kind: str, params: dict, cfg: dict, device: str):
+    """A torch.nn.Module computing the same function as the minivit model, with its weights."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.ParameterDict(
+                {
+                    k.replace(".", "__"): nn.Parameter(torch.tensor(np.asarray(v)))
+                    for k, v in params.items()
+                }
+            )
+
+        def w(self, name):
+            return self.p[name.replace(".", "__")]
+
+        def block(self, x, prefix, H, eps, mask=None):
+            w = self.w
+            B, N, D = x.shape
+            hd = D // H
+            h = F.layer_norm(x, (D,), w(prefix + "norm1.weight"), w(prefix + "norm1.bias"), eps)
+            qkv = F.linear(h, w(prefix + "attn.qkv.weight"), w(prefix + "attn.qkv.bias"))
+            q, k, v = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
+            s = (q * hd**-0.5) @ k.transpose(-2, -1)  # (B, H, N, N)
+            if mask is not None:
+                s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+            a = torch.softmax(s, dim=-1)
+            ctx = (a @ v).transpose(1, 2).reshape(B, N, D)
+            x = x + F.linear(ctx, w(prefix + "attn.proj.weight"), w(prefix + "attn.proj.bias"))
+            h = F.layer_norm(x, (D,), w(prefix + "norm2.weight"), w(prefix + "norm2.bias"), eps)
+            h = F.gelu(F.linear(h, w(prefix + "mlp.fc1.weight"), w(prefix + "mlp.fc1.bias")))
+            return x + F.linear(h, w(prefix + "mlp.fc2.weight"), w(prefix + "mlp.fc2.bias"))
+
+        def forward_vit(self, images):
+            w = self.w
+            P = cfg["patch_size"]
+            x = F.conv2d(images, w("patch_embed.proj.weight"), w("patch_embed.proj.bias"), P)
+            x = x.flatten(2).transpose(1, 2)  # (B, Np, D)
+            B, _, D = x.shape
+            x = torch.cat([w("cls_token").expand(B, -1, -1), x], 1) + w("pos_embed")
+            for i in range(cfg["depth"]):
+                x = self.block(x, f"blocks.{i}.", cfg["num_heads"], cfg["eps"])
+            x = F.layer_norm(x, (D,), w("norm.weight"), w("norm.bias"), cfg["eps"])
+            return F.linear(x[:, 0], w("head.weight"), w("head.bias"))
+
+        def forward_vilt(self, ids, text_mask, images):
+            w = self.w
+            P, D, L = cfg["patch_size"], cfg["embed_dim"], ids.shape[1]
+            t = F.embedding(ids, w("text_embeddings.word_embeddings.weight"))
+            t = t + w("text_embeddings.position_embeddings.weight")[:L]
+            t = t + w("text_embeddings.token_type_embeddings.weight")[0]
+            t = F.layer_norm(
+                t,
+                (D,),
+                w("text_embeddings.LayerNorm.weight"),
+                w("text_embeddings.LayerNorm.bias"),
+                cfg["text_eps"],
+            )
+            t = t + w("token_type_embeddings.weight")[0]
+            x = F.conv2d(
+                images,
+                w("transformer.patch_embed.proj.weight"),
+                w("transformer.patch_embed.proj.bias"),
+                P,
+            )
+            x = x.flatten(2).transpose(1, 2) + w("transformer.pos_embed")[0, 1:]
+            B = x.shape[0]
+            cls = w("transformer.cls_token")[0] + w("transformer.pos_embed")[0, :1]
+            v = torch.cat([cls.expand(B, 1, D), x], 1) + w("token_type_embeddings.weight")[1]
+            z = torch.cat([t, v], 1)
+            mask = torch.cat(
+                [text_mask, torch.ones(B, v.shape[1], dtype=torch.bool, device=z.device)], 1
+            )
+            for i in range(cfg["depth"]):
+                z = self.block(z, f"transformer.blocks.{i}.", cfg["num_heads"], cfg["eps"], mask)
+            z = F.layer_norm(
+                z, (D,), w("transformer.norm.weight"), w("transformer.norm.bias"), cfg["eps"]
+            )
+            return torch.tanh(F.linear(z[:, 0], w("pooler.dense.weight"), w("pooler.dense.bias")))
+
+    twin = Twin().to(device)
+    twin.forward = twin.forward_vit if kind == "vit" else twin.forward_vilt
+    return twin
+
+
+# ----------------------------------------------------------------------------------------------
+# building the cases
+
+
+def build(name: str, backend: str, B: int, with_torch: bool):
+    """Returns dict(forward=..., train_step=..., torch_forward=..., torch_train_step=...,
+    flops=..., twin_max_abs_diff=..., label=...) for one model on one backend."""
+    import minivit
+    from minivit import ops
+    from minivit.backend import get_backend
+
+    be = get_backend(backend)
+    device = harness.torch_device(backend)
+    rng = np.random.default_rng(0)
+    out: dict = {}
+    if name.startswith("vilt"):
+        model = minivit.create_model("vilt_b32_mlm", backend=backend, dtype="float32")
+        kind = "vilt"
+        ids = rng.integers(0, model.vocab_size, (B, TEXT_LEN))
+        lengths = rng.integers(TEXT_LEN // 4, TEXT_LEN + 1, B)
+        tmask = np.arange(TEXT_LEN)[None, :] < lengths[:, None]  # (B, L), padded captions
+        images = rng.standard_normal((B, 3, VILT_IMG, VILT_IMG)).astype(np.float32)
+        gpool = (rng.standard_normal((B, model.embed_dim)) * 0.1).astype(np.float32)
+        m_ids, m_mask = be.asarray(ids), be.asarray(tmask)
+        m_img, m_g = be.asarray(images), be.asarray(gpool)
+
+        def fwd():
+            return model.forward(m_ids, m_mask, m_img)["pooled"]
+
+        def step():
+            model.forward(m_ids, m_mask, m_img, train=True)
+            model.backward({"pooled": m_g})
+
+    else:
+        model = minivit.create_model(name, backend=backend, dtype="float32")
+        kind = "vit" if name.startswith("vit") else "other"
+        images = rng.standard_normal((B, model.in_chans, model.img_size, model.img_size))
+        images = images.astype(np.float32)
+        labels = rng.integers(0, model.num_classes, B)
+        m_img, m_lab = be.asarray(images), be.asarray(labels)
+
+        def fwd():
+            return model.forward(m_img, train=False)
+
+        def step():
+            logits = model.forward(m_img, train=True)
+            _, c = ops.cross_entropy_forward(logits, m_lab)
+            (dl,) = ops.cross_entropy_backward(be.xp.asarray(1.0, dtype=logits.dtype), c)
+            model.backward(dl)
+
+    out.update(forward=fwd, train_step=step, flops=model_flops(model, name, B))
+    if with_torch and kind in ("vit", "vilt"):
+        import torch
+        import torch.nn.functional as F
+
+        params = {k: be.to_numpy(v) for k, v in model.params.items()}
+        twin = _torch_twin(kind, params, dict(model.config), device)
+        if kind == "vilt":
+            t_args = (
+                torch.tensor(ids, device=device),
+                torch.tensor(tmask, device=device),
+                torch.tensor(images, device=device),
+            )
+            t_g = torch.tensor(gpool, device=device)
+
+            def t_step():
+                for p in twin.parameters():
+                    p.grad = None
+                twin(*t_args).backward(t_g)
+
+        else:
+            t_args = (torch.tensor(images, device=device),)
+            t_lab = torch.tensor(labels, device=device)
+
+            def t_step():
+                for p in twin.parameters():
+                    p.grad = None
+                F.cross_entropy(twin(*t_args), t_lab).backward()
+
+        def t_fwd():
+            with torch.no_grad():
+                return twin(*t_args)
+
+        # The twin must compute the same function as the model.
+        ref = be.to_numpy(fwd())
+        got = t_fwd().detach().cpu().numpy()
+        out["twin_max_abs_diff"] = float(np.abs(ref - got).max())
+        out.update(torch_forward=t_fwd, torch_train_step=t_step)
+    return out
+
+
+def run(cfg: harness.BenchConfig, ceilings: dict | None = None, log=print) -> list[dict]:
+    """Time every selected model's forward and train step on every backend and in torch."""
+    import importlib
+
+    ceilings = ceilings or {}
+    have_torch = cfg.torch and harness.impl_available("torch")
+    rows: list[dict] = []
+    for backend in cfg.backends:
+        if not harness.impl_available(backend):
+            log(f"models: backend {backend} unavailable, skipped")
+            continue
+        device = harness.torch_device(backend)
+        torch_ok = have_torch and (device == "cpu" or _torch_cuda())
+        for name in model_list(cfg, device):
+            mod = {"vilt": "minivit.models.vilt", "hybr": "minivit.models.hybrid"}.get(name[:4])
+            if mod is not None:
+                try:
+                    importlib.import_module(mod)
+                except ImportError as exc:
+                    log(f"models: {name} skipped ({exc})")
+                    continue
+            B = batch_size(name, device, cfg.quick)
+            try:
+                built = build(name, backend, B, torch_ok)
+            except Exception as exc:  # a model another helper is still writing: skip, say so
+                log(f"models: {name} on {backend} could not be built: {type(exc).__name__}: {exc}")
+                continue
+            for phase in ("forward", "train_step"):
+                cases = {("minivit", phase): (built[phase], "minivit", device)}
+                if f"torch_{phase}" in built:
+                    cases[("torch", phase)] = (built[f"torch_{phase}"], "torch", device)
+                repeats = cfg.repeats
+                timed = harness.time_interleaved(cases, repeats, cfg.warmup)
+                fl = built["flops"]
+                if fl and phase == "train_step":
+                    fl = 3 * fl  # backward is twice the forward's GEMM work
+                for (impl, _), timing in timed.items():
+                    fn = cases[(impl, phase)][0]
+                    mem = harness.peak_memory(fn, impl, device) if cfg.memory else None
+                    row = dict(
+                        group="model",
+                        name=name,
+                        label=SHORT.get(name, name),
+                        phase=phase,
+                        backend=backend if impl == "minivit" else f"torch-{device}",
+                        impl=impl,
+                        device=device,
+                        dtype="float32",
+                        batch=B,
+                        shape=f"B={B}",
+                        median_ms=1e3 * timing.median_s,
+                        min_ms=1e3 * timing.min_s,
+                        mean_ms=1e3 * timing.mean_s,
+                        stdev_ms=1e3 * timing.stdev_s,
+                        repeats=timing.repeats,
+                        warmup=timing.warmup,
+                        timing_method=timing.method,
+                        times_ms=[1e3 * t for t in timing.times_s],
+                        flops=fl,
+                    )
+                    if "twin_max_abs_diff" in built:
+                        row["twin_max_abs_diff"] = built["twin_max_abs_diff"]
+                    if fl:
+                        row["gflops_per_s"] = fl / timing.median_s / 1e9
+                        c = ceilings.get((backend if impl == "minivit" else "torch", device))
+                        if c:
+                            row["frac_of_sgemm"] = fl / timing.median_s / c
+                    if mem is not None:
+                        row["peak_mem_bytes"], row["mem_method"] = mem
+                    rows.append(row)
+                m = timed[("minivit", phase)]
+                t = timed.get(("torch", phase))
+                msg = f"  {backend:5s} {SHORT.get(name, name):16s} B={B:<3d} {phase:10s} "
+                msg += f"{1e3 * m.median_s:9.1f} ms"
+                if t:
+                    msg += f"  torch {1e3 * t.median_s:9.1f} ms  x{m.median_s / t.median_s:.3f}"
+                log(msg)
+    return rows
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False

@@ -1,0 +1,358 @@
+"""Turn benchmark rows into JSON, a markdown report and PNG plots.
+
+A row is a flat dict (see ops.py and models.py). Rows pair up by (group, name, phase, shape,
+device): the ``minivit`` row and the ``torch`` row of one case give the minivit-over-torch
+ratio; the ``numpy`` and ``cupy`` rows of one case give the GPU-over-CPU speedup.
+
+    python -m benchmarks.report RESULTS.json [--out DIR]     # redraw from a saved JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["write_json", "load_json", "pairs", "markdown", "plots", "write_all"]
+
+
+def write_json(rows: list, env: dict, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"environment": env, "results": rows}, f, indent=1, default=_jsonable)
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(o):
+    try:
+        return float(o)
+    except (TypeError, ValueError):
+        return str(o)
+
+
+def load_json(path: str) -> tuple[list, dict]:
+    with open(path) as f:
+        data = json.load(f)
+    return data["results"], data.get("environment", {})
+
+
+def _key(r: dict) -> tuple:
+    return (r.get("group"), r.get("name"), r.get("phase"), r.get("shape"), r.get("device"))
+
+
+def pairs(rows: list) -> list[dict]:
+    """One dict per case with minivit and torch medians and their ratio (minivit / torch)."""
+    by: dict = {}
+    for r in rows:
+        if r.get("group") not in ("op", "model") or "median_ms" not in r:
+            continue
+        by.setdefault(_key(r), {})[r.get("impl")] = r
+    out = []
+    for k, d in by.items():
+        m, t = d.get("minivit"), d.get("torch")
+        if m is None:
+            continue
+        out.append(
+            dict(
+                group=k[0],
+                name=k[1],
+                phase=k[2],
+                shape=k[3],
+                device=k[4],
+                backend=m.get("backend"),
+                label=m.get("label", k[1]),
+                minivit_ms=m["median_ms"],
+                torch_ms=t["median_ms"] if t else None,
+                ratio=m["median_ms"] / t["median_ms"] if t else None,
+                minivit_mem=m.get("peak_mem_bytes"),
+                torch_mem=t.get("peak_mem_bytes") if t else None,
+                mem_method=m.get("mem_method"),
+                torch_mem_method=t.get("mem_method") if t else None,
+                gflops=m.get("gflops_per_s"),
+                frac=m.get("frac_of_sgemm"),
+                repeats=m.get("repeats"),
+                twin_diff=m.get("twin_max_abs_diff"),
+                batch=m.get("batch"),
+                tokens=m.get("tokens"),
+                width=m.get("width"),
+            )
+        )
+    return out
+
+
+def gpu_speedups(rows: list) -> list[dict]:
+    """numpy median / cupy median for every case run on both (minivit rows only)."""
+    by: dict = {}
+    for r in rows:
+        if r.get("impl") != "minivit" or "median_ms" not in r:
+            continue
+        k = (r.get("group"), r.get("name"), r.get("phase"), r.get("shape"))
+        by.setdefault(k, {})[r.get("backend")] = r["median_ms"]
+    out = []
+    for k, d in by.items():
+        if "numpy" in d and "cupy" in d:
+            out.append(
+                dict(
+                    group=k[0],
+                    name=k[1],
+                    phase=k[2],
+                    shape=k[3],
+                    numpy_ms=d["numpy"],
+                    cupy_ms=d["cupy"],
+                    speedup=d["numpy"] / d["cupy"],
+                )
+            )
+    return out
+
+
+def _mb(b) -> str:
+    return "" if b is None else f"{b / 2**20:.1f}"
+
+
+def _f(x, fmt="{:.2f}") -> str:
+    return "" if x is None else fmt.format(x)
+
+
+def environment_lines(env: dict) -> list[str]:
+    lines = []
+    dev = env.get("gpu") or env.get("cpu")
+    lines.append(f"- device: {dev}" + (f" (host CPU {env.get('cpu')})" if env.get("gpu") else ""))
+    lines.append(
+        f"- python {env.get('python')}, numpy {env.get('numpy')}, torch {env.get('torch', '-')}"
+        + (f", cupy {env['cupy']}" if env.get("cupy") else "")
+    )
+    pools = env.get("threadpools")
+    if isinstance(pools, list):
+        desc = ", ".join(
+            f"{p.get('internal_api')} {p.get('version')} ({p.get('architecture')}) "
+            f"{p.get('num_threads')} threads"
+            for p in pools
+        )
+        lines.append(f"- BLAS: {desc}")
+    lines.append(
+        f"- threads: torch {env.get('torch_threads', '-')}, minivit elementwise pool "
+        f"{env.get('minivit_threads', '-')}; cores {env.get('cpu_count')}"
+    )
+    blas_env = {k: v for k, v in (env.get("env") or {}).items() if v is not None}
+    lines.append(f"- environment: {blas_env or 'no OPENBLAS_/OMP_ variables set'}")
+    lines.append(
+        f"- fp32, TF32 {'on' if env.get('tf32') else 'off'}; warm-up {env.get('warmup')}, "
+        f"median of {env.get('repeats')} repeats, implementations interleaved"
+    )
+    if env.get("sgemm"):
+        lines.append(
+            "- measured sgemm ceilings: "
+            + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in env["sgemm"].items())
+        )
+    return lines
+
+
+def markdown(rows: list, env: dict) -> str:
+    ps = pairs(rows)
+    out = ["# minivit benchmark results", ""]
+    out += environment_lines(env)
+    out.append("")
+    models = [p for p in ps if p["group"] == "model"]
+    if models:
+        out += [
+            "## Models",
+            "",
+            "| model | batch | phase | backend | minivit ms | torch ms | minivit / torch "
+            "| GFLOP/s | of sgemm | peak MiB minivit | peak MiB torch |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in models:
+            out.append(
+                f"| {p['label']} | {p['batch']} | {p['phase']} | {p['backend']} "
+                f"| {p['minivit_ms']:.1f} | {_f(p['torch_ms'], '{:.1f}')} "
+                f"| {_f(p['ratio'], '**{:.3f}**')} | {_f(p['gflops'], '{:.0f}')} "
+                f"| {_f(p['frac'], '{:.0%}')} | {_mb(p['minivit_mem'])} | {_mb(p['torch_mem'])} |"
+            )
+        methods = {p["mem_method"] for p in models} | {p["torch_mem_method"] for p in models}
+        out += ["", "Peak memory: " + "; ".join(sorted(m for m in methods if m)) + ".", ""]
+    ops_ = [p for p in ps if p["group"] == "op"]
+    if ops_:
+        out += [
+            "## Ops (forward and backward timed separately)",
+            "",
+            "| op | shape | phase | backend | minivit ms | torch ms | minivit / torch | GFLOP/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for p in ops_:
+            out.append(
+                f"| {p['name']} | {p['shape']} | {p['phase']} | {p['backend']} "
+                f"| {p['minivit_ms']:.3f} | {_f(p['torch_ms'], '{:.3f}')} "
+                f"| {_f(p['ratio'])} | {_f(p['gflops'], '{:.0f}')} |"
+            )
+        out.append("")
+    sk = [r for r in rows if r.get("group") == "sinkhorn"]
+    if sk:
+        out += [
+            "## Sinkhorn (benchmarks/bench_sinkhorn.py)",
+            "",
+            "| backend | implementation | dtype | pairs x n x m | iters | median ms "
+            "| speed-up over a loop of POT calls |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in sk:
+            out.append(
+                f"| {r.get('backend')} | {r.get('impl')} | {r.get('dtype')} "
+                f"| {r.get('batch')} x {r.get('n')} x {r.get('m')} | {r.get('n_iters')} "
+                f"| {_f(r.get('median_ms'), '{:.1f}')} "
+                f"| {_f(r.get('speedup_vs_pot_loop'), '{:.1f}x')} |"
+            )
+        out.append("")
+    sp = gpu_speedups(rows)
+    if sp:
+        out += [
+            "## GPU over CPU (minivit numpy ms / minivit cupy ms)",
+            "",
+            "| case | shape | phase | numpy ms | cupy ms | speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in sp:
+            out.append(
+                f"| {s['name']} | {s['shape']} | {s['phase']} | {s['numpy_ms']:.2f} "
+                f"| {s['cupy_ms']:.3f} | {s['speedup']:.1f}x |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+
+
+def plots(rows: list, outdir: str) -> list[str]:
+    """PNG figures; returns the paths written (none when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    os.makedirs(outdir, exist_ok=True)
+    written = []
+    op_rows = [r for r in rows if r.get("group") == "op" and "median_ms" in r]
+    names = [n for n in dict.fromkeys(r["name"] for r in op_rows)]
+    for axis, fixed in (("tokens", ("batch", "width")), ("width", ("batch", "tokens"))):
+        if not op_rows:
+            break
+        # the sweep along `axis`: rows whose other two sizes are the most common (the centre)
+        centre = {}
+        for f in fixed:
+            vals = [r.get(f) for r in op_rows]
+            centre[f] = max(set(vals), key=vals.count)
+        sel = [r for r in op_rows if all(r.get(f) == centre[f] for f in fixed)]
+        if len({r.get(axis) for r in sel}) < 2:
+            continue
+        ncol = 3
+        nrow = (len(names) + ncol - 1) // ncol
+        fig, axes = plt.subplots(nrow, ncol, figsize=(10, 3 * nrow), squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            for backend in dict.fromkeys(r["backend"] for r in sel):
+                for phase, ls in (("forward", "-"), ("backward", "--")):
+                    pts = sorted(
+                        (r[axis], r["median_ms"])
+                        for r in sel
+                        if r["name"] == name and r["backend"] == backend and r["phase"] == phase
+                    )
+                    if pts:
+                        xs, ys = zip(*pts)
+                        ax.plot(xs, ys, ls, marker="o", ms=3, label=f"{backend} {phase[:3]}")
+            ax.set_title(name, fontsize=9)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(axis, fontsize=8)
+            ax.set_ylabel("ms", fontsize=8)
+            ax.tick_params(labelsize=7)
+        for ax in list(axes.flat)[len(names) :]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=6)
+        fig.suptitle(
+            f"op time vs {axis} ({', '.join(f'{k}={v}' for k, v in centre.items())})", fontsize=10
+        )
+        fig.tight_layout()
+        path = os.path.join(outdir, f"ops_time_vs_{axis}.png")
+        fig.savefig(path, dpi=70)
+        plt.close(fig)
+        written.append(path)
+
+    ps = [p for p in pairs(rows) if p["ratio"] is not None]
+    centre_ops = [p for p in ps if p["group"] == "model"] + [
+        p for p in ps if p["group"] == "op" and _is_centre(p, rows)
+    ]
+    if centre_ops:
+        labels = [f"{p['label']} {p['phase'][:5]} [{p['device']}]" for p in centre_ops]
+        vals = [p["ratio"] for p in centre_ops]
+        fig, ax = plt.subplots(figsize=(8, 0.28 * len(vals) + 1.2))
+        colors = ["tab:green" if v <= 1.0 else "tab:red" for v in vals]
+        ax.barh(range(len(vals)), vals, color=colors)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_yticks(range(len(vals)))
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("minivit time / torch eager time (lower is better)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        fig.tight_layout()
+        path = os.path.join(outdir, "ratio_minivit_over_torch.png")
+        fig.savefig(path, dpi=70)
+        plt.close(fig)
+        written.append(path)
+
+    sp = gpu_speedups(rows)
+    if sp:
+        labels = [f"{s['name']} {s['phase'][:5]} {s['shape']}" for s in sp]
+        fig, ax = plt.subplots(figsize=(8, 0.28 * len(sp) + 1.2))
+        ax.barh(range(len(sp)), [s["speedup"] for s in sp], color="tab:blue")
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(sp)))
+        ax.set_yticklabels(labels, fontsize=6)
+        ax.invert_yaxis()
+        ax.set_xlabel("GPU speed-up over CPU (numpy time / cupy time)", fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(outdir, "speedup_gpu_over_cpu.png")
+        fig.savefig(path, dpi=70)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _is_centre(p: dict, rows: list) -> bool:
+    # the op rows at the sweep's centre (the most common batch/tokens/width)
+    vals = {}
+    for f in ("batch", "tokens", "width"):
+        xs = [r.get(f) for r in rows if r.get("group") == "op"]
+        vals[f] = max(set(xs), key=xs.count) if xs else None
+    return all(p.get(f) == vals[f] for f in vals)
+
+
+def write_all(rows: list, env: dict, outdir: str) -> dict:
+    """results.json, results.md and the PNGs in ``outdir``; returns their paths."""
+    os.makedirs(outdir, exist_ok=True)
+    paths = {"json": write_json(rows, env, os.path.join(outdir, "results.json"))}
+    md = os.path.join(outdir, "results.md")
+    with open(md, "w") as f:
+        f.write(markdown(rows, env) + "\n")
+    paths["markdown"] = md
+    paths["plots"] = plots(rows, outdir)
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="redraw a benchmark report from its JSON")
+    ap.add_argument("json")
+    ap.add_argument("--out", default=None, help="folder (default: the JSON's folder)")
+    a = ap.parse_args(argv)
+    rows, env = load_json(a.json)
+    paths = write_all(rows, env, a.out or os.path.dirname(os.path.abspath(a.json)))
+    print(json.dumps(paths, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

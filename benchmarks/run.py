@@ -1,0 +1,136 @@
+"""Run the minivit benchmarks and write JSON, markdown and PNG plots to one folder.
+
+    python benchmarks/run.py --out DIR [--quick] [--backend numpy cupy] [--ops linear gelu]
+                             [--models vit_tiny_patch16_224] [--repeats 5] [--warmup 2]
+                             [--threads 2] [--tf32] [--no-torch] [--no-memory]
+
+``minivit bench`` is the same command (it calls :func:`execute`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import harness, report  # noqa: E402
+
+
+def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None:
+    if with_backend:
+        p.add_argument(
+            "--backend",
+            nargs="+",
+            choices=["numpy", "cupy"],
+            default=None,
+            help="backends to run (default: numpy, plus cupy when a device is present)",
+        )
+    p.add_argument("--quick", action="store_true", help="a small subset (< 2 min on 2 cores)")
+    p.add_argument(
+        "--ops",
+        nargs="*",
+        default=None,
+        metavar="OP",
+        help="ops to run (default all; give none to skip ops)",
+    )
+    p.add_argument(
+        "--models",
+        nargs="*",
+        default=None,
+        metavar="MODEL",
+        help="models to run (default all; give none to skip models)",
+    )
+    p.add_argument(
+        "--out", default=None, help="results folder (default benchmarks/results/<device-tag>)"
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 5, quick 3)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed runs first (default 2, quick 1)"
+    )
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (default: fp32)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for BLAS, torch and minivit's elementwise pool",
+    )
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twins")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+
+
+def config_from_args(args) -> harness.BenchConfig:
+    backends = args.backend
+    if isinstance(backends, str):
+        backends = [backends]
+    if not backends:
+        backends = ["numpy"] + (["cupy"] if harness.impl_available("cupy") else [])
+    return harness.BenchConfig(
+        backends=list(backends),
+        repeats=args.repeats or (3 if args.quick else 5),
+        warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
+        quick=bool(args.quick),
+        tf32=bool(args.tf32),
+        threads=args.threads,
+        torch=not args.no_torch,
+        memory=not args.no_memory,
+        ops=args.ops,
+        models=args.models,
+    )
+
+
+def execute(cfg: harness.BenchConfig, out: str | None = None, log=print) -> dict:
+    """Run everything selected by ``cfg``; write the report; return its paths."""
+    t0 = time.perf_counter()
+    harness.configure(cfg)
+    env = harness.environment_info(cfg)
+    if out is None:
+        out = os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "results", harness.device_tag(env)
+        )
+    from benchmarks import models, ops
+
+    # sgemm ceilings of every device in use, for the FLOP/s fractions
+    ceilings, sg = {}, {}
+    for b in cfg.backends:
+        if not harness.impl_available(b):
+            continue
+        dev = harness.torch_device(b)
+        c = harness.sgemm_ceiling(b, "minivit")
+        ceilings[(b, dev)] = c["flops_per_s"]
+        sg[f"{b} (n={c['n']})"] = c["flops_per_s"]
+        if cfg.torch and harness.impl_available("torch") and (dev == "cpu" or models._torch_cuda()):
+            c = harness.sgemm_ceiling(b, "torch")
+            ceilings[("torch", dev)] = c["flops_per_s"]
+            sg[f"torch-{dev} (n={c['n']})"] = c["flops_per_s"]
+    env["sgemm"] = sg
+    log("sgemm ceilings: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in sg.items()))
+    rows = []
+    if cfg.ops is None or cfg.ops:
+        log("ops:")
+        rows += ops.run(cfg, ceilings, log)
+    if cfg.models is None or cfg.models:
+        log("models:")
+        rows += models.run(cfg, ceilings, log)
+    env["elapsed_s"] = time.perf_counter() - t0
+    paths = report.write_all(rows, env, out)
+    log(
+        f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plots "
+        f"in {env['elapsed_s']:.0f} s"
+    )
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    execute(config_from_args(args), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
