@@ -39,6 +39,10 @@ def ref_cross_entropy(logits, targets, ignore_index, s):
     return total / n if n else 0.0
 
 
+def _terms(logits):
+    return max(1.0, float(np.abs(logits).max()))
+
+
 dims = dict(
     lead=lead_dims,
     K=st.integers(2, 7),
@@ -61,7 +65,9 @@ def test_forward_matches_reference(backend, lead, K, scale, smoothing, ignore_in
     )
     assert loss.shape == () and loss.dtype == np.float64
     ref = ref_cross_entropy(logits, targets, ignore_index, smoothing)
-    assert rel_err(float(loss), ref) <= 1e-13
+    # log-softmax subtracts numbers of size |logits| (and log(1 + tiny) on saturated rows), so
+    # a loss near 0 is exact only to eps * max(1, |logits|): the error is measured against that.
+    assert rel_err(float(loss), ref, scale=_terms(logits)) <= 1e-13
 
 
 @fixture_settings()
@@ -108,7 +114,7 @@ def test_matches_torch(backend, lead, K, scale, smoothing, ignore_index, seed):
     # error is measured against the size of the terms, |dout| / n.
     terms = abs(g) / max(int(np.sum(targets != ignore_index)), 1)
     errs = (
-        rel_err(float(loss), tloss.item()),
+        rel_err(float(loss), tloss.item(), scale=_terms(logits)),
         rel_err(backend.to_numpy(dlogits), tl.grad.numpy(), scale=terms),
     )
     assert record_torch_err("cross_entropy", *errs) <= 1e-10
