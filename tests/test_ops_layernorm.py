@@ -153,10 +153,15 @@ def test_near_constant_float32_rows_stay_finite(backend):
     dx, _, _ = ops.layernorm_backward(backend.asarray(np.ones_like(x)), cache)
     assert out.dtype == np.float32 and dx.dtype == np.float32
     assert np.all(np.isfinite(backend.to_numpy(out))) and np.all(np.isfinite(backend.to_numpy(dx)))
-    # A constant row normalizes to beta exactly, and its gradient is zero.
+    # A constant row normalizes to beta exactly. Its gradient is not zero: with var = 0,
+    # d xhat / dx = (I - 1/D) / sqrt(eps), so dx = (g - mean(g)) / sqrt(eps).
     c = np.full((2, 5), 7.0)
     out, cache = ops.layernorm_forward(*map(backend.asarray, (c, np.ones(5), np.zeros(5))))
     np.testing.assert_array_equal(backend.to_numpy(out), 0.0)
+    g = np.random.default_rng(1).standard_normal(c.shape)
+    dx, _, _ = ops.layernorm_backward(backend.asarray(g), cache)
+    expected = (g - g.mean(axis=-1, keepdims=True)) / np.sqrt(1e-6)
+    np.testing.assert_allclose(backend.to_numpy(dx), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_input(backend):
