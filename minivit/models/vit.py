@@ -41,6 +41,8 @@ class ViT:
         drop_rate: dropout after the position embedding, the attention projection, in the MLP and
             before the head (timm's drop_rate / proj_drop_rate / pos_drop_rate).
         drop_path_rate: stochastic depth, rising linearly from 0 to this rate over the blocks.
+        global_pool: "token" (the CLS token after the final ``norm``, timm's default) or "avg"
+            (the mean of the patch tokens, then ``fc_norm``; timm's names for it).
         dtype: "float32" or "float64".
         backend: a name, a Backend or None ($MINIVIT_BACKEND).
         seed: seeds the initialisation (always drawn on the host, so every backend starts from
@@ -61,6 +63,7 @@ class ViT:
         eps=1e-6,
         drop_rate=0.0,
         drop_path_rate=0.0,
+        global_pool="token",
         dtype="float32",
         backend=None,
         seed=0,
@@ -69,6 +72,8 @@ class ViT:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
         if embed_dim % num_heads:
             raise ValueError(f"num_heads {num_heads} must divide embed_dim {embed_dim}")
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         if str(dtype) not in ("float32", "float64"):
             raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
@@ -88,6 +93,7 @@ class ViT:
             eps=float(eps),
             drop_rate=float(drop_rate),
             drop_path_rate=float(drop_path_rate),
+            global_pool=str(global_pool),
         )
         self.__dict__.update(self.config)
         self.dtype = str(dtype)
@@ -117,8 +123,11 @@ class ViT:
         }
         for i in range(self.depth):
             shapes.update(block_param_shapes(f"blocks.{i}.", D, self.mlp_hidden, self.qkv_bias))
-        shapes["norm.weight"] = (D,)
-        shapes["norm.bias"] = (D,)
+        # timm: "token" pooling normalises every token (norm); "avg" pooling normalises the
+        # pooled vector instead (fc_norm) and has no final norm.
+        norm = "norm" if self.global_pool == "token" else "fc_norm"
+        shapes[f"{norm}.weight"] = (D,)
+        shapes[f"{norm}.bias"] = (D,)
         if self.num_classes > 0:
             shapes["head.weight"] = (self.num_classes, D)
             shapes["head.bias"] = (self.num_classes,)
@@ -142,8 +151,9 @@ class ViT:
         }
         for i in range(self.depth):
             p.update(init_block_params(f"blocks.{i}.", D, self.mlp_hidden, self.qkv_bias, rng=rng))
-        p["norm.weight"] = xp.ones(D)
-        p["norm.bias"] = xp.zeros(D)
+        norm = "norm" if self.global_pool == "token" else "fc_norm"
+        p[f"{norm}.weight"] = xp.ones(D)
+        p[f"{norm}.bias"] = xp.zeros(D)
         if self.num_classes > 0:
             p["head.weight"] = trunc_normal(rng, (self.num_classes, D), std=0.02)
             p["head.bias"] = xp.zeros(self.num_classes)
@@ -219,16 +229,23 @@ class ViT:
             rng=self.rng,
             train=train,
         )  # (B, T, D)
-        x, c.norm = ops.layernorm_forward(x, p["norm.weight"], p["norm.bias"], self.eps)
+        if self.global_pool == "token":
+            x, c.norm = ops.layernorm_forward(x, p["norm.weight"], p["norm.bias"], self.eps)
         self._cache = c
-        return x
+        return x  # (B, T, D)
 
     def forward(self, images, train=False):
         """images (B, C, S, S) -> logits (B, K) (pooled features (B, D) when num_classes=0)."""
         x = self.forward_features(images, train)
         c = self._cache
         drop = self.drop_rate if train else 0.0
-        pooled = x[:, 0]  # (B, D) the CLS token
+        if self.global_pool == "token":
+            pooled = x[:, 0]  # (B, D) the CLS token
+        else:
+            pooled = x[:, 1:].mean(axis=1)  # (B, D) mean over the patch tokens
+            pooled, c.fc_norm = ops.layernorm_forward(
+                pooled, self.params["fc_norm.weight"], self.params["fc_norm.bias"], self.eps
+            )
         pooled, c.head_drop = ops.dropout_forward(pooled, drop, rng=self.rng, train=train)
         if self.num_classes == 0:
             c.head = None
@@ -254,12 +271,18 @@ class ViT:
         else:
             dpooled = dlogits
         (dpooled,) = ops.dropout_backward(dpooled, c.head_drop)  # (B, D)
-        # pooled = x[:, 0]: only the CLS row receives gradient
         B, T, D = dpooled.shape[0], 1 + self.num_patches, self.embed_dim
         dx = xp.zeros((B, T, D), dtype=dpooled.dtype)  # (B, T, D)
-        dx[:, 0] = dpooled
-        # final norm
-        dx, g["norm.weight"], g["norm.bias"] = ops.layernorm_backward(dx, c.norm)
+        if self.global_pool == "token":
+            # pooled = x[:, 0]: only the CLS row receives gradient; then the final norm
+            dx[:, 0] = dpooled
+            dx, g["norm.weight"], g["norm.bias"] = ops.layernorm_backward(dx, c.norm)
+        else:
+            # pooled = fc_norm(mean of the N patch rows): each patch row gets 1/N of it
+            dpooled, g["fc_norm.weight"], g["fc_norm.bias"] = ops.layernorm_backward(
+                dpooled, c.fc_norm
+            )
+            dx[:, 1:] = (dpooled / self.num_patches)[:, None, :]
         # encoder blocks, last to first (each adds its parameter grads into g)
         dx = encoder_backward(dx, c.encoder, g)  # (B, T, D)
         (dx,) = ops.dropout_backward(dx, c.pos_drop)

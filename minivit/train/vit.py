@@ -35,7 +35,7 @@ DEFAULTS = dict(
     seed=0,
     dtype="float32",
 )
-ARCH = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+ARCH = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "global_pool")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--dtype", choices=["float32", "float64"], default=d["dtype"])
     for name in ARCH:
-        kind = float if name == "mlp_ratio" else int
+        kind = {"mlp_ratio": float, "global_pool": str}.get(name, int)
         p.add_argument(
             "--" + name.replace("_", "-"), type=kind, default=None, help="override the model config"
         )
