@@ -209,6 +209,34 @@ CASES = [
         1,
     ),
 ]
+# Arrays above 2^14 entries, where NumPy may take a blocked/threaded fast path (ops/_fast.py): the
+# same contract must hold there.
+CASES += [
+    OpCase(
+        "gelu_large",
+        ops.gelu_forward,
+        ops.gelu_backward,
+        lambda r, t, be: ([_n(r, 64, 520, dtype=t) * 3], {}),
+        {0: 0},
+        1,
+    ),
+    OpCase(
+        "layernorm_large",
+        ops.layernorm_forward,
+        ops.layernorm_backward,
+        lambda r, t, be: ([_n(r, 64, 520, dtype=t), _n(r, 520, dtype=t), _n(r, 520, dtype=t)], {}),
+        {0: 0, 1: 1, 2: 2},
+        3,
+    ),
+    OpCase(
+        "softmax_large",
+        ops.softmax_forward,
+        ops.softmax_backward,
+        lambda r, t, be: ([_n(r, 64, 520, dtype=t) * 5], {}),
+        {0: 0},
+        1,
+    ),
+]
 IDS = [c.name for c in CASES]
 DTYPES = [np.float32, np.float64]
 
