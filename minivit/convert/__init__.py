@@ -5,6 +5,7 @@ and timm dicts (validated, passed through); ``resample_abs_pos_embed`` resizes a
 embedding for another image size as timm does.
 """
 
+from .vilt import from_hf_vilt  # noqa: F401
 from .vit import (  # noqa: F401
     check_timm_vit,
     detect_vit_naming,
@@ -13,4 +14,3 @@ from .vit import (  # noqa: F401
     resample_abs_pos_embed,
     to_timm_vit,
 )
-from .vilt import from_hf_vilt  # noqa: F401

@@ -11,12 +11,12 @@ Backward never modifies ``dout`` or the cache.
 from ._common import Cache  # noqa: F401
 from .activations import gelu_backward, gelu_forward, tanh_backward, tanh_forward  # noqa: F401
 from .attention import attention_backward, attention_forward  # noqa: F401
+from .conv import *  # noqa: F401,F403
 from .dropout import dropout_backward, dropout_forward  # noqa: F401
 from .embedding import embedding_backward, embedding_forward  # noqa: F401
 from .layernorm import layernorm_backward, layernorm_forward  # noqa: F401
 from .linear import linear_backward, linear_forward  # noqa: F401
 from .loss import cross_entropy_backward, cross_entropy_forward  # noqa: F401
 from .patch import patch_embed_backward, patch_embed_forward  # noqa: F401
-from .softmax import softmax_backward, softmax_forward  # noqa: F401
 from .sinkhorn import *  # noqa: F401,F403
-from .conv import *  # noqa: F401,F403
+from .softmax import softmax_backward, softmax_forward  # noqa: F401
