@@ -186,7 +186,10 @@ def _environment() -> dict:
         "machine": platform.machine(),
         "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    if hasattr(os, "getloadavg"):  # a shared machine slows both sides; say how loaded it was
+        env["loadavg_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
     try:
         import ot
 

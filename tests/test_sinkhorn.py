@@ -479,6 +479,10 @@ def test_bad_inputs(backend):
     neg[0] = -0.1
     with pytest.raises(ValueError, match="a must be non-negative"):
         f(C, backend.asarray(neg), b)
+    nan = backend.to_numpy(a).copy()
+    nan[1] = np.nan
+    with pytest.raises(ValueError, match="a must be finite"):
+        f(C, backend.asarray(nan), b)
     with pytest.raises(ValueError, match="equal total mass"):
         f(C, a * 1.01, b)
     f(C, a * (1 + 1e-5), b)  # within tolerance: accepted (finite differences need this)

@@ -78,7 +78,9 @@ def _check_marginal(name, p, cost, axis_size, xp):
             f"{name} of shape {tuple(p.shape)} does not broadcast to the batch dims {batch} of "
             f"cost of shape {tuple(cost.shape)}"
         )
-    if bool((p < 0).any()):
+    if not bool(((p >= 0) & (p < xp.inf)).all()):  # False for NaN too; one host sync
+        if not bool(xp.isfinite(p).all()):
+            raise ValueError(f"{name} must be finite, got NaN or infinite entries")
         raise ValueError(f"{name} must be non-negative, got a minimum of {float(p.min())}")
     return p
 
