@@ -55,6 +55,11 @@ def attention_figure(model, images, labels=None, path="attention.png", probs=Non
     B, H = a.shape[:2]
     g = model.img_size // model.patch_size
     n_layer = layer % len(attns)
+    # What the head reads: the CLS token (global_pool "token"), or the mean of the patch tokens
+    # ("avg"), whose attention rows are then averaged.
+    avg = getattr(model, "global_pool", "token") == "avg"
+    head_rows = a[:, :, 1:, 1:].mean(axis=2) if avg else a[:, :, 0, 1:]  # (B, H, N)
+    roll_rows = roll[:, 1:, 1:].mean(axis=1) if avg else roll[:, 0, 1:]  # (B, N)
     fig, axes = plt.subplots(B, H + 2, figsize=(1.8 * (H + 2), 1.9 * B), squeeze=False)
     for b in range(B):
         img = images[b].mean(axis=0) if images.shape[1] != 3 else images[b].transpose(1, 2, 0)
@@ -70,17 +75,18 @@ def attention_figure(model, images, labels=None, path="attention.png", probs=Non
         ax.set_title(title, fontsize=8)
         for h in range(H):
             ax = axes[b, 1 + h]
-            ax.imshow(a[b, h, 0, 1:].reshape(g, g), cmap="viridis")  # CLS row, patches only
+            ax.imshow(head_rows[b, h].reshape(g, g), cmap="viridis")
             if b == 0:
                 ax.set_title(f"block {n_layer} head {h}", fontsize=8)
         ax = axes[b, H + 1]
-        ax.imshow(roll[b, 0, 1:].reshape(g, g), cmap="magma")
+        ax.imshow(roll_rows[b].reshape(g, g), cmap="magma")
         if b == 0:
             ax.set_title("rollout", fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("CLS attention over patches", fontsize=10)
+    what = "mean patch-token" if avg else "CLS"
+    fig.suptitle(f"{what} attention over patches", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

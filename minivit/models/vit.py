@@ -43,6 +43,8 @@ class ViT:
         drop_path_rate: stochastic depth, rising linearly from 0 to this rate over the blocks.
         global_pool: "token" (the CLS token after the final ``norm``, timm's default) or "avg"
             (the mean of the patch tokens, then ``fc_norm``; timm's names for it).
+        pos_embed_init: "trunc_normal" (timm, std 0.02) or "sincos" (2D sine-cosine codes as the
+            starting value; the embedding is learned either way).
         dtype: "float32" or "float64".
         backend: a name, a Backend or None ($MINIVIT_BACKEND).
         seed: seeds the initialisation (always drawn on the host, so every backend starts from
@@ -64,6 +66,7 @@ class ViT:
         drop_rate=0.0,
         drop_path_rate=0.0,
         global_pool="token",
+        pos_embed_init="trunc_normal",
         dtype="float32",
         backend=None,
         seed=0,
@@ -74,6 +77,10 @@ class ViT:
             raise ValueError(f"num_heads {num_heads} must divide embed_dim {embed_dim}")
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if pos_embed_init not in ("trunc_normal", "sincos"):
+            raise ValueError(
+                f"pos_embed_init must be 'trunc_normal' or 'sincos', got {pos_embed_init!r}"
+            )
         if str(dtype) not in ("float32", "float64"):
             raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
@@ -94,6 +101,7 @@ class ViT:
             drop_rate=float(drop_rate),
             drop_path_rate=float(drop_path_rate),
             global_pool=str(global_pool),
+            pos_embed_init=str(pos_embed_init),
         )
         self.__dict__.update(self.config)
         self.dtype = str(dtype)
@@ -143,9 +151,12 @@ class ViT:
         D, C, P = self.embed_dim, self.in_chans, self.patch_size
         fan_in = C * P * P
         bound = 1.0 / fan_in**0.5
+        pos = trunc_normal(rng, (1, 1 + self.num_patches, D), std=0.02)
+        if self.pos_embed_init == "sincos":
+            pos = sincos_2d_pos_embed(self.img_size // self.patch_size, D, xp)
         p = {
             "cls_token": rng.standard_normal((1, 1, D)) * 1e-6,
-            "pos_embed": trunc_normal(rng, (1, 1 + self.num_patches, D), std=0.02),
+            "pos_embed": pos,
             "patch_embed.proj.weight": rng.uniform(-bound, bound, (D, C, P, P)),
             "patch_embed.proj.bias": rng.uniform(-bound, bound, (D,)),
         }
@@ -304,6 +315,22 @@ class ViT:
     def __repr__(self):
         cfg = ", ".join(f"{k}={v}" for k, v in self.config.items())
         return f"ViT({cfg}, dtype={self.dtype!r}, backend={self.backend.name!r})"
+
+
+def sincos_2d_pos_embed(grid, dim, xp):
+    """(1, 1 + grid^2, dim) fixed 2D sine-cosine position codes (MAE, "Better plain ViT
+    baselines"), a zero row for the CLS token: used here only as an *initial* value of the
+    learned pos_embed. A quarter of the channels each hold sin(y w), cos(y w), sin(x w),
+    cos(x w) for frequencies w = 10000^(-k / (dim/4)), k = 0 .. dim/4 - 1."""
+    if dim % 4:
+        raise ValueError(f"sincos position embedding needs embed_dim divisible by 4, got {dim}")
+    q = dim // 4
+    omega = 1.0 / 10000.0 ** (xp.arange(q) / q)  # (q,)
+    ys, xs = xp.meshgrid(xp.arange(grid), xp.arange(grid), indexing="ij")  # (g, g) each
+    ty = ys.reshape(-1, 1) * omega  # (g*g, q)
+    tx = xs.reshape(-1, 1) * omega
+    codes = xp.concatenate([xp.sin(ty), xp.cos(ty), xp.sin(tx), xp.cos(tx)], axis=1)
+    return xp.concatenate([xp.zeros((1, dim)), codes], axis=0)[None]  # (1, 1 + g*g, dim)
 
 
 def load_state_dict_into(model, state_dict, strict=True):

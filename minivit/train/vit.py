@@ -35,7 +35,15 @@ DEFAULTS = dict(
     seed=0,
     dtype="float32",
 )
-ARCH = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "global_pool")
+ARCH = (
+    "patch_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "global_pool",
+    "pos_embed_init",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--dtype", choices=["float32", "float64"], default=d["dtype"])
     for name in ARCH:
-        kind = {"mlp_ratio": float, "global_pool": str}.get(name, int)
+        kind = {"mlp_ratio": float, "global_pool": str, "pos_embed_init": str}.get(name, int)
         p.add_argument(
             "--" + name.replace("_", "-"), type=kind, default=None, help="override the model config"
         )

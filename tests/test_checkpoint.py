@@ -1,0 +1,100 @@
+"""minivit.checkpoint: safetensors round trips, atomic writes, metadata, bad files, no pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from minivit import ViT
+from minivit.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    load_weights_into,
+    read_metadata,
+    save_checkpoint,
+    save_model,
+)
+
+
+def small(backend=None, **kw):
+    cfg = dict(img_size=4, patch_size=2, in_chans=1, num_classes=3, embed_dim=8, depth=1,
+               num_heads=2, backend=backend)  # fmt: skip
+    cfg.update(kw)
+    return ViT(**cfg)
+
+
+def test_model_roundtrip(backend, tmp_path):
+    m = small(backend, seed=1, dtype="float64")
+    p = save_model(tmp_path / "m.safetensors", m, metadata={"note": {"a": 1}})
+    m2, meta = load_model(p, backend=backend)
+    assert meta["format"] == "minivit" and meta["model"] == "ViT" and meta["note"] == {"a": 1}
+    assert m2.config == m.config and m2.dtype == "float64"
+    for k in m.params:
+        assert (backend.to_numpy(m2.params[k]) == backend.to_numpy(m.params[k])).all()
+    # the file is an ordinary safetensors state dict under timm's names
+    from safetensors.numpy import load_file
+
+    assert set(load_file(p)) == set(m.params)
+
+
+def test_atomic_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "ck.safetensors"
+    save_checkpoint(path, {"a": np.arange(3.0)}, {"v": 1})
+    before = path.read_bytes()
+    import safetensors.numpy
+
+    def boom(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"a": np.arange(5.0)}, {"v": 2})
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ck.safetensors"]  # no temp file left behind
+    monkeypatch.undo()
+    t, meta = load_checkpoint(path)
+    assert meta == {"v": 1} and (t["a"] == np.arange(3.0)).all()
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    path = tmp_path / "ck.safetensors"
+    save_model(path, small())
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) - 100])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00garbage" * 10)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    for name in ("trunc", "junk", "empty"):
+        with pytest.raises(CheckpointError, match="corrupt or truncated"):
+            load_model(tmp_path / f"{name}.safetensors")
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_other_config_is_refused(tmp_path):
+    path = tmp_path / "ck.safetensors"
+    save_model(path, small())
+    with pytest.raises(CheckpointError, match="num_heads: checkpoint 2, model 4"):
+        load_weights_into(small(num_heads=4), path)  # same shapes, other config
+    with pytest.raises(CheckpointError, match="embed_dim"):
+        load_weights_into(small(embed_dim=12, num_heads=2), path)
+    load_weights_into(small(drop_rate=0.1), path)  # dropout is not architecture
+
+
+def test_metadata_is_json_and_no_pickle(tmp_path):
+    path = tmp_path / "ck.safetensors"
+    save_model(path, small(), metadata={"train": {"epoch": 3, "history": [{"x": 1.5}]}})
+    meta = read_metadata(path)
+    assert meta["train"]["epoch"] == 3 and meta["config"]["embed_dim"] == 8
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8 : 8 + header_len])
+    assert json.loads(header["__metadata__"]["config"])["depth"] == 1
+    import minivit.checkpoint as ck
+
+    src = open(ck.__file__).read()
+    assert "pickle" not in src.replace("no pickle", "") and "torch.load" not in src

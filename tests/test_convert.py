@@ -1,0 +1,111 @@
+"""minivit.convert: HF -> timm name maps (both namings), timm pass-through, pos-embed resample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from minivit.convert import (
+    check_timm_vit,
+    detect_vit_naming,
+    from_hf_vit,
+    infer_vit_config,
+    resample_abs_pos_embed,
+)
+from minivit.convert.vit import bicubic_resize_matrix
+
+
+@pytest.fixture(scope="module")
+def hf_sd():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    c = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=8,
+                  num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+                  num_labels=3)  # fmt: skip
+    return {k: v.numpy() for k, v in ViTForImageClassification(c).state_dict().items()}
+
+
+def test_transformers5_names_map_to_timm(hf_sd):
+    assert detect_vit_naming(hf_sd) == "hf_v5"
+    sd = from_hf_vit(hf_sd)
+    expected = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    for i in range(2):
+        for n in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            expected += [f"blocks.{i}.{n}.weight", f"blocks.{i}.{n}.bias"]
+    expected += ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    assert list(sd) == expected
+    assert sd["blocks.1.attn.qkv.weight"].shape == (24, 8)
+    q, k, v = (hf_sd[f"vit.layers.1.attention.{n}_proj.weight"] for n in "qkv")
+    np.testing.assert_array_equal(sd["blocks.1.attn.qkv.weight"], np.concatenate([q, k, v]))
+    np.testing.assert_array_equal(sd["blocks.0.mlp.fc2.bias"], hf_sd["vit.layers.0.mlp.fc2.bias"])
+    np.testing.assert_array_equal(sd["pos_embed"], hf_sd["vit.embeddings.position_embeddings"])
+    np.testing.assert_array_equal(sd["head.weight"], hf_sd["classifier.weight"])
+    assert infer_vit_config(sd, num_heads=2) == dict(
+        img_size=8, patch_size=4, in_chans=3, num_classes=3, embed_dim=8, depth=2, num_heads=2,
+        qkv_bias=True, mlp_ratio=2.0)  # fmt: skip
+
+
+def test_hub_names_give_the_same_dict(hf_sd):
+    hub = {}
+    for k, v in hf_sd.items():
+        k = k.replace("vit.layers.", "vit.encoder.layer.")
+        k = k.replace("attention.q_proj", "attention.attention.query")
+        k = k.replace("attention.k_proj", "attention.attention.key")
+        k = k.replace("attention.v_proj", "attention.attention.value")
+        k = k.replace("attention.o_proj", "attention.output.dense")
+        k = k.replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense")
+        hub[k] = v
+    hub["vit.pooler.dense.weight"] = np.zeros((8, 8), np.float32)  # ViTModel's pooler: dropped
+    assert detect_vit_naming(hub) == "hf_hub"
+    a, b = from_hf_vit(hf_sd), from_hf_vit(hub)
+    assert list(a) == list(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_timm_pass_through_and_errors(hf_sd):
+    sd = from_hf_vit(hf_sd)
+    assert detect_vit_naming(sd) == "timm"
+    again = from_hf_vit({"model." + k: v for k, v in sd.items()})
+    assert list(again) == list(sd)
+    with pytest.raises(ValueError, match="blocks.0.attn.nope"):
+        check_timm_vit({**sd, "blocks.0.attn.nope.weight": np.zeros(1)})
+    bad = dict(hf_sd)
+    bad["vit.layers.0.attention.weird.weight"] = np.zeros(1)
+    del bad["vit.layers.1.attention.k_proj.bias"]
+    with pytest.raises(ValueError, match="weird"):
+        from_hf_vit(bad)
+    del bad["vit.layers.0.attention.weird.weight"]
+    with pytest.raises(ValueError, match=r"layer 1: bias of \['k'\] missing"):
+        from_hf_vit(bad)
+    with pytest.raises(ValueError, match="cannot tell"):
+        detect_vit_naming({"foo": np.zeros(1)})
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("old,new", [((4, 4), (6, 6)), ((14, 14), (7, 7)), ((5, 3), (8, 10)),
+                                     ((7, 7), (12, 5)), ((3, 3), (3, 3))])  # fmt: skip
+def test_resample_matches_torch_antialiased_bicubic(old, new):
+    """timm's resample_abs_pos_embed calls F.interpolate(bicubic, antialias=True); ours agrees."""
+    rng = np.random.default_rng(0)
+    pe = rng.standard_normal((1, 1 + old[0] * old[1], 5))
+    out = resample_abs_pos_embed(pe, new, old_size=old)
+    assert out.shape == (1, 1 + new[0] * new[1], 5)
+    np.testing.assert_array_equal(out[:, :1], pe[:, :1])  # the CLS token is kept as is
+    g = torch.tensor(pe[0, 1:]).reshape(1, *old, 5).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.interpolate(g, size=new, mode="bicubic", antialias=True,
+                                          align_corners=False)  # fmt: skip
+    ref = ref.permute(0, 2, 3, 1).reshape(1, -1, 5).numpy()
+    np.testing.assert_allclose(out[:, 1:], ref, rtol=0, atol=1e-12)
+
+
+def test_resample_properties():
+    W = bicubic_resize_matrix(5, 9)
+    np.testing.assert_allclose(W.sum(axis=1), 1.0)
+    const = np.full((1, 1 + 16, 3), 0.7, np.float32)
+    out = resample_abs_pos_embed(const, (6, 6))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, 0.7, rtol=1e-6)  # constants stay constant
+    with pytest.raises(ValueError, match="not square"):
+        resample_abs_pos_embed(np.zeros((1, 1 + 12, 3)), (4, 4))

@@ -1,0 +1,87 @@
+"""`minivit train vit` end to end on a tiny recipe, exact resume, `minivit eval` and `predict`."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from minivit.cli import main
+from minivit.train import common
+
+TINY = ["--epochs", "3", "--train-limit", "96", "--batch-size", "32", "--embed-dim", "16",
+        "--depth", "1", "--num-heads", "2", "--warmup-epochs", "1", "--no-progress",
+        "--drop-rate", "0.1", "--drop-path-rate", "0.1"]  # fmt: skip
+
+
+def test_cli_run_folder_eval_and_predict(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "vit", *TINY, "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"test accuracy: [01]\.\d{4}", lines[-1])
+    for name in ("checkpoint.safetensors", "metrics.json", "curves.png", "attention.png"):
+        assert (out / name).stat().st_size > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]) == 3 and metrics["test_size"] == 360
+    assert lines[-1] == f"test accuracy: {metrics['test_accuracy']:.4f}"
+
+    assert main(["eval", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == lines[-1]
+
+    # a test digit written as a dark-on-white PNG, as a user would draw it
+    from PIL import Image
+
+    from minivit.data import load_digits_split
+
+    d = load_digits_split()
+    img = (255 * (1 - np.kron(d.x_test[0, 0], np.ones((4, 4))))).astype(np.uint8)  # 32x32
+    Image.fromarray(img).save(tmp_path / "digit.png")
+    assert main(["predict", str(out), str(tmp_path / "digit.png"), "--top", "10"]) == 0
+    text = capsys.readouterr().out
+    probs = [float(p) for p in re.findall(r"\d: (\d\.\d{4})", text)]
+    assert len(probs) == 10 and abs(sum(probs) - 1) < 1e-3
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    full = tmp_path / "full"
+    assert main(["train", "vit", *TINY, "--no-plots", "--out", str(full)]) == 0
+
+    part = tmp_path / "part"
+    real_save = common.save_training_checkpoint
+
+    def save_then_crash(path, model, optimizer, epoch, history, **extra):
+        real_save(path, model, optimizer, epoch, history, **extra)
+        if epoch == 1:
+            raise KeyboardInterrupt  # the run dies right after its first checkpoint
+
+    monkeypatch.setattr(common, "save_training_checkpoint", save_then_crash)
+    assert main(["train", "vit", *TINY, "--no-plots", "--out", str(part)]) == 130
+    monkeypatch.undo()
+    # resume with a different recipe on the command line: the saved one wins
+    assert main(["train", "vit", "--resume", str(part), "--no-progress", "--no-plots"]) == 0
+    capsys.readouterr()
+
+    a = json.loads((full / "metrics.json").read_text())["history"]
+    b = json.loads((part / "metrics.json").read_text())["history"]
+    keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    from minivit.checkpoint import load_checkpoint
+
+    ta, _ = load_checkpoint(full / "checkpoint.safetensors")
+    tb, _ = load_checkpoint(part / "checkpoint.safetensors")
+    assert set(ta) == set(tb) and any(k.startswith("optim.") for k in ta)
+    for k in ta:
+        np.testing.assert_array_equal(ta[k], tb[k])
+
+
+def test_resume_refuses_non_training_checkpoint(tmp_path):
+    from minivit import ViT
+    from minivit.checkpoint import save_model
+
+    save_model(tmp_path / "checkpoint.safetensors", ViT(img_size=8, patch_size=2, depth=1))
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        main(["train", "vit", "--resume", str(tmp_path), "--no-progress"])
+    with pytest.raises(FileNotFoundError):
+        main(["train", "vit", "--resume", str(tmp_path / "nothing"), "--no-progress"])
