@@ -23,7 +23,7 @@ __all__ = ["get_num_threads", "set_num_threads", "for_each_block", "BLOCK_ELEMS"
 
 # Elements per block: small enough that a few float32 temporaries of this size stay in the L2
 # cache (64K floats = 256 KiB), large enough that NumPy's per-call overhead (~1 us) is amortised.
-BLOCK_ELEMS = 1 << 15
+BLOCK_ELEMS = 1 << 16
 
 # Below this many elements in total, threads cost more than they save.
 MIN_PARALLEL_ELEMS = 1 << 16
@@ -74,7 +74,7 @@ def _get_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def for_each_block(fn, n_rows: int, row_elems: int, block_elems: int = BLOCK_ELEMS) -> None:
+def for_each_block(fn, n_rows: int, row_elems: int, block_elems: int | None = None) -> None:
     """Call ``fn(start, stop)`` over row ranges that cover ``range(n_rows)`` exactly once.
 
     Each range holds about ``block_elems`` elements (``row_elems`` per row, at least one row).
@@ -84,6 +84,8 @@ def for_each_block(fn, n_rows: int, row_elems: int, block_elems: int = BLOCK_ELE
     """
     if n_rows <= 0:
         return
+    if block_elems is None:
+        block_elems = BLOCK_ELEMS
     rows_per_block = max(block_elems // max(row_elems, 1), 1)
     n_threads = _num_threads
     total = n_rows * row_elems

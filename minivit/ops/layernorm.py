@@ -7,6 +7,7 @@ Derivation: docs/ops/layernorm.md.
 
 from __future__ import annotations
 
+from . import _fast
 from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
 
 __all__ = ["layernorm_forward", "layernorm_backward"]
@@ -28,6 +29,10 @@ def layernorm_forward(x, gamma, beta, eps=1e-6):
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     xp = array_module(x, gamma, beta)
+    if _fast.use_fast(x, gamma, beta):
+        # Blocked over rows on threads (ops/_fast.py); the same formulas as below.
+        out, xhat, rstd = _fast.layernorm_forward(x, gamma, beta, eps)
+        return out, Cache(xhat=xhat, rstd=rstd, gamma=gamma)
 
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
     xhat = x - mean  # (..., D), centred
@@ -47,6 +52,8 @@ def layernorm_backward(dout, cache):
         dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
     """
     xhat, rstd, gamma = cache.xhat, cache.rstd, cache.gamma
+    if dout.shape == xhat.shape and _fast.use_fast(dout, xhat, rstd, gamma):
+        return _fast.layernorm_backward(dout, xhat, rstd, gamma)
     d = xhat.shape[-1]
     d2 = dout.reshape(-1, d)  # (M, D)
     dgamma = (d2 * xhat.reshape(-1, d)).sum(axis=0)  # (D,)

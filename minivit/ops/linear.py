@@ -5,6 +5,7 @@ Derivation: docs/ops/linear.md.
 
 from __future__ import annotations
 
+from . import _fast
 from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
 
 __all__ = ["linear_forward", "linear_backward"]
@@ -35,7 +36,10 @@ def linear_forward(x, w, b=None):
     # One GEMM over all leading dims: (M, Din) @ (Din, Dout), M = prod(leading dims).
     out = x.reshape(-1, d_in) @ w.T  # (M, Dout)
     if b is not None:
-        out += b
+        if _fast.use_fast(out):
+            _fast.add_bias_(out, b)  # the same add, blocked over threads
+        else:
+            out += b
     out = out.reshape(*x.shape[:-1], d_out)  # (..., Dout)
     return out, Cache(x=x, w=w, has_bias=b is not None)
 
@@ -51,5 +55,7 @@ def linear_backward(dout, cache):
     d2 = dout.reshape(-1, d_out)  # (M, Dout)
     dx = (d2 @ w).reshape(x.shape)  # (..., Din)
     dw = d2.T @ x.reshape(-1, d_in)  # (Dout, Din)
-    db = d2.sum(axis=0) if cache.has_bias else None  # (Dout,)
+    db = None
+    if cache.has_bias:
+        db = _fast.column_sum(d2) if _fast.use_fast(d2) else d2.sum(axis=0)  # (Dout,)
     return dx, dw, db

@@ -1,0 +1,275 @@
+"""CPU fast paths for the elementwise-heavy ops (NumPy only).
+
+Each function here computes exactly what the generic ``xp`` code in its op computes (that code
+stays the reference, and ``tests/test_ops_fast.py`` compares the two), but:
+
+- block by block over rows, so that a chain of ufuncs works on cache-resident temporaries
+  instead of streaming whole arrays through memory once per ufunc;
+- on a few threads at once (``minivit._parallel``): NumPy releases the GIL inside ufunc loops,
+  so the blocks really run in parallel;
+- writing into preallocated outputs with ``out=``, so no full-size temporaries are created.
+
+They run only for NumPy arrays that are C-contiguous and large enough for threads to pay (see
+:func:`use_fast`); everything else, and all of CuPy, takes the generic path. Setting the
+environment variable ``MINIVIT_FAST=0`` turns them off (to time or test the reference).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from .. import _parallel
+from ..backend import backend_of
+
+__all__ = ["use_fast", "enabled", "set_enabled"]
+
+_ENABLED = os.environ.get("MINIVIT_FAST", "1") not in ("0", "false", "False", "no")
+
+# Below this many elements the generic path is as fast (no threads, few calls).
+MIN_ELEMS = 1 << 14
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+# erfc(z) ~ t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2), t = 1 / (1 + p z), z >= 0:
+# Hastings' rational approximation (Abramowitz & Stegun 7.1.26), absolute error < 1.5e-7,
+# which is below float32's resolution of Phi = (1 + erf) / 2 near 1 (6e-8 per ulp, a few ulp
+# after rounding). Used for float32 only: float64 keeps the library erf.
+_ERFC_P = 0.3275911
+_ERFC_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+def enabled() -> bool:
+    """Whether the fast paths are on (``MINIVIT_FAST`` unset or not "0")."""
+    return _ENABLED
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the fast paths on or off; returns the previous setting (tests and benchmarks)."""
+    global _ENABLED
+    prev = _ENABLED
+    _ENABLED = bool(flag)
+    return prev
+
+
+def use_fast(*arrays, min_elems: int = MIN_ELEMS) -> bool:
+    """True when every array is a C-contiguous NumPy array and the first is large enough."""
+    if not _ENABLED:
+        return False
+    first = arrays[0]
+    if first.size < min_elems:
+        return False
+    for a in arrays:
+        if a is None:
+            continue
+        if backend_of(a).name != "numpy" or not a.flags.c_contiguous:
+            return False
+    return True
+
+
+def _rows(a):
+    # (..., D) -> (M, D) view; C-contiguity is checked by use_fast, so this never copies.
+    return a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(1, -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# GELU, exact (erf) form
+
+
+def gelu_forward_f32(x):
+    """x float32 -> (out, dydx): out = x Phi(x) and its derivative Phi(x) + x phi(x).
+
+    The derivative is made here, where exp(-x^2 / 2) is already at hand, so the backward is one
+    multiplication (the generic path keeps Phi and recomputes phi in the backward).
+    """
+    xp = backend_of(x).xp
+    out = xp.empty_like(x)
+    dydx = xp.empty_like(x)
+    x2, o2, d2 = _rows(x), _rows(out), _rows(dydx)
+    # Coefficients scaled by 1/2, so the polynomial gives erfc / 2 = Phi(-|x|) directly.
+    a1, a2, a3, a4, a5 = (0.5 * a for a in _ERFC_A)
+    p = _ERFC_P * _SQRT_HALF
+
+    def block(s, e):
+        xs, g = x2[s:e], d2[s:e]
+        t = xp.abs(xs)
+        t *= p
+        t += 1.0
+        xp.reciprocal(t, out=t)  # t = 1 / (1 + p |x| / sqrt 2)
+        q = t * a5
+        for a in (a4, a3, a2, a1):  # Horner
+            q += a
+            q *= t
+        ex = xs * xs
+        ex *= -0.5
+        xp.exp(ex, out=ex)  # exp(-x^2 / 2)
+        q *= ex  # erfc(|x| / sqrt 2) / 2 = Phi(-|x|)
+        # Phi(x) = 1/2 + sign(x) (1/2 - Phi(-|x|))
+        xp.subtract(0.5, q, out=q)
+        xp.copysign(q, xs, out=q)
+        q += 0.5
+        xp.multiply(xs, q, out=o2[s:e])  # x Phi(x)
+        xp.multiply(xs, ex, out=g)
+        g *= _INV_SQRT_2PI  # x phi(x)
+        g += q  # Phi(x) + x phi(x)
+
+    _parallel.for_each_block(block, x2.shape[0], x2.shape[1])
+    return out, dydx
+
+
+def multiply(a, b):
+    """a * b (same shape, C-contiguous), blocked over threads."""
+    xp = backend_of(a).xp
+    out = xp.empty_like(a)
+    a2, b2, o2 = _rows(a), _rows(b), _rows(out)
+
+    def block(s, e):
+        xp.multiply(a2[s:e], b2[s:e], out=o2[s:e])
+
+    _parallel.for_each_block(block, a2.shape[0], a2.shape[1])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# bias: add to a GEMM output, and its gradient (a column sum)
+
+
+def add_bias_(out2, b):
+    """out2 (M, N) += b (N,), in place, blocked over threads."""
+
+    def block(s, e):
+        out2[s:e] += b
+
+    _parallel.for_each_block(block, out2.shape[0], out2.shape[1])
+
+
+def column_sum(a2):
+    """a2 (M, N) -> (N,), the sum over rows, with per-block partial sums on threads."""
+    xp = backend_of(a2).xp
+    parts = []
+
+    def block(s, e):
+        parts.append(a2[s:e].sum(axis=0))
+
+    _parallel.for_each_block(block, a2.shape[0], a2.shape[1])
+    return _sum_parts(xp, parts, a2.shape[1], a2.dtype)
+
+
+def _sum_parts(xp, parts, n, dtype):
+    total = xp.zeros(n, dtype=dtype)
+    for p in parts:
+        total += p
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# layernorm over the last axis
+
+
+def layernorm_forward(x, gamma, beta, eps):
+    """-> (out, xhat, rstd) exactly as the generic path: two-pass variance, rstd (..., 1)."""
+    xp = backend_of(x).xp
+    D = x.shape[-1]
+    out = xp.empty_like(x)
+    xhat = xp.empty_like(x)
+    rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    x2, o2, h2, r2 = _rows(x), _rows(out), _rows(xhat), rstd.reshape(-1, 1)
+    inv_d = 1.0 / D
+
+    def block(s, e):
+        xs, h, r = x2[s:e], h2[s:e], r2[s:e]
+        m = xs.sum(axis=1, keepdims=True)
+        m *= inv_d  # mean, (rows, 1)
+        xp.subtract(xs, m, out=h)  # centred
+        sq = h * h
+        v = sq.sum(axis=1, keepdims=True)
+        v *= inv_d
+        v += eps
+        xp.sqrt(v, out=v)
+        xp.reciprocal(v, out=r)  # rstd
+        h *= r  # xhat
+        o = o2[s:e]
+        xp.multiply(h, gamma, out=o)
+        o += beta
+
+    _parallel.for_each_block(block, x2.shape[0], D)
+    return out, xhat, rstd
+
+
+def layernorm_backward(dout, xhat, rstd, gamma):
+    """-> (dx, dgamma, dbeta), the generic path's formulas, blocked over rows."""
+    xp = backend_of(xhat).xp
+    D = xhat.shape[-1]
+    dx = xp.empty_like(xhat)
+    d2, h2, r2, g2 = _rows(dout), _rows(xhat), rstd.reshape(-1, 1), _rows(dx)
+    inv_d = 1.0 / D
+    parts_g, parts_b = [], []
+
+    def block(s, e):
+        d, h, g = d2[s:e], h2[s:e], g2[s:e]
+        t = d * h  # (rows, D)
+        parts_g.append(t.sum(axis=0))
+        parts_b.append(d.sum(axis=0))
+        xp.multiply(d, gamma, out=g)  # gradient w.r.t. xhat
+        mg = g.sum(axis=1, keepdims=True)
+        mg *= inv_d  # mean(g)
+        xp.multiply(g, h, out=t)
+        mgx = t.sum(axis=1, keepdims=True)
+        mgx *= inv_d  # mean(g xhat)
+        g -= mg
+        xp.multiply(h, mgx, out=t)
+        g -= t
+        g *= r2[s:e]
+
+    _parallel.for_each_block(block, h2.shape[0], D)
+    dgamma = _sum_parts(xp, parts_g, D, xhat.dtype)
+    dbeta = _sum_parts(xp, parts_b, D, xhat.dtype)
+    return dx, dgamma, dbeta
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax over the last axis (also attention's)
+
+
+def softmax_(y, scale=None):
+    """In place: y <- softmax(scale * y) over the last axis (y C-contiguous, rows x N)."""
+    xp = backend_of(y).xp
+    y2 = _rows(y)
+
+    def block(s, e):
+        ys = y2[s:e]
+        if scale is not None:
+            ys *= scale
+        m = ys.max(axis=1, keepdims=True)
+        ys -= m
+        xp.exp(ys, out=ys)
+        z = ys.sum(axis=1, keepdims=True)
+        xp.reciprocal(z, out=z)
+        ys *= z
+
+    _parallel.for_each_block(block, y2.shape[0], y2.shape[1])
+    return y
+
+
+def softmax_backward(dout, y, scale=None, out=None):
+    """dx = y * (dout - sum(dout * y)) over the last axis (times ``scale`` when given).
+
+    ``out`` may be ``dout`` itself (attention's backward overwrites its own temporary).
+    """
+    xp = backend_of(y).xp
+    dx = xp.empty_like(y) if out is None else out
+    d2, y2, g2 = _rows(dout), _rows(y), _rows(dx)
+
+    def block(s, e):
+        ys, g = y2[s:e], g2[s:e]
+        xp.multiply(d2[s:e], ys, out=g)
+        r = g.sum(axis=1, keepdims=True)
+        if scale is not None:
+            g *= scale
+            r *= scale
+        t = ys * r
+        g -= t
+
+    _parallel.for_each_block(block, y2.shape[0], y2.shape[1])
+    return dx

@@ -1,0 +1,200 @@
+"""The NumPy fast paths (minivit/ops/_fast.py, minivit/_parallel.py) against the generic code.
+
+Each op is run twice on the same inputs, fast paths off (the generic xp code, the reference
+tested elsewhere against float64 and PyTorch) and on, at sizes above the fast-path threshold,
+on one and two threads. Budget: a few seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from minivit import _parallel, ops
+from minivit.ops import _fast
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    prev_on, prev_threads = _fast.enabled(), _parallel.get_num_threads()
+    yield
+    _fast.set_enabled(prev_on)
+    _parallel.set_num_threads(prev_threads)
+
+
+def _both(fn):
+    """fn() with the fast paths off, then on; returns (reference, fast)."""
+    _fast.set_enabled(False)
+    ref = fn()
+    _fast.set_enabled(True)
+    got = fn()
+    return ref, got
+
+
+def _close(ref, got, dtype):
+    if isinstance(ref, (tuple, list)):
+        assert len(ref) == len(got)
+        for r, g in zip(ref, got):
+            _close(r, g, dtype)
+        return
+    if ref is None:
+        assert got is None
+        return
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    # Sums are taken in another order (per block), so float32 results differ by rounding that
+    # grows with the size of the terms: compare relative to the largest entry.
+    scale = max(float(np.abs(ref).max()), 1.0)
+    if dtype == np.float32:
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-5 * scale)
+    else:
+        np.testing.assert_allclose(got, ref, rtol=1e-11, atol=1e-12 * scale)
+
+
+THREADS = [1, 2]
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_linear(threads, dtype):
+    _parallel.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 67, 96)).astype(dtype)
+    w = rng.standard_normal((130, 96)).astype(dtype)
+    b = rng.standard_normal(130).astype(dtype)
+    d = rng.standard_normal((4, 67, 130)).astype(dtype)
+
+    def run():
+        out, c = ops.linear_forward(x, w, b)
+        return (out,) + ops.linear_backward(d, c)
+
+    _close(*_both(run), dtype)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layernorm(threads, dtype):
+    _parallel.set_num_threads(threads)
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((3, 101, 200)) * 3 + 5).astype(dtype)
+    g = rng.standard_normal(200).astype(dtype)
+    b = rng.standard_normal(200).astype(dtype)
+    d = rng.standard_normal(x.shape).astype(dtype)
+    x0, d0 = x.copy(), d.copy()
+
+    def run():
+        out, c = ops.layernorm_forward(x, g, b, 1e-6)
+        return (out,) + ops.layernorm_backward(d, c)
+
+    _close(*_both(run), dtype)
+    np.testing.assert_array_equal(x, x0)  # inputs untouched
+    np.testing.assert_array_equal(d, d0)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_gelu_exact_float32(threads):
+    _parallel.set_num_threads(threads)
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((5, 77, 300)) * 3).astype(np.float32)
+    x[0, 0, :7] = [0.0, -0.0, 1e-8, -1e-8, 9.0, -9.0, -30.0]
+    d = rng.standard_normal(x.shape).astype(np.float32)
+
+    def run():
+        out, c = ops.gelu_forward(x)
+        return out, ops.gelu_backward(d, c)[0]
+
+    ref, got = _both(run)
+    # The fast float32 erf is a rational approximation (absolute error < 2e-7 after rounding):
+    # compare absolutely, at the float32 resolution of the generic path.
+    np.testing.assert_allclose(got[0], ref[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[1], ref[1], rtol=0, atol=5e-5)
+    # and against float64 directly
+    from scipy.special import erf
+
+    x64 = x.astype(np.float64)
+    exact = 0.5 * x64 * (1 + erf(x64 / np.sqrt(2)))
+    assert np.abs(got[0] - exact).max() <= 1e-6 * max(1.0, np.abs(x64).max() / 9)
+    assert got[0][0, 0, 0] == 0 and np.isfinite(got[0]).all()
+
+
+def test_gelu_float64_and_tanh_take_the_generic_path():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((50, 400))
+    out, c = ops.gelu_forward(x)
+    assert getattr(c, "dydx", None) is None  # float64 keeps the library erf
+    out, c = ops.gelu_forward(x.astype(np.float32), approximate="tanh")
+    assert getattr(c, "dydx", None) is None
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax(threads, dtype):
+    _parallel.set_num_threads(threads)
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((2, 3, 61, 150)) * 10).astype(dtype)
+    d = rng.standard_normal(x.shape).astype(dtype)
+
+    def run():
+        y, c = ops.softmax_forward(x)
+        return y, ops.softmax_backward(d, c)[0]
+
+    ref, got = _both(run)
+    _close(ref, got, dtype)
+    np.testing.assert_allclose(got[0].sum(-1), 1, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_attention(threads, dtype):
+    _parallel.set_num_threads(threads)
+    rng = np.random.default_rng(5)
+    B, N, D, H = 3, 53, 96, 4
+    x = rng.standard_normal((B, N, D)).astype(dtype)
+    w_qkv = (rng.standard_normal((3 * D, D)) * 0.2).astype(dtype)
+    b_qkv = rng.standard_normal(3 * D).astype(dtype)
+    w_proj = (rng.standard_normal((D, D)) * 0.2).astype(dtype)
+    b_proj = rng.standard_normal(D).astype(dtype)
+    d = rng.standard_normal((B, N, D)).astype(dtype)
+
+    def run():
+        out, c = ops.attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, H)
+        return (out, c.attn) + ops.attention_backward(d, c)
+
+    _close(*_both(run), dtype)
+
+
+def test_fast_paths_are_skipped_for_non_contiguous_and_small_inputs():
+    rng = np.random.default_rng(6)
+    big = rng.standard_normal((300, 400)).astype(np.float32)
+    assert _fast.use_fast(big)
+    assert not _fast.use_fast(big.T)  # a transposed view
+    assert not _fast.use_fast(big[:10, :10])
+    _fast.set_enabled(False)
+    assert not _fast.use_fast(big)
+
+
+def test_for_each_block_covers_every_row_once_on_threads():
+    _parallel.set_num_threads(2)
+    seen = []
+    lock = threading.Lock()
+
+    def fn(s, e):
+        with lock:
+            seen.append((s, e))
+
+    _parallel.for_each_block(fn, 1000, 300, block_elems=3000)
+    rows = sorted(r for s, e in seen for r in range(s, e))
+    assert rows == list(range(1000))
+    assert all(e - s <= 10 for s, e in seen)
+
+
+def test_for_each_block_raises_a_worker_error():
+    _parallel.set_num_threads(2)
+
+    def fn(s, e):
+        if s > 0:
+            raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        _parallel.for_each_block(fn, 1000, 300, block_elems=3000)
