@@ -81,6 +81,11 @@ class ViT:
             raise ValueError(
                 f"pos_embed_init must be 'trunc_normal' or 'sincos', got {pos_embed_init!r}"
             )
+        backend = get_backend(backend)
+        try:  # accept "float32", numpy.float32, numpy.dtype("float32"), ...
+            dtype = backend.xp.dtype(dtype).name
+        except TypeError:
+            pass
         if str(dtype) not in ("float32", "float64"):
             raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
@@ -105,7 +110,7 @@ class ViT:
         )
         self.__dict__.update(self.config)
         self.dtype = str(dtype)
-        self.backend = get_backend(backend)
+        self.backend = backend
         self.num_patches = (self.img_size // self.patch_size) ** 2
         self.mlp_hidden = int(self.embed_dim * self.mlp_ratio)
         # Stochastic depth rises linearly over the blocks, as in timm.
