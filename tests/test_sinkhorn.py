@@ -659,3 +659,18 @@ def test_cosine_cost_broadcast_and_float32(backend):
     )
     assert out32.dtype == np.float32
     assert rel(backend.to_numpy(out32), backend.to_numpy(out)) <= 1e-6
+
+
+def test_float32_stays_float32_and_close_to_float64(backend):
+    rng = np.random.default_rng(18)
+    C, a, b = problem(rng, (2,), 6, 5)
+    dP = rng.standard_normal(C.shape)
+    out = {}
+    for dt in (np.float32, np.float64):
+        to = lambda x, dt=dt: backend.asarray(x, dtype=dt)  # noqa: E731
+        plan, cache = ops.sinkhorn_forward(to(C), to(a), to(b), epsilon=0.1, n_iters=20)
+        grads = ops.sinkhorn_backward(to(dP), cache)
+        assert plan.dtype == dt and all(g.dtype == dt for g in grads)
+        out[dt] = [backend.to_numpy(x) for x in (plan, *grads)]
+    for x32, x64 in zip(out[np.float32], out[np.float64]):
+        assert rel(x32, x64) <= 1e-4
