@@ -16,6 +16,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from minivit import ops
+from minivit.ops import conv
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -70,6 +71,15 @@ def test_conv2d_matches_torch(backend, case):
         assert db is None
     else:
         errs.append(rel_err(backend.to_numpy(db), tb.grad.numpy()))
+    # Backward picks one of two input-gradient forms by stride; both are exact for any stride,
+    # so check both on every draw.
+    gd = backend.asarray(g)
+    dmat = gd.transpose(0, 2, 3, 1).reshape(-1, w.shape[0])
+    for dx_other in (
+        conv._input_grad_flipped_conv(gd, cache),
+        conv._input_grad_col2im(dmat, cache),
+    ):
+        errs.append(rel_err(backend.to_numpy(dx_other), tx.grad.numpy()))
     assert record_torch_err("conv2d", *errs) <= ORACLE_TOL
 
 
