@@ -400,4 +400,5 @@ register_config(
     depth=4,
     num_heads=4,
     mlp_ratio=2.0,
+    pos_embed_init="sincos",  # 16 tokens of 4 pixels: position must count from the first step
 )

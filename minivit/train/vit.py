@@ -17,7 +17,7 @@ import argparse
 # Defaults of the recipe (see docs/vit.md for how they were chosen).
 DEFAULTS = dict(
     model="vit_digits",
-    epochs=60,
+    epochs=100,
     batch_size=64,
     lr=2e-3,
     min_lr=1e-5,
@@ -26,12 +26,13 @@ DEFAULTS = dict(
     label_smoothing=0.1,
     clip_grad=1.0,
     drop_rate=0.0,
-    drop_path_rate=0.1,
+    drop_path_rate=0.0,
     shift=1.0,
-    rotate=10.0,
-    scale_min=0.9,
-    scale_max=1.1,
+    rotate=0.0,
+    scale_min=1.0,
+    scale_max=1.0,
     test_size=0.2,
+    split_seed=0,
     seed=0,
     dtype="float32",
 )
@@ -64,7 +65,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-min", type=float, default=d["scale_min"])
     p.add_argument("--scale-max", type=float, default=d["scale_max"])
     p.add_argument("--test-size", type=float, default=d["test_size"])
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=d["split_seed"],
+        help="seed of the stratified train/test split",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d["seed"],
+        help="seed of the initialisation, shuffling, augmentation and dropout",
+    )
     p.add_argument("--dtype", choices=["float32", "float64"], default=d["dtype"])
     for name in ARCH:
         kind = {"mlp_ratio": float, "global_pool": str, "pos_embed_init": str}.get(name, int)
@@ -169,7 +181,7 @@ def train(args) -> dict:
     else:
         run_dir = make_run_dir(args.out, "vit-digits")
 
-    data = load_digits_split(cfg["test_size"], seed=cfg["seed"])
+    data = load_digits_split(cfg["test_size"], seed=cfg.get("split_seed", cfg["seed"]))
     x_train, y_train = data.x_train, data.y_train
     if cfg.get("train_limit"):
         x_train, y_train = x_train[: cfg["train_limit"]], y_train[: cfg["train_limit"]]
@@ -246,7 +258,7 @@ def train(args) -> dict:
                 data={
                     "dataset": "digits",
                     "test_size": cfg["test_size"],
-                    "seed": cfg["seed"],
+                    "seed": data.seed,
                     "mean": data.mean,
                     "std": data.std,
                 },
