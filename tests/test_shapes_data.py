@@ -138,7 +138,7 @@ def test_images_show_the_objects_colours(data):
     rng = data.rng("train", 6)
     scenes = [data.sample_scene(rng) for _ in range(20)]
     images = data.render(scenes, rng)
-    assert images.shape == (20, 3, 32, 32) and images.dtype == np.float32
+    assert images.shape == (20, 3, 48, 48) and images.dtype == np.float32
     pix = images * 0.5 + 0.5
     for img, scene in zip(pix, scenes):
         for o in scene:
@@ -210,3 +210,32 @@ def _parse(text):
         else:  # "and"
             i += 1
     return Caption(tuple(objects), relation)
+
+
+def test_grid_layout_puts_each_object_inside_its_own_patch(data):
+    assert data.layout == "grid" and data.img_size == 48 and data.cells == 3
+    rng = data.rng("train", 8)
+    cell = data.img_size / data.cells
+    for _ in range(200):
+        scene = data.sample_scene(rng)
+        cells = set()
+        for o in scene:
+            col, row = int(o.cx // cell), int(o.cy // cell)
+            cells.add((row, col))
+            assert col * cell <= o.cx - o.r and o.cx + o.r <= (col + 1) * cell
+            assert row * cell <= o.cy - o.r and o.cy + o.r <= (row + 1) * cell
+        assert len(cells) == len(scene)
+
+
+def test_free_layout_and_bad_arguments():
+    free = ShapesCaptions(img_size=32, layout="free", seed=1)
+    b = free.itm_batch(free.rng("train", 0), 32)
+    assert b["images"].shape == (32, 3, 32, 32)
+    for text, scene, label in zip(b["texts"], b["scenes"], b["itm_labels"]):
+        assert free.is_true(_parse(text), scene) == bool(label)
+    with pytest.raises(ValueError, match="layout"):
+        ShapesCaptions(layout="spiral")
+    with pytest.raises(ValueError, match="max_text_len"):
+        ShapesCaptions(max_text_len=8)
+    with pytest.raises(ValueError, match="split"):
+        free.rng("validation")

@@ -143,16 +143,23 @@ class ShapesCaptions:
         seed: the root of every random stream.
         shape_counts: which numbers of objects a scene may have.
         count_probs: their probabilities (default: uniform).
+        layout: "grid" (default) puts each object in its own cell of a ``cells`` x ``cells``
+            grid, its centre jittered around the cell's centre; with ``img_size / cells`` equal
+            to the model's patch size every object lies within one patch. "free" places objects
+            anywhere they do not overlap.
+        cells: the grid's cells per side (grid layout).
     """
 
     def __init__(
         self,
-        img_size: int = 32,
+        img_size: int = 48,
         max_text_len: int = 16,
         seed: int = 0,
         shape_counts=(1, 2, 3),
         count_probs=None,
         noise: float = 0.03,
+        layout: str = "grid",
+        cells: int = 3,
     ):
         if img_size < 16:
             raise ValueError(f"img_size must be at least 16 pixels, got {img_size}")
@@ -171,10 +178,23 @@ class ShapesCaptions:
         tok = self.tokenizer
         self.special_ids = (tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id, tok.unk_id)
         self.content_ids = np.array(tok.convert_tokens_to_ids(CONTENT_WORDS))
-        scale = self.img_size / 32.0
-        self._r_small = (3.5 * scale, 4.5 * scale)
-        self._r_large = (5.5 * scale, 7.0 * scale)
-        self.gap = 5.0 * scale
+        if layout not in ("grid", "free"):
+            raise ValueError(f"layout must be 'grid' or 'free', got {layout!r}")
+        self.layout = layout
+        self.cells = int(cells)
+        if layout == "grid":
+            if self.cells < 2 or self.cells**2 < max(self.shape_counts):
+                raise ValueError(f"cells must be >= 2 and hold every object, got {cells}")
+            cell = self.img_size / self.cells  # radii and jitter fit inside one cell
+            self._r_small = (0.19 * cell, 0.25 * cell)
+            self._r_large = (0.34 * cell, 0.41 * cell)
+            self._jitter = 0.09 * cell
+            self.gap = 0.5 * cell
+        else:
+            scale = self.img_size / 32.0
+            self._r_small = (3.5 * scale, 4.5 * scale)
+            self._r_large = (5.5 * scale, 7.0 * scale)
+            self.gap = 5.0 * scale
 
     # ----------------------------------------------------------------------------- streams
     def rng(self, split: str, *key) -> np.random.Generator:
@@ -200,12 +220,20 @@ class ShapesCaptions:
             u = rng.random((n_objects, 5))
             pairs = np.argsort(rng.random(n_pairs))[:n_objects]
             objs = []
+            if self.layout == "grid":
+                cell = S / self.cells
+                where = np.argsort(rng.random(self.cells**2))[:n_objects]  # distinct cells
             for k, p in enumerate(pairs):
                 size = SIZES[int(u[k, 0] * 2)]
                 lo, hi = self._r_small if size == "small" else self._r_large
                 r = lo + (hi - lo) * u[k, 1]
-                cx = (r + 0.5) + (S - 2 * r - 1) * u[k, 2]
-                cy = (r + 0.5) + (S - 2 * r - 1) * u[k, 3]
+                if self.layout == "grid":
+                    row, col = divmod(int(where[k]), self.cells)
+                    cx = (col + 0.5) * cell + self._jitter * (2 * u[k, 2] - 1)
+                    cy = (row + 0.5) * cell + self._jitter * (2 * u[k, 3] - 1)
+                else:
+                    cx = (r + 0.5) + (S - 2 * r - 1) * u[k, 2]
+                    cy = (r + 0.5) + (S - 2 * r - 1) * u[k, 3]
                 objs.append(
                     Obj(SHAPES[p % len(SHAPES)], colours[p // len(SHAPES)], size, cx, cy, r)
                 )

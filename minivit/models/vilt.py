@@ -501,7 +501,7 @@ class ViLT:
         Np = c.gh * c.gw
         if c.keep is not None:  # scatter the kept patches back to the grid (indices unique)
             full = xp.zeros((B, Np, D), dtype=self.dtype)
-            xp.put_along_axis(full, c.keep[:, :, None], dx, axis=1)
+            full[xp.arange(B)[:, None], c.keep] = dx
             dx = full  # (B, Np, D)
         dpos = xp.zeros_like(p["transformer.pos_embed"])  # (1, 1 + g*g, D)
         dpos[0, 0] = dcls
@@ -544,14 +544,14 @@ class ViLT:
 
 # The published checkpoint (dandelin/vilt-b32-mlm): BERT's vocabulary, 384px images, ViT-B/32.
 register_config("vilt_b32_mlm", ViLT)
-# The small model `minivit train vilt` trains on the generated shapes (32px, 4x4 patches of 8px).
+# The small model `minivit train vilt` trains on the generated shapes (48px, 3x3 patches of 16px).
 register_config(
     "vilt_shapes_small",
     ViLT,
     vocab_size=23,
     max_text_len=16,
-    img_size=32,
-    patch_size=8,
+    img_size=48,
+    patch_size=16,
     embed_dim=128,
     depth=4,
     num_heads=4,

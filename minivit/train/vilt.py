@@ -51,12 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--wpa-weight", type=float, default=0.1, help="word-patch alignment weight (0: off)")
     a(
         "--curriculum",
-        type=float,
-        default=0.3,
-        help="fraction of the steps with one- and two-object scenes only (0: off)",
+        default="0.1,0.3",
+        help="A,B: one-object scenes for the first fraction A of the steps, one or two objects "
+        "until B, then one to three (default 0.1,0.3; '0' turns it off)",
     )
-    a("--img-size", type=int, default=32)
-    a("--patch-size", type=int, default=8)
+    a("--hard-fraction", type=float, default=0.5, help="share of ITM negatives that are hard")
+    a("--img-size", type=int, default=48)
+    a("--patch-size", type=int, default=16)
     a("--embed-dim", type=int, default=128)
     a("--depth", type=int, default=4)
     a("--num-heads", type=int, default=4)
@@ -81,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # batches
 
 
-def make_batch(data, rng, n_itm, n_mlm, counts=None, probs=None):
+def make_batch(data, rng, n_itm, n_mlm, counts=None, probs=None, hard_fraction=0.5):
     """One fused batch as numpy arrays: ITM rows first, then MLM rows.
 
     Returns dict(input_ids (B, L), text_mask (B, L), images (B, 3, S, S), mlm_labels (B, L),
@@ -89,7 +90,7 @@ def make_batch(data, rng, n_itm, n_mlm, counts=None, probs=None):
     """
     parts = []
     if n_itm:
-        ib = data.itm_batch(rng, n_itm, counts=counts, probs=probs)
+        ib = data.itm_batch(rng, n_itm, counts=counts, probs=probs, hard_fraction=hard_fraction)
         parts.append(
             (
                 ib["input_ids"],
@@ -211,7 +212,11 @@ def build(args):
     from ..data.shapes import ShapesCaptions
     from ..models.vilt import ViLT
 
-    data = ShapesCaptions(img_size=args.img_size, max_text_len=args.max_text_len, seed=args.seed)
+    # one grid cell per patch, so that every object lies within one patch
+    cells = args.img_size // args.patch_size
+    data = ShapesCaptions(
+        img_size=args.img_size, max_text_len=args.max_text_len, seed=args.seed, cells=cells
+    )
     model = ViLT(
         vocab_size=data.tokenizer.vocab_size,
         max_text_len=args.max_text_len,
@@ -228,9 +233,23 @@ def build(args):
     return data, model
 
 
-def curriculum_counts(step, total, fraction):
-    """Object counts allowed at ``step``: (1, 2) during the first ``fraction`` of the steps."""
-    if fraction > 0 and step < fraction * total:
+def parse_curriculum(text):
+    """ "A,B" -> (A, B) fractions of the steps; "0" or "" -> (0, 0) (no curriculum)."""
+    parts = [float(x) for x in str(text).split(",") if x.strip()] or [0.0]
+    a = parts[0]
+    b = parts[1] if len(parts) > 1 else a
+    if not 0 <= a <= b <= 1:
+        raise ValueError(f"--curriculum must be A,B with 0 <= A <= B <= 1, got {text!r}")
+    return a, b
+
+
+def curriculum_counts(step, total, curriculum):
+    """Object counts allowed at ``step``: one object during the first fraction A of the steps,
+    one or two until B, then one to three."""
+    a, b = curriculum
+    if step < a * total:
+        return (1,)
+    if step < b * total:
         return (1, 2)
     return (1, 2, 3)
 
@@ -253,6 +272,7 @@ def train(args, data, model, *, log=print, quiet=False):
         start, history, _ = load_training_checkpoint(resolve_checkpoint(args.resume), model, opt)
         opt.step_count = start
     itm_set, mlm_set = heldout(data, args.eval_size)
+    curriculum = parse_curriculum(args.curriculum)
     quick = min(256, args.eval_size)
     t0 = time.perf_counter()
     sums = dict(loss=0.0, itm=0.0, mlm=0.0, wpa=0.0, acc=0.0, n=0)
@@ -260,8 +280,11 @@ def train(args, data, model, *, log=print, quiet=False):
         for step in range(start, args.steps):
             # every step's data comes from its own stream: resuming at step k is exact
             rng = data.rng("train", step)
-            counts = curriculum_counts(step, args.steps, args.curriculum)
-            b = make_batch(data, rng, args.batch_size, args.mlm_batch_size, counts=counts)
+            counts = curriculum_counts(step, args.steps, curriculum)
+            b = make_batch(
+                data, rng, args.batch_size, args.mlm_batch_size, counts=counts,
+                hard_fraction=args.hard_fraction,
+            )  # fmt: skip
             losses, cache = H.pretrain_forward(
                 model,
                 be.asarray(b["input_ids"]),
@@ -303,12 +326,12 @@ def train(args, data, model, *, log=print, quiet=False):
                 if not last:
                     m = evaluate(model, data, itm_set, mlm_set, n=quick)
                     rec.update(test_acc=m["itm_acc"], test_mlm_acc=m["mlm_acc"])
-                    if not quiet:
-                        bar.write(
-                            f"step {step + 1}: loss {rec['train_loss']:.3f} "
-                            f"itm {m['itm_acc']:.3f} (hard {m['itm_acc_hard']:.3f}) "
-                            f"mlm {m['mlm_acc']:.3f} [{rec['time']:.0f}s]"
-                        )
+                    # one line per check, with or without the bar
+                    bar.write(
+                        f"step {step + 1}: loss {rec['train_loss']:.3f} "
+                        f"itm {m['itm_acc']:.3f} (hard {m['itm_acc_hard']:.3f}) "
+                        f"mlm {m['mlm_acc']:.3f} [{rec['time']:.0f}s]"
+                    )
                 history.append(**rec)
                 sums = dict(loss=0.0, itm=0.0, mlm=0.0, wpa=0.0, acc=0.0, n=0)
     final = evaluate(model, data, itm_set, mlm_set)
