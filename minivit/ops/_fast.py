@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 
-from .. import _parallel
+from .. import _parallel, kernels_cupy
 from ..backend import backend_of
 
 __all__ = ["use_fast", "enabled", "set_enabled"]
@@ -66,6 +66,25 @@ def use_fast(*arrays, min_elems: int = MIN_ELEMS) -> bool:
         if backend_of(a).name != "numpy" or not a.flags.c_contiguous:
             return False
     return True
+
+
+def use_kernels(*arrays) -> bool:
+    """True when the fused CuPy kernels (minivit/kernels_cupy.py) apply to these arrays."""
+    return kernels_cupy.use_kernels(*arrays)
+
+
+def softmax_inplace(p, scale):
+    """p <- softmax(scale * p) over the last axis: blocked threads on NumPy, a kernel on CuPy."""
+    if backend_of(p).name == "cupy":
+        return kernels_cupy.softmax_forward(p, scale, out=p)
+    return softmax_(p, scale)
+
+
+def softmax_backward_inplace(dp, p, scale):
+    """dp <- scale * p * (dp - sum(dp * p)) over the last axis (attention's dS)."""
+    if backend_of(p).name == "cupy":
+        return kernels_cupy.softmax_backward(dp, p, scale, out=dp)
+    return softmax_backward(dp, p, scale, out=dp)
 
 
 def _rows(a):

@@ -30,6 +30,11 @@ def gelu_forward(x, approximate="none"):
     be = backend_of(x)
     xp = be.xp
     if approximate == "none":
+        if _fast.use_kernels(x):
+            # One fused CuPy kernel; the backward recomputes Phi and phi from x (kernels_cupy).
+            return _fast.kernels_cupy.gelu_forward(x), Cache(
+                x=x, cdf=None, fused=True, approximate="none"
+            )
         if x.dtype == xp.float32 and _fast.use_fast(x):
             # Blocked, threaded NumPy path (same result to float32 rounding), see ops/_fast.py.
             # The cache keeps the derivative instead of Phi (the backward is one product).
@@ -59,6 +64,13 @@ def gelu_backward(dout, cache):
     x = cache.x
     xp = backend_of(x).xp
     if cache.approximate == "none":
+        if getattr(cache, "fused", False) and _fast.use_kernels(dout):
+            return (_fast.kernels_cupy.gelu_backward(dout, x),)
+        if getattr(cache, "fused", False):  # a non-contiguous dout: the generic formula
+            cdf = backend_of(x).erf(x * _SQRT_HALF)
+            cdf += 1.0
+            cdf *= 0.5
+            return (dout * (cdf + x * xp.exp(-0.5 * x * x) * _INV_SQRT_2PI),)
         dydx = getattr(cache, "dydx", None)
         if dydx is not None:  # made by the fast forward
             if _fast.use_fast(dout, dydx):

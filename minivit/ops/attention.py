@@ -61,7 +61,7 @@ def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask=None)
     scale = hd**-0.5
 
     qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (B, N, 3D)
-    if key_mask is None and _fast.use_fast(qkv):
+    if key_mask is None and (_fast.use_fast(qkv) or _fast.use_kernels(qkv)):
         return _fast_forward(qkv, qkv_cache, w_proj, b_proj, B, N, H, hd, scale)
     qkv = qkv.reshape(B, N, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
     q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, N, hd)
@@ -96,14 +96,15 @@ def _fast_forward(qkv, qkv_cache, w_proj, b_proj, B, N, H, hd, scale):
     """The unmasked forward on NumPy without copies: the same steps as attention_forward.
 
     The scale is folded into the softmax (softmax(scale * q k^T)), the softmax runs blocked on
-    threads (ops/_fast.py), and P v is written straight into the heads-concatenated layout.
+    threads (ops/_fast.py) or as one CuPy kernel (kernels_cupy.py), and P v is written straight
+    into the heads-concatenated layout.
     """
     xp = array_module(qkv)
     D = H * hd
     qkv5 = qkv.reshape(B, N, 3, H, hd)
     q, k, v = (qkv5[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, N, hd) views
     p = xp.matmul(q, k.transpose(0, 1, 3, 2))  # (B, H, N, N), unscaled scores
-    _fast.softmax_(p, scale)  # P = softmax(scale * S), in place
+    _fast.softmax_inplace(p, scale)  # P = softmax(scale * S), in place
     ctx = xp.empty((B, N, D), dtype=qkv.dtype)  # heads concatenated
     xp.matmul(p, v, out=ctx.reshape(B, N, H, hd).transpose(0, 2, 1, 3))
     out, proj_cache = linear_forward(ctx, w_proj, b_proj)  # (B, N, D)
@@ -119,7 +120,7 @@ def attention_backward(dout, cache):
     xp = array_module(p)
     B, H, N, hd = q.shape
     D = H * hd
-    if _fast.use_fast(p, dout):
+    if _fast.use_fast(p, dout) or _fast.use_kernels(p, dout):
         return _fast_backward(dout, cache, xp, B, H, N, hd)
 
     # out = ctx W_proj^T + b_proj
@@ -147,8 +148,9 @@ def attention_backward(dout, cache):
 
 
 def _fast_backward(dout, cache, xp, B, H, N, hd):
-    """attention_backward on NumPy: the same steps, the softmax backward blocked on threads and
-    dq, dk, dv written straight into the (B, N, 3D) gradient of qkv (no stack, no transpose)."""
+    """attention_backward on NumPy or CuPy: the same steps, the softmax backward fused (blocked
+    threads or one kernel) and dq, dk, dv written straight into the (B, N, 3D) gradient of qkv
+    (no stack, no transpose)."""
     p, q, k, v, scale = cache.attn, cache.q, cache.k, cache.v, cache.scale
     D = H * hd
     dctx, dw_proj, db_proj = linear_backward(dout, cache.proj_cache)  # (B, N, D)
@@ -157,7 +159,7 @@ def _fast_backward(dout, cache, xp, B, H, N, hd):
     dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, N, hd) views
     ds = xp.matmul(dctx, v.transpose(0, 1, 3, 2))  # dP, (B, H, N, N)
     xp.matmul(p.transpose(0, 1, 3, 2), dctx, out=dv)  # dV = P^T dctx
-    _fast.softmax_backward(ds, p, scale, out=ds)  # dS = scale * P * (dP - sum(dP P))
+    _fast.softmax_backward_inplace(ds, p, scale)  # dS = scale * P * (dP - sum(dP P))
     xp.matmul(ds, k, out=dq)
     xp.matmul(ds.transpose(0, 1, 3, 2), q, out=dk)
     dx, dw_qkv, db_qkv = linear_backward(dqkv.reshape(B, N, 3 * D), cache.qkv_cache)

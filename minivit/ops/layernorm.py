@@ -29,6 +29,10 @@ def layernorm_forward(x, gamma, beta, eps=1e-6):
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     xp = array_module(x, gamma, beta)
+    if _fast.use_kernels(x, gamma, beta):
+        # One CuPy kernel (kernels_cupy.py); the cache keeps x, mean and rstd, not xhat.
+        out, mean, rstd = _fast.kernels_cupy.layernorm_forward(x, gamma, beta, eps)
+        return out, Cache(xhat=None, x=x, mean=mean, rstd=rstd, gamma=gamma, fused=True)
     if _fast.use_fast(x, gamma, beta):
         # Blocked over rows on threads (ops/_fast.py); the same formulas as below.
         out, xhat, rstd = _fast.layernorm_forward(x, gamma, beta, eps)
@@ -51,6 +55,14 @@ def layernorm_backward(dout, cache):
     With g = dout * gamma (the gradient w.r.t. xhat):
         dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
     """
+    if getattr(cache, "fused", False):
+        x, mean, rstd = cache.x, cache.mean, cache.rstd
+        if dout.shape == x.shape and _fast.use_kernels(dout):
+            return _fast.kernels_cupy.layernorm_backward(dout, x, mean, cache.rstd, cache.gamma)
+        # a non-contiguous dout: rebuild the generic cache and fall through
+        cache = Cache(
+            xhat=(x - mean[..., None]) * rstd[..., None], rstd=rstd[..., None], gamma=cache.gamma
+        )
     xhat, rstd, gamma = cache.xhat, cache.rstd, cache.gamma
     if dout.shape == xhat.shape and _fast.use_fast(dout, xhat, rstd, gamma):
         return _fast.layernorm_backward(dout, xhat, rstd, gamma)

@@ -1,0 +1,366 @@
+"""Fused CuPy kernels for the elementwise-heavy ops (used only on the ``cupy`` backend).
+
+On a GPU, each NumPy-style expression in the generic ops is one kernel launch that reads and
+writes whole arrays. The kernels here do the same arithmetic in one launch per op, and keep less
+for the backward:
+
+    gelu_forward / gelu_backward         exact (erf) GELU; the backward recomputes Phi and phi
+                                         from x, so the cache holds x only (as PyTorch's does)
+    bias_gelu_forward                    GELU(h + b) in one pass, for an MLP (returns h + b too)
+    layernorm_forward / _backward        one warp per row; the cache holds mean and rstd, xhat
+                                         is recomputed; dgamma, dbeta summed in shared memory
+    softmax_forward / softmax_backward   one warp per row, with an optional scale folded in
+                                         (attention's 1 / sqrt(head_dim))
+    adamw_update                         AdamW's whole update of one parameter in one pass
+
+The generic ``xp`` code in ``minivit/ops`` stays the reference: ``tests/test_kernels_cupy.py``
+compares every kernel with it and runs the gradient checks on the device. The environment
+variable ``MINIVIT_KERNELS=0`` (or :func:`set_enabled`) turns the kernels off.
+
+This module never imports CuPy by name: it reaches it through ``minivit.backend``, and only when
+a kernel is first used, so it imports cleanly on machines without CuPy.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .backend import backend_of, get_backend
+
+__all__ = [
+    "enabled",
+    "set_enabled",
+    "use_kernels",
+    "gelu_forward",
+    "gelu_backward",
+    "bias_gelu_forward",
+    "layernorm_forward",
+    "layernorm_backward",
+    "softmax_forward",
+    "softmax_backward",
+    "adamw_update",
+]
+
+_ENABLED = os.environ.get("MINIVIT_KERNELS", "1") not in ("0", "false", "False", "no")
+_CACHE: dict = {}
+
+WARP = 32
+ROWS_PER_BLOCK = 8  # warps per block of 256 threads, one row per warp
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the fused kernels on or off; returns the previous setting."""
+    global _ENABLED
+    prev = _ENABLED
+    _ENABLED = bool(flag)
+    return prev
+
+
+def use_kernels(*arrays) -> bool:
+    """True when every (non-None) array is a C-contiguous CuPy float32/float64 array."""
+    if not _ENABLED:
+        return False
+    for a in arrays:
+        if a is None:
+            continue
+        if backend_of(a).name != "cupy" or not a.flags.c_contiguous:
+            return False
+        if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
+            return False
+    return True
+
+
+def _cp():
+    return get_backend("cupy").xp
+
+
+def _ctype(dtype) -> str:
+    return {4: "float", 8: "double"}[dtype.itemsize]
+
+
+# ----------------------------------------------------------------------------------------------
+# GELU (exact) and the Adam update: elementwise kernels
+
+_SQRT_HALF = "0.7071067811865476"
+_INV_SQRT_2PI = "0.3989422804014327"
+
+
+def _elementwise(name):
+    if name in _CACHE:
+        return _CACHE[name]
+    cp = _cp()
+    if name == "gelu_fwd":
+        k = cp.ElementwiseKernel(
+            "T x",
+            "T y",
+            f"y = x * (T)0.5 * ((T)1 + erf(x * (T){_SQRT_HALF}))",
+            "minivit_gelu_fwd",
+        )
+    elif name == "bias_gelu_fwd":
+        k = cp.ElementwiseKernel(
+            "T x, T b",
+            "T y, T h",
+            f"h = x + b; y = h * (T)0.5 * ((T)1 + erf(h * (T){_SQRT_HALF}))",
+            "minivit_bias_gelu_fwd",
+        )
+    elif name == "gelu_bwd":
+        k = cp.ElementwiseKernel(
+            "T dy, T x",
+            "T dx",
+            f"""
+            T cdf = (T)0.5 * ((T)1 + erf(x * (T){_SQRT_HALF}));
+            T pdf = exp((T)-0.5 * x * x) * (T){_INV_SQRT_2PI};
+            dx = dy * (cdf + x * pdf)
+            """,
+            "minivit_gelu_bwd",
+        )
+    elif name == "adamw":
+        k = cp.ElementwiseKernel(
+            "T g, T decay, T b1, T b2, T step_size, T eps_hat",
+            "T p, T m, T v",
+            """
+            p = p * decay;
+            m = b1 * m + ((T)1 - b1) * g;
+            v = b2 * v + ((T)1 - b2) * g * g;
+            p = p - step_size * m / (sqrt(v) + eps_hat)
+            """,
+            "minivit_adamw",
+        )
+    else:
+        raise KeyError(name)
+    _CACHE[name] = k
+    return k
+
+
+def gelu_forward(x):
+    """GELU(x) = x Phi(x) in one launch; the backward needs only x."""
+    return _elementwise("gelu_fwd")(x)
+
+
+def gelu_backward(dout, x):
+    """dx = dout (Phi(x) + x phi(x)), Phi and phi recomputed from x in the same launch."""
+    return _elementwise("gelu_bwd")(dout, x)
+
+
+def bias_gelu_forward(x, b):
+    """(GELU(x + b), x + b): a linear layer's bias and its activation in one launch.
+
+    ``x + b`` is what :func:`gelu_backward` needs later (it is the activation's input)."""
+    return _elementwise("bias_gelu_fwd")(x, b)
+
+
+def adamw_update(p, g, m, v, *, b1, b2, step_size, eps_hat, decay=1.0):
+    """AdamW's update of one parameter, in place, in one launch.
+
+    p *= decay; m, v <- the Adam moments of g; p -= step_size m / (sqrt(v) + eps_hat).
+
+    The scalars are those of ``minivit.optim.AdamW.step`` (bias corrections folded into
+    ``step_size`` and ``eps_hat``; ``decay = 1 - lr * weight_decay`` or 1).
+    """
+    dt = p.dtype.type
+    _elementwise("adamw")(g, dt(decay), dt(b1), dt(b2), dt(step_size), dt(eps_hat), p, m, v)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# row kernels: layernorm and softmax, one warp per row
+
+_ROW_COMMON = r"""
+typedef {T} T;
+__device__ __forceinline__ T warp_sum(T v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ T warp_max(T v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        T w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = w > v ? w : v;
+    }
+    return v;
+}
+"""
+
+_LN_FWD = r"""
+extern "C" __global__ void minivit_ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma,
+        const T* __restrict__ beta, T* __restrict__ out, T* __restrict__ mean,
+        T* __restrict__ rstd, long long M, int D, T eps) {
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= M) return;  // the whole warp leaves together
+    const T* xr = x + row * D;
+    T s = 0;
+    for (int j = lane; j < D; j += 32) s += xr[j];
+    T m = warp_sum(s) / (T)D;
+    T s2 = 0;
+    for (int j = lane; j < D; j += 32) { T d = xr[j] - m; s2 += d * d; }
+    T r = (T)1 / sqrt(warp_sum(s2) / (T)D + eps);  // two-pass variance, as the generic path
+    T* orow = out + row * D;
+    for (int j = lane; j < D; j += 32) orow[j] = (xr[j] - m) * r * gamma[j] + beta[j];
+    if (lane == 0) { mean[row] = m; rstd[row] = r; }
+}
+"""
+
+_LN_BWD = r"""
+extern "C" __global__ void minivit_ln_bwd(const T* __restrict__ dout, const T* __restrict__ x,
+        const T* __restrict__ mean, const T* __restrict__ rstd, const T* __restrict__ gamma,
+        T* __restrict__ dx, T* __restrict__ dgamma, T* __restrict__ dbeta, long long M, int D) {
+    extern __shared__ unsigned char smem_raw[];
+    T* sg = reinterpret_cast<T*>(smem_raw);  // this block's partial dgamma, (D,)
+    T* sb = sg + D;                          // and dbeta
+    for (int j = threadIdx.x; j < 2 * D; j += blockDim.x) sg[j] = 0;
+    __syncthreads();
+    int wpb = blockDim.x / 32;
+    int lane = threadIdx.x % 32;
+    for (long long row = (long long)blockIdx.x * wpb + threadIdx.x / 32; row < M;
+         row += (long long)gridDim.x * wpb) {
+        const T* dr = dout + row * D;
+        const T* xr = x + row * D;
+        T m = mean[row], r = rstd[row];
+        T sum_g = 0, sum_gx = 0;
+        for (int j = lane; j < D; j += 32) {
+            T xh = (xr[j] - m) * r;
+            T g = dr[j] * gamma[j];
+            sum_g += g;
+            sum_gx += g * xh;
+            atomicAdd(&sg[j], dr[j] * xh);
+            atomicAdd(&sb[j], dr[j]);
+        }
+        T mg = warp_sum(sum_g) / (T)D;
+        T mgx = warp_sum(sum_gx) / (T)D;
+        T* dxr = dx + row * D;
+        for (int j = lane; j < D; j += 32) {
+            T xh = (xr[j] - m) * r;
+            dxr[j] = r * (dr[j] * gamma[j] - mg - xh * mgx);
+        }
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        atomicAdd(&dgamma[j], sg[j]);
+        atomicAdd(&dbeta[j], sb[j]);
+    }
+}
+"""
+
+_SM_FWD = r"""
+extern "C" __global__ void minivit_softmax_fwd(const T* x, T* y,
+        long long M, int N, T scale) {
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= M) return;
+    const T* xr = x + row * N;
+    T* yr = y + row * N;
+    T mx = xr[0];
+    for (int j = lane; j < N; j += 32) mx = xr[j] > mx ? xr[j] : mx;
+    mx = warp_max(mx);
+    T s = 0;
+    for (int j = lane; j < N; j += 32) { T e = exp((xr[j] - mx) * scale); yr[j] = e; s += e; }
+    T inv = (T)1 / warp_sum(s);
+    for (int j = lane; j < N; j += 32) yr[j] *= inv;  // y may alias x: each entry is its own
+}
+"""
+
+_SM_BWD = r"""
+extern "C" __global__ void minivit_softmax_bwd(const T* dy, const T* __restrict__ y,
+        T* dx, long long M, int N, T scale) {
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= M) return;
+    const T* dr = dy + row * N;
+    const T* yr = y + row * N;
+    T s = 0;
+    for (int j = lane; j < N; j += 32) s += dr[j] * yr[j];
+    s = warp_sum(s);
+    T* xr = dx + row * N;
+    for (int j = lane; j < N; j += 32) xr[j] = scale * yr[j] * (dr[j] - s);
+}
+"""
+
+
+def _raw(name, dtype):
+    key = (name, dtype.itemsize)
+    if key not in _CACHE:
+        src = {
+            "minivit_ln_fwd": _LN_FWD,
+            "minivit_ln_bwd": _LN_BWD,
+            "minivit_softmax_fwd": _SM_FWD,
+            "minivit_softmax_bwd": _SM_BWD,
+        }[name]
+        code = _ROW_COMMON.replace("{T}", _ctype(dtype)) + src
+        _CACHE[key] = _cp().RawKernel(code, name)
+    return _CACHE[key]
+
+
+def _row_grid(M):
+    return ((M + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,), (ROWS_PER_BLOCK * WARP,)
+
+
+def layernorm_forward(x, gamma, beta, eps):
+    """x (..., D) -> (out, mean (...,), rstd (...,)), one warp per row."""
+    cp = _cp()
+    D = x.shape[-1]
+    M = x.size // D
+    out = cp.empty_like(x)
+    mean = cp.empty(x.shape[:-1], dtype=x.dtype)
+    rstd = cp.empty(x.shape[:-1], dtype=x.dtype)
+    if M:
+        dt = x.dtype.type
+        grid, block = _row_grid(M)
+        _raw("minivit_ln_fwd", x.dtype)(
+            grid,
+            block,
+            (x, gamma, beta, out, mean, rstd, cp.int64(M), cp.int32(D), dt(eps)),
+        )
+    return out, mean, rstd
+
+
+def layernorm_backward(dout, x, mean, rstd, gamma):
+    """-> (dx, dgamma, dbeta); xhat is recomputed from x, mean and rstd."""
+    cp = _cp()
+    D = x.shape[-1]
+    M = x.size // D
+    dx = cp.empty_like(x)
+    dgamma = cp.zeros(D, dtype=x.dtype)
+    dbeta = cp.zeros(D, dtype=x.dtype)
+    if M:
+        dev = cp.cuda.Device()
+        n_sm = dev.attributes["MultiProcessorCount"]
+        blocks = max(1, min((M + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 4 * n_sm))
+        _raw("minivit_ln_bwd", x.dtype)(
+            (blocks,),
+            (ROWS_PER_BLOCK * WARP,),
+            (dout, x, mean, rstd, gamma, dx, dgamma, dbeta, cp.int64(M), cp.int32(D)),
+            shared_mem=2 * D * x.dtype.itemsize,
+        )
+    return dx, dgamma, dbeta
+
+
+def softmax_forward(x, scale=1.0, out=None):
+    """softmax(scale * x) over the last axis (scale > 0); ``out`` may be ``x`` (in place)."""
+    cp = _cp()
+    N = x.shape[-1]
+    M = x.size // N if N else 0
+    y = cp.empty_like(x) if out is None else out
+    if M and N:
+        grid, block = _row_grid(M)
+        _raw("minivit_softmax_fwd", x.dtype)(
+            grid, block, (x, y, cp.int64(M), cp.int32(N), x.dtype.type(scale))
+        )
+    return y
+
+
+def softmax_backward(dout, y, scale=1.0, out=None):
+    """dx = scale * y * (dout - sum(dout * y)) over the last axis; ``out`` may be ``dout``."""
+    cp = _cp()
+    N = y.shape[-1]
+    M = y.size // N if N else 0
+    dx = cp.empty_like(y) if out is None else out
+    if M and N:
+        grid, block = _row_grid(M)
+        _raw("minivit_softmax_bwd", y.dtype)(
+            grid, block, (dout, y, dx, cp.int64(M), cp.int32(N), y.dtype.type(scale))
+        )
+    return dx

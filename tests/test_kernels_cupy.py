@@ -1,0 +1,199 @@
+"""The fused CuPy kernels (minivit/kernels_cupy.py) against the generic xp code, on the device.
+
+Each op runs twice on the same CuPy inputs, kernels off (the generic code: the reference that the
+op tests check against float64 and PyTorch) and on; then the ops, kernels on, pass the float64
+directional gradient checks of minivit.gradcheck on the device. Skipped, with the reason, where
+CuPy or a CUDA device is missing. Budget: a few seconds on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from minivit import gradcheck as gc
+from minivit import kernels_cupy, ops
+from minivit.backend import BackendUnavailable, get_backend
+
+try:
+    BE = get_backend("cupy")
+except BackendUnavailable as exc:  # no CuPy or no device: every test here needs one
+    pytest.skip(f"fused CuPy kernels need a CUDA device: {exc}", allow_module_level=True)
+
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    prev = kernels_cupy.enabled()
+    yield
+    kernels_cupy.set_enabled(prev)
+
+
+def _dev(a, dtype=None):
+    return BE.asarray(a, dtype=dtype)
+
+
+def _both(fn):
+    kernels_cupy.set_enabled(False)
+    ref = fn()
+    kernels_cupy.set_enabled(True)
+    got = fn()
+    return ref, got
+
+
+def _close(ref, got, dtype):
+    if isinstance(ref, (tuple, list)):
+        assert len(ref) == len(got)
+        for r, g in zip(ref, got):
+            _close(r, g, dtype)
+        return
+    if ref is None:
+        assert got is None
+        return
+    r, g = BE.to_numpy(ref), BE.to_numpy(got)
+    assert r.shape == g.shape and r.dtype == g.dtype
+    scale = max(float(np.abs(r).max()), 1.0)
+    if dtype == np.float32:
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=3e-5 * scale)
+    else:
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-11 * scale)
+
+
+def test_kernels_are_used_on_contiguous_cupy_arrays():
+    x = _dev(np.ones((4, 8), np.float32))
+    assert kernels_cupy.use_kernels(x)
+    assert not kernels_cupy.use_kernels(x.T)
+    _, c = ops.layernorm_forward(x, _dev(np.ones(8, np.float32)), _dev(np.zeros(8, np.float32)))
+    assert getattr(c, "fused", False)
+    _, c = ops.gelu_forward(x)
+    assert getattr(c, "fused", False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu(dtype, rng):
+    x = _dev(rng.standard_normal((7, 33, 130)) * 3, dtype)
+    d = _dev(rng.standard_normal((7, 33, 130)), dtype)
+
+    def run():
+        y, c = ops.gelu_forward(x)
+        return y, ops.gelu_backward(d, c)[0]
+
+    _close(*_both(run), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_gelu_matches_bias_then_gelu(dtype, rng):
+    x = _dev(rng.standard_normal((50, 96)) * 2, dtype)
+    b = _dev(rng.standard_normal(96), dtype)
+    y, h = kernels_cupy.bias_gelu_forward(x, b)
+    kernels_cupy.set_enabled(False)
+    ref, _ = ops.gelu_forward(x + b)
+    _close(ref, y, dtype)
+    _close(x + b, h, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [7, 32, 192, 1030])
+def test_layernorm(dtype, D, rng):
+    x = _dev(rng.standard_normal((3, 41, D)) * 2 + 3, dtype)
+    g = _dev(rng.standard_normal(D), dtype)
+    b = _dev(rng.standard_normal(D), dtype)
+    d = _dev(rng.standard_normal((3, 41, D)), dtype)
+
+    def run():
+        y, c = ops.layernorm_forward(x, g, b, 1e-6)
+        return (y,) + ops.layernorm_backward(d, c)
+
+    _close(*_both(run), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [1, 5, 197, 1100])
+def test_softmax(dtype, N, rng):
+    x = _dev(rng.standard_normal((2, 3, 9, N)) * 8, dtype)
+    d = _dev(rng.standard_normal((2, 3, 9, N)), dtype)
+
+    def run():
+        y, c = ops.softmax_forward(x)
+        return y, ops.softmax_backward(d, c)[0]
+
+    _close(*_both(run), dtype)
+
+
+def test_softmax_scale_and_in_place(rng):
+    x = _dev(rng.standard_normal((20, 77)), np.float64)
+    ref = BE.to_numpy(x) * 0.125
+    ref = np.exp(ref - ref.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    y = kernels_cupy.softmax_forward(x, 0.125, out=x)
+    assert y is x
+    np.testing.assert_allclose(BE.to_numpy(y), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention(dtype, rng):
+    B, N, D, H = 2, 37, 64, 4
+    x = _dev(rng.standard_normal((B, N, D)), dtype)
+    w_qkv = _dev(rng.standard_normal((3 * D, D)) * 0.2, dtype)
+    b_qkv = _dev(rng.standard_normal(3 * D), dtype)
+    w_proj = _dev(rng.standard_normal((D, D)) * 0.2, dtype)
+    b_proj = _dev(rng.standard_normal(D), dtype)
+    d = _dev(rng.standard_normal((B, N, D)), dtype)
+
+    def run():
+        y, c = ops.attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, H)
+        return (y, c.attn) + ops.attention_backward(d, c)
+
+    _close(*_both(run), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adamw_update_matches_the_generic_update(dtype, rng):
+    p0 = rng.standard_normal(1000)
+    g = _dev(rng.standard_normal(1000), dtype)
+    m0, v0 = rng.standard_normal(1000) * 0.1, np.abs(rng.standard_normal(1000)) * 0.01
+    lr, wd, b1, b2, eps, t = 1e-3, 0.05, 0.9, 0.999, 1e-8, 3
+    bc2 = math.sqrt(1 - b2**t)
+    step_size, eps_hat, decay = lr * bc2 / (1 - b1**t), eps * bc2, 1 - lr * wd
+    # generic: the formulas of minivit.optim.AdamW.step, written out with xp
+    p, m, v = _dev(p0, dtype), _dev(m0, dtype), _dev(v0, dtype)
+    p *= decay
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    p = p - step_size * m / (BE.xp.sqrt(v) + eps_hat)
+    pk, mk, vk = _dev(p0, dtype), _dev(m0, dtype), _dev(v0, dtype)
+    kernels_cupy.adamw_update(
+        pk, g, mk, vk, b1=b1, b2=b2, step_size=step_size, eps_hat=eps_hat, decay=decay
+    )
+    _close((p, m, v), (pk, mk, vk), dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# gradient checks on the device, kernels on, float64
+
+
+def test_gradcheck_gelu_layernorm_softmax_on_device(rng):
+    kernels_cupy.set_enabled(True)
+    x = _dev(rng.standard_normal((3, 5, 40)))
+    gc.check_backward(ops.gelu_forward, ops.gelu_backward, (x,)).assert_ok()
+    gc.check_backward(ops.softmax_forward, ops.softmax_backward, (x * 3,)).assert_ok()
+    g = _dev(rng.standard_normal(40))
+    b = _dev(rng.standard_normal(40))
+    gc.check_backward(ops.layernorm_forward, ops.layernorm_backward, (x, g, b)).assert_ok()
+
+
+def test_gradcheck_attention_on_device(rng):
+    kernels_cupy.set_enabled(True)
+    B, N, D, H = 2, 6, 16, 2
+    inputs = (
+        _dev(rng.standard_normal((B, N, D))),
+        _dev(rng.standard_normal((3 * D, D)) * 0.3),
+        _dev(rng.standard_normal(3 * D)),
+        _dev(rng.standard_normal((D, D)) * 0.3),
+        _dev(rng.standard_normal(D)),
+        H,
+    )
+    gc.check_backward(ops.attention_forward, ops.attention_backward, inputs).assert_ok()
