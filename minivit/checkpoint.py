@@ -213,7 +213,9 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
       ``num_attention_heads``, which also gives ``layer_norm_eps``), else embed_dim // 64 as in
       every timm ViT.
 
-    ``overrides`` replace config entries (e.g. drop_rate). Returns (model, metadata).
+    ``overrides`` replace config entries (e.g. drop_rate). For a foreign file, ``img_size=...``
+    gives a model for another image size, its position embedding resampled like timm's
+    ``resample_abs_pos_embed`` (bicubic, antialiased, CLS token kept). Returns (model, metadata).
     """
     path = Path(path)
     meta = read_metadata(path)
@@ -223,9 +225,7 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
         if name not in classes:
             raise CheckpointError(f"checkpoint {str(path)!r} holds an unknown model {name!r}")
         cfg = {**meta.get("config", {}), **overrides}
-        model = classes[name](
-            **cfg, dtype=dtype or meta.get("dtype", "float32"), backend=backend
-        )
+        model = classes[name](**cfg, dtype=dtype or meta.get("dtype", "float32"), backend=backend)
         load_weights_into(model, path)
         return model, meta
     from .convert import infer_vit_config, to_timm_vit
@@ -244,5 +244,12 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
             from_json["eps"] = float(hf["layer_norm_eps"])
     cfg = {**infer_vit_config(sd, num_heads=num_heads), **from_json, **overrides}
     model = ViT(**cfg, dtype=dtype or "float32", backend=backend)
+    want = tuple(model.params["pos_embed"].shape)
+    if tuple(sd["pos_embed"].shape) != want:
+        # another image size (img_size=... given): resample the grid as timm does on load
+        from .convert import resample_abs_pos_embed
+
+        g = model.img_size // model.patch_size
+        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], (g, g))
     model.load_state_dict(sd, strict=True)
     return model, meta

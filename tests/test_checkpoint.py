@@ -98,3 +98,19 @@ def test_metadata_is_json_and_no_pickle(tmp_path):
 
     src = open(ck.__file__).read()
     assert "pickle" not in src.replace("no pickle", "") and "torch.load" not in src
+
+
+def test_foreign_file_at_another_image_size(tmp_path):
+    """A timm-named file loads at another img_size with its pos_embed resampled."""
+    from safetensors.numpy import save_file
+
+    from minivit.convert import resample_abs_pos_embed
+
+    m = small(img_size=8)  # 4x4 grid
+    save_file(m.state_dict(), tmp_path / "model.safetensors")  # no minivit metadata: foreign
+    big, _ = load_model(tmp_path / "model.safetensors", num_heads=2, img_size=12)  # 6x6 grid
+    assert big.params["pos_embed"].shape == (1, 37, 8)
+    expect = resample_abs_pos_embed(m.state_dict()["pos_embed"], (6, 6))
+    np.testing.assert_array_equal(big.params["pos_embed"], expect)
+    out = big.forward(np.zeros((1, 1, 12, 12), np.float32))
+    assert out.shape == (1, 3)
