@@ -70,6 +70,7 @@ class BenchConfig:
     memory: bool = True  # one extra untimed run per case for peak memory
     ops: list | None = None  # op names to run (None: all)
     models: list | None = None  # model names to run (None: all)
+    sgemm_n: int | None = None  # size of the sgemm ceiling's GEMM (None: 1024 CPU, 4096 GPU)
 
 
 _STATE = {"configured": False, "tf32": False, "threads": None, "limiter": None}
@@ -313,8 +314,20 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _malloc_trim() -> None:
+    # Give freed heap pages back to the OS first, so that memory the allocator kept from earlier
+    # runs does not hide this run's allocations from RSS (glibc only; a no-op elsewhere).
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _peak_rss_delta(fn) -> int:
     """Peak RSS above the starting RSS while ``fn`` runs, sampled every ~0.5 ms (approximate)."""
+    _malloc_trim()
     base = _rss_bytes()
     peak = [base]
     done = threading.Event()

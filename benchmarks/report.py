@@ -4,7 +4,7 @@ A row is a flat dict (see ops.py and models.py). Rows pair up by (group, name, p
 device): the ``minivit`` row and the ``torch`` row of one case give the minivit-over-torch
 ratio; the ``numpy`` and ``cupy`` rows of one case give the GPU-over-CPU speedup.
 
-    python -m benchmarks.report RESULTS.json [--out DIR]     # redraw from a saved JSON
+    python -m benchmarks.report RESULTS.json [MORE.json ...] [--out DIR]   # redraw / merge
 """
 
 from __future__ import annotations
@@ -142,6 +142,11 @@ def environment_lines(env: dict) -> list[str]:
         f"- fp32, TF32 {'on' if env.get('tf32') else 'off'}; warm-up {env.get('warmup')}, "
         f"median of {env.get('repeats')} repeats, implementations interleaved"
     )
+    for m in env.get("merged") or []:
+        lines.append(
+            f"- merged with a run on {m.get('cpu')} ({m.get('cpu_count')} cores, "
+            f"torch threads {m.get('torch_threads')}, sgemm {m.get('sgemm')})"
+        )
     if env.get("sgemm"):
         lines.append(
             "- measured sgemm ceilings: "
@@ -272,7 +277,7 @@ def plots(rows: list, outdir: str) -> list[str]:
             ax.tick_params(labelsize=7)
         for ax in list(axes.flat)[len(names) :]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=6)
+        axes.flat[0].legend(fontsize=6, loc="upper left")
         fig.suptitle(
             f"op time vs {axis} ({', '.join(f'{k}={v}' for k, v in centre.items())})", fontsize=10
         )
@@ -343,13 +348,47 @@ def write_all(rows: list, env: dict, outdir: str) -> dict:
     return paths
 
 
+def merge(paths: list) -> tuple[list, dict]:
+    """Rows of several result files together; the first file's environment, the others' kept
+    under ``env["merged"]`` (e.g. a GPU run and a CPU run on the same host)."""
+    rows, env = [], {}
+    for path in paths:
+        if not os.path.isfile(path):
+            print(f"report: {path} missing, skipped", file=sys.stderr)
+            continue
+        r, e = load_json(path)
+        rows += r
+        if not env:
+            env = dict(e)
+        else:
+            env.setdefault("merged", []).append(
+                {
+                    k: e.get(k)
+                    for k in (
+                        "cpu",
+                        "cpu_count",
+                        "threadpools",
+                        "torch_threads",
+                        "minivit_threads",
+                        "sgemm",
+                        "quick",
+                        "repeats",
+                    )
+                }
+            )
+    return rows, env
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="redraw a benchmark report from its JSON")
-    ap.add_argument("json")
-    ap.add_argument("--out", default=None, help="folder (default: the JSON's folder)")
+    ap = argparse.ArgumentParser(description="redraw a benchmark report from its JSON file(s)")
+    ap.add_argument("json", nargs="+", help="results.json files (several are merged)")
+    ap.add_argument("--out", default=None, help="folder (default: the first JSON's folder)")
     a = ap.parse_args(argv)
-    rows, env = load_json(a.json)
-    paths = write_all(rows, env, a.out or os.path.dirname(os.path.abspath(a.json)))
+    rows, env = merge(a.json)
+    if not rows:
+        print("report: no results", file=sys.stderr)
+        return 1
+    paths = write_all(rows, env, a.out or os.path.dirname(os.path.abspath(a.json[0])))
     print(json.dumps(paths, indent=1))
     return 0
 

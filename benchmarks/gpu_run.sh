@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One command for a session with a CUDA device (fits one 10-minute call):
+#
+#     bash benchmarks/gpu_run.sh            # writes everything under $OUT (default /tmp/minivit-gpu)
+#
+# 1. installs minivit from this checkout without touching the network (--no-deps),
+# 2. runs the test suite on the cupy backend (fused kernels, gradient checks on the device),
+# 3. runs the benchmarks: every op and model on cupy beside torch on the same GPU (fp32, TF32
+#    off), then the quick op set on numpy on the host CPU (for the GPU-over-CPU speed-ups),
+# 4. merges both into one report: $OUT/bench/results.{json,md} (+ PNGs where matplotlib exists).
+#
+# Every step has its own time limit and the script goes on after a failure, so whatever
+# finished is under $OUT. Copy $OUT/bench into benchmarks/results/<gpu-name>/ afterwards, and
+# redraw the plots on a machine with matplotlib: python -m benchmarks.report DIR/results.json
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/minivit-gpu}"
+mkdir -p "$OUT"
+export MPLBACKEND=Agg HYPOTHESIS_PROFILE=ci PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+unset CUPY_TF32  # harness.configure sets it (off unless --tf32)
+T0=$(date +%s)
+step() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
+
+step "environment"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  python - <<'PY'
+import platform, numpy
+print("python", platform.python_version(), "numpy", numpy.__version__)
+for mod in ("cupy", "torch", "scipy", "matplotlib", "threadpoolctl", "hypothesis"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "?"))
+    except Exception as exc:
+        print(mod, "missing:", exc)
+PY
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+step "pip install -e . (no deps, no build isolation)"
+python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.txt" 2>&1 \
+  || { echo "pip install failed (see pip.txt); using the checkout on PYTHONPATH"; \
+       export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
+
+step "pytest --backend cupy (limit 240 s)"
+timeout 240 python -m pytest --backend cupy -x -q -p no:cacheprovider \
+  --continue-on-collection-errors -rs tests/ > "$OUT/pytest_cupy.txt" 2>&1
+echo "pytest exit status $?" | tee -a "$OUT/pytest_cupy.txt"
+tail -n 5 "$OUT/pytest_cupy.txt"
+
+step "benchmarks on cupy + torch cuda (limit 200 s)"
+timeout 200 python benchmarks/run.py --backend cupy --out "$OUT/bench-gpu" \
+  > "$OUT/bench_gpu.txt" 2>&1
+echo "gpu benchmark exit status $?" | tee -a "$OUT/bench_gpu.txt"
+
+step "quick op benchmarks on numpy + torch cpu, host CPU (limit 70 s)"
+timeout 70 python benchmarks/run.py --backend numpy --quick --models --out "$OUT/bench-cpu" \
+  > "$OUT/bench_cpu.txt" 2>&1
+echo "cpu benchmark exit status $?" | tee -a "$OUT/bench_cpu.txt"
+
+step "merged report"
+python -m benchmarks.report "$OUT/bench-gpu/results.json" "$OUT/bench-cpu/results.json" \
+  --out "$OUT/bench" > "$OUT/report.txt" 2>&1 || cat "$OUT/report.txt"
+grep -E "ViT|ViLT|sinkhorn" "$OUT/bench_gpu.txt" | tail -n 20
+step "done"

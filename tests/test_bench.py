@@ -1,0 +1,240 @@
+"""The benchmark harness (benchmarks/): timing logic, report writing, one tiny run end to end.
+
+No timing is asserted (speed lives in the benchmarks, never in tests). Budget: < 20 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import harness, report  # noqa: E402
+
+
+class FakeClock:
+    """A clock that advances by the given durations, one per call of the timed function."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_time_host_warms_up_untimed_then_takes_the_median():
+    clock = FakeClock()
+    durations = iter([100.0, 100.0, 5.0, 1.0, 3.0, 2.0, 4.0])  # 2 warm-ups, then 5 runs
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock.now += next(durations)
+
+    t = harness.time_host(fn, repeats=5, warmup=2, clock=clock)
+    assert len(calls) == 7
+    assert t.times_s == [5.0, 1.0, 3.0, 2.0, 4.0]  # the slow warm-ups are not counted
+    assert t.median_s == 3.0 and t.min_s == 1.0 and t.mean_s == 3.0
+    assert t.repeats == 5 and t.warmup == 2
+
+
+def test_summarize_even_count_and_errors():
+    t = harness.summarize([4.0, 1.0, 3.0, 2.0], warmup=0, method="x")
+    assert t.median_s == 2.5
+    with pytest.raises(ValueError):
+        harness.summarize([], 0, "x")
+    with pytest.raises(ValueError):
+        harness.time_host(lambda: None, repeats=0, warmup=0)
+
+
+def test_time_interleaved_alternates_cases_after_their_warmups():
+    clock = FakeClock()
+    order = []
+
+    def make(name, dt):
+        def fn():
+            order.append(name)
+            clock.now += dt
+
+        return fn
+
+    cases = {"a": (make("a", 1.0), "minivit", "cpu"), "b": (make("b", 3.0), "torch", "cpu")}
+    out = harness.time_interleaved(cases, repeats=3, warmup=1, clock=clock)
+    assert order == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    assert out["a"].median_s == 1.0 and out["b"].median_s == 3.0
+    assert out["a"].repeats == 3 and "interleaved" in out["a"].method
+
+
+def test_peak_memory_on_cpu_sees_a_numpy_buffer():
+    import numpy as np
+
+    peak, method = harness.peak_memory(lambda: np.ones(1 << 20), "minivit", "cpu")
+    assert method == "tracemalloc"
+    assert peak >= 8 * (1 << 20)
+
+
+def _rows():
+    base = dict(group="op", name="gelu", device="cpu", batch=8, width=192, repeats=3)
+    rows = []
+    for tokens, m, t in ((50, 1.0, 2.0), (197, 4.0, 2.0)):
+        shape = f"({tokens})"
+        for phase in ("forward", "backward"):
+            rows.append(
+                dict(
+                    base,
+                    phase=phase,
+                    tokens=tokens,
+                    shape=shape,
+                    impl="minivit",
+                    backend="numpy",
+                    median_ms=m,
+                    peak_mem_bytes=2**20,
+                    mem_method="tracemalloc",
+                )
+            )
+            rows.append(
+                dict(
+                    base,
+                    phase=phase,
+                    tokens=tokens,
+                    shape=shape,
+                    impl="torch",
+                    backend="torch-cpu",
+                    median_ms=t,
+                )
+            )
+            rows.append(
+                dict(
+                    base,
+                    phase=phase,
+                    tokens=tokens,
+                    shape=shape,
+                    impl="minivit",
+                    backend="cupy",
+                    device="cuda",
+                    median_ms=m / 10,
+                )
+            )
+    rows.append(
+        dict(
+            group="model",
+            name="vit_tiny_patch16_224",
+            label="ViT-Ti/16",
+            phase="train_step",
+            shape="B=8",
+            device="cpu",
+            impl="minivit",
+            backend="numpy",
+            batch=8,
+            median_ms=900.0,
+            gflops_per_s=50.0,
+        )
+    )
+    rows.append(
+        dict(
+            group="model",
+            name="vit_tiny_patch16_224",
+            label="ViT-Ti/16",
+            phase="train_step",
+            shape="B=8",
+            device="cpu",
+            impl="torch",
+            backend="torch-cpu",
+            batch=8,
+            median_ms=1000.0,
+        )
+    )
+    rows.append(
+        dict(
+            group="sinkhorn",
+            name="sinkhorn",
+            backend="numpy",
+            impl="minivit",
+            dtype="float32",
+            batch=64,
+            n=40,
+            m=145,
+            n_iters=50,
+            median_ms=10.0,
+            speedup_vs_pot_loop=12.0,
+        )
+    )
+    return rows
+
+
+def test_report_pairs_ratios_speedups_markdown_and_plots(tmp_path):
+    rows = _rows()
+    ps = {(p["name"], p["phase"], p["shape"], p["device"]): p for p in report.pairs(rows)}
+    assert ps[("gelu", "forward", "(50)", "cpu")]["ratio"] == 0.5
+    assert ps[("gelu", "forward", "(197)", "cpu")]["ratio"] == 2.0
+    assert ps[("gelu", "forward", "(50)", "cuda")]["ratio"] is None  # no torch-cuda row
+    assert ps[("vit_tiny_patch16_224", "train_step", "B=8", "cpu")]["ratio"] == 0.9
+    sp = report.gpu_speedups(rows)
+    assert len(sp) == 4 and all(abs(s["speedup"] - 10.0) < 1e-12 for s in sp)
+    env = {"cpu": "test cpu", "cpu_count": 2, "repeats": 3, "warmup": 1, "tf32": False}
+    paths = report.write_all(rows, env, str(tmp_path))
+    md = open(paths["markdown"]).read()
+    assert "| ViT-Ti/16 | 8 | train_step | numpy | 900.0 | 1000.0 | **0.900** |" in md
+    assert "12.0x" in md and "GPU over CPU" in md and "test cpu" in md
+    data = json.load(open(paths["json"]))
+    assert data["results"] == json.loads(json.dumps(rows)) and data["environment"] == env
+    pytest.importorskip("matplotlib")
+    names = sorted(os.path.basename(p) for p in paths["plots"])
+    assert names == [
+        "ops_time_vs_tokens.png",
+        "ratio_minivit_over_torch.png",
+        "speedup_gpu_over_cpu.png",
+    ]
+    assert all(os.path.getsize(p) > 1000 for p in paths["plots"])
+
+
+def test_report_merges_result_files(tmp_path):
+    rows = _rows()
+    a = report.write_json(rows[:3], {"cpu": "a"}, str(tmp_path / "a.json"))
+    b = report.write_json(rows[3:], {"cpu": "b", "cpu_count": 16}, str(tmp_path / "b.json"))
+    merged, env = report.merge([a, b, str(tmp_path / "missing.json")])
+    assert len(merged) == len(rows) and env["cpu"] == "a"
+    assert env["merged"][0]["cpu"] == "b"
+
+
+def test_tiny_benchmark_end_to_end(tmp_path):
+    from benchmarks import run
+
+    cfg = harness.BenchConfig(
+        backends=["numpy"],
+        repeats=2,
+        warmup=1,
+        quick=True,
+        ops=["layernorm"],
+        models=[],
+        threads=None,
+        torch=False,
+        sgemm_n=128,
+    )
+    paths = run.execute(cfg, str(tmp_path), log=lambda *a: None)
+    rows, env = report.load_json(paths["json"])
+    assert {r["phase"] for r in rows} == {"forward", "backward"}
+    assert {r["impl"] for r in rows} >= {"minivit"}
+    assert all(r["median_ms"] > 0 and r["repeats"] == 2 for r in rows)
+    assert env["sgemm"] and env["repeats"] == 2
+    assert "layernorm" in open(paths["markdown"]).read()
+
+
+def test_minivit_bench_command_parses_its_options():
+    from minivit.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["bench", "--quick", "--ops", "linear", "gelu", "--models", "--repeats", "4"]
+    )
+    assert args.quick and args.ops == ["linear", "gelu"] and args.models == []
+    assert args.repeats == 4 and args.backend is None
+    from benchmarks.run import config_from_args
+
+    cfg = config_from_args(args)
+    assert cfg.backends[0] == "numpy" and cfg.repeats == 4 and cfg.warmup == 1
