@@ -18,8 +18,8 @@ import argparse
 
 DEFAULTS = dict(
     model="hybrid_digits",
-    epochs=40,
-    batch_size=64,
+    epochs=30,
+    batch_size=32,
     lr=2e-3,
     min_lr=1e-5,
     weight_decay=0.05,
