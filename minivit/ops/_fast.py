@@ -112,10 +112,10 @@ def gelu_forward_f32(x):
 
     def block(s, e):
         xs, g = x2[s:e], d2[s:e]
-        t = xp.abs(xs)
-        t *= p
+        ax = xp.abs(xs)
+        t = ax * p
         t += 1.0
-        xp.reciprocal(t, out=t)  # t = 1 / (1 + p |x| / sqrt 2)
+        xp.divide(1.0, t, out=t)  # t = 1 / (1 + p |x| / sqrt 2)
         q = t * a5
         for a in (a4, a3, a2, a1):  # Horner
             q += a
