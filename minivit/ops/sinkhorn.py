@@ -172,6 +172,8 @@ def _lse_(buf, axis, xp):
 
 # Tests set this to False to run the max-stabilized path (the one CuPy takes) on NumPy.
 _FAST_CPU_PATH = True
+# How often (in iterations) the CPU path rebuilds its running log-plan from the potentials.
+_REANCHOR_EVERY = 16
 
 
 class _FastState:
@@ -324,6 +326,10 @@ def sinkhorn_forward(cost, a=None, b=None, *, epsilon=0.05, n_iters=100, tol=Non
                 state.reset(beta=beta)
         betas[t] = beta
         f = beta + la  # (..., n)
+        if fast and state.g_t is not None and t % _REANCHOR_EVERY == _REANCHOR_EVERY - 1:
+            # M += delta accumulates rounding every half-step; rebuilding M from logK and the
+            # potentials now and then keeps long runs as accurate as the stabilized path.
+            state.reset()
 
     alphas, betas = alphas[:n_run], betas[:n_run]
     g = alphas[-1] + lb
