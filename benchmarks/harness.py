@@ -71,6 +71,10 @@ class BenchConfig:
     ops: list | None = None  # op names to run (None: all)
     models: list | None = None  # model names to run (None: all)
     sgemm_n: int | None = None  # size of the sgemm ceiling's GEMM (None: 1024 CPU, 4096 GPU)
+    # Idle seconds before each timed CPU run, so that the thread pools of the previous run
+    # (OpenBLAS workers spin ~0.1 s after a GEMM by default, OpenMP ~5 ms) have gone to sleep
+    # and do not take a core from the next implementation. None: 0.12 s for models, 0.01 s for ops.
+    gap_s: float | None = None
 
 
 _STATE = {"configured": False, "tf32": False, "threads": None, "limiter": None}
@@ -260,6 +264,7 @@ def time_interleaved(
     warmup: int,
     *,
     clock: Callable[[], float] = time.perf_counter,
+    gap_s: float = 0.0,
 ) -> dict:
     """Time several implementations of one case in turns; returns key -> :class:`Timing`.
 
@@ -267,7 +272,7 @@ def time_interleaved(
     then the cases take turns for ``repeats`` rounds (A B A B ...), so that a change in machine
     load during the run slows every implementation alike and their ratio stays fair (the CPU
     here is shared). GPU runs are bracketed by CUDA events of their own library (the host clock
-    is not used); CPU runs by ``clock``.
+    is not used); CPU runs by ``clock``, each after ``gap_s`` idle seconds (untimed).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -288,7 +293,9 @@ def time_interleaved(
             timers[key][0](fn)
     times = {key: [] for key in cases}
     for _ in range(repeats):
-        for key, (fn, _impl, _device) in cases.items():
+        for key, (fn, _impl, device) in cases.items():
+            if gap_s > 0 and device != "cuda":
+                time.sleep(gap_s)
             times[key].append(timers[key][0](fn))
     return {key: summarize(times[key], warmup, timers[key][1] + ", interleaved") for key in cases}
 
@@ -471,6 +478,9 @@ def environment_info(cfg: BenchConfig) -> dict:
             for k in (
                 "OPENBLAS_CORETYPE",
                 "OPENBLAS_L2_SIZE",
+                "OPENBLAS_THREAD_TIMEOUT",
+                "MINIVIT_NUM_THREADS",
+                "MINIVIT_FAST",
                 "OPENBLAS_NUM_THREADS",
                 "OMP_NUM_THREADS",
                 "MKL_NUM_THREADS",

@@ -296,7 +296,9 @@ def run(cfg: harness.BenchConfig, ceilings: dict | None = None, log=print) -> li
                 if f"torch_{phase}" in built:
                     cases[("torch", phase)] = (built[f"torch_{phase}"], "torch", device)
                 repeats = cfg.repeats
-                timed = harness.time_interleaved(cases, repeats, cfg.warmup)
+                timed = harness.time_interleaved(
+                    cases, repeats, cfg.warmup, gap_s=0.12 if cfg.gap_s is None else cfg.gap_s
+                )
                 fl = built["flops"]
                 if fl and phase == "train_step":
                     fl = 3 * fl  # backward is twice the forward's GEMM work

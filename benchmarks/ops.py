@@ -286,7 +286,9 @@ def run(cfg: harness.BenchConfig, ceilings: dict | None = None, log=print) -> li
                     cases[("torch", "backward")] = (t_bwd, "torch", device)
                 for phase in ("forward", "backward"):
                     sub = {k: v for k, v in cases.items() if k[1] == phase}
-                    timed = harness.time_interleaved(sub, cfg.repeats, cfg.warmup)
+                    timed = harness.time_interleaved(
+                        sub, cfg.repeats, cfg.warmup, gap_s=0.01 if cfg.gap_s is None else cfg.gap_s
+                    )
                     for (impl, _), timing in timed.items():
                         fn = sub[(impl, phase)][0]
                         mem = harness.peak_memory(fn, impl, device) if cfg.memory else None

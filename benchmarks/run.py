@@ -60,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None
     )
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twins")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument(
+        "--gap",
+        type=float,
+        default=None,
+        help="idle seconds before each timed CPU run (default 0.12 models, 0.01 ops)",
+    )
 
 
 def config_from_args(args) -> harness.BenchConfig:
@@ -79,6 +85,7 @@ def config_from_args(args) -> harness.BenchConfig:
         memory=not args.no_memory,
         ops=args.ops,
         models=args.models,
+        gap_s=getattr(args, "gap", None),
     )
 
 

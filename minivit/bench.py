@@ -61,6 +61,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch twins")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=None,
+        help="idle seconds before each timed CPU run (default 0.12 models, 0.01 ops)",
+    )
 
 
 def run(args) -> int:
