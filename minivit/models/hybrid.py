@@ -22,22 +22,18 @@ by a 1x1 ``proj`` conv). Parameter names follow timm's hybrid models where they 
 basic blocks, so only the names, not the weights, carry over.) The norm is group norm, as in
 timm's ResNetV2 backbones: stateless, so train and eval compute the same function.
 
-``backward`` is the forward read bottom-up, each residual gradient added where the paths meet.
+``HybridViT`` is a ``ViT`` subclass that replaces only the patch embedding: ``_embed_forward``
+(backbone -> 1x1 proj) and ``_embed_backward`` (the same read bottom-up, each residual gradient
+added where the paths meet), with their parameters. ``ViT.forward`` and ``ViT.backward`` run the
+rest, the token pipeline, unchanged.
 """
 
 from __future__ import annotations
 
 from .. import ops
-from ..backend import backend_of, get_backend
-from ..blocks import (
-    block_param_shapes,
-    encoder_backward,
-    encoder_forward,
-    init_block_params,
-    trunc_normal,
-)
+from ..blocks import trunc_normal
 from .registry import register_config
-from .vit import load_state_dict_into
+from .vit import ViT, check_transformer_args
 
 __all__ = ["HybridViT"]
 
@@ -52,7 +48,7 @@ def _gn_groups(channels: int, max_groups: int) -> int:
     return g
 
 
-class HybridViT:
+class HybridViT(ViT):
     """ViT on the feature map of a hand-written CNN stem, with a flat timm-named ``params`` dict.
 
     Args:
@@ -96,21 +92,14 @@ class HybridViT:
         backend=None,
         seed=0,
     ):
-        if embed_dim % num_heads:
-            raise ValueError(f"num_heads {num_heads} must divide embed_dim {embed_dim}")
-        if str(dtype) not in ("float32", "float64"):
-            raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        check_transformer_args(embed_dim, num_heads, drop_rate, drop_path_rate)
         if stem_kernel < 1 or stem_kernel % 2 == 0:
             raise ValueError(f"stem_kernel must be a positive odd int, got {stem_kernel}")
         stages = [[int(c), int(n), int(s)] for c, n, s in stages]
         for i, (c, n, s) in enumerate(stages):
             if c < 1 or n < 1 or s < 1:
                 raise ValueError(f"stages[{i}] must be [channels >= 1, blocks >= 1, stride >= 1]")
-        if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(
-                f"drop_rate and drop_path_rate must be in [0, 1), got {drop_rate}, {drop_path_rate}"
-            )
-        self.config = dict(
+        config = dict(
             img_size=int(img_size),
             in_chans=int(in_chans),
             num_classes=int(num_classes),
@@ -129,9 +118,9 @@ class HybridViT:
             drop_rate=float(drop_rate),
             drop_path_rate=float(drop_path_rate),
         )
-        self.__dict__.update(self.config)
-        self.dtype = str(dtype)
-        self.backend = get_backend(backend)
+        self._setup(config, dtype, backend)
+        # ViT's token pipeline with timm's defaults: pool the CLS token after the final norm.
+        self.global_pool = "token"
 
         # The grid after the backbone: "same" convs keep the size, the pool and strides shrink it.
         side, reduction = self.img_size, 1
@@ -146,14 +135,7 @@ class HybridViT:
         self.num_patches = side * side
         self.patch_size = reduction
         self.feature_chs = stages[-1][0] if stages else self.stem_chs
-        self.mlp_hidden = int(self.embed_dim * self.mlp_ratio)
-        self.drop_path = [
-            self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)
-        ]
-        self.params = self._init_params(seed)
-        self.grads = {}
-        self.rng = self.backend.rng(seed)  # dropout masks
-        self._cache = None
+        self._build(seed)
 
     # ------------------------------------------------------------------------------------------
     # the backbone's layout
@@ -170,14 +152,13 @@ class HybridViT:
         return out
 
     # ------------------------------------------------------------------------------------------
-    # parameters
+    # parameters: ViT's, with the backbone and the 1x1 proj as the patch embedding
 
-    def param_shapes(self):
-        """name -> shape: backbone, proj, then ViT's names in timm's order."""
-        D, C, k = self.embed_dim, self.in_chans, self.stem_kernel
+    def _embed_param_shapes(self):
+        """The backbone's parameters, then the 1x1 proj (ViT.param_shapes puts cls_token and
+        pos_embed before them and the encoder, norm and head after)."""
+        C, k = self.in_chans, self.stem_kernel
         shapes = {
-            "cls_token": (1, 1, D),
-            "pos_embed": (1, 1 + self.num_patches, D),
             BACKBONE + "stem.conv.weight": (self.stem_chs, C, k, k),
             BACKBONE + "stem.norm.weight": (self.stem_chs,),
             BACKBONE + "stem.norm.bias": (self.stem_chs,),
@@ -193,26 +174,17 @@ class HybridViT:
                 shapes[prefix + "downsample.conv.weight"] = (cout, cin, 1, 1)
                 shapes[prefix + "downsample.norm.weight"] = (cout,)
                 shapes[prefix + "downsample.norm.bias"] = (cout,)
-        shapes["patch_embed.proj.weight"] = (D, self.feature_chs, 1, 1)
-        shapes["patch_embed.proj.bias"] = (D,)
-        for i in range(self.depth):
-            shapes.update(block_param_shapes(f"blocks.{i}.", D, self.mlp_hidden, self.qkv_bias))
-        shapes["norm.weight"] = (D,)
-        shapes["norm.bias"] = (D,)
-        if self.num_classes > 0:
-            shapes["head.weight"] = (self.num_classes, D)
-            shapes["head.bias"] = (self.num_classes,)
+        shapes["patch_embed.proj.weight"] = (self.embed_dim, self.feature_chs, 1, 1)
+        shapes["patch_embed.proj.bias"] = (self.embed_dim,)
         return shapes
 
-    def _init_params(self, seed):
+    def _init_embed_params(self, rng, xp):
         # Convs: He (kaiming) normal, fan_out, for ReLU nets as torchvision/timm ResNets; norms
         # ones/zeros except each block's last norm scale, which starts at zero so every residual
-        # block starts as the identity (timm's zero_init_last). The transformer half as ViT.
-        host = get_backend("numpy")
-        rng = host.rng(seed)
-        xp = host.xp
+        # block starts as the identity (timm's zero_init_last). Then cls_token, pos_embed and
+        # the proj as ViT's (ViT._init_params draws the encoder and head after these).
         p = {}
-        for name, shape in self.param_shapes().items():
+        for name, shape in self._embed_param_shapes().items():
             if name.startswith(BACKBONE) and len(shape) == 4:  # conv weights
                 fan_out = shape[0] * shape[2] * shape[3]
                 p[name] = rng.standard_normal(shape) * (2.0 / fan_out) ** 0.5
@@ -226,30 +198,10 @@ class HybridViT:
         p["pos_embed"] = trunc_normal(rng, (1, 1 + self.num_patches, D), std=0.02)
         p["patch_embed.proj.weight"] = rng.uniform(-bound, bound, (D, F, 1, 1))
         p["patch_embed.proj.bias"] = rng.uniform(-bound, bound, (D,))
-        for i in range(self.depth):
-            p.update(init_block_params(f"blocks.{i}.", D, self.mlp_hidden, self.qkv_bias, rng=rng))
-        p["norm.weight"] = xp.ones(D)
-        p["norm.bias"] = xp.zeros(D)
-        if self.num_classes > 0:
-            p["head.weight"] = trunc_normal(rng, (self.num_classes, D), std=0.02)
-            p["head.bias"] = xp.zeros(self.num_classes)
-        order = self.param_shapes()
-        return {k: self.backend.asarray(p[k], dtype=self.dtype) for k in order}
+        return p
 
-    def state_dict(self):
-        """name -> numpy array (a host copy)."""
-        return {k: self.backend.to_numpy(v).copy() for k, v in self.params.items()}
-
-    def load_state_dict(self, state_dict, strict=True):
-        """As ViT.load_state_dict: one ValueError naming every missing/unexpected/mis-shaped key;
-        returns (missing, unexpected)."""
-        return load_state_dict_into(self, state_dict, strict)
-
-    def zero_grads(self):
-        self.grads = {}
-
-    def num_params(self):
-        return sum(int(v.size) for v in self.params.values())
+    # ------------------------------------------------------------------------------------------
+    # cost
 
     def forward_flops(self, batch_size: int) -> float:
         """Forward GEMM FLOPs of one batch (2 per multiply-add; convs, proj, encoder, head),
@@ -345,114 +297,25 @@ class HybridViT:
         return dimages  # (B, C, S, S)
 
     # ------------------------------------------------------------------------------------------
-    # forward and backward
+    # the patch embedding: backbone, then the 1x1 proj. ViT.forward_features / ViT.backward call
+    # these in place of the PxP patch conv; the rest of the model is ViT's token pipeline.
 
-    def _check_images(self, images):
-        shape = getattr(images, "shape", None)
-        dtype = getattr(images, "dtype", None)
-        if shape is None or dtype is None:
-            raise TypeError(f"images must be an array, got {type(images).__name__}")
-        expected = (self.in_chans, self.img_size, self.img_size)
-        if len(shape) != 4 or tuple(shape[1:]) != expected:
-            raise ValueError(
-                f"images must have shape (B, {self.in_chans}, {self.img_size}, {self.img_size}) "
-                f"(in_chans={self.in_chans}, img_size={self.img_size}), got {tuple(shape)}"
-            )
-        if str(dtype) != self.dtype:
-            raise TypeError(
-                f"images must have the model's dtype {self.dtype}, got {dtype}; "
-                f"convert them first (e.g. images.astype('{self.dtype}'))"
-            )
-        if backend_of(images).name != self.backend.name:
-            raise TypeError(
-                f"images live on backend {backend_of(images).name!r} but the model lives on "
-                f"{self.backend.name!r}; move them with Backend.asarray"
-            )
-
-    def forward_features(self, images, train=False):
-        """images (B, C, S, S) -> final-norm tokens (B, T, D). Keeps the cache for backward."""
-        self._check_images(images)
-        p = self.params
-        xp = self.backend.xp
-        B = images.shape[0]
-        D = self.embed_dim
-        drop = self.drop_rate if train else 0.0
-        c = ops.Cache(train=train)
-
+    def _embed_forward(self, images, c):
+        """images (B, C, S, S) -> tokens (B, N, D): the CNN, then the 1x1 proj."""
         feat, c.backbone = self._backbone_forward(images)  # (B, F, h, w)
         # The 1x1 proj is a patch embedding with 1x1 patches: (B, F, h, w) -> (B, N, D), the
         # positions in row-major order.
         x, c.proj = ops.patch_embed_forward(
-            feat, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"], 1
+            feat, self.params["patch_embed.proj.weight"], self.params["patch_embed.proj.bias"], 1
         )  # (B, N, D)
-        cls = xp.broadcast_to(p["cls_token"], (B, 1, D))  # (B, 1, D)
-        x = xp.concatenate([cls, x], axis=1)  # (B, T, D)
-        x += p["pos_embed"]
-        x, c.pos_drop = ops.dropout_forward(x, drop, rng=self.rng, train=train)
-        x, c.encoder = encoder_forward(
-            x,
-            p,
-            "blocks.",
-            self.depth,
-            self.num_heads,
-            eps=self.eps,
-            drop=drop,
-            drop_path=self.drop_path,
-            rng=self.rng,
-            train=train,
-        )  # (B, T, D)
-        x, c.norm = ops.layernorm_forward(x, p["norm.weight"], p["norm.bias"], self.eps)
-        self._cache = c
         return x
 
-    def forward(self, images, train=False):
-        """images (B, C, S, S) -> logits (B, K) (pooled features (B, D) when num_classes=0)."""
-        x = self.forward_features(images, train)
-        c = self._cache
-        drop = self.drop_rate if train else 0.0
-        pooled = x[:, 0]  # (B, D) the CLS token
-        pooled, c.head_drop = ops.dropout_forward(pooled, drop, rng=self.rng, train=train)
-        if self.num_classes == 0:
-            c.head = None
-            return pooled
-        logits, c.head = ops.linear_forward(
-            pooled, self.params["head.weight"], self.params["head.bias"]
-        )
-        return logits  # (B, K)
-
-    def backward(self, dlogits):
-        """dlogits (B, K) -> dimages (B, C, S, S). Overwrites ``grads`` with every parameter's."""
-        c = self._cache
-        if c is None:
-            raise RuntimeError("backward called before forward: run forward(images) first")
-        xp = self.backend.xp
-        g = {}
-        if c.head is not None:
-            dpooled, g["head.weight"], g["head.bias"] = ops.linear_backward(dlogits, c.head)
-        else:
-            dpooled = dlogits
-        (dpooled,) = ops.dropout_backward(dpooled, c.head_drop)  # (B, D)
-        B, T, D = dpooled.shape[0], 1 + self.num_patches, self.embed_dim
-        dx = xp.zeros((B, T, D), dtype=dpooled.dtype)  # only the CLS row was read
-        dx[:, 0] = dpooled
-        dx, g["norm.weight"], g["norm.bias"] = ops.layernorm_backward(dx, c.norm)
-        dx = encoder_backward(dx, c.encoder, g)  # (B, T, D)
-        (dx,) = ops.dropout_backward(dx, c.pos_drop)
-        g["pos_embed"] = dx.sum(axis=0, keepdims=True)  # (1, T, D)
-        g["cls_token"] = dx[:, :1].sum(axis=0, keepdims=True)  # (1, 1, D)
+    def _embed_backward(self, dx, c, g):
+        """dtokens (B, N, D) -> dimages (B, C, S, S): the proj's backward, then the CNN's."""
         dfeat, g["patch_embed.proj.weight"], g["patch_embed.proj.bias"] = ops.patch_embed_backward(
-            dx[:, 1:], c.proj
+            dx, c.proj
         )  # (B, F, h, w)
-        dimages = self._backbone_backward(dfeat, c.backbone, g)  # (B, C, S, S)
-        self.grads = {k: g[k] for k in self.params}
-        return dimages
-
-    def __call__(self, images, train=False):
-        return self.forward(images, train)
-
-    def __repr__(self):
-        cfg = ", ".join(f"{k}={v}" for k, v in self.config.items())
-        return f"HybridViT({cfg}, dtype={self.dtype!r}, backend={self.backend.name!r})"
+        return self._backbone_backward(dfeat, c.backbone, g)  # (B, C, S, S)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ tokens (CLS first), D width, K classes.
       -> take the CLS token, dropout                            (B, D)
       -> head (linear)                                          (B, K)
 
-``backward`` is the same list read bottom-up; docs/vit.md walks through both with shapes.
+``backward`` is the same list read bottom-up; docs/vit.md walks through both with shapes. The
+patch embedding is the one stage a subclass replaces (``_embed_param_shapes``,
+``_init_embed_params``, ``_embed_forward``, ``_embed_backward``): HybridViT puts a CNN there.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from ..blocks import (
     init_block_params,
     trunc_normal,
 )
+from .base import Model, load_state_dict_into
 from .registry import register_config
 
 __all__ = ["ViT", "load_state_dict_into"]
 
 
-class ViT:
+class ViT(Model):
     """A ViT with a flat ``params`` dict keyed by timm's state_dict names.
 
     Args:
@@ -73,26 +76,14 @@ class ViT:
     ):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
-        if embed_dim % num_heads:
-            raise ValueError(f"num_heads {num_heads} must divide embed_dim {embed_dim}")
+        check_transformer_args(embed_dim, num_heads, drop_rate, drop_path_rate)
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         if pos_embed_init not in ("trunc_normal", "sincos"):
             raise ValueError(
                 f"pos_embed_init must be 'trunc_normal' or 'sincos', got {pos_embed_init!r}"
             )
-        backend = get_backend(backend)
-        try:  # accept "float32", numpy.float32, numpy.dtype("float32"), ...
-            dtype = backend.xp.dtype(dtype).name
-        except TypeError:
-            pass
-        if str(dtype) not in ("float32", "float64"):
-            raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-        if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(
-                f"drop_rate and drop_path_rate must be in [0, 1), got {drop_rate}, {drop_path_rate}"
-            )
-        self.config = dict(
+        config = dict(
             img_size=int(img_size),
             patch_size=int(patch_size),
             in_chans=int(in_chans),
@@ -108,32 +99,29 @@ class ViT:
             global_pool=str(global_pool),
             pos_embed_init=str(pos_embed_init),
         )
-        self.__dict__.update(self.config)
-        self.dtype = str(dtype)
-        self.backend = backend
+        self._setup(config, dtype, backend)
         self.num_patches = (self.img_size // self.patch_size) ** 2
+        self._build(seed)
+
+    def _build(self, seed):
+        """The parts that follow from the config once ``num_patches`` is known: the MLP width,
+        the stochastic-depth rates, the parameters and the dropout generator."""
         self.mlp_hidden = int(self.embed_dim * self.mlp_ratio)
         # Stochastic depth rises linearly over the blocks, as in timm.
         self.drop_path = [
             self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)
         ]
         self.params = self._init_params(seed)
-        self.grads = {}
         self.rng = self.backend.rng(seed)  # dropout masks
-        self._cache = None
 
     # ------------------------------------------------------------------------------------------
     # parameters
 
     def param_shapes(self):
         """name -> shape, in timm's state_dict order."""
-        D, C, P = self.embed_dim, self.in_chans, self.patch_size
-        shapes = {
-            "cls_token": (1, 1, D),
-            "pos_embed": (1, 1 + self.num_patches, D),
-            "patch_embed.proj.weight": (D, C, P, P),
-            "patch_embed.proj.bias": (D,),
-        }
+        D = self.embed_dim
+        shapes = {"cls_token": (1, 1, D), "pos_embed": (1, 1 + self.num_patches, D)}
+        shapes.update(self._embed_param_shapes())
         for i in range(self.depth):
             shapes.update(block_param_shapes(f"blocks.{i}.", D, self.mlp_hidden, self.qkv_bias))
         # timm: "token" pooling normalises every token (norm); "avg" pooling normalises the
@@ -146,25 +134,20 @@ class ViT:
             shapes["head.bias"] = (self.num_classes,)
         return shapes
 
+    def _embed_param_shapes(self):
+        """The patch embedding's parameters: one PxP conv."""
+        D, C, P = self.embed_dim, self.in_chans, self.patch_size
+        return {"patch_embed.proj.weight": (D, C, P, P), "patch_embed.proj.bias": (D,)}
+
     def _init_params(self, seed):
-        # timm: pos_embed trunc-normal 0.02, cls_token normal 1e-6, Linear weights trunc-normal
-        # 0.02 with zero biases, LayerNorm ones/zeros; the patch conv keeps PyTorch's default
-        # (kaiming-uniform a=sqrt(5), i.e. U(+-1/sqrt(fan_in)) for weight and bias).
+        # timm: cls_token normal 1e-6, Linear weights trunc-normal 0.02 with zero biases,
+        # LayerNorm ones/zeros. The embedding's parameters (and pos_embed) come first, from
+        # _init_embed_params, then the encoder and head from the same host generator.
         host = get_backend("numpy")
         rng = host.rng(seed)
         xp = host.xp
-        D, C, P = self.embed_dim, self.in_chans, self.patch_size
-        fan_in = C * P * P
-        bound = 1.0 / fan_in**0.5
-        pos = trunc_normal(rng, (1, 1 + self.num_patches, D), std=0.02)
-        if self.pos_embed_init == "sincos":
-            pos = sincos_2d_pos_embed(self.img_size // self.patch_size, D, xp)
-        p = {
-            "cls_token": rng.standard_normal((1, 1, D)) * 1e-6,
-            "pos_embed": pos,
-            "patch_embed.proj.weight": rng.uniform(-bound, bound, (D, C, P, P)),
-            "patch_embed.proj.bias": rng.uniform(-bound, bound, (D,)),
-        }
+        D = self.embed_dim
+        p = self._init_embed_params(rng, xp)
         for i in range(self.depth):
             p.update(init_block_params(f"blocks.{i}.", D, self.mlp_hidden, self.qkv_bias, rng=rng))
         norm = "norm" if self.global_pool == "token" else "fc_norm"
@@ -173,23 +156,23 @@ class ViT:
         if self.num_classes > 0:
             p["head.weight"] = trunc_normal(rng, (self.num_classes, D), std=0.02)
             p["head.bias"] = xp.zeros(self.num_classes)
-        return {k: self.backend.asarray(v, dtype=self.dtype) for k, v in p.items()}
+        return {k: self.backend.asarray(p[k], dtype=self.dtype) for k in self.param_shapes()}
 
-    def state_dict(self):
-        """name -> numpy array (a host copy), in timm's order."""
-        return {k: self.backend.to_numpy(v).copy() for k, v in self.params.items()}
-
-    def load_state_dict(self, state_dict, strict=True):
-        """Copy arrays (numpy or this backend) into ``params``, cast to the model's dtype.
-
-        With strict=True every missing, unexpected and mis-shaped key is named in one
-        ValueError. With strict=False only mis-shaped keys raise; missing keys keep their values
-        and unexpected ones are ignored. Returns (missing, unexpected) like PyTorch.
-        """
-        return load_state_dict_into(self, state_dict, strict)
-
-    def zero_grads(self):
-        self.grads = {}
+    def _init_embed_params(self, rng, xp):
+        """cls_token, pos_embed and the patch conv, drawn from the host generator ``rng``."""
+        # timm: pos_embed trunc-normal 0.02; the patch conv keeps PyTorch's default
+        # (kaiming-uniform a=sqrt(5), i.e. U(+-1/sqrt(fan_in)) for weight and bias).
+        D, C, P = self.embed_dim, self.in_chans, self.patch_size
+        bound = 1.0 / (C * P * P) ** 0.5
+        pos = trunc_normal(rng, (1, 1 + self.num_patches, D), std=0.02)
+        if self.pos_embed_init == "sincos":
+            pos = sincos_2d_pos_embed(self.img_size // self.patch_size, D, xp)
+        return {
+            "cls_token": rng.standard_normal((1, 1, D)) * 1e-6,
+            "pos_embed": pos,
+            "patch_embed.proj.weight": rng.uniform(-bound, bound, (D, C, P, P)),
+            "patch_embed.proj.bias": rng.uniform(-bound, bound, (D,)),
+        }
 
     # ------------------------------------------------------------------------------------------
     # forward and backward
@@ -216,6 +199,23 @@ class ViT:
                 f"{self.backend.name!r}; move them with Backend.asarray"
             )
 
+    def _embed_forward(self, images, c):
+        """images (B, C, S, S) -> patch tokens (B, N, D); what backward needs goes into ``c``."""
+        x, c.patch = ops.patch_embed_forward(
+            images,
+            self.params["patch_embed.proj.weight"],
+            self.params["patch_embed.proj.bias"],
+            self.patch_size,
+        )  # (B, N, D)
+        return x
+
+    def _embed_backward(self, dx, c, g):
+        """dtokens (B, N, D) -> dimages (B, C, S, S); the embedding's grads go into ``g``."""
+        dimages, g["patch_embed.proj.weight"], g["patch_embed.proj.bias"] = (
+            ops.patch_embed_backward(dx, c.patch)
+        )
+        return dimages  # (B, C, S, S)
+
     def forward_features(self, images, train=False):
         """images (B, C, S, S) -> final-norm tokens (B, T, D). Keeps the cache for backward."""
         self._check_images(images)
@@ -226,9 +226,7 @@ class ViT:
         drop = self.drop_rate if train else 0.0
         c = ops.Cache(train=train)
 
-        x, c.patch = ops.patch_embed_forward(
-            images, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"], self.patch_size
-        )  # (B, N, D)
+        x = self._embed_forward(images, c)  # (B, N, D)
         cls = xp.broadcast_to(p["cls_token"], (B, 1, D))  # (B, 1, D)
         x = xp.concatenate([cls, x], axis=1)  # (B, T, D)
         x += p["pos_embed"]  # broadcast over the batch
@@ -305,21 +303,19 @@ class ViT:
         # x = [cls; patches] + pos_embed: pos_embed is shared by the batch, cls by every image
         g["pos_embed"] = dx.sum(axis=0, keepdims=True)  # (1, T, D)
         g["cls_token"] = dx[:, :1].sum(axis=0, keepdims=True)  # (1, 1, D)
-        dimages, g["patch_embed.proj.weight"], g["patch_embed.proj.bias"] = (
-            ops.patch_embed_backward(dx[:, 1:], c.patch)
-        )  # (B, C, S, S)
+        dimages = self._embed_backward(dx[:, 1:], c, g)  # (B, C, S, S)
         self.grads = {k: g[k] for k in self.params}  # timm's order
         return dimages
 
-    def __call__(self, images, train=False):
-        return self.forward(images, train)
 
-    def num_params(self):
-        return sum(int(v.size) for v in self.params.values())
-
-    def __repr__(self):
-        cfg = ", ".join(f"{k}={v}" for k, v in self.config.items())
-        return f"ViT({cfg}, dtype={self.dtype!r}, backend={self.backend.name!r})"
+def check_transformer_args(embed_dim, num_heads, drop_rate, drop_path_rate):
+    """The checks every ViT-like model makes on its transformer's arguments."""
+    if embed_dim % num_heads:
+        raise ValueError(f"num_heads {num_heads} must divide embed_dim {embed_dim}")
+    if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(
+            f"drop_rate and drop_path_rate must be in [0, 1), got {drop_rate}, {drop_path_rate}"
+        )
 
 
 def sincos_2d_pos_embed(grid, dim, xp):
@@ -336,41 +332,6 @@ def sincos_2d_pos_embed(grid, dim, xp):
     tx = xs.reshape(-1, 1) * omega
     codes = xp.concatenate([xp.sin(ty), xp.cos(ty), xp.sin(tx), xp.cos(tx)], axis=1)
     return xp.concatenate([xp.zeros((1, dim)), codes], axis=0)[None]  # (1, 1 + g*g, dim)
-
-
-def load_state_dict_into(model, state_dict, strict=True):
-    """Shared by the models: check names and shapes against model.params, then copy.
-
-    Returns (missing, unexpected). Raises one ValueError naming every problem.
-    """
-    expected = {k: tuple(v.shape) for k, v in model.params.items()}
-    given = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    misshaped = [
-        f"{k}: expected {expected[k]}, got {given[k]}"
-        for k in expected
-        if k in given and given[k] != expected[k]
-    ]
-    problems = []
-    if misshaped:
-        problems.append("mis-shaped keys: " + "; ".join(misshaped))
-    if strict and missing:
-        problems.append("missing keys: " + ", ".join(missing))
-    if strict and unexpected:
-        problems.append("unexpected keys: " + ", ".join(unexpected))
-    if problems:
-        raise ValueError(
-            f"state_dict does not match {type(model).__name__}: " + " | ".join(problems)
-        )
-    be = model.backend
-    for k in expected:
-        if k in state_dict:
-            v = state_dict[k]
-            if getattr(v, "dtype", None) is not None and v.dtype.kind != "f":
-                raise TypeError(f"state_dict[{k!r}] must be a floating array, got {v.dtype}")
-            model.params[k] = be.asarray(be.to_numpy(v), dtype=model.dtype).copy()
-    return missing, unexpected
 
 
 # ----------------------------------------------------------------------------------------------
