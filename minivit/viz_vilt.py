@@ -47,12 +47,14 @@ def alignment_figure(model, data, input_ids, text_mask, image, path="alignment.p
     L = len(words_valid)
     ids = np.asarray(input_ids)[:L]
     vocab = data.tokenizer.vocab
-    pix = np.clip(np.asarray(image, np.float64).transpose(1, 2, 0) * 0.5 + 0.5, 0, 1)
+    pix = data.to_pixels(image).transpose(1, 2, 0)  # (H, W, 3) in [0, 1]
     H, W = pix.shape[:2]
     rows = [i for i in range(L) if words_valid[i]]
     n = len(rows) + 1
-    fig, axes = plt.subplots(1, n, figsize=(1.9 * n, 2.3))
-    axes = np.atleast_1d(axes)
+    ncol = min(n, 7)
+    nrow = -(-n // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.0 * ncol, 2.2 * nrow + 0.4), squeeze=False)
+    axes = axes.ravel()
     caption = " ".join(vocab[i] for i in ids[rows])
     axes[0].imshow(pix)
     axes[0].set_title("image", fontsize=9)
@@ -66,6 +68,8 @@ def alignment_figure(model, data, input_ids, text_mask, image, path="alignment.p
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
+    for ax in axes[n:]:
+        ax.axis("off")
     fig.suptitle(f'word-patch alignment (IPOT plan): "{caption}"', fontsize=10)
     fig.tight_layout()
     path = Path(path)

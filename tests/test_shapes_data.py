@@ -139,7 +139,7 @@ def test_images_show_the_objects_colours(data):
     scenes = [data.sample_scene(rng) for _ in range(20)]
     images = data.render(scenes, rng)
     assert images.shape == (20, 3, 48, 48) and images.dtype == np.float32
-    pix = images * 0.5 + 0.5
+    pix = data.to_pixels(images)
     for img, scene in zip(pix, scenes):
         for o in scene:
             # a pixel just below the centre is inside every shape (the triangle's apex is up)

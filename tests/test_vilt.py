@@ -300,7 +300,7 @@ def test_names_state_dict_and_registry(backend):
     from minivit import create_model
 
     small = create_model("vilt_shapes_small", backend=backend)
-    assert isinstance(small, ViLT) and small.embed_dim == 128
+    assert isinstance(small, ViLT) and small.embed_dim == 96
     full = create_model("vilt_b32_mlm", depth=1, backend=backend)  # the published shapes
     assert full.params["transformer.pos_embed"].shape == (1, 145, 768)
     assert full.params["text_embeddings.word_embeddings.weight"].shape == (30522, 768)
@@ -371,7 +371,7 @@ def test_training_loss_decreases_on_a_fixed_batch():
 
     data = ShapesCaptions(seed=0)
     model = ViLT(
-        vocab_size=data.tokenizer.vocab_size, max_text_len=16, img_size=32, patch_size=8,
+        vocab_size=data.tokenizer.vocab_size, max_text_len=16, img_size=48, patch_size=16,
         embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, dtype="float64", seed=0,
     )  # fmt: skip
     b = make_batch(data, data.rng("train", 0), 16, 8)

@@ -63,8 +63,10 @@ FUNCTION_WORDS = ("a", "and", "of")
 WORDS = FUNCTION_WORDS + tuple(COLOURS) + SHAPES + SIZES + ("left", "right", "above", "below")
 CONTENT_WORDS = tuple(COLOURS) + SHAPES + SIZES + ("left", "right", "above", "below")
 
-# image statistics used to normalize pixels to about [-1, 1], as ViLT's (0.5, 0.5) normalization
-_MEAN, _STD = 0.5, 0.5
+# pixel normalization (pixel - MEAN) / STD, ViLT's (0.5, 0.5): values in [-1, 1], the grey
+# background near 0 (a dark background would add one large constant to every patch and drown
+# the objects: training then learns the colours late and the shapes hardly at all).
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
 
 
 @dataclass(frozen=True)
@@ -186,9 +188,11 @@ class ShapesCaptions:
             if self.cells < 2 or self.cells**2 < max(self.shape_counts):
                 raise ValueError(f"cells must be >= 2 and hold every object, got {cells}")
             cell = self.img_size / self.cells  # radii and jitter fit inside one cell
-            self._r_small = (0.19 * cell, 0.25 * cell)
-            self._r_large = (0.34 * cell, 0.41 * cell)
-            self._jitter = 0.09 * cell
+            # two clearly different sizes (areas about 1:3), little jitter: each object is a
+            # near-template inside its patch, so shape and size are easy to see
+            self._r_small = (0.22 * cell, 0.25 * cell)
+            self._r_large = (0.40 * cell, 0.44 * cell)
+            self._jitter = 0.05 * cell
             self.gap = 0.5 * cell
         else:
             scale = self.img_size / 32.0
@@ -344,7 +348,7 @@ class ShapesCaptions:
 
     # ----------------------------------------------------------------------------- images
     def render(self, scenes, rng) -> np.ndarray:
-        """Scenes -> images float32 (n, 3, S, S), normalized with mean 0.5 and std 0.5.
+        """Scenes -> images float32 (n, 3, S, S), normalized with PIXEL_MEAN and PIXEL_STD.
 
         Vectorized over images: one pass per object slot (at most three), the later object
         painted over the earlier where they touch.
@@ -352,7 +356,9 @@ class ShapesCaptions:
         S = self.img_size
         n = len(scenes)
         img = np.empty((n, 3, S, S), np.float32)
-        img[:] = rng.uniform(0.0, 0.15, size=(n, 3, 1, 1)).astype(np.float32)  # background
+        # a mid-grey background, which the (0.5, 0.5) normalization puts near 0: the patches
+        # carry the objects rather than a large constant shared by every image
+        img[:] = rng.uniform(0.40, 0.50, size=(n, 1, 1, 1)).astype(np.float32)
         grid = np.arange(S, dtype=np.float32) + 0.5  # pixel centres
         jitter = rng.uniform(-0.06, 0.06, size=(n, 3, 3)).astype(np.float32)
         for k in range(3):
@@ -367,7 +373,7 @@ class ShapesCaptions:
             dx = grid[None, None, :] - cx  # (m, 1, S)
             dy = grid[None, :, None] - cy  # (m, S, 1)
             circle = dx * dx + dy * dy <= r * r  # (m, S, S)
-            h = 0.88 * r
+            h = r  # the square fills its circle's box: a third more area, and corners
             square = (np.abs(dx) <= h) & (np.abs(dy) <= h)
             # triangle, apex up: the half width grows from 0 at the top to r at the base
             t = (dy + r) / (2 * r)
@@ -380,8 +386,8 @@ class ShapesCaptions:
             img[rows] = sub
         if self.noise:
             img += rng.normal(0.0, self.noise, size=img.shape).astype(np.float32)
-        img -= _MEAN
-        img /= _STD
+        img -= PIXEL_MEAN
+        img /= PIXEL_STD
         return img
 
     # ----------------------------------------------------------------------------- batches
@@ -452,6 +458,11 @@ class ShapesCaptions:
         batch["masked_ids"] = masked
         batch["mlm_labels"] = labels
         return batch
+
+    @staticmethod
+    def to_pixels(images) -> np.ndarray:
+        """Normalized images -> RGB values in [0, 1] (the inverse of the normalization)."""
+        return np.clip(np.asarray(images, np.float64) * PIXEL_STD + PIXEL_MEAN, 0.0, 1.0)
 
     def is_content(self, ids) -> np.ndarray:
         """bool mask of ids that are content words (colours, shapes, sizes, relation words)."""

@@ -552,8 +552,8 @@ register_config(
     max_text_len=16,
     img_size=48,
     patch_size=16,
-    embed_dim=128,
-    depth=4,
+    embed_dim=96,
+    depth=3,
     num_heads=4,
     mlp_ratio=2.0,
 )

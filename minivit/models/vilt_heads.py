@@ -212,11 +212,13 @@ def pretrain_forward(
         itm_labels (B,): 1 match, 0 no match, -100 on rows that take no part in ITM/WPA (the
             MLM rows, which the original runs as a separate forward).
         wpa_weight: 0.1 as in the original; 0 skips the alignment.
-        wpa_plan: a fixed transport plan (B, L, I) to use instead of solving (gradient checks).
+        wpa_plan: a fixed transport plan (B_itm, L, I) for the ITM rows, used instead of solving
+            (gradient checks).
 
     Returns (losses, cache): losses holds "loss", "itm", "mlm", "wpa" (Python floats except
     "loss", a 0-d array), "itm_logits" (B, 2), "mlm_logits" (M, V), "mlm_index" (the (row,
-    position) pairs of the M masked tokens), "wpa_distance" (B,) and "out" (the model's dict).
+    position) pairs of the M masked tokens), "wpa_distance" (B,) (0 on MLM rows), "wpa_plan"
+    (B_itm, L, I) (the ITM rows' plans) and "out" (the model's dict).
     """
     xp = model.backend.xp
     p = model.params
@@ -245,18 +247,26 @@ def pretrain_forward(
     losses["mlm_logits"] = mlm_logits
     losses["mlm_index"] = (rows, cols)
 
-    # WPA on the ITM rows: + distance for matches, - distance for mismatches
+    # WPA on the ITM rows only: + distance for matches, - distance for mismatches
     sign = xp.where(itm_labels == 1, 1.0, xp.where(itm_labels == 0, -1.0, 0.0)).astype(dtype)
     n_itm = max(int((itm_labels != -100).sum()), 1)
-    if wpa_weight:
-        tv, iv = wpa_valid_masks(out["text_mask"], out["image_mask"])
-        tv &= (itm_labels != -100)[:, None]
+    (rows_itm,) = xp.nonzero(itm_labels != -100)  # (B_itm,)
+    cache["wpa_rows"] = rows_itm
+    if wpa_weight and rows_itm.shape[0]:
+        tv, iv = wpa_valid_masks(out["text_mask"][rows_itm], out["image_mask"][rows_itm])
         dist, cache["wpa"] = wpa_forward(
-            out["text_feats"], out["image_feats"], tv, iv, plan=wpa_plan, **(ot_options or {})
-        )
-        wpa_loss = wpa_weight * (sign * dist).sum() / n_itm
-        losses["wpa_distance"] = dist
-        losses["wpa_plan"] = cache["wpa"][1].plan
+            out["text_feats"][rows_itm],
+            out["image_feats"][rows_itm],
+            tv,
+            iv,
+            plan=wpa_plan,
+            **(ot_options or {}),
+        )  # (B_itm,)
+        wpa_loss = wpa_weight * (sign[rows_itm] * dist).sum() / n_itm
+        full = xp.zeros((B,), dtype=dtype)
+        full[rows_itm] = dist
+        losses["wpa_distance"] = full
+        losses["wpa_plan"] = cache["wpa"][1].plan  # (B_itm, L, I)
     else:
         cache["wpa"] = None
         wpa_loss = xp.zeros((), dtype=dtype)
@@ -284,9 +294,12 @@ def pretrain_backward(model, cache, dloss=1.0):
         rows, cols = cache["mlm_index"]
         dtext[rows, cols] += dfeats  # each (row, position) appears once
     if cache["wpa"] is not None:
-        ddist = (dloss * cache["wpa_weight"] / cache["n_itm"]) * cache["sign"]  # (B,)
-        dt, dimage = wpa_backward(ddist.astype(dtype), cache["wpa"])
-        dtext += dt
+        rows = cache["wpa_rows"]
+        ddist = (dloss * cache["wpa_weight"] / cache["n_itm"]) * cache["sign"][rows]  # (B_itm,)
+        dt, di = wpa_backward(ddist.astype(dtype), cache["wpa"])
+        dtext[rows] += dt  # rows are distinct
+        dimage = xp.zeros_like(out["image_feats"])  # (B, I, D)
+        dimage[rows] = di
     model.backward(dict(text_feats=dtext, image_feats=dimage, pooled=dpooled))
     for k, v in g.items():  # the heads' parameters (model.backward left them at zero)
         model.grads[k] = model.grads[k] + v

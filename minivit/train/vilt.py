@@ -40,10 +40,10 @@ __all__ = ["add_arguments", "run", "make_batch", "evaluate", "train"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--steps", type=int, default=600, help="optimizer steps (default: 600)")
-    a("--batch-size", type=int, default=64, help="ITM rows per step (default: 64)")
+    a("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
+    a("--batch-size", type=int, default=32, help="ITM rows per step (default: 32)")
     a("--mlm-batch-size", type=int, default=32, help="MLM rows per step (default: 32)")
-    a("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    a("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
     a("--min-lr", type=float, default=1e-5, help="learning rate at the end (default: 1e-5)")
     a("--warmup", type=float, default=0.05, help="warmup, a fraction of the steps")
     a("--weight-decay", type=float, default=0.01)
@@ -58,20 +58,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--hard-fraction", type=float, default=0.5, help="share of ITM negatives that are hard")
     a("--img-size", type=int, default=48)
     a("--patch-size", type=int, default=16)
-    a("--embed-dim", type=int, default=128)
-    a("--depth", type=int, default=4)
+    a("--embed-dim", type=int, default=96)
+    a("--depth", type=int, default=3)
     a("--num-heads", type=int, default=4)
     a("--mlp-ratio", type=float, default=2.0)
     a("--max-text-len", type=int, default=16)
     a("--dtype", default="float32", choices=["float32", "float64"])
     a("--eval-size", type=int, default=1000, help="held-out ITM pairs and MLM captions each")
-    a("--eval-every", type=int, default=100, help="steps between quick held-out checks (0: off)")
+    a("--eval-every", type=int, default=250, help="steps between quick held-out checks (0: off)")
     a("--seed", type=int, default=0)
     a(
         "--threads",
         type=int,
-        default=0,
-        help="BLAS threads (default 0: one per core, at most 2; small matmuls gain little more)",
+        default=1,
+        help="CPU threads for BLAS and minivit's elementwise pool (default 1: the matrices are "
+        "small, and a second thread mostly waits on a busy machine; 0 = one per core)",
     )
     a("--out", default=None, help="run folder (default: runs/vilt-shapes-<time>)")
     a("--resume", default=None, help="a run folder or checkpoint to continue from")
@@ -379,20 +380,26 @@ def plot_vilt_curves(history, path):
 
 
 def _limit_threads(n):
+    """Use ``n`` threads (0: one per core) for BLAS and for minivit's elementwise pool."""
     import os
 
+    from .. import _parallel
+
+    if n <= 0:
+        n = os.cpu_count() or 1
+    _parallel.set_num_threads(n)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
         return None
-    if n <= 0:
-        n = min(os.cpu_count() or 1, 2)
     return threadpool_limits(n)
 
 
 def run(args) -> int:
+    from .. import _parallel
     from ..viz_vilt import alignment_figure
 
+    pool_threads = _parallel.get_num_threads()
     limiter = _limit_threads(args.threads)
     try:
         data, model = build(args)
@@ -429,6 +436,7 @@ def run(args) -> int:
         print(f"itm accuracy: {final['itm_acc']:.4f}")
         print(f"mlm accuracy: {final['mlm_acc']:.4f}")
     finally:
+        _parallel.set_num_threads(pool_threads)
         if limiter is not None:
             limiter.restore_original_limits()
     return 0
