@@ -40,7 +40,16 @@ def load_json(path: str) -> tuple[list, dict]:
 
 
 def _key(r: dict) -> tuple:
-    return (r.get("group"), r.get("name"), r.get("phase"), r.get("shape"), r.get("device"))
+    return (
+        r.get("group"),
+        r.get("name"),
+        r.get("phase"),
+        r.get("shape"),
+        r.get("device"),
+        r.get("batch"),
+        r.get("tokens"),
+        r.get("width"),
+    )
 
 
 def pairs(rows: list) -> list[dict]:
@@ -292,7 +301,10 @@ def plots(rows: list, outdir: str) -> list[str]:
         p for p in ps if p["group"] == "op" and _is_centre(p, rows)
     ]
     if centre_ops:
-        labels = [f"{p['label']} {p['phase'][:5]} [{p['device']}]" for p in centre_ops]
+        short = {"forward": "fwd", "backward": "bwd", "train_step": "train step"}
+        labels = [
+            f"{p['label']} {short.get(p['phase'], p['phase'])} [{p['device']}]" for p in centre_ops
+        ]
         vals = [p["ratio"] for p in centre_ops]
         fig, ax = plt.subplots(figsize=(8, 0.28 * len(vals) + 1.2))
         colors = ["tab:green" if v <= 1.0 else "tab:red" for v in vals]
@@ -311,7 +323,7 @@ def plots(rows: list, outdir: str) -> list[str]:
 
     sp = gpu_speedups(rows)
     if sp:
-        labels = [f"{s['name']} {s['phase'][:5]} {s['shape']}" for s in sp]
+        labels = [f"{s['name']} {s['phase']} {s['shape']}" for s in sp]
         fig, ax = plt.subplots(figsize=(8, 0.28 * len(sp) + 1.2))
         ax.barh(range(len(sp)), [s["speedup"] for s in sp], color="tab:blue")
         ax.set_xscale("log")
