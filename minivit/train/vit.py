@@ -16,6 +16,7 @@ after every epoch, so ``--resume RUN`` continues exactly), ``metrics.json``, ``c
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 # Defaults of the recipe (see docs/vit.md for how they were chosen).
 DEFAULTS = dict(
@@ -50,41 +51,62 @@ ARCH = (
 )
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = DEFAULTS
-    p.add_argument("--model", default=d["model"], help="registered config (minivit.list_models)")
-    p.add_argument("--epochs", type=int, default=d["epochs"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--lr", type=float, default=d["lr"], help="peak AdamW learning rate")
-    p.add_argument("--min-lr", type=float, default=d["min_lr"], help="lr at the cosine's end")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    p.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"])
-    p.add_argument("--label-smoothing", type=float, default=d["label_smoothing"])
-    p.add_argument("--clip-grad", type=float, default=d["clip_grad"], help="0 turns it off")
-    p.add_argument("--drop-rate", type=float, default=d["drop_rate"])
-    p.add_argument("--drop-path-rate", type=float, default=d["drop_path_rate"])
-    p.add_argument("--shift", type=float, default=d["shift"], help="max random shift, pixels")
-    p.add_argument("--rotate", type=float, default=d["rotate"], help="max rotation, degrees")
-    p.add_argument("--scale-min", type=float, default=d["scale_min"])
-    p.add_argument("--scale-max", type=float, default=d["scale_max"])
-    p.add_argument("--test-size", type=float, default=d["test_size"])
-    p.add_argument(
-        "--split-seed",
-        type=int,
-        default=d["split_seed"],
-        help="seed of the stratified train/test split",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=d["seed"],
-        help="seed of the initialisation, shuffling, augmentation and dropout",
-    )
+@dataclass(frozen=True)
+class DigitsJob:
+    """What tells one digits-classification job from another; the loop below serves them all
+    (``train vit`` here, ``train hybrid`` in hybrid.py with its own model and recipe)."""
+
+    name: str  # `minivit train <name>`, also the progress bar's label
+    defaults: dict  # the recipe: one entry per option in RECIPE_OPTIONS, plus dtype
+    arch: tuple  # model-config entries that get a --flag overriding the registered config
+    run_prefix: str  # default run folder runs/<run_prefix>-<time>
+    title: str  # curves.png's title; {backend} is filled in
+
+
+JOB = DigitsJob(
+    name="vit",
+    defaults=DEFAULTS,
+    arch=ARCH,
+    run_prefix="vit-digits",
+    title="ViT on digits ({backend}); train loss includes label smoothing",
+)
+
+# (option, type, help) of every recipe option; the defaults come from the job's ``defaults``.
+RECIPE_OPTIONS = (
+    ("model", str, "registered config (minivit.list_models)"),
+    ("epochs", int, None),
+    ("batch_size", int, None),
+    ("lr", float, "peak AdamW learning rate"),
+    ("min_lr", float, "lr at the cosine's end"),
+    ("weight_decay", float, None),
+    ("warmup_epochs", float, None),
+    ("label_smoothing", float, None),
+    ("clip_grad", float, "0 turns it off"),
+    ("drop_rate", float, None),
+    ("drop_path_rate", float, None),
+    ("shift", float, "max random shift, pixels"),
+    ("rotate", float, "max rotation, degrees"),
+    ("scale_min", float, None),
+    ("scale_max", float, None),
+    ("test_size", float, None),
+    ("split_seed", int, "seed of the stratified train/test split (unset: the --seed)"),
+    ("seed", int, "seed of the initialisation, shuffling, augmentation and dropout"),
+)
+# The type of an ARCH override, where it is not int.
+ARCH_TYPES = {"mlp_ratio": float, "global_pool": str, "pos_embed_init": str}
+
+
+def add_arguments(p: argparse.ArgumentParser, job: DigitsJob = JOB) -> None:
+    d = job.defaults
+    for name, kind, help in RECIPE_OPTIONS:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=d[name], help=help)
     p.add_argument("--dtype", choices=["float32", "float64"], default=d["dtype"])
-    for name in ARCH:
-        kind = {"mlp_ratio": float, "global_pool": str, "pos_embed_init": str}.get(name, int)
+    for name in job.arch:
         p.add_argument(
-            "--" + name.replace("_", "-"), type=kind, default=None, help="override the model config"
+            "--" + name.replace("_", "-"),
+            type=ARCH_TYPES.get(name, int),
+            default=None,
+            help="override the model config",
         )
     p.add_argument(
         "--train-limit",
@@ -92,7 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="use only the first N training images (0: all); for quick checks",
     )
-    p.add_argument("--out", default=None, help="run folder (default runs/vit-digits-<time>)")
+    p.add_argument("--out", default=None, help=f"run folder (default runs/{job.run_prefix}-<time>)")
     p.add_argument(
         "--resume",
         default=None,
@@ -131,11 +153,11 @@ def evaluate(model, x, y, batch_size=256):
     return losses / len(x), correct / len(x), np.concatenate(probs)
 
 
-def build_model(cfg, backend):
-    """The model named cfg['model'] with the architecture and dropout overrides in cfg."""
+def build_model(cfg, backend, arch=ARCH):
+    """The model named cfg['model'] with the ``arch`` and dropout overrides in cfg."""
     from ..models import create_model
 
-    over = {k: cfg[k] for k in ARCH if cfg.get(k) is not None}
+    over = {k: cfg[k] for k in arch if cfg.get(k) is not None}
     return create_model(
         cfg["model"],
         drop_rate=cfg["drop_rate"],
@@ -147,8 +169,8 @@ def build_model(cfg, backend):
     )
 
 
-def train(args) -> dict:
-    """Run (or resume) the job described by the parsed ``args``; returns the metrics dict."""
+def train(args, job: DigitsJob = JOB) -> dict:
+    """Run (or resume) ``job`` as described by the parsed ``args``; returns the metrics dict."""
     from .. import ops
     from ..backend import get_backend
     from ..data import iterate_batches, load_digits_split, random_affine, random_translate
@@ -182,15 +204,18 @@ def train(args) -> dict:
         cfg = {**cfg, **saved}  # the recipe is the saved one
         run_dir = ckpt.parent
     else:
-        run_dir = make_run_dir(args.out, "vit-digits")
+        run_dir = make_run_dir(args.out, job.run_prefix)
 
-    data = load_digits_split(cfg["test_size"], seed=cfg.get("split_seed", cfg["seed"]))
+    split_seed = cfg.get("split_seed")  # absent (older runs) or None: the --seed
+    data = load_digits_split(
+        cfg["test_size"], seed=cfg["seed"] if split_seed is None else split_seed
+    )
     x_train, y_train = data.x_train, data.y_train
     if cfg.get("train_limit"):
         x_train, y_train = x_train[: cfg["train_limit"]], y_train[: cfg["train_limit"]]
     x_test = data.normalize(data.x_test, cfg["dtype"])
 
-    model = build_model(cfg, backend)
+    model = build_model(cfg, backend, job.arch)
     opt = AdamW(model.params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     bs = cfg["batch_size"]
     steps_per_epoch = -(-len(x_train) // bs)
@@ -212,9 +237,8 @@ def train(args) -> dict:
     xp = backend.xp
     one = xp.asarray(1.0, dtype=cfg["dtype"])
     quiet = getattr(args, "no_progress", False)
-    with progress(
-        total=total, initial=start * steps_per_epoch, desc="train vit", disable=quiet
-    ) as bar:
+    step = start * steps_per_epoch
+    with progress(total=total, initial=step, desc=f"train {job.name}", disable=quiet) as bar:
         for epoch in range(start, cfg["epochs"]):
             host_rng = epoch_rngs(model, cfg["seed"], epoch)
             loss_sum = xp.zeros((), dtype=cfg["dtype"])
@@ -284,7 +308,7 @@ def train(args) -> dict:
         run_dir=str(run_dir),
     )
     if not getattr(args, "no_plots", False):
-        title = f"ViT on digits ({backend.name}); train loss includes label smoothing"
+        title = job.title.format(backend=backend.name)
         plot_curves(history, run_dir / "curves.png", title=title)
         from ..viz import attention_figure
 
@@ -309,9 +333,9 @@ def blas_threads(n):
     return threadpool_limits(limits=n, user_api="blas")
 
 
-def run(args) -> int:
+def run(args, job: DigitsJob = JOB) -> int:
     with blas_threads(getattr(args, "threads", 0)):
-        metrics = train(args)
+        metrics = train(args, job)
     print(f"run folder: {metrics['run_dir']}")
     print(f"test accuracy: {metrics['test_accuracy']:.4f}")
     return 0
