@@ -15,6 +15,7 @@ use; :func:`set_num_threads` changes it (the benchmarks record it). One thread m
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -78,40 +79,49 @@ def for_each_block(fn, n_rows: int, row_elems: int, block_elems: int | None = No
     """Call ``fn(start, stop)`` over row ranges that cover ``range(n_rows)`` exactly once.
 
     Each range holds about ``block_elems`` elements (``row_elems`` per row, at least one row).
-    The ranges are shared out over the threads in contiguous runs; ``fn`` must only write rows
-    ``start:stop`` of its outputs, so the calls never overlap. Exceptions in a worker are raised
-    here.
+    The calling thread and the pool's workers take blocks in turn from one shared counter, so a
+    worker that is slow to be scheduled (a busy machine) never makes the call slower than
+    running alone: the calling thread simply takes the blocks it has not started. ``fn`` must
+    only write rows ``start:stop`` of its outputs, so the calls never overlap. The first
+    exception raised by a block is raised here, after every started block has finished.
     """
     if n_rows <= 0:
         return
     if block_elems is None:
         block_elems = BLOCK_ELEMS
     rows_per_block = max(block_elems // max(row_elems, 1), 1)
-    n_threads = _num_threads
-    total = n_rows * row_elems
-    if n_threads <= 1 or total < MIN_PARALLEL_ELEMS or n_rows < 2:
-        for s in range(0, n_rows, rows_per_block):
+    starts = range(0, n_rows, rows_per_block)
+    n_blocks = len(starts)
+    n_threads = min(_num_threads, n_blocks)
+    if n_threads <= 1 or n_rows * row_elems < MIN_PARALLEL_ELEMS:
+        for s in starts:
             fn(s, min(s + rows_per_block, n_rows))
         return
-    n_threads = min(n_threads, n_rows)
-    # Contiguous share per thread, cut at block boundaries where possible.
-    bounds = [n_rows * i // n_threads for i in range(n_threads + 1)]
 
-    def run_share(lo, hi):
-        for s in range(lo, hi, rows_per_block):
-            fn(s, min(s + rows_per_block, hi))
+    counter = itertools.count()  # next() on it is atomic under the GIL
+    lock = threading.Lock()
+    finished = threading.Event()
+    state = {"done": 0, "error": None}
+
+    def take_blocks():
+        while True:
+            i = next(counter)
+            if i >= n_blocks:
+                return
+            s = starts[i]
+            try:
+                fn(s, min(s + rows_per_block, n_rows))
+            except BaseException as exc:  # kept, raised by the caller
+                state["error"] = state["error"] or exc
+            with lock:
+                state["done"] += 1
+                if state["done"] == n_blocks:
+                    finished.set()
 
     pool = _get_pool()
-    futures = [pool.submit(run_share, bounds[i], bounds[i + 1]) for i in range(1, n_threads)]
-    error = None
-    try:
-        run_share(bounds[0], bounds[1])
-    except BaseException as exc:  # still wait for the workers before raising
-        error = exc
-    for f in futures:
-        try:
-            f.result()
-        except BaseException as exc:
-            error = error or exc
-    if error is not None:
-        raise error
+    for _ in range(n_threads - 1):
+        pool.submit(take_blocks)
+    take_blocks()
+    finished.wait()  # only the blocks a worker has started remain; they are short
+    if state["error"] is not None:
+        raise state["error"]
