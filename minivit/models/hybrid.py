@@ -33,7 +33,7 @@ from __future__ import annotations
 from .. import ops
 from ..blocks import trunc_normal
 from .registry import register_config
-from .vit import ViT, check_transformer_args
+from .vit import ViT, transformer_config
 
 __all__ = ["HybridViT"]
 
@@ -92,7 +92,9 @@ class HybridViT(ViT):
         backend=None,
         seed=0,
     ):
-        check_transformer_args(embed_dim, num_heads, drop_rate, drop_path_rate)
+        transformer = transformer_config(
+            embed_dim, depth, num_heads, mlp_ratio, qkv_bias, eps, drop_rate, drop_path_rate
+        )
         if stem_kernel < 1 or stem_kernel % 2 == 0:
             raise ValueError(f"stem_kernel must be a positive odd int, got {stem_kernel}")
         stages = [[int(c), int(n), int(s)] for c, n, s in stages]
@@ -109,14 +111,7 @@ class HybridViT(ViT):
             stages=stages,
             gn_groups=int(gn_groups),
             gn_eps=float(gn_eps),
-            embed_dim=int(embed_dim),
-            depth=int(depth),
-            num_heads=int(num_heads),
-            mlp_ratio=float(mlp_ratio),
-            qkv_bias=bool(qkv_bias),
-            eps=float(eps),
-            drop_rate=float(drop_rate),
-            drop_path_rate=float(drop_path_rate),
+            **transformer,
         )
         self._setup(config, dtype, backend)
         # ViT's token pipeline with timm's defaults: pool the CLS token after the final norm.

@@ -76,7 +76,9 @@ class ViT(Model):
     ):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
-        check_transformer_args(embed_dim, num_heads, drop_rate, drop_path_rate)
+        transformer = transformer_config(
+            embed_dim, depth, num_heads, mlp_ratio, qkv_bias, eps, drop_rate, drop_path_rate
+        )
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         if pos_embed_init not in ("trunc_normal", "sincos"):
@@ -88,14 +90,7 @@ class ViT(Model):
             patch_size=int(patch_size),
             in_chans=int(in_chans),
             num_classes=int(num_classes),
-            embed_dim=int(embed_dim),
-            depth=int(depth),
-            num_heads=int(num_heads),
-            mlp_ratio=float(mlp_ratio),
-            qkv_bias=bool(qkv_bias),
-            eps=float(eps),
-            drop_rate=float(drop_rate),
-            drop_path_rate=float(drop_path_rate),
+            **transformer,
             global_pool=str(global_pool),
             pos_embed_init=str(pos_embed_init),
         )
@@ -308,14 +303,26 @@ class ViT(Model):
         return dimages
 
 
-def check_transformer_args(embed_dim, num_heads, drop_rate, drop_path_rate):
-    """The checks every ViT-like model makes on its transformer's arguments."""
+def transformer_config(
+    embed_dim, depth, num_heads, mlp_ratio, qkv_bias, eps, drop_rate, drop_path_rate
+):
+    """The transformer's arguments of a ViT-like model, checked, typed, in ``config`` order."""
     if embed_dim % num_heads:
         raise ValueError(f"num_heads {num_heads} must divide embed_dim {embed_dim}")
     if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(
             f"drop_rate and drop_path_rate must be in [0, 1), got {drop_rate}, {drop_path_rate}"
         )
+    return dict(
+        embed_dim=int(embed_dim),
+        depth=int(depth),
+        num_heads=int(num_heads),
+        mlp_ratio=float(mlp_ratio),
+        qkv_bias=bool(qkv_bias),
+        eps=float(eps),
+        drop_rate=float(drop_rate),
+        drop_path_rate=float(drop_path_rate),
+    )
 
 
 def sincos_2d_pos_embed(grid, dim, xp):

@@ -1,0 +1,69 @@
+"""minivit.models.base: the Model plumbing ViT and HybridViT share (dtype, backend, state dicts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minivit.models.base import Model, load_state_dict_into, resolve_dtype
+from minivit.models.hybrid import HybridViT
+from minivit.models.vit import ViT
+
+HYBRID = dict(img_size=8, in_chans=1, num_classes=3, stem_chs=4, stages=[[8, 1, 2]],
+              embed_dim=8, depth=1, num_heads=2)  # fmt: skip
+VIT = dict(img_size=4, patch_size=2, in_chans=1, num_classes=3, embed_dim=8, depth=1,
+           num_heads=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("cls, cfg", [(ViT, VIT), (HybridViT, HYBRID)])
+def test_models_share_the_base(cls, cfg):
+    m = cls(**cfg, dtype=np.float64)  # dtype objects as well as names
+    assert isinstance(m, Model) and m.dtype == "float64"
+    assert repr(m).startswith(f"{cls.__name__}(") and "dtype='float64'" in repr(m)
+    assert m.num_params() == sum(int(np.prod(s)) for s in m.param_shapes().values())
+    assert list(m.params) == list(m.param_shapes())
+    # config rebuilds the model (checkpoints rely on it)
+    again = cls(**m.config, dtype="float64")
+    assert all(np.array_equal(again.params[k], v) for k, v in m.params.items())
+
+
+def test_resolve_dtype_rejects_other_types():
+    from minivit.backend import get_backend
+
+    be = get_backend("numpy")
+    assert resolve_dtype(np.dtype("float32"), be) == "float32"
+    for bad in ("float16", np.int64, "nonsense"):
+        with pytest.raises(TypeError, match="dtype must be 'float32' or 'float64'"):
+            resolve_dtype(bad, be)
+
+
+def test_load_state_dict_names_every_problem():
+    m = HybridViT(**HYBRID)
+    sd = m.state_dict()
+    sd.pop("cls_token")
+    sd["pos_embed"] = np.zeros((1, 3, 8))
+    sd["extra.weight"] = np.zeros(2)
+    with pytest.raises(ValueError) as err:
+        m.load_state_dict(sd)
+    msg = str(err.value)
+    assert "HybridViT" in msg and "cls_token" in msg and "pos_embed" in msg
+    assert "extra.weight" in msg
+    sd["pos_embed"] = m.state_dict()["pos_embed"] + 1.0
+    missing, unexpected = load_state_dict_into(m, sd, strict=False)
+    assert (missing, unexpected) == (["cls_token"], ["extra.weight"])
+    assert np.allclose(m.state_dict()["pos_embed"], sd["pos_embed"])
+
+
+@pytest.mark.parametrize("cls, cfg", [(ViT, VIT), (HybridViT, HYBRID)])
+def test_to_moves_the_parameters(backend, cls, cfg):
+    m = cls(**cfg, dtype="float64")
+    x = np.random.default_rng(0).standard_normal((2, 1, cfg["img_size"], cfg["img_size"]))
+    ref = m.forward(x)
+    m.backward(np.ones_like(ref))
+    assert m.to(backend) is m and m.backend.name == backend.name
+    assert m.grads == {} and m._cache is None
+    out = m.forward(backend.asarray(x))
+    np.testing.assert_allclose(backend.to_numpy(out), ref, rtol=1e-10, atol=1e-12)
+    before = m.state_dict()
+    m.to("numpy")
+    assert all(np.array_equal(m.params[k], v) for k, v in before.items())
