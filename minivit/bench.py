@@ -70,6 +70,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if args.backend:
+        from .backend import get_backend
+
+        get_backend(args.backend)  # BackendUnavailable (exit status 2) says what is missing
     bench_run = _benchmarks_package()
     cfg = bench_run.config_from_args(args)
     bench_run.execute(cfg, args.out)
