@@ -386,3 +386,25 @@ def test_training_loss_decreases_on_a_fixed_batch():
         first = float(losses["loss"]) if first is None else first
         opt.step(H.pretrain_backward(model, cache))
     assert float(losses["loss"]) < 0.8 * first
+
+
+def test_prefetch_workers_make_the_same_batches_as_inline():
+    from minivit.data.shapes import ShapesCaptions
+    from minivit.train import vilt as train_vilt
+
+    data = ShapesCaptions(seed=3)
+    args = argparse.Namespace(
+        steps=10, curriculum="0.2,0.5", batch_size=6, mlm_batch_size=4, hard_fraction=0.5
+    )
+    spec = train_vilt.batch_spec(args, data)
+    with train_vilt.prefetch(spec, range(1, 7), workers=1) as it:
+        forked = list(it)
+    with train_vilt.prefetch(spec, range(1, 7), workers=0) as it:
+        inline = list(it)
+    assert len(forked) == len(inline) == 6
+    for a, b in zip(forked, inline):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    # the curriculum: one-object captions (4 or 5 words) during the first 20% of the steps
+    first = inline[0]["text_mask"].sum(axis=1)
+    assert first.max() <= 7

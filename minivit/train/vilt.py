@@ -20,6 +20,9 @@ three-object scenes after ``--curriculum`` of the steps.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import itertools
 import time
 
 import numpy as np
@@ -73,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="CPU threads for BLAS and minivit's elementwise pool (default 1: the matrices are "
         "small, and a second thread mostly waits on a busy machine; 0 = one per core)",
+    )
+    a(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that make the next batches while the model computes (0: inline)",
     )
     a("--out", default=None, help="run folder (default: runs/vilt-shapes-<time>)")
     a("--resume", default=None, help="a run folder or checkpoint to continue from")
@@ -255,6 +264,87 @@ def curriculum_counts(step, total, curriculum):
     return (1, 2, 3)
 
 
+# ----------------------------------------------------------------------------------------------
+# batches for every step, made in a worker process while the model computes
+
+
+def batch_spec(args, data):
+    """What a worker needs to make the batch of any step (plain, picklable values)."""
+    return dict(
+        img_size=data.img_size,
+        max_text_len=data.tokenizer.max_text_len,
+        seed=data.seed,
+        cells=data.cells,
+        steps=args.steps,
+        curriculum=parse_curriculum(args.curriculum),
+        batch_size=args.batch_size,
+        mlm_batch_size=args.mlm_batch_size,
+        hard_fraction=args.hard_fraction,
+    )
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(spec):
+    from ..data.shapes import ShapesCaptions
+
+    _WORKER["data"] = ShapesCaptions(
+        img_size=spec["img_size"],
+        max_text_len=spec["max_text_len"],
+        seed=spec["seed"],
+        cells=spec["cells"],
+    )
+    _WORKER["spec"] = spec
+
+
+def _batch_for_step(step):
+    # every step's data comes from its own stream: resuming at step k is exact, and a worker
+    # makes the same batch as the main process would
+    data, spec = _WORKER["data"], _WORKER["spec"]
+    counts = curriculum_counts(step, spec["steps"], spec["curriculum"])
+    return make_batch(
+        data,
+        data.rng("train", step),
+        spec["batch_size"],
+        spec["mlm_batch_size"],
+        counts=counts,
+        hard_fraction=spec["hard_fraction"],
+    )
+
+
+@contextlib.contextmanager
+def prefetch(spec, steps, workers, depth=4):
+    """Yields an iterator over the batches of ``steps``: made by ``workers`` forked processes
+    (at most ``depth`` ahead, so memory stays bounded), or inline when workers is 0 or the
+    platform cannot fork."""
+    import multiprocessing as mp
+
+    if workers <= 0 or "fork" not in mp.get_all_start_methods():
+        _init_worker(spec)
+        yield (_batch_for_step(s) for s in steps)
+        return
+    pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(spec,))
+
+    def gen():
+        it = iter(steps)
+        pending = collections.deque(
+            pool.apply_async(_batch_for_step, (s,)) for s in itertools.islice(it, depth)
+        )
+        while pending:
+            batch = pending.popleft().get()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.apply_async(_batch_for_step, (nxt,)))
+            yield batch
+
+    try:
+        yield gen()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def train(args, data, model, *, log=print, quiet=False):
     """The training loop; returns (history, run_dir, final metrics, held-out sets)."""
     from .. import optim
@@ -273,19 +363,15 @@ def train(args, data, model, *, log=print, quiet=False):
         start, history, _ = load_training_checkpoint(resolve_checkpoint(args.resume), model, opt)
         opt.step_count = start
     itm_set, mlm_set = heldout(data, args.eval_size)
-    curriculum = parse_curriculum(args.curriculum)
     quick = min(256, args.eval_size)
     t0 = time.perf_counter()
     sums = dict(loss=0.0, itm=0.0, mlm=0.0, wpa=0.0, acc=0.0, n=0)
-    with progress(total=args.steps, initial=start, desc="vilt", disable=quiet) as bar:
-        for step in range(start, args.steps):
-            # every step's data comes from its own stream: resuming at step k is exact
-            rng = data.rng("train", step)
-            counts = curriculum_counts(step, args.steps, curriculum)
-            b = make_batch(
-                data, rng, args.batch_size, args.mlm_batch_size, counts=counts,
-                hard_fraction=args.hard_fraction,
-            )  # fmt: skip
+    spec = batch_spec(args, data)
+    with (
+        progress(total=args.steps, initial=start, desc="vilt", disable=quiet) as bar,
+        prefetch(spec, range(start, args.steps), getattr(args, "workers", 0)) as batches,
+    ):
+        for step, b in zip(range(start, args.steps), batches):
             losses, cache = H.pretrain_forward(
                 model,
                 be.asarray(b["input_ids"]),
