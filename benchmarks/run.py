@@ -92,6 +92,9 @@ def config_from_args(args) -> harness.BenchConfig:
 def execute(cfg: harness.BenchConfig, out: str | None = None, log=print) -> dict:
     """Run everything selected by ``cfg``; write the report; return its paths."""
     t0 = time.perf_counter()
+    missing = [b for b in cfg.backends if not harness.impl_available(b)]
+    if len(missing) == len(cfg.backends):
+        raise SystemExit(f"benchmarks: no requested backend can run here ({', '.join(missing)})")
     harness.configure(cfg)
     env = harness.environment_info(cfg)
     if out is None:
