@@ -43,7 +43,7 @@ __all__ = ["add_arguments", "run", "make_batch", "evaluate", "train"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
+    a("--steps", type=int, default=4000, help="optimizer steps (default: 4000)")
     a("--batch-size", type=int, default=32, help="ITM rows per step (default: 32)")
     a("--mlm-batch-size", type=int, default=32, help="MLM rows per step (default: 32)")
     a("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-text-len", type=int, default=16)
     a("--dtype", default="float32", choices=["float32", "float64"])
     a("--eval-size", type=int, default=1000, help="held-out ITM pairs and MLM captions each")
-    a("--eval-every", type=int, default=250, help="steps between quick held-out checks (0: off)")
+    a("--eval-every", type=int, default=500, help="steps between quick held-out checks (0: off)")
     a("--seed", type=int, default=0)
     a(
         "--threads",
