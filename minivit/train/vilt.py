@@ -13,8 +13,9 @@ word-patch transport plan of a held-out pair, one panel per word).
 Recipe (see docs/vilt.md): every step runs one fused forward over ``--batch-size`` ITM rows
 (half matching, the mismatches half hard) and ``--mlm-batch-size`` MLM rows (matching pairs,
 captions BERT-masked), as the original's two forwards but in one batch; AdamW with a linear
-warmup and a cosine decay; a curriculum that shows scenes of one or two objects first and adds
-three-object scenes after ``--curriculum`` of the steps.
+warmup and a cosine decay; a curriculum that shows one-object scenes first, then one or two
+objects, then one to three (``--curriculum A,B``); the next batches are made by a forked worker
+(``--workers``) while the model computes.
 """
 
 from __future__ import annotations
