@@ -10,7 +10,8 @@
 # 4. merges both into one report: $OUT/bench/results.{json,md} (+ PNGs where matplotlib exists).
 #
 # Every step has its own time limit and the script goes on after a failure, so whatever
-# finished is under $OUT. Copy $OUT/bench into benchmarks/results/<gpu-name>/ afterwards, and
+# finished is under $OUT (the benchmark rewrites its results.json after the models and again at
+# the end, so a run stopped by its limit still leaves the model figures). Copy $OUT/bench into benchmarks/results/<gpu-name>/ afterwards, and
 # redraw the plots on a machine with matplotlib: python -m benchmarks.report DIR/results.json
 set -uo pipefail
 cd "$(dirname "$0")/.."

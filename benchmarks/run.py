@@ -119,12 +119,16 @@ def execute(cfg: harness.BenchConfig, out: str | None = None, log=print) -> dict
     env["sgemm"] = sg
     log("sgemm ceilings: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in sg.items()))
     rows = []
-    if cfg.ops is None or cfg.ops:
-        log("ops:")
-        rows += ops.run(cfg, ceilings, log)
+    # Models first (the headline figures), and the JSON rewritten after each group, so that a
+    # run stopped by a time limit (gpu_run.sh) still leaves what it measured.
+    os.makedirs(out, exist_ok=True)
     if cfg.models is None or cfg.models:
         log("models:")
         rows += models.run(cfg, ceilings, log)
+        report.write_json(rows, env, os.path.join(out, "results.json"))
+    if cfg.ops is None or cfg.ops:
+        log("ops:")
+        rows += ops.run(cfg, ceilings, log)
     env["elapsed_s"] = time.perf_counter() - t0
     paths = report.write_all(rows, env, out)
     log(
