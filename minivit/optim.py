@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+from . import kernels_cupy
 from .backend import array_module, backend_of
 
 __all__ = [
@@ -229,8 +230,15 @@ class AdamW(_Optimizer):
                 continue
             xp = array_module(p)
             m, v = m_all[name], v_all[name]
-            if self.weight_decay and self.decay[name]:
-                p *= 1.0 - lr * self.weight_decay
+            decay = 1.0 - lr * self.weight_decay if self.weight_decay and self.decay[name] else 1.0
+            if kernels_cupy.use_kernels(p, g, m, v):
+                # On the GPU the whole update below is one fused launch (kernels_cupy.py), not ten.
+                kernels_cupy.adamw_update(
+                    p, g, m, v, b1=b1, b2=b2, step_size=step_size, eps_hat=eps_hat, decay=decay
+                )
+                continue
+            if decay != 1.0:
+                p *= decay
             # One scratch array per parameter, reused for every intermediate below.
             tmp = xp.multiply(g, 1.0 - b1)  # (1 - b1) g
             m *= b1
