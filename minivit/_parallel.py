@@ -19,8 +19,15 @@ import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
-__all__ = ["get_num_threads", "set_num_threads", "for_each_block", "BLOCK_ELEMS"]
+__all__ = [
+    "get_num_threads",
+    "set_num_threads",
+    "for_each_block",
+    "blas_single_threaded",
+    "BLOCK_ELEMS",
+]
 
 # Elements per block: small enough that a few float32 temporaries of this size stay in the L2
 # cache (64K floats = 256 KiB), large enough that NumPy's per-call overhead (~1 us) is amortised.
@@ -75,7 +82,9 @@ def _get_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def for_each_block(fn, n_rows: int, row_elems: int, block_elems: int | None = None) -> None:
+def for_each_block(
+    fn, n_rows: int, row_elems: int, block_elems: int | None = None, min_elems: int | None = None
+) -> None:
     """Call ``fn(start, stop)`` over row ranges that cover ``range(n_rows)`` exactly once.
 
     Each range holds about ``block_elems`` elements (``row_elems`` per row, at least one row).
@@ -84,6 +93,7 @@ def for_each_block(fn, n_rows: int, row_elems: int, block_elems: int | None = No
     running alone: the calling thread simply takes the blocks it has not started. ``fn`` must
     only write rows ``start:stop`` of its outputs, so the calls never overlap. The first
     exception raised by a block is raised here, after every started block has finished.
+    Below ``min_elems`` elements in all (default ``MIN_PARALLEL_ELEMS``) it runs inline.
     """
     if n_rows <= 0:
         return
@@ -93,7 +103,9 @@ def for_each_block(fn, n_rows: int, row_elems: int, block_elems: int | None = No
     starts = range(0, n_rows, rows_per_block)
     n_blocks = len(starts)
     n_threads = min(_num_threads, n_blocks)
-    if n_threads <= 1 or n_rows * row_elems < MIN_PARALLEL_ELEMS:
+    if min_elems is None:
+        min_elems = MIN_PARALLEL_ELEMS
+    if n_threads <= 1 or n_rows * row_elems < min_elems:
         for s in starts:
             fn(s, min(s + rows_per_block, n_rows))
         return
@@ -125,3 +137,43 @@ def for_each_block(fn, n_rows: int, row_elems: int, block_elems: int | None = No
     finished.wait()  # only the blocks a worker has started remain; they are short
     if state["error"] is not None:
         raise state["error"]
+
+
+# ----------------------------------------------------------------------------------------------
+# BLAS threads
+
+_blas_libs = None  # threadpoolctl controllers of the loaded BLAS libraries; () without it
+
+
+def _blas_controllers():
+    global _blas_libs
+    if _blas_libs is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _blas_libs = tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+        except Exception:  # threadpoolctl missing or unable to read the libraries
+            _blas_libs = ()
+    return _blas_libs
+
+
+@contextmanager
+def blas_single_threaded():
+    """Run the body with the BLAS libraries on one thread each, then restore their counts.
+
+    For many small GEMMs (attention's per-head products) that this pool spreads over its own
+    threads: OpenBLAS splits each small product over all its threads, which then wait on each
+    other at every call (and spin or stall when the machine is busy); one BLAS thread per pool
+    thread has no such barrier. Without threadpoolctl this does nothing.
+    """
+    libs = _blas_controllers()
+    prev = [lib.num_threads for lib in libs]
+    changed = [lib for lib, n in zip(libs, prev) if n != 1]
+    for lib in changed:
+        lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lib, n in zip(libs, prev):
+            if n != 1:
+                lib.set_num_threads(n)

@@ -87,6 +87,35 @@ def softmax_backward_inplace(dp, p, scale):
     return softmax_backward(dp, p, scale, out=dp)
 
 
+def batched_matmul(a, b, out=None):
+    """out[...] = a @ b for stacks with the same leading axes; ``out`` may be a strided view.
+
+    On NumPy with several pool threads, the stack is split over its leading axis: each pool
+    thread runs its share of the small GEMMs with one BLAS thread (see
+    ``_parallel.blas_single_threaded``). CuPy: one matmul, copied into ``out`` when given.
+    """
+    xp = backend_of(a).xp
+    if xp.__name__ != "numpy":
+        if out is None:
+            return xp.matmul(a, b)
+        out[...] = xp.matmul(a, b)  # a contiguous result, then one strided copy
+        return out
+    if out is None:
+        out = xp.empty(a.shape[:-1] + (b.shape[-1],), dtype=a.dtype)  # same leading axes
+    n = out.shape[0]
+    if not _ENABLED or _parallel.get_num_threads() <= 1 or n < 2:
+        xp.matmul(a, b, out=out)  # BLAS writes straight into the view (rows are contiguous)
+        return out
+
+    def block(s, e):
+        xp.matmul(a[s:e], b[s:e], out=out[s:e])
+
+    with _parallel.blas_single_threaded():
+        # One stack item per block: the counter hands them out to whichever thread is free.
+        _parallel.for_each_block(block, n, 1, block_elems=1, min_elems=0)
+    return out
+
+
 def _rows(a):
     # (..., D) -> (M, D) view; C-contiguity is checked by use_fast, so this never copies.
     return a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(1, -1)

@@ -92,14 +92,6 @@ def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask=None)
     return out, cache
 
 
-def _matmul_into(xp, a, b, out):
-    """out[...] = a @ b, where out may be a strided (head-major) view of a larger array."""
-    if xp.__name__ == "numpy":
-        xp.matmul(a, b, out=out)  # BLAS writes straight into the view (its rows are contiguous)
-    else:
-        out[...] = xp.matmul(a, b)  # CuPy: a contiguous result, then one strided copy
-
-
 def _fast_forward(qkv, qkv_cache, w_proj, b_proj, B, N, H, hd, scale):
     """The unmasked forward on NumPy without copies: the same steps as attention_forward.
 
@@ -111,10 +103,10 @@ def _fast_forward(qkv, qkv_cache, w_proj, b_proj, B, N, H, hd, scale):
     D = H * hd
     qkv5 = qkv.reshape(B, N, 3, H, hd)
     q, k, v = (qkv5[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, N, hd) views
-    p = xp.matmul(q, k.transpose(0, 1, 3, 2))  # (B, H, N, N), unscaled scores
+    p = _fast.batched_matmul(q, k.transpose(0, 1, 3, 2))  # (B, H, N, N), unscaled scores
     _fast.softmax_inplace(p, scale)  # P = softmax(scale * S), in place
     ctx = xp.empty((B, N, D), dtype=qkv.dtype)  # heads concatenated
-    _matmul_into(xp, p, v, ctx.reshape(B, N, H, hd).transpose(0, 2, 1, 3))
+    _fast.batched_matmul(p, v, ctx.reshape(B, N, H, hd).transpose(0, 2, 1, 3))
     out, proj_cache = linear_forward(ctx, w_proj, b_proj)  # (B, N, D)
     cache = Cache(
         attn=p, q=q, k=k, v=v, scale=scale, num_heads=H, qkv_cache=qkv_cache, proj_cache=proj_cache
@@ -165,10 +157,10 @@ def _fast_backward(dout, cache, xp, B, H, N, hd):
     dctx = dctx.reshape(B, N, H, hd).transpose(0, 2, 1, 3)  # (B, H, N, hd) view
     dqkv = xp.empty((B, N, 3, H, hd), dtype=p.dtype)  # rows [q; k; v], head-major
     dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, N, hd) views
-    ds = xp.matmul(dctx, v.transpose(0, 1, 3, 2))  # dP, (B, H, N, N)
-    _matmul_into(xp, p.transpose(0, 1, 3, 2), dctx, dv)  # dV = P^T dctx
+    ds = _fast.batched_matmul(dctx, v.transpose(0, 1, 3, 2))  # dP, (B, H, N, N)
+    _fast.batched_matmul(p.transpose(0, 1, 3, 2), dctx, dv)  # dV = P^T dctx
     _fast.softmax_backward_inplace(ds, p, scale)  # dS = scale * P * (dP - sum(dP P))
-    _matmul_into(xp, ds, k, dq)
-    _matmul_into(xp, ds.transpose(0, 1, 3, 2), q, dk)
+    _fast.batched_matmul(ds, k, dq)
+    _fast.batched_matmul(ds.transpose(0, 1, 3, 2), q, dk)
     dx, dw_qkv, db_qkv = linear_backward(dqkv.reshape(B, N, 3 * D), cache.qkv_cache)
     return dx, dw_qkv, db_qkv, dw_proj, db_proj
