@@ -116,6 +116,76 @@ def batched_matmul(a, b, out=None):
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# linear: GEMMs split into row blocks on the pool, one BLAS thread each
+
+# Blocks per GEMM: enough for the shared counter to even out a thread that a busy machine runs
+# late, few enough that every block stays a GEMM of a hundred rows or more.
+_GEMM_BLOCKS = 8
+
+
+def _gemm_rows(n):
+    # rows per block, a multiple of 16 (whole BLAS micro-tiles), at least 64
+    r = -(-n // _GEMM_BLOCKS)
+    return max(-(-r // 16) * 16, 64)
+
+
+def use_pooled_gemm(a2) -> bool:
+    """Whether linear's GEMMs on ``a2`` (M, K) go through :func:`linear_forward_pooled`."""
+    return _parallel.get_num_threads() > 1 and use_fast(a2) and a2.shape[0] >= 128
+
+
+def linear_forward_pooled(x2, w, b):
+    """x2 (M, Din) @ w.T + b -> (M, Dout), row blocks on the pool with the bias added per block
+    while the block is in cache."""
+    xp = backend_of(x2).xp
+    M, d_out = x2.shape[0], w.shape[0]
+    out = xp.empty((M, d_out), dtype=x2.dtype)
+    wt = w.T
+
+    def block(s, e):
+        o = out[s:e]
+        xp.matmul(x2[s:e], wt, out=o)
+        if b is not None:
+            o += b
+
+    rows = _gemm_rows(M)
+    with _parallel.blas_single_threaded():
+        _parallel.for_each_block(block, M, 1, block_elems=rows, min_elems=0)
+    return out
+
+
+def linear_backward_pooled(d2, x2, w, has_bias):
+    """-> (dx2, dw, db) for out = x2 w^T + b: dx2 in row blocks of d2, dw and db in blocks of
+    output features (each db block summed beside its dw block)."""
+    xp = backend_of(d2).xp
+    M, d_out = d2.shape
+    d_in = w.shape[1]
+    dx2 = xp.empty((M, d_in), dtype=d2.dtype)
+    dw = xp.empty((d_out, d_in), dtype=d2.dtype)
+    db = xp.empty((d_out,), dtype=d2.dtype) if has_bias else None
+    d2t = d2.T  # (Dout, M) view
+    rows_x, rows_w = _gemm_rows(M), _gemm_rows(d_out)
+    n_x = -(-M // rows_x)
+    n_w = -(-d_out // rows_w)
+
+    def block(i, _):
+        if i < n_x:
+            s = i * rows_x
+            xp.matmul(d2[s : s + rows_x], w, out=dx2[s : s + rows_x])
+        else:
+            s = (i - n_x) * rows_w
+            e = min(s + rows_w, d_out)
+            xp.matmul(d2t[s:e], x2, out=dw[s:e])
+            if db is not None:
+                d2[:, s:e].sum(axis=0, out=db[s:e])
+
+    with _parallel.blas_single_threaded():
+        # one task per block of either product, all from one counter
+        _parallel.for_each_block(block, n_x + n_w, 1, block_elems=1, min_elems=0)
+    return dx2, dw, db
+
+
 def _rows(a):
     # (..., D) -> (M, D) view; C-contiguity is checked by use_fast, so this never copies.
     return a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(1, -1)

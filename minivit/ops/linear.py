@@ -34,7 +34,12 @@ def linear_forward(x, w, b=None):
     array_module(x, w, b)  # raises TypeError on mixed backends
 
     # One GEMM over all leading dims: (M, Din) @ (Din, Dout), M = prod(leading dims).
-    out = x.reshape(-1, d_in) @ w.T  # (M, Dout)
+    x2 = x.reshape(-1, d_in)  # (M, Din)
+    if _fast.use_pooled_gemm(x2) and w.flags.c_contiguous:
+        # the same GEMM in row blocks on minivit's pool, bias added per block (ops/_fast.py)
+        out = _fast.linear_forward_pooled(x2, w, b)
+        return out.reshape(*x.shape[:-1], d_out), Cache(x=x, w=w, has_bias=b is not None)
+    out = x2 @ w.T  # (M, Dout)
     if b is not None:
         if _fast.use_fast(out):
             _fast.add_bias_(out, b)  # the same add, blocked over threads
@@ -53,8 +58,13 @@ def linear_backward(dout, cache):
     x, w = cache.x, cache.w
     d_out, d_in = w.shape
     d2 = dout.reshape(-1, d_out)  # (M, Dout)
+    x2 = x.reshape(-1, d_in)  # (M, Din)
+    if _fast.use_pooled_gemm(d2) and _fast.use_fast(x2, w):
+        # the same products in blocks on minivit's pool (ops/_fast.py)
+        dx2, dw, db = _fast.linear_backward_pooled(d2, x2, w, cache.has_bias)
+        return dx2.reshape(x.shape), dw, db
     dx = (d2 @ w).reshape(x.shape)  # (..., Din)
-    dw = d2.T @ x.reshape(-1, d_in)  # (Dout, Din)
+    dw = d2.T @ x2  # (Dout, Din)
     db = None
     if cache.has_bias:
         db = _fast.column_sum(d2) if _fast.use_fast(d2) else d2.sum(axis=0)  # (Dout,)
