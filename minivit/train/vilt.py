@@ -11,11 +11,12 @@ The run folder (``runs/vilt-shapes-<time>`` or ``--out``) receives ``checkpoint.
 word-patch transport plan of a held-out pair, one panel per word).
 
 Recipe (see docs/vilt.md): every step runs one fused forward over ``--batch-size`` ITM rows
-(half matching, the mismatches half hard) and ``--mlm-batch-size`` MLM rows (matching pairs,
-captions BERT-masked), as the original's two forwards but in one batch; AdamW with a linear
-warmup and a cosine decay; a curriculum that shows one-object scenes first, then one or two
-objects, then one to three (``--curriculum A,B``); the next batches are made by a forked worker
-(``--workers``) while the model computes.
+(half matching; of the mismatches 70% hard, which trains the weak point harder, while the
+held-out set keeps BERT-style half-hard negatives) and ``--mlm-batch-size`` MLM rows (matching
+pairs, captions BERT-masked), as the original's two forwards but in one batch; AdamW with a
+linear warmup and a cosine decay; scenes of one to three objects from the start (an optional
+curriculum, ``--curriculum A,B``, shows simpler scenes first: it left ITM at chance for longer);
+the next batches are made by a forked worker (``--workers``) while the model computes.
 """
 
 from __future__ import annotations
@@ -55,11 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--wpa-weight", type=float, default=0.1, help="word-patch alignment weight (0: off)")
     a(
         "--curriculum",
-        default="0.1,0.3",
+        default="0",
         help="A,B: one-object scenes for the first fraction A of the steps, one or two objects "
-        "until B, then one to three (default 0.1,0.3; '0' turns it off)",
+        "until B, then one to three (default '0': no curriculum, one to three from the start)",
     )
-    a("--hard-fraction", type=float, default=0.5, help="share of ITM negatives that are hard")
+    a(
+        "--hard-fraction",
+        type=float,
+        default=0.7,
+        help="share of training ITM negatives that are hard (the held-out set keeps half)",
+    )
     a("--img-size", type=int, default=48)
     a("--patch-size", type=int, default=16)
     a("--embed-dim", type=int, default=96)
