@@ -11,9 +11,11 @@ import os
 import sys
 
 
-def _benchmarks_package():
+def _benchmarks_package(required: bool = True):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if not os.path.isfile(os.path.join(root, "benchmarks", "run.py")):
+        if not required:
+            return None
         raise SystemExit(
             "minivit bench needs the repository's benchmarks/ folder next to the minivit "
             f"package (looked in {root}); run it from a source checkout (pip install -e .)"
@@ -26,47 +28,11 @@ def _benchmarks_package():
 
 
 def add_arguments(parser) -> None:
-    # Same options as benchmarks/run.py, minus --backend (the CLI adds that one).
-    parser.add_argument("--quick", action="store_true", help="a small subset (< 2 min on 2 cores)")
-    parser.add_argument(
-        "--ops",
-        nargs="*",
-        default=None,
-        metavar="OP",
-        help="ops: linear layernorm gelu softmax attention cross_entropy "
-        "sinkhorn (default all; the bare flag skips ops)",
-    )
-    parser.add_argument(
-        "--models",
-        nargs="*",
-        default=None,
-        metavar="MODEL",
-        help="models: vit_tiny_patch16_224 vit_small_patch16_224 "
-        "vit_base_patch16_224 vilt_b32 hybrid_resnet_small_32 (default all; "
-        "the bare flag skips models)",
-    )
-    parser.add_argument(
-        "--out", default=None, help="results folder (default benchmarks/results/<device-tag>)"
-    )
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 5, quick 3)")
-    parser.add_argument(
-        "--warmup", type=int, default=None, help="untimed runs first (default 2, quick 1)"
-    )
-    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (default: fp32)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="threads for BLAS, torch and minivit's elementwise pool",
-    )
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch twins")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    parser.add_argument(
-        "--gap",
-        type=float,
-        default=None,
-        help="idle seconds before each timed CPU run (default 0.12 models, 0.01 ops)",
-    )
+    # The options are benchmarks/run.py's own, minus --backend (the CLI adds that one). Without
+    # a source checkout there are none, and run() says why.
+    bench_run = _benchmarks_package(required=False)
+    if bench_run is not None:
+        bench_run.add_arguments(parser, with_backend=False)
 
 
 def run(args) -> int:
