@@ -31,7 +31,7 @@ def resolve_dtype(dtype, backend) -> str:
 
 
 class Model:
-    """Base of ViT, HybridViT (and, later, ViLT): parameters, dtype, backend, state dicts.
+    """Base of ViT, HybridViT and ViLT: parameters, dtype, backend, state dicts.
 
     A subclass calls ``self._setup(config, dtype, backend)`` in its ``__init__`` once it has
     validated its own arguments, then fills ``self.params`` (see ``param_shapes``).

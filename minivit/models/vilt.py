@@ -33,8 +33,8 @@ from ..blocks import (
     init_block_params,
     trunc_normal,
 )
+from .base import Model
 from .registry import register_config
-from .vit import load_state_dict_into
 
 __all__ = ["ViLT", "interpolation_matrix"]
 
@@ -55,7 +55,7 @@ def interpolation_matrix(n_out: int, n_in: int):
     return rows
 
 
-class ViLT:
+class ViLT(Model):
     """ViLT with a flat ``params`` dict keyed by the original ViLT checkpoint's names.
 
     Args:
@@ -97,13 +97,11 @@ class ViLT:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
         if embed_dim % num_heads:
             raise ValueError(f"num_heads {num_heads} must divide embed_dim {embed_dim}")
-        if str(dtype) not in ("float32", "float64"):
-            raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         if vocab_size < 1 or max_text_len < 1:
             raise ValueError(
                 f"vocab_size and max_text_len must be positive, got {vocab_size}, {max_text_len}"
             )
-        self.config = dict(
+        config = dict(
             vocab_size=int(vocab_size),
             max_text_len=int(max_text_len),
             img_size=int(img_size),
@@ -119,16 +117,12 @@ class ViLT:
             max_image_len=int(max_image_len),
             num_vqa_labels=int(num_vqa_labels),
         )
-        self.__dict__.update(self.config)
-        self.dtype = str(dtype)
-        self.backend = get_backend(backend)
+        self._setup(config, dtype, backend)  # dtype, backend, config (models/base.py)
         self.grid = self.img_size // self.patch_size
         self.num_patches = self.grid**2
         self.mlp_hidden = int(self.embed_dim * self.mlp_ratio)
         self.params = self._init_params(seed)
-        self.grads = {}
         self.rng = self.backend.rng(seed)  # patch sampling (max_image_len)
-        self._cache = None
         self._interp = {}  # (grid_h, grid_w, h, w) -> (Nh*Nw, g*g) matrix on the backend
 
     # ------------------------------------------------------------------------------------------
@@ -210,20 +204,11 @@ class ViLT:
             )
         return {k: self.backend.asarray(p[k], dtype=self.dtype) for k in self.param_shapes()}
 
-    def state_dict(self):
-        """name -> numpy array (a host copy), in the checkpoint's order."""
-        return {k: self.backend.to_numpy(v).copy() for k, v in self.params.items()}
-
-    def load_state_dict(self, state_dict, strict=True):
-        """As ``ViT.load_state_dict``: one ValueError names every missing, unexpected and
-        mis-shaped key. Returns (missing, unexpected)."""
-        return load_state_dict_into(self, state_dict, strict)
-
-    def zero_grads(self):
-        self.grads = {}
-
-    def num_params(self):
-        return sum(int(v.size) for v in self.params.values())
+    def to(self, backend):
+        """As ``Model.to``; the cached position-interpolation matrices live on the old backend."""
+        super().to(backend)
+        self._interp = {}
+        return self
 
     # ------------------------------------------------------------------------------------------
     # input checks
@@ -530,13 +515,6 @@ class ViLT:
 
         self.grads = {k: g[k] if k in g else xp.zeros_like(v) for k, v in p.items()}
         return dimages
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
-
-    def __repr__(self):
-        cfg = ", ".join(f"{k}={v}" for k, v in self.config.items())
-        return f"ViLT({cfg}, dtype={self.dtype!r}, backend={self.backend.name!r})"
 
 
 # ----------------------------------------------------------------------------------------------

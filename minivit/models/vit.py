@@ -27,10 +27,10 @@ from ..blocks import (
     init_block_params,
     trunc_normal,
 )
-from .base import Model, load_state_dict_into
+from .base import Model
 from .registry import register_config
 
-__all__ = ["ViT", "load_state_dict_into"]
+__all__ = ["ViT"]
 
 
 class ViT(Model):
