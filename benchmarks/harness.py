@@ -129,6 +129,15 @@ def impl_available(backend: str) -> bool:
     return True
 
 
+def torch_cuda() -> bool:
+    """Whether torch is installed and sees a CUDA device (for the GPU twins)."""
+    torch = _import_torch()
+    try:
+        return torch is not None and bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
 def torch_device(backend: str) -> str:
     """The torch device that is the fair twin of a minivit backend."""
     return "cuda" if backend == "cupy" else "cpu"

@@ -276,7 +276,7 @@ def run(cfg: harness.BenchConfig, ceilings: dict | None = None, log=print) -> li
             log(f"models: backend {backend} unavailable, skipped")
             continue
         device = harness.torch_device(backend)
-        torch_ok = have_torch and (device == "cpu" or _torch_cuda())
+        torch_ok = have_torch and (device == "cpu" or harness.torch_cuda())
         for name in model_list(cfg, device):
             mod = {"vilt": "minivit.models.vilt", "hybr": "minivit.models.hybrid"}.get(name[:4])
             if mod is not None:
@@ -344,12 +344,3 @@ def run(cfg: harness.BenchConfig, ceilings: dict | None = None, log=print) -> li
                     msg += f"  torch {1e3 * t.median_s:9.1f} ms  x{m.median_s / t.median_s:.3f}"
                 log(msg)
     return rows
-
-
-def _torch_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False

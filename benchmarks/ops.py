@@ -269,7 +269,7 @@ def run(cfg: harness.BenchConfig, ceilings: dict | None = None, log=print) -> li
             log(f"ops: backend {backend} unavailable, skipped")
             continue
         device = harness.torch_device(backend)
-        torch_ok = have_torch and (device == "cpu" or _torch_cuda())
+        torch_ok = have_torch and (device == "cpu" or harness.torch_cuda())
         for op in names:
             if op == "sinkhorn":
                 continue
@@ -350,15 +350,6 @@ def run_sinkhorn(cfg: harness.BenchConfig, log=print) -> list[dict]:
             + (f"  {sp:.1f}x POT loop" if sp else "")
         )
     return rows
-
-
-def _torch_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
 
 
 if __name__ == "__main__":  # pragma: no cover

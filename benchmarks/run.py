@@ -112,7 +112,7 @@ def execute(cfg: harness.BenchConfig, out: str | None = None, log=print) -> dict
         c = harness.sgemm_ceiling(b, "minivit", n=cfg.sgemm_n)
         ceilings[(b, dev)] = c["flops_per_s"]
         sg[f"{b} (n={c['n']})"] = c["flops_per_s"]
-        if cfg.torch and harness.impl_available("torch") and (dev == "cpu" or models._torch_cuda()):
+        if cfg.torch and harness.impl_available("torch") and (dev == "cpu" or harness.torch_cuda()):
             c = harness.sgemm_ceiling(b, "torch", n=cfg.sgemm_n)
             ceilings[("torch", dev)] = c["flops_per_s"]
             sg[f"torch-{dev} (n={c['n']})"] = c["flops_per_s"]
