@@ -204,7 +204,7 @@ def build(name: str, backend: str, B: int, with_torch: bool):
 
         def step():
             model.forward(m_ids, m_mask, m_img, train=True)
-            model.backward({"pooled": m_g})
+            model.backward({"pooled": m_g}, input_grad=False)  # the twin's images need none
 
     else:
         model = minivit.create_model(name, backend=backend, dtype="float32")
@@ -221,7 +221,7 @@ def build(name: str, backend: str, B: int, with_torch: bool):
             logits = model.forward(m_img, train=True)
             _, c = ops.cross_entropy_forward(logits, m_lab)
             (dl,) = ops.cross_entropy_backward(be.xp.asarray(1.0, dtype=logits.dtype), c)
-            model.backward(dl)
+            model.backward(dl, input_grad=False)  # as the twin: images need no gradient
 
     out.update(forward=fwd, train_step=step, flops=model_flops(model, name, B))
     if with_torch and kind in ("vit", "vilt"):

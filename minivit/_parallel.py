@@ -26,15 +26,19 @@ __all__ = [
     "set_num_threads",
     "for_each_block",
     "blas_single_threaded",
+    "pool_only",
     "BLOCK_ELEMS",
 ]
 
-# Elements per block: small enough that a few float32 temporaries of this size stay in the L2
-# cache (64K floats = 256 KiB), large enough that NumPy's per-call overhead (~1 us) is amortised.
-BLOCK_ELEMS = 1 << 16
+# Elements per block: small enough that a few float32 temporaries of this size stay in the
+# cache (256K floats = 1 MiB), large enough that each ufunc call runs long with the GIL released.
+# Two threads trade the GIL at every NumPy call; with 64K-element blocks (a few microseconds per
+# call) that handoff cost more than the second core gave, and two threads were slower than one.
+BLOCK_ELEMS = 1 << 18
 
-# Below this many elements in total, threads cost more than they save.
-MIN_PARALLEL_ELEMS = 1 << 16
+# Below this many elements in total the work runs inline: threads cost more than they save
+# (measured: layernorm on 1576 x 192 was no faster on two threads at any block size).
+MIN_PARALLEL_ELEMS = 1 << 19
 
 
 def _default_threads() -> int:
@@ -157,6 +161,9 @@ def _blas_controllers():
     return _blas_libs
 
 
+_blas_depth = 0  # open blas_single_threaded() contexts; only the outermost changes anything
+
+
 @contextmanager
 def blas_single_threaded():
     """Run the body with the BLAS libraries on one thread each, then restore their counts.
@@ -164,16 +171,45 @@ def blas_single_threaded():
     For many small GEMMs (attention's per-head products) that this pool spreads over its own
     threads: OpenBLAS splits each small product over all its threads, which then wait on each
     other at every call (and spin or stall when the machine is busy); one BLAS thread per pool
-    thread has no such barrier. Without threadpoolctl this does nothing.
+    thread has no such barrier. Nested uses cost nothing: only the outermost one sets and
+    restores the counts. Without threadpoolctl this does nothing.
     """
+    global _blas_depth
+    if _blas_depth:
+        _blas_depth += 1
+        try:
+            yield
+        finally:
+            _blas_depth -= 1
+        return
     libs = _blas_controllers()
     prev = [lib.num_threads for lib in libs]
     changed = [lib for lib, n in zip(libs, prev) if n != 1]
     for lib in changed:
         lib.set_num_threads(1)
+    _blas_depth = 1
     try:
         yield
     finally:
+        _blas_depth = 0
         for lib, n in zip(libs, prev):
             if n != 1:
                 lib.set_num_threads(n)
+
+
+@contextmanager
+def pool_only():
+    """The threading rule for a whole forward or backward pass on NumPy.
+
+    With more than one pool thread, the pool is the only source of threads and every BLAS call
+    inside runs on one thread (nested :func:`blas_single_threaded`). Why: OpenBLAS's own
+    workers spin for about 0.1 s after each multi-threaded call, waiting for the next one, and a
+    spinning worker takes a core from this pool's worker; mixing the two pools made a ViT-Ti
+    train step about 15% slower here than either pool alone. With one pool thread, BLAS keeps
+    its own threads (the pool then runs everything inline and has nothing to collide with).
+    """
+    if _num_threads <= 1:
+        yield
+        return
+    with blas_single_threaded():
+        yield

@@ -270,3 +270,25 @@ def test_timm_init_statistics():
     assert (p["blocks.1.norm2.weight"] == 1).all() and (p["head.bias"] == 0).all()
     assert p["patch_embed.proj.weight"].shape == (384, 3, 16, 16)
     assert np.abs(p["patch_embed.proj.weight"]).max() <= 1 / np.sqrt(3 * 16 * 16)
+
+
+@pytest.mark.parametrize("cls_name", ["ViT", "HybridViT"])
+def test_backward_without_input_grad_gives_the_same_parameter_grads(backend, cls_name):
+    # Training skips the image gradient (input_grad=False): the parameter grads must not change.
+    if cls_name == "ViT":
+        v = ViT(img_size=8, patch_size=2, in_chans=2, num_classes=3, embed_dim=8, depth=1,
+                num_heads=2, dtype="float64", backend=backend)  # fmt: skip
+    else:
+        v = minivit.create_model("hybrid_digits", num_classes=3, dtype="float64",
+                                 backend=backend)  # fmt: skip
+    x = np.random.default_rng(3).standard_normal((2, v.in_chans, v.img_size, v.img_size))
+    x = backend.asarray(x)
+    d = backend.xp.asarray(np.random.default_rng(4).standard_normal((2, 3)))
+    v.forward(x)
+    dx = v.backward(d)
+    full = {k: backend.to_numpy(g) for k, g in v.grads.items()}
+    assert dx.shape == x.shape
+    v.forward(x)
+    assert v.backward(d, input_grad=False) is None
+    for k, g in v.grads.items():
+        np.testing.assert_array_equal(backend.to_numpy(g), full[k], err_msg=k)

@@ -260,8 +260,9 @@ class HybridViT(ViT):
             c.blocks.append(bc)
         return x, c  # (B, F, h, w)
 
-    def _backbone_backward(self, dx, c, g):
-        """dfeatures (B, F, h, w) -> dimages; backbone parameter grads go into ``g``."""
+    def _backbone_backward(self, dx, c, g, input_grad=True):
+        """dfeatures (B, F, h, w) -> dimages (None without input_grad); backbone parameter
+        grads go into ``g``."""
         for (prefix, _, _, _, down), bc in reversed(list(zip(self._blocks(), c.blocks))):
             (dsum,) = ops.relu_backward(dx, bc.relu_out)  # d(h + s): both paths get it
             if down:
@@ -288,7 +289,9 @@ class HybridViT(ViT):
             (dx,) = ops.maxpool2d_backward(dx, c.stem_pool)
         (dx,) = ops.relu_backward(dx, c.stem_relu)
         dx, g[stem + "norm.weight"], g[stem + "norm.bias"] = ops.groupnorm_backward(dx, c.stem_norm)
-        dimages, g[stem + "conv.weight"], _ = ops.conv2d_backward(dx, c.stem_conv)
+        dimages, g[stem + "conv.weight"], _ = ops.conv2d_backward(
+            dx, c.stem_conv, need_dx=input_grad
+        )
         return dimages  # (B, C, S, S)
 
     # ------------------------------------------------------------------------------------------
@@ -305,12 +308,12 @@ class HybridViT(ViT):
         )  # (B, N, D)
         return x
 
-    def _embed_backward(self, dx, c, g):
+    def _embed_backward(self, dx, c, g, input_grad=True):
         """dtokens (B, N, D) -> dimages (B, C, S, S): the proj's backward, then the CNN's."""
         dfeat, g["patch_embed.proj.weight"], g["patch_embed.proj.bias"] = ops.patch_embed_backward(
             dx, c.proj
         )  # (B, F, h, w)
-        return self._backbone_backward(dfeat, c.backbone, g)  # (B, C, S, S)
+        return self._backbone_backward(dfeat, c.backbone, g, input_grad)  # (B, C, S, S)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ fewer), I = 1 + K image tokens (CLS first), N = L + I fused tokens, D width, V v
 from __future__ import annotations
 
 from .. import ops
+from .._parallel import pool_only
 from ..backend import backend_of, get_backend
 from ..blocks import (
     block_param_shapes,
@@ -329,6 +330,7 @@ class ViLT(Model):
     # ------------------------------------------------------------------------------------------
     # forward and backward
 
+    @pool_only()
     def forward(
         self,
         input_ids,
@@ -441,10 +443,12 @@ class ViLT(Model):
             attn=[b.attn for b in c.encoder.blocks],
         )
 
-    def backward(self, grads):
+    @pool_only()
+    def backward(self, grads, *, input_grad=True):
         """grads: a dict with any of text_feats (B, L, D), image_feats (B, I, D), pooled (B, D)
         (a missing key counts as zero). Overwrites ``self.grads`` with every parameter's gradient
-        (heads the grads do not reach get zeros) and returns dimages (B, C, H, W)."""
+        (heads the grads do not reach get zeros) and returns dimages (B, C, H, W), or None with
+        ``input_grad=False`` (training needs no image gradient)."""
         c = self._cache
         if c is None:
             raise RuntimeError("backward called before forward: run forward(...) first")
@@ -499,7 +503,7 @@ class ViLT(Model):
             dimages,
             g["transformer.patch_embed.proj.weight"],
             g["transformer.patch_embed.proj.bias"],
-        ) = ops.patch_embed_backward(dx, c.patch)
+        ) = ops.patch_embed_backward(dx, c.patch, need_dx=input_grad)
 
         # ---- text side: t = LN(word + pos + type0) + modality0
         dt, g["text_embeddings.LayerNorm.weight"], g["text_embeddings.LayerNorm.bias"] = (

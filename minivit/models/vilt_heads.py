@@ -23,6 +23,7 @@ M masked positions in the batch.
 from __future__ import annotations
 
 from .. import ops
+from .._parallel import pool_only
 from ..backend import array_module
 from ..blocks import accumulate
 
@@ -190,6 +191,7 @@ def wpa_backward(ddist, cache):
 # the pre-training objective on one fused batch
 
 
+@pool_only()
 def pretrain_forward(
     model,
     input_ids,
@@ -278,6 +280,7 @@ def pretrain_forward(
     return losses, cache
 
 
+@pool_only()
 def pretrain_backward(model, cache, dloss=1.0):
     """Fills ``model.grads`` with d loss / d params for the cache of ``pretrain_forward``."""
     xp = model.backend.xp
@@ -300,7 +303,7 @@ def pretrain_backward(model, cache, dloss=1.0):
         dtext[rows] += dt  # rows are distinct
         dimage = xp.zeros_like(out["image_feats"])  # (B, I, D)
         dimage[rows] = di
-    model.backward(dict(text_feats=dtext, image_feats=dimage, pooled=dpooled))
+    model.backward(dict(text_feats=dtext, image_feats=dimage, pooled=dpooled), input_grad=False)
     for k, v in g.items():  # the heads' parameters (model.backward left them at zero)
         model.grads[k] = model.grads[k] + v
     return model.grads

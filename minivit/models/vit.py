@@ -19,6 +19,7 @@ patch embedding is the one stage a subclass replaces (``_embed_param_shapes``,
 from __future__ import annotations
 
 from .. import ops
+from .._parallel import pool_only
 from ..backend import backend_of, get_backend
 from ..blocks import (
     block_param_shapes,
@@ -204,13 +205,15 @@ class ViT(Model):
         )  # (B, N, D)
         return x
 
-    def _embed_backward(self, dx, c, g):
-        """dtokens (B, N, D) -> dimages (B, C, S, S); the embedding's grads go into ``g``."""
+    def _embed_backward(self, dx, c, g, input_grad=True):
+        """dtokens (B, N, D) -> dimages (B, C, S, S) (None without input_grad); the
+        embedding's grads go into ``g``."""
         dimages, g["patch_embed.proj.weight"], g["patch_embed.proj.bias"] = (
-            ops.patch_embed_backward(dx, c.patch)
+            ops.patch_embed_backward(dx, c.patch, need_dx=input_grad)
         )
         return dimages  # (B, C, S, S)
 
+    @pool_only()
     def forward_features(self, images, train=False):
         """images (B, C, S, S) -> final-norm tokens (B, T, D). Keeps the cache for backward."""
         self._check_images(images)
@@ -243,6 +246,7 @@ class ViT(Model):
         self._cache = c
         return x  # (B, T, D)
 
+    @pool_only()
     def forward(self, images, train=False):
         """images (B, C, S, S) -> logits (B, K) (pooled features (B, D) when num_classes=0)."""
         x = self.forward_features(images, train)
@@ -264,10 +268,12 @@ class ViT(Model):
         )
         return logits  # (B, K)
 
-    def backward(self, dlogits):
+    @pool_only()
+    def backward(self, dlogits, *, input_grad=True):
         """dlogits (B, K) -> dimages (B, C, S, S). Overwrites ``grads`` with every parameter's.
 
         The chain rule in reverse order of forward; residuals are added inside block_backward.
+        ``input_grad=False`` skips the image gradient (returns None), as training does.
         """
         c = self._cache
         if c is None:
@@ -298,7 +304,7 @@ class ViT(Model):
         # x = [cls; patches] + pos_embed: pos_embed is shared by the batch, cls by every image
         g["pos_embed"] = dx.sum(axis=0, keepdims=True)  # (1, T, D)
         g["cls_token"] = dx[:, :1].sum(axis=0, keepdims=True)  # (1, 1, D)
-        dimages = self._embed_backward(dx[:, 1:], c, g)  # (B, C, S, S)
+        dimages = self._embed_backward(dx[:, 1:], c, g, input_grad)  # (B, C, S, S)
         self.grads = {k: g[k] for k in self.params}  # timm's order
         return dimages
 

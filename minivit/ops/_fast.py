@@ -39,6 +39,8 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _ERFC_P = 0.3275911
 _ERFC_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
+_SIGN_BIT = -(2**31)  # the sign bit of a float32, as an int32 mask
+
 
 def enabled() -> bool:
     """Whether the fast paths are on (``MINIVIT_FAST`` unset or not "0")."""
@@ -155,18 +157,18 @@ def linear_forward_pooled(x2, w, b):
     return out
 
 
-def linear_backward_pooled(d2, x2, w, has_bias):
+def linear_backward_pooled(d2, x2, w, has_bias, need_dx=True):
     """-> (dx2, dw, db) for out = x2 w^T + b: dx2 in row blocks of d2, dw and db in blocks of
-    output features (each db block summed beside its dw block)."""
+    output features (each db block summed beside its dw block). dx2 is None without need_dx."""
     xp = backend_of(d2).xp
     M, d_out = d2.shape
     d_in = w.shape[1]
-    dx2 = xp.empty((M, d_in), dtype=d2.dtype)
+    dx2 = xp.empty((M, d_in), dtype=d2.dtype) if need_dx else None
     dw = xp.empty((d_out, d_in), dtype=d2.dtype)
     db = xp.empty((d_out,), dtype=d2.dtype) if has_bias else None
     d2t = d2.T  # (Dout, M) view
     rows_x, rows_w = _gemm_rows(M), _gemm_rows(d_out)
-    n_x = -(-M // rows_x)
+    n_x = -(-M // rows_x) if need_dx else 0
     n_w = -(-d_out // rows_w)
 
     def block(i, _):
@@ -210,24 +212,26 @@ def gelu_forward_f32(x):
     p = _ERFC_P * _SQRT_HALF
 
     def block(s, e):
-        xs, g = x2[s:e], d2[s:e]
-        ax = xp.abs(xs)
-        t = ax * p
+        xs, g, o = x2[s:e], d2[s:e], o2[s:e]
+        t = xp.abs(xs)
+        ex = t * -0.5
+        ex *= t
+        xp.exp(ex, out=ex)  # exp(-x^2 / 2)
+        t *= p
         t += 1.0
         xp.divide(1.0, t, out=t)  # t = 1 / (1 + p |x| / sqrt 2)
         q = t * a5
         for a in (a4, a3, a2, a1):  # Horner
             q += a
             q *= t
-        ex = xs * xs
-        ex *= -0.5
-        xp.exp(ex, out=ex)  # exp(-x^2 / 2)
-        q *= ex  # erfc(|x| / sqrt 2) / 2 = Phi(-|x|)
-        # Phi(x) = 1/2 + sign(x) (1/2 - Phi(-|x|))
+        q *= ex  # erfc(|x| / sqrt 2) / 2 = Phi(-|x|), at most 1/2
+        # Phi(x) = 1/2 + sign(x) (1/2 - Phi(-|x|)). The sign is copied bitwise: OR the sign bit
+        # of x into the non-negative 1/2 - Phi(-|x|) (np.copysign is not vectorised, ~8x slower).
         xp.subtract(0.5, q, out=q)
-        xp.copysign(q, xs, out=q)
-        q += 0.5
-        xp.multiply(xs, q, out=o2[s:e])  # x Phi(x)
+        sign = xp.bitwise_and(xs.view(xp.int32), _SIGN_BIT, out=o.view(xp.int32))
+        xp.bitwise_or(q.view(xp.int32), sign, out=q.view(xp.int32))
+        q += 0.5  # Phi(x)
+        xp.multiply(xs, q, out=o)  # x Phi(x)
         xp.multiply(xs, ex, out=g)
         g *= _INV_SQRT_2PI  # x phi(x)
         g += q  # Phi(x) + x phi(x)
@@ -285,6 +289,11 @@ def _sum_parts(xp, parts, n, dtype):
 # layernorm over the last axis
 
 
+# Row sums and column sums are matrix-vector products here (x @ w, ones @ x): BLAS does them in
+# one pass, while NumPy's reduction along a short last axis (D = 192) pays a loop per row and
+# its broadcasts of a (rows, 1) column pay the same; both were most of layernorm's time.
+
+
 def layernorm_forward(x, gamma, beta, eps):
     """-> (out, xhat, rstd) exactly as the generic path: two-pass variance, rstd (..., 1)."""
     xp = backend_of(x).xp
@@ -292,21 +301,19 @@ def layernorm_forward(x, gamma, beta, eps):
     out = xp.empty_like(x)
     xhat = xp.empty_like(x)
     rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
-    x2, o2, h2, r2 = _rows(x), _rows(out), _rows(xhat), rstd.reshape(-1, 1)
-    inv_d = 1.0 / D
+    x2, o2, h2, r2 = _rows(x), _rows(out), _rows(xhat), rstd.reshape(-1)
+    w = xp.full(D, 1.0 / D, dtype=x.dtype)  # row mean = x @ w
 
     def block(s, e):
         xs, h, r = x2[s:e], h2[s:e], r2[s:e]
-        m = xs.sum(axis=1, keepdims=True)
-        m *= inv_d  # mean, (rows, 1)
-        xp.subtract(xs, m, out=h)  # centred
-        sq = h * h
-        v = sq.sum(axis=1, keepdims=True)
-        v *= inv_d
+        m = xs @ w  # mean, (rows,)
+        xp.subtract(xs, m[:, None], out=h)  # centred
+        v = xp.einsum("ij,ij->i", h, h)  # sum of squares per row, without a squared copy
+        v *= 1.0 / D
         v += eps
         xp.sqrt(v, out=v)
-        xp.reciprocal(v, out=r)  # rstd
-        h *= r  # xhat
+        xp.divide(1.0, v, out=r)  # rstd
+        h *= r[:, None]  # xhat
         o = o2[s:e]
         xp.multiply(h, gamma, out=o)
         o += beta
@@ -321,23 +328,22 @@ def layernorm_backward(dout, xhat, rstd, gamma):
     D = xhat.shape[-1]
     dx = xp.empty_like(xhat)
     d2, h2, r2, g2 = _rows(dout), _rows(xhat), rstd.reshape(-1, 1), _rows(dx)
-    inv_d = 1.0 / D
+    w = xp.full(D, 1.0 / D, dtype=xhat.dtype)
     parts_g, parts_b = [], []
 
     def block(s, e):
         d, h, g = d2[s:e], h2[s:e], g2[s:e]
+        ones = xp.ones(e - s, dtype=d.dtype)
         t = d * h  # (rows, D)
-        parts_g.append(t.sum(axis=0))
-        parts_b.append(d.sum(axis=0))
+        parts_g.append(ones @ t)  # column sums
+        parts_b.append(ones @ d)
         xp.multiply(d, gamma, out=g)  # gradient w.r.t. xhat
-        mg = g.sum(axis=1, keepdims=True)
-        mg *= inv_d  # mean(g)
-        xp.multiply(g, h, out=t)
-        mgx = t.sum(axis=1, keepdims=True)
-        mgx *= inv_d  # mean(g xhat)
-        g -= mg
-        xp.multiply(h, mgx, out=t)
+        mg = g @ w  # mean(g), (rows,)
+        mgx = xp.einsum("ij,ij->i", g, h)
+        mgx *= 1.0 / D  # mean(g xhat)
+        xp.multiply(h, mgx[:, None], out=t)
         g -= t
+        g -= mg[:, None]
         g *= r2[s:e]
 
     _parallel.for_each_block(block, h2.shape[0], D)
@@ -351,22 +357,38 @@ def layernorm_backward(dout, xhat, rstd, gamma):
 
 
 def softmax_(y, scale=None):
-    """In place: y <- softmax(scale * y) over the last axis (y C-contiguous, rows x N)."""
+    """In place: y <- softmax(scale * y) over the last axis (y C-contiguous, rows x N; scale > 0).
+
+    Any shift c_i of row i leaves softmax unchanged; the generic path uses the row maximum.
+    Here each block of rows is shifted by the block's maximum M instead (one fast full
+    reduction and a scalar subtraction, instead of a per-row reduction and a per-row
+    broadcast). exp(scale (y - M)) <= 1 cannot overflow; a row whose maximum lies far below M
+    could underflow, so every row whose sum comes out below sqrt(tiny) is redone with its own
+    maximum from the kept scale (y - M).
+    """
     xp = backend_of(y).xp
     y2 = _rows(y)
+    n = y2.shape[1]
+    ones = xp.ones(n, dtype=y.dtype)
+    tiny = float(xp.finfo(y.dtype).tiny) ** 0.5
 
     def block(s, e):
         ys = y2[s:e]
+        z = xp.subtract(ys, ys.max())  # y - M <= 0
         if scale is not None:
-            ys *= scale
-        m = ys.max(axis=1, keepdims=True)
-        ys -= m
-        xp.exp(ys, out=ys)
-        z = ys.sum(axis=1, keepdims=True)
-        xp.reciprocal(z, out=z)
-        ys *= z
+            z *= scale
+        xp.exp(z, out=ys)
+        total = ys @ ones  # row sums, (rows,)
+        low = xp.nonzero(total < tiny)[0]
+        if low.size:  # rows far below the block maximum: shift by their own maximum
+            zl = z[low]
+            zl -= zl.max(axis=1, keepdims=True)
+            ys[low] = xp.exp(zl)
+            total[low] = ys[low] @ ones
+        xp.divide(1.0, total, out=total)
+        ys *= total[:, None]
 
-    _parallel.for_each_block(block, y2.shape[0], y2.shape[1])
+    _parallel.for_each_block(block, y2.shape[0], n)
     return y
 
 
@@ -381,13 +403,11 @@ def softmax_backward(dout, y, scale=None, out=None):
 
     def block(s, e):
         ys, g = y2[s:e], g2[s:e]
-        xp.multiply(d2[s:e], ys, out=g)
-        r = g.sum(axis=1, keepdims=True)
+        r = xp.einsum("ij,ij->i", d2[s:e], ys)  # sum(dout * y) per row
+        xp.subtract(d2[s:e], r[:, None], out=g)
+        g *= ys
         if scale is not None:
             g *= scale
-            r *= scale
-        t = ys * r
-        g -= t
 
     _parallel.for_each_block(block, y2.shape[0], y2.shape[1])
     return dx

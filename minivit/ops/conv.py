@@ -161,8 +161,8 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     return out, cache
 
 
-def conv2d_backward(dout, cache):
-    """Returns (dx, dw, db); db is None when the forward had no bias.
+def conv2d_backward(dout, cache, *, need_dx=True):
+    """Returns (dx, dw, db); db is None when the forward had no bias, dx None without need_dx.
 
     Forward was out = cols W^T (+ b), cols = im2col(xpad), W = w as (Cout, kh kw Cin), so
 
@@ -190,7 +190,9 @@ def conv2d_backward(dout, cache):
     # At stride s the flipped-kernel form multiplies s^2 - 1 of every s^2 rows of its dilated
     # dout by zero; the offset-by-offset fold does no wasted work (3-9x faster at stride 2 on
     # the stem's sizes), while at stride 1 the single GEMM wins (up to 2x).
-    if (sh, sw) == (1, 1):
+    if not need_dx:
+        dx = None
+    elif (sh, sw) == (1, 1):
         dx = _input_grad_flipped_conv(dout, cache)
     else:
         dx = _input_grad_col2im(dmat, cache)

@@ -49,11 +49,12 @@ def linear_forward(x, w, b=None):
     return out, Cache(x=x, w=w, has_bias=b is not None)
 
 
-def linear_backward(dout, cache):
+def linear_backward(dout, cache, *, need_dx=True):
     """Returns (dx, dw, db); db is None when the forward had no bias.
 
     Forward was out = x w^T + b, so dx = dout w, dw = dout^T x (summed over all leading dims),
-    db = sum of dout over all leading dims.
+    db = sum of dout over all leading dims. ``need_dx=False`` skips the dx product (a third
+    of the work) and returns dx = None: for a first layer whose input needs no gradient.
     """
     x, w = cache.x, cache.w
     d_out, d_in = w.shape
@@ -61,9 +62,9 @@ def linear_backward(dout, cache):
     x2 = x.reshape(-1, d_in)  # (M, Din)
     if _fast.use_pooled_gemm(d2) and _fast.use_fast(x2, w):
         # the same products in blocks on minivit's pool (ops/_fast.py)
-        dx2, dw, db = _fast.linear_backward_pooled(d2, x2, w, cache.has_bias)
-        return dx2.reshape(x.shape), dw, db
-    dx = (d2 @ w).reshape(x.shape)  # (..., Din)
+        dx2, dw, db = _fast.linear_backward_pooled(d2, x2, w, cache.has_bias, need_dx)
+        return (dx2.reshape(x.shape) if need_dx else None), dw, db
+    dx = (d2 @ w).reshape(x.shape) if need_dx else None  # (..., Din)
     dw = d2.T @ x2  # (Dout, Din)
     db = None
     if cache.has_bias:

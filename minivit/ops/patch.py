@@ -57,8 +57,11 @@ def patch_embed_forward(images, w, b, patch_size):
     return out, Cache(lin_cache=lin_cache, image_shape=images.shape, w_shape=w.shape, P=P)
 
 
-def patch_embed_backward(dout, cache):
-    """Returns (dimages, dw, db): the linear backward, then patches folded back into images."""
-    dpatches, dw, db = linear_backward(dout, cache.lin_cache)  # (B, N, C*P*P), (D, C*P*P)
-    dimages = unpatchify(dpatches, cache.image_shape, cache.P)  # (B, C, H, W)
+def patch_embed_backward(dout, cache, *, need_dx=True):
+    """Returns (dimages, dw, db): the linear backward, then patches folded back into images.
+
+    ``need_dx=False`` returns dimages = None and skips its product (images need no gradient
+    in training)."""
+    dpatches, dw, db = linear_backward(dout, cache.lin_cache, need_dx=need_dx)  # (B, N, C*P*P)
+    dimages = unpatchify(dpatches, cache.image_shape, cache.P) if need_dx else None
     return dimages, dw.reshape(cache.w_shape), db

@@ -253,7 +253,7 @@ def train(args, job: DigitsJob = JOB) -> dict:
                     logits, yb, label_smoothing=cfg["label_smoothing"]
                 )
                 (dlogits,) = ops.cross_entropy_backward(one, c)
-                model.backward(dlogits)
+                model.backward(dlogits, input_grad=False)
                 if cfg["clip_grad"]:
                     clip_grad_norm(model.grads, cfg["clip_grad"])
                 opt.step(model.grads, lr=sched(step))
