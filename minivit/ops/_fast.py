@@ -105,30 +105,35 @@ def batched_matmul(a, b, out=None):
     if out is None:
         out = xp.empty(a.shape[:-1] + (b.shape[-1],), dtype=a.dtype)  # same leading axes
     n = out.shape[0]
-    if not _ENABLED or _parallel.get_num_threads() <= 1 or n < 2:
+    threads = _parallel.get_num_threads()
+    if not _ENABLED or threads <= 1 or n < 2:
         xp.matmul(a, b, out=out)  # BLAS writes straight into the view (rows are contiguous)
         return out
 
     def block(s, e):
-        xp.matmul(a[s:e], b[s:e], out=out[s:e])
+        xp.matmul(a[s:e], b[s:e], out=out[s:e])  # NumPy loops over the sub-stack itself
 
     with _parallel.blas_single_threaded():
-        # One stack item per block: the counter hands them out to whichever thread is free.
-        _parallel.for_each_block(block, n, 1, block_elems=1, min_elems=0)
+        # One contiguous share of the stack per thread (one NumPy call each): one stack item
+        # per block paid a Python call and a GIL handoff per small GEMM, for no gain.
+        _parallel.for_each_block(block, n, 1, block_elems=-(-n // threads), min_elems=0)
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # linear: GEMMs split into row blocks on the pool, one BLAS thread each
 
-# Blocks per GEMM: enough for the shared counter to even out a thread that a busy machine runs
-# late, few enough that every block stays a GEMM of a hundred rows or more.
-_GEMM_BLOCKS = 8
+# Blocks per GEMM: one per pool thread. More, smaller blocks (8 were tried, to let the shared
+# counter even out a thread that a busy machine runs late) made the ViT-Ti step 5-8% slower on
+# an idle machine: every block repacks the weight and runs a smaller, less efficient GEMM. A
+# late worker still costs nothing: the calling thread then takes the other block as well.
+_GEMM_BLOCKS = None  # None: the pool's thread count
 
 
 def _gemm_rows(n):
     # rows per block, a multiple of 16 (whole BLAS micro-tiles), at least 64
-    r = -(-n // _GEMM_BLOCKS)
+    blocks = _GEMM_BLOCKS or _parallel.get_num_threads()
+    r = -(-n // blocks)
     return max(-(-r // 16) * 16, 64)
 
 

@@ -45,7 +45,7 @@ __all__ = ["add_arguments", "run", "make_batch", "evaluate", "train"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--steps", type=int, default=6000, help="optimizer steps (default: 6000)")
+    a("--steps", type=int, default=7500, help="optimizer steps (default: 7500)")
     a("--batch-size", type=int, default=32, help="ITM rows per step (default: 32)")
     a("--mlm-batch-size", type=int, default=32, help="MLM rows per step (default: 32)")
     a("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--hard-fraction",
         type=float,
-        default=0.7,
+        default=0.8,
         help="share of training ITM negatives that are hard (the held-out set keeps half)",
     )
     a("--img-size", type=int, default=48)
