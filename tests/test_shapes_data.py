@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minivit.data.shapes import COLOURS, Caption, ShapesCaptions, mask_tokens
+from minivit.data.shapes import COLOURS, SHAPES, SIZES, Caption, ShapesCaptions, mask_tokens
 from minivit.data.tokenizer import SPECIAL_TOKENS, WordTokenizer
 
 
@@ -115,6 +115,31 @@ def test_hard_negatives_change_exactly_one_attribute(data):
         assert len(a) == len(b)
         assert sum(x != y for x, y in zip(a, b)) == 1, (pos.text(), neg.text())
         assert data.is_true(pos, scene) and not data.is_true(neg, scene)
+        word = next(y for x, y in zip(a, b) if x != y)
+        kind = data.changed_attribute(pos, neg)
+        assert word in {"colour": COLOURS, "shape": SHAPES, "size": SIZES,
+                        "relation": ("left", "right", "above", "below")}[kind]  # fmt: skip
+
+
+def test_relation_share_sets_how_often_the_relation_is_flipped(data):
+    def relation_flips(share, n=400):
+        rng = data.rng("train", 3)
+        flips = total = 0
+        while total < n:
+            scene = data.sample_scene(rng, counts=(2, 3))
+            pos = data.describe(scene, rng)
+            if pos.relation is None:
+                continue
+            neg = data.hard_negative(pos, scene, rng, relation_share=share)
+            assert not data.is_true(neg, scene)
+            flips += neg.relation != pos.relation
+            total += 1
+        return flips / n
+
+    assert relation_flips(1.0) == 1.0
+    assert relation_flips(0.0) == 0.0
+    assert 0.25 < relation_flips(None) < 0.42  # uniform over colour, shape, relation (, size)
+    assert 0.42 < relation_flips(0.5) < 0.58
 
 
 def test_relations_match_positions(data):

@@ -307,14 +307,23 @@ class ShapesCaptions:
         delta = (b.cx - a.cx) if axis == 0 else (b.cy - a.cy)
         return sign * delta > -margin
 
-    def hard_negative(self, caption: Caption, scene, rng) -> Caption:
-        """``caption`` with exactly one attribute changed, false of ``scene``."""
+    def hard_negative(self, caption: Caption, scene, rng, relation_share=None) -> Caption:
+        """``caption`` with exactly one attribute changed, false of ``scene``.
+
+        The attribute is drawn uniformly from those the caption has; ``relation_share`` (when
+        given, and the caption has a relation) is instead the probability of flipping the
+        relation, the rest shared uniformly by the others. A relation flip keeps every word but
+        one, so only where the objects are tells it apart: the hardest kind to learn.
+        """
         for _ in range(100):
             kinds = ["colour", "shape"]
-            if caption.relation is not None:
-                kinds.append("relation")
             if any(s is not None for _, _, s in caption.objects):
                 kinds.append("size")
+            if caption.relation is not None and relation_share is not None:
+                if rng.random() < relation_share:
+                    kinds = ["relation"]
+            elif caption.relation is not None:
+                kinds.insert(2, "relation")  # the uniform draw's order: colour, shape, relation
             kind = kinds[int(rng.integers(len(kinds)))]
             objs = [list(o) for o in caption.objects]
             relation = caption.relation
@@ -332,6 +341,17 @@ class ShapesCaptions:
             if not self.is_true(neg, scene):
                 return neg
         raise RuntimeError("could not make a hard negative")
+
+    @staticmethod
+    def changed_attribute(caption: Caption, negative: Caption) -> str:
+        """Which attribute a hard negative changed: "colour", "shape", "size" or "relation"."""
+        if negative.relation != caption.relation:
+            return "relation"
+        for a, b in zip(caption.objects, negative.objects):
+            for name, x, y in zip(("colour", "shape", "size"), a, b):
+                if x != y:
+                    return name
+        raise ValueError(f"{negative.text()!r} does not differ from {caption.text()!r}")
 
     def easy_negative(self, scene, rng, pool=()) -> Caption:
         """The caption of another scene (from ``pool`` first, as the original swaps images
@@ -392,26 +412,38 @@ class ShapesCaptions:
 
     # ----------------------------------------------------------------------------- batches
     def itm_batch(
-        self, rng, n: int, *, pos_fraction=0.5, hard_fraction=0.5, counts=None, probs=None
+        self,
+        rng,
+        n: int,
+        *,
+        pos_fraction=0.5,
+        hard_fraction=0.5,
+        counts=None,
+        probs=None,
+        relation_share=None,
     ):
         """Image-text pairs for ITM (and WPA): half positive, the negatives half hard.
+        ``relation_share``: see :meth:`hard_negative` (None: every attribute alike).
 
         Returns a dict of numpy arrays: images (n, 3, S, S), input_ids (n, L), text_mask (n, L),
         itm_labels (n,) (1 = match), kind (n,) (0 positive, 1 easy negative, 2 hard negative),
-        and texts (list of str).
+        changed (n,) str (the attribute a hard negative changed, "" elsewhere) and texts.
         """
         scenes = [self.sample_scene(rng, counts=counts, probs=probs) for _ in range(n)]
         u = rng.random((n, 2))
-        caps, labels, kinds = [], [], []
+        caps, labels, kinds, changed = [], [], [], []
         for i, scene in enumerate(scenes):
             cap = self.describe(scene, rng)
+            change = ""
             if u[i, 0] < pos_fraction:
                 kind = 0
             elif u[i, 1] < hard_fraction:
-                kind, cap = 2, self.hard_negative(cap, scene, rng)
+                neg = self.hard_negative(cap, scene, rng, relation_share)
+                kind, cap, change = 2, neg, self.changed_attribute(cap, neg)
             else:
                 kind, cap = 1, self.easy_negative(scene, rng, scenes)
             caps.append(cap)
+            changed.append(change)
             labels.append(int(kind == 0))
             kinds.append(kind)
         texts = [c.text() for c in caps]
@@ -422,6 +454,7 @@ class ShapesCaptions:
             text_mask=mask,
             itm_labels=np.asarray(labels, np.int64),
             kind=np.asarray(kinds, np.int64),
+            changed=np.asarray(changed),
             texts=texts,
             scenes=scenes,
         )

@@ -66,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.8,
         help="share of training ITM negatives that are hard (the held-out set keeps half)",
     )
+    a(
+        "--relation-share",
+        type=float,
+        default=None,
+        help="share of hard training negatives that flip the relation, when the caption has "
+        "one (default: uniform over the caption's attributes; the held-out set stays uniform)",
+    )
     a("--img-size", type=int, default=48)
     a("--patch-size", type=int, default=16)
     a("--embed-dim", type=int, default=96)
@@ -99,7 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # batches
 
 
-def make_batch(data, rng, n_itm, n_mlm, counts=None, probs=None, hard_fraction=0.5):
+def make_batch(
+    data, rng, n_itm, n_mlm, counts=None, probs=None, hard_fraction=0.5, relation_share=None
+):
     """One fused batch as numpy arrays: ITM rows first, then MLM rows.
 
     Returns dict(input_ids (B, L), text_mask (B, L), images (B, 3, S, S), mlm_labels (B, L),
@@ -107,7 +116,14 @@ def make_batch(data, rng, n_itm, n_mlm, counts=None, probs=None, hard_fraction=0
     """
     parts = []
     if n_itm:
-        ib = data.itm_batch(rng, n_itm, counts=counts, probs=probs, hard_fraction=hard_fraction)
+        ib = data.itm_batch(
+            rng,
+            n_itm,
+            counts=counts,
+            probs=probs,
+            hard_fraction=hard_fraction,
+            relation_share=relation_share,
+        )
         parts.append(
             (
                 ib["input_ids"],
@@ -168,7 +184,8 @@ def _forward_chunks(model, be, ids, mask, images, chunk=256):
 def evaluate(model, data, itm_set, mlm_set, n=None):
     """ITM accuracy on held-out pairs and MLM accuracy on held-out masked content words.
 
-    Returns dict(itm_acc, mlm_acc, mlm_acc_all (every masked token), itm_acc_hard (hard
+    Returns dict(itm_acc, mlm_acc, mlm_acc_all (every masked token), itm_acc_by_change (hard
+    negatives by the attribute they changed: colour, shape, size, relation), itm_acc_hard (hard
     negatives only), itm_loss, mlm_loss).
     """
     from ..models import vilt_heads as H
@@ -210,9 +227,16 @@ def evaluate(model, data, itm_set, mlm_set, n=None):
         total_all += len(tgt)
         z = lg - lg.max(axis=1, keepdims=True)
         nll += float(-(z[np.arange(len(tgt)), tgt] - np.log(np.exp(z).sum(axis=1))).sum())
+    changed = itm_set["changed"][:n]
+    by_change = {
+        c: float((pred[changed == c] == labels[changed == c]).mean())
+        for c in ("colour", "shape", "size", "relation")
+        if (changed == c).any()
+    }
     return dict(
         itm_acc=float((pred == labels).mean()),
         itm_acc_hard=float((pred[hard] == labels[hard]).mean()) if hard.any() else float("nan"),
+        itm_acc_by_change=by_change,
         itm_loss=itm_loss,
         mlm_acc=correct / max(total, 1),
         mlm_acc_all=correct_all / max(total_all, 1),
@@ -287,6 +311,7 @@ def batch_spec(args, data):
         batch_size=args.batch_size,
         mlm_batch_size=args.mlm_batch_size,
         hard_fraction=args.hard_fraction,
+        relation_share=getattr(args, "relation_share", None),
     )
 
 
@@ -317,6 +342,7 @@ def _batch_for_step(step):
         spec["mlm_batch_size"],
         counts=counts,
         hard_fraction=spec["hard_fraction"],
+        relation_share=spec["relation_share"],
     )
 
 
@@ -525,7 +551,8 @@ def run(args) -> int:
         )
         print(f"run folder: {run_dir}")
         print(f"alignment figure: {fig_path}")
-        print(f"hard-negative itm accuracy: {final['itm_acc_hard']:.4f}")
+        by = ", ".join(f"{k} {v:.3f}" for k, v in final["itm_acc_by_change"].items())
+        print(f"hard-negative itm accuracy: {final['itm_acc_hard']:.4f} ({by})")
         print(f"itm accuracy: {final['itm_acc']:.4f}")
         print(f"mlm accuracy: {final['mlm_acc']:.4f}")
     finally:
