@@ -11,6 +11,16 @@ tested against.
 
 The thread count is ``MINIVIT_NUM_THREADS`` when set, else the number of cores this process may
 use; :func:`set_num_threads` changes it (the benchmarks record it). One thread means "run inline".
+
+Three rules, each measured on a 2-core machine (benchmarks/README.md has the figures):
+
+- the pool pays only for work that runs long between Python calls: whole GEMM blocks, and
+  elementwise blocks of 256K elements on arrays above 512K; smaller work runs inline, since the
+  threads hand the GIL to each other at every NumPy call;
+- one block per thread for GEMMs: a late worker costs nothing (the calling thread takes its
+  block), and smaller blocks only repack the weights more often;
+- one source of threads: inside a model's forward or backward (:func:`pool_only`) BLAS runs on
+  one thread per pool thread, so OpenBLAS's spinning workers never compete with the pool's.
 """
 
 from __future__ import annotations
