@@ -191,6 +191,7 @@ def test_attention(threads, dtype):
 def test_fast_paths_are_skipped_for_non_contiguous_and_small_inputs():
     rng = np.random.default_rng(6)
     big = rng.standard_normal((300, 400)).astype(np.float32)
+    _fast.set_enabled(True)  # also under MINIVIT_FAST=0 (the fixture restores the setting)
     assert _fast.use_fast(big)
     assert not _fast.use_fast(big.T)  # a transposed view
     assert not _fast.use_fast(big[:10, :10])
