@@ -162,6 +162,10 @@ _blas_libs = None  # threadpoolctl controllers of the loaded BLAS libraries; () 
 def _blas_controllers():
     global _blas_libs
     if _blas_libs is None:
+        import sys
+
+        if "numpy" not in sys.modules:  # BLAS is not loaded yet: look again next time
+            return ()
         try:
             from threadpoolctl import ThreadpoolController
 
@@ -171,7 +175,11 @@ def _blas_controllers():
     return _blas_libs
 
 
-_blas_depth = 0  # open blas_single_threaded() contexts; only the outermost changes anything
+# Open blas_single_threaded() contexts, in every thread together: the first to open sets the
+# BLAS libraries to one thread, the last to close restores the counts saved by the first.
+_blas_depth = 0
+_blas_saved: list = []
+_blas_lock = threading.Lock()
 
 
 @contextmanager
@@ -181,30 +189,30 @@ def blas_single_threaded():
     For many small GEMMs (attention's per-head products) that this pool spreads over its own
     threads: OpenBLAS splits each small product over all its threads, which then wait on each
     other at every call (and spin or stall when the machine is busy); one BLAS thread per pool
-    thread has no such barrier. Nested uses cost nothing: only the outermost one sets and
-    restores the counts. Without threadpoolctl this does nothing.
+    thread has no such barrier. Nested and concurrent uses cost nothing: only the first to open
+    sets the counts, and only the last to close restores them. Open the outermost one from the
+    main thread: OpenBLAS ignores a raise of its thread count made from another thread. Without
+    threadpoolctl this does nothing.
     """
-    global _blas_depth
-    if _blas_depth:
+    global _blas_depth, _blas_saved
+    with _blas_lock:  # the counts are process-wide: one count of open contexts, all threads
         _blas_depth += 1
-        try:
-            yield
-        finally:
-            _blas_depth -= 1
-        return
-    libs = _blas_controllers()
-    prev = [lib.num_threads for lib in libs]
-    changed = [lib for lib, n in zip(libs, prev) if n != 1]
-    for lib in changed:
-        lib.set_num_threads(1)
-    _blas_depth = 1
+        if _blas_depth == 1:
+            libs = _blas_controllers()
+            _blas_saved = [(lib, lib.num_threads) for lib in libs]
+            for lib, n in _blas_saved:
+                if n != 1:
+                    lib.set_num_threads(1)
     try:
         yield
     finally:
-        _blas_depth = 0
-        for lib, n in zip(libs, prev):
-            if n != 1:
-                lib.set_num_threads(n)
+        with _blas_lock:
+            _blas_depth -= 1
+            if _blas_depth == 0:
+                for lib, n in _blas_saved:
+                    if n != 1:
+                        lib.set_num_threads(n)
+                _blas_saved = []
 
 
 @contextmanager

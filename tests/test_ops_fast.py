@@ -17,8 +17,13 @@ from minivit.ops import _fast
 
 
 @pytest.fixture(autouse=True)
-def _restore():
+def _restore(monkeypatch):
     prev_on, prev_threads = _fast.enabled(), _parallel.get_num_threads()
+    # Small blocks and no inline threshold, so that these test-sized arrays really run as many
+    # blocks, on two threads where a test asks for two (the defaults keep arrays under 512K
+    # elements inline and in one block).
+    monkeypatch.setattr(_parallel, "BLOCK_ELEMS", 4096)
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_ELEMS", 0)
     yield
     _fast.set_enabled(prev_on)
     _parallel.set_num_threads(prev_threads)
@@ -154,7 +159,7 @@ def test_softmax_rows_far_below_the_block_maximum(dtype):
     # far below it underflow and must be redone with their own shift (ops/_fast.py, softmax_).
     rng = np.random.default_rng(6)
     x = rng.standard_normal((256, 128)).astype(dtype)
-    x[1::3] -= 200.0  # exp(-200) underflows in float32 (and is near it after scaling in f64)
+    x[1::3] -= 200.0  # exp(-200) underflows in float32 (1e-87; float64 still holds it)
     x[2::3] -= 1e4  # underflows in float64 too
     d = rng.standard_normal(x.shape).astype(dtype)
 
@@ -188,6 +193,61 @@ def test_attention(threads, dtype):
     _close(*_both(run), dtype)
 
 
+def test_softmax_non_finite_scores_stay_in_their_rows():
+    # A NaN or inf score makes the block maximum useless; only its own row may come out NaN,
+    # as on the generic path.
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((256, 128)).astype(np.float32)
+    x[5, 7] = np.nan
+    x[70, 3] = np.inf
+    x[140] = -np.inf
+    x[200, 0], x[201, 0] = 3e38, -3e38  # the distance to the block maximum overflows
+
+    def run():
+        y, _ = ops.softmax_forward(x)
+        return y
+
+    ref, got = _both(run)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    bad = np.isnan(ref).any(axis=1)
+    assert bad.sum() == 3  # the NaN, +inf and all -inf rows
+    np.testing.assert_allclose(got[~bad], ref[~bad], rtol=1e-5, atol=1e-7)
+
+
+def test_gelu_fast_path_refuses_float64():
+    with pytest.raises(TypeError, match="float32"):
+        _fast.gelu_forward_f32(np.ones((4, 4)))
+
+
+def test_blas_single_threaded_nests_and_overlaps_across_threads():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    libs = _parallel._blas_controllers()
+    if not libs:
+        pytest.skip("threadpoolctl found no BLAS library")
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        counts = lambda: [lib.num_threads for lib in libs]  # noqa: E731
+        entered, release = threading.Event(), threading.Event()
+
+        def other():
+            with _parallel.blas_single_threaded():
+                entered.set()
+                release.wait(5)
+
+        with _parallel.blas_single_threaded():
+            assert counts() == [1] * len(libs)
+            with _parallel.pool_only():  # nested: no change
+                assert counts() == [1] * len(libs)
+            t = threading.Thread(target=other)
+            t.start()
+            assert entered.wait(5)
+            release.set()
+            t.join()  # the other thread closed its context first: nothing restored yet
+            assert counts() == [1] * len(libs)
+            assert _parallel._blas_depth == 1
+        assert counts() == [2] * len(libs)  # the last to close restored the counts
+        assert _parallel._blas_depth == 0
+
+
 def test_fast_paths_are_skipped_for_non_contiguous_and_small_inputs():
     rng = np.random.default_rng(6)
     big = rng.standard_normal((300, 400)).astype(np.float32)
@@ -208,7 +268,7 @@ def test_for_each_block_covers_every_row_once_on_threads():
         with lock:
             seen.append((s, e))
 
-    _parallel.for_each_block(fn, 1000, 300, block_elems=3000)
+    _parallel.for_each_block(fn, 1000, 300, block_elems=3000, min_elems=0)
     rows = sorted(r for s, e in seen for r in range(s, e))
     assert rows == list(range(1000))
     assert all(e - s <= 10 for s, e in seen)
@@ -222,4 +282,4 @@ def test_for_each_block_raises_a_worker_error():
             raise ValueError("boom")
 
     with pytest.raises(ValueError, match="boom"):
-        _parallel.for_each_block(fn, 1000, 300, block_elems=3000)
+        _parallel.for_each_block(fn, 1000, 300, block_elems=3000, min_elems=0)

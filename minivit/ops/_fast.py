@@ -1,7 +1,7 @@
 """CPU fast paths for the elementwise-heavy ops (NumPy only).
 
-Each function here computes exactly what the generic ``xp`` code in its op computes (that code
-stays the reference, and ``tests/test_ops_fast.py`` compares the two), but:
+Each function here computes what the generic ``xp`` code in its op computes, to rounding (that
+code stays the reference, and ``tests/test_ops_fast.py`` compares the two), but:
 
 - block by block over rows, so that a chain of ufuncs works on cache-resident temporaries
   instead of streaming whole arrays through memory once per ufunc;
@@ -209,6 +209,8 @@ def gelu_forward_f32(x):
     multiplication (the generic path keeps Phi and recomputes phi in the backward).
     """
     xp = backend_of(x).xp
+    if x.dtype != xp.float32:  # the sign is copied through an int32 view of the bits
+        raise TypeError(f"gelu_forward_f32 takes float32 only, got {x.dtype}")
     out = xp.empty_like(x)
     dydx = xp.empty_like(x)
     x2, o2, d2 = _rows(x), _rows(out), _rows(dydx)
@@ -300,7 +302,7 @@ def _sum_parts(xp, parts, n, dtype):
 
 
 def layernorm_forward(x, gamma, beta, eps):
-    """-> (out, xhat, rstd) exactly as the generic path: two-pass variance, rstd (..., 1)."""
+    """-> (out, xhat, rstd) as the generic path computes them: two-pass variance, rstd (..., 1)."""
     xp = backend_of(x).xp
     D = x.shape[-1]
     out = xp.empty_like(x)
@@ -368,8 +370,9 @@ def softmax_(y, scale=None):
     Here each block of rows is shifted by the block's maximum M instead (one fast full
     reduction and a scalar subtraction, instead of a per-row reduction and a per-row
     broadcast). exp(scale (y - M)) <= 1 cannot overflow; a row whose maximum lies far below M
-    could underflow, so every row whose sum comes out below sqrt(tiny) is redone with its own
-    maximum from the kept scale (y - M).
+    could underflow, so every row whose sum comes out below sqrt(tiny) is redone from its
+    scores with its own maximum, as is a whole block whose M is not finite (a NaN or inf score:
+    then the rows come out as the generic path's do).
     """
     xp = backend_of(y).xp
     y2 = _rows(y)
@@ -377,21 +380,30 @@ def softmax_(y, scale=None):
     ones = xp.ones(n, dtype=y.dtype)
     tiny = float(xp.finfo(y.dtype).tiny) ** 0.5
 
+    def by_row(ys):  # the generic path's shift, for the rows the block shift cannot serve
+        z = ys * scale if scale is not None else ys.copy()
+        z -= z.max(axis=1, keepdims=True)
+        xp.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        return z
+
     def block(s, e):
         ys = y2[s:e]
-        z = xp.subtract(ys, ys.max())  # y - M <= 0
+        top = ys.max()
+        if not xp.isfinite(top):
+            ys[...] = by_row(ys)
+            return
+        z = xp.subtract(ys, top)  # y - M <= 0; ys keeps the scores until the end
         if scale is not None:
             z *= scale
-        xp.exp(z, out=ys)
-        total = ys @ ones  # row sums, (rows,)
+        xp.exp(z, out=z)
+        total = z @ ones  # row sums, (rows,)
         low = xp.nonzero(total < tiny)[0]
-        if low.size:  # rows far below the block maximum: shift by their own maximum
-            zl = z[low]
-            zl -= zl.max(axis=1, keepdims=True)
-            ys[low] = xp.exp(zl)
-            total[low] = ys[low] @ ones
+        if low.size:  # rows far below the block maximum: their own shift, from their scores
+            z[low] = by_row(ys[low])
+            total[low] = 1.0
         xp.divide(1.0, total, out=total)
-        ys *= total[:, None]
+        xp.multiply(z, total[:, None], out=ys)
 
     _parallel.for_each_block(block, y2.shape[0], n)
     return y

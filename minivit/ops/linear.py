@@ -53,8 +53,8 @@ def linear_backward(dout, cache, *, need_dx=True):
     """Returns (dx, dw, db); db is None when the forward had no bias.
 
     Forward was out = x w^T + b, so dx = dout w, dw = dout^T x (summed over all leading dims),
-    db = sum of dout over all leading dims. ``need_dx=False`` skips the dx product (a third
-    of the work) and returns dx = None: for a first layer whose input needs no gradient.
+    db = sum of dout over all leading dims. ``need_dx=False`` skips the dx product (one of the
+    backward's two GEMMs) and returns dx = None: for a first layer whose input needs no gradient.
     """
     x, w = cache.x, cache.w
     d_out, d_in = w.shape
