@@ -153,6 +153,23 @@ def test_softmax(threads, dtype):
     np.testing.assert_allclose(got[0].sum(-1), 1, rtol=1e-5 if dtype == np.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_gemms_on_the_pool(threads, stride):
+    _parallel.set_num_threads(threads)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((4, 8, 16, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+
+    def run():
+        out, c = ops.conv2d_forward(x, w, b, stride=stride, padding=1)
+        d = np.cos(out)  # any fixed upstream gradient of the output's shape
+        return (out,) + ops.conv2d_backward(d, c)
+
+    _close(*_both(run), np.float32)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_softmax_rows_far_below_the_block_maximum(dtype):
     # The fast path shifts each block of rows by the block's maximum; rows whose own maximum is

@@ -23,6 +23,7 @@ Derivations: docs/ops/conv2d.md, docs/ops/relu.md, docs/ops/groupnorm.md, docs/o
 
 from __future__ import annotations
 
+from . import _fast
 from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
 
 __all__ = [
@@ -92,7 +93,10 @@ def _conv_gemm(xpad, wmat, kh, kw, sh, sw, ho, wo):
     xp = array_module(xpad)
     B = xpad.shape[0]
     cols = _im2col(xpad, kh, kw, sh, sw, ho, wo)  # (M, K)
-    out = cols @ wmat.T  # (M, Cout)
+    if _fast.use_pooled_gemm(cols) and _fast.use_fast(cols, wmat):
+        out = _fast.linear_forward_pooled(cols, wmat, None)  # the same GEMM on minivit's pool
+    else:
+        out = cols @ wmat.T  # (M, Cout)
     # (B, Ho, Wo, Cout) -> (B, Cout, Ho, Wo), made contiguous: the usual NCHW strides.
     return xp.ascontiguousarray(out.reshape(B, ho, wo, -1).transpose(0, 3, 1, 2))
 
@@ -184,7 +188,13 @@ def conv2d_backward(dout, cache, *, need_dx=True):
 
     dmat = dout.transpose(0, 2, 3, 1).reshape(-1, cout)  # (M, Cout), rows ordered (b, oy, ox)
     cols = _im2col(xpad, kh, kw, sh, sw, ho, wo)  # (M, K)
-    dw = (dmat.T @ cols).reshape(cout, kh, kw, C).transpose(0, 3, 1, 2)  # (Cout, Cin, kh, kw)
+    if _fast.use_pooled_gemm(dmat) and _fast.use_fast(dmat, cols):
+        # the same GEMM on minivit's pool (ops/_fast.py): dw of a linear layer cols -> dmat
+        wmat = w.transpose(0, 2, 3, 1).reshape(cout, -1)  # (Cout, K), as in the forward
+        _, dwmat, _ = _fast.linear_backward_pooled(dmat, cols, wmat, False, False)
+    else:
+        dwmat = dmat.T @ cols  # (Cout, K)
+    dw = dwmat.reshape(cout, kh, kw, C).transpose(0, 3, 1, 2)  # (Cout, Cin, kh, kw)
     dw = xp.ascontiguousarray(dw)
     db = dmat.sum(axis=0) if cache.has_bias else None  # (Cout,)
     # At stride s the flipped-kernel form multiplies s^2 - 1 of every s^2 rows of its dilated
@@ -243,7 +253,11 @@ def _input_grad_col2im(dmat, cache):
     ph, pw = cache.padding
     ho, wo = cache.out_hw
     wmat = w.transpose(0, 2, 3, 1).reshape(cout, -1)  # (Cout, K), as in the forward
-    dcols = (dmat @ wmat).reshape(B, ho, wo, kh, kw, C)  # (B, Ho, Wo, kh, kw, Cin)
+    if _fast.use_pooled_gemm(dmat) and _fast.use_fast(dmat, wmat):
+        dcols = _fast.linear_forward_pooled(dmat, wmat.T, None)  # dmat @ wmat, on the pool
+    else:
+        dcols = dmat @ wmat
+    dcols = dcols.reshape(B, ho, wo, kh, kw, C)  # (B, Ho, Wo, kh, kw, Cin)
     dxpad = xp.zeros(xpad.shape, dtype=dmat.dtype)  # (B, Hp, Wp, Cin)
     for i in range(kh):
         for j in range(kw):
