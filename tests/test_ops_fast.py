@@ -192,10 +192,11 @@ def test_softmax_rows_far_below_the_block_maximum(dtype):
 
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_attention(threads, dtype):
+@pytest.mark.parametrize("B", [3, 1])  # a batch of one splits the heads over the threads
+def test_attention(threads, dtype, B):
     _parallel.set_num_threads(threads)
     rng = np.random.default_rng(5)
-    B, N, D, H = 3, 53, 96, 4
+    N, D, H = 53, 96, 4
     x = rng.standard_normal((B, N, D)).astype(dtype)
     w_qkv = (rng.standard_normal((3 * D, D)) * 0.2).astype(dtype)
     b_qkv = rng.standard_normal(3 * D).astype(dtype)

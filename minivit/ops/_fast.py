@@ -104,14 +104,19 @@ def batched_matmul(a, b, out=None):
         return out
     if out is None:
         out = xp.empty(a.shape[:-1] + (b.shape[-1],), dtype=a.dtype)  # same leading axes
-    n = out.shape[0]
     threads = _parallel.get_num_threads()
+    # One share of the leading axis (the batch) per thread; a batch smaller than the thread
+    # count (one image at inference) is split along the second axis (the heads) instead.
+    axis = 0 if out.shape[0] >= threads or out.ndim < 4 else 1
+    n = out.shape[axis]
     if not _ENABLED or threads <= 1 or n < 2:
         xp.matmul(a, b, out=out)  # BLAS writes straight into the view (rows are contiguous)
         return out
+    lead = (slice(None),) * axis
 
     def block(s, e):
-        xp.matmul(a[s:e], b[s:e], out=out[s:e])  # NumPy loops over the sub-stack itself
+        part = lead + (slice(s, e),)
+        xp.matmul(a[part], b[part], out=out[part])  # NumPy loops over the sub-stack itself
 
     with _parallel.blas_single_threaded():
         # One contiguous share of the stack per thread (one NumPy call each): one stack item
