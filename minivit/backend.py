@@ -187,6 +187,25 @@ def backend_of(*arrays) -> Backend:
     return get_backend(next(iter(found), "numpy"))
 
 
+def contiguous_on(name: str, *arrays) -> bool:
+    """True when every array (``None`` entries skipped) is a C-contiguous array of backend
+    ``name``: what the CPU fast paths and the fused CuPy kernels need to take over."""
+    return all(a is None or (_library_of(a) == name and a.flags.c_contiguous) for a in arrays)
+
+
+class Switch:
+    """An on/off setting of an optimised path, on unless the environment variable ``env`` is
+    "0", "false" or "no" (``MINIVIT_FAST``, ``MINIVIT_KERNELS``); ``set`` changes it."""
+
+    def __init__(self, env: str):
+        self.on = os.environ.get(env, "1").lower() not in ("0", "false", "no")
+
+    def set(self, flag: bool) -> bool:
+        """Turn the path on or off; returns the previous setting."""
+        prev, self.on = self.on, bool(flag)
+        return prev
+
+
 def array_module(*arrays) -> ModuleType:
     """The array module (``numpy`` or ``cupy``) that the arrays live in.
 

@@ -23,9 +23,7 @@ a kernel is first used, so it imports cleanly on machines without CuPy.
 
 from __future__ import annotations
 
-import os
-
-from .backend import backend_of, get_backend
+from .backend import Switch, contiguous_on, get_backend
 
 __all__ = [
     "enabled",
@@ -41,7 +39,7 @@ __all__ = [
     "adamw_update",
 ]
 
-_ENABLED = os.environ.get("MINIVIT_KERNELS", "1") not in ("0", "false", "False", "no")
+_SWITCH = Switch("MINIVIT_KERNELS")
 _CACHE: dict = {}
 
 WARP = 32
@@ -49,29 +47,21 @@ ROWS_PER_BLOCK = 8  # warps per block of 256 threads, one row per warp
 
 
 def enabled() -> bool:
-    return _ENABLED
+    return _SWITCH.on
 
 
 def set_enabled(flag: bool) -> bool:
     """Turn the fused kernels on or off; returns the previous setting."""
-    global _ENABLED
-    prev = _ENABLED
-    _ENABLED = bool(flag)
-    return prev
+    return _SWITCH.set(flag)
 
 
 def use_kernels(*arrays) -> bool:
     """True when every (non-None) array is a C-contiguous CuPy float32/float64 array."""
-    if not _ENABLED:
-        return False
-    for a in arrays:
-        if a is None:
-            continue
-        if backend_of(a).name != "cupy" or not a.flags.c_contiguous:
-            return False
-        if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
-            return False
-    return True
+    return (
+        _SWITCH.on
+        and contiguous_on("cupy", *arrays)
+        and all(a is None or (a.dtype.kind == "f" and a.dtype.itemsize in (4, 8)) for a in arrays)
+    )
 
 
 def _cp():

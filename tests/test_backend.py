@@ -309,3 +309,18 @@ def test_ruff_check_repository():
         [*cmd, "check", "--no-cache", "."], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0, f"ruff check failed:\n{res.stdout}\n{res.stderr}"
+
+
+def test_contiguous_on_and_switch(monkeypatch):
+    from minivit.backend import Switch, contiguous_on
+
+    a = np.ones((3, 4))
+    assert contiguous_on("numpy", a, None, a[1:])
+    assert not contiguous_on("numpy", a, a.T)
+    assert not contiguous_on("cupy", a)
+    for value, on in (("0", False), ("False", False), ("no", False), ("1", True), ("yes", True)):
+        monkeypatch.setenv("MINIVIT_TEST_SWITCH", value)
+        assert Switch("MINIVIT_TEST_SWITCH").on is on
+    monkeypatch.delenv("MINIVIT_TEST_SWITCH")
+    s = Switch("MINIVIT_TEST_SWITCH")
+    assert s.on and s.set(False) is True and s.on is False

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from _paths import both, close
 
 from minivit import gradcheck as gc
 from minivit import kernels_cupy, ops
@@ -37,29 +38,11 @@ def _dev(a, dtype=None):
 
 
 def _both(fn):
-    kernels_cupy.set_enabled(False)
-    ref = fn()
-    kernels_cupy.set_enabled(True)
-    got = fn()
-    return ref, got
+    return both(kernels_cupy.set_enabled, fn)
 
 
 def _close(ref, got, dtype):
-    if isinstance(ref, (tuple, list)):
-        assert len(ref) == len(got)
-        for r, g in zip(ref, got):
-            _close(r, g, dtype)
-        return
-    if ref is None:
-        assert got is None
-        return
-    r, g = BE.to_numpy(ref), BE.to_numpy(got)
-    assert r.shape == g.shape and r.dtype == g.dtype
-    scale = max(float(np.abs(r).max()), 1.0)
-    if dtype == np.float32:
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=3e-5 * scale)
-    else:
-        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-11 * scale)
+    close(ref, got, dtype, tol32=(1e-4, 3e-5), tol64=(1e-10, 1e-11), to_numpy=BE.to_numpy)
 
 
 def test_kernels_are_used_on_contiguous_cupy_arrays():

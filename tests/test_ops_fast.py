@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+from _paths import both, close
 
 from minivit import _parallel, ops
 from minivit.ops import _fast
@@ -31,30 +32,11 @@ def _restore(monkeypatch):
 
 def _both(fn):
     """fn() with the fast paths off, then on; returns (reference, fast)."""
-    _fast.set_enabled(False)
-    ref = fn()
-    _fast.set_enabled(True)
-    got = fn()
-    return ref, got
+    return both(_fast.set_enabled, fn)
 
 
 def _close(ref, got, dtype):
-    if isinstance(ref, (tuple, list)):
-        assert len(ref) == len(got)
-        for r, g in zip(ref, got):
-            _close(r, g, dtype)
-        return
-    if ref is None:
-        assert got is None
-        return
-    assert got.dtype == ref.dtype and got.shape == ref.shape
-    # Sums are taken in another order (per block), so float32 results differ by rounding that
-    # grows with the size of the terms: compare relative to the largest entry.
-    scale = max(float(np.abs(ref).max()), 1.0)
-    if dtype == np.float32:
-        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-5 * scale)
-    else:
-        np.testing.assert_allclose(got, ref, rtol=1e-11, atol=1e-12 * scale)
+    close(ref, got, dtype, tol32=(1e-4, 2e-5), tol64=(1e-11, 1e-12))
 
 
 THREADS = [1, 2]
@@ -142,7 +124,11 @@ def test_softmax(threads, dtype):
     _parallel.set_num_threads(threads)
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((2, 3, 61, 150)) * 10).astype(dtype)
-    d = rng.standard_normal(x.shape).astype(dtype)
+    _check_softmax(x, rng.standard_normal(x.shape).astype(dtype), dtype)
+
+
+def _check_softmax(x, d, dtype):
+    """softmax forward and backward, fast against generic; the fast rows sum to 1."""
 
     def run():
         y, c = ops.softmax_forward(x)
@@ -151,6 +137,7 @@ def test_softmax(threads, dtype):
     ref, got = _both(run)
     _close(ref, got, dtype)
     np.testing.assert_allclose(got[0].sum(-1), 1, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    return got
 
 
 @pytest.mark.parametrize("threads", THREADS)
@@ -178,16 +165,8 @@ def test_softmax_rows_far_below_the_block_maximum(dtype):
     x = rng.standard_normal((256, 128)).astype(dtype)
     x[1::3] -= 200.0  # exp(-200) underflows in float32 (1e-87; float64 still holds it)
     x[2::3] -= 1e4  # underflows in float64 too
-    d = rng.standard_normal(x.shape).astype(dtype)
-
-    def run():
-        y, c = ops.softmax_forward(x)
-        return y, ops.softmax_backward(d, c)[0]
-
-    ref, got = _both(run)
-    _close(ref, got, dtype)
+    got = _check_softmax(x, rng.standard_normal(x.shape).astype(dtype), dtype)
     assert np.all(np.isfinite(got[0]))
-    np.testing.assert_allclose(got[0].sum(-1), 1, rtol=1e-5 if dtype == np.float32 else 1e-12)
 
 
 @pytest.mark.parametrize("threads", THREADS)

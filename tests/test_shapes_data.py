@@ -121,6 +121,14 @@ def test_hard_negatives_change_exactly_one_attribute(data):
                         "relation": ("left", "right", "above", "below")}[kind]  # fmt: skip
 
 
+def test_itm_batch_names_the_change_of_every_hard_negative_only(data):
+    b = data.itm_batch(data.rng("train", 4), 200)
+    hard = b["kind"] == 2
+    assert hard.any() and (~hard).any()
+    assert set(b["changed"][hard]) <= {"colour", "shape", "size", "relation"}
+    assert (b["changed"][~hard] == "").all()
+
+
 def test_relation_share_sets_how_often_the_relation_is_flipped(data):
     def relation_flips(share, n=400):
         rng = data.rng("train", 3)

@@ -355,6 +355,7 @@ def test_training_loop_runs_a_few_steps(tmp_path, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0 <= metrics["itm_acc"] <= 1 and 0 <= metrics["mlm_acc"] <= 1
     assert set(metrics["itm_acc_by_change"]) <= {"colour", "shape", "size", "relation"}
+    assert metrics["itm_acc_by_change"]  # the 16 held-out pairs hold hard negatives
     assert re.search(
         r"^hard-negative itm accuracy: \d\.\d{4} \((colour|shape|size|relation) ", text, re.M
     )

@@ -17,14 +17,13 @@ environment variable ``MINIVIT_FAST=0`` turns them off (to time or test the refe
 from __future__ import annotations
 
 import math
-import os
 
 from .. import _parallel, kernels_cupy
-from ..backend import backend_of
+from ..backend import Switch, backend_of, contiguous_on
 
 __all__ = ["use_fast", "enabled", "set_enabled"]
 
-_ENABLED = os.environ.get("MINIVIT_FAST", "1") not in ("0", "false", "False", "no")
+_SWITCH = Switch("MINIVIT_FAST")
 
 # Below this many elements the generic path is as fast (no threads, few calls).
 MIN_ELEMS = 1 << 14
@@ -44,30 +43,17 @@ _SIGN_BIT = -(2**31)  # the sign bit of a float32, as an int32 mask
 
 def enabled() -> bool:
     """Whether the fast paths are on (``MINIVIT_FAST`` unset or not "0")."""
-    return _ENABLED
+    return _SWITCH.on
 
 
 def set_enabled(flag: bool) -> bool:
     """Turn the fast paths on or off; returns the previous setting (tests and benchmarks)."""
-    global _ENABLED
-    prev = _ENABLED
-    _ENABLED = bool(flag)
-    return prev
+    return _SWITCH.set(flag)
 
 
 def use_fast(*arrays, min_elems: int = MIN_ELEMS) -> bool:
     """True when every array is a C-contiguous NumPy array and the first is large enough."""
-    if not _ENABLED:
-        return False
-    first = arrays[0]
-    if first.size < min_elems:
-        return False
-    for a in arrays:
-        if a is None:
-            continue
-        if backend_of(a).name != "numpy" or not a.flags.c_contiguous:
-            return False
-    return True
+    return _SWITCH.on and arrays[0].size >= min_elems and contiguous_on("numpy", *arrays)
 
 
 def use_kernels(*arrays) -> bool:
@@ -109,7 +95,7 @@ def batched_matmul(a, b, out=None):
     # count (one image at inference) is split along the second axis (the heads) instead.
     axis = 0 if out.shape[0] >= threads or out.ndim < 4 else 1
     n = out.shape[axis]
-    if not _ENABLED or threads <= 1 or n < 2:
+    if not _SWITCH.on or threads <= 1 or n < 2:
         xp.matmul(a, b, out=out)  # BLAS writes straight into the view (rows are contiguous)
         return out
     lead = (slice(None),) * axis
@@ -145,6 +131,20 @@ def _gemm_rows(n):
 def use_pooled_gemm(a2) -> bool:
     """Whether linear's GEMMs on ``a2`` (M, K) go through :func:`linear_forward_pooled`."""
     return _parallel.get_num_threads() > 1 and use_fast(a2) and a2.shape[0] >= 128
+
+
+def matmul_nt(a2, w, b=None):
+    """a2 (M, K) @ w.T (+ b) -> (M, N), any backend: on NumPy in row blocks on the pool when
+    that pays (:func:`use_pooled_gemm`), else one GEMM with the bias added after it."""
+    if use_pooled_gemm(a2):
+        return linear_forward_pooled(a2, w, b)
+    out = a2 @ w.T
+    if b is not None:
+        if use_fast(out):
+            add_bias_(out, b)  # the same add, blocked over threads
+        else:
+            out += b
+    return out
 
 
 def linear_forward_pooled(x2, w, b):
@@ -379,6 +379,8 @@ def softmax_(y, scale=None):
     scores with its own maximum, as is a whole block whose M is not finite (a NaN or inf score:
     then the rows come out as the generic path's do).
     """
+    from .softmax import softmax  # the generic path (softmax.py imports this module)
+
     xp = backend_of(y).xp
     y2 = _rows(y)
     n = y2.shape[1]
@@ -386,11 +388,7 @@ def softmax_(y, scale=None):
     tiny = float(xp.finfo(y.dtype).tiny) ** 0.5
 
     def by_row(ys):  # the generic path's shift, for the rows the block shift cannot serve
-        z = ys * scale if scale is not None else ys.copy()
-        z -= z.max(axis=1, keepdims=True)
-        xp.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        return z
+        return softmax(ys * scale if scale is not None else ys)
 
     def block(s, e):
         ys = y2[s:e]

@@ -93,10 +93,7 @@ def _conv_gemm(xpad, wmat, kh, kw, sh, sw, ho, wo):
     xp = array_module(xpad)
     B = xpad.shape[0]
     cols = _im2col(xpad, kh, kw, sh, sw, ho, wo)  # (M, K)
-    if _fast.use_pooled_gemm(cols) and _fast.use_fast(cols, wmat):
-        out = _fast.linear_forward_pooled(cols, wmat, None)  # the same GEMM on minivit's pool
-    else:
-        out = cols @ wmat.T  # (M, Cout)
+    out = _fast.matmul_nt(cols, wmat)  # cols @ wmat.T, (M, Cout); on the pool when it pays
     # (B, Ho, Wo, Cout) -> (B, Cout, Ho, Wo), made contiguous: the usual NCHW strides.
     return xp.ascontiguousarray(out.reshape(B, ho, wo, -1).transpose(0, 3, 1, 2))
 
@@ -188,9 +185,9 @@ def conv2d_backward(dout, cache, *, need_dx=True):
 
     dmat = dout.transpose(0, 2, 3, 1).reshape(-1, cout)  # (M, Cout), rows ordered (b, oy, ox)
     cols = _im2col(xpad, kh, kw, sh, sw, ho, wo)  # (M, K)
+    wmat = w.transpose(0, 2, 3, 1).reshape(cout, -1)  # (Cout, K), as in the forward
     if _fast.use_pooled_gemm(dmat) and _fast.use_fast(dmat, cols):
         # the same GEMM on minivit's pool (ops/_fast.py): dw of a linear layer cols -> dmat
-        wmat = w.transpose(0, 2, 3, 1).reshape(cout, -1)  # (Cout, K), as in the forward
         _, dwmat, _ = _fast.linear_backward_pooled(dmat, cols, wmat, False, False)
     else:
         dwmat = dmat.T @ cols  # (Cout, K)
@@ -205,7 +202,7 @@ def conv2d_backward(dout, cache, *, need_dx=True):
     elif (sh, sw) == (1, 1):
         dx = _input_grad_flipped_conv(dout, cache)
     else:
-        dx = _input_grad_col2im(dmat, cache)
+        dx = _input_grad_col2im(dmat, wmat, cache)
     return dx, dw, db
 
 
@@ -240,23 +237,19 @@ def _input_grad_flipped_conv(dout, cache):
     return dx
 
 
-def _input_grad_col2im(dmat, cache):
-    """dx as col2im(dmat W): every kernel offset (i, j) adds its column block back into the
-    input positions it was copied from, one whole-batch strided add per offset (kh kw adds, no
-    loop over pixels). Overlapping windows add up, as the adjoint of a copy must. Correct for
-    any stride (the tests run it on all)."""
+def _input_grad_col2im(dmat, wmat, cache):
+    """dx as col2im(dmat wmat), wmat (Cout, K) the forward's weight matrix: every kernel
+    offset (i, j) adds its column block back into the input positions it was copied from, one
+    whole-batch strided add per offset (kh kw adds, no loop over pixels). Overlapping windows
+    add up, as the adjoint of a copy must. Correct for any stride (the tests run it on all)."""
     xpad, w = cache.xpad, cache.w
     xp = array_module(xpad)
     B, C, H, W = cache.x_shape
-    cout, _, kh, kw = w.shape
+    _, _, kh, kw = w.shape
     sh, sw = cache.stride
     ph, pw = cache.padding
     ho, wo = cache.out_hw
-    wmat = w.transpose(0, 2, 3, 1).reshape(cout, -1)  # (Cout, K), as in the forward
-    if _fast.use_pooled_gemm(dmat) and _fast.use_fast(dmat, wmat):
-        dcols = _fast.linear_forward_pooled(dmat, wmat.T, None)  # dmat @ wmat, on the pool
-    else:
-        dcols = dmat @ wmat
+    dcols = _fast.matmul_nt(dmat, wmat.T)  # dmat @ wmat, on the pool when it pays
     dcols = dcols.reshape(B, ho, wo, kh, kw, C)  # (B, Ho, Wo, kh, kw, Cin)
     dxpad = xp.zeros(xpad.shape, dtype=dmat.dtype)  # (B, Hp, Wp, Cin)
     for i in range(kh):

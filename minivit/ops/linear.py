@@ -35,16 +35,7 @@ def linear_forward(x, w, b=None):
 
     # One GEMM over all leading dims: (M, Din) @ (Din, Dout), M = prod(leading dims).
     x2 = x.reshape(-1, d_in)  # (M, Din)
-    if _fast.use_pooled_gemm(x2) and w.flags.c_contiguous:
-        # the same GEMM in row blocks on minivit's pool, bias added per block (ops/_fast.py)
-        out = _fast.linear_forward_pooled(x2, w, b)
-        return out.reshape(*x.shape[:-1], d_out), Cache(x=x, w=w, has_bias=b is not None)
-    out = x2 @ w.T  # (M, Dout)
-    if b is not None:
-        if _fast.use_fast(out):
-            _fast.add_bias_(out, b)  # the same add, blocked over threads
-        else:
-            out += b
+    out = _fast.matmul_nt(x2, w, b)  # x2 @ w.T + b, (M, Dout); on minivit's pool when it pays
     out = out.reshape(*x.shape[:-1], d_out)  # (..., Dout)
     return out, Cache(x=x, w=w, has_bias=b is not None)
 
