@@ -490,6 +490,7 @@ def environment_info(cfg: BenchConfig) -> dict:
                 "OPENBLAS_THREAD_TIMEOUT",
                 "MINIVIT_NUM_THREADS",
                 "MINIVIT_FAST",
+                "MINIVIT_SHARD",
                 "OPENBLAS_NUM_THREADS",
                 "OMP_NUM_THREADS",
                 "MKL_NUM_THREADS",
@@ -507,8 +508,10 @@ def environment_info(cfg: BenchConfig) -> dict:
     except ImportError:
         info["threadpools"] = "threadpoolctl not installed"
     from minivit import _parallel
+    from minivit.models import sharding
 
     info["minivit_threads"] = _parallel.get_num_threads()
+    info["minivit_batch_shards"] = sharding.enabled()
     torch = _import_torch() if cfg.torch else None
     if torch is not None:
         info["torch"] = torch.__version__

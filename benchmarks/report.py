@@ -142,8 +142,10 @@ def environment_lines(env: dict) -> list[str]:
         )
         lines.append(f"- BLAS: {desc}")
     lines.append(
-        f"- threads: torch {env.get('torch_threads', '-')}, minivit elementwise pool "
-        f"{env.get('minivit_threads', '-')}; cores {env.get('cpu_count')}"
+        f"- threads: torch {env.get('torch_threads', '-')}, minivit pool "
+        f"{env.get('minivit_threads', '-')} (batch shards "
+        f"{ {True: 'on', False: 'off'}.get(env.get('minivit_batch_shards'), '-') }); "
+        f"cores {env.get('cpu_count')}"
     )
     blas_env = {k: v for k, v in (env.get("env") or {}).items() if v is not None}
     lines.append(f"- environment: {blas_env or 'no OPENBLAS_/OMP_ variables set'}")

@@ -5,8 +5,9 @@ large elementwise computation into row blocks and running the blocks on a few th
 uses every core, and working block by block keeps the temporaries of a chain of ufuncs in the
 cache instead of streaming whole arrays through memory once per ufunc.
 
-Only the NumPy fast paths in ``minivit.ops`` use this; CuPy work is already parallel on the
-device. The generic ``xp`` code in each op stays the reference that these fast paths are
+The NumPy fast paths in ``minivit.ops`` use it op by op, and ``minivit.models.sharding`` runs
+whole batch shards of a model's forward and backward on it (:func:`run_tasks`; the ops inside a
+shard then run inline). CuPy work is already parallel on the device. The generic ``xp`` code in each op stays the reference that these fast paths are
 tested against.
 
 The thread count is ``MINIVIT_NUM_THREADS`` when set, else the number of cores this process may
@@ -37,6 +38,9 @@ __all__ = [
     "for_each_block",
     "blas_single_threaded",
     "pool_only",
+    "run_tasks",
+    "in_block",
+    "available_threads",
     "BLOCK_ELEMS",
 ]
 
@@ -66,6 +70,23 @@ def _default_threads() -> int:
 
 _lock = threading.Lock()
 _num_threads = _default_threads()
+# Set while a thread runs a block (the caller's and the workers'): work started inside a block
+# runs inline, since every thread of the pool is already busy with a block of its own.
+_local = threading.local()
+
+
+def in_block() -> bool:
+    """True while this thread runs a block of :func:`for_each_block` (or a task of
+    :func:`run_tasks`): nested parallel work then runs inline."""
+    return getattr(_local, "in_block", False)
+
+
+def available_threads() -> int:
+    """The threads a call made here may split its work over: the pool's thread count, or 1
+    inside a block (where any split would run inline, one piece after the other)."""
+    return 1 if in_block() else _num_threads
+
+
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -107,7 +128,8 @@ def for_each_block(
     running alone: the calling thread simply takes the blocks it has not started. ``fn`` must
     only write rows ``start:stop`` of its outputs, so the calls never overlap. The first
     exception raised by a block is raised here, after every started block has finished.
-    Below ``min_elems`` elements in all (default ``MIN_PARALLEL_ELEMS``) it runs inline.
+    Below ``min_elems`` elements in all (default ``MIN_PARALLEL_ELEMS``) it runs inline, and so
+    does a call made from inside a block (the pool is busy; see :func:`run_tasks`).
     """
     if n_rows <= 0:
         return
@@ -119,7 +141,7 @@ def for_each_block(
     n_threads = min(_num_threads, n_blocks)
     if min_elems is None:
         min_elems = MIN_PARALLEL_ELEMS
-    if n_threads <= 1 or n_rows * row_elems < min_elems:
+    if n_threads <= 1 or n_rows * row_elems < min_elems or in_block():
         for s in starts:
             fn(s, min(s + rows_per_block, n_rows))
         return
@@ -135,10 +157,13 @@ def for_each_block(
             if i >= n_blocks:
                 return
             s = starts[i]
+            _local.in_block = True
             try:
                 fn(s, min(s + rows_per_block, n_rows))
             except BaseException as exc:  # kept, raised by the caller
                 state["error"] = state["error"] or exc
+            finally:
+                _local.in_block = False
             with lock:
                 state["done"] += 1
                 if state["done"] == n_blocks:
@@ -151,6 +176,19 @@ def for_each_block(
     finished.wait()  # only the blocks a worker has started remain; they are short
     if state["error"] is not None:
         raise state["error"]
+
+
+def run_tasks(tasks) -> None:
+    """Run the callables ``tasks`` (no arguments) concurrently on the pool and the calling
+    thread; returns when all have finished, raising the first exception one raised.
+
+    Each task runs as one block of :func:`for_each_block`, so the parallel work it starts runs
+    inline on its own thread: this is for coarse, independent pieces of work (the batch shards
+    of a model's forward and backward, see ``minivit.models.sharding``). With one thread, or
+    from inside a block, the tasks run one after the other on the calling thread.
+    """
+    tasks = list(tasks)
+    for_each_block(lambda i, _: tasks[i](), len(tasks), 1, block_elems=1, min_elems=0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ def attention_maps(model, images):
     a list of depth arrays (B, H, T, T), T = 1 + number of patches."""
     be = model.backend
     model.forward(be.asarray(images, dtype=model.dtype), train=False)
-    return [be.to_numpy(c.attn) for c in model._cache.encoder.blocks]
+    return [be.to_numpy(a) for a in model.cached_attention()]
 
 
 def attention_rollout(attns, head_fusion="mean"):

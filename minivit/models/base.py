@@ -88,6 +88,14 @@ class Model:
     def num_params(self):
         return sum(int(v.size) for v in self.params.values())
 
+    def is_stochastic(self) -> bool:
+        """Whether the training forward draws random numbers (a dropout or stochastic-depth rate
+        above 0); such a forward is never cut into batch shards (``models/sharding.py``)."""
+        return any(
+            float(self.config.get(k, 0.0) or 0.0) > 0.0
+            for k in ("drop_rate", "drop_path_rate", "attn_drop_rate")
+        )
+
     # ------------------------------------------------------------------------------------------
 
     def __call__(self, *args, **kwargs):

@@ -19,7 +19,6 @@ patch embedding is the one stage a subclass replaces (``_embed_param_shapes``,
 from __future__ import annotations
 
 from .. import ops
-from .._parallel import pool_only
 from ..backend import backend_of, get_backend
 from ..blocks import (
     block_param_shapes,
@@ -30,6 +29,7 @@ from ..blocks import (
 )
 from .base import Model
 from .registry import register_config
+from .sharding import ShardedRun, join, sharded_backward, sharded_forward
 
 __all__ = ["ViT"]
 
@@ -213,7 +213,7 @@ class ViT(Model):
         )
         return dimages  # (B, C, S, S)
 
-    @pool_only()
+    @sharded_forward(batched=("images",), check="_check_images")
     def forward_features(self, images, train=False):
         """images (B, C, S, S) -> final-norm tokens (B, T, D). Keeps the cache for backward."""
         self._check_images(images)
@@ -246,7 +246,7 @@ class ViT(Model):
         self._cache = c
         return x  # (B, T, D)
 
-    @pool_only()
+    @sharded_forward(batched=("images",), check="_check_images")
     def forward(self, images, train=False):
         """images (B, C, S, S) -> logits (B, K) (pooled features (B, D) when num_classes=0)."""
         x = self.forward_features(images, train)
@@ -268,7 +268,19 @@ class ViT(Model):
         )
         return logits  # (B, K)
 
-    @pool_only()
+    def cached_attention(self):
+        """Each block's attention probabilities from the last forward, first block first: a
+        list of ``depth`` arrays (B, H, T, T), T = 1 + number of patches."""
+        c = self._cache
+        if c is None:
+            raise RuntimeError("no forward has run yet: run forward(images) first")
+        caches = [sh._cache for sh in c.shards] if isinstance(c, ShardedRun) else [c]
+        return [
+            join(self.backend.xp, [cc.encoder.blocks[i].attn for cc in caches])
+            for i in range(self.depth)
+        ]
+
+    @sharded_backward
     def backward(self, dlogits, *, input_grad=True):
         """dlogits (B, K) -> dimages (B, C, S, S). Overwrites ``grads`` with every parameter's.
 

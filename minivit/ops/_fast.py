@@ -90,7 +90,7 @@ def batched_matmul(a, b, out=None):
         return out
     if out is None:
         out = xp.empty(a.shape[:-1] + (b.shape[-1],), dtype=a.dtype)  # same leading axes
-    threads = _parallel.get_num_threads()
+    threads = _parallel.available_threads()
     # One share of the leading axis (the batch) per thread; a batch smaller than the thread
     # count (one image at inference) is split along the second axis (the heads) instead.
     axis = 0 if out.shape[0] >= threads or out.ndim < 4 else 1
@@ -130,7 +130,7 @@ def _gemm_rows(n):
 
 def use_pooled_gemm(a2) -> bool:
     """Whether linear's GEMMs on ``a2`` (M, K) go through :func:`linear_forward_pooled`."""
-    return _parallel.get_num_threads() > 1 and use_fast(a2) and a2.shape[0] >= 128
+    return _parallel.available_threads() > 1 and use_fast(a2) and a2.shape[0] >= 128
 
 
 def matmul_nt(a2, w, b=None):

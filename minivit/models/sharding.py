@@ -1,0 +1,221 @@
+"""Batch shards: a model's forward and backward on the CPU as independent pieces of the batch.
+
+Nothing in a ViT couples the samples of a batch: every token of image i is computed from image i
+alone, in the forward and in the backward. Only the parameter gradients are sums over the
+batch. So with T threads a batch can be cut into T shards of consecutive samples, each shard
+run through the plain, single-threaded forward and backward on its own thread, and the
+parameter gradients of the shards added up at the end. That is data parallelism with the
+threads of one process, and on NumPy it is the fastest way found here to use a few cores:
+
+- one hand-over to the pool per forward and per backward, instead of one per op (about 200
+  for a ViT-Ti step, each costing a worker wake-up and a wait for the slower thread);
+- everything runs on both cores, including the small serial glue between the ops;
+- each thread works on a few images, whose activations stay in its own cache.
+
+Measured on 2 cores (benchmarks/README.md): the ViT-Ti/16 batch-8 train step took 465-500 ms
+with the per-op pool and 420-450 ms with shards, in the same hour; each shard's thread is busy
+about 95% of the step.
+
+The outputs are the same as without shards, and so are the gradients except for rounding (the
+batch sum is taken per shard, then over the shards). Shards are used only when that holds and
+pays: on NumPy, with more than one pool thread (``MINIVIT_NUM_THREADS``), at least two samples,
+not inside another parallel block, and not when the forward draws random numbers (dropout or
+stochastic depth in training: each shard would need its own stream, which would make the result
+depend on the thread count). ``MINIVIT_SHARD=0`` turns them off.
+
+How: a shard is a shallow copy of the model (``copy.copy``) that shares the parameter arrays
+and keeps its own cache and gradients. After a sharded forward the model's ``_cache`` is a
+:class:`ShardedRun`; ``backward`` sees it and runs the shards' backward the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+from .. import _parallel
+from ..backend import Switch
+
+__all__ = ["ShardedRun", "shard_bounds", "sharded_forward", "sharded_backward", "enabled"]
+
+_SWITCH = Switch("MINIVIT_SHARD")
+
+
+def enabled() -> bool:
+    """Whether batch shards may be used (``MINIVIT_SHARD`` unset or not "0")."""
+    return _SWITCH.on
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn batch shards on or off; returns the previous setting (tests and benchmarks)."""
+    return _SWITCH.set(flag)
+
+
+class ShardedRun:
+    """The cache of a sharded forward: the shard models (each holding its own cache) and the
+    sample ranges ``bounds`` [(start, stop), ...] they ran on."""
+
+    def __init__(self, shards, bounds):
+        self.shards = shards
+        self.bounds = bounds
+
+
+def shard_bounds(model, batch_size: int, train: bool):
+    """[(start, stop), ...] cutting the batch into one shard per pool thread, or None when the
+    forward should run whole (see the module docstring for the rules)."""
+    n = min(_parallel.get_num_threads(), batch_size)
+    if (
+        n < 2
+        or not _SWITCH.on
+        or model.backend.name != "numpy"
+        or _parallel.in_block()
+        or (train and model.is_stochastic())
+    ):
+        return None
+    cuts = [batch_size * i // n for i in range(n + 1)]  # near-equal, consecutive
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def take(value, s, e):
+    """The samples s:e of a batched value: an array (first axis), or a dict / list / tuple of
+    them; None and non-arrays pass through."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: take(v, s, e) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(take(v, s, e) for v in value)
+    if getattr(value, "ndim", 0) >= 1:
+        return value[s:e]
+    return value
+
+
+def join(xp, parts):
+    """The inverse of :func:`take`: the shards' outputs joined along the batch axis."""
+    first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, dict):
+        return {k: join(xp, [p[k] for p in parts]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(join(xp, list(col)) for col in zip(*parts))
+    if getattr(first, "ndim", 0) >= 1:
+        return xp.concatenate(parts, axis=0)
+    return first
+
+
+def _run(calls):
+    """Run the calls (no arguments) with :func:`minivit._parallel.run_tasks`, BLAS on one
+    thread per task; returns their results in order."""
+    results = [None] * len(calls)
+
+    def task(i):
+        def run():
+            results[i] = calls[i]()
+
+        return run
+
+    with _parallel.blas_single_threaded():
+        _parallel.run_tasks(task(i) for i in range(len(calls)))
+    return results
+
+
+def sharded_forward(batched, check=None):
+    """Decorator of a model's forward: ``batched`` names the arguments that carry the batch
+    (their first axis); all other arguments go to every shard unchanged. ``check`` names a
+    method that validates the first batched argument before it is cut (so that an error names
+    the shape the caller passed, not a shard's).
+
+    The decorated method runs whole when :func:`shard_bounds` says so (as before: inside
+    :func:`minivit._parallel.pool_only`), else once per shard on a shallow copy of the model,
+    and returns the shards' outputs joined along the batch axis.
+    """
+
+    def decorate(method):
+        import inspect
+
+        names = list(inspect.signature(method).parameters)[1:]  # without self
+        whole = _parallel.pool_only()(method)
+
+        @functools.wraps(method)
+        def forward(self, *args, **kwargs):
+            bound = dict(zip(names, args), **kwargs)
+            first = bound[batched[0]]
+            if check is not None:
+                getattr(self, check)(first)
+            bounds = shard_bounds(self, first.shape[0], bool(bound.get("train", False)))
+            if bounds is None:
+                return whole(self, *args, **kwargs)
+            self._cache = None  # the shards must not carry the last run's caches along
+            shards = []
+            for _ in bounds:
+                shard = copy.copy(self)
+                shard.grads = {}
+                shards.append(shard)
+
+            def call(shard, s, e):
+                part = {k: take(v, s, e) if k in batched else v for k, v in bound.items()}
+                return lambda: method(shard, **part)
+
+            outs = _run([call(sh, s, e) for sh, (s, e) in zip(shards, bounds)])
+            self._cache = ShardedRun(shards, bounds)
+            return join(self.backend.xp, outs)
+
+        return forward
+
+    return decorate
+
+
+def sharded_backward(method):
+    """Decorator of a model's backward(grad, **options): after a sharded forward, each shard
+    runs its own backward on its samples of ``grad`` (an array or a dict of arrays), the
+    parameter gradients are summed over the shards into ``self.grads`` and the input gradients
+    (if any) are joined along the batch axis. After a whole forward it runs whole."""
+    whole = _parallel.pool_only()(method)
+
+    @functools.wraps(method)
+    def backward(self, grad, **options):
+        run = self._cache
+        if not isinstance(run, ShardedRun):
+            return whole(self, grad, **options)
+        outs = _run(
+            [
+                (lambda sh=sh, s=s, e=e: method(sh, take(grad, s, e), **options))
+                for sh, (s, e) in zip(run.shards, run.bounds)
+            ]
+        )
+        self.grads = sum_grads([sh.grads for sh in run.shards], list(self.params))
+        return join(self.backend.xp, outs)
+
+    return backward
+
+
+def sum_grads(parts, keys):
+    """{key: sum of the parts' arrays}, in ``keys`` order, added in place into the first part's
+    arrays (the shards' own gradients, which nothing else holds). The keys are split over the
+    pool's threads in groups of about equal size (one pass over each array)."""
+    first = parts[0]
+    seen = set()
+    for k in keys:  # an array shared by two keys, or read-only, is copied before adding into
+        a = first[k]
+        if id(a) in seen or not a.flags.writeable:
+            first[k] = a = a.copy()
+        seen.add(id(a))
+    n = max(min(_parallel.get_num_threads(), len(keys)), 1)
+    groups = [[] for _ in range(n)]
+    sizes = [0] * n
+    for k in sorted(keys, key=lambda k: -parts[0][k].size):  # largest first, to the lightest
+        i = sizes.index(min(sizes))
+        groups[i].append(k)
+        sizes[i] += parts[0][k].size
+
+    def add(group):
+        def run():
+            for k in group:
+                for p in parts[1:]:
+                    parts[0][k] += p[k]
+
+        return run
+
+    _parallel.run_tasks(add(g) for g in groups)
+    return {k: parts[0][k] for k in keys}

@@ -1,0 +1,144 @@
+"""Batch shards (minivit/models/sharding.py): a model's forward and backward cut into pieces of
+the batch on the pool's threads must give what the whole batch gives.
+
+Each check runs the same model on the same inputs with shards off (the whole batch, itself
+checked elsewhere against float64 differences and transformers) and on, with 2 and 3 threads,
+and asserts that shards really ran. NumPy only: shards are a CPU feature. Budget: a few seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minivit import _parallel, viz
+from minivit.models import ViT, sharding
+from minivit.models.hybrid import HybridViT
+from minivit.models.sharding import ShardedRun, shard_bounds, sum_grads
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    prev_on, prev_threads = sharding.enabled(), _parallel.get_num_threads()
+    yield
+    sharding.set_enabled(prev_on)
+    _parallel.set_num_threads(prev_threads)
+
+
+def _vit(**kw):
+    cfg = dict(img_size=8, patch_size=4, in_chans=3, num_classes=5, embed_dim=16, depth=2,
+               num_heads=2, dtype="float64", seed=0)  # fmt: skip
+    cfg.update(kw)
+    return ViT(**cfg)
+
+
+def _close(a, b, what=""):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=what)
+
+
+def _images(b, size=8, seed=1):
+    return np.random.default_rng(seed).standard_normal((b, 3, size, size))
+
+
+def _run(model, images, shards, threads, train=True):
+    """forward + backward of sum(logits * r); -> (logits, dimages, grads, cache)."""
+    sharding.set_enabled(shards)
+    _parallel.set_num_threads(threads)
+    out = model.forward(images, train=train)
+    r = np.random.default_rng(2).standard_normal(out.shape)
+    dimages = model.backward(r)
+    return out, dimages, dict(model.grads), model._cache
+
+
+@pytest.mark.parametrize("threads, batch", [(2, 5), (3, 7), (2, 2)])
+def test_vit_shards_match_whole_batch(threads, batch):
+    m, x = _vit(), _images(batch)
+    ref_out, ref_dx, ref_g, ref_c = _run(m, x, False, threads)
+    out, dx, g, c = _run(m, x, True, threads)
+    assert not isinstance(ref_c, ShardedRun)
+    assert isinstance(c, ShardedRun) and len(c.shards) == min(threads, batch)
+    # per-sample work, equal to rounding (a shard's smaller arrays may take another code path:
+    # the fast paths are chosen by size)
+    _close(out, ref_out)
+    _close(dx, ref_dx)
+    assert list(g) == list(ref_g) == list(m.params)
+    for k in g:  # batch sums, added per shard: equal to rounding
+        _close(g[k], ref_g[k], k)
+
+
+def test_hybrid_shards_match_whole_batch():
+    m = HybridViT(img_size=16, in_chans=3, num_classes=4, stem_chs=8, stages=((16, 1, 2),),
+                  gn_groups=4, embed_dim=16, depth=1, num_heads=2, dtype="float64")  # fmt: skip
+    x = _images(4, size=16)
+    ref_out, ref_dx, ref_g, _ = _run(m, x, False, 2)
+    out, dx, g, c = _run(m, x, True, 2)
+    assert isinstance(c, ShardedRun)
+    _close(out, ref_out)
+    _close(dx, ref_dx)
+    for k in g:
+        _close(g[k], ref_g[k], k)
+
+
+def test_forward_features_and_attention_join_the_shards():
+    m, x = _vit(), _images(4)
+    sharding.set_enabled(False)
+    ref_feats = m.forward_features(x)
+    ref_attn = m.cached_attention()
+    sharding.set_enabled(True)
+    _parallel.set_num_threads(2)
+    feats = m.forward_features(x)
+    assert isinstance(m._cache, ShardedRun)
+    _close(feats, ref_feats)
+    for a, b in zip(m.cached_attention(), ref_attn):
+        assert a.shape == (4, 2, 5, 5)
+        _close(a, b)
+    assert np.asarray(viz.attention_maps(m, x)).shape == (2, 4, 2, 5, 5)
+
+
+def test_no_shards_when_they_would_change_the_result_or_cannot_pay():
+    _parallel.set_num_threads(2)
+    sharding.set_enabled(True)
+    drop = _vit(drop_rate=0.1)
+    assert shard_bounds(drop, 4, train=True) is None  # dropout draws: one stream, whole batch
+    assert shard_bounds(drop, 4, train=False) == [(0, 2), (2, 4)]  # eval draws nothing
+    assert drop.forward(_images(4), train=True) is not None
+    assert not isinstance(drop._cache, ShardedRun)
+    m = _vit()
+    assert shard_bounds(m, 1, train=True) is None  # one sample
+    assert shard_bounds(m, 3, train=True) == [(0, 1), (1, 3)]
+    _parallel.set_num_threads(1)
+    assert shard_bounds(m, 8, train=True) is None  # one thread
+    _parallel.set_num_threads(2)
+    sharding.set_enabled(False)
+    assert shard_bounds(m, 8, train=True) is None  # MINIVIT_SHARD=0
+
+
+def test_input_errors_name_the_callers_shape():
+    _parallel.set_num_threads(2)
+    with pytest.raises(ValueError, match=r"got \(4, 3, 4, 4\)"):
+        _vit().forward(np.zeros((4, 3, 4, 4)))
+
+
+def test_an_error_in_a_shard_reaches_the_caller(monkeypatch):
+    _parallel.set_num_threads(2)
+    m, x = _vit(), _images(4)
+    m.forward(x)
+
+    def broken(*a, **k):
+        raise FloatingPointError("shard failed")
+
+    monkeypatch.setattr("minivit.models.vit.encoder_backward", broken)
+    with pytest.raises(FloatingPointError, match="shard failed"):
+        m.backward(np.ones((4, 5)))
+
+
+def test_sum_grads_copes_with_shared_and_read_only_arrays():
+    shared = np.ones(3)
+    ro = np.full(2, 2.0)
+    ro.flags.writeable = False
+    parts = [{"a": shared, "b": shared, "c": ro}, {"a": np.ones(3), "b": np.ones(3), "c": ro}]
+    total = sum_grads(parts, ["a", "b", "c"])
+    np.testing.assert_array_equal(total["a"], 2.0)
+    np.testing.assert_array_equal(total["b"], 2.0)
+    np.testing.assert_array_equal(total["c"], 4.0)
+    np.testing.assert_array_equal(shared, 2.0)  # one key's sum never lands in the other's
