@@ -7,8 +7,8 @@ cache instead of streaming whole arrays through memory once per ufunc.
 
 The NumPy fast paths in ``minivit.ops`` use it op by op, and ``minivit.models.sharding`` runs
 whole batch shards of a model's forward and backward on it (:func:`run_tasks`; the ops inside a
-shard then run inline). CuPy work is already parallel on the device. The generic ``xp`` code in each op stays the reference that these fast paths are
-tested against.
+shard then run inline). CuPy work is already parallel on the device. The generic ``xp`` code
+in each op stays the reference that these fast paths are tested against.
 
 The thread count is ``MINIVIT_NUM_THREADS`` when set, else the number of cores this process may
 use; :func:`set_num_threads` changes it (the benchmarks record it). One thread means "run inline".

@@ -99,18 +99,60 @@ def test_no_shards_when_they_would_change_the_result_or_cannot_pay():
     _parallel.set_num_threads(2)
     sharding.set_enabled(True)
     drop = _vit(drop_rate=0.1)
-    assert shard_bounds(drop, 4, train=True) is None  # dropout draws: one stream, whole batch
-    assert shard_bounds(drop, 4, train=False) == [(0, 2), (2, 4)]  # eval draws nothing
-    assert drop.forward(_images(4), train=True) is not None
+    assert drop.forward_draws_random({"images": None, "train": True})  # dropout in training
+    assert not drop.forward_draws_random({"images": None, "train": False})  # eval draws nothing
+    drop.forward(_images(4), train=True)
     assert not isinstance(drop._cache, ShardedRun)
+    drop.forward(_images(4), train=False)
+    assert isinstance(drop._cache, ShardedRun)
     m = _vit()
-    assert shard_bounds(m, 1, train=True) is None  # one sample
-    assert shard_bounds(m, 3, train=True) == [(0, 1), (1, 3)]
+    assert shard_bounds(m, 1, False) is None  # one sample
+    assert shard_bounds(m, 3, False) == [(0, 1), (1, 3)]
+    assert shard_bounds(m, 4, True) is None  # random draws: one stream, the whole batch
     _parallel.set_num_threads(1)
-    assert shard_bounds(m, 8, train=True) is None  # one thread
+    assert shard_bounds(m, 8, False) is None  # one thread
     _parallel.set_num_threads(2)
     sharding.set_enabled(False)
-    assert shard_bounds(m, 8, train=True) is None  # MINIVIT_SHARD=0
+    assert shard_bounds(m, 8, False) is None  # MINIVIT_SHARD=0
+
+
+def _vilt_run(model, shards):
+    from test_vilt import batch
+
+    be = model.backend
+    ids, tmask, images = batch(be, B=5)
+    pix = np.ones((5, 16, 16), bool)
+    pix[1, :, 8:] = False  # a narrower image: its own position-embedding resampling
+    sharding.set_enabled(shards)
+    out = model.forward(ids, tmask, images, be.asarray(pix))
+    r = np.random.default_rng(3)
+    grads = {k: r.standard_normal(out[k].shape) for k in ("text_feats", "image_feats", "pooled")}
+    dimages = model.backward(grads)
+    return out, dimages, dict(model.grads), model._cache
+
+
+def test_vilt_shards_match_whole_batch():
+    from test_vilt import tiny
+
+    from minivit.backend import get_backend
+
+    _parallel.set_num_threads(2)
+    m = tiny(get_backend("numpy"))
+    ref_out, ref_dx, ref_g, ref_c = _vilt_run(m, False)
+    out, dx, g, c = _vilt_run(m, True)
+    assert not isinstance(ref_c, ShardedRun) and isinstance(c, ShardedRun)
+    for k in ("text_feats", "image_feats", "pooled", "text_mask", "image_mask", "patch_index"):
+        _close(out[k], ref_out[k], k)
+    assert len(out["attn"]) == len(ref_out["attn"]) == 2
+    for a, b in zip(out["attn"], ref_out["attn"]):
+        _close(a, b)
+    _close(dx, ref_dx)
+    assert list(g) == list(ref_g)
+    for k in g:
+        _close(g[k], ref_g[k], k)
+    # patch sampling draws from the model's generator: never sharded
+    assert m.forward_draws_random({"max_image_len": 2})
+    assert not m.forward_draws_random({"max_image_len": None})
 
 
 def test_input_errors_name_the_callers_shape():

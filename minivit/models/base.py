@@ -88,10 +88,11 @@ class Model:
     def num_params(self):
         return sum(int(v.size) for v in self.params.values())
 
-    def is_stochastic(self) -> bool:
-        """Whether the training forward draws random numbers (a dropout or stochastic-depth rate
-        above 0); such a forward is never cut into batch shards (``models/sharding.py``)."""
-        return any(
+    def forward_draws_random(self, inputs) -> bool:
+        """Whether a forward with these arguments (by name) draws random numbers: here, in
+        training with a dropout or stochastic-depth rate above 0. Such a forward is never cut
+        into batch shards (``models/sharding.py``); a model with other randomness says so."""
+        return bool(inputs.get("train")) and any(
             float(self.config.get(k, 0.0) or 0.0) > 0.0
             for k in ("drop_rate", "drop_path_rate", "attn_drop_rate")
         )

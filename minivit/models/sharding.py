@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 
 from .. import _parallel
 from ..backend import Switch
@@ -60,16 +61,17 @@ class ShardedRun:
         self.bounds = bounds
 
 
-def shard_bounds(model, batch_size: int, train: bool):
+def shard_bounds(model, batch_size: int, draws_random: bool):
     """[(start, stop), ...] cutting the batch into one shard per pool thread, or None when the
-    forward should run whole (see the module docstring for the rules)."""
+    forward should run whole (see the module docstring for the rules). ``draws_random``: the
+    forward about to run draws random numbers (``Model.forward_draws_random``)."""
     n = min(_parallel.get_num_threads(), batch_size)
     if (
         n < 2
+        or draws_random
         or not _SWITCH.on
         or model.backend.name != "numpy"
         or _parallel.in_block()
-        or (train and model.is_stochastic())
     ):
         return None
     cuts = [batch_size * i // n for i in range(n + 1)]  # near-equal, consecutive
@@ -122,9 +124,9 @@ def _run(calls):
 
 def sharded_forward(batched, check=None):
     """Decorator of a model's forward: ``batched`` names the arguments that carry the batch
-    (their first axis); all other arguments go to every shard unchanged. ``check`` names a
-    method that validates the first batched argument before it is cut (so that an error names
-    the shape the caller passed, not a shard's).
+    (their first axis); all other arguments go to every shard unchanged. ``check(model, args)``
+    (``args``: every argument by name) validates the inputs before they are cut, so that an
+    error names the shapes the caller passed, not a shard's.
 
     The decorated method runs whole when :func:`shard_bounds` says so (as before: inside
     :func:`minivit._parallel.pool_only`), else once per shard on a shallow copy of the model,
@@ -132,18 +134,19 @@ def sharded_forward(batched, check=None):
     """
 
     def decorate(method):
-        import inspect
-
-        names = list(inspect.signature(method).parameters)[1:]  # without self
+        signature = inspect.signature(method)
         whole = _parallel.pool_only()(method)
 
         @functools.wraps(method)
         def forward(self, *args, **kwargs):
-            bound = dict(zip(names, args), **kwargs)
-            first = bound[batched[0]]
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            named = dict(list(bound.arguments.items())[1:])  # without self
             if check is not None:
-                getattr(self, check)(first)
-            bounds = shard_bounds(self, first.shape[0], bool(bound.get("train", False)))
+                check(self, named)
+            bounds = shard_bounds(
+                self, named[batched[0]].shape[0], self.forward_draws_random(named)
+            )
             if bounds is None:
                 return whole(self, *args, **kwargs)
             self._cache = None  # the shards must not carry the last run's caches along
@@ -154,7 +157,7 @@ def sharded_forward(batched, check=None):
                 shards.append(shard)
 
             def call(shard, s, e):
-                part = {k: take(v, s, e) if k in batched else v for k, v in bound.items()}
+                part = {k: take(v, s, e) if k in batched else v for k, v in named.items()}
                 return lambda: method(shard, **part)
 
             outs = _run([call(sh, s, e) for sh, (s, e) in zip(shards, bounds)])

@@ -25,7 +25,6 @@ fewer), I = 1 + K image tokens (CLS first), N = L + I fused tokens, D width, V v
 from __future__ import annotations
 
 from .. import ops
-from .._parallel import pool_only
 from ..backend import backend_of, get_backend
 from ..blocks import (
     block_param_shapes,
@@ -36,6 +35,7 @@ from ..blocks import (
 )
 from .base import Model
 from .registry import register_config
+from .sharding import sharded_backward, sharded_forward
 
 __all__ = ["ViLT", "interpolation_matrix"]
 
@@ -330,7 +330,18 @@ class ViLT(Model):
     # ------------------------------------------------------------------------------------------
     # forward and backward
 
-    @pool_only()
+    def forward_draws_random(self, inputs) -> bool:
+        """Patch sampling (max_image_len > 0) draws from ``rng``; nothing else does."""
+        k = inputs.get("max_image_len")
+        return (self.max_image_len if k is None else int(k)) > 0
+
+    @sharded_forward(
+        batched=("input_ids", "text_mask", "images", "image_mask"),
+        check=lambda m, a: m._check_inputs(
+            a["input_ids"], a["text_mask"], a["images"], a["image_mask"],
+            a["interpolate_pos_encoding"],
+        ),
+    )  # fmt: skip
     def forward(
         self,
         input_ids,
@@ -443,7 +454,7 @@ class ViLT(Model):
             attn=[b.attn for b in c.encoder.blocks],
         )
 
-    @pool_only()
+    @sharded_backward
     def backward(self, grads, *, input_grad=True):
         """grads: a dict with any of text_feats (B, L, D), image_feats (B, I, D), pooled (B, D)
         (a missing key counts as zero). Overwrites ``self.grads`` with every parameter's gradient

@@ -31,6 +31,11 @@ from .base import Model
 from .registry import register_config
 from .sharding import ShardedRun, join, sharded_backward, sharded_forward
 
+# The forward's batch shards (models/sharding.py): the images carry the batch, checked whole.
+_images_shard = sharded_forward(
+    batched=("images",), check=lambda m, a: m._check_images(a["images"])
+)
+
 __all__ = ["ViT"]
 
 
@@ -213,7 +218,7 @@ class ViT(Model):
         )
         return dimages  # (B, C, S, S)
 
-    @sharded_forward(batched=("images",), check="_check_images")
+    @_images_shard
     def forward_features(self, images, train=False):
         """images (B, C, S, S) -> final-norm tokens (B, T, D). Keeps the cache for backward."""
         self._check_images(images)
@@ -246,7 +251,7 @@ class ViT(Model):
         self._cache = c
         return x  # (B, T, D)
 
-    @sharded_forward(batched=("images",), check="_check_images")
+    @_images_shard
     def forward(self, images, train=False):
         """images (B, C, S, S) -> logits (B, K) (pooled features (B, D) when num_classes=0)."""
         x = self.forward_features(images, train)
