@@ -184,3 +184,104 @@ def test_sum_grads_copes_with_shared_and_read_only_arrays():
     np.testing.assert_array_equal(total["b"], 2.0)
     np.testing.assert_array_equal(total["c"], 4.0)
     np.testing.assert_array_equal(shared, 2.0)  # one key's sum never lands in the other's
+
+
+def test_float32_at_fast_path_sizes():
+    """Sizes where the whole batch takes the pooled GEMMs and the blocked elementwise paths,
+    and each shard their inline forms."""
+    m = ViT(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=64, depth=2,
+            num_heads=2, dtype="float32", seed=0)  # fmt: skip
+    x = _images(8, size=32).astype(np.float32)
+    ref_out, ref_dx, ref_g, _ = _run(m, x, False, 2)
+    out, dx, g, c = _run(m, x, True, 2)
+    assert isinstance(c, ShardedRun) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-4, atol=1e-7)
+    for k in g:
+        scale = float(np.abs(ref_g[k]).max()) or 1.0
+        np.testing.assert_allclose(g[k], ref_g[k], rtol=0, atol=1e-4 * scale, err_msg=k)
+
+
+def test_fewer_samples_than_threads_run_whole_and_input_grad_false():
+    m, x = _vit(), _images(2)
+    _, _, _, c = _run(m, x, True, 3)
+    assert not isinstance(c, ShardedRun)  # 2 samples, 3 threads: the per-op pool
+    _parallel.set_num_threads(2)
+    m.forward(x, train=True)
+    assert isinstance(m._cache, ShardedRun)
+    assert m.backward(np.ones((2, 5)), input_grad=False) is None
+    assert set(m.grads) == set(m.params)
+
+
+def test_gradient_with_the_wrong_batch_is_refused():
+    _parallel.set_num_threads(2)
+    m = _vit()
+    m.forward(_images(4))
+    for rows in (6, 2):
+        with pytest.raises(ValueError, match=rf"grad has shape \({rows}, 5\).*4 samples"):
+            m.backward(np.ones((rows, 5)))
+
+
+def test_a_forward_run_whole_runs_its_inner_forward_whole():
+    m = _vit()
+    _parallel.set_num_threads(2)
+    assert shard_bounds(m, 4, False) is not None
+    assert sharding._run_whole(shard_bounds, m, 4, False) is None
+
+
+def test_dropout_set_after_construction_is_seen():
+    m = _vit()
+    assert not m.forward_draws_random({"train": True})
+    m.drop_rate = 0.3
+    assert m.forward_draws_random({"train": True})
+    m.drop_rate = 0.0
+    m.drop_path = [0.0, 0.1]  # the per-block rates forward reads
+    assert m.forward_draws_random({"train": True})
+
+
+def test_joined_list_reads_like_the_joined_arrays():
+    parts = [[np.zeros((1, 2)), np.ones((1, 2))], [np.zeros((2, 2)), 2 * np.ones((2, 2))]]
+    j = sharding.join(np, parts)
+    assert isinstance(j, sharding.JoinedList) and len(j) == 2
+    np.testing.assert_array_equal(j[1], [[1, 1], [2, 2], [2, 2]])
+    assert j[-1] is j[1]  # joined once
+    assert [a.shape for a in j] == [(3, 2), (3, 2)] and len(j[0:1]) == 1
+    with pytest.raises(IndexError):
+        j[2]
+
+
+def test_the_pool_state_is_clean_after_a_failing_task():
+    _parallel.set_num_threads(2)
+
+    def fail():
+        raise KeyError("task")
+
+    with pytest.raises(KeyError):
+        _parallel.run_tasks([fail, lambda: None])
+    assert not _parallel.in_block()
+
+
+def test_vilt_pretraining_losses_and_grads_match_whole_batch():
+    from test_vilt import batch, tiny
+
+    from minivit.backend import get_backend
+    from minivit.models import vilt_heads as H
+
+    _parallel.set_num_threads(2)
+    be = get_backend("numpy")
+    m = tiny(be)
+    ids, mask, images = batch(be)
+    labels = np.full((4, 8), -100)
+    labels[0, 2], labels[1, 1], labels[2, 3], labels[3, 5] = 7, 9, 11, 6
+    itm = np.array([-100, 1, 0, 1])
+    res = []
+    for shards in (False, True):
+        sharding.set_enabled(shards)
+        losses, cache = H.pretrain_forward(m, ids, mask, images, labels, itm, wpa_weight=0.1)
+        assert isinstance(m._cache, ShardedRun) == shards
+        res.append((losses, dict(H.pretrain_backward(m, cache))))
+    (l0, g0), (l1, g1) = res
+    for k in ("loss", "itm", "mlm", "wpa"):
+        _close(float(l1[k]), float(l0[k]), k)
+    for k in g0:
+        _close(g1[k], g0[k], k)

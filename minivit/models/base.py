@@ -92,10 +92,14 @@ class Model:
         """Whether a forward with these arguments (by name) draws random numbers: here, in
         training with a dropout or stochastic-depth rate above 0. Such a forward is never cut
         into batch shards (``models/sharding.py``); a model with other randomness says so."""
-        return bool(inputs.get("train")) and any(
-            float(self.config.get(k, 0.0) or 0.0) > 0.0
-            for k in ("drop_rate", "drop_path_rate", "attn_drop_rate")
-        )
+        if not inputs.get("train"):
+            return False
+        for name in ("drop_rate", "drop_path_rate", "drop_path", "attn_drop_rate"):
+            rate = getattr(self, name, 0.0)  # the attributes forward reads; drop_path: per block
+            rates = rate if isinstance(rate, (list, tuple)) else [rate]
+            if any(float(r or 0.0) > 0.0 for r in rates):
+                return True
+        return False
 
     # ------------------------------------------------------------------------------------------
 

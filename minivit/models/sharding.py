@@ -16,12 +16,18 @@ Measured on 2 cores (benchmarks/README.md): the ViT-Ti/16 batch-8 train step too
 with the per-op pool and 420-450 ms with shards, in the same hour; each shard's thread is busy
 about 95% of the step.
 
-The outputs are the same as without shards, and so are the gradients except for rounding (the
-batch sum is taken per shard, then over the shards). Shards are used only when that holds and
-pays: on NumPy, with more than one pool thread (``MINIVIT_NUM_THREADS``), at least two samples,
-not inside another parallel block, and not when the forward draws random numbers (dropout or
-stochastic depth in training: each shard would need its own stream, which would make the result
-depend on the thread count). ``MINIVIT_SHARD=0`` turns them off.
+The outputs and gradients are the same as without shards, to rounding: the batch sums of the
+parameter gradients are taken per shard, then over the shards, and a shard's smaller arrays
+may take another (equally exact) code path of an op. So float32 results depend on the thread
+count at the level of rounding (the per-op pool's blocked sums already did). Shards are used
+only when they give the same result and pay: on NumPy, with more than one pool thread
+(``MINIVIT_NUM_THREADS``) and at least one sample per thread (a smaller batch keeps the per-op
+pool, which uses every thread), not inside another parallel block, and not when the forward
+draws random numbers (dropout or stochastic depth in training, ViLT's patch sampling: each
+shard would need its own stream). ``MINIVIT_SHARD=0`` turns them off.
+
+Memory: every shard holds a full set of parameter gradients until they are summed (T copies
+instead of one), the price of data parallelism.
 
 How: a shard is a shallow copy of the model (``copy.copy``) that shares the parameter arrays
 and keeps its own cache and gradients. After a sharded forward the model's ``_cache`` is a
@@ -33,11 +39,20 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import threading
+from collections.abc import Sequence
 
 from .. import _parallel
 from ..backend import Switch
 
-__all__ = ["ShardedRun", "shard_bounds", "sharded_forward", "sharded_backward", "enabled"]
+__all__ = [
+    "ShardedRun",
+    "JoinedList",
+    "shard_bounds",
+    "sharded_forward",
+    "sharded_backward",
+    "enabled",
+]
 
 _SWITCH = Switch("MINIVIT_SHARD")
 
@@ -50,6 +65,19 @@ def enabled() -> bool:
 def set_enabled(flag: bool) -> bool:
     """Turn batch shards on or off; returns the previous setting (tests and benchmarks)."""
     return _SWITCH.set(flag)
+
+
+# Set while a decorated forward runs whole on this thread: a decorated forward it calls (ViT's
+# forward calls forward_features) then runs whole too, so one pass never mixes the two.
+_whole = threading.local()
+
+
+def _run_whole(fn, *args, **kwargs):
+    _whole.depth = getattr(_whole, "depth", 0) + 1
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _whole.depth -= 1
 
 
 class ShardedRun:
@@ -65,13 +93,15 @@ def shard_bounds(model, batch_size: int, draws_random: bool):
     """[(start, stop), ...] cutting the batch into one shard per pool thread, or None when the
     forward should run whole (see the module docstring for the rules). ``draws_random``: the
     forward about to run draws random numbers (``Model.forward_draws_random``)."""
-    n = min(_parallel.get_num_threads(), batch_size)
+    n = _parallel.get_num_threads()
     if (
         n < 2
+        or batch_size < n  # fewer samples than threads: the per-op pool uses every thread
         or draws_random
         or not _SWITCH.on
         or model.backend.name != "numpy"
         or _parallel.in_block()
+        or getattr(_whole, "depth", 0)  # inside a forward that runs whole
     ):
         return None
     cuts = [batch_size * i // n for i in range(n + 1)]  # near-equal, consecutive
@@ -92,18 +122,61 @@ def take(value, s, e):
     return value
 
 
+def _leaves(value, name):
+    """(name, array) for every array of at least one axis in a batched value."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, f"{name}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{name}[{i}]")
+    elif getattr(value, "ndim", 0) >= 1:
+        yield name, value
+
+
 def join(xp, parts):
-    """The inverse of :func:`take`: the shards' outputs joined along the batch axis."""
+    """The inverse of :func:`take`: the shards' outputs joined along the batch axis. A list of
+    arrays (ViLT's per-block attention maps) becomes a :class:`JoinedList`, joined on access."""
     first = parts[0]
     if first is None:
         return None
     if isinstance(first, dict):
         return {k: join(xp, [p[k] for p in parts]) for k in first}
+    if isinstance(first, list) and first and getattr(first[0], "ndim", 0) >= 1:
+        return JoinedList(xp, parts)
     if isinstance(first, (list, tuple)):
         return type(first)(join(xp, list(col)) for col in zip(*parts))
     if getattr(first, "ndim", 0) >= 1:
         return xp.concatenate(parts, axis=0)
     return first
+
+
+class JoinedList(Sequence):
+    """A list of batched arrays whose shards are joined when an item is first read.
+
+    ViLT returns every block's attention maps; joining them all after each sharded forward
+    would copy depth x B x H x N^2 values that training never reads. Indexing, slicing,
+    ``len`` and iteration behave as on the joined list; ``list(joined)`` makes a plain one.
+    """
+
+    def __init__(self, xp, parts):
+        self._xp = xp
+        self._parts = parts  # one list per shard, items in the same order
+        self._joined = {}
+
+    def __len__(self):
+        return len(self._parts[0])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative indices; IndexError past the end
+        if i not in self._joined:
+            self._joined[i] = join(self._xp, [p[i] for p in self._parts])
+        return self._joined[i]
+
+    def __repr__(self):
+        return f"JoinedList({len(self)} items, {len(self._parts)} shards)"
 
 
 def _run(calls):
@@ -148,7 +221,7 @@ def sharded_forward(batched, check=None):
                 self, named[batched[0]].shape[0], self.forward_draws_random(named)
             )
             if bounds is None:
-                return whole(self, *args, **kwargs)
+                return _run_whole(whole, self, *args, **kwargs)
             self._cache = None  # the shards must not carry the last run's caches along
             shards = []
             for _ in bounds:
@@ -181,6 +254,13 @@ def sharded_backward(method):
         run = self._cache
         if not isinstance(run, ShardedRun):
             return whole(self, grad, **options)
+        batch = run.bounds[-1][1]
+        for name, leaf in _leaves(grad, "grad"):
+            if leaf.shape[0] != batch:
+                raise ValueError(
+                    f"{name} has shape {tuple(leaf.shape)}, but the forward ran on {batch} "
+                    f"samples: its first axis must be {batch}"
+                )
         outs = _run(
             [
                 (lambda sh=sh, s=s, e=e: method(sh, take(grad, s, e), **options))
