@@ -221,7 +221,7 @@ def gelu_forward_f32(x):
     x2, o2, d2 = _rows(x), _rows(out), _rows(dydx)
     # Coefficients scaled by 1/2, so the polynomial gives erfc / 2 = Phi(-|x|) directly.
     a1, a2, a3, a4, a5 = (0.5 * a for a in _ERFC_A)
-    p = _ERFC_P * _SQRT_HALF
+    inv_p = 1.0 / (_ERFC_P * _SQRT_HALF)
 
     def block(s, e):
         xs, g, o = x2[s:e], d2[s:e], o2[s:e]
@@ -229,9 +229,8 @@ def gelu_forward_f32(x):
         ex = t * -0.5
         ex *= t
         xp.exp(ex, out=ex)  # exp(-x^2 / 2)
-        t *= p
-        t += 1.0
-        xp.divide(1.0, t, out=t)  # t = 1 / (1 + p |x| / sqrt 2)
+        t += inv_p
+        xp.divide(inv_p, t, out=t)  # t = 1 / (1 + p |x| / sqrt 2), in two passes, not three
         q = t * a5
         for a in (a4, a3, a2, a1):  # Horner
             q += a
