@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None
         "--threads",
         type=int,
         default=None,
-        help="threads for BLAS, torch and minivit's elementwise pool",
+        help="threads for BLAS, torch and minivit's thread pool",
     )
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twins")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")

@@ -1,4 +1,4 @@
-"""A small thread pool for large elementwise work on the CPU.
+"""A small thread pool for the CPU: batch shards, GEMM row blocks and large elementwise work.
 
 NumPy runs one ufunc on one core, but it releases the GIL inside every ufunc loop. Splitting a
 large elementwise computation into row blocks and running the blocks on a few threads therefore

@@ -109,6 +109,19 @@ def test_gelu_exact_float32(threads):
     assert got[0][0, 0, 0] == 0 and np.isfinite(got[0]).all()
 
 
+def test_gelu_fast_cache_keeps_the_derivative_not_x():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 400)).astype(np.float32)
+    _fast.set_enabled(True)
+    out, c = ops.gelu_forward(x)
+    assert c.x is None and c.dydx.shape == x.shape  # x can be freed after the forward
+    d = rng.standard_normal((400, 64)).astype(np.float32).T  # a non-contiguous gradient
+    (dx,) = ops.gelu_backward(d, c)
+    np.testing.assert_allclose(dx, d * c.dydx, rtol=1e-6, atol=0)
+    (dx_c,) = ops.gelu_backward(np.ascontiguousarray(d), c)
+    np.testing.assert_allclose(dx_c, dx, rtol=1e-6, atol=0)
+
+
 def test_gelu_float64_and_tanh_take_the_generic_path():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((50, 400))

@@ -248,6 +248,21 @@ def test_joined_list_reads_like_the_joined_arrays():
     assert [a.shape for a in j] == [(3, 2), (3, 2)] and len(j[0:1]) == 1
     with pytest.raises(IndexError):
         j[2]
+    import copy
+    import pickle
+
+    for plain in (pickle.loads(pickle.dumps(j)), copy.deepcopy(j), j + [], [] + j):
+        assert type(plain) is list and len(plain) == 2
+        np.testing.assert_array_equal(plain[1], j[1])
+
+
+def test_shards_keep_no_gradients_after_the_sum():
+    _parallel.set_num_threads(2)
+    m = _vit()
+    m.forward(_images(4))
+    m.backward(np.ones((4, 5)))
+    assert all(sh.grads == {} for sh in m._cache.shards)
+    assert set(m.grads) == set(m.params)
 
 
 def test_the_pool_state_is_clean_after_a_failing_task():

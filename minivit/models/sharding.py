@@ -7,9 +7,10 @@ run through the plain, single-threaded forward and backward on its own thread, a
 parameter gradients of the shards added up at the end. That is data parallelism with the
 threads of one process, and on NumPy it is the fastest way found here to use a few cores:
 
-- one hand-over to the pool per forward and per backward, instead of one per op (about 200
-  for a ViT-Ti step, each costing a worker wake-up and a wait for the slower thread);
-- everything runs on both cores, including the small serial glue between the ops;
+- one hand-over to the pool per forward and two per backward (the shards, then the sum of
+  their gradients), instead of one per op (about 200 for a ViT-Ti step, each costing a worker
+  wake-up and a wait for the slower thread);
+- every thread runs everything, including the small serial glue between the ops;
 - each thread works on a few images, whose activations stay in its own cache.
 
 Measured on 2 cores (benchmarks/README.md): the ViT-Ti/16 batch-8 train step took 465-500 ms
@@ -27,7 +28,8 @@ draws random numbers (dropout or stochastic depth in training, ViLT's patch samp
 shard would need its own stream). ``MINIVIT_SHARD=0`` turns them off.
 
 Memory: every shard holds a full set of parameter gradients until they are summed (T copies
-instead of one), the price of data parallelism.
+instead of one, for the length of the sum), the price of data parallelism; after the sum only
+the total is kept.
 
 How: a shard is a shallow copy of the model (``copy.copy``) that shares the parameter arrays
 and keeps its own cache and gradients. After a sharded forward the model's ``_cache`` is a
@@ -51,7 +53,11 @@ __all__ = [
     "shard_bounds",
     "sharded_forward",
     "sharded_backward",
+    "sum_grads",
+    "take",
+    "join",
     "enabled",
+    "set_enabled",
 ]
 
 _SWITCH = Switch("MINIVIT_SHARD")
@@ -156,7 +162,8 @@ class JoinedList(Sequence):
 
     ViLT returns every block's attention maps; joining them all after each sharded forward
     would copy depth x B x H x N^2 values that training never reads. Indexing, slicing,
-    ``len`` and iteration behave as on the joined list; ``list(joined)`` makes a plain one.
+    ``len``, iteration and ``+`` behave as on the joined list; ``list(joined)`` makes a plain
+    one, and pickling or copying one gives a plain list.
     """
 
     def __init__(self, xp, parts):
@@ -174,6 +181,15 @@ class JoinedList(Sequence):
         if i not in self._joined:
             self._joined[i] = join(self._xp, [p[i] for p in self._parts])
         return self._joined[i]
+
+    def __add__(self, other):
+        return list(self) + list(other)
+
+    def __radd__(self, other):
+        return list(other) + list(self)
+
+    def __reduce__(self):  # pickle / copy as the plain list it stands for
+        return (list, (list(self),))
 
     def __repr__(self):
         return f"JoinedList({len(self)} items, {len(self._parts)} shards)"
@@ -229,7 +245,7 @@ def sharded_forward(batched, check=None):
                 shard.grads = {}
                 shards.append(shard)
 
-            def call(shard, s, e):
+            def call(shard, s, e):  # shard's forward on samples s:e, to run on a thread
                 part = {k: take(v, s, e) if k in batched else v for k, v in named.items()}
                 return lambda: method(shard, **part)
 
@@ -261,13 +277,14 @@ def sharded_backward(method):
                     f"{name} has shape {tuple(leaf.shape)}, but the forward ran on {batch} "
                     f"samples: its first axis must be {batch}"
                 )
-        outs = _run(
-            [
-                (lambda sh=sh, s=s, e=e: method(sh, take(grad, s, e), **options))
-                for sh, (s, e) in zip(run.shards, run.bounds)
-            ]
-        )
+
+        def call(shard, s, e):  # shard's backward on samples s:e, to run on a thread
+            return lambda: method(shard, take(grad, s, e), **options)
+
+        outs = _run([call(sh, s, e) for sh, (s, e) in zip(run.shards, run.bounds)])
         self.grads = sum_grads([sh.grads for sh in run.shards], list(self.params))
+        for shard in run.shards:  # the total lives in self.grads; drop the per-shard copies
+            shard.grads = {}
         return join(self.backend.xp, outs)
 
     return backward
@@ -276,7 +293,7 @@ def sharded_backward(method):
 def sum_grads(parts, keys):
     """{key: sum of the parts' arrays}, in ``keys`` order, added in place into the first part's
     arrays (the shards' own gradients, which nothing else holds). The keys are split over the
-    pool's threads in groups of about equal size (one pass over each array)."""
+    pool's threads in groups of about equal size."""
     first = parts[0]
     seen = set()
     for k in keys:  # an array shared by two keys, or read-only, is copied before adding into
@@ -287,18 +304,18 @@ def sum_grads(parts, keys):
     n = max(min(_parallel.get_num_threads(), len(keys)), 1)
     groups = [[] for _ in range(n)]
     sizes = [0] * n
-    for k in sorted(keys, key=lambda k: -parts[0][k].size):  # largest first, to the lightest
+    for k in sorted(keys, key=lambda k: -first[k].size):  # largest first, to the lightest
         i = sizes.index(min(sizes))
         groups[i].append(k)
-        sizes[i] += parts[0][k].size
+        sizes[i] += first[k].size
 
     def add(group):
         def run():
             for k in group:
                 for p in parts[1:]:
-                    parts[0][k] += p[k]
+                    first[k] += p[k]
 
         return run
 
     _parallel.run_tasks(add(g) for g in groups)
-    return {k: parts[0][k] for k in keys}
+    return {k: first[k] for k in keys}

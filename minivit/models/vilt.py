@@ -356,7 +356,8 @@ class ViLT(Model):
         """Returns a dict of
         text_feats (B, L, D), image_feats (B, I, D), pooled (B, D), text_mask (B, L) bool,
         image_mask (B, I) bool (CLS first), patch_index (B, K) (which patches, row-major ids)
-        and attn (a list of the blocks' (B, H, N, N) attention probabilities).
+        and attn (the blocks' (B, H, N, N) attention probabilities: a list, or after a
+        sharded forward a ``JoinedList`` that joins each block's shards when it is read).
 
         ``image_mask``: None (all valid), a pixel mask (B, H, W) or a patch mask (B, Np).
         ``max_image_len`` overrides the constructor's; > 0 samples that many patches.

@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=1,
-        help="CPU threads for BLAS and minivit's elementwise pool (default 1: the matrices are "
+        help="CPU threads for BLAS and minivit's thread pool (default 1: the matrices are "
         "small, and a second thread mostly waits on a busy machine; 0 = one per core)",
     )
     a(
@@ -499,7 +499,7 @@ def plot_vilt_curves(history, path):
 
 
 def _limit_threads(n):
-    """Use ``n`` threads (0: one per core) for BLAS and for minivit's elementwise pool."""
+    """Use ``n`` threads (0: one per core) for BLAS and for minivit's thread pool."""
     import os
 
     from .. import _parallel

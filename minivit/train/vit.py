@@ -125,8 +125,9 @@ def add_arguments(p: argparse.ArgumentParser, job: DigitsJob = JOB) -> None:
         "--threads",
         type=int,
         default=1,
-        help="BLAS threads on the numpy backend (default 1: the GEMMs here are small, "
-        "and a second thread only pays on an otherwise idle machine; 0: BLAS default)",
+        help="BLAS threads on the numpy backend when minivit's pool has one thread (default "
+        "1; 0: BLAS default). With more pool threads (MINIVIT_NUM_THREADS, one per core by "
+        "default) each batch runs as one shard per pool thread, each on one BLAS thread",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip curves.png and attention.png")
