@@ -94,7 +94,7 @@ class Model:
         into batch shards (``models/sharding.py``); a model with other randomness says so."""
         if not inputs.get("train"):
             return False
-        for name in ("drop_rate", "drop_path_rate", "drop_path", "attn_drop_rate"):
+        for name in ("drop_rate", "drop_path"):
             rate = getattr(self, name, 0.0)  # the attributes forward reads; drop_path: per block
             rates = rate if isinstance(rate, (list, tuple)) else [rate]
             if any(float(r or 0.0) > 0.0 for r in rates):

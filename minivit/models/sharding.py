@@ -231,13 +231,14 @@ def sharded_forward(batched, check=None):
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
             named = dict(list(bound.arguments.items())[1:])  # without self
-            if check is not None:
-                check(self, named)
-            bounds = shard_bounds(
-                self, named[batched[0]].shape[0], self.forward_draws_random(named)
-            )
-            if bounds is None:
+            shape = getattr(named[batched[0]], "shape", ())
+            bounds = None
+            if len(shape) >= 1:  # not an array: the whole forward's own checks say so
+                bounds = shard_bounds(self, shape[0], self.forward_draws_random(named))
+            if bounds is None:  # the method checks its inputs itself
                 return _run_whole(whole, self, *args, **kwargs)
+            if check is not None:  # before the cut, so that errors name the caller's shapes
+                check(self, named)
             self._cache = None  # the shards must not carry the last run's caches along
             shards = []
             for _ in bounds:

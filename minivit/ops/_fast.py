@@ -118,18 +118,17 @@ def batched_matmul(a, b, out=None):
 # counter even out a thread that a busy machine runs late) made the ViT-Ti step 5-8% slower on
 # an idle machine: every block repacks the weight and runs a smaller, less efficient GEMM. A
 # late worker still costs nothing: the calling thread then takes the other block as well.
-_GEMM_BLOCKS = None  # None: the pool's thread count
 
 
 def _gemm_rows(n):
-    # rows per block, a multiple of 16 (whole BLAS micro-tiles), at least 64
-    blocks = _GEMM_BLOCKS or _parallel.get_num_threads()
-    r = -(-n // blocks)
+    # rows per block (one block per pool thread), a multiple of 16 (whole BLAS micro-tiles),
+    # at least 64
+    r = -(-n // _parallel.get_num_threads())
     return max(-(-r // 16) * 16, 64)
 
 
 def use_pooled_gemm(a2) -> bool:
-    """Whether linear's GEMMs on ``a2`` (M, K) go through :func:`linear_forward_pooled`."""
+    """Whether a linear layer's GEMMs on ``a2`` (M, K) run in row blocks on the pool."""
     return _parallel.available_threads() > 1 and use_fast(a2) and a2.shape[0] >= 128
 
 
@@ -145,6 +144,21 @@ def matmul_nt(a2, w, b=None):
         else:
             out += b
     return out
+
+
+def linear_grads(d2, x2, w, has_bias, need_dx=True):
+    """-> (dx2, dw, db) of out = x2 w^T + b, any backend: dx2 = d2 w (None without need_dx),
+    dw = d2^T x2, db = the column sums of d2 (None without a bias). On NumPy the products run
+    on the pool when that pays (:func:`linear_backward_pooled`), else as plain GEMMs; the
+    backward twin of :func:`matmul_nt`, used by linear layers and conv2d's weight gradient."""
+    if use_pooled_gemm(d2) and use_fast(x2, w):
+        return linear_backward_pooled(d2, x2, w, has_bias, need_dx)
+    dx2 = d2 @ w if need_dx else None  # (M, Din)
+    dw = d2.T @ x2  # (Dout, Din)
+    db = None
+    if has_bias:
+        db = column_sum(d2) if use_fast(d2) else d2.sum(axis=0)  # (Dout,)
+    return dx2, dw, db
 
 
 def linear_forward_pooled(x2, w, b):

@@ -186,14 +186,10 @@ def conv2d_backward(dout, cache, *, need_dx=True):
     dmat = dout.transpose(0, 2, 3, 1).reshape(-1, cout)  # (M, Cout), rows ordered (b, oy, ox)
     cols = _im2col(xpad, kh, kw, sh, sw, ho, wo)  # (M, K)
     wmat = w.transpose(0, 2, 3, 1).reshape(cout, -1)  # (Cout, K), as in the forward
-    if _fast.use_pooled_gemm(dmat) and _fast.use_fast(dmat, cols):
-        # the same GEMM on minivit's pool (ops/_fast.py): dw of a linear layer cols -> dmat
-        _, dwmat, _ = _fast.linear_backward_pooled(dmat, cols, wmat, False, False)
-    else:
-        dwmat = dmat.T @ cols  # (Cout, K)
+    # dw and db are those of the linear layer cols -> dmat (dx is folded back below)
+    _, dwmat, db = _fast.linear_grads(dmat, cols, wmat, cache.has_bias, need_dx=False)
     dw = dwmat.reshape(cout, kh, kw, C).transpose(0, 3, 1, 2)  # (Cout, Cin, kh, kw)
     dw = xp.ascontiguousarray(dw)
-    db = dmat.sum(axis=0) if cache.has_bias else None  # (Cout,)
     # At stride s the flipped-kernel form multiplies s^2 - 1 of every s^2 rows of its dilated
     # dout by zero; the offset-by-offset fold does no wasted work (3-9x faster at stride 2 on
     # the stem's sizes), while at stride 1 the single GEMM wins (up to 2x).

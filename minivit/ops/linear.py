@@ -51,13 +51,6 @@ def linear_backward(dout, cache, *, need_dx=True):
     d_out, d_in = w.shape
     d2 = dout.reshape(-1, d_out)  # (M, Dout)
     x2 = x.reshape(-1, d_in)  # (M, Din)
-    if _fast.use_pooled_gemm(d2) and _fast.use_fast(x2, w):
-        # the same products in blocks on minivit's pool (ops/_fast.py)
-        dx2, dw, db = _fast.linear_backward_pooled(d2, x2, w, cache.has_bias, need_dx)
-        return (dx2.reshape(x.shape) if need_dx else None), dw, db
-    dx = (d2 @ w).reshape(x.shape) if need_dx else None  # (..., Din)
-    dw = d2.T @ x2  # (Dout, Din)
-    db = None
-    if cache.has_bias:
-        db = _fast.column_sum(d2) if _fast.use_fast(d2) else d2.sum(axis=0)  # (Dout,)
-    return dx, dw, db
+    # d2 @ w, d2^T @ x2 and the column sums of d2; on minivit's pool when it pays
+    dx2, dw, db = _fast.linear_grads(d2, x2, w, cache.has_bias, need_dx)
+    return (dx2.reshape(x.shape) if need_dx else None), dw, db  # (..., Din), (Dout, Din), (Dout,)

@@ -11,7 +11,7 @@ The run folder (``runs/vilt-shapes-<time>`` or ``--out``) receives ``checkpoint.
 word-patch transport plan of a held-out pair, one panel per word).
 
 Recipe (see docs/vilt.md): every step runs one fused forward over ``--batch-size`` ITM rows
-(half matching; of the mismatches 70% hard, which trains the weak point harder, while the
+(half matching; of the mismatches 80% hard, which trains the weak point harder, while the
 held-out set keeps BERT-style half-hard negatives) and ``--mlm-batch-size`` MLM rows (matching
 pairs, captions BERT-masked), as the original's two forwards but in one batch; AdamW with a
 linear warmup and a cosine decay; scenes of one to three objects from the start (an optional
