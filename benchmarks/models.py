@@ -5,7 +5,8 @@ Models: ViT-Ti/16, ViT-S/16, ViT-B/16 at 224 (timm's configs), ViLT-B/32 (40 tex
 hybrid are added only when their classes import.
 
 Phases:
-- ``forward``: inference; minivit ``forward(train=False)``, torch under ``torch.no_grad()``.
+- ``forward``: inference; minivit ``forward(train=False)`` under ``minivit.no_grad()`` (no cache
+  kept), torch under ``torch.no_grad()``.
 - ``train_step``: forward, the loss, and the full backward (every parameter gradient).
   ViT: mean cross-entropy over random labels. ViLT: the pooled output against a fixed random
   gradient (``pooled.backward(g)``; minivit ``backward({"pooled": g})``).
@@ -200,7 +201,8 @@ def build(name: str, backend: str, B: int, with_torch: bool):
         m_img, m_g = be.asarray(images), be.asarray(gpool)
 
         def fwd():
-            return model.forward(m_ids, m_mask, m_img)["pooled"]
+            with minivit.no_grad():
+                return model.forward(m_ids, m_mask, m_img)["pooled"]
 
         def step():
             model.forward(m_ids, m_mask, m_img, train=True)
@@ -215,7 +217,8 @@ def build(name: str, backend: str, B: int, with_torch: bool):
         m_img, m_lab = be.asarray(images), be.asarray(labels)
 
         def fwd():
-            return model.forward(m_img, train=False)
+            with minivit.no_grad():
+                return model.forward(m_img, train=False)
 
         def step():
             logits = model.forward(m_img, train=True)

@@ -24,6 +24,9 @@ _LAZY = {
     "list_models": "minivit.models.registry",
     "get_backend": "minivit.backend",
     "ops": "minivit.ops",
+    "no_grad": "minivit.ops",
+    "grad_enabled": "minivit.ops",
+    "set_grad_enabled": "minivit.ops",
     "convert": "minivit.convert",
 }
 

@@ -215,21 +215,29 @@ def encoder_forward(x, params, prefix, depth, num_heads, *, drop_path=0.0, **blo
     """x (B, N, D) -> (B, N, D) through blocks prefix+"0." ... prefix+f"{depth-1}.".
 
     drop_path is one rate for every block or a sequence of ``depth`` rates (timm's linear rule).
+    Under ``ops.no_grad()`` no block's cache is kept (``cache.blocks`` is None): each block's
+    activations are freed once the next block has its input.
     """
     rates = [drop_path] * depth if isinstance(drop_path, (int, float)) else list(drop_path)
     if len(rates) != depth:
         raise ValueError(f"drop_path must be a float or {depth} rates, got {len(rates)} rates")
+    keep = ops.grad_enabled()
     caches = []
     for i in range(depth):
         x, c = block_forward(
             x, params, f"{prefix}{i}.", num_heads, drop_path=rates[i], **block_options
         )
-        caches.append(c)
-    return x, ops.Cache(blocks=caches)
+        if keep:
+            caches.append(c)
+    return x, ops.Cache(blocks=caches if keep else None)
 
 
 def encoder_backward(dout, cache, grads):
     """Returns dx (B, N, D); the blocks in reverse order."""
+    if cache.blocks is None:
+        raise RuntimeError(
+            "encoder_backward: the forward ran under no_grad() and kept no block caches"
+        )
     dx = dout
     for c in reversed(cache.blocks):
         dx = block_backward(dx, c, grads)

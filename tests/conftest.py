@@ -52,3 +52,15 @@ def backend(request):
 def rng():
     """A seeded host generator for test data (moved to the backend with backend.asarray)."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def keep_parallel_settings():
+    """Restore the pool's thread count and the batch-shard switch after a test changes them."""
+    from minivit import _parallel
+    from minivit.models import sharding
+
+    prev_on, prev_threads = sharding.enabled(), _parallel.get_num_threads()
+    yield
+    sharding.set_enabled(prev_on)
+    _parallel.set_num_threads(prev_threads)

@@ -16,13 +16,7 @@ from minivit.models import ViT, sharding
 from minivit.models.hybrid import HybridViT
 from minivit.models.sharding import ShardedRun, shard_bounds, sum_grads
 
-
-@pytest.fixture(autouse=True)
-def _restore():
-    prev_on, prev_threads = sharding.enabled(), _parallel.get_num_threads()
-    yield
-    sharding.set_enabled(prev_on)
-    _parallel.set_num_threads(prev_threads)
+pytestmark = pytest.mark.usefixtures("keep_parallel_settings")
 
 
 def _vit(**kw):

@@ -33,7 +33,9 @@ the total is kept.
 
 How: a shard is a shallow copy of the model (``copy.copy``) that shares the parameter arrays
 and keeps its own cache and gradients. After a sharded forward the model's ``_cache`` is a
-:class:`ShardedRun`; ``backward`` sees it and runs the shards' backward the same way.
+:class:`ShardedRun`; ``backward`` sees it and runs the shards' backward the same way. The shards
+run in the gradient mode of the thread that called the forward (``ops.no_grad()`` is per
+thread); under ``no_grad()`` nothing is kept.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from collections.abc import Sequence
 
 from .. import _parallel
 from ..backend import Switch
+from ..ops import grad_enabled, set_grad_enabled
 
 __all__ = [
     "ShardedRun",
@@ -246,12 +249,19 @@ def sharded_forward(batched, check=None):
                 shard.grads = {}
                 shards.append(shard)
 
+            keep = grad_enabled()  # the shards run in the caller's gradient mode
+
             def call(shard, s, e):  # shard's forward on samples s:e, to run on a thread
                 part = {k: take(v, s, e) if k in batched else v for k, v in named.items()}
-                return lambda: method(shard, **part)
+
+                def run():
+                    with set_grad_enabled(keep):
+                        return method(shard, **part)
+
+                return run
 
             outs = _run([call(sh, s, e) for sh, (s, e) in zip(shards, bounds)])
-            self._cache = ShardedRun(shards, bounds)
+            self._cache = ShardedRun(shards, bounds) if keep else None
             return join(self.backend.xp, outs)
 
         return forward

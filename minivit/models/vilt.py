@@ -359,6 +359,9 @@ class ViLT(Model):
         and attn (the blocks' (B, H, N, N) attention probabilities: a list, or after a
         sharded forward a ``JoinedList`` that joins each block's shards when it is read).
 
+        Under ``minivit.no_grad()`` (inference) no cache is kept, so backward refuses and
+        ``attn`` is None.
+
         ``image_mask``: None (all valid), a pixel mask (B, H, W) or a patch mask (B, Np).
         ``max_image_len`` overrides the constructor's; > 0 samples that many patches.
         ``train`` is accepted for symmetry with ViT (ViLT here has no dropout).
@@ -444,7 +447,8 @@ class ViLT(Model):
         )
         pooled, c.pool_tanh = ops.tanh_forward(h)  # (B, D)
         c.N = z.shape[1]
-        self._cache = c
+        with_grad = ops.grad_enabled()
+        self._cache = c if with_grad else None
         return dict(
             text_feats=z[:, :L],
             image_feats=z[:, L:],
@@ -452,7 +456,7 @@ class ViLT(Model):
             text_mask=tmask,
             image_mask=imask,
             patch_index=keep,
-            attn=[b.attn for b in c.encoder.blocks],
+            attn=[b.attn for b in c.encoder.blocks] if with_grad else None,
         )
 
     @sharded_backward
@@ -463,7 +467,10 @@ class ViLT(Model):
         ``input_grad=False`` (training needs no image gradient)."""
         c = self._cache
         if c is None:
-            raise RuntimeError("backward called before forward: run forward(...) first")
+            raise RuntimeError(
+                "backward called before forward, or after a forward under no_grad() (which "
+                "keeps no cache): run forward(...) with gradients on first"
+            )
         unknown = set(grads) - {"text_feats", "image_feats", "pooled"}
         if unknown:
             raise ValueError(

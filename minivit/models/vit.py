@@ -220,7 +220,14 @@ class ViT(Model):
 
     @_images_shard
     def forward_features(self, images, train=False):
-        """images (B, C, S, S) -> final-norm tokens (B, T, D). Keeps the cache for backward."""
+        """images (B, C, S, S) -> final-norm tokens (B, T, D). Keeps the cache for backward
+        (none under ``minivit.no_grad()``)."""
+        x, c = self._features(images, train)
+        self._cache = c if ops.grad_enabled() else None
+        return x  # (B, T, D)
+
+    def _features(self, images, train):
+        """forward_features' work: (tokens (B, T, D), cache)."""
         self._check_images(images)
         p = self.params
         xp = self.backend.xp
@@ -248,14 +255,17 @@ class ViT(Model):
         )  # (B, T, D)
         if self.global_pool == "token":
             x, c.norm = ops.layernorm_forward(x, p["norm.weight"], p["norm.bias"], self.eps)
-        self._cache = c
-        return x  # (B, T, D)
+        return x, c
 
     @_images_shard
     def forward(self, images, train=False):
-        """images (B, C, S, S) -> logits (B, K) (pooled features (B, D) when num_classes=0)."""
-        x = self.forward_features(images, train)
-        c = self._cache
+        """images (B, C, S, S) -> logits (B, K) (pooled features (B, D) when num_classes=0).
+
+        Keeps the cache for backward. Under ``minivit.no_grad()`` (inference) it keeps none:
+        each block's activations are freed as the next block runs, and backward refuses.
+        """
+        x, c = self._features(images, train)
+        self._cache = c if ops.grad_enabled() else None
         drop = self.drop_rate if train else 0.0
         if self.global_pool == "token":
             pooled = x[:, 0]  # (B, D) the CLS token
@@ -278,7 +288,10 @@ class ViT(Model):
         list of ``depth`` arrays (B, H, T, T), T = 1 + number of patches."""
         c = self._cache
         if c is None:
-            raise RuntimeError("no forward has run yet: run forward(images) first")
+            raise RuntimeError(
+                "no attention maps: no forward has run yet, or the last ran under no_grad(); "
+                "run forward(images) with gradients on first"
+            )
         caches = [sh._cache for sh in c.shards] if isinstance(c, ShardedRun) else [c]
         return [
             join(self.backend.xp, [cc.encoder.blocks[i].attn for cc in caches])
@@ -294,7 +307,10 @@ class ViT(Model):
         """
         c = self._cache
         if c is None:
-            raise RuntimeError("backward called before forward: run forward(images) first")
+            raise RuntimeError(
+                "backward called before forward, or after a forward under no_grad() (which "
+                "keeps no cache): run forward(images) with gradients on first"
+            )
         xp = self.backend.xp
         g = {}
         # head: logits = pooled W^T + b

@@ -5,10 +5,11 @@ Every op follows one convention (see ``shared/API.md`` and ``docs/ops/``)::
     out, cache = ops.<name>_forward(inputs..., options...)
     grads = ops.<name>_backward(dout, cache)    # a tuple, one entry per floating input
 
-Backward never modifies ``dout`` or the cache.
+Backward never modifies ``dout`` or the cache. Under ``no_grad()`` (inference) an op may skip
+work that only backward needs; such a cache is not valid for backward.
 """
 
-from ._common import Cache  # noqa: F401
+from ._common import Cache, grad_enabled, no_grad, set_grad_enabled  # noqa: F401
 from .activations import gelu_backward, gelu_forward, tanh_backward, tanh_forward  # noqa: F401
 from .attention import attention_backward, attention_forward  # noqa: F401
 from .conv import *  # noqa: F401,F403

@@ -1,4 +1,4 @@
-"""What every op shares: the cache type and the input checks.
+"""What every op shares: the cache type, the gradient mode and the input checks.
 
 Checks raise ``TypeError`` for a wrong kind of value (not an array, wrong dtype, two backends) and
 ``ValueError`` for a wrong shape or value, and always name the argument, what was expected and
@@ -7,12 +7,18 @@ what was given.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from types import SimpleNamespace
 
 from ..backend import array_module, backend_of
 
 __all__ = [
     "Cache",
+    "grad_enabled",
+    "no_grad",
+    "set_grad_enabled",
+    "check_grad_cache",
     "array_module",
     "backend_of",
     "check_float",
@@ -30,6 +36,48 @@ class Cache(SimpleNamespace):
     Backward reads a cache and never writes to it, so one cache can be replayed (as the gradient
     checks do).
     """
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient mode: whether a forward must keep what its backward needs
+#
+# Inference needs no backward. Under ``no_grad()`` a model's forward keeps no cache (each
+# block's activations are freed as soon as the next block has read them, as under PyTorch's
+# ``torch.no_grad()``), and an op may skip work that only its backward would use (GELU's
+# derivative). A cache made under ``no_grad()`` is not valid for backward. The mode is per
+# thread; the batch shards of a model's forward run in the mode of the thread that called it.
+
+_grad = threading.local()
+
+
+def grad_enabled() -> bool:
+    """Whether forwards on this thread keep what backward needs (True unless in no_grad())."""
+    return getattr(_grad, "enabled", True)
+
+
+@contextlib.contextmanager
+def set_grad_enabled(flag: bool):
+    """Run the block with gradients on (``True``) or off; the previous mode comes back after."""
+    previous = grad_enabled()
+    _grad.enabled = bool(flag)
+    try:
+        yield
+    finally:
+        _grad.enabled = previous
+
+
+def no_grad():
+    """``with minivit.no_grad(): logits = model.forward(images)``: inference without caches."""
+    return set_grad_enabled(False)
+
+
+def check_grad_cache(op: str, cache) -> None:
+    """Refuse, with a clear error, a cache that a forward under no_grad() made."""
+    if getattr(cache, "no_grad", False):
+        raise RuntimeError(
+            f"{op}: this cache comes from a forward under no_grad(), which keeps nothing for "
+            "backward; run the forward with gradients on"
+        )
 
 
 def _describe(a) -> str:

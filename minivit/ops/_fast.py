@@ -221,24 +221,26 @@ def _rows(a):
 # GELU, exact (erf) form
 
 
-def gelu_forward_f32(x):
+def gelu_forward_f32(x, derivative=True):
     """x float32 -> (out, dydx): out = x Phi(x) and its derivative Phi(x) + x phi(x).
 
     The derivative is made here, where exp(-x^2 / 2) is already at hand, so the backward is one
-    multiplication (the generic path keeps Phi and recomputes phi in the backward).
+    multiplication (the generic path keeps Phi and recomputes phi in the backward). With
+    ``derivative=False`` (inference) it is skipped and dydx is None.
     """
     xp = backend_of(x).xp
     if x.dtype != xp.float32:  # the sign is copied through an int32 view of the bits
         raise TypeError(f"gelu_forward_f32 takes float32 only, got {x.dtype}")
     out = xp.empty_like(x)
-    dydx = xp.empty_like(x)
-    x2, o2, d2 = _rows(x), _rows(out), _rows(dydx)
+    dydx = xp.empty_like(x) if derivative else None
+    x2, o2 = _rows(x), _rows(out)
+    d2 = _rows(dydx) if derivative else None
     # Coefficients scaled by 1/2, so the polynomial gives erfc / 2 = Phi(-|x|) directly.
     a1, a2, a3, a4, a5 = (0.5 * a for a in _ERFC_A)
     inv_p = 1.0 / (_ERFC_P * _SQRT_HALF)
 
     def block(s, e):
-        xs, g, o = x2[s:e], d2[s:e], o2[s:e]
+        xs, o = x2[s:e], o2[s:e]
         t = xp.abs(xs)
         ex = t * -0.5
         ex *= t
@@ -257,9 +259,11 @@ def gelu_forward_f32(x):
         xp.bitwise_or(q.view(xp.int32), sign, out=q.view(xp.int32))
         q += 0.5  # Phi(x)
         xp.multiply(xs, q, out=o)  # x Phi(x)
-        xp.multiply(xs, ex, out=g)
-        g *= _INV_SQRT_2PI  # x phi(x)
-        g += q  # Phi(x) + x phi(x)
+        if derivative:
+            g = d2[s:e]
+            xp.multiply(xs, ex, out=g)
+            g *= _INV_SQRT_2PI  # x phi(x)
+            g += q  # Phi(x) + x phi(x)
 
     _parallel.for_each_block(block, x2.shape[0], x2.shape[1])
     return out, dydx

@@ -8,7 +8,14 @@ from __future__ import annotations
 import math
 
 from . import _fast
-from ._common import Cache, backend_of, check_float
+from ._common import (
+    Cache,
+    backend_of,
+    check_float,
+    check_grad_cache,
+    grad_enabled,
+    set_grad_enabled,
+)
 
 __all__ = ["gelu_forward", "gelu_backward", "tanh_forward", "tanh_backward"]
 
@@ -23,12 +30,17 @@ def gelu_forward(x, approximate="none"):
 
     ``approximate="none"``: Phi(x) = (1 + erf(x / sqrt 2)) / 2, as timm, BERT and ViLT use.
     ``approximate="tanh"``: Phi(x) ~ (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2.
+
+    Under ``no_grad()`` the fast path skips the derivative, and the cache is not valid for
+    backward.
     """
     check_float("x", x)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     be = backend_of(x)
     xp = be.xp
+    if not grad_enabled():
+        return _gelu_inference(x, approximate), Cache(no_grad=True, approximate=approximate)
     if approximate == "none":
         if _fast.use_kernels(x):
             # One fused CuPy kernel; the backward recomputes Phi and phi from x (kernels_cupy).
@@ -57,12 +69,24 @@ def gelu_forward(x, approximate="none"):
     return x * half, Cache(x=x, t=t, approximate="tanh")
 
 
+def _gelu_inference(x, approximate):
+    """GELU(x) by the same paths as gelu_forward (the same values), without the derivative."""
+    xp = backend_of(x).xp
+    if approximate == "none" and _fast.use_kernels(x):
+        return _fast.kernels_cupy.gelu_forward(x)
+    if approximate == "none" and x.dtype == xp.float32 and _fast.use_fast(x):
+        return _fast.gelu_forward_f32(x, derivative=False)[0]
+    with set_grad_enabled(True):  # the generic forms keep nothing costly: run them as they are
+        return gelu_forward(x, approximate)[0]
+
+
 def gelu_backward(dout, cache):
     """Returns (dx,).
 
     exact: d/dx [x Phi(x)] = Phi(x) + x phi(x), phi the standard normal density.
     tanh:  0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 c x^2), t the forward's tanh.
     """
+    check_grad_cache("gelu_backward", cache)
     x = cache.x
     dydx = getattr(cache, "dydx", None)
     xp = backend_of(x if x is not None else dydx).xp

@@ -51,6 +51,7 @@ def predict(path, images, backend=None, invert="auto"):
     """(probabilities (n, K) numpy, model) for the image files."""
     import numpy as np
 
+    from .. import ops
     from ..checkpoint import load_model
     from .common import resolve_checkpoint
 
@@ -62,7 +63,8 @@ def predict(path, images, backend=None, invert="auto"):
     x = np.stack([load_image(p, model.img_size, model.in_chans, invert) for p in images])
     x = ((x - mean) / std).astype(model.dtype)
     be = model.backend
-    logits = be.to_numpy(model.forward(be.asarray(x)))
+    with ops.no_grad():  # inference: no cache kept
+        logits = be.to_numpy(model.forward(be.asarray(x)))
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
     return z / z.sum(axis=1, keepdims=True), model
 

@@ -169,14 +169,17 @@ def heldout(data, n):
 
 
 def _forward_chunks(model, be, ids, mask, images, chunk=256):
+    from .. import ops
+
     outs = []
     for s in range(0, len(ids), chunk):
         L = int(mask[s : s + chunk].sum(axis=1).max())
-        out = model.forward(
-            be.asarray(ids[s : s + chunk, :L]),
-            be.asarray(mask[s : s + chunk, :L]),
-            be.asarray(images[s : s + chunk], dtype=model.dtype),
-        )
+        with ops.no_grad():  # inference: no cache kept
+            out = model.forward(
+                be.asarray(ids[s : s + chunk, :L]),
+                be.asarray(mask[s : s + chunk, :L]),
+                be.asarray(images[s : s + chunk], dtype=model.dtype),
+            )
         outs.append((s, L, out))
     return outs
 

@@ -144,7 +144,8 @@ def evaluate(model, x, y, batch_size=256):
     for i in range(0, len(x), batch_size):
         xb = be.asarray(x[i : i + batch_size])
         yb = be.asarray(y[i : i + batch_size])
-        logits = model.forward(xb, train=False)
+        with ops.no_grad():  # inference: no cache kept
+            logits = model.forward(xb, train=False)
         loss, _ = ops.cross_entropy_forward(logits, yb)
         losses += float(loss) * len(yb)
         correct += int((logits.argmax(axis=-1) == yb).sum())
