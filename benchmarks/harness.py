@@ -458,14 +458,9 @@ def sgemm_ceiling(backend: str, impl: str = "minivit", n: int | None = None, rep
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from minivit.blas_kernels import cpu_name
+
+    return cpu_name()
 
 
 def environment_info(cfg: BenchConfig) -> dict:
@@ -498,6 +493,9 @@ def environment_info(cfg: BenchConfig) -> dict:
             )
         },
     }
+    from minivit.blas_kernels import last_applied
+
+    info["openblas_kernels"] = last_applied() or "not chosen (OpenBLAS's own pick)"
     try:
         from threadpoolctl import threadpool_info
 

@@ -141,6 +141,15 @@ def environment_lines(env: dict) -> list[str]:
             for p in pools
         )
         lines.append(f"- BLAS: {desc}")
+    kernels = env.get("openblas_kernels")
+    if isinstance(kernels, dict) and kernels:
+        gf = kernels.get("gflops_1thread")
+        lines.append(
+            f"- OpenBLAS kernel set: {kernels.get('applied') or 'its own pick'} "
+            f"({kernels.get('why')}"
+            + (f"; 1-thread GEMM mix GFLOP/s {gf}" if gf else "")
+            + "; see minivit/blas_kernels.py)"
+        )
     lines.append(
         f"- threads: torch {env.get('torch_threads', '-')}, minivit pool "
         f"{env.get('minivit_threads', '-')} (batch shards "

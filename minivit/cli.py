@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["bench"]:
+        # before NumPy loads (building the parser loads it): the fastest OpenBLAS kernels
+        from .blas_kernels import apply_best_kernels
+
+        apply_best_kernels(log=lambda msg: print(msg, file=sys.stderr))
     parser = build_parser()
     args = parser.parse_args(argv)
     from .backend import BackendUnavailable

@@ -1,0 +1,213 @@
+"""Which of OpenBLAS's kernel sets NumPy's GEMMs use, chosen by measuring them on this CPU.
+
+OpenBLAS ships one set of hand-tuned kernels per CPU family and picks one from the CPU's
+features when it is loaded (when NumPy is first imported). The pick is not always the fastest:
+on the AMD EPYC of this project's machines it takes its AVX-512 kernels ("SkylakeX"), which
+that core runs at half width, while its AVX2 kernels ("Haswell", "Zen") measured 5-7% faster
+on a ViT's GEMM shapes (97 against 103-104 GFLOP/s on one thread). The environment variable
+``OPENBLAS_CORETYPE`` overrides the pick, but only before OpenBLAS is loaded.
+
+:func:`best_kernels` times a float32 GEMM mix (a ViT-Ti block's linear layers at 4 images:
+forward, input gradient and weight gradient) on one thread in a fresh interpreter for the
+detected set and each candidate, twice in turn, and keeps the fastest if it beats the
+detected one by at least 3%. A candidate the CPU cannot run (its process dies of an illegal
+instruction) simply drops out. The result is cached per machine, NumPy version and Python in
+``$XDG_CACHE_HOME/minivit/openblas-kernels.json`` (``~/.cache`` by default), so the
+measurement (about 4 s) runs once.
+
+Only ``minivit bench`` and ``benchmarks/run.py`` apply it (:func:`apply_best_kernels`), so the
+benchmark shows each library at its best on the CPU; the kernel set in use is recorded with the
+results. Training keeps OpenBLAS's own pick, so that its figures do not move with a GEMM's
+rounding; ``OPENBLAS_CORETYPE=Zen minivit train vit`` (say) gives it the faster set by hand.
+``MINIVIT_OPENBLAS_KERNELS=default`` turns the choice off, ``=NAME`` forces one.
+
+This module never imports NumPy itself: it must run before NumPy is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+__all__ = [
+    "CANDIDATES",
+    "best_kernels",
+    "apply_best_kernels",
+    "last_applied",
+    "decide",
+    "cache_path",
+    "cpu_name",
+]
+
+CANDIDATES = ("Haswell", "Zen", "SkylakeX", "Cooperlake")
+MIN_GAIN = 0.03  # a candidate must beat the detected set by 3% (the machines are noisy)
+_LAST: dict = {}
+
+# Runs in a fresh interpreter: GFLOP/s of the GEMM mix on one thread, and the kernel set loaded.
+_PROBE = r"""
+import json, time
+import numpy as np
+rng = np.random.default_rng(0)
+M = 788  # 4 images x 197 tokens
+cases = []
+for din, dout in ((192, 576), (192, 192), (192, 768), (768, 192)):  # qkv, proj, fc1, fc2
+    x = rng.standard_normal((M, din), dtype=np.float32)
+    w = rng.standard_normal((dout, din), dtype=np.float32)
+    d = rng.standard_normal((M, dout), dtype=np.float32)
+    cases += [(x, w.T), (d, w), (d.T, x)]  # forward, input gradient, weight gradient
+flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in cases)
+def mix():
+    for a, b in cases:
+        a @ b
+for _ in range(3):
+    mix()
+times = []
+for _ in range(9):
+    t = time.perf_counter(); mix(); times.append(time.perf_counter() - t)
+arch = None
+try:
+    from threadpoolctl import threadpool_info
+    pools = [p for p in threadpool_info() if p.get("internal_api") == "openblas"]
+    arch = pools[0].get("architecture") if pools else "not-openblas"
+except ImportError:
+    pass
+print(json.dumps({"gflops": flops / sorted(times)[len(times) // 2] / 1e9, "arch": arch}))
+"""
+
+
+def cache_path() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "minivit", "openblas-kernels.json")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _machine_key() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        numpy_version = version("numpy")
+    except PackageNotFoundError:
+        numpy_version = "?"
+    return f"{cpu_name()} | {platform.machine()} | numpy {numpy_version} | {sys.executable}"
+
+
+def _probe(coretype, timeout=60):
+    """{"gflops", "arch"} for one kernel set (None: OpenBLAS's own pick), or None if the
+    process failed (e.g. an illegal instruction: this CPU cannot run that set)."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env.pop("OPENBLAS_CORETYPE", None)
+    if coretype is not None:
+        env["OPENBLAS_CORETYPE"] = coretype
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+        return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def decide(measured: dict, min_gain: float = MIN_GAIN):
+    """The kernel set to use from ``measured`` {name or "default": GFLOP/s}: the fastest, if it
+    beats "default" (OpenBLAS's own pick) by ``min_gain``; None means keep OpenBLAS's pick."""
+    base = measured.get("default")
+    if not base:
+        return None
+    name, best = max(((k, v) for k, v in measured.items() if v), key=lambda kv: kv[1])
+    if name == "default" or best < base * (1.0 + min_gain):
+        return None
+    return name
+
+
+def _measure(rounds=2) -> dict:
+    first = _probe(None)
+    if first is None or first.get("arch") in (None, "not-openblas"):
+        return {"choice": None, "reason": "NumPy's BLAS is not OpenBLAS (or threadpoolctl is "
+                "missing)", "detected": first and first.get("arch")}  # fmt: skip
+    detected = first["arch"]
+    names = [c for c in CANDIDATES if c.lower() != str(detected).lower()]
+    best = {"default": first["gflops"], **{n: 0.0 for n in names}}
+    for r in range(rounds):  # in turn, keeping each set's best round: noise only slows a run
+        for n in (["default"] if r else []) + names:
+            got = _probe(None if n == "default" else n)
+            if got is not None:
+                best[n] = max(best[n], got["gflops"])
+    gflops = {k: round(v, 1) for k, v in best.items() if v}
+    return {"choice": decide(gflops), "detected": detected, "gflops_1thread": gflops}
+
+
+def best_kernels(refresh: bool = False, log=None) -> dict:
+    """{"choice": a kernel set name or None (keep OpenBLAS's), "detected", "gflops_1thread"},
+    from the cache or measured now (then cached)."""
+    path, key = cache_path(), _machine_key()
+    cache = {}
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        pass
+    if not refresh and isinstance(cache.get(key), dict):
+        return cache[key]
+    if log is not None:
+        log(f"minivit: timing OpenBLAS's kernel sets on this CPU (once; cached in {path})")
+    result = _measure()
+    result["measured"] = time.strftime("%Y-%m-%d %H:%M")
+    cache[key] = result
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(cache, f, indent=1)
+    except OSError:
+        pass
+    return result
+
+
+def apply_best_kernels(log=None) -> dict:
+    """Set ``OPENBLAS_CORETYPE`` to the fastest kernel set, before NumPy is loaded.
+
+    Returns what was done: {"applied": name or None, "why": ...}. Does nothing when the user
+    set ``OPENBLAS_CORETYPE``, when ``MINIVIT_OPENBLAS_KERNELS=default``, when NumPy is already
+    loaded (too late), or off Linux on x86-64."""
+    _LAST.clear()
+    _LAST.update(_apply(log))
+    return dict(_LAST)
+
+
+def last_applied() -> dict:
+    """What the last :func:`apply_best_kernels` in this process did ({} if none ran)."""
+    return dict(_LAST)
+
+
+def _apply(log):
+    forced = os.environ.get("MINIVIT_OPENBLAS_KERNELS", "auto")
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        return {"applied": os.environ["OPENBLAS_CORETYPE"], "why": "set by the user"}
+    if forced == "default":
+        return {"applied": None, "why": "MINIVIT_OPENBLAS_KERNELS=default"}
+    if "numpy" in sys.modules:
+        return {"applied": None, "why": "NumPy was already loaded"}
+    if forced != "auto":
+        os.environ["OPENBLAS_CORETYPE"] = forced
+        return {"applied": forced, "why": "MINIVIT_OPENBLAS_KERNELS"}
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return {"applied": None, "why": "chosen only on Linux x86-64"}
+    found = best_kernels(log=log)
+    if found.get("choice"):
+        os.environ["OPENBLAS_CORETYPE"] = found["choice"]
+    return {"applied": found.get("choice"), "why": "measured", **found}
