@@ -10,22 +10,26 @@ on a ViT's GEMM shapes (97 against 103-104 GFLOP/s on one thread). The environme
 :func:`best_kernels` times a float32 GEMM mix (a ViT-Ti block's linear layers at 4 images:
 forward, input gradient and weight gradient) on one thread in a fresh interpreter for the
 detected set and each candidate, twice in turn, and keeps the fastest if it beats the
-detected one by at least 3%. A candidate the CPU cannot run (its process dies of an illegal
-instruction) simply drops out. The result is cached per machine, NumPy version and Python in
+detected one by at least 3%. A candidate whose process fails (a set this CPU cannot run)
+drops out, and so does one that loads the same kernels as another (OpenBLAS maps some names
+onto others: here "Zen" loads the "Haswell" kernels and "Cooperlake" the "SkylakeX" ones). The
+result is cached per CPU (model name and feature flags), NumPy version and Python in
 ``$XDG_CACHE_HOME/minivit/openblas-kernels.json`` (``~/.cache`` by default), so the
-measurement (about 4 s) runs once.
+measurement (about 4 s) runs once; ``MINIVIT_OPENBLAS_KERNELS=measure`` measures again.
 
 Only ``minivit bench`` and ``benchmarks/run.py`` apply it (:func:`apply_best_kernels`), so the
 benchmark shows each library at its best on the CPU; the kernel set in use is recorded with the
 results. Training keeps OpenBLAS's own pick, so that its figures do not move with a GEMM's
 rounding; ``OPENBLAS_CORETYPE=Zen minivit train vit`` (say) gives it the faster set by hand.
-``MINIVIT_OPENBLAS_KERNELS=default`` turns the choice off, ``=NAME`` forces one.
+``MINIVIT_OPENBLAS_KERNELS=default`` turns the choice off, ``=NAME`` forces one (threadpoolctl,
+recorded with the results, shows the kernels that really loaded).
 
 This module never imports NumPy itself: it must run before NumPy is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -43,7 +47,7 @@ __all__ = [
     "cpu_name",
 ]
 
-CANDIDATES = ("Haswell", "Zen", "SkylakeX", "Cooperlake")
+CANDIDATES = ("Haswell", "SkylakeX", "Zen", "Cooperlake")
 MIN_GAIN = 0.03  # a candidate must beat the detected set by 3% (the machines are noisy)
 _LAST: dict = {}
 
@@ -84,16 +88,20 @@ def cache_path() -> str:
     return os.path.join(root, "minivit", "openblas-kernels.json")
 
 
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+def _cpuinfo(field: str):
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
 
 
 def _machine_key() -> str:
@@ -103,7 +111,13 @@ def _machine_key() -> str:
         numpy_version = version("numpy")
     except PackageNotFoundError:
         numpy_version = "?"
-    return f"{cpu_name()} | {platform.machine()} | numpy {numpy_version} | {sys.executable}"
+    # a VM may show one model name for CPUs of several generations: the feature flags tell them
+    # apart (AVX-512 or not, ...)
+    flags = hashlib.sha1((_cpuinfo("flags") or "").encode()).hexdigest()[:12]
+    return (
+        f"{cpu_name()} | flags {flags} | {platform.machine()} | numpy {numpy_version} | "
+        f"{sys.executable}"
+    )
 
 
 def _probe(coretype, timeout=60):
@@ -136,25 +150,34 @@ def decide(measured: dict, min_gain: float = MIN_GAIN):
 
 
 def _measure(rounds=2) -> dict:
+    """Time OpenBLAS's own pick ("default") and each candidate, ``rounds`` times in turn."""
     first = _probe(None)
     if first is None or first.get("arch") in (None, "not-openblas"):
-        return {"choice": None, "reason": "NumPy's BLAS is not OpenBLAS (or threadpoolctl is "
-                "missing)", "detected": first and first.get("arch")}  # fmt: skip
+        why = "the probe failed" if first is None else "NumPy's BLAS is not OpenBLAS"
+        if first is not None and first.get("arch") is None:
+            why = "threadpoolctl is missing (it tells which kernels loaded)"
+        return {"choice": None, "reason": why, "failed": first is None or first["arch"] is None}
     detected = first["arch"]
-    names = [c for c in CANDIDATES if c.lower() != str(detected).lower()]
-    best = {"default": first["gflops"], **{n: 0.0 for n in names}}
-    for r in range(rounds):  # in turn, keeping each set's best round: noise only slows a run
-        for n in (["default"] if r else []) + names:
-            got = _probe(None if n == "default" else n)
+    gflops = {"default": first["gflops"]}
+    sets = {"default": detected}  # name -> the kernels it loads
+    for name in CANDIDATES:  # round 1: which kernels each name loads, and a first timing
+        got = _probe(name)
+        if got is None or got["arch"] in sets.values():
+            continue  # this CPU cannot run the set, or it loads kernels already timed
+        sets[name], gflops[name] = got["arch"], got["gflops"]
+    for _ in range(rounds - 1):  # in turn; each set keeps its best round (noise only slows)
+        for name in sets:
+            got = _probe(None if name == "default" else name)
             if got is not None:
-                best[n] = max(best[n], got["gflops"])
-    gflops = {k: round(v, 1) for k, v in best.items() if v}
-    return {"choice": decide(gflops), "detected": detected, "gflops_1thread": gflops}
+                gflops[name] = max(gflops[name], got["gflops"])
+    gflops = {k: round(v, 1) for k, v in gflops.items()}
+    return {"choice": decide(gflops), "detected": detected, "kernels": sets,
+            "gflops_1thread": gflops}  # fmt: skip
 
 
 def best_kernels(refresh: bool = False, log=None) -> dict:
     """{"choice": a kernel set name or None (keep OpenBLAS's), "detected", "gflops_1thread"},
-    from the cache or measured now (then cached)."""
+    from the cache or measured now (then cached, unless the measurement failed)."""
     path, key = cache_path(), _machine_key()
     cache = {}
     try:
@@ -168,13 +191,18 @@ def best_kernels(refresh: bool = False, log=None) -> dict:
         log(f"minivit: timing OpenBLAS's kernel sets on this CPU (once; cached in {path})")
     result = _measure()
     result["measured"] = time.strftime("%Y-%m-%d %H:%M")
+    if result.pop("failed", False):
+        return result  # a probe that failed (a busy machine, a missing module): try next time
     cache[key] = result
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             json.dump(cache, f, indent=1)
-    except OSError:
-        pass
+        os.replace(tmp, path)  # whole or not at all, even with two runs at once
+    except OSError as exc:
+        if log is not None:
+            log(f"minivit: could not cache the choice ({exc}); it will be measured again")
     return result
 
 
@@ -196,18 +224,21 @@ def last_applied() -> dict:
 
 def _apply(log):
     forced = os.environ.get("MINIVIT_OPENBLAS_KERNELS", "auto")
+    if forced not in ("auto", "measure", "default") and not forced.isidentifier():
+        raise ValueError(f"MINIVIT_OPENBLAS_KERNELS must be auto, measure, default or a "
+                         f"kernel set name, got {forced!r}")  # fmt: skip
     if os.environ.get("OPENBLAS_CORETYPE"):
         return {"applied": os.environ["OPENBLAS_CORETYPE"], "why": "set by the user"}
     if forced == "default":
         return {"applied": None, "why": "MINIVIT_OPENBLAS_KERNELS=default"}
     if "numpy" in sys.modules:
         return {"applied": None, "why": "NumPy was already loaded"}
-    if forced != "auto":
+    if forced not in ("auto", "measure"):
         os.environ["OPENBLAS_CORETYPE"] = forced
         return {"applied": forced, "why": "MINIVIT_OPENBLAS_KERNELS"}
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return {"applied": None, "why": "chosen only on Linux x86-64"}
-    found = best_kernels(log=log)
+    found = best_kernels(refresh=forced == "measure", log=log)
     if found.get("choice"):
         os.environ["OPENBLAS_CORETYPE"] = found["choice"]
     return {"applied": found.get("choice"), "why": "measured", **found}

@@ -229,6 +229,7 @@ def encoder_forward(x, params, prefix, depth, num_heads, *, drop_path=0.0, **blo
         )
         if keep:
             caches.append(c)
+        del c  # under no_grad() block i's activations go before block i+1 runs
     return x, ops.Cache(blocks=caches if keep else None)
 
 

@@ -68,11 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["bench"]:
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["bench"] and not {"-h", "--help"} & set(words):
         # before NumPy loads (building the parser loads it): the fastest OpenBLAS kernels
         from .blas_kernels import apply_best_kernels
 
-        apply_best_kernels(log=lambda msg: print(msg, file=sys.stderr))
+        try:
+            apply_best_kernels(log=lambda msg: print(msg, file=sys.stderr))
+        except ValueError as exc:  # a bad MINIVIT_OPENBLAS_KERNELS
+            print(f"minivit: {exc}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     from .backend import BackendUnavailable

@@ -56,6 +56,44 @@ def test_best_kernels_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+def test_measure_times_each_kernel_set_once_per_round(monkeypatch):
+    # "Zen" loads the Haswell kernels and "Cooperlake" the SkylakeX ones (as OpenBLAS maps them
+    # on the machine this was written on); "SkylakeX" is OpenBLAS's own pick; the last set
+    # cannot run here.
+    loads = {None: "SkylakeX", "Haswell": "Haswell", "SkylakeX": "SkylakeX", "Zen": "Haswell",
+             "Cooperlake": "SkylakeX"}  # fmt: skip
+    speed = {"SkylakeX": 90.0, "Haswell": 96.0}
+    calls = []
+
+    def probe(name):
+        calls.append(name)
+        if name not in loads:
+            return None
+        return {"arch": loads[name], "gflops": speed[loads[name]] - (len(calls) == 1)}
+
+    monkeypatch.setattr(bk, "_probe", probe)
+    monkeypatch.setattr(bk, "CANDIDATES", ("Haswell", "SkylakeX", "Zen", "Cooperlake", "Nope"))
+    r = bk._measure(rounds=2)
+    assert r["kernels"] == {"default": "SkylakeX", "Haswell": "Haswell"}
+    assert r["gflops_1thread"] == {"default": 90.0, "Haswell": 96.0}  # the best of two rounds
+    assert r["choice"] == "Haswell" and r["detected"] == "SkylakeX"
+    assert calls == [None, "Haswell", "SkylakeX", "Zen", "Cooperlake", "Nope", None, "Haswell"]
+
+
+def test_a_failed_measurement_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(bk, "_probe", lambda name: None)  # e.g. a probe that timed out
+    r = bk.best_kernels()
+    assert r["choice"] is None and "failed" in r["reason"]
+    assert not (tmp_path / "minivit" / "openblas-kernels.json").exists()
+
+
+def test_a_bad_setting_is_refused(monkeypatch):
+    monkeypatch.setenv("MINIVIT_OPENBLAS_KERNELS", "Has well")
+    with pytest.raises(ValueError, match="MINIVIT_OPENBLAS_KERNELS"):
+        bk.apply_best_kernels()
+
+
 def _apply_in_fresh_python(env_extra, tmp_path, after=""):
     """Run apply_best_kernels in an interpreter where NumPy is not loaded; -> its JSON line."""
     code = (

@@ -231,7 +231,10 @@ class HybridViT(ViT):
         )
 
     def _backbone_forward(self, images):
+        """images (B, C, S, S) -> (features (B, F, h, w), cache); the cache is None under
+        ``no_grad()``, where each op's cache is dropped as soon as the next op has run."""
         p = self.params
+        keep = ops.grad_enabled()
         c = ops.Cache()
         k = self.stem_kernel
         stem = BACKBONE + "stem."
@@ -241,7 +244,10 @@ class HybridViT(ViT):
         c.stem_pool = None
         if self.stem_pool:
             x, c.stem_pool = ops.maxpool2d_forward(x, 2)  # (B, stem_chs, S/2, S/2)
-        c.blocks = []
+        if keep:
+            c.blocks = []
+        else:
+            c = None  # inference: the stem's caches go now
         for prefix, _, _, stride, down in self._blocks():
             bc = ops.Cache()
             h, bc.conv1 = ops.conv2d_forward(x, p[prefix + "conv1.weight"], None, stride, 1)
@@ -257,7 +263,9 @@ class HybridViT(ViT):
             else:
                 s = x  # identity shortcut
             x, bc.relu_out = ops.relu_forward(h + s)  # (B, Cout, h', w')
-            c.blocks.append(bc)
+            if keep:
+                c.blocks.append(bc)
+            del bc, h, s  # under no_grad() this block's activations go now
         return x, c  # (B, F, h, w)
 
     def _backbone_backward(self, dx, c, g, input_grad=True):

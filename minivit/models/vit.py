@@ -237,6 +237,8 @@ class ViT(Model):
         c = ops.Cache(train=train)
 
         x = self._embed_forward(images, c)  # (B, N, D)
+        if not ops.grad_enabled():
+            c = ops.Cache(train=train)  # inference: the embedding's caches go now
         cls = xp.broadcast_to(p["cls_token"], (B, 1, D))  # (B, 1, D)
         x = xp.concatenate([cls, x], axis=1)  # (B, T, D)
         x += p["pos_embed"]  # broadcast over the batch

@@ -55,20 +55,40 @@ def grad_enabled() -> bool:
     return getattr(_grad, "enabled", True)
 
 
-@contextlib.contextmanager
-def set_grad_enabled(flag: bool):
-    """Run the block with gradients on (``True``) or off; the previous mode comes back after."""
-    previous = grad_enabled()
-    _grad.enabled = bool(flag)
-    try:
-        yield
-    finally:
-        _grad.enabled = previous
+class set_grad_enabled:
+    """Turn gradients on (``True``) or off for this thread, as ``torch.set_grad_enabled``.
+
+    Called plainly it sets the mode; as ``with set_grad_enabled(flag):`` it sets the mode for
+    the block and puts the previous one back after it, even after an exception.
+    """
+
+    def __init__(self, flag: bool):
+        self._previous = grad_enabled()
+        _grad.enabled = bool(flag)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _grad.enabled = self._previous
+        return False
 
 
-def no_grad():
-    """``with minivit.no_grad(): logits = model.forward(images)``: inference without caches."""
-    return set_grad_enabled(False)
+class no_grad(contextlib.ContextDecorator):
+    """Inference without caches: ``with minivit.no_grad(): logits = model.forward(images)``,
+    or ``@minivit.no_grad()`` on a function. Nests, and restores the mode after an exception."""
+
+    def __init__(self):
+        self._previous = []  # a stack: a decorated function may call itself
+
+    def __enter__(self):
+        self._previous.append(grad_enabled())
+        _grad.enabled = False
+        return self
+
+    def __exit__(self, *exc):
+        _grad.enabled = self._previous.pop()
+        return False
 
 
 def check_grad_cache(op: str, cache) -> None:
