@@ -1,3 +1,3 @@
-from minivit.cli import main
+from minivit.cli import console_main
 
-raise SystemExit(main())
+raise SystemExit(console_main())

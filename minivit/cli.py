@@ -67,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    words = sys.argv[1:] if argv is None else list(argv)
+def console_main() -> int:
+    """The ``minivit`` command (and ``python -m minivit``): for ``bench``, the fastest OpenBLAS
+    kernels first (minivit/blas_kernels.py), then :func:`main`. Tests call :func:`main`
+    itself, which changes no process setting."""
+    words = sys.argv[1:]
     if words[:1] == ["bench"] and not {"-h", "--help"} & set(words):
         # before NumPy loads (building the parser loads it): the fastest OpenBLAS kernels
         from .blas_kernels import apply_best_kernels
@@ -78,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:  # a bad MINIVIT_OPENBLAS_KERNELS
             print(f"minivit: {exc}", file=sys.stderr)
             return 2
+    return main()
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .backend import BackendUnavailable
@@ -93,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console_main())

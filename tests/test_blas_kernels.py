@@ -145,3 +145,17 @@ def test_a_probe_measures_the_detected_set():
     got = bk._probe(None)
     assert got is not None and got["gflops"] > 1.0
     assert got["arch"] == _openblas_arch() or os.environ.get("OPENBLAS_CORETYPE")
+
+
+def _minivit(args, tmp_path, **env):
+    full = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), **env)
+    return subprocess.run([sys.executable, "-m", "minivit", *args], env=full,
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def test_the_command_line_refuses_a_bad_setting_and_help_measures_nothing(tmp_path):
+    bad = _minivit(["bench", "--quick"], tmp_path, MINIVIT_OPENBLAS_KERNELS="a b")
+    assert bad.returncode == 2 and "MINIVIT_OPENBLAS_KERNELS" in bad.stderr
+    helped = _minivit(["bench", "--help"], tmp_path)
+    assert helped.returncode == 0 and "usage" in helped.stdout
+    assert not (tmp_path / "minivit").exists()  # --help timed no kernel set
