@@ -2,9 +2,9 @@
 
 OpenBLAS ships one set of hand-tuned kernels per CPU family and picks one from the CPU's
 features when it is loaded (when NumPy is first imported). The pick is not always the fastest:
-on the AMD EPYC of this project's machines it takes its AVX-512 kernels ("SkylakeX"), which
-that core runs at half width, while its AVX2 kernels ("Haswell", "Zen") measured 5-7% faster
-on a ViT's GEMM shapes (97 against 103-104 GFLOP/s on one thread). The environment variable
+on the AMD EPYC of this project's machines it takes its AVX-512 kernels ("SkylakeX"), while
+its AVX2 kernels ("Haswell"; "Zen" loads the same) measured 4-7% faster on a ViT's GEMM
+shapes (97 against 103-104 GFLOP/s on one thread). The environment variable
 ``OPENBLAS_CORETYPE`` overrides the pick, but only before OpenBLAS is loaded.
 
 :func:`best_kernels` times a float32 GEMM mix (a ViT-Ti block's linear layers at 4 images:
@@ -15,12 +15,12 @@ drops out, and so does one that loads the same kernels as another (OpenBLAS maps
 onto others: here "Zen" loads the "Haswell" kernels and "Cooperlake" the "SkylakeX" ones). The
 result is cached per CPU (model name and feature flags), NumPy version and Python in
 ``$XDG_CACHE_HOME/minivit/openblas-kernels.json`` (``~/.cache`` by default), so the
-measurement (about 4 s) runs once; ``MINIVIT_OPENBLAS_KERNELS=measure`` measures again.
+measurement (about 3 s) runs once; ``MINIVIT_OPENBLAS_KERNELS=measure`` measures again.
 
 Only ``minivit bench`` and ``benchmarks/run.py`` apply it (:func:`apply_best_kernels`), so the
 benchmark shows each library at its best on the CPU; the kernel set in use is recorded with the
 results. Training keeps OpenBLAS's own pick, so that its figures do not move with a GEMM's
-rounding; ``OPENBLAS_CORETYPE=Zen minivit train vit`` (say) gives it the faster set by hand.
+rounding; ``OPENBLAS_CORETYPE=Haswell minivit train vit`` (say) gives it the faster set by hand.
 ``MINIVIT_OPENBLAS_KERNELS=default`` turns the choice off, ``=NAME`` forces one (threadpoolctl,
 recorded with the results, shows the kernels that really loaded).
 
