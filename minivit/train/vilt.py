@@ -45,7 +45,7 @@ __all__ = ["add_arguments", "run", "make_batch", "evaluate", "train"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--steps", type=int, default=7500, help="optimizer steps (default: 7500)")
+    a("--steps", type=int, default=9000, help="optimizer steps (default: 9000)")
     a("--batch-size", type=int, default=32, help="ITM rows per step (default: 32)")
     a("--mlm-batch-size", type=int, default=32, help="MLM rows per step (default: 32)")
     a("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
