@@ -178,6 +178,7 @@ def test_no_grad_frees_each_blocks_activations():
     """With gradients on, the forward holds every block's cache at its end; under no_grad()
     only about one block's activations are alive at a time."""
     sharding.set_enabled(False)
+    _parallel.set_num_threads(1)  # a second thread's temporaries would make the peak vary
     numpy_be = minivit.get_backend("numpy")
     m = _vit(numpy_be, depth=8, img_size=32, embed_dim=32)
     x = _images(numpy_be, 4, size=32)
@@ -190,6 +191,7 @@ def test_no_grad_frees_each_blocks_activations():
 
 def test_no_grad_frees_the_hybrid_backbones_activations():
     sharding.set_enabled(False)
+    _parallel.set_num_threads(1)  # a second thread's temporaries would make the peak vary
     numpy_be = minivit.get_backend("numpy")
     # six residual blocks; after the stem's pool and one stride-2 stage, 64 tokens, so the
     # backbone's activations (not attention) dominate the forward's memory
