@@ -457,21 +457,17 @@ def sgemm_ceiling(backend: str, impl: str = "minivit", n: int | None = None, rep
 # what machine this is
 
 
-def _cpu_name() -> str:
-    from minivit.blas_kernels import cpu_name
-
-    return cpu_name()
-
-
 def environment_info(cfg: BenchConfig) -> dict:
     """Versions, devices, thread counts and BLAS settings, saved beside every result set."""
     import numpy
+
+    from minivit.blas_kernels import cpu_name, last_applied
 
     info = {
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "tf32": bool(cfg.tf32),
         "repeats": cfg.repeats,
@@ -493,8 +489,6 @@ def environment_info(cfg: BenchConfig) -> dict:
             )
         },
     }
-    from minivit.blas_kernels import last_applied
-
     info["openblas_kernels"] = last_applied() or "not chosen (OpenBLAS's own pick)"
     try:
         from threadpoolctl import threadpool_info

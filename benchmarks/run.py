@@ -18,9 +18,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":  # before NumPy loads: the fastest OpenBLAS kernels for this CPU
-    from minivit.blas_kernels import apply_best_kernels
+    from minivit.blas_kernels import apply_for_command
 
-    apply_best_kernels(log=lambda msg: print(msg, file=sys.stderr))
+    apply_for_command()
 
 from benchmarks import harness, report  # noqa: E402
 

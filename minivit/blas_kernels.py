@@ -41,6 +41,7 @@ __all__ = [
     "CANDIDATES",
     "best_kernels",
     "apply_best_kernels",
+    "apply_for_command",
     "last_applied",
     "decide",
     "cache_path",
@@ -215,6 +216,17 @@ def apply_best_kernels(log=None) -> dict:
     _LAST.clear()
     _LAST.update(_apply(log))
     return dict(_LAST)
+
+
+def apply_for_command() -> None:
+    """:func:`apply_best_kernels` at the start of a command (``minivit bench``,
+    ``benchmarks/run.py``): notes go to stderr, and a bad ``MINIVIT_OPENBLAS_KERNELS`` ends
+    the command with exit status 2 and the reason."""
+    try:
+        apply_best_kernels(log=lambda msg: print(msg, file=sys.stderr))
+    except ValueError as exc:
+        print(f"minivit: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def last_applied() -> dict:

@@ -74,13 +74,9 @@ def console_main() -> int:
     words = sys.argv[1:]
     if words[:1] == ["bench"] and not {"-h", "--help"} & set(words):
         # before NumPy loads (building the parser loads it): the fastest OpenBLAS kernels
-        from .blas_kernels import apply_best_kernels
+        from .blas_kernels import apply_for_command
 
-        try:
-            apply_best_kernels(log=lambda msg: print(msg, file=sys.stderr))
-        except ValueError as exc:  # a bad MINIVIT_OPENBLAS_KERNELS
-            print(f"minivit: {exc}", file=sys.stderr)
-            return 2
+        apply_for_command()
     return main()
 
 

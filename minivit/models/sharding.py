@@ -35,7 +35,8 @@ How: a shard is a shallow copy of the model (``copy.copy``) that shares the para
 and keeps its own cache and gradients. After a sharded forward the model's ``_cache`` is a
 :class:`ShardedRun`; ``backward`` sees it and runs the shards' backward the same way. The shards
 run in the gradient mode of the thread that called the forward (``ops.no_grad()`` is per
-thread); under ``no_grad()`` nothing is kept.
+thread). Under ``no_grad()`` the decorated forward keeps no cache, whole or sharded: a model's
+forward just stores its cache, and the decorator drops it.
 """
 
 from __future__ import annotations
@@ -239,7 +240,10 @@ def sharded_forward(batched, check=None):
             if len(shape) >= 1:  # not an array: the whole forward's own checks say so
                 bounds = shard_bounds(self, shape[0], self.forward_draws_random(named))
             if bounds is None:  # the method checks its inputs itself
-                return _run_whole(whole, self, *args, **kwargs)
+                out = _run_whole(whole, self, *args, **kwargs)
+                if not grad_enabled():  # inference: the method's cache is not kept
+                    self._cache = None
+                return out
             if check is not None:  # before the cut, so that errors name the caller's shapes
                 check(self, named)
             self._cache = None  # the shards must not carry the last run's caches along

@@ -447,8 +447,7 @@ class ViLT(Model):
         )
         pooled, c.pool_tanh = ops.tanh_forward(h)  # (B, D)
         c.N = z.shape[1]
-        with_grad = ops.grad_enabled()
-        self._cache = c if with_grad else None
+        self._cache = c  # dropped under no_grad() by the decorator (models/sharding.py)
         return dict(
             text_feats=z[:, :L],
             image_feats=z[:, L:],
@@ -456,7 +455,7 @@ class ViLT(Model):
             text_mask=tmask,
             image_mask=imask,
             patch_index=keep,
-            attn=[b.attn for b in c.encoder.blocks] if with_grad else None,
+            attn=None if c.encoder.blocks is None else [b.attn for b in c.encoder.blocks],
         )
 
     @sharded_backward

@@ -222,8 +222,7 @@ class ViT(Model):
     def forward_features(self, images, train=False):
         """images (B, C, S, S) -> final-norm tokens (B, T, D). Keeps the cache for backward
         (none under ``minivit.no_grad()``)."""
-        x, c = self._features(images, train)
-        self._cache = c if ops.grad_enabled() else None
+        x, self._cache = self._features(images, train)  # dropped under no_grad() (sharding.py)
         return x  # (B, T, D)
 
     def _features(self, images, train):
@@ -267,7 +266,7 @@ class ViT(Model):
         each block's activations are freed as the next block runs, and backward refuses.
         """
         x, c = self._features(images, train)
-        self._cache = c if ops.grad_enabled() else None
+        self._cache = c  # dropped under no_grad() by the decorator (models/sharding.py)
         drop = self.drop_rate if train else 0.0
         if self.global_pool == "token":
             pooled = x[:, 0]  # (B, D) the CLS token

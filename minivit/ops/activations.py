@@ -14,7 +14,6 @@ from ._common import (
     check_float,
     check_grad_cache,
     grad_enabled,
-    set_grad_enabled,
 )
 
 __all__ = ["gelu_forward", "gelu_backward", "tanh_forward", "tanh_backward"]
@@ -37,10 +36,16 @@ def gelu_forward(x, approximate="none"):
     check_float("x", x)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if grad_enabled():
+        return _gelu(x, approximate, derivative=True)
+    out, _ = _gelu(x, approximate, derivative=False)
+    return out, Cache(no_grad=True, approximate=approximate)
+
+
+def _gelu(x, approximate, derivative):
+    """gelu_forward's paths; ``derivative=False`` lets the fast path skip dydx (inference)."""
     be = backend_of(x)
     xp = be.xp
-    if not grad_enabled():
-        return _gelu_inference(x, approximate), Cache(no_grad=True, approximate=approximate)
     if approximate == "none":
         if _fast.use_kernels(x):
             # One fused CuPy kernel; the backward recomputes Phi and phi from x (kernels_cupy).
@@ -52,7 +57,7 @@ def gelu_forward(x, approximate="none"):
             # The cache keeps the derivative instead of Phi (the backward is one product) and
             # not x, which the backward then never reads: the input can be freed (in a ViT,
             # the MLP's widest activation).
-            out, dydx = _fast.gelu_forward_f32(x)
+            out, dydx = _fast.gelu_forward_f32(x, derivative)
             return out, Cache(x=None, cdf=None, dydx=dydx, approximate="none")
         cdf = be.erf(x * _SQRT_HALF)  # (...), erf(x / sqrt 2)
         cdf += 1.0
@@ -67,17 +72,6 @@ def gelu_forward(x, approximate="none"):
     half = t + 1.0
     half *= 0.5
     return x * half, Cache(x=x, t=t, approximate="tanh")
-
-
-def _gelu_inference(x, approximate):
-    """GELU(x) by the same paths as gelu_forward (the same values), without the derivative."""
-    xp = backend_of(x).xp
-    if approximate == "none" and _fast.use_kernels(x):
-        return _fast.kernels_cupy.gelu_forward(x)
-    if approximate == "none" and x.dtype == xp.float32 and _fast.use_fast(x):
-        return _fast.gelu_forward_f32(x, derivative=False)[0]
-    with set_grad_enabled(True):  # the generic forms keep nothing costly: run them as they are
-        return gelu_forward(x, approximate)[0]
 
 
 def gelu_backward(dout, cache):
