@@ -14,7 +14,9 @@ for the backward:
     adamw_update                         AdamW's whole update of one parameter in one pass
 
 The generic ``xp`` code in ``minivit/ops`` stays the reference: ``tests/test_kernels_cupy.py``
-compares every kernel with it and runs the gradient checks on the device. The environment
+compares every kernel with it and runs the gradient checks on the device. Where there is no
+device, ``tests/test_kernels_emulated.py`` runs the same sources (``ELEMENTWISE``, ``RAW``) and
+the launch code below on the CPU through a SIMT emulator, and compiles them with nvcc. The environment
 variable ``MINIVIT_KERNELS=0`` (or :func:`set_enabled`) turns the kernels off.
 
 This module never imports CuPy by name: it reaches it through ``minivit.backend``, and only when
@@ -79,51 +81,45 @@ _SQRT_HALF = "0.7071067811865476"
 _INV_SQRT_2PI = "0.3989422804014327"
 
 
+# (in_params, out_params, operation) of each cupy.ElementwiseKernel. The sources are data so that
+# tests/_cuda_emu.py can compile the same text for the CPU (and with nvcc) where no GPU exists.
+ELEMENTWISE = {
+    "gelu_fwd": (
+        "T x",
+        "T y",
+        f"y = x * (T)0.5 * ((T)1 + erf(x * (T){_SQRT_HALF}))",
+    ),
+    "bias_gelu_fwd": (
+        "T x, T b",
+        "T y, T h",
+        f"h = x + b; y = h * (T)0.5 * ((T)1 + erf(h * (T){_SQRT_HALF}))",
+    ),
+    "gelu_bwd": (
+        "T dy, T x",
+        "T dx",
+        f"""
+        T cdf = (T)0.5 * ((T)1 + erf(x * (T){_SQRT_HALF}));
+        T pdf = exp((T)-0.5 * x * x) * (T){_INV_SQRT_2PI};
+        dx = dy * (cdf + x * pdf)
+        """,
+    ),
+    "adamw": (
+        "T g, T decay, T b1, T b2, T step_size, T eps_hat",
+        "T p, T m, T v",
+        """
+        p = p * decay;
+        m = b1 * m + ((T)1 - b1) * g;
+        v = b2 * v + ((T)1 - b2) * g * g;
+        p = p - step_size * m / (sqrt(v) + eps_hat)
+        """,
+    ),
+}
+
+
 def _elementwise(name):
-    if name in _CACHE:
-        return _CACHE[name]
-    cp = _cp()
-    if name == "gelu_fwd":
-        k = cp.ElementwiseKernel(
-            "T x",
-            "T y",
-            f"y = x * (T)0.5 * ((T)1 + erf(x * (T){_SQRT_HALF}))",
-            "minivit_gelu_fwd",
-        )
-    elif name == "bias_gelu_fwd":
-        k = cp.ElementwiseKernel(
-            "T x, T b",
-            "T y, T h",
-            f"h = x + b; y = h * (T)0.5 * ((T)1 + erf(h * (T){_SQRT_HALF}))",
-            "minivit_bias_gelu_fwd",
-        )
-    elif name == "gelu_bwd":
-        k = cp.ElementwiseKernel(
-            "T dy, T x",
-            "T dx",
-            f"""
-            T cdf = (T)0.5 * ((T)1 + erf(x * (T){_SQRT_HALF}));
-            T pdf = exp((T)-0.5 * x * x) * (T){_INV_SQRT_2PI};
-            dx = dy * (cdf + x * pdf)
-            """,
-            "minivit_gelu_bwd",
-        )
-    elif name == "adamw":
-        k = cp.ElementwiseKernel(
-            "T g, T decay, T b1, T b2, T step_size, T eps_hat",
-            "T p, T m, T v",
-            """
-            p = p * decay;
-            m = b1 * m + ((T)1 - b1) * g;
-            v = b2 * v + ((T)1 - b2) * g * g;
-            p = p - step_size * m / (sqrt(v) + eps_hat)
-            """,
-            "minivit_adamw",
-        )
-    else:
-        raise KeyError(name)
-    _CACHE[name] = k
-    return k
+    if name not in _CACHE:
+        _CACHE[name] = _cp().ElementwiseKernel(*ELEMENTWISE[name], f"minivit_{name}")
+    return _CACHE[name]
 
 
 def gelu_forward(x):
@@ -270,17 +266,23 @@ extern "C" __global__ void minivit_softmax_bwd(const T* dy, const T* __restrict_
 """
 
 
+RAW = {
+    "minivit_ln_fwd": _LN_FWD,
+    "minivit_ln_bwd": _LN_BWD,
+    "minivit_softmax_fwd": _SM_FWD,
+    "minivit_softmax_bwd": _SM_BWD,
+}
+
+
+def raw_source(name, dtype) -> str:
+    """The CUDA source of the row kernel ``name`` for float32 or float64 ``dtype``."""
+    return _ROW_COMMON.replace("{T}", _ctype(dtype)) + RAW[name]
+
+
 def _raw(name, dtype):
     key = (name, dtype.itemsize)
     if key not in _CACHE:
-        src = {
-            "minivit_ln_fwd": _LN_FWD,
-            "minivit_ln_bwd": _LN_BWD,
-            "minivit_softmax_fwd": _SM_FWD,
-            "minivit_softmax_bwd": _SM_BWD,
-        }[name]
-        code = _ROW_COMMON.replace("{T}", _ctype(dtype)) + src
-        _CACHE[key] = _cp().RawKernel(code, name)
+        _CACHE[key] = _cp().RawKernel(raw_source(name, dtype), name)
     return _CACHE[key]
 
 

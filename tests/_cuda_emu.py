@@ -1,0 +1,519 @@
+"""Running minivit's CUDA kernels where no GPU exists: a small SIMT emulator, and nvcc.
+
+The fused kernels of ``minivit/kernels_cupy.py`` are CUDA C++ text handed to CuPy. Without a GPU
+they would never run in CI, so this module runs the same text on the CPU:
+
+* ``FakeCuPy`` stands in for the ``cupy`` module inside ``kernels_cupy`` (``RawKernel``,
+  ``ElementwiseKernel``, ``empty``, ``zeros``, ``int32``, ``cuda.Device``...). Its arrays are
+  NumPy arrays, so the Python side of each kernel (grid and block sizes, argument types, shared
+  memory size, which array is written in place) runs unchanged.
+* A kernel's source is compiled with g++ against ``_HEADER``, which models CUDA's execution: one
+  OS thread per CUDA thread, the blocks of a grid one after another; ``__syncthreads`` and the warp
+  shuffles are barriers (a shuffle writes the lane's value, meets its warp, reads its partner's);
+  ``atomicAdd`` is serialised; dynamic shared memory is one buffer per block.
+* It is strict where a GPU would fail silently, so a test can catch it:
+  - a scalar argument must be the NumPy type whose size the kernel reads (``np.int32`` for
+    ``int``, ``np.int64`` for ``long long``, the array dtype for ``T``); a pointer argument must
+    be a C-contiguous array of the pointed-to type;
+  - every array argument sits between guard bands; a write outside it is reported;
+  - fresh arrays (``empty``) and shared memory start as NaN, so an output or a shared entry
+    that is read before it is written shows up as NaN;
+  - a full-warp shuffle that some lanes of the warp never reach (they returned, or took another
+    branch) is reported instead of hanging (CUDA leaves it undefined).
+
+What it cannot show: speed, memory coalescing, or a race that the OS threads happen not to hit.
+The same text is compiled with ``nvcc`` for the H100/H200's sm_90 by ``nvcc_compile`` (CuPy
+compiles it with NVRTC, the same front end without host headers).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+
+CXX = shutil.which("g++") or shutil.which("c++")
+NVCC = shutil.which("nvcc")
+GUARD = 64  # elements of guard band on each side of every array argument
+TIMEOUT_S = 20  # a barrier that waits longer than this reports a deadlock
+
+_HEADER = r"""
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __shared__ static
+
+using std::erf; using std::exp; using std::log; using std::sqrt; using std::tanh; using std::fabs;
+template <class V> inline V rsqrt(V v) { return V(1) / std::sqrt(v); }
+
+struct dim3 { unsigned x, y, z; };
+static thread_local dim3 threadIdx, blockIdx;
+static dim3 blockDim, gridDim;
+
+namespace simt {
+
+static std::mutex err_mu;
+static std::string error;
+static std::atomic<bool> failed{false};
+
+static void fail(const std::string& what) {
+    std::lock_guard<std::mutex> g(err_mu);
+    if (!failed) error = what;
+    failed = true;
+}
+
+// A barrier for `live` threads. A thread that leaves the kernel stops counting (CUDA's
+// __syncthreads on sm_70+); a wait that is never completed reports a deadlock.
+struct Barrier {
+    std::mutex mu;
+    std::condition_variable cv;
+    int live = 0, arrived = 0;
+    long generation = 0;
+
+    void release_locked() { arrived = 0; ++generation; cv.notify_all(); }
+    void wait(const char* what) {
+        std::unique_lock<std::mutex> lk(mu);
+        long g = generation;
+        if (++arrived >= live) { release_locked(); return; }
+        auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(SIMT_TIMEOUT_S);
+        while (generation == g && !failed) {
+            cv.wait_for(lk, std::chrono::milliseconds(20));
+            if (generation == g && std::chrono::steady_clock::now() > deadline) {
+                fail(std::string("deadlock: ") + what + " was not reached by every thread that "
+                     "is still running (divergent control flow around it)");
+            }
+        }
+    }
+    // A thread returns from the kernel. In a warp (strict) no lane may leave while the others
+    // wait in a shuffle; a block's __syncthreads just stops counting it.
+    void leave(bool strict) {
+        std::lock_guard<std::mutex> lk(mu);
+        --live;
+        if (arrived > 0 && strict) {
+            fail("a lane returned while the rest of its warp waited in a full-mask warp op");
+            release_locked();
+        } else if (arrived > 0 && arrived >= live) {
+            release_locked();
+        }
+    }
+};
+
+struct Warp {
+    Barrier bar;
+    int size = 32;
+    alignas(8) unsigned char slot[32][8];
+};
+
+struct Block {
+    Barrier bar;
+    std::vector<Warp> warps;
+};
+
+static Block* block = nullptr;
+static unsigned char* dynamic_smem = nullptr;
+static std::mutex atomic_mu;
+
+static Warp& my_warp() { return block->warps[threadIdx.x / 32]; }
+
+template <class V> V exchange(unsigned mask, V v, int src_lane, const char* what) {
+    Warp& w = my_warp();
+    if (mask != 0xffffffffu && mask != (w.size == 32 ? 0xffffffffu : (1u << w.size) - 1u)) {
+        fail(std::string(what) + ": the emulator supports full-warp masks only");
+    }
+    {
+        std::lock_guard<std::mutex> lk(w.bar.mu);
+        if (w.bar.live != w.size)
+            fail(std::string(what) + " with a full mask after some lanes of the warp returned");
+    }
+    int lane = threadIdx.x % 32;
+    std::memcpy(w.slot[lane], &v, sizeof(V));
+    w.bar.wait(what);
+    V r = v;
+    if (src_lane >= 0 && src_lane < w.size) std::memcpy(&r, w.slot[src_lane], sizeof(V));
+    w.bar.wait(what);
+    return r;
+}
+
+}  // namespace simt
+
+template <class V> V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
+    return simt::exchange(mask, v, (int)(threadIdx.x % 32) ^ lane_mask, "__shfl_xor_sync");
+}
+template <class V> V __shfl_down_sync(unsigned mask, V v, unsigned delta, int width = 32) {
+    return simt::exchange(mask, v, (int)(threadIdx.x % 32 + delta), "__shfl_down_sync");
+}
+template <class V> V __shfl_sync(unsigned mask, V v, int src_lane, int width = 32) {
+    return simt::exchange(mask, v, src_lane, "__shfl_sync");
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) { simt::my_warp().bar.wait("__syncwarp"); }
+inline void __syncthreads() { simt::block->bar.wait("__syncthreads"); }
+template <class V> V atomicAdd(V* p, V v) {
+    std::lock_guard<std::mutex> g(simt::atomic_mu);
+    V old = *p;
+    *p = old + v;
+    return old;
+}
+
+namespace simt {
+
+// Runs body(args) as a grid of gx blocks of bx threads; blocks one after another.
+static int launch(unsigned gx, unsigned bx, unsigned long long shmem, void (*body)(void**),
+                  void** args, char* err, int errlen) {
+    failed = false;
+    error.clear();
+    gridDim = {gx, 1, 1};
+    blockDim = {bx, 1, 1};
+    std::vector<unsigned char> smem(shmem + 16, 0xff);  // 0xff..: NaN until written
+    dynamic_smem = smem.data();
+    for (unsigned b = 0; b < gx && !failed; ++b) {
+        Block blk;
+        blk.bar.live = (int)bx;
+        blk.warps = std::vector<Warp>((bx + 31) / 32);
+        for (unsigned w = 0; w < blk.warps.size(); ++w) {
+            int size = (int)std::min(32u, bx - 32 * w);
+            blk.warps[w].size = size;
+            blk.warps[w].bar.live = size;
+        }
+        block = &blk;
+        std::vector<std::thread> threads;
+        threads.reserve(bx);
+        for (unsigned t = 0; t < bx; ++t) {
+            threads.emplace_back([&blk, b, t, body, args] {
+                threadIdx = {t, 0, 0};
+                blockIdx = {b, 0, 0};
+                body(args);
+                blk.warps[t / 32].bar.leave(true);
+                blk.bar.leave(false);
+            });
+        }
+        for (auto& th : threads) th.join();
+        block = nullptr;
+    }
+    if (failed) std::snprintf(err, errlen, "%s", error.c_str());
+    return failed ? 1 : 0;
+}
+
+}  // namespace simt
+""".replace("SIMT_TIMEOUT_S", str(TIMEOUT_S))
+
+_LAUNCH = r"""
+static void simt_body(void** a) { %(name)s(%(args)s); }
+extern "C" int simt_run(unsigned gx, unsigned bx, unsigned long long shmem, void** a,
+                        char* err, int errlen) {
+    return simt::launch(gx, bx, shmem, simt_body, a, err, errlen);
+}
+"""
+
+_CTYPES = {
+    "float": (np.float32, ctypes.c_float),
+    "double": (np.float64, ctypes.c_double),
+    "int": (np.int32, ctypes.c_int),
+    "long long": (np.int64, ctypes.c_longlong),
+    "unsigned": (np.uint32, ctypes.c_uint),
+    "unsigned int": (np.uint32, ctypes.c_uint),
+}
+_CNAME = {np.dtype(v[0]): k for k, v in _CTYPES.items() if k != "unsigned int"}
+
+_BUILD_DIR = None
+_LAUNCH_LOCK = threading.Lock()  # one launch at a time, as on one CUDA stream
+_LIBS: dict[str, ctypes.CDLL] = {}
+
+
+class EmulatorError(RuntimeError):
+    """The emulated kernel did something that is wrong (or undefined) on a GPU."""
+
+
+def _build(source: str) -> ctypes.CDLL:
+    """g++ ``source`` into a shared library (cached per source text, per process)."""
+    global _BUILD_DIR
+    key = hashlib.sha1(source.encode()).hexdigest()[:16]
+    if key not in _LIBS:
+        if CXX is None:
+            raise EmulatorError("no C++ compiler (g++) on this machine")
+        if _BUILD_DIR is None:
+            _BUILD_DIR = tempfile.mkdtemp(prefix="minivit-simt-")
+        src = os.path.join(_BUILD_DIR, f"{key}.cpp")
+        lib = os.path.join(_BUILD_DIR, f"{key}.so")
+        with open(src, "w") as f:
+            f.write(source)
+        cmd = [CXX, "-std=c++17", "-O1", "-pthread", "-shared", "-fPIC", "-w", "-o", lib, src]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise EmulatorError(f"g++ failed on the kernel source:\n{done.stderr[-4000:]}")
+        _LIBS[key] = ctypes.CDLL(lib)
+    return _LIBS[key]
+
+
+def _resolve(ctype: str, typedefs: dict[str, str]) -> str:
+    ctype = " ".join(ctype.replace("const", " ").split())
+    return typedefs.get(ctype, ctype)
+
+
+def _params(decl: str) -> list[tuple[str, str, bool]]:
+    """'const T* __restrict__ x, long long M' -> [('T', 'x', True), ('long long', 'M', False)]."""
+    out = []
+    for p in decl.split(","):
+        p = p.replace("__restrict__", " ").strip()
+        m = re.fullmatch(r"(.*?)\s*(\**)\s*(\w+)", p, re.S)
+        if not m or not m.group(1):
+            raise EmulatorError(f"cannot read the parameter {p!r}")
+        out.append((" ".join(m.group(1).split()), m.group(3), bool(m.group(2))))
+    return out
+
+
+class _Guarded:
+    """Host copies of the array arguments, each between NaN guard bands; aliases share one."""
+
+    def __init__(self):
+        self.items: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def pointer(self, a: np.ndarray) -> int:
+        key = (a.__array_interface__["data"][0], a.nbytes)
+        for (start, nbytes), _ in self.items.items():
+            overlap = start < key[0] + key[1] and key[0] < start + nbytes
+            if overlap and (start, nbytes) != key:
+                raise EmulatorError("two array arguments overlap without being the same array")
+        if key not in self.items:
+            buf = np.full(a.size + 2 * GUARD, np.nan, a.dtype)
+            buf[GUARD : GUARD + a.size] = a.reshape(-1)
+            self.items[key] = (a, buf)
+        return self.items[key][1][GUARD:].ctypes.data
+
+    def finish(self, where: str):
+        """Copy the results back; fail if a guard band was written."""
+        for a, buf in self.items.values():
+            for band in (buf[:GUARD], buf[GUARD + a.size :]):
+                if not np.isnan(band).all():
+                    raise EmulatorError(f"{where} wrote outside an array argument {a.shape}")
+            if a.flags.writeable:  # (a read-only argument is an input's broadcast view)
+                a.reshape(-1)[...] = buf[GUARD : GUARD + a.size]
+
+
+def _run(lib: ctypes.CDLL, grid: int, block: int, shmem: int, values: list, where: str):
+    ptrs = (ctypes.c_void_p * max(len(values), 1))(
+        *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
+    )
+    err = ctypes.create_string_buffer(1024)
+    with _LAUNCH_LOCK:  # the emulator's grid state is global; ctypes lets go of the GIL
+        rc = lib.simt_run(
+            ctypes.c_uint(grid), ctypes.c_uint(block), ctypes.c_ulonglong(shmem), ptrs, err, 1024
+        )
+    if rc:
+        raise EmulatorError(f"{where}: {err.value.decode()}")
+
+
+def _dims(d) -> int:
+    d = tuple(d) if isinstance(d, (tuple, list)) else (d,)
+    if any(int(v) != 1 for v in d[1:]):
+        raise EmulatorError(f"the emulator runs 1-D grids and blocks only, got {d}")
+    return int(d[0])
+
+
+class RawKernel:
+    """``cupy.RawKernel(code, name)``: ``kernel(grid, block, args, shared_mem=0)``."""
+
+    def __init__(self, code: str, name: str, **_options):
+        self.code, self.name = code, name
+        m = re.search(
+            r'extern\s+"C"\s+__global__\s+void\s+' + re.escape(name) + r"\s*\(([^)]*)\)", code
+        )
+        if not m:
+            raise EmulatorError(f'no extern "C" __global__ void {name}(...) in the source')
+        self.params = _params(m.group(1))
+        typedefs = re.findall(r"typedef\s+([\w ]+?)\s+(\w+)\s*;", code)
+        self.typedefs = {alias: ctype for ctype, alias in typedefs}
+        self._lib = None
+
+    def cpu_source(self) -> str:
+        # `extern __shared__ T name[];` is the block's dynamic shared memory
+        code = re.sub(
+            r"extern\s+__shared__\s+([\w ]+?)\s+(\w+)\s*\[\s*\]\s*;",
+            r"\1* \2 = reinterpret_cast<\1*>(simt::dynamic_smem);",
+            self.code,
+        )
+        args = ", ".join(
+            f"*reinterpret_cast<{t}{'*' if ptr else ''}*>(a[{i}])"
+            for i, (t, _, ptr) in enumerate(self.params)
+        )
+        return _HEADER + code + _LAUNCH % {"name": self.name, "args": args}
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        if len(args) != len(self.params):
+            raise EmulatorError(f"{self.name} takes {len(self.params)} arguments, got {len(args)}")
+        if self._lib is None:
+            self._lib = _build(self.cpu_source())
+        guarded, values = _Guarded(), []
+        for (ctype, pname, ptr), a in zip(self.params, args):
+            base = _resolve(ctype, self.typedefs)
+            want = _CTYPES.get(base)
+            if want is None:
+                raise EmulatorError(f"{self.name}: the emulator has no type {base!r} ({pname})")
+            if ptr:
+                if not (isinstance(a, np.ndarray) and a.flags.c_contiguous):
+                    raise EmulatorError(f"{self.name}: {pname} needs a C-contiguous array")
+                if a.dtype != want[0]:
+                    raise EmulatorError(f"{self.name}: {pname} is {base}*, got a {a.dtype} array")
+                values.append(ctypes.c_void_p(guarded.pointer(a)))
+            else:
+                if type(a) is not want[0]:
+                    raise EmulatorError(
+                        f"{self.name}: {pname} is {base} ({np.dtype(want[0]).itemsize} bytes); "
+                        f"pass np.{np.dtype(want[0]).name}, not {type(a).__name__}"
+                    )
+                values.append(want[1](a.item()))
+        _run(self._lib, _dims(grid), _dims(block), int(shared_mem), values, self.name)
+        guarded.finish(self.name)
+
+
+class ElementwiseKernel:
+    """``cupy.ElementwiseKernel(in_params, out_params, operation, name)``, type parameter T.
+
+    Inputs broadcast against each other and against given outputs; missing outputs are allocated
+    (NaN-filled). Scalars (NumPy scalars or 0-d arrays) are passed by value. T is the dtype of
+    the first array argument declared T."""
+
+    def __init__(self, in_params: str, out_params: str, operation: str, name: str, **_options):
+        self.ins = [tuple(p.split()) for p in in_params.split(",")]
+        self.outs = [tuple(p.split()) for p in out_params.split(",")]
+        self.operation, self.name = operation, name
+
+    def _source(self, ctype: str, scalars: tuple[bool, ...], cuda: bool) -> str:
+        lines, params = [], []
+        for i, ((t, n), sc) in enumerate(zip(self.ins + self.outs, scalars)):
+            t = ctype if t == "T" else t
+            out = i >= len(self.ins)
+            if cuda:
+                params.append(f"{t} {n}_" if sc else f"{'' if out else 'const '}{t}* {n}_")
+                ref = f"{n}_" if sc else f"{n}_[i]"
+            else:
+                ref = f"*({t}*)a[{i}]" if sc else f"(*({t}**)a[{i}])[i]"
+            lines.append(f"{t}& {n} = {ref};" if out else f"const {t} {n} = {ref};")
+        body = "\n        ".join(lines) + f"\n        {self.operation.strip()};"
+        if cuda:
+            return (
+                f"typedef {ctype} T;\n"
+                f'extern "C" __global__ void {self.name}_{ctype}('
+                f"long long n, {', '.join(params)}) {{\n"
+                "    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
+                f"    if (i < n) {{\n        {body}\n    }}\n}}\n"
+            )
+        return (
+            f"{_HEADER}\ntypedef {ctype} T;\n"
+            'extern "C" int simt_run(long long n, void** a) {\n'
+            f"    for (long long i = 0; i < n; ++i) {{\n        {body}\n    }}\n    return 0;\n}}\n"
+        )
+
+    def cuda_source(self, dtype) -> str:
+        """The kernel as a CUDA __global__ function over arrays (every argument an array)."""
+        n = len(self.ins) + len(self.outs)
+        return self._source(_CNAME[np.dtype(dtype)], (False,) * n, cuda=True)
+
+    def __call__(self, *args):
+        n_in, n_out = len(self.ins), len(self.outs)
+        if len(args) not in (n_in, n_in + n_out):
+            raise EmulatorError(f"{self.name} takes {n_in} or {n_in + n_out} arguments")
+        outs = list(args[n_in:]) or [None] * n_out
+        decl = self.ins + self.outs
+        arrays = [a for a in args if isinstance(a, np.ndarray) and a.ndim > 0]
+        typed = [a for (t, _), a in zip(decl, args) if t == "T" and isinstance(a, np.ndarray)]
+        if not typed:
+            raise EmulatorError(f"{self.name}: no array argument fixes T")
+        dtype = typed[0].dtype
+        shape = np.broadcast_shapes(*[a.shape for a in arrays])
+        for i, o in enumerate(outs):
+            if o is None:
+                outs[i] = np.full(shape, np.nan, dtype)
+            elif o.shape != shape or not o.flags.c_contiguous:
+                raise EmulatorError(f"{self.name}: output {i} must be C-contiguous, {shape}")
+        values, scalars = [], []
+        guarded = _Guarded()
+        for (t, n), a in zip(decl, list(args[:n_in]) + outs):
+            want = dtype if t == "T" else np.dtype(_CTYPES[t][0])
+            if isinstance(a, np.ndarray) and a.ndim > 0:
+                if a.dtype != want:
+                    raise EmulatorError(f"{self.name}: {n} is {want}, got {a.dtype}")
+                if any(a is o for o in outs):
+                    values.append(ctypes.c_void_p(guarded.pointer(a)))
+                else:
+                    b = np.ascontiguousarray(np.broadcast_to(a, shape))
+                    values.append(ctypes.c_void_p(guarded.pointer(b)))
+                scalars.append(False)
+            else:
+                values.append(_CTYPES[_CNAME[want]][1](want.type(a).item()))
+                scalars.append(True)
+        lib = _build(self._source(_CNAME[dtype], tuple(scalars), cuda=False))
+        ptrs = (ctypes.c_void_p * len(values))(
+            *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
+        )
+        with _LAUNCH_LOCK:
+            lib.simt_run(ctypes.c_longlong(int(np.prod(shape))), ptrs)
+        guarded.finish(self.name)
+        return outs[0] if n_out == 1 else tuple(outs)
+
+
+def _nan_empty(shape, dtype=np.float64, **_):
+    return np.full(shape, np.nan, dtype)
+
+
+def _nan_empty_like(a, dtype=None, **_):
+    return np.full(a.shape, np.nan, a.dtype if dtype is None else dtype)
+
+
+def fake_cupy(multiprocessors: int = 2) -> SimpleNamespace:
+    """A stand-in for the ``cupy`` module as kernels_cupy uses it, backed by the emulator.
+
+    ``multiprocessors`` is what ``cuda.Device().attributes['MultiProcessorCount']`` answers; a
+    small count makes the grid-stride loops take more than one turn."""
+    device = SimpleNamespace(attributes={"MultiProcessorCount": multiprocessors})
+    return SimpleNamespace(
+        RawKernel=RawKernel,
+        ElementwiseKernel=ElementwiseKernel,
+        empty=_nan_empty,
+        empty_like=_nan_empty_like,
+        zeros=np.zeros,
+        int32=np.int32,
+        int64=np.int64,
+        float32=np.float32,
+        float64=np.float64,
+        cuda=SimpleNamespace(Device=lambda *a: device),
+    )
+
+
+def nvcc_compile(sources: dict[str, str], arch: str = "sm_90") -> str:
+    """Compile each CUDA source (its own namespace, one translation unit) to a cubin for ``arch``.
+
+    Returns nvcc's stderr; raises EmulatorError when nvcc fails."""
+    if NVCC is None:
+        raise EmulatorError("no nvcc on this machine")
+    unit = "\n".join(f"namespace k_{i} {{\n{src}\n}}" for i, src in enumerate(sources.values()))
+    with tempfile.TemporaryDirectory(prefix="minivit-nvcc-") as d:
+        src = os.path.join(d, "kernels.cu")
+        with open(src, "w") as f:
+            f.write(unit)
+        cmd = [NVCC, f"-arch={arch}", "--cubin", "-o", os.path.join(d, "k.cubin"), src]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise EmulatorError(f"nvcc failed ({', '.join(sources)}):\n{done.stderr[-4000:]}")
+    return done.stderr

@@ -1,0 +1,324 @@
+"""The fused CuPy kernels, run on the CPU by a SIMT emulator and compiled with nvcc for sm_90.
+
+``test_kernels_cupy.py`` runs the kernels on a GPU; where there is none (CI, most sessions) this
+file runs the same CUDA text and the same Python launch code (``minivit/kernels_cupy.py`` with
+``tests/_cuda_emu.py``'s stand-in for the ``cupy`` module) on the CPU, and compares each kernel
+with the generic NumPy op it replaces, as the device test does. The emulator's own checks come
+first: each shows a mistake it must catch (so a green run here means something). Skipped, with
+the reason, where g++ (or, for the compile check, nvcc) is missing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import _cuda_emu as emu
+import numpy as np
+import pytest
+from _paths import both, close
+
+from minivit import gradcheck as gc
+from minivit import kernels_cupy, ops
+
+if emu.CXX is None:
+    pytest.skip("the SIMT emulator needs g++", allow_module_level=True)
+
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(autouse=True)
+def emulated(monkeypatch):
+    """kernels_cupy builds and launches its kernels through the emulator (one multiprocessor,
+    so the layernorm backward's grid-stride loop takes several turns)."""
+    fake = emu.fake_cupy(multiprocessors=1)
+    monkeypatch.setattr(kernels_cupy, "_cp", lambda: fake)
+    monkeypatch.setattr(kernels_cupy, "_CACHE", {})
+    return fake
+
+
+def _close(ref, got, dtype):
+    close(ref, got, dtype, tol32=(1e-4, 3e-5), tol64=(1e-10, 1e-11))
+
+
+def _normal(rng, shape, dtype, scale=1.0, shift=0.0):
+    return (rng.standard_normal(shape) * scale + shift).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# the emulator catches what a GPU would get wrong silently
+
+_PROBE = r"""
+typedef float T;
+__device__ __forceinline__ T warp_sum(T v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+extern "C" __global__ void probe(const T* x, T* y, int n, int mode) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (mode == 1 && threadIdx.x % 32 == 5) return;   // one lane leaves its warp
+    T v = i < n ? x[i] : (T)0;
+    T s = warp_sum(v);                                 // every lane gets its warp's total
+    if (mode == 2) { y[i + 1] = s; return; }           // one past the end for the last thread
+    if (i < n) y[i] = s;
+}
+"""
+
+
+def _probe(x, mode, n_type=np.int32):
+    y = np.full_like(x, np.nan)
+    k = emu.RawKernel(_PROBE, "probe")
+    k((math.ceil(x.size / 64),), (64,), (x, y, n_type(x.size), np.int32(mode)))
+    return y
+
+
+def test_emulator_warp_shuffles_reach_across_lanes():
+    x = np.arange(100, dtype=np.float32)
+    want = np.repeat([x[i : i + 32].sum() for i in range(0, 128, 32)], 32)[:100]
+    np.testing.assert_array_equal(_probe(x, 0), want)
+
+
+def test_emulator_reports_a_shuffle_after_a_lane_returned():
+    with pytest.raises(emu.EmulatorError, match="returned"):
+        _probe(np.ones(64, np.float32), 1)
+
+
+def test_emulator_reports_a_write_out_of_bounds():
+    with pytest.raises(emu.EmulatorError, match="outside an array"):
+        _probe(np.ones(64, np.float32), 2)
+
+
+def test_emulator_rejects_a_scalar_of_the_wrong_size():
+    with pytest.raises(emu.EmulatorError, match="pass np.int32, not int64"):
+        _probe(np.ones(64, np.float32), 0, n_type=np.int64)
+
+
+def test_emulator_leaves_unwritten_outputs_nan(emulated):
+    assert np.isnan(emulated.empty_like(np.ones(3, np.float32))).all()
+
+
+def test_a_softmax_without_its_warp_reduction_is_caught(monkeypatch, rng):
+    """Mutation check: the kernel with each lane's partial sum in place of the warp's total
+    (rows longer than a warp) must not pass the comparison below."""
+    broken = kernels_cupy.RAW["minivit_softmax_fwd"].replace(
+        "T inv = (T)1 / warp_sum(s);", "T inv = (T)1 / s;"
+    )
+    assert broken != kernels_cupy.RAW["minivit_softmax_fwd"]
+    monkeypatch.setitem(kernels_cupy.RAW, "minivit_softmax_fwd", broken)
+    x = _normal(rng, (4, 70), np.float64)
+    with pytest.raises(AssertionError):
+        _close(ops.softmax_forward(x)[0], kernels_cupy.softmax_forward(x), np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# each kernel against the generic NumPy op
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu(dtype, rng):
+    x = _normal(rng, (7, 33, 13), dtype, 3)
+    d = _normal(rng, (7, 33, 13), dtype)
+    y, c = ops.gelu_forward(x)
+    _close(
+        (y, ops.gelu_backward(d, c)[0]),
+        (kernels_cupy.gelu_forward(x), kernels_cupy.gelu_backward(d, x)),
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_gelu_matches_bias_then_gelu(dtype, rng):
+    x = _normal(rng, (50, 96), dtype, 2)
+    b = _normal(rng, (96,), dtype)
+    y, h = kernels_cupy.bias_gelu_forward(x, b)
+    _close((ops.gelu_forward(x + b)[0], x + b), (y, h), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 41, 7), (2, 13, 32), (37, 192), (5, 1030)])
+def test_layernorm(dtype, shape, rng):
+    D = shape[-1]
+    x = _normal(rng, shape, dtype, 2, 3)
+    g, b = _normal(rng, (D,), dtype), _normal(rng, (D,), dtype)
+    d = _normal(rng, shape, dtype)
+    y, c = ops.layernorm_forward(x, g, b, 1e-6)
+    ref = (y,) + ops.layernorm_backward(d, c)
+    out, mean, rstd = kernels_cupy.layernorm_forward(x, g, b, 1e-6)
+    got = (out,) + kernels_cupy.layernorm_backward(d, x, mean, rstd, g)
+    _close(ref, got, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [1, 5, 197, 1100])
+def test_softmax(dtype, N, rng):
+    shape = (2, 9, N) if N < 1000 else (3, N)
+    x = _normal(rng, shape, dtype, 8)
+    d = _normal(rng, shape, dtype)
+    y, c = ops.softmax_forward(x)
+    ref = (y, ops.softmax_backward(d, c)[0])
+    yk = kernels_cupy.softmax_forward(x)
+    _close(ref, (yk, kernels_cupy.softmax_backward(d, yk)), dtype)
+
+
+def test_softmax_scale_and_in_place(rng):
+    """Attention's use (ops/_fast.py): the scale folded in, the scores overwritten in place."""
+    x = _normal(rng, (20, 77), np.float64)
+    d = _normal(rng, (20, 77), np.float64)
+    y_ref, c = ops.softmax_forward(x * 0.125)
+    dx_ref = ops.softmax_backward(d, c)[0] * 0.125
+    y = kernels_cupy.softmax_forward(x, 0.125, out=x)
+    assert y is x
+    dx = kernels_cupy.softmax_backward(d, y, 0.125, out=d)
+    assert dx is d
+    _close((y_ref, dx_ref), (y, dx), np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adamw_update_matches_the_optimizer(dtype, rng):
+    from minivit.optim import AdamW
+
+    p0, g = _normal(rng, (300,), dtype), _normal(rng, (300,), dtype)
+    opt = AdamW({"w": p0.copy()}, lr=1e-3, weight_decay=0.05, no_decay=lambda n, p: False)
+    for _ in range(3):
+        opt.step({"w": g})
+    p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+    b1, b2, eps, lr, wd = 0.9, 0.999, 1e-8, 1e-3, 0.05
+    for t in range(1, 4):
+        bc2 = math.sqrt(1 - b2**t)
+        kernels_cupy.adamw_update(
+            p,
+            g,
+            m,
+            v,
+            b1=b1,
+            b2=b2,
+            step_size=lr * bc2 / (1 - b1**t),
+            eps_hat=eps * bc2,
+            decay=1 - lr * wd,
+        )
+    _close(opt.params["w"], p, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernels' backward against their own forward: float64 directional derivatives
+
+
+def test_gradcheck_fused_kernels(rng):
+    x = rng.standard_normal((3, 5, 40))
+    g, b = rng.standard_normal(40), rng.standard_normal(40)
+
+    def ln_fwd(x, g, b):
+        out, mean, rstd = kernels_cupy.layernorm_forward(x, g, b, 1e-6)
+        return out, (x, mean, rstd, g)
+
+    def ln_bwd(dout, c):
+        return kernels_cupy.layernorm_backward(dout, *c)
+
+    def sm_fwd(x):
+        y = kernels_cupy.softmax_forward(x, 0.7)
+        return y, y
+
+    def sm_bwd(dout, y):
+        return (kernels_cupy.softmax_backward(dout, y, 0.7),)
+
+    def gelu_fwd(x):
+        return kernels_cupy.gelu_forward(x), x
+
+    def gelu_bwd(dout, x):
+        return (kernels_cupy.gelu_backward(dout, x),)
+
+    gc.check_backward(ln_fwd, ln_bwd, (x * 2 + 1, g, b)).assert_ok()
+    gc.check_backward(sm_fwd, sm_bwd, (x * 3,)).assert_ok()
+    gc.check_backward(gelu_fwd, gelu_bwd, (x,)).assert_ok()
+
+
+# ----------------------------------------------------------------------------------------------
+# the CUDA text compiles for the H100/H200 (sm_90), as CuPy will compile it there
+
+
+@pytest.mark.skipif(emu.NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_kernel_compiles_for_sm90(dtype):
+    dt = np.dtype(dtype)
+    sources = {name: kernels_cupy.raw_source(name, dt) for name in kernels_cupy.RAW}
+    for name, spec in kernels_cupy.ELEMENTWISE.items():
+        sources[name] = emu.ElementwiseKernel(*spec, f"minivit_{name}").cuda_source(dt)
+    emu.nvcc_compile(sources, arch="sm_90")
+
+
+# ----------------------------------------------------------------------------------------------
+# the ops and a whole model on their fused branches, kernels on against kernels off
+
+
+@pytest.fixture
+def fused_on_numpy(monkeypatch):
+    """The ops take their fused-kernel branches for C-contiguous NumPy float arrays, as they do
+    for CuPy arrays on a GPU (the branch that never runs on a CPU otherwise)."""
+
+    def use(*arrays):
+        return kernels_cupy.enabled() and all(
+            a is None or (isinstance(a, np.ndarray) and a.flags.c_contiguous
+                          and a.dtype.kind == "f" and a.dtype.itemsize in (4, 8))
+            for a in arrays
+        )  # fmt: skip
+
+    prev = kernels_cupy.enabled()
+    monkeypatch.setattr(kernels_cupy, "use_kernels", use)
+    yield
+    kernels_cupy.set_enabled(prev)
+
+
+def _both(fn):
+    return both(kernels_cupy.set_enabled, fn)
+
+
+@pytest.mark.usefixtures("fused_on_numpy")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_on_their_fused_branch(dtype, rng):
+    x = _normal(rng, (4, 9, 48), dtype, 2, 1)
+    g, b = _normal(rng, (48,), dtype), _normal(rng, (48,), dtype)
+    d = _normal(rng, x.shape, dtype)
+
+    def run():
+        y1, c1 = ops.layernorm_forward(x, g, b)
+        y2, c2 = ops.gelu_forward(x)
+        y3, c3 = ops.softmax_forward(x)
+        fused = [getattr(c, "fused", False) for c in (c1, c2)]
+        grads = ops.layernorm_backward(d, c1) + ops.gelu_backward(d, c2)
+        return (y1, y2, y3) + grads + ops.softmax_backward(d, c3), fused
+
+    (ref, fused_off), (got, fused_on) = _both(run)
+    assert fused_off == [False, False] and fused_on == [True, True]
+    _close(ref, got, dtype)
+
+
+@pytest.mark.usefixtures("fused_on_numpy")
+def test_vit_train_steps_with_the_fused_kernels(rng):
+    """Two AdamW steps of a small ViT (float64): logits, every gradient and the updated
+    parameters agree with the generic path, so the fused caches flow through the blocks."""
+    from minivit.models import ViT
+    from minivit.optim import AdamW
+
+    x = rng.standard_normal((2, 3, 8, 8))
+    y = np.array([1, 4])
+
+    def run():
+        v = ViT(img_size=8, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=2,
+                num_heads=2, dtype="float64", seed=0)  # fmt: skip
+        opt = AdamW(v.params, lr=1e-2)
+        out = []
+        for _ in range(2):
+            logits = v.forward(x)
+            _, c = ops.cross_entropy_forward(logits, y)
+            v.backward(ops.cross_entropy_backward(np.float64(1.0), c)[0])
+            out += [logits, dict(v.grads)]
+            opt.step(v.grads)
+        return out + [dict(v.params)]
+
+    ref, got = _both(run)
+    used = {"gelu_fwd", "gelu_bwd", "adamw", ("minivit_ln_fwd", 8), ("minivit_ln_bwd", 8)}
+    assert used <= set(kernels_cupy._CACHE)  # the kernels did run
+    assert ref[1].keys() == got[1].keys()
+    for r, g in zip(ref, got):
+        if isinstance(r, dict):
+            r, g = tuple(r.values()), tuple(g[k] for k in r)
+        _close(r, g, np.float64)
