@@ -16,8 +16,9 @@ for the backward:
 The generic ``xp`` code in ``minivit/ops`` stays the reference: ``tests/test_kernels_cupy.py``
 compares every kernel with it and runs the gradient checks on the device. Where there is no
 device, ``tests/test_kernels_emulated.py`` runs the same sources (``ELEMENTWISE``, ``RAW``) and
-the launch code below on the CPU through a SIMT emulator, and compiles them with nvcc. The environment
-variable ``MINIVIT_KERNELS=0`` (or :func:`set_enabled`) turns the kernels off.
+the launch code below on the CPU through a SIMT emulator, and compiles them with nvcc.
+Walk-through: ``docs/kernels.md``. The environment variable ``MINIVIT_KERNELS=0`` (or
+:func:`set_enabled`) turns the kernels off.
 
 This module never imports CuPy by name: it reaches it through ``minivit.backend``, and only when
 a kernel is first used, so it imports cleanly on machines without CuPy.

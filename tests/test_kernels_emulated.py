@@ -16,6 +16,8 @@ import _cuda_emu as emu
 import numpy as np
 import pytest
 from _paths import both, close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from minivit import gradcheck as gc
 from minivit import kernels_cupy, ops
@@ -157,6 +159,31 @@ def test_softmax(dtype, N, rng):
     ref = (y, ops.softmax_backward(d, c)[0])
     yk = kernels_cupy.softmax_forward(x)
     _close(ref, (yk, kernels_cupy.softmax_backward(d, yk)), dtype)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    rows=st.integers(1, 20),
+    width=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    shift=st.sampled_from([0.0, 1e3]),
+    seed=st.integers(0, 2**31),
+)
+def test_row_kernels_on_drawn_shapes(rows, width, dtype, shift, seed):
+    """Layernorm and softmax, forward and backward, on drawn row counts and widths (rows that do
+    not fill a block, widths below, at and above a warp) and far-from-zero rows."""
+    rng = np.random.default_rng(seed)
+    x = _normal(rng, (rows, width), dtype, 3, shift)
+    d = _normal(rng, (rows, width), dtype)
+    g, b = _normal(rng, (width,), dtype), _normal(rng, (width,), dtype)
+    y, c = ops.layernorm_forward(x, g, b, 1e-5)
+    out, mean, rstd = kernels_cupy.layernorm_forward(x, g, b, 1e-5)
+    ref = (y,) + ops.layernorm_backward(d, c)
+    got = (out,) + kernels_cupy.layernorm_backward(d, x, mean, rstd, g)
+    _close(ref, got, dtype)
+    p, c = ops.softmax_forward(x)
+    pk = kernels_cupy.softmax_forward(x)
+    _close((p, ops.softmax_backward(d, c)[0]), (pk, kernels_cupy.softmax_backward(d, pk)), dtype)
 
 
 def test_softmax_scale_and_in_place(rng):
