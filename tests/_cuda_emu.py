@@ -158,14 +158,21 @@ template <class V> V exchange(unsigned mask, V v, int src_lane, const char* what
 
 }  // namespace simt
 
+// CUDA's source lanes, with `width` (a power of two <= 32) splitting the warp into segments: a
+// lane may read an earlier segment but not a later one, and then keeps its own value.
 template <class V> V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
-    return simt::exchange(mask, v, (int)(threadIdx.x % 32) ^ lane_mask, "__shfl_xor_sync");
+    int lane = threadIdx.x % 32, src = lane ^ lane_mask;
+    if (src >= (lane / width + 1) * width) src = lane;
+    return simt::exchange(mask, v, src, "__shfl_xor_sync");
 }
 template <class V> V __shfl_down_sync(unsigned mask, V v, unsigned delta, int width = 32) {
-    return simt::exchange(mask, v, (int)(threadIdx.x % 32 + delta), "__shfl_down_sync");
+    int lane = threadIdx.x % 32;
+    int src = lane % width + (int)delta < width ? lane + (int)delta : lane;
+    return simt::exchange(mask, v, src, "__shfl_down_sync");
 }
 template <class V> V __shfl_sync(unsigned mask, V v, int src_lane, int width = 32) {
-    return simt::exchange(mask, v, src_lane, "__shfl_sync");
+    int lane = threadIdx.x % 32;
+    return simt::exchange(mask, v, lane / width * width + src_lane % width, "__shfl_sync");
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { simt::my_warp().bar.wait("__syncwarp"); }
 inline void __syncthreads() { simt::block->bar.wait("__syncthreads"); }
@@ -185,8 +192,10 @@ static int launch(unsigned gx, unsigned bx, unsigned long long shmem, void (*bod
     error.clear();
     gridDim = {gx, 1, 1};
     blockDim = {bx, 1, 1};
-    std::vector<unsigned char> smem(shmem + 16, 0xff);  // 0xff..: NaN until written
-    dynamic_smem = smem.data();
+    // The block's dynamic shared memory between guard bands; 0xff..: NaN until written.
+    const size_t G = 4096;
+    std::vector<unsigned char> smem(shmem + 2 * G, 0xff);
+    dynamic_smem = smem.data() + G;
     for (unsigned b = 0; b < gx && !failed; ++b) {
         Block blk;
         blk.bar.live = (int)bx;
@@ -210,6 +219,13 @@ static int launch(unsigned gx, unsigned bx, unsigned long long shmem, void (*bod
         }
         for (auto& th : threads) th.join();
         block = nullptr;
+        for (size_t i = 0; i < G; ++i) {
+            if (smem[i] != 0xff || smem[G + shmem + i] != 0xff) {
+                fail("a thread wrote outside the dynamic shared memory (shared_mem=" +
+                     std::to_string(shmem) + " bytes)");
+                break;
+            }
+        }
     }
     if (failed) std::snprintf(err, errlen, "%s", error.c_str());
     return failed ? 1 : 0;

@@ -94,6 +94,44 @@ def test_emulator_rejects_a_scalar_of_the_wrong_size():
         _probe(np.ones(64, np.float32), 0, n_type=np.int64)
 
 
+_SHARED = r"""
+extern "C" __global__ void shared(float* y, int n) {
+    extern __shared__ unsigned char raw[];
+    float* buf = reinterpret_cast<float*>(raw);
+    buf[threadIdx.x] = (float)threadIdx.x;
+    __syncthreads();
+    y[threadIdx.x] = buf[(threadIdx.x + 1) % n];
+}
+"""
+
+
+def test_emulator_shares_memory_in_a_block_and_guards_its_end():
+    k = emu.RawKernel(_SHARED, "shared")
+    y = np.full(64, np.nan, np.float32)
+    k((1,), (64,), (y, np.int32(64)), shared_mem=64 * 4)
+    np.testing.assert_array_equal(y, np.roll(np.arange(64, dtype=np.float32), -1))
+    with pytest.raises(emu.EmulatorError, match="outside the dynamic shared memory"):
+        k((1,), (64,), (y, np.int32(64)), shared_mem=32 * 4)
+
+
+def test_emulator_shuffle_width_keeps_lanes_in_their_segment():
+    src = r"""
+    extern "C" __global__ void seg(float* y) {
+        float v = (float)threadIdx.x;
+        y[threadIdx.x] = __shfl_xor_sync(0xffffffffu, v, 16, 16)     // a later segment: own
+                         + 100 * __shfl_down_sync(0xffffffffu, v, 4, 8)  // end of segment: own
+                         + 10000 * __shfl_sync(0xffffffffu, v, 9, 8);   // lane 9 % 8 of segment
+    }
+    """
+    y = np.full(32, np.nan, np.float32)
+    emu.RawKernel(src, "seg")((1,), (32,), (y,))
+    lane = np.arange(32)
+    xor = np.where(lane < 16, lane, lane ^ 16)  # the upper half reads the lower (earlier) one
+    down = np.where(lane % 8 + 4 < 8, lane + 4, lane)
+    want = xor + 100 * down + 10000 * (lane // 8 * 8 + 1)
+    np.testing.assert_array_equal(y, want.astype(np.float32))
+
+
 def test_emulator_leaves_unwritten_outputs_nan(emulated):
     assert np.isnan(emulated.empty_like(np.ones(3, np.float32))).all()
 
