@@ -21,7 +21,9 @@ they would never run in CI, so this module runs the same text on the CPU:
   - a full-warp shuffle that some lanes of the warp never reach (they returned, or took another
     branch) is reported instead of hanging (CUDA leaves it undefined).
 
-What it cannot show: speed, memory coalescing, or a race that the OS threads happen not to hit.
+What it cannot show: speed, memory coalescing, a race between blocks (they run one after
+another: a non-atomic update of a global sum passes), or a race between threads that the OS
+happens not to interleave (a non-atomic shared-memory sum passed in a mutation run).
 The same text is compiled with ``nvcc`` for the H100/H200's sm_90 by ``nvcc_compile`` (CuPy
 compiles it with NVRTC, the same front end without host headers).
 """
