@@ -47,6 +47,7 @@ _CACHE: dict = {}
 
 WARP = 32
 ROWS_PER_BLOCK = 8  # warps per block of 256 threads, one row per warp
+SHARED_MEM_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without opting in to more
 
 
 def enabled() -> bool:
@@ -310,10 +311,18 @@ def layernorm_forward(x, gamma, beta, eps):
     return out, mean, rstd
 
 
+def layernorm_fits(width: int, dtype) -> bool:
+    """Whether the layernorm backward's per-block dgamma and dbeta (2 x width entries) fit in
+    shared memory: up to width 6144 in float32 and 3072 in float64."""
+    return 2 * width * dtype.itemsize <= SHARED_MEM_LIMIT
+
+
 def layernorm_backward(dout, x, mean, rstd, gamma):
     """-> (dx, dgamma, dbeta); xhat is recomputed from x, mean and rstd."""
     cp = _cp()
     D = x.shape[-1]
+    if not layernorm_fits(D, x.dtype):
+        raise ValueError(f"layernorm kernel: width {D} in {x.dtype} exceeds shared memory")
     M = x.size // D
     dx = cp.empty_like(x)
     dgamma = cp.zeros(D, dtype=x.dtype)

@@ -63,14 +63,14 @@ def use_kernels(*arrays) -> bool:
 
 def softmax_inplace(p, scale):
     """p <- softmax(scale * p) over the last axis: blocked threads on NumPy, a kernel on CuPy."""
-    if backend_of(p).name == "cupy":
+    if use_kernels(p):
         return kernels_cupy.softmax_forward(p, scale, out=p)
     return softmax_(p, scale)
 
 
 def softmax_backward_inplace(dp, p, scale):
     """dp <- scale * p * (dp - sum(dp * p)) over the last axis (attention's dS)."""
-    if backend_of(p).name == "cupy":
+    if use_kernels(dp, p):
         return kernels_cupy.softmax_backward(dp, p, scale, out=dp)
     return softmax_backward(dp, p, scale, out=dp)
 
