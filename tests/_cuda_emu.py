@@ -3,35 +3,45 @@
 The fused kernels of ``minivit/kernels_cupy.py`` are CUDA C++ text handed to CuPy. Without a GPU
 they would never run in CI, so this module runs the same text on the CPU:
 
-* ``FakeCuPy`` stands in for the ``cupy`` module inside ``kernels_cupy`` (``RawKernel``,
+* ``fake_cupy()`` stands in for the ``cupy`` module inside ``kernels_cupy`` (``RawKernel``,
   ``ElementwiseKernel``, ``empty``, ``zeros``, ``int32``, ``cuda.Device``...). Its arrays are
   NumPy arrays, so the Python side of each kernel (grid and block sizes, argument types, shared
   memory size, which array is written in place) runs unchanged.
 * A kernel's source is compiled with g++ against ``_HEADER``, which models CUDA's execution: one
   OS thread per CUDA thread, the blocks of a grid one after another; ``__syncthreads`` and the warp
-  shuffles are barriers (a shuffle writes the lane's value, meets its warp, reads its partner's);
-  ``atomicAdd`` is serialised; dynamic shared memory is one buffer per block.
+  shuffles are barriers (a shuffle writes the lane's value, meets its warp, reads its partner's,
+  honouring ``width``); ``atomicAdd`` is serialised; dynamic shared memory is one buffer,
+  refilled for every block. Each launch runs in a forked child process, on arrays in shared
+  mappings, under a watchdog.
 * It is strict where a GPU would fail silently, so a test can catch it:
   - a scalar argument must be the NumPy type whose size the kernel reads (``np.int32`` for
     ``int``, ``np.int64`` for ``long long``, the array dtype for ``T``); a pointer argument must
     be a C-contiguous array of the pointed-to type;
-  - every array argument sits between guard bands; a write outside it is reported;
-  - fresh arrays (``empty``) and shared memory start as NaN, so an output or a shared entry
-    that is read before it is written shows up as NaN;
-  - a full-warp shuffle that some lanes of the warp never reach (they returned, or took another
-    branch) is reported instead of hanging (CUDA leaves it undefined).
+  - every array argument sits between guard bands as long as itself, holding a huge finite
+    SENTINEL: a write into one is reported, a read from one spoils the result; a wilder access
+    kills the child and is reported as a crash, and a kernel that never ends as a timeout;
+  - fresh arrays (``empty``) and each block's shared memory start as NaN, so an output or a
+    shared entry that is read before it is written shows up as NaN; shared memory has guard
+    bands too;
+  - a full-mask shuffle after some lanes of the warp returned, or in a partial warp, is
+    reported; a launch a GPU refuses (block over 1024 threads, over 48 KiB of dynamic shared
+    memory, an empty grid) is too. Lanes that take different branches to different shuffles
+    are not detected unless a barrier then waits more than TIMEOUT_S (reported as a deadlock).
 
 What it cannot show: speed, memory coalescing, a race between blocks (they run one after
 another: a non-atomic update of a global sum passes), or a race between threads that the OS
 happens not to interleave (a non-atomic shared-memory sum passed in a mutation run).
 The same text is compiled with ``nvcc`` for the H100/H200's sm_90 by ``nvcc_compile`` (CuPy
-compiles it with NVRTC, the same front end without host headers).
+compiles it with NVRTC, the same front end without host headers); an ElementwiseKernel is
+compiled inside a wrapper written here, not CuPy's generated one, so that checks its operation.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
+import mmap
 import os
 import re
 import shutil
@@ -44,8 +54,10 @@ import numpy as np
 
 CXX = shutil.which("g++") or shutil.which("c++")
 NVCC = shutil.which("nvcc")
-GUARD = 64  # elements of guard band on each side of every array argument
-TIMEOUT_S = 20  # a barrier that waits longer than this reports a deadlock
+GUARD = 64  # at least this many elements of guard band on each side of an array argument
+SENTINEL = -1.2345e30  # what a guard band holds: finite, so a kernel that reads it computes on
+# (a huge value spoils the result); bytes that differ afterwards were written by the kernel
+TIMEOUT_S = 20.0  # a barrier wait longer than this is a deadlock; the launch is killed 1 s later
 
 _HEADER = r"""
 #include <algorithm>
@@ -56,6 +68,10 @@ _HEADER = r"""
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <string>
 #include <thread>
 #include <vector>
@@ -65,7 +81,6 @@ _HEADER = r"""
 #define __host__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-#define __shared__ static
 
 using std::erf; using std::exp; using std::log; using std::sqrt; using std::tanh; using std::fabs;
 template <class V> inline V rsqrt(V v) { return V(1) / std::sqrt(v); }
@@ -79,6 +94,7 @@ namespace simt {
 static std::mutex err_mu;
 static std::string error;
 static std::atomic<bool> failed{false};
+static double timeout_s = 20;  // a barrier wait longer than this is reported as a deadlock
 
 static void fail(const std::string& what) {
     std::lock_guard<std::mutex> g(err_mu);
@@ -99,7 +115,8 @@ struct Barrier {
         std::unique_lock<std::mutex> lk(mu);
         long g = generation;
         if (++arrived >= live) { release_locked(); return; }
-        auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(SIMT_TIMEOUT_S);
+        auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds((long long)(timeout_s * 1000));
         while (generation == g && !failed) {
             cv.wait_for(lk, std::chrono::milliseconds(20));
             if (generation == g && std::chrono::steady_clock::now() > deadline) {
@@ -141,9 +158,9 @@ static Warp& my_warp() { return block->warps[threadIdx.x / 32]; }
 
 template <class V> V exchange(unsigned mask, V v, int src_lane, const char* what) {
     Warp& w = my_warp();
-    if (mask != 0xffffffffu && mask != (w.size == 32 ? 0xffffffffu : (1u << w.size) - 1u)) {
-        fail(std::string(what) + ": the emulator supports full-warp masks only");
-    }
+    if (mask != 0xffffffffu) fail(std::string(what) + ": the emulator supports full masks only");
+    if (w.size != 32) fail(std::string(what) + " with a full mask in a partial warp (blockDim.x "
+                           "is not a multiple of 32): lanes that do not exist are named");
     {
         std::lock_guard<std::mutex> lk(w.bar.mu);
         if (w.bar.live != w.size)
@@ -174,7 +191,8 @@ template <class V> V __shfl_down_sync(unsigned mask, V v, unsigned delta, int wi
 }
 template <class V> V __shfl_sync(unsigned mask, V v, int src_lane, int width = 32) {
     int lane = threadIdx.x % 32;
-    return simt::exchange(mask, v, lane / width * width + src_lane % width, "__shfl_sync");
+    int src = lane / width * width + ((src_lane % width) + width) % width;
+    return simt::exchange(mask, v, src, "__shfl_sync");
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { simt::my_warp().bar.wait("__syncwarp"); }
 inline void __syncthreads() { simt::block->bar.wait("__syncthreads"); }
@@ -188,17 +206,16 @@ template <class V> V atomicAdd(V* p, V v) {
 namespace simt {
 
 // Runs body(args) as a grid of gx blocks of bx threads; blocks one after another.
-static int launch(unsigned gx, unsigned bx, unsigned long long shmem, void (*body)(void**),
-                  void** args, char* err, int errlen) {
-    failed = false;
-    error.clear();
+static int run_grid(unsigned gx, unsigned bx, unsigned long long shmem, void (*body)(void**),
+                    void** args) {
     gridDim = {gx, 1, 1};
     blockDim = {bx, 1, 1};
-    // The block's dynamic shared memory between guard bands; 0xff..: NaN until written.
-    const size_t G = 4096;
-    std::vector<unsigned char> smem(shmem + 2 * G, 0xff);
+    // Dynamic shared memory between guard bands, refilled with 0xff.. (NaN) for every block.
+    const size_t G = std::max<size_t>(4096, shmem);
+    std::vector<unsigned char> smem(shmem + 2 * G);
     dynamic_smem = smem.data() + G;
     for (unsigned b = 0; b < gx && !failed; ++b) {
+        std::fill(smem.begin(), smem.end(), 0xff);
         Block blk;
         blk.bar.live = (int)bx;
         blk.warps = std::vector<Warp>((bx + 31) / 32);
@@ -229,18 +246,65 @@ static int launch(unsigned gx, unsigned bx, unsigned long long shmem, void (*bod
             }
         }
     }
-    if (failed) std::snprintf(err, errlen, "%s", error.c_str());
     return failed ? 1 : 0;
 }
 
+// One launch, in a forked child: a wild access then kills the child, not the test process,
+// and a kernel that never ends is stopped by the watchdog. The arrays live in shared mappings
+// (tests/_cuda_emu.py), so the child's writes are the parent's.
+static int launch(unsigned gx, unsigned bx, unsigned long long shmem, void (*body)(void**),
+                  void** args, char* err, int errlen, double timeout) {
+    if (gx == 0 || bx == 0 || bx > 1024 || shmem > 48 * 1024) {
+        std::snprintf(err, errlen, "invalid launch: grid %u, block %u (1..1024), shared_mem %llu "
+                      "bytes (at most 48 KiB without opting in)", gx, bx, shmem);
+        return 1;
+    }
+    char* msg = (char*)mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+                            -1, 0);
+    if (msg == MAP_FAILED) { std::snprintf(err, errlen, "mmap failed"); return 1; }
+    msg[0] = 0;
+    pid_t pid = fork();
+    if (pid == 0) {
+        timeout_s = timeout;
+        int rc = run_grid(gx, bx, shmem, body, args);
+        if (rc) std::snprintf(msg, 4096, "%s", error.c_str());
+        _exit(rc);
+    }
+    int status = 0, rc = 1;
+    auto deadline = std::chrono::steady_clock::now() +
+                    std::chrono::milliseconds((long long)(timeout * 1000) + 1000);
+    while (true) {
+        pid_t done = waitpid(pid, &status, WNOHANG);
+        if (done == pid) break;
+        if (std::chrono::steady_clock::now() > deadline) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            std::snprintf(err, errlen, "the kernel did not finish within %.1f s", timeout + 1);
+            munmap(msg, 4096);
+            return 1;
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    if (WIFSIGNALED(status)) {
+        std::snprintf(err, errlen, "the kernel crashed (signal %d): an access far outside its "
+                      "arrays (an illegal address on a GPU)", WTERMSIG(status));
+    } else if (WEXITSTATUS(status) != 0) {
+        std::snprintf(err, errlen, "%s", msg);
+    } else {
+        rc = 0;
+    }
+    munmap(msg, 4096);
+    return rc;
+}
+
 }  // namespace simt
-""".replace("SIMT_TIMEOUT_S", str(TIMEOUT_S))
+"""
 
 _LAUNCH = r"""
 static void simt_body(void** a) { %(name)s(%(args)s); }
 extern "C" int simt_run(unsigned gx, unsigned bx, unsigned long long shmem, void** a,
-                        char* err, int errlen) {
-    return simt::launch(gx, bx, shmem, simt_body, a, err, errlen);
+                        char* err, int errlen, double timeout) {
+    return simt::launch(gx, bx, shmem, simt_body, a, err, errlen, timeout);
 }
 """
 
@@ -255,6 +319,7 @@ _CTYPES = {
 _CNAME = {np.dtype(v[0]): k for k, v in _CTYPES.items() if k != "unsigned int"}
 
 _BUILD_DIR = None
+_BUILD_LOCK = threading.Lock()
 _LAUNCH_LOCK = threading.Lock()  # one launch at a time, as on one CUDA stream
 _LIBS: dict[str, ctypes.CDLL] = {}
 
@@ -267,11 +332,14 @@ def _build(source: str) -> ctypes.CDLL:
     """g++ ``source`` into a shared library (cached per source text, per process)."""
     global _BUILD_DIR
     key = hashlib.sha1(source.encode()).hexdigest()[:16]
-    if key not in _LIBS:
+    with _BUILD_LOCK:  # two shard threads may ask for the same kernel at once
+        if key in _LIBS:
+            return _LIBS[key]
         if CXX is None:
             raise EmulatorError("no C++ compiler (g++) on this machine")
         if _BUILD_DIR is None:
             _BUILD_DIR = tempfile.mkdtemp(prefix="minivit-simt-")
+            atexit.register(shutil.rmtree, _BUILD_DIR, True)
         src = os.path.join(_BUILD_DIR, f"{key}.cpp")
         lib = os.path.join(_BUILD_DIR, f"{key}.so")
         with open(src, "w") as f:
@@ -281,11 +349,11 @@ def _build(source: str) -> ctypes.CDLL:
         if done.returncode:
             raise EmulatorError(f"g++ failed on the kernel source:\n{done.stderr[-4000:]}")
         _LIBS[key] = ctypes.CDLL(lib)
-    return _LIBS[key]
+        return _LIBS[key]
 
 
 def _resolve(ctype: str, typedefs: dict[str, str]) -> str:
-    ctype = " ".join(ctype.replace("const", " ").split())
+    ctype = " ".join(ctype.replace("const", " ").replace("volatile", " ").split())
     return typedefs.get(ctype, ctype)
 
 
@@ -302,31 +370,41 @@ def _params(decl: str) -> list[tuple[str, str, bool]]:
 
 
 class _Guarded:
-    """Host copies of the array arguments, each between NaN guard bands; aliases share one."""
+    """Copies of the array arguments in shared memory (the forked launch writes them), each
+    between guard bands of SENTINEL as long as the array (at least GUARD elements); aliases
+    share one copy."""
 
     def __init__(self):
-        self.items: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.items: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, int]] = {}
+        self._maps: list[mmap.mmap] = []
 
     def pointer(self, a: np.ndarray) -> int:
         key = (a.__array_interface__["data"][0], a.nbytes)
-        for (start, nbytes), _ in self.items.items():
+        for start, nbytes in self.items:
             overlap = start < key[0] + key[1] and key[0] < start + nbytes
             if overlap and (start, nbytes) != key:
                 raise EmulatorError("two array arguments overlap without being the same array")
         if key not in self.items:
-            buf = np.full(a.size + 2 * GUARD, np.nan, a.dtype)
-            buf[GUARD : GUARD + a.size] = a.reshape(-1)
-            self.items[key] = (a, buf)
-        return self.items[key][1][GUARD:].ctypes.data
+            g = max(GUARD, a.size)
+            m = mmap.mmap(-1, max((a.size + 2 * g) * a.itemsize, 1))  # MAP_SHARED, anonymous
+            self._maps.append(m)
+            buf = np.frombuffer(m, a.dtype, a.size + 2 * g)
+            buf[:g] = buf[g + a.size :] = SENTINEL if a.dtype.kind == "f" else 0x5A5A5A5A
+            buf[g : g + a.size] = a.reshape(-1)
+            self.items[key] = (a, buf, g)
+        a, buf, g = self.items[key]
+        return buf[g:].ctypes.data
 
     def finish(self, where: str):
         """Copy the results back; fail if a guard band was written."""
-        for a, buf in self.items.values():
-            for band in (buf[:GUARD], buf[GUARD + a.size :]):
-                if not np.isnan(band).all():
+        for a, buf, g in self.items.values():
+            want = buf[:1].copy()
+            want[0] = SENTINEL if a.dtype.kind == "f" else 0x5A5A5A5A
+            for band in (buf[:g], buf[g + a.size :]):
+                if (band.view(np.uint8).reshape(len(band), -1) != want.view(np.uint8)).any():
                     raise EmulatorError(f"{where} wrote outside an array argument {a.shape}")
             if a.flags.writeable:  # (a read-only argument is an input's broadcast view)
-                a.reshape(-1)[...] = buf[GUARD : GUARD + a.size]
+                a.reshape(-1)[...] = buf[g : g + a.size]
 
 
 def _run(lib: ctypes.CDLL, grid: int, block: int, shmem: int, values: list, where: str):
@@ -336,7 +414,13 @@ def _run(lib: ctypes.CDLL, grid: int, block: int, shmem: int, values: list, wher
     err = ctypes.create_string_buffer(1024)
     with _LAUNCH_LOCK:  # the emulator's grid state is global; ctypes lets go of the GIL
         rc = lib.simt_run(
-            ctypes.c_uint(grid), ctypes.c_uint(block), ctypes.c_ulonglong(shmem), ptrs, err, 1024
+            ctypes.c_uint(grid),
+            ctypes.c_uint(block),
+            ctypes.c_ulonglong(shmem),
+            ptrs,
+            err,
+            1024,
+            ctypes.c_double(TIMEOUT_S),
         )
     if rc:
         raise EmulatorError(f"{where}: {err.value.decode()}")
@@ -366,6 +450,8 @@ class RawKernel:
 
     def cpu_source(self) -> str:
         # `extern __shared__ T name[];` is the block's dynamic shared memory
+        if re.search(r"(?<!extern )__shared__", self.code):
+            raise EmulatorError(f"{self.name}: only dynamic (extern) __shared__ is emulated")
         code = re.sub(
             r"extern\s+__shared__\s+([\w ]+?)\s+(\w+)\s*\[\s*\]\s*;",
             r"\1* \2 = reinterpret_cast<\1*>(simt::dynamic_smem);",
@@ -406,28 +492,37 @@ class RawKernel:
 
 
 class ElementwiseKernel:
-    """``cupy.ElementwiseKernel(in_params, out_params, operation, name)``, type parameter T.
+    """``cupy.ElementwiseKernel(in_params, out_params, operation, name)``.
 
-    Inputs broadcast against each other and against given outputs; missing outputs are allocated
-    (NaN-filled). Scalars (NumPy scalars or 0-d arrays) are passed by value. T is the dtype of
-    the first array argument declared T."""
+    As in CuPy: inputs broadcast against each other and against given outputs; missing outputs
+    are allocated (here NaN-filled); an array input is a const reference to its element (so an
+    input passed again as an output sees the new value); scalars (NumPy scalars or 0-d arrays)
+    are passed by value; a one-letter type is a placeholder, fixed by the dtype of the first
+    array argument declared with it (one placeholder per kernel here); any other type name is
+    NumPy's (``float`` is float64)."""
 
     def __init__(self, in_params: str, out_params: str, operation: str, name: str, **_options):
         self.ins = [tuple(p.split()) for p in in_params.split(",")]
         self.outs = [tuple(p.split()) for p in out_params.split(",")]
         self.operation, self.name = operation, name
 
-    def _source(self, ctype: str, scalars: tuple[bool, ...], cuda: bool) -> str:
+    @staticmethod
+    def _dtype(t: str, placeholder) -> np.dtype:
+        return np.dtype(placeholder) if len(t) == 1 else np.dtype(t)
+
+    def _source(self, dtype, scalars: tuple[bool, ...], cuda: bool) -> str:
         lines, params = [], []
+        ctype = _CNAME[np.dtype(dtype)]
         for i, ((t, n), sc) in enumerate(zip(self.ins + self.outs, scalars)):
-            t = ctype if t == "T" else t
+            t = _CNAME[self._dtype(t, dtype)]
             out = i >= len(self.ins)
             if cuda:
                 params.append(f"{t} {n}_" if sc else f"{'' if out else 'const '}{t}* {n}_")
                 ref = f"{n}_" if sc else f"{n}_[i]"
             else:
                 ref = f"*({t}*)a[{i}]" if sc else f"(*({t}**)a[{i}])[i]"
-            lines.append(f"{t}& {n} = {ref};" if out else f"const {t} {n} = {ref};")
+            const = "" if out else "const "
+            lines.append(f"{const}{t} {n} = {ref};" if sc else f"{const}{t}& {n} = {ref};")
         body = "\n        ".join(lines) + f"\n        {self.operation.strip()};"
         if cuda:
             return (
@@ -446,7 +541,7 @@ class ElementwiseKernel:
     def cuda_source(self, dtype) -> str:
         """The kernel as a CUDA __global__ function over arrays (every argument an array)."""
         n = len(self.ins) + len(self.outs)
-        return self._source(_CNAME[np.dtype(dtype)], (False,) * n, cuda=True)
+        return self._source(dtype, (False,) * n, cuda=True)
 
     def __call__(self, *args):
         n_in, n_out = len(self.ins), len(self.outs)
@@ -455,9 +550,11 @@ class ElementwiseKernel:
         outs = list(args[n_in:]) or [None] * n_out
         decl = self.ins + self.outs
         arrays = [a for a in args if isinstance(a, np.ndarray) and a.ndim > 0]
-        typed = [a for (t, _), a in zip(decl, args) if t == "T" and isinstance(a, np.ndarray)]
-        if not typed:
-            raise EmulatorError(f"{self.name}: no array argument fixes T")
+        typed = [a for (t, _), a in zip(decl, args) if len(t) == 1 and isinstance(a, np.ndarray)]
+        if len({t for t, _ in decl if len(t) == 1}) > 1 or not typed:
+            raise EmulatorError(
+                f"{self.name}: the emulator needs one placeholder, fixed by an array"
+            )
         dtype = typed[0].dtype
         shape = np.broadcast_shapes(*[a.shape for a in arrays])
         for i, o in enumerate(outs):
@@ -468,7 +565,7 @@ class ElementwiseKernel:
         values, scalars = [], []
         guarded = _Guarded()
         for (t, n), a in zip(decl, list(args[:n_in]) + outs):
-            want = dtype if t == "T" else np.dtype(_CTYPES[t][0])
+            want = self._dtype(t, dtype)
             if isinstance(a, np.ndarray) and a.ndim > 0:
                 if a.dtype != want:
                     raise EmulatorError(f"{self.name}: {n} is {want}, got {a.dtype}")
@@ -481,7 +578,7 @@ class ElementwiseKernel:
             else:
                 values.append(_CTYPES[_CNAME[want]][1](want.type(a).item()))
                 scalars.append(True)
-        lib = _build(self._source(_CNAME[dtype], tuple(scalars), cuda=False))
+        lib = _build(self._source(dtype, tuple(scalars), cuda=False))
         ptrs = (ctypes.c_void_p * len(values))(
             *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
         )

@@ -66,10 +66,10 @@ extern "C" __global__ void probe(const T* x, T* y, int n, int mode) {
 """
 
 
-def _probe(x, mode, n_type=np.int32):
+def _probe(x, mode, n_type=np.int32, block=64):
     y = np.full_like(x, np.nan)
     k = emu.RawKernel(_PROBE, "probe")
-    k((math.ceil(x.size / 64),), (64,), (x, y, n_type(x.size), np.int32(mode)))
+    k((math.ceil(x.size / block),), (block,), (x, y, n_type(x.size), np.int32(mode)))
     return y
 
 
@@ -134,6 +134,55 @@ def test_emulator_shuffle_width_keeps_lanes_in_their_segment():
 
 def test_emulator_leaves_unwritten_outputs_nan(emulated):
     assert np.isnan(emulated.empty_like(np.ones(3, np.float32))).all()
+
+
+def test_emulator_gives_every_block_fresh_shared_memory():
+    """Shared memory does not outlive its block: a read before any write is NaN in every block
+    (on a GPU it is whatever an earlier block left, so a kernel must not rely on it)."""
+    src = r"""
+    extern "C" __global__ void stale(float* y) {
+        extern __shared__ unsigned char raw[];
+        float* buf = reinterpret_cast<float*>(raw);
+        y[blockIdx.x] = buf[0];   // read before write
+        __syncthreads();
+        buf[0] = 1.0f;
+    }
+    """
+    y = np.zeros(3, np.float32)
+    emu.RawKernel(src, "stale")((3,), (32,), (y,), shared_mem=4)
+    assert np.isnan(y).all()
+
+
+def test_emulator_reports_rows_past_the_end(monkeypatch, rng):
+    """Mutation check: the layernorm forward without `if (row >= M) return;` lets the warps of
+    the last block past the last row write beyond the outputs."""
+    src = kernels_cupy.RAW["minivit_ln_fwd"]
+    broken = src.replace("if (row >= M) return;", "")
+    assert broken != src
+    monkeypatch.setitem(kernels_cupy.RAW, "minivit_ln_fwd", broken)
+    x = _normal(rng, (3, 41, 7), np.float32)  # 123 rows: 5 warps of the last block have none
+    with pytest.raises(emu.EmulatorError, match="outside an array|crashed"):
+        kernels_cupy.layernorm_forward(x, np.ones(7, np.float32), np.zeros(7, np.float32), 1e-6)
+
+
+def test_emulator_stops_a_kernel_that_never_ends(monkeypatch):
+    monkeypatch.setattr(emu, "TIMEOUT_S", 0.3)
+    src = r"""
+    extern "C" __global__ void spin(volatile int* flag) { while (flag[0] == 0) {} }
+    """
+    with pytest.raises(emu.EmulatorError, match="did not finish"):
+        emu.RawKernel(src, "spin")((1,), (32,), (np.zeros(1, np.int32),))
+
+
+def test_emulator_rejects_launches_a_gpu_rejects():
+    y = np.zeros(64, np.float32)
+    k = emu.RawKernel(_SHARED, "shared")
+    with pytest.raises(emu.EmulatorError, match="invalid launch"):
+        k((1,), (2048,), (y, np.int32(64)), shared_mem=4)
+    with pytest.raises(emu.EmulatorError, match="invalid launch"):
+        k((1,), (64,), (y, np.int32(64)), shared_mem=64 * 1024)
+    with pytest.raises(emu.EmulatorError, match="partial warp"):
+        _probe(np.ones(48, np.float32), 0, block=48)
 
 
 def test_a_softmax_without_its_warp_reduction_is_caught(monkeypatch, rng):
@@ -380,10 +429,33 @@ def test_vit_train_steps_with_the_fused_kernels(rng):
         return out + [dict(v.params)]
 
     ref, got = _both(run)
-    used = {"gelu_fwd", "gelu_bwd", "adamw", ("minivit_ln_fwd", 8), ("minivit_ln_bwd", 8)}
+    used = {"gelu_fwd", "gelu_bwd", "adamw"} | {
+        (name, 8) for name in kernels_cupy.RAW
+    }  # layernorm, and attention's softmax
     assert used <= set(kernels_cupy._CACHE)  # the kernels did run
     assert ref[1].keys() == got[1].keys()
     for r, g in zip(ref, got):
         if isinstance(r, dict):
             r, g = tuple(r.values()), tuple(g[k] for k in r)
         _close(r, g, np.float64)
+
+
+@pytest.mark.usefixtures("fused_on_numpy")
+def test_layernorm_wider_than_shared_memory_takes_the_generic_path(rng):
+    """The backward's per-block dgamma, dbeta need 2 x width entries of shared memory; past
+    48 KiB a launch fails on a GPU (and in the emulator), so the op keeps the generic path."""
+    D = 3100  # float64: 49,600 bytes
+    x = _normal(rng, (4, D), np.float64)
+    g, b = np.ones(D), np.zeros(D)
+    assert not kernels_cupy.layernorm_fits(D, x.dtype) and kernels_cupy.layernorm_fits(
+        D, np.dtype("float32")
+    )
+    y, c = ops.layernorm_forward(x, g, b)
+    assert not getattr(c, "fused", False)
+    _, mean, rstd = kernels_cupy.layernorm_forward(x, g, b, 1e-6)  # the forward needs none
+    with pytest.raises(ValueError, match="exceeds shared memory"):
+        kernels_cupy.layernorm_backward(x, x, mean, rstd, g)
+    kernel = kernels_cupy._raw("minivit_ln_bwd", x.dtype)
+    with pytest.raises(emu.EmulatorError, match="invalid launch"):
+        kernel((1,), (256,), (x, x, mean, rstd, g, x.copy(), g.copy(), b.copy(), np.int64(4),
+                              np.int32(D)), shared_mem=2 * D * 8)  # fmt: skip
