@@ -10,7 +10,7 @@ they would never run in CI, so this module runs the same text on the CPU:
 * A kernel's source is compiled with g++ against ``_HEADER``, which models CUDA's execution: one
   OS thread per CUDA thread, the blocks of a grid one after another; ``__syncthreads`` and the warp
   shuffles are barriers (a shuffle writes the lane's value, meets its warp, reads its partner's,
-  honouring ``width``); ``atomicAdd`` is serialised; dynamic shared memory is one buffer,
+  honouring ``width``); ``atomicAdd`` is a relaxed atomic; dynamic shared memory is one buffer,
   refilled for every block. Each launch runs in a forked child process, on arrays in shared
   mappings, under a watchdog.
 * It is strict where a GPU would fail silently, so a test can catch it:
@@ -28,9 +28,14 @@ they would never run in CI, so this module runs the same text on the CPU:
     memory, an empty grid) is too. Lanes that take different branches to different shuffles
     are not detected unless a barrier then waits more than TIMEOUT_S (reported as a deadlock).
 
-What it cannot show: speed, memory coalescing, a race between blocks (they run one after
-another: a non-atomic update of a global sum passes), or a race between threads that the OS
-happens not to interleave (a non-atomic shared-memory sum passed in a mutation run).
+Races between the threads of a block: the OS seldom interleaves them, so a plain run misses
+them, but ``RawKernel.race_check`` (``fake_cupy(check_races=True)``) runs the launch again as a
+standalone program under ThreadSanitizer. Barriers are mutexes and condition variables and
+``atomicAdd`` a relaxed atomic, so TSan sees the ordering CUDA promises and no more: a missing
+``__syncthreads`` or a ``+=`` in place of ``atomicAdd`` is reported whatever the timing.
+
+What it cannot show: speed, memory coalescing, or a race between blocks (they run one after
+another: a non-atomic update of a global sum passes).
 The same text is compiled with ``nvcc`` for the H100/H200's sm_90 by ``nvcc_compile`` (CuPy
 compiles it with NVRTC, the same front end without host headers); an ElementwiseKernel is
 compiled inside a wrapper written here, not CuPy's generated one, so that checks its operation.
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import hashlib
 import mmap
 import os
@@ -152,7 +158,6 @@ struct Block {
 
 static Block* block = nullptr;
 static unsigned char* dynamic_smem = nullptr;
-static std::mutex atomic_mu;
 
 static Warp& my_warp() { return block->warps[threadIdx.x / 32]; }
 
@@ -196,10 +201,14 @@ template <class V> V __shfl_sync(unsigned mask, V v, int src_lane, int width = 3
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { simt::my_warp().bar.wait("__syncwarp"); }
 inline void __syncthreads() { simt::block->bar.wait("__syncthreads"); }
+// A relaxed atomic read-modify-write, as CUDA's: it orders nothing else, so under ThreadSanitizer
+// a plain read of the same entry that no barrier separates from it is still a race.
 template <class V> V atomicAdd(V* p, V v) {
-    std::lock_guard<std::mutex> g(simt::atomic_mu);
-    V old = *p;
-    *p = old + v;
+    V old, sum;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    do {
+        sum = old + v;
+    } while (!__atomic_compare_exchange(p, &old, &sum, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
     return old;
 }
 
@@ -308,6 +317,32 @@ extern "C" int simt_run(unsigned gx, unsigned bx, unsigned long long shmem, void
 }
 """
 
+_TSAN_MAIN = r"""
+#include <cstdlib>
+// A standalone launch for ThreadSanitizer: argv = grid block shared_mem args.bin, where
+// args.bin holds the argument count, then per argument (is_pointer, nbytes, offset, bytes).
+int main(int argc, char** argv) {
+    unsigned gx = std::atoi(argv[1]), bx = std::atoi(argv[2]);
+    unsigned long long shmem = std::atoll(argv[3]);
+    FILE* f = std::fopen(argv[4], "rb");
+    int n = 0;
+    if (!f || std::fread(&n, 4, 1, f) != 1) return 2;
+    std::vector<std::vector<unsigned char>> store(n);
+    std::vector<void*> ptrs(n), a(n);
+    for (int i = 0; i < n; ++i) {
+        long long head[3];
+        if (std::fread(head, 8, 3, f) != 3) return 2;
+        store[i].resize(head[1] + 16);
+        if (std::fread(store[i].data(), 1, head[1], f) != (size_t)head[1]) return 2;
+        ptrs[i] = store[i].data() + head[2];
+        a[i] = head[0] ? (void*)&ptrs[i] : (void*)store[i].data();
+    }
+    int rc = simt::run_grid(gx, bx, shmem, simt_body, a.data());
+    if (rc) std::fprintf(stderr, "%s\n", simt::error.c_str());
+    return rc;
+}
+"""
+
 _CTYPES = {
     "float": (np.float32, ctypes.c_float),
     "double": (np.float64, ctypes.c_double),
@@ -395,6 +430,13 @@ class _Guarded:
         a, buf, g = self.items[key]
         return buf[g:].ctypes.data
 
+    def buffer_of(self, address: int) -> tuple[np.ndarray, int]:
+        """(the guarded buffer, the byte offset of its array) for a pointer from ``pointer``."""
+        for _, buf, g in self.items.values():
+            if buf[g:].ctypes.data == address:
+                return buf, g * buf.itemsize
+        raise KeyError(address)
+
     def finish(self, where: str):
         """Copy the results back; fail if a guard band was written."""
         for a, buf, g in self.items.values():
@@ -436,8 +478,8 @@ def _dims(d) -> int:
 class RawKernel:
     """``cupy.RawKernel(code, name)``: ``kernel(grid, block, args, shared_mem=0)``."""
 
-    def __init__(self, code: str, name: str, **_options):
-        self.code, self.name = code, name
+    def __init__(self, code: str, name: str, *, check_races: bool = False, **_options):
+        self.code, self.name, self.check_races = code, name, check_races
         m = re.search(
             r'extern\s+"C"\s+__global__\s+void\s+' + re.escape(name) + r"\s*\(([^)]*)\)", code
         )
@@ -463,12 +505,11 @@ class RawKernel:
         )
         return _HEADER + code + _LAUNCH % {"name": self.name, "args": args}
 
-    def __call__(self, grid, block, args, shared_mem=0):
+    def _values(self, args, guarded: _Guarded) -> list:
+        """The launch's arguments as ctypes values (pointers into ``guarded``), checked."""
         if len(args) != len(self.params):
             raise EmulatorError(f"{self.name} takes {len(self.params)} arguments, got {len(args)}")
-        if self._lib is None:
-            self._lib = _build(self.cpu_source())
-        guarded, values = _Guarded(), []
+        values = []
         for (ctype, pname, ptr), a in zip(self.params, args):
             base = _resolve(ctype, self.typedefs)
             want = _CTYPES.get(base)
@@ -487,8 +528,57 @@ class RawKernel:
                         f"pass np.{np.dtype(want[0]).name}, not {type(a).__name__}"
                     )
                 values.append(want[1](a.item()))
+        return values
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        if self._lib is None:
+            self._lib = _build(self.cpu_source())
+        guarded = _Guarded()
+        values = self._values(args, guarded)
         _run(self._lib, _dims(grid), _dims(block), int(shared_mem), values, self.name)
         guarded.finish(self.name)
+        if self.check_races:
+            report = self.race_check(grid, block, args, shared_mem)
+            if report:
+                raise EmulatorError(f"{self.name}: a data race\n{report}")
+
+    def race_check(self, grid, block, args, shared_mem=0) -> str | None:
+        """Run the launch once more under ThreadSanitizer; -> its first data-race report, or None.
+
+        The emulator's barriers and atomics are mutexes, so TSan sees exactly the ordering CUDA
+        promises: a shared or global entry that two threads touch without a barrier or an
+        atomic between them (a missing ``__syncthreads``, a ``+=`` in place of ``atomicAdd``)
+        is reported even when the OS did not interleave them. Blocks still run in turn, so a
+        race between blocks is not seen. The outputs of this run are discarded."""
+        if CXX is None:
+            raise EmulatorError("no C++ compiler (g++) on this machine")
+        guarded = _Guarded()
+        values = self._values(args, guarded)
+        with tempfile.TemporaryDirectory(prefix="minivit-tsan-") as d:
+            src, exe, data = (os.path.join(d, n) for n in ("k.cpp", "k", "args.bin"))
+            with open(src, "w") as f:
+                f.write(self.cpu_source() + _TSAN_MAIN)
+            cmd = [CXX, "-std=c++17", "-O1", "-g", "-fsanitize=thread", "-pthread", "-w"]
+            done = subprocess.run(cmd + ["-o", exe, src], capture_output=True, text=True)
+            if done.returncode:
+                raise EmulatorError(f"g++ -fsanitize=thread failed:\n{done.stderr[-2000:]}")
+            with open(data, "wb") as f:
+                f.write(np.int32(len(values)).tobytes())
+                for (_, _, ptr), v in zip(self.params, values):
+                    if ptr:  # the whole guarded buffer, and where the array starts in it
+                        buf, off = guarded.buffer_of(v.value)
+                        raw = buf.tobytes()
+                    else:
+                        raw, off = bytes(v), 0
+                    f.write(np.array([ptr, len(raw), off], np.int64).tobytes() + raw)
+            env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
+            argv = [exe, str(_dims(grid)), str(_dims(block)), str(int(shared_mem)), data]
+            done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+        if "ThreadSanitizer" in done.stderr:
+            return "\n".join(done.stderr.splitlines()[:30])
+        if done.returncode:
+            raise EmulatorError(f"{self.name} under TSan: {done.stderr[-2000:]}")
+        return None
 
 
 class ElementwiseKernel:
@@ -596,14 +686,35 @@ def _nan_empty_like(a, dtype=None, **_):
     return np.full(a.shape, np.nan, a.dtype if dtype is None else dtype)
 
 
-def fake_cupy(multiprocessors: int = 2) -> SimpleNamespace:
+def tsan_available() -> bool:
+    """Whether g++ here builds and runs a ThreadSanitizer program."""
+    global _TSAN
+    if _TSAN is None:
+        _TSAN = False
+        if CXX is not None:
+            with tempfile.TemporaryDirectory(prefix="minivit-tsan-") as d:
+                src, exe = os.path.join(d, "t.cpp"), os.path.join(d, "t")
+                with open(src, "w") as f:
+                    f.write("#include <thread>\nint main() { std::thread t([]{}); t.join(); }\n")
+                cmd = [CXX, "-fsanitize=thread", "-pthread", "-o", exe, src]
+                built = subprocess.run(cmd, capture_output=True).returncode == 0
+                _TSAN = built and subprocess.run([exe], capture_output=True).returncode == 0
+    return _TSAN
+
+
+_TSAN = None
+
+
+def fake_cupy(multiprocessors: int = 2, check_races: bool = False) -> SimpleNamespace:
     """A stand-in for the ``cupy`` module as kernels_cupy uses it, backed by the emulator.
 
     ``multiprocessors`` is what ``cuda.Device().attributes['MultiProcessorCount']`` answers; a
-    small count makes the grid-stride loops take more than one turn."""
+    small count makes the grid-stride loops take more than one turn. ``check_races``: every
+    RawKernel launch also runs under ThreadSanitizer (``RawKernel.race_check``) and a data race
+    raises EmulatorError."""
     device = SimpleNamespace(attributes={"MultiProcessorCount": multiprocessors})
     return SimpleNamespace(
-        RawKernel=RawKernel,
+        RawKernel=functools.partial(RawKernel, check_races=check_races),
         ElementwiseKernel=ElementwiseKernel,
         empty=_nan_empty,
         empty_like=_nan_empty_like,

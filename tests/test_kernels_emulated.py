@@ -459,3 +459,50 @@ def test_layernorm_wider_than_shared_memory_takes_the_generic_path(rng):
     with pytest.raises(emu.EmulatorError, match="invalid launch"):
         kernel((1,), (256,), (x, x, mean, rstd, g, x.copy(), g.copy(), b.copy(), np.int64(4),
                               np.int32(D)), shared_mem=2 * D * 8)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# data races, under ThreadSanitizer
+
+needs_tsan = pytest.mark.skipif(
+    not emu.tsan_available(), reason="g++ here cannot build ThreadSanitizer programs"
+)
+
+
+@needs_tsan
+def test_row_kernels_have_no_data_race(monkeypatch, rng):
+    """Every row kernel, at a width above a warp and with two blocks of the layernorm backward
+    walking several rows each, runs race-free under TSan (softmax in place, as attention uses
+    it)."""
+    monkeypatch.setattr(kernels_cupy, "_cp", lambda: emu.fake_cupy(1, check_races=True))
+    x = _normal(rng, (20, 70), np.float64)
+    d = _normal(rng, (20, 70), np.float64)
+    g, b = _normal(rng, (70,), np.float64), _normal(rng, (70,), np.float64)
+    _, mean, rstd = kernels_cupy.layernorm_forward(x, g, b, 1e-6)
+    kernels_cupy.layernorm_backward(d, x, mean, rstd, g)
+    y = kernels_cupy.softmax_forward(x, 0.5, out=x)
+    kernels_cupy.softmax_backward(d, y, 0.5, out=d)
+
+
+@needs_tsan
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("atomicAdd(&sg[j], dr[j] * xh);", "sg[j] += dr[j] * xh;"),  # a plain += in shared
+        ("    }\n    __syncthreads();\n    for (int j = threadIdx.x; j < D;",
+         "    }\n    for (int j = threadIdx.x; j < D;"),  # read the partial sums too early
+    ],
+    ids=["non-atomic-shared-sum", "no-barrier-before-the-flush"],
+)  # fmt: skip
+def test_a_race_in_the_layernorm_backward_is_caught(monkeypatch, rng, old, new):
+    """Mutation check: the two races the plain emulator cannot see (the OS rarely interleaves
+    them), TSan reports."""
+    src = kernels_cupy.RAW["minivit_ln_bwd"]
+    assert old in src
+    monkeypatch.setitem(kernels_cupy.RAW, "minivit_ln_bwd", src.replace(old, new))
+    monkeypatch.setattr(kernels_cupy, "_cp", lambda: emu.fake_cupy(1, check_races=True))
+    x = _normal(rng, (12, 40), np.float64)
+    g = _normal(rng, (40,), np.float64)
+    _, mean, rstd = kernels_cupy.layernorm_forward(x, g, g, 1e-6)
+    with pytest.raises(emu.EmulatorError, match="data race"):
+        kernels_cupy.layernorm_backward(x, x, mean, rstd, g)
