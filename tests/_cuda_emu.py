@@ -8,7 +8,7 @@ they would never run in CI, so this module runs the same text on the CPU:
   NumPy arrays, so the Python side of each kernel (grid and block sizes, argument types, shared
   memory size, which array is written in place) runs unchanged.
 * A kernel's source is compiled with g++ against ``_HEADER``, which models CUDA's execution: one
-  OS thread per CUDA thread, the blocks of a grid one after another; ``__syncthreads`` and the warp
+  OS thread per CUDA thread, the blocks of a grid two at a time; ``__syncthreads`` and the warp
   shuffles are barriers (a shuffle writes the lane's value, meets its warp, reads its partner's,
   honouring ``width``); ``atomicAdd`` is a relaxed atomic; dynamic shared memory is one buffer,
   refilled for every block. Each launch runs in a forked child process, on arrays in shared
@@ -25,17 +25,19 @@ they would never run in CI, so this module runs the same text on the CPU:
     bands too;
   - a full-mask shuffle after some lanes of the warp returned, or in a partial warp, is
     reported; a launch a GPU refuses (block over 1024 threads, over 48 KiB of dynamic shared
-    memory, an empty grid) is too. Lanes that take different branches to different shuffles
-    are not detected unless a barrier then waits more than TIMEOUT_S (reported as a deadlock).
+    memory, an empty grid) is too, and so are the lanes of a warp meeting at shuffles on
+    different source lines (different branches). A barrier that waits more than TIMEOUT_S is
+    reported as a deadlock.
 
-Races between the threads of a block: the OS seldom interleaves them, so a plain run misses
-them, but ``RawKernel.race_check`` (``fake_cupy(check_races=True)``) runs the launch again as a
+Data races: the OS seldom interleaves two threads' accesses, so a plain run misses races, but
+``RawKernel.race_check`` (``fake_cupy(check_races=True)``) runs the launch again as a
 standalone program under ThreadSanitizer. Barriers are mutexes and condition variables and
 ``atomicAdd`` a relaxed atomic, so TSan sees the ordering CUDA promises and no more: a missing
-``__syncthreads`` or a ``+=`` in place of ``atomicAdd`` is reported whatever the timing.
+``__syncthreads`` or a ``+=`` in place of ``atomicAdd`` is reported whatever the timing, within
+a block or between two blocks that run at once.
 
-What it cannot show: speed, memory coalescing, or a race between blocks (they run one after
-another: a non-atomic update of a global sum passes).
+What it cannot show: speed, memory coalescing, or a race between blocks that do not run in the
+same pair.
 The same text is compiled with ``nvcc`` for the H100/H200's sm_90 by ``nvcc_compile`` (CuPy
 compiles it with NVRTC, the same front end without host headers); an ElementwiseKernel is
 compiled inside a wrapper written here, not CuPy's generated one, so that checks its operation.
@@ -149,6 +151,7 @@ struct Warp {
     Barrier bar;
     int size = 32;
     alignas(8) unsigned char slot[32][8];
+    int site[32];  // the source line of the shuffle each lane is in
 };
 
 struct Block {
@@ -156,12 +159,13 @@ struct Block {
     std::vector<Warp> warps;
 };
 
-static Block* block = nullptr;
-static unsigned char* dynamic_smem = nullptr;
+static thread_local Block* block = nullptr;               // this thread's block
+static thread_local unsigned char* dynamic_smem = nullptr;  // and its shared memory
+static unsigned wave = 2;  // blocks that run at the same time
 
 static Warp& my_warp() { return block->warps[threadIdx.x / 32]; }
 
-template <class V> V exchange(unsigned mask, V v, int src_lane, const char* what) {
+template <class V> V exchange(unsigned mask, V v, int src_lane, const char* what, int line) {
     Warp& w = my_warp();
     if (mask != 0xffffffffu) fail(std::string(what) + ": the emulator supports full masks only");
     if (w.size != 32) fail(std::string(what) + " with a full mask in a partial warp (blockDim.x "
@@ -173,7 +177,15 @@ template <class V> V exchange(unsigned mask, V v, int src_lane, const char* what
     }
     int lane = threadIdx.x % 32;
     std::memcpy(w.slot[lane], &v, sizeof(V));
+    w.site[lane] = line;
     w.bar.wait(what);
+    for (int l = 0; l < w.size; ++l) {
+        if (w.site[l] != line) {
+            fail(std::string("the lanes of a warp met at different ") + what + " calls (source "
+                 "lines " + std::to_string(line) + " and " + std::to_string(w.site[l]) + ")");
+            break;
+        }
+    }
     V r = v;
     if (src_lane >= 0 && src_lane < w.size) std::memcpy(&r, w.slot[src_lane], sizeof(V));
     w.bar.wait(what);
@@ -184,20 +196,24 @@ template <class V> V exchange(unsigned mask, V v, int src_lane, const char* what
 
 // CUDA's source lanes, with `width` (a power of two <= 32) splitting the warp into segments: a
 // lane may read an earlier segment but not a later one, and then keeps its own value.
-template <class V> V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
+template <class V>
+V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32, int line = __builtin_LINE()) {
     int lane = threadIdx.x % 32, src = lane ^ lane_mask;
     if (src >= (lane / width + 1) * width) src = lane;
-    return simt::exchange(mask, v, src, "__shfl_xor_sync");
+    return simt::exchange(mask, v, src, "__shfl_xor_sync", line);
 }
-template <class V> V __shfl_down_sync(unsigned mask, V v, unsigned delta, int width = 32) {
+template <class V>
+V __shfl_down_sync(unsigned mask, V v, unsigned delta, int width = 32,
+                   int line = __builtin_LINE()) {
     int lane = threadIdx.x % 32;
     int src = lane % width + (int)delta < width ? lane + (int)delta : lane;
-    return simt::exchange(mask, v, src, "__shfl_down_sync");
+    return simt::exchange(mask, v, src, "__shfl_down_sync", line);
 }
-template <class V> V __shfl_sync(unsigned mask, V v, int src_lane, int width = 32) {
+template <class V>
+V __shfl_sync(unsigned mask, V v, int src_lane, int width = 32, int line = __builtin_LINE()) {
     int lane = threadIdx.x % 32;
     int src = lane / width * width + ((src_lane % width) + width) % width;
-    return simt::exchange(mask, v, src, "__shfl_sync");
+    return simt::exchange(mask, v, src, "__shfl_sync", line);
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { simt::my_warp().bar.wait("__syncwarp"); }
 inline void __syncthreads() { simt::block->bar.wait("__syncthreads"); }
@@ -214,44 +230,52 @@ template <class V> V atomicAdd(V* p, V v) {
 
 namespace simt {
 
-// Runs body(args) as a grid of gx blocks of bx threads; blocks one after another.
+// Runs body(args) as a grid of gx blocks of bx threads, `wave` blocks at a time (a GPU runs
+// several at once, so a race between blocks can show, and ThreadSanitizer can see it).
 static int run_grid(unsigned gx, unsigned bx, unsigned long long shmem, void (*body)(void**),
                     void** args) {
     gridDim = {gx, 1, 1};
     blockDim = {bx, 1, 1};
-    // Dynamic shared memory between guard bands, refilled with 0xff.. (NaN) for every block.
+    // Each block's dynamic shared memory between guard bands, fresh (0xff..: NaN) per block.
     const size_t G = std::max<size_t>(4096, shmem);
-    std::vector<unsigned char> smem(shmem + 2 * G);
-    dynamic_smem = smem.data() + G;
-    for (unsigned b = 0; b < gx && !failed; ++b) {
-        std::fill(smem.begin(), smem.end(), 0xff);
-        Block blk;
-        blk.bar.live = (int)bx;
-        blk.warps = std::vector<Warp>((bx + 31) / 32);
-        for (unsigned w = 0; w < blk.warps.size(); ++w) {
-            int size = (int)std::min(32u, bx - 32 * w);
-            blk.warps[w].size = size;
-            blk.warps[w].bar.live = size;
-        }
-        block = &blk;
+    for (unsigned first = 0; first < gx && !failed; first += wave) {
+        unsigned n = std::min(wave, gx - first);
+        std::vector<Block> blocks(n);
+        std::vector<std::vector<unsigned char>> smem(n);
         std::vector<std::thread> threads;
-        threads.reserve(bx);
-        for (unsigned t = 0; t < bx; ++t) {
-            threads.emplace_back([&blk, b, t, body, args] {
-                threadIdx = {t, 0, 0};
-                blockIdx = {b, 0, 0};
-                body(args);
-                blk.warps[t / 32].bar.leave(true);
-                blk.bar.leave(false);
-            });
+        threads.reserve((size_t)n * bx);
+        for (unsigned k = 0; k < n; ++k) {
+            Block& blk = blocks[k];
+            smem[k].assign(shmem + 2 * G, 0xff);
+            blk.bar.live = (int)bx;
+            blk.warps = std::vector<Warp>((bx + 31) / 32);
+            for (unsigned w = 0; w < blk.warps.size(); ++w) {
+                int size = (int)std::min(32u, bx - 32 * w);
+                blk.warps[w].size = size;
+                blk.warps[w].bar.live = size;
+            }
+            unsigned b = first + k;
+            unsigned char* sm = smem[k].data() + G;
+            for (unsigned t = 0; t < bx; ++t) {
+                threads.emplace_back([&blk, sm, b, t, body, args] {
+                    threadIdx = {t, 0, 0};
+                    blockIdx = {b, 0, 0};
+                    block = &blk;
+                    dynamic_smem = sm;
+                    body(args);
+                    blk.warps[t / 32].bar.leave(true);
+                    blk.bar.leave(false);
+                });
+            }
         }
         for (auto& th : threads) th.join();
-        block = nullptr;
-        for (size_t i = 0; i < G; ++i) {
-            if (smem[i] != 0xff || smem[G + shmem + i] != 0xff) {
-                fail("a thread wrote outside the dynamic shared memory (shared_mem=" +
-                     std::to_string(shmem) + " bytes)");
-                break;
+        for (unsigned k = 0; k < n; ++k) {
+            for (size_t i = 0; i < G; ++i) {
+                if (smem[k][i] != 0xff || smem[k][G + shmem + i] != 0xff) {
+                    fail("a thread wrote outside the dynamic shared memory (shared_mem=" +
+                         std::to_string(shmem) + " bytes)");
+                    break;
+                }
             }
         }
     }
@@ -548,8 +572,8 @@ class RawKernel:
         The emulator's barriers and atomics are mutexes, so TSan sees exactly the ordering CUDA
         promises: a shared or global entry that two threads touch without a barrier or an
         atomic between them (a missing ``__syncthreads``, a ``+=`` in place of ``atomicAdd``)
-        is reported even when the OS did not interleave them. Blocks still run in turn, so a
-        race between blocks is not seen. The outputs of this run are discarded."""
+        is reported even when the OS did not interleave them; between blocks only when they
+        run at once (two at a time). The outputs of this run are discarded."""
         if CXX is None:
             raise EmulatorError("no C++ compiler (g++) on this machine")
         guarded = _Guarded()

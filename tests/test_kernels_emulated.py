@@ -84,6 +84,19 @@ def test_emulator_reports_a_shuffle_after_a_lane_returned():
         _probe(np.ones(64, np.float32), 1)
 
 
+def test_emulator_reports_lanes_at_different_shuffles():
+    src = r"""
+    extern "C" __global__ void split(float* y) {
+        float v = (float)threadIdx.x;
+        if (threadIdx.x % 2) v = __shfl_xor_sync(0xffffffffu, v, 1);   // odd lanes here
+        else v = __shfl_xor_sync(0xffffffffu, v, 2);                    // even lanes there
+        y[threadIdx.x] = v;
+    }
+    """
+    with pytest.raises(emu.EmulatorError, match="different __shfl_xor_sync calls"):
+        emu.RawKernel(src, "split")((1,), (32,), (np.zeros(32, np.float32),))
+
+
 def test_emulator_reports_a_write_out_of_bounds():
     with pytest.raises(emu.EmulatorError, match="outside an array"):
         _probe(np.ones(64, np.float32), 2)
@@ -491,17 +504,18 @@ def test_row_kernels_have_no_data_race(monkeypatch, rng):
         ("atomicAdd(&sg[j], dr[j] * xh);", "sg[j] += dr[j] * xh;"),  # a plain += in shared
         ("    }\n    __syncthreads();\n    for (int j = threadIdx.x; j < D;",
          "    }\n    for (int j = threadIdx.x; j < D;"),  # read the partial sums too early
+        ("atomicAdd(&dgamma[j], sg[j]);", "dgamma[j] += sg[j];"),  # blocks race on dgamma
     ],
-    ids=["non-atomic-shared-sum", "no-barrier-before-the-flush"],
+    ids=["non-atomic-shared-sum", "no-barrier-before-the-flush", "non-atomic-global-sum"],
 )  # fmt: skip
 def test_a_race_in_the_layernorm_backward_is_caught(monkeypatch, rng, old, new):
-    """Mutation check: the two races the plain emulator cannot see (the OS rarely interleaves
-    them), TSan reports."""
+    """Mutation check: races the plain run does not see (the OS rarely interleaves them), TSan
+    reports: two within a block, one between blocks (two of them run at once)."""
     src = kernels_cupy.RAW["minivit_ln_bwd"]
     assert old in src
     monkeypatch.setitem(kernels_cupy.RAW, "minivit_ln_bwd", src.replace(old, new))
     monkeypatch.setattr(kernels_cupy, "_cp", lambda: emu.fake_cupy(1, check_races=True))
-    x = _normal(rng, (12, 40), np.float64)
+    x = _normal(rng, (40, 40), np.float64)  # 5 blocks' worth of rows: 4 blocks, 2 at a time
     g = _normal(rng, (40,), np.float64)
     _, mean, rstd = kernels_cupy.layernorm_forward(x, g, g, 1e-6)
     with pytest.raises(emu.EmulatorError, match="data race"):
