@@ -63,8 +63,10 @@ import numpy as np
 CXX = shutil.which("g++") or shutil.which("c++")
 NVCC = shutil.which("nvcc")
 GUARD = 64  # at least this many elements of guard band on each side of an array argument
-SENTINEL = -1.2345e30  # what a guard band holds: finite, so a kernel that reads it computes on
-# (a huge value spoils the result); bytes that differ afterwards were written by the kernel
+# What a guard band holds: a huge finite value, so a kernel that reads one computes on and the
+# result is spoiled (positive: it wins a running maximum, where NaN would lose every comparison);
+# bytes that differ afterwards were written by the kernel.
+SENTINEL = 1.2345e30
 TIMEOUT_S = 20.0  # a barrier wait longer than this is a deadlock; the launch is killed 1 s later
 
 _HEADER = r"""
