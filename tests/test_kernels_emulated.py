@@ -520,3 +520,35 @@ def test_a_race_in_the_layernorm_backward_is_caught(monkeypatch, rng, old, new):
     _, mean, rstd = kernels_cupy.layernorm_forward(x, g, g, 1e-6)
     with pytest.raises(emu.EmulatorError, match="data race"):
         kernels_cupy.layernorm_backward(x, x, mean, rstd, g)
+
+
+@pytest.mark.usefixtures("fused_on_numpy")
+def test_vilt_forward_backward_with_the_fused_kernels(rng):
+    """ViLT (text padding masks, so attention keeps its masked generic path while layernorm,
+    GELU and the rest take the kernels): outputs, input and parameter gradients agree."""
+    from minivit.models.vilt import ViLT
+
+    B, L = 3, 6
+    ids = rng.integers(5, 23, (B, L))
+    mask = np.ones((B, L), bool)
+    mask[0, 4:] = False
+    ids[~mask] = 0
+    images = rng.standard_normal((B, 3, 16, 16))
+    shapes = {"text_feats": (B, L, 16), "image_feats": (B, 5, 16), "pooled": (B, 16)}
+    douts = {k: rng.standard_normal(s) for k, s in shapes.items()}
+
+    def run():
+        m = ViLT(vocab_size=23, max_text_len=10, img_size=16, patch_size=8, embed_dim=16,
+                 depth=2, num_heads=2, mlp_ratio=2.0, dtype="float64", seed=1)  # fmt: skip
+        out = m.forward(ids, mask, images)
+        dimages = m.backward(douts)
+        return [out["text_feats"], out["image_feats"], out["pooled"], dimages, dict(m.grads)]
+
+    ref, got = _both(run)
+    assert {"gelu_fwd", "gelu_bwd", ("minivit_ln_fwd", 8), ("minivit_ln_bwd", 8)} <= set(
+        kernels_cupy._CACHE
+    )
+    for r, g in zip(ref, got):
+        if isinstance(r, dict):
+            r, g = tuple(r.values()), tuple(g[k] for k in r)
+        _close(r, g, np.float64)
