@@ -7,19 +7,21 @@ they would never run in CI, so this module runs the same text on the CPU:
   ``ElementwiseKernel``, ``empty``, ``zeros``, ``int32``, ``cuda.Device``...). Its arrays are
   NumPy arrays, so the Python side of each kernel (grid and block sizes, argument types, shared
   memory size, which array is written in place) runs unchanged.
-* A kernel's source is compiled with g++ against ``_HEADER``, which models CUDA's execution: one
-  OS thread per CUDA thread, the blocks of a grid two at a time; ``__syncthreads`` and the warp
-  shuffles are barriers (a shuffle writes the lane's value, meets its warp, reads its partner's,
-  honouring ``width``); ``atomicAdd`` is a relaxed atomic; dynamic shared memory is one buffer,
-  refilled for every block. Each launch runs in a forked child process, on arrays in shared
-  mappings, under a watchdog.
+* A RawKernel's source is compiled with g++ against ``_HEADER``, which models CUDA's
+  execution: one OS thread per CUDA thread, the blocks of a grid two at a time;
+  ``__syncthreads`` and the warp shuffles are barriers (a shuffle writes the lane's value, meets
+  its warp, reads its partner's, honouring ``width``); ``atomicAdd`` is a relaxed atomic; each
+  block gets fresh dynamic shared memory. Each launch runs in a forked child process, on arrays
+  in shared mappings, under a watchdog. An ElementwiseKernel is a plain loop over the elements,
+  in this process.
 * It is strict where a GPU would fail silently, so a test can catch it:
   - a scalar argument must be the NumPy type whose size the kernel reads (``np.int32`` for
     ``int``, ``np.int64`` for ``long long``, the array dtype for ``T``); a pointer argument must
     be a C-contiguous array of the pointed-to type;
   - every array argument sits between guard bands as long as itself, holding a huge finite
-    SENTINEL: a write into one is reported, a read from one spoils the result; a wilder access
-    kills the child and is reported as a crash, and a kernel that never ends as a timeout;
+    SENTINEL: a write into one is reported, a read from one spoils the result; an access that
+    reaches unmapped memory kills the child and is reported as a crash (one that lands in other
+    mapped memory goes unseen), and a kernel that never ends is reported as a timeout;
   - fresh arrays (``empty``) and each block's shared memory start as NaN, so an output or a
     shared entry that is read before it is written shows up as NaN; shared memory has guard
     bands too;
@@ -32,12 +34,13 @@ they would never run in CI, so this module runs the same text on the CPU:
 Data races: the OS seldom interleaves two threads' accesses, so a plain run misses races, but
 ``RawKernel.race_check`` (``fake_cupy(check_races=True)``) runs the launch again as a
 standalone program under ThreadSanitizer. Barriers are mutexes and condition variables and
-``atomicAdd`` a relaxed atomic, so TSan sees the ordering CUDA promises and no more: a missing
-``__syncthreads`` or a ``+=`` in place of ``atomicAdd`` is reported whatever the timing, within
-a block or between two blocks that run at once.
+``atomicAdd`` a relaxed atomic, so TSan sees the ordering of ``__syncthreads`` and of atomics as
+CUDA gives it: a missing ``__syncthreads`` or a ``+=`` in place of ``atomicAdd`` is reported,
+within a block or between two blocks that run at once.
 
-What it cannot show: speed, memory coalescing, or a race between blocks that do not run in the
-same pair.
+What it cannot show: speed, memory coalescing, a race between blocks that do not run in the
+same pair, or one between lanes of a warp that only a shuffle separates (the emulator's
+shuffles are barriers and order memory; CUDA promises that only for ``__syncwarp``).
 The same text is compiled with ``nvcc`` for the H100/H200's sm_90 by ``nvcc_compile`` (CuPy
 compiles it with NVRTC, the same front end without host headers); an ElementwiseKernel is
 compiled inside a wrapper written here, not CuPy's generated one, so that checks its operation.
@@ -571,11 +574,12 @@ class RawKernel:
     def race_check(self, grid, block, args, shared_mem=0) -> str | None:
         """Run the launch once more under ThreadSanitizer; -> its first data-race report, or None.
 
-        The emulator's barriers and atomics are mutexes, so TSan sees exactly the ordering CUDA
-        promises: a shared or global entry that two threads touch without a barrier or an
-        atomic between them (a missing ``__syncthreads``, a ``+=`` in place of ``atomicAdd``)
-        is reported even when the OS did not interleave them; between blocks only when they
-        run at once (two at a time). The outputs of this run are discarded."""
+        The emulator's barriers are mutexes and its atomics relaxed, so a shared or global
+        entry that two threads touch without a barrier or an atomic between them (a missing
+        ``__syncthreads``, a ``+=`` in place of ``atomicAdd``) is reported even when the OS did
+        not interleave them; between blocks only when they run at once (two at a time). Its
+        shuffles order memory within a warp, which CUDA's do not. The outputs of this run are
+        discarded."""
         if CXX is None:
             raise EmulatorError("no C++ compiler (g++) on this machine")
         guarded = _Guarded()
