@@ -311,10 +311,14 @@ def layernorm_forward(x, gamma, beta, eps):
     return out, mean, rstd
 
 
+def _ln_bwd_shared_bytes(width: int, dtype) -> int:
+    return 2 * width * dtype.itemsize  # the block's partial dgamma and dbeta
+
+
 def layernorm_fits(width: int, dtype) -> bool:
     """Whether the layernorm backward's per-block dgamma and dbeta (2 x width entries) fit in
     shared memory: up to width 6144 in float32 and 3072 in float64."""
-    return 2 * width * dtype.itemsize <= SHARED_MEM_LIMIT
+    return _ln_bwd_shared_bytes(width, dtype) <= SHARED_MEM_LIMIT
 
 
 def layernorm_backward(dout, x, mean, rstd, gamma):
@@ -335,7 +339,7 @@ def layernorm_backward(dout, x, mean, rstd, gamma):
             (blocks,),
             (ROWS_PER_BLOCK * WARP,),
             (dout, x, mean, rstd, gamma, dx, dgamma, dbeta, cp.int64(M), cp.int32(D)),
-            shared_mem=2 * D * x.dtype.itemsize,
+            shared_mem=_ln_bwd_shared_bytes(D, x.dtype),
         )
     return dx, dgamma, dbeta
 

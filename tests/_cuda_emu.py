@@ -385,6 +385,7 @@ _CNAME = {np.dtype(v[0]): k for k, v in _CTYPES.items() if k != "unsigned int"}
 _BUILD_DIR = None
 _BUILD_LOCK = threading.Lock()
 _LAUNCH_LOCK = threading.Lock()  # one launch at a time, as on one CUDA stream
+_BUILT: dict[str, str] = {}  # source hash -> compiled file
 _LIBS: dict[str, ctypes.CDLL] = {}
 
 
@@ -392,28 +393,38 @@ class EmulatorError(RuntimeError):
     """The emulated kernel did something that is wrong (or undefined) on a GPU."""
 
 
-def _build(source: str) -> ctypes.CDLL:
-    """g++ ``source`` into a shared library (cached per source text, per process)."""
+def _compile(source: str, tsan: bool = False) -> str:
+    """g++ ``source`` into a shared library, or with ``tsan`` into a ThreadSanitizer program;
+    -> its path. Built once per source text and process."""
     global _BUILD_DIR
-    key = hashlib.sha1(source.encode()).hexdigest()[:16]
+    key = hashlib.sha1(source.encode()).hexdigest()[:16] + ("-tsan" if tsan else "")
     with _BUILD_LOCK:  # two shard threads may ask for the same kernel at once
-        if key in _LIBS:
-            return _LIBS[key]
+        if key in _BUILT:
+            return _BUILT[key]
         if CXX is None:
             raise EmulatorError("no C++ compiler (g++) on this machine")
         if _BUILD_DIR is None:
             _BUILD_DIR = tempfile.mkdtemp(prefix="minivit-simt-")
             atexit.register(shutil.rmtree, _BUILD_DIR, True)
         src = os.path.join(_BUILD_DIR, f"{key}.cpp")
-        lib = os.path.join(_BUILD_DIR, f"{key}.so")
+        out = os.path.join(_BUILD_DIR, key if tsan else f"{key}.so")
         with open(src, "w") as f:
             f.write(source)
-        cmd = [CXX, "-std=c++17", "-O1", "-pthread", "-shared", "-fPIC", "-w", "-o", lib, src]
+        flags = ["-g", "-fsanitize=thread"] if tsan else ["-shared", "-fPIC"]
+        cmd = [CXX, "-std=c++17", "-O1", "-pthread", "-w", *flags, "-o", out, src]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
-            raise EmulatorError(f"g++ failed on the kernel source:\n{done.stderr[-4000:]}")
-        _LIBS[key] = ctypes.CDLL(lib)
-        return _LIBS[key]
+            raise EmulatorError(f"{cmd[0]} {' '.join(flags)} failed:\n{done.stderr[-4000:]}")
+        _BUILT[key] = out
+        return out
+
+
+def _build(source: str) -> ctypes.CDLL:
+    """``source`` compiled and loaded (cached)."""
+    path = _compile(source)
+    if path not in _LIBS:
+        _LIBS[path] = ctypes.CDLL(path)
+    return _LIBS[path]
 
 
 def _resolve(ctype: str, typedefs: dict[str, str]) -> str:
@@ -431,6 +442,11 @@ def _params(decl: str) -> list[tuple[str, str, bool]]:
             raise EmulatorError(f"cannot read the parameter {p!r}")
         out.append((" ".join(m.group(1).split()), m.group(3), bool(m.group(2))))
     return out
+
+
+def _guard_value(dtype) -> np.ndarray:
+    """One element of a guard band: SENTINEL for floats, a byte pattern for integers."""
+    return np.array(SENTINEL if dtype.kind == "f" else 0x5A5A5A5A, dtype)
 
 
 class _Guarded:
@@ -453,7 +469,7 @@ class _Guarded:
             m = mmap.mmap(-1, max((a.size + 2 * g) * a.itemsize, 1))  # MAP_SHARED, anonymous
             self._maps.append(m)
             buf = np.frombuffer(m, a.dtype, a.size + 2 * g)
-            buf[:g] = buf[g + a.size :] = SENTINEL if a.dtype.kind == "f" else 0x5A5A5A5A
+            buf[:g] = buf[g + a.size :] = _guard_value(a.dtype)
             buf[g : g + a.size] = a.reshape(-1)
             self.items[key] = (a, buf, g)
         a, buf, g = self.items[key]
@@ -469,21 +485,25 @@ class _Guarded:
     def finish(self, where: str):
         """Copy the results back; fail if a guard band was written."""
         for a, buf, g in self.items.values():
-            want = buf[:1].copy()
-            want[0] = SENTINEL if a.dtype.kind == "f" else 0x5A5A5A5A
+            want = _guard_value(a.dtype).reshape(1).view(np.uint8)
             for band in (buf[:g], buf[g + a.size :]):
-                if (band.view(np.uint8).reshape(len(band), -1) != want.view(np.uint8)).any():
+                if (band.view(np.uint8).reshape(len(band), -1) != want).any():
                     raise EmulatorError(f"{where} wrote outside an array argument {a.shape}")
             if a.flags.writeable:  # (a read-only argument is an input's broadcast view)
                 a.reshape(-1)[...] = buf[g : g + a.size]
 
 
-def _run(lib: ctypes.CDLL, grid: int, block: int, shmem: int, values: list, where: str):
-    ptrs = (ctypes.c_void_p * max(len(values), 1))(
+def _pointer_array(values: list):
+    """``void* args[]`` pointing at each ctypes value, as cuLaunchKernel takes its arguments."""
+    return (ctypes.c_void_p * max(len(values), 1))(
         *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
     )
+
+
+def _run(lib: ctypes.CDLL, grid: int, block: int, shmem: int, values: list, where: str):
+    ptrs = _pointer_array(values)
     err = ctypes.create_string_buffer(1024)
-    with _LAUNCH_LOCK:  # the emulator's grid state is global; ctypes lets go of the GIL
+    with _LAUNCH_LOCK:
         rc = lib.simt_run(
             ctypes.c_uint(grid),
             ctypes.c_uint(block),
@@ -580,18 +600,11 @@ class RawKernel:
         not interleave them; between blocks only when they run at once (two at a time). Its
         shuffles order memory within a warp, which CUDA's do not. The outputs of this run are
         discarded."""
-        if CXX is None:
-            raise EmulatorError("no C++ compiler (g++) on this machine")
+        exe = _compile(self.cpu_source() + _TSAN_MAIN, tsan=True)
         guarded = _Guarded()
         values = self._values(args, guarded)
         with tempfile.TemporaryDirectory(prefix="minivit-tsan-") as d:
-            src, exe, data = (os.path.join(d, n) for n in ("k.cpp", "k", "args.bin"))
-            with open(src, "w") as f:
-                f.write(self.cpu_source() + _TSAN_MAIN)
-            cmd = [CXX, "-std=c++17", "-O1", "-g", "-fsanitize=thread", "-pthread", "-w"]
-            done = subprocess.run(cmd + ["-o", exe, src], capture_output=True, text=True)
-            if done.returncode:
-                raise EmulatorError(f"g++ -fsanitize=thread failed:\n{done.stderr[-2000:]}")
+            data = os.path.join(d, "args.bin")
             with open(data, "wb") as f:
                 f.write(np.int32(len(values)).tobytes())
                 for (_, _, ptr), v in zip(self.params, values):
@@ -699,11 +712,8 @@ class ElementwiseKernel:
                 values.append(_CTYPES[_CNAME[want]][1](want.type(a).item()))
                 scalars.append(True)
         lib = _build(self._source(dtype, tuple(scalars), cuda=False))
-        ptrs = (ctypes.c_void_p * len(values))(
-            *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
-        )
         with _LAUNCH_LOCK:
-            lib.simt_run(ctypes.c_longlong(int(np.prod(shape))), ptrs)
+            lib.simt_run(ctypes.c_longlong(int(np.prod(shape))), _pointer_array(values))
         guarded.finish(self.name)
         return outs[0] if n_out == 1 else tuple(outs)
 
@@ -714,6 +724,9 @@ def _nan_empty(shape, dtype=np.float64, **_):
 
 def _nan_empty_like(a, dtype=None, **_):
     return np.full(a.shape, np.nan, a.dtype if dtype is None else dtype)
+
+
+_TSAN = None
 
 
 def tsan_available() -> bool:
@@ -730,9 +743,6 @@ def tsan_available() -> bool:
                 built = subprocess.run(cmd, capture_output=True).returncode == 0
                 _TSAN = built and subprocess.run([exe], capture_output=True).returncode == 0
     return _TSAN
-
-
-_TSAN = None
 
 
 def fake_cupy(multiprocessors: int = 2, check_races: bool = False) -> SimpleNamespace:

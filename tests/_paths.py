@@ -22,7 +22,11 @@ def both(set_enabled, fn):
 
 def close(ref, got, dtype, *, tol32, tol64, to_numpy=np.asarray):
     """Every array of ``got`` equals its twin in ``ref`` to (rtol, atol) = tol32 or tol64, the atol
-    relative to the largest entry (at least 1). None must pair with None."""
+    relative to the largest entry (at least 1). Tuples, lists and dicts (same keys, same order)
+    are compared entry by entry; None must pair with None."""
+    if isinstance(ref, dict):  # e.g. a model's grads: the same keys, then each array
+        assert list(ref) == list(got)
+        ref, got = tuple(ref.values()), tuple(got.values())
     if isinstance(ref, (tuple, list)):
         assert len(ref) == len(got)
         for r, g in zip(ref, got):
