@@ -628,11 +628,11 @@ class ElementwiseKernel:
     """``cupy.ElementwiseKernel(in_params, out_params, operation, name)``.
 
     As in CuPy: inputs broadcast against each other and against given outputs; missing outputs
-    are allocated (here NaN-filled); an array input is a const reference to its element (so an
-    input passed again as an output sees the new value); scalars (NumPy scalars or 0-d arrays)
-    are passed by value; a one-letter type is a placeholder, fixed by the dtype of the first
-    array argument declared with it (one placeholder per kernel here); any other type name is
-    NumPy's (``float`` is float64)."""
+    are allocated (here NaN-filled); an array input, 0-d included, is a const reference to its
+    element (so an input passed again as an output sees the new value); scalars (NumPy scalars
+    or Python numbers) are passed by value; a one-letter type is a placeholder, fixed by the
+    dtype of the first array argument declared with it (one placeholder per kernel here); any
+    other type name is NumPy's (``float`` is float64)."""
 
     def __init__(self, in_params: str, out_params: str, operation: str, name: str, **_options):
         self.ins = [tuple(p.split()) for p in in_params.split(",")]
@@ -682,7 +682,7 @@ class ElementwiseKernel:
             raise EmulatorError(f"{self.name} takes {n_in} or {n_in + n_out} arguments")
         outs = list(args[n_in:]) or [None] * n_out
         decl = self.ins + self.outs
-        arrays = [a for a in args if isinstance(a, np.ndarray) and a.ndim > 0]
+        arrays = [a for a in args if isinstance(a, np.ndarray)]
         typed = [a for (t, _), a in zip(decl, args) if len(t) == 1 and isinstance(a, np.ndarray)]
         if len({t for t, _ in decl if len(t) == 1}) > 1 or not typed:
             raise EmulatorError(
@@ -699,7 +699,7 @@ class ElementwiseKernel:
         guarded = _Guarded()
         for (t, n), a in zip(decl, list(args[:n_in]) + outs):
             want = self._dtype(t, dtype)
-            if isinstance(a, np.ndarray) and a.ndim > 0:
+            if isinstance(a, np.ndarray):
                 if a.dtype != want:
                     raise EmulatorError(f"{self.name}: {n} is {want}, got {a.dtype}")
                 if any(a is o for o in outs):

@@ -81,7 +81,8 @@ def check_grads(
     in :func:`rel_err`, against the size of the terms that cancel. Returns {input index: rel_err}.
     """
     kwargs = kwargs or {}
-    to_dev = lambda a: backend.asarray(a) if isinstance(a, np.ndarray) else a  # noqa: E731
+    # host values, NumPy scalars included (a 0-d draw), go to the backend under test
+    to_dev = lambda a: backend.asarray(a) if isinstance(a, (np.ndarray, np.generic)) else a  # noqa: E731
     dev = [to_dev(a) for a in inputs]
     out, cache = fwd(*dev, **kwargs)
     out_h = backend.to_numpy(out)

@@ -1,8 +1,15 @@
-"""Shared test machinery: the ``backend`` fixture, the ``--backend`` option, hypothesis profiles.
+"""Shared test machinery: the ``backend`` fixture, the ``--backend`` and ``--cupy-stand-in``
+options, hypothesis profiles.
 
 Every op and model test takes the ``backend`` fixture, so the whole suite runs once per backend:
 on NumPy always, and on CuPy where a CUDA device exists (skipped, with the reason, elsewhere).
 ``pytest --backend numpy`` or ``--backend cupy`` restricts the run to one backend.
+
+``pytest --cupy-stand-in`` runs the CuPy half on the CPU instead: ``import cupy`` gives the strict
+stand-in of ``tests/_cupy_stand_in.py`` (NumPy inside, CuPy's rules outside; kernels in the SIMT
+emulator), and only the tests that run on the ``cupy`` backend are collected: those taking the
+``backend`` fixture, and those marked ``cupy``. It checks every CuPy code path of minivit and of
+the tests, not a GPU: no speed, no GPU rounding.
 """
 
 from __future__ import annotations
@@ -31,12 +38,63 @@ def pytest_addoption(parser):
         default=None,
         help="run the suite on this backend only (repeatable); default: numpy and cupy",
     )
+    parser.addoption(
+        "--cupy-stand-in",
+        action="store_true",
+        help="run the cupy half of the suite on the CPU stand-in for CuPy "
+        "(tests/_cupy_stand_in.py) instead of a GPU",
+    )
+
+
+def _stand_in(config) -> bool:
+    return bool(config.getoption("--cupy-stand-in"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cupy: needs the cupy backend, without the fixture")
+    if _stand_in(config):
+        import _cupy_stand_in
+
+        from minivit import kernels_cupy
+
+        _cupy_stand_in.install()
+        if "MINIVIT_KERNELS" not in os.environ:
+            # The emulated kernels take a forked process per launch: a model test would launch
+            # hundreds. test_kernels_cupy.py turns them on for itself; test_kernels_emulated.py
+            # drives them through whole models. MINIVIT_KERNELS=1 keeps them on everywhere.
+            kernels_cupy.set_enabled(False)
+
+
+def pytest_report_header(config):
+    if _stand_in(config):
+        from minivit import kernels_cupy
+
+        where = "everywhere" if kernels_cupy.enabled() else "in test_kernels_cupy.py only"
+        return (
+            "cupy: the CPU stand-in of tests/_cupy_stand_in.py (not a GPU); "
+            f"fused kernels (SIMT emulator) {where}"
+        )
+    return None
 
 
 def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames:
-        names = metafunc.config.getoption("--backend") or list(BACKEND_NAMES)
+        default = ["cupy"] if _stand_in(metafunc.config) else list(BACKEND_NAMES)
+        names = metafunc.config.getoption("--backend") or default
         metafunc.parametrize("backend", names, indirect=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With --cupy-stand-in, keep only the tests that run on the cupy backend."""
+    if not _stand_in(config):
+        return
+    keep, drop = [], []
+    for item in items:
+        on_cupy = getattr(getattr(item, "callspec", None), "params", {}).get("backend") == "cupy"
+        (keep if on_cupy or item.get_closest_marker("cupy") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture

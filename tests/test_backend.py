@@ -164,6 +164,7 @@ def test_op_rejects_mixed_backends():
         ops.linear_forward(x, _fake_cupy_array(np.zeros((4, 3))))
 
 
+@pytest.mark.cupy
 def test_real_mixed_backends_where_cupy_runs():
     if "cupy" not in available_backends():
         pytest.skip("no CuPy/CUDA here; test_op_rejects_mixed_backends covers the path")

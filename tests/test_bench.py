@@ -203,11 +203,12 @@ def test_report_merges_result_files(tmp_path):
     assert env["merged"][0]["cpu"] == "b"
 
 
-def test_tiny_benchmark_end_to_end(tmp_path):
+def test_tiny_benchmark_end_to_end(tmp_path, backend):
+    # On cupy: CUDA-event timing, the memory pool's peak (on a GPU, or on the CPU stand-in).
     from benchmarks import run
 
     cfg = harness.BenchConfig(
-        backends=["numpy"],
+        backends=[backend.name],
         repeats=2,
         warmup=1,
         quick=True,
@@ -222,6 +223,7 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     assert {r["phase"] for r in rows} == {"forward", "backward"}
     assert {r["impl"] for r in rows} >= {"minivit"}
     assert all(r["median_ms"] > 0 and r["repeats"] == 2 for r in rows)
+    assert {r["backend"] for r in rows} == {backend.name}
     assert env["sgemm"] and env["repeats"] == 2
     assert "layernorm" in open(paths["markdown"]).read()
 

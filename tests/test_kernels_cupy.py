@@ -23,12 +23,16 @@ try:
 except BackendUnavailable as exc:  # no CuPy or no device: every test here needs one
     pytest.skip(f"fused CuPy kernels need a CUDA device: {exc}", allow_module_level=True)
 
+pytestmark = pytest.mark.cupy
+
 DTYPES = [np.float32, np.float64]
 
 
 @pytest.fixture(autouse=True)
-def _restore():
-    prev = kernels_cupy.enabled()
+def _kernels_on():
+    # These tests are about the kernels: on for each (a run on the CPU stand-in of CuPy turns
+    # them off elsewhere, see conftest.py), and the previous setting restored after.
+    prev = kernels_cupy.set_enabled(True)
     yield
     kernels_cupy.set_enabled(prev)
 

@@ -1,0 +1,908 @@
+"""A strict CPU stand-in for CuPy: minivit's ``cupy`` code paths, run where there is no GPU.
+
+``pytest --cupy-stand-in`` (tests/conftest.py) calls :func:`install`, after which ``import
+cupy`` and ``import cupyx`` give this module's stand-ins, and runs the ``cupy`` half of the
+suite on them. The arrays compute with
+NumPy underneath, so the numbers prove nothing about a GPU; what the run checks is the code
+around them, the part that a NumPy-only test never executes and that fails on a device in ways
+unrelated to arithmetic. The stand-in is strict where CuPy is:
+
+- **No implicit conversion to NumPy.** ``numpy.asarray(a)``, ``np.testing.assert_allclose(a,
+  ...)`` and every other path through ``__array__`` raise ``TypeError``, as CuPy's arrays do;
+  ``a.get()``, ``cupy.asnumpy(a)`` and ``Backend.to_numpy`` are the ways out.
+- **No NumPy arrays inside device work.** CuPy's functions, ufuncs, operators and kernels
+  refuse a ``numpy.ndarray`` argument ("Unsupported type"); Python and NumPy scalars pass. As in
+  CuPy, ``cupy.asarray``/``cupy.array`` copy host data over, and an index or a value assigned
+  into an array may be a NumPy array (CuPy copies it over).
+- **Device scalars.** Reductions and integer indexing give 0-d arrays, not Python or NumPy
+  scalars; ``bool``, ``int``, ``float`` and ``.item()`` work on them, ``__index__`` does not
+  (``range(cupy_scalar)`` fails on CuPy too).
+- **Only CuPy's names.** The module, ``ndarray``, ``random``, ``Generator``, ``linalg``, the
+  ufuncs and ``cupyx`` have exactly the public names of CuPy 14.2 (``tests/_cupy_names.py``); a
+  NumPy-only name is an ``AttributeError``. ``ndarray.flags`` has CuPy's three fields
+  (no ``writeable``). A CuPy name that this file does not emulate raises
+  ``NotImplementedError`` when used, so a gap in the stand-in never passes silently.
+- **NumPy functions on device arrays** dispatch to the stand-in (``__array_ufunc__``,
+  ``__array_function__``), as CuPy's do, and fail for functions CuPy lacks.
+- **Uninitialised memory**: ``empty`` and ``empty_like`` fill floats with NaN (integers with a
+  byte pattern), so a result that reads memory it never wrote shows it.
+- **Random numbers** come from a stream unlike NumPy's for the same seed, so a test that
+  expects the two backends to draw alike fails here as it would on a GPU.
+- **Kernels**: ``RawKernel`` and ``ElementwiseKernel`` run in the SIMT emulator of
+  ``tests/_cuda_emu.py``; their array arguments must be this module's arrays, C-contiguous.
+- **Device plumbing** (``cuda.Device``, streams, events, the memory pool and its allocator hook,
+  ``cupyx.profiler.benchmark``) exists with CuPy's call signatures, timed on the host clock,
+  so that the benchmark harness's CuPy branch runs.
+
+It cannot tell: speed; a GPU's rounding; asynchronous errors; out-of-memory; the places where a
+CuPy routine itself differs from NumPy's (results here are NumPy's).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+import types
+import weakref
+
+import numpy as np
+import scipy.special
+from _cupy_names import NAMES, VERSION
+
+_IMPLICIT = (
+    "Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct a "
+    "NumPy array explicitly."
+)
+
+
+def _unsupported(a):
+    return TypeError(f"Unsupported type {type(a)}")
+
+
+class StandInGap(NotImplementedError):
+    """A CuPy name that exists but that the stand-in does not emulate."""
+
+
+# ----------------------------------------------------------------------------------------------
+# moving between the stand-in's arrays and the NumPy arrays inside them
+
+
+def _device(a):
+    """An argument of device work -> what NumPy computes with. NumPy arrays are refused."""
+    if isinstance(a, ndarray):
+        return a._a
+    if isinstance(a, np.ndarray):
+        raise _unsupported(a)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_device(v) for v in a)
+    return a
+
+
+def _host_ok(a):
+    """An index or an assigned value: NumPy arrays and lists are allowed (CuPy copies them)."""
+    if isinstance(a, ndarray):
+        return a._a
+    if isinstance(a, tuple):
+        return tuple(_host_ok(v) for v in a)
+    return a
+
+
+def _wrap(r, outs=()):
+    """NumPy results -> the stand-in's: arrays wrapped, scalars made 0-d arrays, containers
+    mapped. A result that is one of the ``out=`` arrays comes back as the caller's object."""
+    if isinstance(r, np.ndarray):
+        for o in outs:
+            if o._a is r:
+                return o
+        return ndarray._of(_allocated(r) if r.base is None else r)
+    if isinstance(r, np.generic):
+        return ndarray._of(np.asarray(r))
+    if isinstance(r, tuple):
+        return tuple(_wrap(v, outs) for v in r)
+    if isinstance(r, list):
+        return [_wrap(v, outs) for v in r]
+    return r
+
+
+def _outs(kwargs):
+    out = kwargs.get("out")
+    if out is None:
+        return ()
+    outs = out if isinstance(out, tuple) else (out,)
+    for o in outs:
+        if not isinstance(o, ndarray):
+            raise _unsupported(o)
+    return outs
+
+
+def _call(fn, args, kwargs):
+    """fn (a NumPy callable) on device arguments, with CuPy's refusal of host arrays."""
+    outs = _outs(kwargs)
+    r = fn(*_device(tuple(args)), **{k: _device(v) for k, v in kwargs.items()})
+    return _wrap(r, outs)
+
+
+def _check_dtype(a: np.ndarray) -> np.ndarray:
+    if a.dtype.kind in "OUSV":
+        raise ValueError(f"Unsupported dtype {a.dtype}")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# memory accounting: the default pool, and the allocator hook the benchmarks use
+
+
+class MemoryPointer:
+    def __init__(self, size):
+        self.size = size
+
+
+class MemoryPool:
+    """``cupy.get_default_memory_pool()``: bytes held by live stand-in arrays."""
+
+    def __init__(self):
+        self._used = 0
+
+    def used_bytes(self):
+        return self._used
+
+    def total_bytes(self):
+        return self._used
+
+    def free_bytes(self):
+        return 0
+
+    def free_all_blocks(self):
+        pass
+
+    def malloc(self, size):
+        return MemoryPointer(size)
+
+    def _release(self, size):
+        self._used -= size
+
+
+_POOL = MemoryPool()
+_ALLOCATOR = [_POOL.malloc]
+
+
+def _allocated(a: np.ndarray) -> np.ndarray:
+    """Account for a new buffer as CuPy's allocator would see it (a hook may be set)."""
+    if a.nbytes:
+        _ALLOCATOR[0](a.nbytes)
+        _POOL._used += a.nbytes
+        weakref.finalize(a, _POOL._release, a.nbytes)
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# the array
+
+
+class Flags:
+    """CuPy's ``ndarray.flags``: three fields, read-only."""
+
+    __slots__ = ("c_contiguous", "f_contiguous", "owndata")
+
+    def __init__(self, a: np.ndarray):
+        self.c_contiguous = a.flags.c_contiguous
+        self.f_contiguous = a.flags.f_contiguous
+        self.owndata = a.flags.owndata
+
+    def __getitem__(self, key):
+        return getattr(
+            self,
+            {"C_CONTIGUOUS": "c_contiguous", "F_CONTIGUOUS": "f_contiguous", "OWNDATA": "owndata"}[
+                key
+            ],
+        )
+
+
+class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy arrays by it)
+    """A device array of the stand-in: a NumPy array inside, CuPy's rules outside."""
+
+    __slots__ = ("_a", "__weakref__")
+    __array_priority__ = 100.0
+    __hash__ = None
+
+    def __init__(self, shape, dtype=float, memptr=None, strides=None, order="C"):
+        if memptr is not None or strides is not None:
+            raise StandInGap("cupy.ndarray(memptr=..., strides=...)")
+        self._a = _allocated(_garbage(np.empty(shape, dtype=dtype, order=order)))
+
+    @classmethod
+    def _of(cls, a: np.ndarray) -> ndarray:
+        obj = cls.__new__(cls)
+        obj._a = a
+        return obj
+
+    # -- conversions
+    def __array__(self, *args, **kwargs):
+        raise TypeError(_IMPLICIT)
+
+    def get(self, stream=None, order="C", out=None, blocking=True):
+        """A host copy (``numpy.ndarray``), or the data copied into ``out``."""
+        if out is not None:
+            out[...] = self._a
+            return out
+        return np.array(self._a, order=order, copy=True)
+
+    def set(self, arr, stream=None):
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"Only numpy.ndarray can be set to cupy.ndarray, got {type(arr)}")
+        if arr.shape != self._a.shape:
+            raise ValueError(f"Shape mismatch: {arr.shape} != {self._a.shape}")
+        self._a[...] = arr
+
+    def item(self, *args):
+        return self._a.item(*args)
+
+    def tolist(self):
+        return self._a.tolist()
+
+    def _scalar(self, kind):
+        if self._a.size != 1:
+            raise TypeError(f"only size-1 arrays can be converted to Python scalars ({kind})")
+        return self._a.reshape(()).item()
+
+    def __bool__(self):
+        if self._a.size != 1:
+            raise ValueError("The truth value of an array with more than one element is ambiguous.")
+        return bool(self._a.reshape(()))
+
+    def __int__(self):
+        return int(self._scalar("int"))
+
+    def __float__(self):
+        return float(self._scalar("float"))
+
+    def __complex__(self):
+        return complex(self._scalar("complex"))
+
+    def __repr__(self):
+        return repr(self._a)
+
+    def __str__(self):
+        return str(self._a)
+
+    def __format__(self, spec):
+        return format(self._a.item() if self._a.ndim == 0 else self._a, spec)
+
+    def __reduce__(self):
+        return (_from_host, (np.array(self._a),))
+
+    def __copy__(self):
+        return self.copy()
+
+    def __deepcopy__(self, memo):
+        return self.copy()
+
+    # -- the NumPy protocols: device arrays in NumPy's functions dispatch here
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        mine = getattr(_MODULE, ufunc.__name__, None)
+        if not isinstance(mine, ufunc_):
+            return NotImplemented
+        return getattr(mine, method)(*inputs, **kwargs)
+
+    def __array_function__(self, func, types_, args, kwargs):
+        target = _MODULE
+        for part in func.__module__.split(".")[1:]:
+            target = getattr(target, part, None)
+        fn = getattr(target, func.__name__, None) if target is not None else None
+        if fn is None:
+            return NotImplemented
+        return fn(*args, **kwargs)
+
+    # -- attributes
+    shape = property(lambda self: self._a.shape)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    dtype = property(lambda self: self._a.dtype)
+    itemsize = property(lambda self: self._a.itemsize)
+    nbytes = property(lambda self: self._a.nbytes)
+    strides = property(lambda self: self._a.strides)
+    flags = property(lambda self: Flags(self._a))
+    T = property(lambda self: ndarray._of(self._a.T))
+    mT = property(lambda self: ndarray._of(self._a.mT))
+    real = property(lambda self: ndarray._of(self._a.real))
+    imag = property(lambda self: ndarray._of(self._a.imag))
+    device = property(lambda self: _DEVICE)
+
+    @property
+    def base(self):
+        return None if self._a.base is None else ndarray._of(self._a.base)
+
+    # -- indexing
+    def __getitem__(self, key):
+        key = _host_ok(key)
+        r = self._a[key]
+        if not isinstance(r, np.ndarray):  # an element: a 0-d view, as CuPy gives
+            kt = key if isinstance(key, tuple) else (key,)
+            r = self._a[kt + (Ellipsis,)]
+        return ndarray._of(r)
+
+    def __setitem__(self, key, value):
+        self._a[_host_ok(key)] = _host_ok(value)
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        if self._a.ndim == 0:
+            raise TypeError("iteration over a 0-d array")
+        return (self[i] for i in range(len(self._a)))
+
+    # -- methods that only exist in CuPy
+    def scatter_add(self, slices, value):
+        np.add.at(self._a, _host_ok(slices), _device(value))
+
+    def scatter_max(self, slices, value):
+        np.maximum.at(self._a, _host_ok(slices), _device(value))
+
+    def scatter_min(self, slices, value):
+        np.minimum.at(self._a, _host_ok(slices), _device(value))
+
+    def reduced_view(self, dtype=None):
+        return ndarray._of(self._a.reshape(-1) if self._a.flags.c_contiguous else self._a)
+
+    def astype(self, dtype, order="K", casting=None, subok=None, copy=True, blocking=False):
+        if not copy and np.dtype(dtype) == self._a.dtype:
+            return self
+        return ndarray._of(_allocated(self._a.astype(dtype, order=order, copy=True)))
+
+    def copy(self, order="C"):
+        return ndarray._of(_allocated(self._a.copy(order=order)))
+
+
+def _gap_attr(name):
+    def get(self):
+        raise StandInGap(f"cupy.ndarray.{name} is CuPy's but not emulated by the stand-in")
+
+    return property(get)
+
+
+# operators: CuPy runs each as its ufunc, so a NumPy operand is refused there too
+_BINARY = {
+    "add": "add",
+    "sub": "subtract",
+    "mul": "multiply",
+    "truediv": "true_divide",
+    "floordiv": "floor_divide",
+    "mod": "remainder",
+    "pow": "power",
+    "matmul": "matmul",
+    "and": "bitwise_and",
+    "or": "bitwise_or",
+    "xor": "bitwise_xor",
+    "lshift": "left_shift",
+    "rshift": "right_shift",
+}
+_COMPARE = {
+    "eq": "equal",
+    "ne": "not_equal",
+    "lt": "less",
+    "le": "less_equal",
+    "gt": "greater",
+    "ge": "greater_equal",
+}
+_UNARY = {"neg": "negative", "pos": "positive", "abs": "absolute", "invert": "invert"}
+
+
+def _operators():
+    # CuPy 14.2's ndarray has the reflected form of every binary operator and the in-place
+    # form of all but @ (no __imatmul__); comparisons have neither.
+    for op, uf in {**_BINARY, **_COMPARE}.items():
+        f = getattr(np, uf)
+        setattr(ndarray, f"__{op}__", lambda self, other, f=f: _call(f, (self, other), {}))
+        if op in _COMPARE:
+            continue
+        setattr(ndarray, f"__r{op}__", lambda self, other, f=f: _call(f, (other, self), {}))
+        if op != "matmul":
+            inplace = lambda self, other, f=f: _call(f, (self, other), {"out": self})  # noqa: E731
+            setattr(ndarray, f"__i{op}__", inplace)
+    for op, uf in _UNARY.items():
+        f = getattr(np, uf)
+        setattr(ndarray, f"__{op}__", lambda self, f=f: _call(f, (self,), {}))
+
+
+def _method(name):
+    def method(self, *args, **kwargs):
+        return _call(getattr(self._a, name), args, kwargs)
+
+    method.__name__ = name
+    return method
+
+
+_OWN = set(vars(ndarray))
+for _name in NAMES["cupy.ndarray"]:
+    if _name in _OWN or _name.startswith("_"):
+        continue
+    setattr(ndarray, _name, _method(_name) if hasattr(np.ndarray, _name) else _gap_attr(_name))
+
+_operators()
+ndarray.__module__ = "cupy"  # minivit.backend tells a cupy array by its type's module and name
+
+
+def _from_host(a):
+    return ndarray._of(_allocated(_check_dtype(np.array(a, copy=True))))
+
+
+def _garbage(a: np.ndarray) -> np.ndarray:
+    """What fresh device memory holds: NaN for floats, a byte pattern for the rest."""
+    if a.dtype.kind in "fc":
+        a.fill(np.nan)
+    elif a.size:
+        a.view(np.uint8).fill(0xA5)
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# ufuncs
+
+
+class ufunc_:  # noqa: N801
+    """A CuPy ufunc: NumPy's, behind CuPy's refusal of host arrays."""
+
+    def __init__(self, np_ufunc, name=None):
+        self._u = np_ufunc
+        self.__name__ = self.name = name or np_ufunc.__name__
+        self.nin, self.nout, self.nargs = np_ufunc.nin, np_ufunc.nout, np_ufunc.nargs
+
+    def __call__(self, *args, **kwargs):
+        return _call(self._u, args, kwargs)
+
+    def reduce(self, *args, **kwargs):
+        return _call(self._u.reduce, args, kwargs)
+
+    def accumulate(self, *args, **kwargs):
+        return _call(self._u.accumulate, args, kwargs)
+
+    def reduceat(self, *args, **kwargs):
+        return _call(self._u.reduceat, args, kwargs)
+
+    def outer(self, *args, **kwargs):
+        return _call(self._u.outer, args, kwargs)
+
+    def at(self, a, indices, b=None):
+        if not isinstance(a, ndarray):
+            raise _unsupported(a)
+        rest = () if b is None else (_device(b),)
+        self._u.at(a._a, _host_ok(indices), *rest)
+
+    @property
+    def types(self):
+        return self._u.types
+
+    def __repr__(self):
+        return f"<ufunc '{self.__name__}'>"
+
+
+for _name in NAMES["cupy.ufunc"]:
+    if not hasattr(ufunc_(np.add), _name):
+        raise AssertionError(f"the stand-in's ufunc lacks CuPy's {_name!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the module's functions
+
+
+def _creation(np_fn):
+    """zeros, ones, full, arange, ...: a new device array (host-array arguments refused)."""
+
+    @functools.wraps(np_fn)
+    def make(*args, **kwargs):
+        r = np_fn(*_device(args), **{k: _device(v) for k, v in kwargs.items()})
+        return ndarray._of(_allocated(_check_dtype(r)))
+
+    return make
+
+
+def _empty(np_fn):
+    @functools.wraps(np_fn)
+    def make(*args, **kwargs):
+        return ndarray._of(_allocated(_garbage(np_fn(*_device(args), **kwargs))))
+
+    return make
+
+
+def asarray(a, dtype=None, order=None, *, blocking=False):
+    """A device array: ``a`` itself when it is one (cast if ``dtype`` differs), else a copy of
+    the host data."""
+    if isinstance(a, ndarray):
+        return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
+    if isinstance(a, (list, tuple)):
+        a = [v.get() if isinstance(v, ndarray) else v for v in a]
+    r = np.array(a, dtype=dtype, order=order or "K", copy=True)
+    return ndarray._of(_allocated(_check_dtype(r)))
+
+
+def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocking=False):
+    if isinstance(obj, ndarray):
+        r = np.array(obj._a, dtype=dtype, copy=True if copy else None, order=order, ndmin=ndmin)
+        return obj if r is obj._a else ndarray._of(_allocated(r))
+    if isinstance(obj, (list, tuple)):
+        obj = [v.get() if isinstance(v, ndarray) else v for v in obj]
+    r = np.array(obj, dtype=dtype, copy=True, order=order, ndmin=ndmin)
+    return ndarray._of(_allocated(_check_dtype(r)))
+
+
+def asnumpy(a, stream=None, order="C", out=None, blocking=True):
+    if isinstance(a, ndarray):
+        return a.get(order=order, out=out)
+    return np.asarray(a, order=order)
+
+
+def get_array_module(*args):
+    return _MODULE if any(isinstance(a, ndarray) for a in args) else np
+
+
+def _gap(qualname):
+    def missing(*args, **kwargs):
+        raise StandInGap(f"{qualname} is CuPy's but not emulated by tests/_cupy_stand_in.py")
+
+    missing.__name__ = qualname.rsplit(".", 1)[-1]
+    return missing
+
+
+_gap_marker = object()
+
+_CREATION = {
+    "zeros",
+    "ones",
+    "full",
+    "arange",
+    "linspace",
+    "logspace",
+    "eye",
+    "identity",
+    "tri",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "meshgrid",
+    "indices",
+}
+_EMPTY = {"empty", "empty_like"}
+_PLAIN_TYPES = (np.dtype, np.finfo, np.iinfo)
+
+
+def _fill(module, qual, names, source, special):
+    """Give ``module`` the names: emulated where ``source`` (a NumPy namespace) has a
+    counterpart, else a StandInGap on use."""
+    for name in names:
+        if name in special:
+            setattr(module, name, special[name])
+            continue
+        obj = getattr(source, name, _gap_marker) if source is not None else _gap_marker
+        if obj is _gap_marker:
+            setattr(module, name, _gap(f"{qual}.{name}"))
+        elif isinstance(obj, np.ufunc):
+            setattr(module, name, ufunc_(obj, name))
+        elif isinstance(obj, type) and (issubclass(obj, np.generic) or obj in _PLAIN_TYPES):
+            setattr(module, name, obj)  # dtypes and type objects are NumPy's in CuPy too
+        elif isinstance(obj, (float, int, type(None))) or obj is np.newaxis:
+            setattr(module, name, obj)
+        elif name in _CREATION:
+            setattr(module, name, _creation(obj))
+        elif name in _EMPTY:
+            setattr(module, name, _empty(obj))
+        elif callable(obj) and not isinstance(obj, type):
+            setattr(module, name, _function(obj, name))
+        else:
+            setattr(module, name, _gap(f"{qual}.{name}"))
+
+
+def _function(np_fn, name):
+    @functools.wraps(np_fn)
+    def fn(*args, **kwargs):
+        return _call(np_fn, args, kwargs)
+
+    fn.__name__ = name
+    return fn
+
+
+class _Module(types.ModuleType):
+    """A module that names what CuPy lacks in its AttributeError."""
+
+    def __getattr__(self, name):
+        raise AttributeError(
+            f"module {self.__name__!r} has no attribute {name!r} (not in CuPy {VERSION})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# random
+
+
+class Generator:
+    """``cupy.random.Generator``: CuPy's methods only, another stream than NumPy's."""
+
+    def __init__(self, seed=None):
+        key = [] if seed is None else list(np.atleast_1d(np.asarray(seed, dtype=np.int64)))
+        self._g = np.random.default_rng(None if seed is None else [0x43555059, *key])
+
+    def _draw(self, kinds, name, size, dtype, out, fn):
+        dtype = np.dtype(dtype)
+        if dtype.char not in kinds:
+            raise TypeError(f"{name} does not support dtype {dtype}")
+        r = ndarray._of(_allocated(np.asarray(fn(size, dtype))))
+        if out is not None:
+            out[...] = r
+            return out
+        return r
+
+    def random(self, size=None, dtype=np.float64, out=None):
+        return self._draw("fd", "random", size, dtype, out, lambda s, d: self._g.random(s, dtype=d))
+
+    def standard_normal(self, size=None, dtype=np.float64, out=None):
+        return self._draw(
+            "fd",
+            "standard_normal",
+            size,
+            dtype,
+            out,
+            lambda s, d: self._g.standard_normal(s, dtype=d),
+        )
+
+    def uniform(self, low=0.0, high=1.0, size=None, dtype=np.float64):
+        return self._draw(
+            "fd", "uniform", size, dtype, None, lambda s, d: self._g.uniform(low, high, s).astype(d)
+        )
+
+    def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False):
+        low, high = _device(low), _device(high)
+        r = self._g.integers(low, high, size=size, dtype=dtype, endpoint=endpoint)
+        return ndarray._of(_allocated(np.asarray(r)))
+
+
+for _name in NAMES["cupy.random.Generator"]:
+    if not hasattr(Generator, _name):
+        setattr(Generator, _name, _gap(f"cupy.random.Generator.{_name}"))
+
+
+def default_rng(seed=None):
+    return seed if isinstance(seed, Generator) else Generator(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# the device, streams, events, kernels, cupyx
+
+
+class Device:
+    """``cupy.cuda.Device``: one device, id 0."""
+
+    def __init__(self, device=None):
+        self.id = 0 if device is None else int(device)
+        if self.id != 0:
+            raise RuntimeError(f"the stand-in has one device, id 0, not {self.id}")
+        self.attributes = {"MultiProcessorCount": 2, "MaxSharedMemoryPerBlock": 48 * 1024}
+        self.compute_capability = "90"
+
+    def synchronize(self):
+        pass
+
+    def use(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_DEVICE = Device(0)
+
+
+class Stream:
+    def synchronize(self):
+        pass
+
+
+class Event:
+    """``cupy.cuda.Event``: the host clock at ``record``."""
+
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+def get_elapsed_time(start, end):
+    return (end.t - start.t) * 1e3  # milliseconds, as CuPy's
+
+
+def set_allocator(allocator=None):
+    _ALLOCATOR[0] = _POOL.malloc if allocator is None else allocator
+
+
+class RawKernel:
+    """``cupy.RawKernel`` run by the SIMT emulator (tests/_cuda_emu.py)."""
+
+    def __init__(
+        self,
+        code,
+        name,
+        options=(),
+        backend="nvrtc",
+        translate_cucomplex=False,
+        *,
+        enable_cooperative_groups=False,
+        jitify=False,
+    ):
+        from _cuda_emu import RawKernel as Emulated
+
+        self._k = Emulated(code, name)
+        self.name = name
+
+    def __call__(self, grid, block, args, *, shared_mem=0, enable_cooperative_groups=False):
+        self._k(grid, block, tuple(_kernel_arg(a, self.name) for a in args), shared_mem)
+
+
+class ElementwiseKernel:
+    """``cupy.ElementwiseKernel`` run by the SIMT emulator's elementwise loop."""
+
+    def __init__(
+        self,
+        in_params,
+        out_params,
+        operation,
+        name="kernel",
+        reduce_dims=True,
+        preamble="",
+        no_return=False,
+        return_tuple=False,
+        loop_prep="",
+        after_loop="",
+        options=(),
+    ):
+        from _cuda_emu import ElementwiseKernel as Emulated
+
+        if preamble or loop_prep or after_loop:
+            raise StandInGap("ElementwiseKernel preamble/loop_prep/after_loop")
+        self._k = Emulated(in_params, out_params, operation, name)
+        self.name = name
+
+    def __call__(self, *args, size=None, block_size=None, stream=None):
+        if size is not None:
+            raise StandInGap("ElementwiseKernel(size=...)")
+        given = [a for a in args if isinstance(a, ndarray)]
+        r = self._k(*(_kernel_arg(a, self.name) for a in args))
+        return _wrap(r, tuple(given))
+
+
+def _kernel_arg(a, name):
+    if isinstance(a, ndarray):
+        if not a._a.flags.c_contiguous:
+            raise ValueError(
+                f"{name}: a kernel reads its array arguments as C-contiguous memory; got "
+                f"strides {a.strides} for shape {a.shape}"
+            )
+        return a._a
+    if isinstance(a, np.ndarray):
+        raise _unsupported(a)
+    return a
+
+
+class _BenchResult:
+    def __init__(self, name, cpu, gpu):
+        self.name, self.cpu_times, self.gpu_times = name, cpu, gpu
+
+
+def benchmark(
+    func,
+    args=(),
+    kwargs=None,
+    n_repeat=10000,
+    *,
+    name=None,
+    n_warmup=10,
+    max_duration=float("inf"),
+    devices=None,
+):
+    """``cupyx.profiler.benchmark``: host-clock times stand in for the CUDA-event times."""
+    kwargs = kwargs or {}
+    for _ in range(n_warmup):
+        func(*args, **kwargs)
+    times = []
+    for _ in range(n_repeat):
+        t = time.perf_counter()
+        func(*args, **kwargs)
+        times.append(time.perf_counter() - t)
+    t = np.asarray(times)
+    return _BenchResult(name or getattr(func, "__name__", "func"), t, t[None, :])
+
+
+def scatter_add(a, slices, value):
+    a.scatter_add(slices, value)
+
+
+# ----------------------------------------------------------------------------------------------
+# assembling the modules
+
+
+def _module(qual, names, source, special):
+    m = _Module(qual)
+    _fill(m, qual, names, source, special)
+    return m
+
+
+_MODULE = _module(
+    "cupy",
+    NAMES["cupy"],
+    np,
+    {
+        "ndarray": ndarray,
+        "ufunc": ufunc_,
+        "asarray": asarray,
+        "asanyarray": asarray,
+        "array": array,
+        "asnumpy": asnumpy,
+        "get_array_module": get_array_module,
+        "get_default_memory_pool": lambda: _POOL,
+        "RawKernel": RawKernel,
+        "ElementwiseKernel": ElementwiseKernel,
+        "is_available": lambda: True,
+    },
+)
+_MODULE.__version__ = f"{VERSION} (CPU stand-in)"
+_MODULE.random = _module(
+    "cupy.random",
+    NAMES["cupy.random"],
+    None,
+    {"default_rng": default_rng, "Generator": Generator},
+)
+_MODULE.linalg = _module("cupy.linalg", NAMES["cupy.linalg"], np.linalg, {})
+_MODULE.lib = _Module("cupy.lib")
+_MODULE.lib.stride_tricks = _module(
+    "cupy.lib.stride_tricks", NAMES["cupy.lib.stride_tricks"], np.lib.stride_tricks, {}
+)
+_runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
+_MODULE.cuda = types.SimpleNamespace(
+    Device=Device,
+    Stream=Stream,
+    Event=Event,
+    get_current_stream=lambda: Stream(),
+    get_elapsed_time=get_elapsed_time,
+    set_allocator=set_allocator,
+    runtime=_runtime,
+    is_available=lambda: True,
+)
+
+_CUPYX = _module(
+    "cupyx",
+    NAMES["cupyx"],
+    None,
+    {"scatter_add": scatter_add},
+)
+_CUPYX.scipy = _Module("cupyx.scipy")
+_CUPYX.scipy.special = _module(
+    "cupyx.scipy.special", NAMES["cupyx.scipy.special"], scipy.special, {}
+)
+_CUPYX.profiler = _Module("cupyx.profiler")
+_CUPYX.profiler.benchmark = benchmark
+
+MODULES = {
+    "cupy": _MODULE,
+    "cupy.random": _MODULE.random,
+    "cupy.linalg": _MODULE.linalg,
+    "cupy.lib": _MODULE.lib,
+    "cupy.lib.stride_tricks": _MODULE.lib.stride_tricks,
+    "cupyx": _CUPYX,
+    "cupyx.scipy": _CUPYX.scipy,
+    "cupyx.scipy.special": _CUPYX.scipy.special,
+    "cupyx.profiler": _CUPYX.profiler,
+}
+
+
+def install():
+    """Make ``import cupy`` / ``import cupyx`` give the stand-in, in this process."""
+    sys.modules.update(MODULES)
+    import minivit.backend
+
+    minivit.backend._CACHE.pop("cupy", None)
