@@ -8,7 +8,8 @@ for the backward:
                                          from x, so the cache holds x only (as PyTorch's does)
     bias_gelu_forward                    GELU(h + b) in one pass, for an MLP (returns h + b too)
     layernorm_forward / _backward        one warp per row; the cache holds mean and rstd, xhat
-                                         is recomputed; dgamma, dbeta summed in shared memory
+                                         is recomputed; dgamma, dbeta as column sums in a
+                                         fixed order (no atomics: a replay gives the same bits)
     softmax_forward / softmax_backward   one warp per row, with an optional scale folded in
                                          (attention's 1 / sqrt(head_dim))
     adamw_update                         AdamW's whole update of one parameter in one pass
@@ -47,7 +48,9 @@ _CACHE: dict = {}
 
 WARP = 32
 ROWS_PER_BLOCK = 8  # warps per block of 256 threads, one row per warp
-SHARED_MEM_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without opting in to more
+# The layernorm backward's dgamma and dbeta: one thread per column sums a chunk of rows.
+LN_ROWS_PER_CHUNK = 128
+COLS_PER_BLOCK = 256
 
 
 def enabled() -> bool:
@@ -195,41 +198,50 @@ extern "C" __global__ void minivit_ln_fwd(const T* __restrict__ x, const T* __re
 _LN_BWD = r"""
 extern "C" __global__ void minivit_ln_bwd(const T* __restrict__ dout, const T* __restrict__ x,
         const T* __restrict__ mean, const T* __restrict__ rstd, const T* __restrict__ gamma,
-        T* __restrict__ dx, T* __restrict__ dgamma, T* __restrict__ dbeta, long long M, int D) {
-    extern __shared__ unsigned char smem_raw[];
-    T* sg = reinterpret_cast<T*>(smem_raw);  // this block's partial dgamma, (D,)
-    T* sb = sg + D;                          // and dbeta
-    for (int j = threadIdx.x; j < 2 * D; j += blockDim.x) sg[j] = 0;
-    __syncthreads();
-    int wpb = blockDim.x / 32;
+        T* __restrict__ dx, long long M, int D) {
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
-    for (long long row = (long long)blockIdx.x * wpb + threadIdx.x / 32; row < M;
-         row += (long long)gridDim.x * wpb) {
-        const T* dr = dout + row * D;
-        const T* xr = x + row * D;
-        T m = mean[row], r = rstd[row];
-        T sum_g = 0, sum_gx = 0;
-        for (int j = lane; j < D; j += 32) {
-            T xh = (xr[j] - m) * r;
-            T g = dr[j] * gamma[j];
-            sum_g += g;
-            sum_gx += g * xh;
-            atomicAdd(&sg[j], dr[j] * xh);
-            atomicAdd(&sb[j], dr[j]);
-        }
-        T mg = warp_sum(sum_g) / (T)D;
-        T mgx = warp_sum(sum_gx) / (T)D;
-        T* dxr = dx + row * D;
-        for (int j = lane; j < D; j += 32) {
-            T xh = (xr[j] - m) * r;
-            dxr[j] = r * (dr[j] * gamma[j] - mg - xh * mgx);
-        }
+    if (row >= M) return;
+    const T* dr = dout + row * D;
+    const T* xr = x + row * D;
+    T m = mean[row], r = rstd[row];
+    T sum_g = 0, sum_gx = 0;
+    for (int j = lane; j < D; j += 32) {
+        T g = dr[j] * gamma[j];
+        sum_g += g;
+        sum_gx += g * ((xr[j] - m) * r);
     }
-    __syncthreads();
-    for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        atomicAdd(&dgamma[j], sg[j]);
-        atomicAdd(&dbeta[j], sb[j]);
+    T mg = warp_sum(sum_g) / (T)D;
+    T mgx = warp_sum(sum_gx) / (T)D;
+    T* dxr = dx + row * D;
+    for (int j = lane; j < D; j += 32) {
+        T xh = (xr[j] - m) * r;
+        dxr[j] = r * (dr[j] * gamma[j] - mg - xh * mgx);
     }
+}
+"""
+
+_LN_BWD_PARAMS = r"""
+extern "C" __global__ void minivit_ln_bwd_params(const T* __restrict__ dout,
+        const T* __restrict__ x, const T* __restrict__ mean, const T* __restrict__ rstd,
+        T* __restrict__ part, long long M, int D, int rows_per_chunk) {
+    // Each thread sums its column j over one chunk of rows, in row order: part[0, chunk, j] is
+    // the chunk's share of dgamma[j], part[1, chunk, j] of dbeta[j]. One writer per entry.
+    int col_blocks = (D + blockDim.x - 1) / blockDim.x;
+    long long chunks = gridDim.x / col_blocks;
+    long long chunk = blockIdx.x / col_blocks;
+    int j = (blockIdx.x % col_blocks) * blockDim.x + threadIdx.x;
+    if (j >= D) return;
+    long long r0 = chunk * rows_per_chunk;
+    long long r1 = r0 + rows_per_chunk < M ? r0 + rows_per_chunk : M;
+    T sg = 0, sb = 0;
+    for (long long row = r0; row < r1; ++row) {
+        T d = dout[row * D + j];
+        sg += d * ((x[row * D + j] - mean[row]) * rstd[row]);
+        sb += d;
+    }
+    part[chunk * D + j] = sg;
+    part[(chunks + chunk) * D + j] = sb;
 }
 """
 
@@ -271,6 +283,7 @@ extern "C" __global__ void minivit_softmax_bwd(const T* dy, const T* __restrict_
 RAW = {
     "minivit_ln_fwd": _LN_FWD,
     "minivit_ln_bwd": _LN_BWD,
+    "minivit_ln_bwd_params": _LN_BWD_PARAMS,
     "minivit_softmax_fwd": _SM_FWD,
     "minivit_softmax_bwd": _SM_BWD,
 }
@@ -311,36 +324,32 @@ def layernorm_forward(x, gamma, beta, eps):
     return out, mean, rstd
 
 
-def _ln_bwd_shared_bytes(width: int, dtype) -> int:
-    return 2 * width * dtype.itemsize  # the block's partial dgamma and dbeta
-
-
-def layernorm_fits(width: int, dtype) -> bool:
-    """Whether the layernorm backward's per-block dgamma and dbeta (2 x width entries) fit in
-    shared memory: up to width 6144 in float32 and 3072 in float64."""
-    return _ln_bwd_shared_bytes(width, dtype) <= SHARED_MEM_LIMIT
-
-
 def layernorm_backward(dout, x, mean, rstd, gamma):
-    """-> (dx, dgamma, dbeta); xhat is recomputed from x, mean and rstd."""
+    """-> (dx, dgamma, dbeta); xhat is recomputed from x, mean and rstd.
+
+    Deterministic: dx is one warp per row; dgamma and dbeta are column sums taken in a fixed
+    order (each chunk of rows summed in row order by one thread per column, then the chunks'
+    partial sums added by CuPy's reduction), so a replay gives the same bits. No atomics.
+    """
     cp = _cp()
     D = x.shape[-1]
-    if not layernorm_fits(D, x.dtype):
-        raise ValueError(f"layernorm kernel: width {D} in {x.dtype} exceeds shared memory")
     M = x.size // D
     dx = cp.empty_like(x)
-    dgamma = cp.zeros(D, dtype=x.dtype)
-    dbeta = cp.zeros(D, dtype=x.dtype)
-    if M:
-        dev = cp.cuda.Device()
-        n_sm = dev.attributes["MultiProcessorCount"]
-        blocks = max(1, min((M + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 4 * n_sm))
-        _raw("minivit_ln_bwd", x.dtype)(
-            (blocks,),
-            (ROWS_PER_BLOCK * WARP,),
-            (dout, x, mean, rstd, gamma, dx, dgamma, dbeta, cp.int64(M), cp.int32(D)),
-            shared_mem=_ln_bwd_shared_bytes(D, x.dtype),
-        )
+    if not M:
+        return dx, cp.zeros(D, dtype=x.dtype), cp.zeros(D, dtype=x.dtype)
+    grid, block = _row_grid(M)
+    _raw("minivit_ln_bwd", x.dtype)(
+        grid, block, (dout, x, mean, rstd, gamma, dx, cp.int64(M), cp.int32(D))
+    )
+    chunks = (M + LN_ROWS_PER_CHUNK - 1) // LN_ROWS_PER_CHUNK
+    col_blocks = (D + COLS_PER_BLOCK - 1) // COLS_PER_BLOCK
+    part = cp.empty((2, chunks, D), dtype=x.dtype)  # every entry written by the kernel
+    _raw("minivit_ln_bwd_params", x.dtype)(
+        (chunks * col_blocks,),
+        (COLS_PER_BLOCK,),
+        (dout, x, mean, rstd, part, cp.int64(M), cp.int32(D), cp.int32(LN_ROWS_PER_CHUNK)),
+    )
+    dgamma, dbeta = part.sum(axis=1)  # (D,) each
     return dx, dgamma, dbeta
 
 

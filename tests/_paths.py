@@ -40,21 +40,3 @@ def close(ref, got, dtype, *, tol32, tol64, to_numpy=np.asarray):
     scale = max(float(np.abs(r).max()), 1.0)
     rtol, atol = tol32 if dtype == np.float32 else tol64
     np.testing.assert_allclose(g, r, rtol=rtol, atol=atol * scale)
-
-
-def same_run(backend, got, want, err_msg=""):
-    """Two runs of one computation agree: bitwise, except on CuPy with the fused kernels on.
-
-    There the layernorm backward kernel adds each block's dgamma and dbeta into the result
-    with atomics, in whatever order the blocks finish (docs/kernels.md), so a replay may differ
-    in the last bits of those sums, as it may on a GPU. Then the two must agree to a few ulps
-    of float64 (or float32) relative to the largest entry."""
-    from minivit import kernels_cupy
-
-    got, want = backend.to_numpy(got), backend.to_numpy(want)
-    if backend.name == "cupy" and kernels_cupy.enabled():
-        scale = float(np.abs(want).max()) if want.size else 0.0
-        atol = 64 * np.finfo(want.dtype).eps * scale
-        np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=err_msg)
-    else:
-        np.testing.assert_array_equal(got, want, err_msg=err_msg)

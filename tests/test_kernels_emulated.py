@@ -456,24 +456,37 @@ def test_vit_train_steps_with_the_fused_kernels(rng):
 
 
 @pytest.mark.usefixtures("fused_on_numpy")
-def test_layernorm_wider_than_shared_memory_takes_the_generic_path(rng):
-    """The backward's per-block dgamma, dbeta need 2 x width entries of shared memory; past
-    48 KiB a launch fails on a GPU (and in the emulator), so the op keeps the generic path."""
-    D = 3100  # float64: 49,600 bytes
+def test_layernorm_takes_the_kernels_at_any_width(rng):
+    """No shared memory in the layernorm kernels, so no width limit: 3100 in float64 (past the
+    48 KiB a per-block copy of dgamma and dbeta would need) takes them and agrees."""
+    D = 3100
     x = _normal(rng, (4, D), np.float64)
-    g, b = np.ones(D), np.zeros(D)
-    assert not kernels_cupy.layernorm_fits(D, x.dtype) and kernels_cupy.layernorm_fits(
-        D, np.dtype("float32")
-    )
-    y, c = ops.layernorm_forward(x, g, b)
-    assert not getattr(c, "fused", False)
-    _, mean, rstd = kernels_cupy.layernorm_forward(x, g, b, 1e-6)  # the forward needs none
-    with pytest.raises(ValueError, match="exceeds shared memory"):
-        kernels_cupy.layernorm_backward(x, x, mean, rstd, g)
-    kernel = kernels_cupy._raw("minivit_ln_bwd", x.dtype)
-    with pytest.raises(emu.EmulatorError, match="invalid launch"):
-        kernel((1,), (256,), (x, x, mean, rstd, g, x.copy(), g.copy(), b.copy(), np.int64(4),
-                              np.int32(D)), shared_mem=2 * D * 8)  # fmt: skip
+    d = _normal(rng, (4, D), np.float64)
+    g, b = _normal(rng, (D,), np.float64), _normal(rng, (D,), np.float64)
+
+    def run():
+        y, c = ops.layernorm_forward(x, g, b)
+        return y, ops.layernorm_backward(d, c), getattr(c, "fused", False)
+
+    (y0, g0, fused0), (y1, g1, fused1) = _both(run)
+    assert fused1 and not fused0
+    _close((y0, g0), (y1, g1), np.float64)
+
+
+@pytest.mark.usefixtures("fused_on_numpy")
+def test_layernorm_backward_replays_bit_for_bit(rng, monkeypatch):
+    """dgamma and dbeta are summed in a fixed order (chunks of rows, then the chunks), so a
+    replay gives the same bits, however the blocks are scheduled."""
+    monkeypatch.setattr(kernels_cupy, "LN_ROWS_PER_CHUNK", 8)  # 5 chunks of rows, 3 blocks
+    x = _normal(rng, (37, 70), np.float64)
+    d = _normal(rng, (37, 70), np.float64)
+    g, b = _normal(rng, (70,), np.float64), _normal(rng, (70,), np.float64)
+    _, c = ops.layernorm_forward(x, g, b)
+    first, again = ops.layernorm_backward(d, c), ops.layernorm_backward(d, c)
+    for a, b_ in zip(first, again):
+        np.testing.assert_array_equal(a, b_)
+    ref = (d * ((x - c.mean[:, None]) * c.rstd[:, None])).sum(axis=0)
+    np.testing.assert_allclose(first[1], ref, rtol=1e-13)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,10 +499,11 @@ needs_tsan = pytest.mark.skipif(
 
 @needs_tsan
 def test_row_kernels_have_no_data_race(monkeypatch, rng):
-    """Every row kernel, at a width above a warp and with two blocks of the layernorm backward
-    walking several rows each, runs race-free under TSan (softmax in place, as attention uses
-    it)."""
+    """Every row kernel, at a width above a warp, runs race-free under TSan: the layernorm
+    backward's column sums over three chunks of rows (blocks run two at a time), softmax in
+    place, as attention uses it."""
     monkeypatch.setattr(kernels_cupy, "_cp", lambda: emu.fake_cupy(1, check_races=True))
+    monkeypatch.setattr(kernels_cupy, "LN_ROWS_PER_CHUNK", 8)
     x = _normal(rng, (20, 70), np.float64)
     d = _normal(rng, (20, 70), np.float64)
     g, b = _normal(rng, (70,), np.float64), _normal(rng, (70,), np.float64)
@@ -501,27 +515,70 @@ def test_row_kernels_have_no_data_race(monkeypatch, rng):
 
 @needs_tsan
 @pytest.mark.parametrize(
-    "old, new",
+    "name, old, new",
     [
-        ("atomicAdd(&sg[j], dr[j] * xh);", "sg[j] += dr[j] * xh;"),  # a plain += in shared
-        ("    }\n    __syncthreads();\n    for (int j = threadIdx.x; j < D;",
-         "    }\n    for (int j = threadIdx.x; j < D;"),  # read the partial sums too early
-        ("atomicAdd(&dgamma[j], sg[j]);", "dgamma[j] += sg[j];"),  # blocks race on dgamma
+        ("minivit_ln_bwd_params", "part[chunk * D + j] = sg;", "part[j] = sg;"),  # blocks
+        ("minivit_ln_bwd", "for (int j = lane; j < D; j += 32) {\n        T xh",
+         "for (int j = 0; j < D; ++j) {\n        T xh"),  # every lane writes every entry
     ],
-    ids=["non-atomic-shared-sum", "no-barrier-before-the-flush", "non-atomic-global-sum"],
+    ids=["chunks-write-one-row", "lanes-write-one-entry"],
 )  # fmt: skip
-def test_a_race_in_the_layernorm_backward_is_caught(monkeypatch, rng, old, new):
+def test_a_race_in_the_layernorm_backward_is_caught(monkeypatch, rng, name, old, new):
     """Mutation check: races the plain run does not see (the OS rarely interleaves them), TSan
-    reports: two within a block, one between blocks (two of them run at once)."""
-    src = kernels_cupy.RAW["minivit_ln_bwd"]
+    reports: one between blocks (two run at once), one between the lanes of a warp."""
+    src = kernels_cupy.RAW[name]
     assert old in src
-    monkeypatch.setitem(kernels_cupy.RAW, "minivit_ln_bwd", src.replace(old, new))
+    monkeypatch.setitem(kernels_cupy.RAW, name, src.replace(old, new))
     monkeypatch.setattr(kernels_cupy, "_cp", lambda: emu.fake_cupy(1, check_races=True))
-    x = _normal(rng, (40, 40), np.float64)  # 5 blocks' worth of rows: 4 blocks, 2 at a time
+    monkeypatch.setattr(kernels_cupy, "LN_ROWS_PER_CHUNK", 8)
+    x = _normal(rng, (40, 40), np.float64)  # 5 chunks of rows
     g = _normal(rng, (40,), np.float64)
     _, mean, rstd = kernels_cupy.layernorm_forward(x, g, g, 1e-6)
     with pytest.raises(emu.EmulatorError, match="data race"):
         kernels_cupy.layernorm_backward(x, x, mean, rstd, g)
+
+
+_BLOCK_SUM = r"""
+extern "C" __global__ void block_sum(const double* x, double* total, int n) {
+    extern __shared__ unsigned char raw[];
+    double* acc = reinterpret_cast<double*>(raw);
+    if (threadIdx.x == 0) acc[0] = 0;
+    __syncthreads();
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        atomicAdd(&acc[0], x[i]);
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(total, acc[0]);
+}
+"""
+
+
+@needs_tsan
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        (None, None),  # the kernel as written: race-free, and the right sum
+        ("atomicAdd(&acc[0], x[i]);", "acc[0] += x[i];"),  # a plain += in shared memory
+        ("x[i]);\n    __syncthreads();", "x[i]);"),  # thread 0 reads acc too early
+        ("atomicAdd(total, acc[0]);", "*total += acc[0];"),  # blocks race on the total
+    ],
+    ids=["as-written", "non-atomic-shared-sum", "no-barrier-before-the-flush",
+         "non-atomic-global-sum"],
+)  # fmt: skip
+def test_tsan_sees_shared_memory_atomics_and_barriers(old, new):
+    """The emulator's TSan mode on the pattern no minivit kernel uses any more (the layernorm
+    backward's shared-memory partial sums gave way to a fixed-order sum): per-block sums in
+    shared memory, flushed with a global atomic. Each mutation is a race that TSan reports."""
+    src = _BLOCK_SUM if old is None else _BLOCK_SUM.replace(old, new)
+    assert old is None or old in _BLOCK_SUM
+    x = np.arange(1.0, 301.0)
+    total = np.zeros(1)
+    k = emu.RawKernel(src, "block_sum", check_races=True)
+    if old is None:
+        k((3,), (64,), (x, total, np.int32(300)), shared_mem=8)
+        assert total[0] == x.sum()
+    else:
+        with pytest.raises(emu.EmulatorError, match="data race"):
+            k((3,), (64,), (x, total, np.int32(300)), shared_mem=8)
 
 
 @pytest.mark.usefixtures("fused_on_numpy")
