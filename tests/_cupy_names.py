@@ -1,135 +1,555 @@
-"""The public names of CuPy 14.2 (cupy-cuda12x 14.2.0), for the strict stand-in in
-``tests/_cupy_stand_in.py``: a name that is missing here is missing from CuPy, and the stand-in
-refuses it as CuPy would (``AttributeError``).
+"""The public names of CuPy, and the signatures of its functions and methods, for the strict
+stand-in in ``tests/_cupy_stand_in.py``. A name missing here is missing from CuPy, and the
+stand-in refuses it as CuPy would (``AttributeError``); a call whose arguments do not bind to
+the signature here fails as on CuPy (``TypeError``). Only parameter names and kinds count: the
+defaults are CuPy's text, never evaluated.
 
-Regenerate on a machine with CuPy installed (no device needed)::
+Generated from the installed package (no device needed); ``VERSION`` says which::
 
     python tests/_cupy_names.py > /tmp/names.py && mv /tmp/names.py tests/_cupy_names.py
 """
 
+# fmt: off
+# ruff: noqa: E501
 VERSION = "14.2.0"
 
-NAMES = {
-    "cupy": """
-        AxisError ComplexWarning DataSource ElementwiseKernel Inf Infinity
-        ModuleDeprecationWarning NAN NINF NZERO NaN PINF PZERO RankWarning RawKernel
-        RawModule ReductionKernel TooHardError VisibleDeprecationWarning abs absolute
-        acos acosh add all allclose alltrue amax amin angle annotations any append
-        apply_along_axis apply_over_axes arange arccos arccosh arcsin arcsinh arctan
-        arctan2 arctanh argmax argmin argpartition argsort argwhere around array
-        array2string array_equal array_equiv array_repr array_split array_str asanyarray
-        asarray asarray_chkfinite ascontiguousarray asfarray asfortranarray asin asinh
-        asnumpy astype atan atan2 atanh atleast_1d atleast_2d atleast_3d average
-        bartlett base_repr binary_repr bincount bitwise_and bitwise_count bitwise_invert
-        bitwise_left_shift bitwise_not bitwise_or bitwise_right_shift bitwise_xor
-        blackman bool bool_ broadcast broadcast_arrays broadcast_shapes broadcast_to
-        byte byte_bounds c_ can_cast cbrt cdouble ceil cfloat choose clear_memo clip
-        column_stack common_type complex128 complex64 complex_ complexfloating compress
-        concat concatenate conj conjugate convolve copy copysign copyto corrcoef
-        correlate cos cosh count_nonzero cov cross csingle cuda cumprod cumproduct
-        cumsum cumulative_prod cumulative_sum deg2rad degrees delete diag diag_indices
-        diag_indices_from diagflat diagonal diff digitize
-        disable_experimental_feature_warning disp divide divmod dot double dsplit dstack
-        dtype e ediff1d einsum empty empty_like equal euler_gamma exceptions exp exp2
-        expand_dims expm1 extract eye fabs fft fill_diagonal find_common_type finfo fix
-        flatiter flatnonzero flip fliplr flipud float16 float32 float64 float_
-        float_power floating floor floor_divide fmax fmin fmod format_float_positional
-        format_float_scientific format_parser frexp fromDlpack from_dlpack frombuffer
-        fromfile fromfunction fromiter fromstring full full_like fuse gcd generic
-        genfromtxt get_array_module get_array_wrap get_default_memory_pool
-        get_default_pinned_memory_pool get_printoptions gradient greater greater_equal
-        half hamming hanning heaviside histogram histogram2d histogramdd hsplit hstack
-        hypot i0 identity iinfo imag in1d index_exp indices inexact inf infty inner
-        int16 int32 int64 int8 int_ intc integer interp intersect1d intp invert
-        is_available isclose iscomplex iscomplexobj isdtype isfinite isfortran isin
-        isinf isnan isneginf isposinf isreal isrealobj isscalar issctype issubclass_
-        issubdtype issubsctype iterable ix_ kaiser kron lcm ldexp left_shift less
-        less_equal lexsort lib linalg linspace load loadtxt log log10 log1p log2
-        logaddexp logaddexp2 logical_and logical_not logical_or logical_xor logspace
-        long longlong make_aligned_dtype mask_indices matmul matrix_transpose max
-        maximum may_share_memory mean median memoize meshgrid mgrid min min_scalar_type
-        minimum mintypecode mod modf moveaxis msort multiply nan nan_to_num nanargmax
-        nanargmin nancumprod nancumsum nanmax nanmean nanmedian nanmin nanprod nanstd
-        nansum nanvar ndarray ndim ndindex negative newaxis nextafter nonzero not_equal
-        number obj2sctype ogrid ones ones_like outer packbits pad partition percentile
-        permute_dims pi piecewise place poly poly1d polyadd polyfit polymul polynomial
-        polysub polyval positive pow power printoptions prod product promote_types ptp
-        put put_along_axis putmask quantile r_ rad2deg radians random ravel
-        ravel_multi_index real real_if_close reciprocal remainder repeat require reshape
-        resize result_type right_shift rint roll rollaxis roots rot90 round round_
-        row_stack s_ safe_eval save savetxt savez savez_compressed sctype2char
-        searchsorted select set_printoptions set_string_function setdiff1d setxor1d
-        shape shares_memory short show_config sign signbit signedinteger sin sinc single
-        singlecomplex sinh size sometrue sort sort_complex split sqrt square squeeze
-        stack std subtract sum swapaxes take take_along_axis tan tanh tensordot testing
-        tile trace transpose trapezoid trapz tri tril tril_indices tril_indices_from
-        trim_zeros triu triu_indices triu_indices_from true_divide trunc typename typing
-        ubyte ufunc uint uint16 uint32 uint64 uint8 uintc uintp ulong ulonglong union1d
-        unique unique_all unique_counts unique_inverse unique_values unpackbits
-        unravel_index unsignedinteger unwrap ushort vander var vdot vectorize vsplit
-        vstack where who zeros zeros_like
-    """.split(),
-    "cupy.ndarray": """
-        T all any argmax argmin argpartition argsort astype base byteswap choose clip
-        compress conj conjugate copy cstruct cumprod cumsum data device diagonal dot
-        dtype dump dumps fill flags flat flatten get imag item itemsize mT max mdspan
-        mean min nbytes ndim nonzero partition prod ptp put ravel real reduced_view
-        repeat reshape round scatter_add scatter_max scatter_min searchsorted set shape
-        size sort squeeze std strides sum swapaxes take toDlpack tobytes tofile tolist
-        trace transpose var view
-    """.split(),
-    "cupy.random": """
-        BitGenerator Generator MRG32k3a Philox4x3210 RandomState XORWOW annotations beta
-        binomial bytes chisquare choice default_rng dirichlet exponential f gamma
-        geometric get_random_state gumbel hypergeometric laplace logistic lognormal
-        logseries multinomial multivariate_normal negative_binomial noncentral_chisquare
-        noncentral_f normal pareto permutation poisson power rand randint randn random
-        random_integers random_sample ranf rayleigh reset_states sample seed
-        set_random_state shuffle standard_cauchy standard_exponential standard_gamma
-        standard_normal standard_t triangular uniform vonmises wald weibull zipf
-    """.split(),
-    "cupy.random.Generator": """
-        beta binomial chisquare dirichlet exponential f gamma geometric hypergeometric
-        integers logseries poisson power random standard_exponential standard_gamma
-        standard_normal uniform
-    """.split(),
-    "cupy.linalg": """
-        LinAlgError annotations cholesky cond cross det eig eigh eigvals eigvalsh inv
-        lstsq matmul matrix_power matrix_rank matrix_transpose norm pinv qr slogdet
-        solve svd tensorinv tensorsolve
-    """.split(),
-    "cupy.lib.stride_tricks": """
-        annotations as_strided np sliding_window_view
-    """.split(),
-    "cupy.ufunc": """
-        accumulate at name nargs nin nout outer reduce reduceat types
-    """.split(),
-    "cupyx": """
-        DeviceSynchronized GeneralizedUFunc allow_synchronize annotations
-        empty_like_pinned empty_pinned errstate get_runtime_info geterr linalg
-        optimizing profiler rsqrt scatter_add scatter_max scatter_min scipy seterr time
-        zeros_like_pinned zeros_pinned
-    """.split(),
-    "cupyx.scipy.special": """
-        annotations bdtr bdtrc bdtri beta betainc betaincinv betaln binom boxcox
-        boxcox1p btdtr btdtri cbrt chdtr chdtrc chdtri cosdg cosm1 cotdg digamma
-        ellipeinc ellipj ellipk ellipkinc ellipkm1 entr erf erfc erfcinv erfcx erfinv
-        exp1 exp10 exp2 expi expit expm1 expn exprel fdtr fdtrc fdtri gamma gammainc
-        gammaincc gammainccinv gammaincinv gammaln gammasgn gdtr gdtrc huber i0 i0e i1
-        i1e inv_boxcox inv_boxcox1p j0 j1 k0 k0e k1 k1e kl_div lambertw log1p log_expit
-        log_ndtr log_softmax loggamma logit logsumexp lpmv multigammaln nbdtr nbdtrc
-        nbdtri ndtr ndtri pdtr pdtrc pdtri poch polygamma pseudo_huber psi radian
-        rel_entr rgamma round shichi sici sinc sindg softmax sph_harm sph_harm_y
-        spherical_yn tandg wright_bessel xlog1py xlogy y0 y1 yn zeta zetac
-    """.split(),
-}
+NAMES = {'cupy': ['AxisError', 'ComplexWarning', 'DataSource', 'ElementwiseKernel', 'Inf', 'Infinity',
+          'ModuleDeprecationWarning', 'NAN', 'NINF', 'NZERO', 'NaN', 'PINF', 'PZERO',
+          'RankWarning', 'RawKernel', 'RawModule', 'ReductionKernel', 'TooHardError',
+          'VisibleDeprecationWarning', 'abs', 'absolute', 'acos', 'acosh', 'add', 'all',
+          'allclose', 'alltrue', 'amax', 'amin', 'angle', 'annotations', 'any', 'append',
+          'apply_along_axis', 'apply_over_axes', 'arange', 'arccos', 'arccosh', 'arcsin',
+          'arcsinh', 'arctan', 'arctan2', 'arctanh', 'argmax', 'argmin', 'argpartition', 'argsort',
+          'argwhere', 'around', 'array', 'array2string', 'array_equal', 'array_equiv',
+          'array_repr', 'array_split', 'array_str', 'asanyarray', 'asarray', 'asarray_chkfinite',
+          'ascontiguousarray', 'asfarray', 'asfortranarray', 'asin', 'asinh', 'asnumpy', 'astype',
+          'atan', 'atan2', 'atanh', 'atleast_1d', 'atleast_2d', 'atleast_3d', 'average',
+          'bartlett', 'base_repr', 'binary_repr', 'bincount', 'bitwise_and', 'bitwise_count',
+          'bitwise_invert', 'bitwise_left_shift', 'bitwise_not', 'bitwise_or',
+          'bitwise_right_shift', 'bitwise_xor', 'blackman', 'bool', 'bool_', 'broadcast',
+          'broadcast_arrays', 'broadcast_shapes', 'broadcast_to', 'byte', 'byte_bounds', 'c_',
+          'can_cast', 'cbrt', 'cdouble', 'ceil', 'cfloat', 'choose', 'clear_memo', 'clip',
+          'column_stack', 'common_type', 'complex128', 'complex64', 'complex_', 'complexfloating',
+          'compress', 'concat', 'concatenate', 'conj', 'conjugate', 'convolve', 'copy', 'copysign',
+          'copyto', 'corrcoef', 'correlate', 'cos', 'cosh', 'count_nonzero', 'cov', 'cross',
+          'csingle', 'cuda', 'cumprod', 'cumproduct', 'cumsum', 'cumulative_prod',
+          'cumulative_sum', 'deg2rad', 'degrees', 'delete', 'diag', 'diag_indices',
+          'diag_indices_from', 'diagflat', 'diagonal', 'diff', 'digitize',
+          'disable_experimental_feature_warning', 'disp', 'divide', 'divmod', 'dot', 'double',
+          'dsplit', 'dstack', 'dtype', 'e', 'ediff1d', 'einsum', 'empty', 'empty_like', 'equal',
+          'euler_gamma', 'exceptions', 'exp', 'exp2', 'expand_dims', 'expm1', 'extract', 'eye',
+          'fabs', 'fft', 'fill_diagonal', 'find_common_type', 'finfo', 'fix', 'flatiter',
+          'flatnonzero', 'flip', 'fliplr', 'flipud', 'float16', 'float32', 'float64', 'float_',
+          'float_power', 'floating', 'floor', 'floor_divide', 'fmax', 'fmin', 'fmod',
+          'format_float_positional', 'format_float_scientific', 'format_parser', 'frexp',
+          'fromDlpack', 'from_dlpack', 'frombuffer', 'fromfile', 'fromfunction', 'fromiter',
+          'fromstring', 'full', 'full_like', 'fuse', 'gcd', 'generic', 'genfromtxt',
+          'get_array_module', 'get_array_wrap', 'get_default_memory_pool',
+          'get_default_pinned_memory_pool', 'get_printoptions', 'gradient', 'greater',
+          'greater_equal', 'half', 'hamming', 'hanning', 'heaviside', 'histogram', 'histogram2d',
+          'histogramdd', 'hsplit', 'hstack', 'hypot', 'i0', 'identity', 'iinfo', 'imag', 'in1d',
+          'index_exp', 'indices', 'inexact', 'inf', 'infty', 'inner', 'int16', 'int32', 'int64',
+          'int8', 'int_', 'intc', 'integer', 'interp', 'intersect1d', 'intp', 'invert',
+          'is_available', 'isclose', 'iscomplex', 'iscomplexobj', 'isdtype', 'isfinite',
+          'isfortran', 'isin', 'isinf', 'isnan', 'isneginf', 'isposinf', 'isreal', 'isrealobj',
+          'isscalar', 'issctype', 'issubclass_', 'issubdtype', 'issubsctype', 'iterable', 'ix_',
+          'kaiser', 'kron', 'lcm', 'ldexp', 'left_shift', 'less', 'less_equal', 'lexsort', 'lib',
+          'linalg', 'linspace', 'load', 'loadtxt', 'log', 'log10', 'log1p', 'log2', 'logaddexp',
+          'logaddexp2', 'logical_and', 'logical_not', 'logical_or', 'logical_xor', 'logspace',
+          'long', 'longlong', 'make_aligned_dtype', 'mask_indices', 'matmul', 'matrix_transpose',
+          'max', 'maximum', 'may_share_memory', 'mean', 'median', 'memoize', 'meshgrid', 'mgrid',
+          'min', 'min_scalar_type', 'minimum', 'mintypecode', 'mod', 'modf', 'moveaxis', 'msort',
+          'multiply', 'nan', 'nan_to_num', 'nanargmax', 'nanargmin', 'nancumprod', 'nancumsum',
+          'nanmax', 'nanmean', 'nanmedian', 'nanmin', 'nanprod', 'nanstd', 'nansum', 'nanvar',
+          'ndarray', 'ndim', 'ndindex', 'negative', 'newaxis', 'nextafter', 'nonzero', 'not_equal',
+          'number', 'obj2sctype', 'ogrid', 'ones', 'ones_like', 'outer', 'packbits', 'pad',
+          'partition', 'percentile', 'permute_dims', 'pi', 'piecewise', 'place', 'poly', 'poly1d',
+          'polyadd', 'polyfit', 'polymul', 'polynomial', 'polysub', 'polyval', 'positive', 'pow',
+          'power', 'printoptions', 'prod', 'product', 'promote_types', 'ptp', 'put',
+          'put_along_axis', 'putmask', 'quantile', 'r_', 'rad2deg', 'radians', 'random', 'ravel',
+          'ravel_multi_index', 'real', 'real_if_close', 'reciprocal', 'remainder', 'repeat',
+          'require', 'reshape', 'resize', 'result_type', 'right_shift', 'rint', 'roll', 'rollaxis',
+          'roots', 'rot90', 'round', 'round_', 'row_stack', 's_', 'safe_eval', 'save', 'savetxt',
+          'savez', 'savez_compressed', 'sctype2char', 'searchsorted', 'select', 'set_printoptions',
+          'set_string_function', 'setdiff1d', 'setxor1d', 'shape', 'shares_memory', 'short',
+          'show_config', 'sign', 'signbit', 'signedinteger', 'sin', 'sinc', 'single',
+          'singlecomplex', 'sinh', 'size', 'sometrue', 'sort', 'sort_complex', 'split', 'sqrt',
+          'square', 'squeeze', 'stack', 'std', 'subtract', 'sum', 'swapaxes', 'take',
+          'take_along_axis', 'tan', 'tanh', 'tensordot', 'testing', 'tile', 'trace', 'transpose',
+          'trapezoid', 'trapz', 'tri', 'tril', 'tril_indices', 'tril_indices_from', 'trim_zeros',
+          'triu', 'triu_indices', 'triu_indices_from', 'true_divide', 'trunc', 'typename',
+          'typing', 'ubyte', 'ufunc', 'uint', 'uint16', 'uint32', 'uint64', 'uint8', 'uintc',
+          'uintp', 'ulong', 'ulonglong', 'union1d', 'unique', 'unique_all', 'unique_counts',
+          'unique_inverse', 'unique_values', 'unpackbits', 'unravel_index', 'unsignedinteger',
+          'unwrap', 'ushort', 'vander', 'var', 'vdot', 'vectorize', 'vsplit', 'vstack', 'where',
+          'who', 'zeros', 'zeros_like'],
+ 'cupy.lib.stride_tricks': ['annotations', 'as_strided', 'np', 'sliding_window_view'],
+ 'cupy.linalg': ['LinAlgError', 'annotations', 'cholesky', 'cond', 'cross', 'det', 'eig', 'eigh',
+                 'eigvals', 'eigvalsh', 'inv', 'lstsq', 'matmul', 'matrix_power', 'matrix_rank',
+                 'matrix_transpose', 'norm', 'pinv', 'qr', 'slogdet', 'solve', 'svd', 'tensorinv',
+                 'tensorsolve'],
+ 'cupy.ndarray': ['T', 'all', 'any', 'argmax', 'argmin', 'argpartition', 'argsort', 'astype',
+                  'base', 'byteswap', 'choose', 'clip', 'compress', 'conj', 'conjugate', 'copy',
+                  'cstruct', 'cumprod', 'cumsum', 'data', 'device', 'diagonal', 'dot', 'dtype',
+                  'dump', 'dumps', 'fill', 'flags', 'flat', 'flatten', 'get', 'imag', 'item',
+                  'itemsize', 'mT', 'max', 'mdspan', 'mean', 'min', 'nbytes', 'ndim', 'nonzero',
+                  'partition', 'prod', 'ptp', 'put', 'ravel', 'real', 'reduced_view', 'repeat',
+                  'reshape', 'round', 'scatter_add', 'scatter_max', 'scatter_min', 'searchsorted',
+                  'set', 'shape', 'size', 'sort', 'squeeze', 'std', 'strides', 'sum', 'swapaxes',
+                  'take', 'toDlpack', 'tobytes', 'tofile', 'tolist', 'trace', 'transpose', 'var',
+                  'view'],
+ 'cupy.random': ['BitGenerator', 'Generator', 'MRG32k3a', 'Philox4x3210', 'RandomState', 'XORWOW',
+                 'annotations', 'beta', 'binomial', 'bytes', 'chisquare', 'choice', 'default_rng',
+                 'dirichlet', 'exponential', 'f', 'gamma', 'geometric', 'get_random_state',
+                 'gumbel', 'hypergeometric', 'laplace', 'logistic', 'lognormal', 'logseries',
+                 'multinomial', 'multivariate_normal', 'negative_binomial', 'noncentral_chisquare',
+                 'noncentral_f', 'normal', 'pareto', 'permutation', 'poisson', 'power', 'rand',
+                 'randint', 'randn', 'random', 'random_integers', 'random_sample', 'ranf',
+                 'rayleigh', 'reset_states', 'sample', 'seed', 'set_random_state', 'shuffle',
+                 'standard_cauchy', 'standard_exponential', 'standard_gamma', 'standard_normal',
+                 'standard_t', 'triangular', 'uniform', 'vonmises', 'wald', 'weibull', 'zipf'],
+ 'cupy.random.Generator': ['beta', 'binomial', 'chisquare', 'dirichlet', 'exponential', 'f',
+                           'gamma', 'geometric', 'hypergeometric', 'integers', 'logseries',
+                           'poisson', 'power', 'random', 'standard_exponential', 'standard_gamma',
+                           'standard_normal', 'uniform'],
+ 'cupy.ufunc': ['accumulate', 'at', 'name', 'nargs', 'nin', 'nout', 'outer', 'reduce', 'reduceat',
+                'types'],
+ 'cupyx': ['DeviceSynchronized', 'GeneralizedUFunc', 'allow_synchronize', 'annotations',
+           'empty_like_pinned', 'empty_pinned', 'errstate', 'get_runtime_info', 'geterr', 'linalg',
+           'optimizing', 'profiler', 'rsqrt', 'scatter_add', 'scatter_max', 'scatter_min', 'scipy',
+           'seterr', 'time', 'zeros_like_pinned', 'zeros_pinned'],
+ 'cupyx.scipy.special': ['annotations', 'bdtr', 'bdtrc', 'bdtri', 'beta', 'betainc', 'betaincinv',
+                         'betaln', 'binom', 'boxcox', 'boxcox1p', 'btdtr', 'btdtri', 'cbrt',
+                         'chdtr', 'chdtrc', 'chdtri', 'cosdg', 'cosm1', 'cotdg', 'digamma',
+                         'ellipeinc', 'ellipj', 'ellipk', 'ellipkinc', 'ellipkm1', 'entr', 'erf',
+                         'erfc', 'erfcinv', 'erfcx', 'erfinv', 'exp1', 'exp10', 'exp2', 'expi',
+                         'expit', 'expm1', 'expn', 'exprel', 'fdtr', 'fdtrc', 'fdtri', 'gamma',
+                         'gammainc', 'gammaincc', 'gammainccinv', 'gammaincinv', 'gammaln',
+                         'gammasgn', 'gdtr', 'gdtrc', 'huber', 'i0', 'i0e', 'i1', 'i1e',
+                         'inv_boxcox', 'inv_boxcox1p', 'j0', 'j1', 'k0', 'k0e', 'k1', 'k1e',
+                         'kl_div', 'lambertw', 'log1p', 'log_expit', 'log_ndtr', 'log_softmax',
+                         'loggamma', 'logit', 'logsumexp', 'lpmv', 'multigammaln', 'nbdtr',
+                         'nbdtrc', 'nbdtri', 'ndtr', 'ndtri', 'pdtr', 'pdtrc', 'pdtri', 'poch',
+                         'polygamma', 'pseudo_huber', 'psi', 'radian', 'rel_entr', 'rgamma',
+                         'round', 'shichi', 'sici', 'sinc', 'sindg', 'softmax', 'sph_harm',
+                         'sph_harm_y', 'spherical_yn', 'tandg', 'wright_bessel', 'xlog1py',
+                         'xlogy', 'y0', 'y1', 'yn', 'zeta', 'zetac']}
+
+SIGNATURES = {'cupy.all': '(a, axis=None, out=None, keepdims=False)',
+ 'cupy.allclose': '(a, b, rtol=1e-05, atol=1e-08, equal_nan=False)',
+ 'cupy.alltrue': '(a, axis=None, out=None, keepdims=False)',
+ 'cupy.amax': '(a, axis=None, out=None, keepdims=False)',
+ 'cupy.amin': '(a, axis=None, out=None, keepdims=False)',
+ 'cupy.angle': '(z, deg=False)',
+ 'cupy.any': '(a, axis=None, out=None, keepdims=False)',
+ 'cupy.append': '(arr, values, axis=None)',
+ 'cupy.apply_along_axis': '(func1d, axis, arr, *args, **kwargs)',
+ 'cupy.apply_over_axes': '(func, a, axes)',
+ 'cupy.arange': '(start, stop=None, step=1, dtype=None)',
+ 'cupy.argmax': '(a, axis=None, dtype=None, out=None, keepdims=False)',
+ 'cupy.argmin': '(a, axis=None, dtype=None, out=None, keepdims=False)',
+ 'cupy.argpartition': '(a, kth, axis=-1)',
+ 'cupy.argsort': '(a, axis=-1, kind=None)',
+ 'cupy.argwhere': '(a)',
+ 'cupy.around': '(a, decimals=0, out=None)',
+ 'cupy.array': "(obj, dtype=None, copy=True, order='K', subok=False, ndmin=0, *, blocking=False)",
+ 'cupy.array2string': '(a, *args, **kwargs)',
+ 'cupy.array_equal': '(a1, a2, equal_nan=False)',
+ 'cupy.array_equiv': '(a1, a2)',
+ 'cupy.array_repr': '(arr, max_line_width=None, precision=None, suppress_small=None)',
+ 'cupy.array_split': '(ary, indices_or_sections, axis=0)',
+ 'cupy.array_str': '(arr, max_line_width=None, precision=None, suppress_small=None)',
+ 'cupy.asanyarray': '(a, dtype=None, order=None, *, copy=None, blocking=False)',
+ 'cupy.asarray': '(a, dtype=None, order=None, *, copy=None, blocking=False)',
+ 'cupy.asarray_chkfinite': '(a, dtype=None, order=None)',
+ 'cupy.ascontiguousarray': '(a, dtype=None)',
+ 'cupy.asfarray': "(a, dtype=<class 'numpy.float64'>)",
+ 'cupy.asfortranarray': '(a, dtype=None)',
+ 'cupy.asnumpy': "(a, stream=None, order='C', out=None, *, blocking=True)",
+ 'cupy.astype': '(x, dtype, /, *, copy=True)',
+ 'cupy.atleast_1d': '(*arys)',
+ 'cupy.atleast_2d': '(*arys)',
+ 'cupy.atleast_3d': '(*arys)',
+ 'cupy.average': '(a, axis=None, weights=None, returned=False, *, keepdims=False)',
+ 'cupy.bartlett': '(M)',
+ 'cupy.base_repr': '(number, base=2, padding=0)',
+ 'cupy.binary_repr': '(num, width=None)',
+ 'cupy.bincount': '(x, weights=None, minlength=None)',
+ 'cupy.blackman': '(M)',
+ 'cupy.broadcast_arrays': '(*args)',
+ 'cupy.broadcast_shapes': '(*args)',
+ 'cupy.broadcast_to': '(array, shape)',
+ 'cupy.byte_bounds': '(a)',
+ 'cupy.can_cast': "(from_, to, casting='safe')",
+ 'cupy.choose': "(a, choices, out=None, mode='raise')",
+ 'cupy.clear_memo': '()',
+ 'cupy.clip': '(a, a_min, a_max, out=None)',
+ 'cupy.column_stack': '(tup)',
+ 'cupy.common_type': '(*arrays)',
+ 'cupy.compress': '(condition, a, axis=None, out=None)',
+ 'cupy.concat': "(tup, axis=0, out=None, *, dtype=None, casting='same_kind')",
+ 'cupy.concatenate': "(tup, axis=0, out=None, *, dtype=None, casting='same_kind')",
+ 'cupy.convolve': "(a, v, mode='full')",
+ 'cupy.copy': "(a, order='K')",
+ 'cupy.copyto': "(dst, src, casting='same_kind', where=None)",
+ 'cupy.corrcoef': '(a, y=None, rowvar=True, bias=None, ddof=None, *, dtype=None)',
+ 'cupy.correlate': "(a, v, mode='valid')",
+ 'cupy.count_nonzero': '(a, axis=None)',
+ 'cupy.cov': '(a, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=None, *, '
+             'dtype=None)',
+ 'cupy.cross': '(a, b, axisa=-1, axisb=-1, axisc=-1, axis=None)',
+ 'cupy.cumprod': '(a, axis=None, dtype=None, out=None)',
+ 'cupy.cumproduct': '(a, axis=None, dtype=None, out=None)',
+ 'cupy.cumsum': '(a, axis=None, dtype=None, out=None)',
+ 'cupy.cumulative_prod': '(x, /, *, axis=None, dtype=None, out=None, include_initial=False)',
+ 'cupy.cumulative_sum': '(x, /, *, axis=None, dtype=None, out=None, include_initial=False)',
+ 'cupy.delete': '(arr, indices, axis=None)',
+ 'cupy.diag': '(v, k=0)',
+ 'cupy.diag_indices': '(n, ndim=2)',
+ 'cupy.diag_indices_from': '(arr)',
+ 'cupy.diagflat': '(v, k=0)',
+ 'cupy.diagonal': '(a, offset=0, axis1=0, axis2=1)',
+ 'cupy.diff': '(a, n=1, axis=-1, prepend=None, append=None)',
+ 'cupy.digitize': '(x, bins, right=False)',
+ 'cupy.disp': '(*args, **kwds)',
+ 'cupy.dot': '(a, b, out=None)',
+ 'cupy.dsplit': '(ary, indices_or_sections)',
+ 'cupy.dstack': '(tup)',
+ 'cupy.ediff1d': '(arr, to_end=None, to_begin=None)',
+ 'cupy.einsum': '(*operands, **kwargs)',
+ 'cupy.empty': "(shape: '_ShapeLike', dtype: 'DTypeLike' = <class 'float'>, order: '_OrderCF' = "
+               "'C')",
+ 'cupy.empty_like': "(prototype: 'NDArray[Any]', dtype: 'DTypeLike | None' = None, order: "
+                    "'_OrderKACF' = 'K', subok: 'None' = None, shape: '_ShapeLike | None' = None)",
+ 'cupy.expand_dims': '(a, axis)',
+ 'cupy.extract': '(condition, a)',
+ 'cupy.eye': "(N: 'int', M: 'int | None' = None, k: 'int' = 0, dtype: 'DTypeLike' = <class "
+             "'float'>, order: '_OrderCF' = 'C')",
+ 'cupy.fill_diagonal': '(a, val, wrap=False)',
+ 'cupy.find_common_type': '(*args, **kwds)',
+ 'cupy.flatnonzero': '(a)',
+ 'cupy.flip': '(a, axis=None)',
+ 'cupy.fliplr': '(a)',
+ 'cupy.flipud': '(a)',
+ 'cupy.format_float_positional': '(x, *args, **kwargs)',
+ 'cupy.format_float_scientific': '(x, *args, **kwargs)',
+ 'cupy.fromDlpack': '(dltensor)',
+ 'cupy.from_dlpack': '(array, *, device=None, copy=None)',
+ 'cupy.frombuffer': '(*args, **kwargs)',
+ 'cupy.fromfile': '(*args, **kwargs)',
+ 'cupy.fromfunction': '(*args, **kwargs)',
+ 'cupy.fromiter': '(*args, **kwargs)',
+ 'cupy.fromstring': '(*args, **kwargs)',
+ 'cupy.full': "(shape: '_ShapeLike', fill_value: 'Any', dtype: 'DTypeLike | None' = None, order: "
+              "'_OrderCF' = 'C')",
+ 'cupy.full_like': "(a: 'NDArray[Any]', fill_value: 'Any', dtype: 'DTypeLike | None' = None, "
+                   "order: '_OrderKACF' = 'K', subok: 'None' = None, shape: '_ShapeLike | None' = "
+                   'None)',
+ 'cupy.fuse': '(*args, **kwargs)',
+ 'cupy.genfromtxt': '(*args, **kwargs)',
+ 'cupy.get_array_module': '(*args)',
+ 'cupy.get_array_wrap': '(*args, **kwds)',
+ 'cupy.get_default_memory_pool': '()',
+ 'cupy.get_default_pinned_memory_pool': '()',
+ 'cupy.get_printoptions': '()',
+ 'cupy.gradient': '(f, *varargs, axis=None, edge_order=1)',
+ 'cupy.hamming': '(M)',
+ 'cupy.hanning': '(M)',
+ 'cupy.histogram': '(x, bins=10, range=None, density=False, weights=None)',
+ 'cupy.histogram2d': '(x, y, bins=10, range=None, weights=None, density=None)',
+ 'cupy.histogramdd': '(sample, bins=10, range=None, weights=None, density=False)',
+ 'cupy.hsplit': '(ary, indices_or_sections)',
+ 'cupy.hstack': "(tup, *, dtype=None, casting='same_kind')",
+ 'cupy.identity': "(n: 'int', dtype: 'DTypeLike' = <class 'float'>)",
+ 'cupy.imag': '(val)',
+ 'cupy.in1d': '(ar1, ar2, assume_unique=False, invert=False)',
+ 'cupy.indices': "(dimensions, dtype=<class 'int'>)",
+ 'cupy.inner': '(a, b)',
+ 'cupy.interp': '(x, xp, fp, left=None, right=None, period=None)',
+ 'cupy.intersect1d': '(arr1, arr2, assume_unique=False, return_indices=False)',
+ 'cupy.is_available': '()',
+ 'cupy.isclose': '(a, b, rtol=1e-05, atol=1e-08, equal_nan=False)',
+ 'cupy.iscomplex': '(x)',
+ 'cupy.iscomplexobj': '(x)',
+ 'cupy.isdtype': '(dtype, kind)',
+ 'cupy.isfortran': '(a)',
+ 'cupy.isin': '(element, test_elements, assume_unique=False, invert=False)',
+ 'cupy.isneginf': '(x, out=None)',
+ 'cupy.isposinf': '(x, out=None)',
+ 'cupy.isreal': '(x)',
+ 'cupy.isrealobj': '(x)',
+ 'cupy.isscalar': '(element)',
+ 'cupy.issctype': '(rep)',
+ 'cupy.issubclass_': '(arg1, arg2)',
+ 'cupy.issubdtype': '(arg1, arg2)',
+ 'cupy.issubsctype': '(arg1, arg2)',
+ 'cupy.iterable': '(y)',
+ 'cupy.ix_': '(*args)',
+ 'cupy.kaiser': '(M, beta)',
+ 'cupy.kron': '(a, b)',
+ 'cupy.lexsort': '(keys)',
+ 'cupy.lib.stride_tricks.as_strided': '(x, shape=None, strides=None)',
+ 'cupy.lib.stride_tricks.sliding_window_view': '(x, window_shape, axis=None, *, subok=False, '
+                                               'writeable=False)',
+ 'cupy.linalg.cholesky': '(a)',
+ 'cupy.linalg.cond': '(x, p=None)',
+ 'cupy.linalg.cross': '(x1, x2, /, *, axis=-1)',
+ 'cupy.linalg.det': '(a)',
+ 'cupy.linalg.eig': '(a)',
+ 'cupy.linalg.eigh': "(a, UPLO='L')",
+ 'cupy.linalg.eigvals': '(a)',
+ 'cupy.linalg.eigvalsh': "(a, UPLO='L')",
+ 'cupy.linalg.inv': '(a)',
+ 'cupy.linalg.lstsq': '(a, b, rcond=None)',
+ 'cupy.linalg.matmul': "(*args, axes=None, axis=None, keepdims=False, casting='same_kind', "
+                       "dtype=None, signature=None, order='K', out=None)",
+ 'cupy.linalg.matrix_power': '(M, n)',
+ 'cupy.linalg.matrix_rank': '(M, tol=None)',
+ 'cupy.linalg.matrix_transpose': '(a)',
+ 'cupy.linalg.norm': '(x, ord=None, axis=None, keepdims=False)',
+ 'cupy.linalg.pinv': '(a, rcond=1e-15)',
+ 'cupy.linalg.qr': "(a, mode='reduced')",
+ 'cupy.linalg.slogdet': '(a)',
+ 'cupy.linalg.solve': '(a, b)',
+ 'cupy.linalg.svd': '(a, full_matrices=True, compute_uv=True)',
+ 'cupy.linalg.tensorinv': '(a, ind=2)',
+ 'cupy.linalg.tensorsolve': '(a, b, axes=None)',
+ 'cupy.linspace': '(start, stop, num=50, endpoint=True, retstep=False, dtype=None, axis=0)',
+ 'cupy.load': '(file, mmap_mode=None, allow_pickle=None)',
+ 'cupy.loadtxt': '(*args, **kwargs)',
+ 'cupy.logspace': '(start, stop, num=50, endpoint=True, base=10.0, dtype=None, axis=0)',
+ 'cupy.make_aligned_dtype': '(dtype, *, int alignment=-1, bool recurse=True)',
+ 'cupy.mask_indices': '(n, mask_func, k=0)',
+ 'cupy.matmul': "(*args, axes=None, axis=None, keepdims=False, casting='same_kind', dtype=None, "
+                "signature=None, order='K', out=None)",
+ 'cupy.matrix_transpose': '(x, /)',
+ 'cupy.max': '(a, axis=None, out=None, keepdims=False)',
+ 'cupy.may_share_memory': '(a, b, max_work=None)',
+ 'cupy.mean': '(a, axis=None, dtype=None, out=None, keepdims=False)',
+ 'cupy.median': '(a, axis=None, out=None, overwrite_input=False, keepdims=False)',
+ 'cupy.memoize': '(bool for_each_device=False)',
+ 'cupy.meshgrid': '(*xi, **kwargs)',
+ 'cupy.min': '(a, axis=None, out=None, keepdims=False)',
+ 'cupy.min_scalar_type': '(a)',
+ 'cupy.mintypecode': "(typechars, typeset='GDFgdf', default='d')",
+ 'cupy.moveaxis': '(a, source, destination)',
+ 'cupy.msort': '(a)',
+ 'cupy.nan_to_num': '(x, copy=True, nan=0.0, posinf=None, neginf=None)',
+ 'cupy.nanargmax': '(a, axis=None, dtype=None, out=None, keepdims=False)',
+ 'cupy.nanargmin': '(a, axis=None, dtype=None, out=None, keepdims=False)',
+ 'cupy.nancumprod': '(a, axis=None, dtype=None, out=None)',
+ 'cupy.nancumsum': '(a, axis=None, dtype=None, out=None)',
+ 'cupy.nanmax': '(a, axis=None, out=None, keepdims=False)',
+ 'cupy.nanmean': '(a, axis=None, dtype=None, out=None, keepdims=False)',
+ 'cupy.nanmedian': '(a, axis=None, out=None, overwrite_input=False, keepdims=False)',
+ 'cupy.nanmin': '(a, axis=None, out=None, keepdims=False)',
+ 'cupy.nanprod': '(a, axis=None, dtype=None, out=None, keepdims=False)',
+ 'cupy.nanstd': '(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False)',
+ 'cupy.nansum': '(a, axis=None, dtype=None, out=None, keepdims=False)',
+ 'cupy.nanvar': '(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False)',
+ 'cupy.ndarray.all': '(self, axis=None, out=None, keepdims=False)',
+ 'cupy.ndarray.any': '(self, axis=None, out=None, keepdims=False)',
+ 'cupy.ndarray.argmax': '(self, axis=None, out=None, dtype=None, keepdims=False)',
+ 'cupy.ndarray.argmin': '(self, axis=None, out=None, dtype=None, keepdims=False)',
+ 'cupy.ndarray.argpartition': '(self, kth, axis=-1)',
+ 'cupy.ndarray.argsort': '(self, axis=-1, kind=None)',
+ 'cupy.ndarray.astype': "(self, dtype, order='K', casting=None, subok=None, copy=True)",
+ 'cupy.ndarray.byteswap': '(self, inplace=False)',
+ 'cupy.ndarray.choose': "(self, choices, out=None, mode='raise')",
+ 'cupy.ndarray.clip': '(self, min=None, max=None, out=None)',
+ 'cupy.ndarray.compress': '(self, condition, axis=None, out=None)',
+ 'cupy.ndarray.conj': '(self)',
+ 'cupy.ndarray.conjugate': '(self)',
+ 'cupy.ndarray.copy': "(self, order='C')",
+ 'cupy.ndarray.cumprod': '(self, axis=None, dtype=None, out=None)',
+ 'cupy.ndarray.cumsum': '(self, axis=None, dtype=None, out=None)',
+ 'cupy.ndarray.diagonal': '(self, offset=0, axis1=0, axis2=1)',
+ 'cupy.ndarray.dot': '(self, _ndarray_base b, _ndarray_base out=None)',
+ 'cupy.ndarray.dump': '(self, file)',
+ 'cupy.ndarray.dumps': '(self)',
+ 'cupy.ndarray.fill': '(self, value)',
+ 'cupy.ndarray.flatten': "(self, order='C')",
+ 'cupy.ndarray.get': "(self, stream=None, order='C', out=None, blocking=True)",
+ 'cupy.ndarray.item': '(self)',
+ 'cupy.ndarray.max': '(self, axis=None, out=None, keepdims=False)',
+ 'cupy.ndarray.mdspan': '(self, *, index_type, allow_unsafe=False)',
+ 'cupy.ndarray.mean': '(self, axis=None, dtype=None, out=None, keepdims=False)',
+ 'cupy.ndarray.min': '(self, axis=None, out=None, keepdims=False)',
+ 'cupy.ndarray.nonzero': '(self)',
+ 'cupy.ndarray.partition': '(self, kth, int axis=-1)',
+ 'cupy.ndarray.prod': '(self, axis=None, dtype=None, out=None, keepdims=None)',
+ 'cupy.ndarray.ptp': '(self, axis=None, out=None, keepdims=False)',
+ 'cupy.ndarray.put': "(self, indices, values, mode='wrap')",
+ 'cupy.ndarray.ravel': "(self, order='C')",
+ 'cupy.ndarray.reduced_view': '(self, dtype=None)',
+ 'cupy.ndarray.repeat': '(self, repeats, axis=None)',
+ 'cupy.ndarray.reshape': "(self, *shape, order='C', copy=None)",
+ 'cupy.ndarray.round': '(self, decimals=0, out=None)',
+ 'cupy.ndarray.scatter_add': '(self, slices, value)',
+ 'cupy.ndarray.scatter_max': '(self, slices, value)',
+ 'cupy.ndarray.scatter_min': '(self, slices, value)',
+ 'cupy.ndarray.searchsorted': "(self, v, side='left', sorter=None)",
+ 'cupy.ndarray.set': '(self, arr, stream=None)',
+ 'cupy.ndarray.sort': '(self, int axis=-1, kind=None)',
+ 'cupy.ndarray.squeeze': '(self, axis=None)',
+ 'cupy.ndarray.std': '(self, axis=None, dtype=None, out=None, ddof=0, keepdims=False)',
+ 'cupy.ndarray.sum': '(self, axis=None, dtype=None, out=None, keepdims=False)',
+ 'cupy.ndarray.swapaxes': '(self, Py_ssize_t axis1, Py_ssize_t axis2)',
+ 'cupy.ndarray.take': '(self, indices, axis=None, out=None)',
+ 'cupy.ndarray.toDlpack': '(self)',
+ 'cupy.ndarray.tobytes': "(self, order='C')",
+ 'cupy.ndarray.tofile': "(self, fid, sep='', format='%s')",
+ 'cupy.ndarray.tolist': '(self)',
+ 'cupy.ndarray.trace': '(self, offset=0, axis1=0, axis2=1, dtype=None, out=None)',
+ 'cupy.ndarray.transpose': '(self, *axes)',
+ 'cupy.ndarray.var': '(self, axis=None, dtype=None, out=None, ddof=0, keepdims=False)',
+ 'cupy.ndarray.view': '(self, dtype=None, type=None)',
+ 'cupy.ndim': '(a)',
+ 'cupy.nonzero': '(a)',
+ 'cupy.obj2sctype': '(rep, default=None)',
+ 'cupy.ones': "(shape: '_ShapeLike', dtype: 'DTypeLike' = <class 'float'>, order: '_OrderCF' = "
+              "'C')",
+ 'cupy.ones_like': "(a: 'NDArray[Any]', dtype: 'DTypeLike | None' = None, order: '_OrderKACF' = "
+                   "'K', subok: 'None' = None, shape: '_ShapeLike | None' = None)",
+ 'cupy.outer': '(a, b, out=None)',
+ 'cupy.packbits': "(a, axis=None, bitorder='big')",
+ 'cupy.pad': "(array, pad_width, mode='constant', **kwargs)",
+ 'cupy.partition': '(a, kth, axis=-1)',
+ 'cupy.percentile': "(a, q, axis=None, out=None, overwrite_input=False, method='linear', "
+                    'keepdims=False, *, interpolation=None)',
+ 'cupy.permute_dims': '(a, axes=None)',
+ 'cupy.piecewise': '(x, condlist, funclist)',
+ 'cupy.place': '(arr, mask, vals)',
+ 'cupy.poly': '(seq_of_zeros)',
+ 'cupy.polyadd': '(a1, a2)',
+ 'cupy.polyfit': '(x, y, deg, rcond=None, full=False, w=None, cov=False)',
+ 'cupy.polymul': '(a1, a2)',
+ 'cupy.polysub': '(a1, a2)',
+ 'cupy.polyval': '(p, x)',
+ 'cupy.printoptions': '(*args, **kwargs)',
+ 'cupy.prod': '(a, axis=None, dtype=None, out=None, keepdims=False)',
+ 'cupy.product': '(a, axis=None, dtype=None, out=None, keepdims=False)',
+ 'cupy.promote_types': '(type1, type2, /)',
+ 'cupy.ptp': '(a, axis=None, out=None, keepdims=False)',
+ 'cupy.put': "(a, ind, v, mode='wrap')",
+ 'cupy.put_along_axis': '(arr, indices, values, axis)',
+ 'cupy.putmask': '(a, mask, values)',
+ 'cupy.quantile': "(a, q, axis=None, out=None, overwrite_input=False, method='linear', "
+                  'keepdims=False, *, interpolation=None)',
+ 'cupy.random.Generator.beta': "(self, a, b, size=None, dtype=<class 'numpy.float64'>)",
+ 'cupy.random.Generator.binomial': '(self, n, p, size=None)',
+ 'cupy.random.Generator.chisquare': '(self, df, size=None)',
+ 'cupy.random.Generator.dirichlet': '(self, alpha, size=None)',
+ 'cupy.random.Generator.exponential': '(self, scale=1.0, size=None)',
+ 'cupy.random.Generator.f': '(self, dfnum, dfden, size=None)',
+ 'cupy.random.Generator.gamma': '(self, shape, scale=1.0, size=None)',
+ 'cupy.random.Generator.geometric': '(self, p, size=None)',
+ 'cupy.random.Generator.hypergeometric': '(self, ngood, nbad, nsample, size=None)',
+ 'cupy.random.Generator.integers': '(self, low, high=None, size=None, dtype=<class '
+                                   "'numpy.int64'>, endpoint=False)",
+ 'cupy.random.Generator.logseries': '(self, p, size=None)',
+ 'cupy.random.Generator.poisson': '(self, lam=1.0, size=None)',
+ 'cupy.random.Generator.power': '(self, a, size=None)',
+ 'cupy.random.Generator.random': "(self, size=None, dtype=<class 'numpy.float64'>, out=None)",
+ 'cupy.random.Generator.standard_exponential': "(self, size=None, dtype=<class 'numpy.float64'>, "
+                                               "method='inv', out=None)",
+ 'cupy.random.Generator.standard_gamma': "(self, shape, size=None, dtype=<class 'numpy.float64'>, "
+                                         'out=None)',
+ 'cupy.random.Generator.standard_normal': "(self, size=None, dtype=<class 'numpy.float64'>, "
+                                          'out=None)',
+ 'cupy.random.Generator.uniform': '(self, low=0.0, high=1.0, size=None, dtype=<class '
+                                  "'numpy.float64'>)",
+ 'cupy.ravel': "(a, order='C')",
+ 'cupy.ravel_multi_index': "(multi_index, dims, mode='wrap', order='C')",
+ 'cupy.real': '(val)',
+ 'cupy.real_if_close': '(a, tol=100)',
+ 'cupy.repeat': '(a, repeats, axis=None)',
+ 'cupy.require': '(a, dtype=None, requirements=None)',
+ 'cupy.reshape': "(a, newshape, order='C', *, copy=None)",
+ 'cupy.resize': '(a, new_shape)',
+ 'cupy.result_type': '(*arrays_and_dtypes)',
+ 'cupy.roll': '(a, shift, axis=None)',
+ 'cupy.rollaxis': '(a, axis, start=0)',
+ 'cupy.roots': '(p)',
+ 'cupy.rot90': '(a, k=1, axes=(0, 1))',
+ 'cupy.round': '(a, decimals=0, out=None)',
+ 'cupy.round_': '(a, decimals=0, out=None)',
+ 'cupy.row_stack': "(tup, *, dtype=None, casting='same_kind')",
+ 'cupy.safe_eval': '(*args, **kwds)',
+ 'cupy.save': '(file, arr, allow_pickle=None)',
+ 'cupy.savetxt': '(fname, X, *args, **kwargs)',
+ 'cupy.savez': '(file, *args, **kwds)',
+ 'cupy.savez_compressed': '(file, *args, **kwds)',
+ 'cupy.sctype2char': '(sctype)',
+ 'cupy.searchsorted': "(a, v, side='left', sorter=None)",
+ 'cupy.select': '(condlist, choicelist, default=0)',
+ 'cupy.set_printoptions': '(precision=None, threshold=None, edgeitems=None, linewidth=None, '
+                          'suppress=None, nanstr=None, infstr=None, formatter=None, sign=None, '
+                          'floatmode=None, *, legacy=None, override_repr=None)',
+ 'cupy.set_string_function': '(*args, **kwds)',
+ 'cupy.setdiff1d': '(ar1, ar2, assume_unique=False)',
+ 'cupy.setxor1d': '(ar1, ar2, assume_unique=False)',
+ 'cupy.shape': '(a)',
+ 'cupy.shares_memory': '(a, b, max_work=None)',
+ 'cupy.show_config': '(*, _full=False)',
+ 'cupy.size': '(_ndarray_base a, axis=None)',
+ 'cupy.sometrue': '(a, axis=None, out=None, keepdims=False)',
+ 'cupy.sort': '(a, axis=-1, kind=None)',
+ 'cupy.sort_complex': '(a)',
+ 'cupy.split': '(ary, indices_or_sections, axis=0)',
+ 'cupy.squeeze': '(a, axis=None)',
+ 'cupy.stack': "(tup, axis=0, out=None, *, dtype=None, casting='same_kind')",
+ 'cupy.std': '(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False)',
+ 'cupy.sum': '(a, axis=None, dtype=None, out=None, keepdims=False)',
+ 'cupy.swapaxes': '(a, axis1, axis2)',
+ 'cupy.take': '(a, indices, axis=None, out=None)',
+ 'cupy.take_along_axis': '(a, indices, axis)',
+ 'cupy.tensordot': '(a, b, axes=2)',
+ 'cupy.tile': '(A, reps)',
+ 'cupy.trace': '(a, offset=0, axis1=0, axis2=1, dtype=None, out=None)',
+ 'cupy.transpose': '(a, axes=None)',
+ 'cupy.trapezoid': '(y, x=None, dx=1.0, axis=-1)',
+ 'cupy.trapz': '(y, x=None, dx=1.0, axis=-1)',
+ 'cupy.tri': "(N, M=None, k=0, dtype=<class 'float'>)",
+ 'cupy.tril': '(m, k=0)',
+ 'cupy.tril_indices': '(n, k=0, m=None)',
+ 'cupy.tril_indices_from': '(arr, k=0)',
+ 'cupy.trim_zeros': "(filt, trim='fb')",
+ 'cupy.triu': '(m, k=0)',
+ 'cupy.triu_indices': '(n, k=0, m=None)',
+ 'cupy.triu_indices_from': '(arr, k=0)',
+ 'cupy.typename': '(char)',
+ 'cupy.union1d': '(arr1, arr2)',
+ 'cupy.unique': '(ar, return_index=False, return_inverse=False, return_counts=False, axis=None, '
+                '*, equal_nan=True)',
+ 'cupy.unique_all': '(x)',
+ 'cupy.unique_counts': '(x)',
+ 'cupy.unique_inverse': '(x)',
+ 'cupy.unique_values': '(x)',
+ 'cupy.unpackbits': "(a, axis=None, bitorder='big')",
+ 'cupy.unravel_index': "(indices, dims, order='C')",
+ 'cupy.unwrap': '(p, discont=None, axis=-1, *, period=6.283185307179586)',
+ 'cupy.vander': '(x, N=None, increasing=False)',
+ 'cupy.var': '(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False)',
+ 'cupy.vdot': '(a, b)',
+ 'cupy.vsplit': '(ary, indices_or_sections)',
+ 'cupy.vstack': "(tup, *, dtype=None, casting='same_kind')",
+ 'cupy.where': '(condition, x=None, y=None)',
+ 'cupy.who': '(vardict=None)',
+ 'cupy.zeros': "(shape: '_ShapeLike', dtype: 'DTypeLike' = <class 'float'>, order: '_OrderCF' = "
+               "'C')",
+ 'cupy.zeros_like': "(a: 'NDArray[Any]', dtype: 'DTypeLike | None' = None, order: '_OrderKACF' = "
+                    "'K', subok: 'None' = None, shape: '_ShapeLike | None' = None)"}
+
+# fmt: on
 
 
 def _regenerate() -> str:
-    """This file's text, with the names read from the installed CuPy."""
+    """This file's text, with the names and signatures read from the installed CuPy."""
     import inspect
+    import pprint
+    import re
     import sys
-    import textwrap
 
     import cupy
     import cupy.lib.stride_tricks
@@ -148,16 +568,48 @@ def _regenerate() -> str:
         "cupyx": cupyx,
         "cupyx.scipy.special": cupyx.scipy.special,
     }
-    text = inspect.getsource(sys.modules[__name__])
-    head, _, tail = text.partition("NAMES = {")
-    tail = tail[tail.index("\n}\n") + 3 :]
-    head = head.replace(f'VERSION = "{VERSION}"', f'VERSION = "{cupy.__version__}"')
-    rows = []
-    for key, obj in objects.items():
-        names = " ".join(sorted(n for n in dir(obj) if not n.startswith("_")))
-        wrapped = textwrap.fill(names, 88, initial_indent=" " * 8, subsequent_indent=" " * 8)
-        rows.append(f'    "{key}": """\n{wrapped}\n    """.split(),')
-    return head + "NAMES = {\n" + "\n".join(rows) + "\n}\n" + tail
+    names = {k: sorted(n for n in dir(o) if not n.startswith("_")) for k, o in objects.items()}
+
+    def signature(obj):
+        # Python functions have one; Cython methods carry it on their docstring's first line
+        try:
+            return str(inspect.signature(obj)).split(" -> ")[0]
+        except (TypeError, ValueError):
+            first = (getattr(obj, "__doc__", None) or "").lstrip().split("\n")[0]
+            m = re.match(r"[\w.]*\((.*)\)( ->.*)?$", first)
+            return f"({m.group(1)})" if m else None
+
+    signatures = {}
+    for key in (
+        "cupy",
+        "cupy.ndarray",
+        "cupy.random.Generator",
+        "cupy.linalg",
+        "cupy.lib.stride_tricks",
+    ):
+        for n in names[key]:
+            obj = getattr(objects[key], n)
+            if isinstance(obj, (type, cupy.ufunc)) or not callable(obj):
+                continue
+            sig = signature(obj)
+            if sig is not None:
+                signatures[f"{key}.{n}"] = sig
+    own = inspect.getsource(sys.modules[__name__])
+    template = own[own.index("# fmt: off") :]
+    data = {
+        "VERSION": repr(cupy.__version__).replace("'", '"'),
+        "NAMES": pprint.pformat(names, width=99, compact=True),
+        "SIGNATURES": pprint.pformat(signatures, width=99),
+    }
+    for key, text in data.items():  # each assignment's old value, up to the next blank line
+        template = re.sub(
+            rf"^{key} = .*?\n\n",
+            lambda _, k=key, t=text: f"{k} = {t}\n\n",
+            template,
+            count=1,
+            flags=re.S | re.M,
+        )
+    return own[: own.index("# fmt: off")] + template
 
 
 if __name__ == "__main__":

@@ -2,26 +2,33 @@
 
 ``pytest --cupy-stand-in`` (tests/conftest.py) calls :func:`install`, after which ``import
 cupy`` and ``import cupyx`` give this module's stand-ins, and runs the ``cupy`` half of the
-suite on them. The arrays compute with
-NumPy underneath, so the numbers prove nothing about a GPU; what the run checks is the code
-around them, the part that a NumPy-only test never executes and that fails on a device in ways
-unrelated to arithmetic. The stand-in is strict where CuPy is:
+suite on them. The arrays compute with NumPy underneath, so the numbers prove nothing about a
+GPU; what the run checks is the code around them, the part that a NumPy-only test never
+executes and that fails on a device in ways unrelated to arithmetic. The stand-in is strict
+where CuPy 14.2 is:
 
 - **No implicit conversion to NumPy.** ``numpy.asarray(a)``, ``np.testing.assert_allclose(a,
   ...)`` and every other path through ``__array__`` raise ``TypeError``, as CuPy's arrays do;
   ``a.get()``, ``cupy.asnumpy(a)`` and ``Backend.to_numpy`` are the ways out.
 - **No NumPy arrays inside device work.** CuPy's functions, ufuncs, operators and kernels
-  refuse a ``numpy.ndarray`` argument ("Unsupported type"); Python and NumPy scalars pass. As in
-  CuPy, ``cupy.asarray``/``cupy.array`` copy host data over, and an index or a value assigned
-  into an array may be a NumPy array (CuPy copies it over).
-- **Device scalars.** Reductions and integer indexing give 0-d arrays, not Python or NumPy
-  scalars; ``bool``, ``int``, ``float`` and ``.item()`` work on them, ``__index__`` does not
-  (``range(cupy_scalar)`` fails on CuPy too).
-- **Only CuPy's names.** The module, ``ndarray``, ``random``, ``Generator``, ``linalg``, the
-  ufuncs and ``cupyx`` have exactly the public names of CuPy 14.2 (``tests/_cupy_names.py``); a
-  NumPy-only name is an ``AttributeError``. ``ndarray.flags`` has CuPy's three fields
-  (no ``writeable``). A CuPy name that this file does not emulate raises
-  ``NotImplementedError`` when used, so a gap in the stand-in never passes silently.
+  refuse a ``numpy.ndarray`` argument ("Unsupported type"); Python and NumPy scalars pass.
+  ``cupy.asarray``/``cupy.array`` copy host data over. Assignment follows CuPy: through an
+  integer-array or mask index the value may be a NumPy array (copied over); through a basic
+  index (slices, ``...``) it is a fill, which takes a scalar or a device array only.
+- **Only CuPy's calls.** The module, ``ndarray``, ``random``, ``Generator``, ``linalg``, the
+  ufuncs and ``cupyx`` have exactly the public names of CuPy 14.2, and every emulated function
+  and method checks its arguments against CuPy's signature (both in ``tests/_cupy_names.py``,
+  generated from the package): a NumPy-only name is an ``AttributeError``, a NumPy-only keyword
+  (``sum(where=)``, ``sort(stable=)``) a ``TypeError``. Ufuncs take ``out``, ``dtype`` and
+  ``casting`` only; ``reduce``/``accumulate`` exist for add and multiply, ``reduceat`` for
+  add, ``at`` for add, subtract, maximum, minimum and the bitwise ones; NumPy's ufunc methods
+  on device arrays other than a plain call fail. ``ndarray.flags`` has CuPy's three fields (no
+  ``writeable``). One boolean mask per index, not a mask beside other arrays. ``cupy.where``
+  wants a device array as its condition; ``Generator.integers`` int bounds. A CuPy name that
+  this file does not emulate raises ``NotImplementedError`` when used.
+- **Device scalars.** Reductions, integer indexing and ``allclose``/``array_equal`` give 0-d
+  arrays, not Python or NumPy scalars; ``bool``, ``int``, ``float`` and ``.item()`` work on
+  them, ``__index__`` does not (``range(cupy_scalar)`` fails on CuPy too).
 - **NumPy functions on device arrays** dispatch to the stand-in (``__array_ufunc__``,
   ``__array_function__``), as CuPy's do, and fail for functions CuPy lacks.
 - **Uninitialised memory**: ``empty`` and ``empty_like`` fill floats with NaN (integers with a
@@ -30,17 +37,26 @@ unrelated to arithmetic. The stand-in is strict where CuPy is:
   expects the two backends to draw alike fails here as it would on a GPU.
 - **Kernels**: ``RawKernel`` and ``ElementwiseKernel`` run in the SIMT emulator of
   ``tests/_cuda_emu.py``; their array arguments must be this module's arrays, C-contiguous.
-- **Device plumbing** (``cuda.Device``, streams, events, the memory pool and its allocator hook,
-  ``cupyx.profiler.benchmark``) exists with CuPy's call signatures, timed on the host clock,
-  so that the benchmark harness's CuPy branch runs.
+- **Device plumbing** (``cuda.Device``, ``runtime.getDeviceProperties``, streams, events, the
+  memory pool and its allocator hook, ``cupyx.profiler.benchmark``) exists with CuPy's call
+  signatures, timed on the host clock, so that the benchmark harness's CuPy branch runs; the
+  pool counts the bytes of live stand-in arrays, so peak-memory readings are approximate.
+
+Stricter than CuPy, on purpose or for simplicity (a failure here may be a false alarm):
+``ElementwiseKernel`` wants C-contiguous arrays (CuPy handles strides); NumPy arrays are refused
+where CuPy would convert them (``take_along_axis`` indices, ``put_along_axis`` values, the
+value of ``scatter_add``); out-of-bounds integer indices raise (CuPy wraps them); writing into a
+``broadcast_to`` view raises; ``Generator.random``/``uniform`` draw float32 or float64 only;
+``scatter_add``'s dtype check applies to every index form.
 
 It cannot tell: speed; a GPU's rounding; asynchronous errors; out-of-memory; the places where a
-CuPy routine itself differs from NumPy's (results here are NumPy's).
+CuPy routine itself differs from NumPy's beyond its signature (results here are NumPy's).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import time
 import types
@@ -48,7 +64,7 @@ import weakref
 
 import numpy as np
 import scipy.special
-from _cupy_names import NAMES, VERSION
+from _cupy_names import NAMES, SIGNATURES, VERSION
 
 _IMPLICIT = (
     "Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct a "
@@ -170,14 +186,18 @@ _ALLOCATOR = [_POOL.malloc]
 def _allocated(a: np.ndarray) -> np.ndarray:
     """Account for a new buffer as CuPy's allocator would see it (a hook may be set)."""
     if a.nbytes:
+        _POOL._used += a.nbytes  # counted first: a hook reading used_bytes sees this buffer
         _ALLOCATOR[0](a.nbytes)
-        _POOL._used += a.nbytes
         weakref.finalize(a, _POOL._release, a.nbytes)
     return a
 
 
 # ----------------------------------------------------------------------------------------------
 # the array
+
+
+_SCATTER_ADD_TYPES = {np.dtype(t).char for t in ("int32", "float16", "float32", "float64",
+                                                  "uint32", "uint64")}  # fmt: skip
 
 
 class Flags:
@@ -281,7 +301,7 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
     # -- the NumPy protocols: device arrays in NumPy's functions dispatch here
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         mine = getattr(_MODULE, ufunc.__name__, None)
-        if not isinstance(mine, ufunc_):
+        if not isinstance(mine, ufunc_) or method != "__call__":  # CuPy: plain calls only
             return NotImplemented
         return getattr(mine, method)(*inputs, **kwargs)
 
@@ -315,6 +335,7 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
 
     # -- indexing
     def __getitem__(self, key):
+        _check_index(key)
         key = _host_ok(key)
         r = self._a[key]
         if not isinstance(r, np.ndarray):  # an element: a 0-d view, as CuPy gives
@@ -323,6 +344,12 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
         return ndarray._of(r)
 
     def __setitem__(self, key, value):
+        _check_index(key)
+        if not _array_index(key):  # a basic index: CuPy fills it, from a scalar or device array
+            if isinstance(value, list):
+                raise TypeError(f"Unsupported type {type(value)}")
+            if isinstance(value, np.ndarray) and value.ndim > 0:
+                raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
         self._a[_host_ok(key)] = _host_ok(value)
 
     def __len__(self):
@@ -335,6 +362,11 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
 
     # -- methods that only exist in CuPy
     def scatter_add(self, slices, value):
+        if self._a.dtype.char not in _SCATTER_ADD_TYPES:  # atomicAdd's types, as CuPy checks
+            raise TypeError(
+                "scatter_add only supports int32, float16, float32, float64, uint32, uint64, "
+                f"as data type (got {self._a.dtype})"
+            )
         np.add.at(self._a, _host_ok(slices), _device(value))
 
     def scatter_max(self, slices, value):
@@ -353,6 +385,23 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
 
     def copy(self, order="C"):
         return ndarray._of(_allocated(self._a.copy(order=order)))
+
+
+def _index_parts(key):
+    return key if isinstance(key, tuple) else (key,)
+
+
+def _array_index(key) -> bool:
+    """Whether an index holds an array (device or host) or a list: advanced indexing."""
+    return any(isinstance(k, (ndarray, np.ndarray, list)) for k in _index_parts(key))
+
+
+def _check_index(key):
+    """CuPy takes one boolean mask, or integer arrays, but not a mask beside other arrays."""
+    parts = [k._a if isinstance(k, ndarray) else k for k in _index_parts(key)]
+    arrays = [np.asarray(k) for k in parts if isinstance(k, (np.ndarray, list))]
+    if any(a.dtype == bool for a in arrays) and len(arrays) > 1:
+        raise ValueError("currently, CuPy only supports slices that consist of one boolean array.")
 
 
 def _gap_attr(name):
@@ -441,6 +490,9 @@ def _garbage(a: np.ndarray) -> np.ndarray:
 # ufuncs
 
 
+_UFUNC_AT = ("add", "subtract", "maximum", "minimum", "bitwise_and", "bitwise_or", "bitwise_xor")
+
+
 class ufunc_:  # noqa: N801
     """A CuPy ufunc: NumPy's, behind CuPy's refusal of host arrays."""
 
@@ -450,21 +502,32 @@ class ufunc_:  # noqa: N801
         self.nin, self.nout, self.nargs = np_ufunc.nin, np_ufunc.nout, np_ufunc.nargs
 
     def __call__(self, *args, **kwargs):
+        extra = set(kwargs) - {"out", "dtype", "casting"}
+        if extra:  # NumPy's where=, order=, subok=, ... are not CuPy's
+            raise TypeError(f"Wrong arguments {sorted(extra)} for ufunc {self.__name__}")
         return _call(self._u, args, kwargs)
 
+    def _only(self, method, names):
+        if self.__name__ not in names:
+            raise NotImplementedError(f"{self.__name__}.{method} is not supported by CuPy")
+
     def reduce(self, *args, **kwargs):
+        self._only("reduce", ("add", "multiply"))
         return _call(self._u.reduce, args, kwargs)
 
     def accumulate(self, *args, **kwargs):
+        self._only("accumulate", ("add", "multiply"))
         return _call(self._u.accumulate, args, kwargs)
 
     def reduceat(self, *args, **kwargs):
+        self._only("reduceat", ("add",))
         return _call(self._u.reduceat, args, kwargs)
 
     def outer(self, *args, **kwargs):
         return _call(self._u.outer, args, kwargs)
 
     def at(self, a, indices, b=None):
+        self._only("at", _UFUNC_AT)
         if not isinstance(a, ndarray):
             raise _unsupported(a)
         rest = () if b is None else (_device(b),)
@@ -506,10 +569,12 @@ def _empty(np_fn):
     return make
 
 
-def asarray(a, dtype=None, order=None, *, blocking=False):
-    """A device array: ``a`` itself when it is one (cast if ``dtype`` differs), else a copy of
-    the host data."""
+def asarray(a, dtype=None, order=None, *, copy=None, blocking=False):
+    """A device array: ``a`` itself when it is one (cast if ``dtype`` differs, copied if
+    ``copy``), else a copy of the host data."""
     if isinstance(a, ndarray):
+        if copy:
+            return a.astype(a.dtype if dtype is None else dtype, copy=True)
         return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
     if isinstance(a, (list, tuple)):
         a = [v.get() if isinstance(v, ndarray) else v for v in a]
@@ -525,6 +590,16 @@ def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocki
         obj = [v.get() if isinstance(v, ndarray) else v for v in obj]
     r = np.array(obj, dtype=dtype, copy=True, order=order, ndmin=ndmin)
     return ndarray._of(_allocated(_check_dtype(r)))
+
+
+def where(condition, x=None, y=None):
+    """CuPy's where reads the condition as a device array (no Python bools, no host arrays)."""
+    if not isinstance(condition, ndarray):
+        raise (_unsupported(condition) if isinstance(condition, np.ndarray) else
+               AttributeError(f"cupy.where: {type(condition).__name__} has no astype"))  # fmt: skip
+    if (x is None) != (y is None):
+        raise ValueError("Must provide both 'x' and 'y' or neither.")
+    return _call(np.where, (condition,) if x is None else (condition, x, y), {})
 
 
 def asnumpy(a, stream=None, order="C", out=None, blocking=True):
@@ -593,10 +668,14 @@ def _fill(module, qual, names, source, special):
             setattr(module, name, _gap(f"{qual}.{name}"))
 
 
+_ARRAY_BOOL = {"allclose", "array_equal", "array_equiv"}  # a 0-d device array on CuPy
+
+
 def _function(np_fn, name):
     @functools.wraps(np_fn)
     def fn(*args, **kwargs):
-        return _call(np_fn, args, kwargs)
+        r = _call(np_fn, args, kwargs)
+        return _wrap(np.asarray(r)) if name in _ARRAY_BOOL else r
 
     fn.__name__ = name
     return fn
@@ -619,7 +698,11 @@ class Generator:
     """``cupy.random.Generator``: CuPy's methods only, another stream than NumPy's."""
 
     def __init__(self, seed=None):
-        key = [] if seed is None else list(np.atleast_1d(np.asarray(seed, dtype=np.int64)))
+        if isinstance(seed, np.random.SeedSequence):
+            seed = seed.entropy
+        key = (
+            [] if seed is None else [int(v) for v in np.atleast_1d(np.asarray(seed, dtype=object))]
+        )
         self._g = np.random.default_rng(None if seed is None else [0x43555059, *key])
 
     def _draw(self, kinds, name, size, dtype, out, fn):
@@ -651,7 +734,7 @@ class Generator:
         )
 
     def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False):
-        low, high = _device(low), _device(high)
+        low, high = int(low), None if high is None else int(high)  # CuPy takes int bounds only
         r = self._g.integers(low, high, size=size, dtype=dtype, endpoint=endpoint)
         return ndarray._of(_allocated(np.asarray(r)))
 
@@ -848,6 +931,7 @@ _MODULE = _module(
         "RawKernel": RawKernel,
         "ElementwiseKernel": ElementwiseKernel,
         "is_available": lambda: True,
+        "where": where,
     },
 )
 _MODULE.__version__ = f"{VERSION} (CPU stand-in)"
@@ -862,7 +946,16 @@ _MODULE.lib = _Module("cupy.lib")
 _MODULE.lib.stride_tricks = _module(
     "cupy.lib.stride_tricks", NAMES["cupy.lib.stride_tricks"], np.lib.stride_tricks, {}
 )
-_runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
+_runtime = types.SimpleNamespace(
+    getDeviceCount=lambda: 1,
+    getDeviceProperties=lambda device=0: {
+        "name": b"CPU stand-in for CuPy",
+        "totalGlobalMem": 0,
+        "multiProcessorCount": 2,
+        "major": 9,
+        "minor": 0,
+    },
+)
 _MODULE.cuda = types.SimpleNamespace(
     Device=Device,
     Stream=Stream,
@@ -886,6 +979,85 @@ _CUPYX.scipy.special = _module(
 )
 _CUPYX.profiler = _Module("cupyx.profiler")
 _CUPYX.profiler.benchmark = benchmark
+
+# ----------------------------------------------------------------------------------------------
+# CuPy's signatures: a call whose arguments do not bind to CuPy's parameters fails here too
+
+
+def _parse_signature(text: str) -> inspect.Signature:
+    """An inspect.Signature from CuPy's signature text: names and kinds; defaults not evaluated."""
+    parts, cur, depth, quote = [], "", 0, None
+    for ch in text.strip()[1:-1]:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{<":
+            depth += 1
+        elif ch in ")]}>":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    parts.append(cur)
+    P = inspect.Parameter
+    params, kind = [], P.POSITIONAL_OR_KEYWORD
+    for part in (p.strip() for p in parts if p.strip()):
+        if part == "/":
+            params = [q.replace(kind=P.POSITIONAL_ONLY) for q in params]
+        elif part == "*":
+            kind = P.KEYWORD_ONLY
+        elif part.startswith("**"):
+            params.append(P(part[2:].split(":")[0].strip(), P.VAR_KEYWORD))
+        elif part.startswith("*"):
+            params.append(P(part[1:].split(":")[0].strip(), P.VAR_POSITIONAL))
+            kind = P.KEYWORD_ONLY
+        else:
+            name = part.split("=")[0].split(":")[0].split()[-1]  # "int n" (Cython) -> "n"
+            params.append(P(name, kind, default=None if "=" in part else P.empty))
+    return inspect.Signature(params)
+
+
+def _bound(fn, qual: str, text: str):
+    sig = _parse_signature(text)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{qual}{text}: {exc}") from None
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def _bind_signatures(owners):
+    """Wrap every emulated function and method that CuPy gives a signature in a check of it."""
+    for qual, text in SIGNATURES.items():
+        owner_name, _, name = qual.rpartition(".")
+        owner = owners.get(owner_name)
+        fn = getattr(owner, name, None) if owner is not None else None
+        if fn is None or getattr(fn, "__name__", "") == "missing":  # a StandInGap already
+            continue
+        if isinstance(owner, type):
+            fn = vars(owner).get(name)
+            if not callable(fn) or isinstance(fn, property):
+                continue
+        setattr(owner, name, _bound(fn, qual, text))
+
+
+_bind_signatures(
+    {
+        "cupy": _MODULE,
+        "cupy.ndarray": ndarray,
+        "cupy.random.Generator": Generator,
+        "cupy.linalg": _MODULE.linalg,
+        "cupy.lib.stride_tricks": _MODULE.lib.stride_tricks,
+    }
+)
 
 MODULES = {
     "cupy": _MODULE,

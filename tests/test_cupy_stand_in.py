@@ -116,3 +116,39 @@ def test_memory_pool_and_allocator_hook_see_allocations():
         assert pool.used_bytes() == before
     finally:
         cp.cuda.set_allocator(None)
+
+
+def test_calls_bind_to_cupys_signatures():
+    a = cp.ones(3)
+    # keywords and forms NumPy takes and CuPy 14.2 does not
+    for bad in (lambda: a.sum(where=True), lambda: a.item(0), lambda: cp.sort(a, stable=True),
+                lambda: cp.take_along_axis(a, cp.zeros(3, dtype=cp.int64)),
+                lambda: cp.add(a, a, where=True)):  # fmt: skip
+        with pytest.raises(TypeError):
+            bad()
+    with pytest.raises(NotImplementedError):
+        cp.maximum.reduce(a)  # only add and multiply reduce on CuPy
+    assert a.reshape(3, 1).shape == (3, 1) and cp.sort(a, axis=0).shape == (3,)
+
+
+def test_assignment_and_indexing_follow_cupy():
+    a = cp.zeros(4)
+    with pytest.raises(ValueError, match="fill"):
+        a[1:3] = np.ones(2)  # a basic index is a fill: no host arrays
+    with pytest.raises(TypeError):
+        a[...] = [1.0, 2.0, 3.0, 4.0]
+    a[1:3] = cp.ones(2)
+    a[np.array([0])] = np.array([5.0])  # an advanced index copies host values over
+    np.testing.assert_array_equal(a.get(), [5.0, 1.0, 1.0, 0.0])
+    m = cp.zeros((2, 2))
+    with pytest.raises(ValueError, match="one boolean array"):
+        m[cp.asarray(np.array([True, False])), cp.asarray(np.array([0]))]
+    with pytest.raises(AttributeError):
+        cp.where(True, a, a)  # CuPy reads the condition as a device array
+    assert type(cp.allclose(a, a)) is si.ndarray
+
+
+def test_peak_memory_hook_sees_the_new_buffer(installed):
+    from benchmarks import harness
+
+    assert harness._peak_cupy(lambda: cp.ones(1 << 16)) >= 8 << 16
