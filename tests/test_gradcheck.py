@@ -288,8 +288,8 @@ def test_model_check_restores_params_when_the_loss_raises(backend, rng):
 # --------------------------------------------------------------------------------------------
 
 
-def test_cli_passes_on_every_op(capsys):
-    assert main(["gradcheck", "--backend", "numpy"]) == 0
+def test_cli_passes_on_every_op(capsys, backend):
+    assert main(["gradcheck", "--backend", backend.name]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("op "))
     assert header.split() == ["op", "shapes", "directional", "elementwise", "max", "rel", "err"] + [

@@ -252,3 +252,20 @@ def test_forward_flops_by_hand():
                   depth=1, num_heads=1, mlp_ratio=1.0)  # fmt: skip
     assert m.forward_flops(1) == 576 + 256 + 3264 + 4624 + 24
     assert m.forward_flops(5) == 5 * m.forward_flops(1)
+
+
+def test_train_command_runs_and_evaluates(tmp_path, capsys, backend):
+    """`minivit train hybrid` (one short epoch) and `minivit eval` of its run, on the backend."""
+    import json
+
+    from minivit.cli import main
+
+    out, on = tmp_path / "run", ["--backend", backend.name]
+    args = ["train", "hybrid", "--epochs", "1", "--train-limit", "64", "--batch-size", "32",
+            "--no-progress", "--no-plots", "--out", str(out), *on]  # fmt: skip
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["backend"] == backend.name and metrics["test_size"] == 360
+    trained = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["eval", str(out), *on]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == trained

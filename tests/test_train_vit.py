@@ -1,4 +1,5 @@
-"""`minivit train vit` end to end on a tiny recipe, exact resume, `minivit eval` and `predict`."""
+"""`minivit train vit` end to end on a tiny recipe, exact resume, `minivit eval` and `predict`,
+on each backend (the commands' --backend)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ TINY = ["--epochs", "3", "--train-limit", "96", "--batch-size", "32", "--embed-d
         "--drop-rate", "0.1", "--drop-path-rate", "0.1"]  # fmt: skip
 
 
-def test_cli_run_folder_eval_and_predict(tmp_path, capsys):
+def test_cli_run_folder_eval_and_predict(tmp_path, capsys, backend):
     out = tmp_path / "run"
-    assert main(["train", "vit", *TINY, "--out", str(out)]) == 0
+    on = ["--backend", backend.name]
+    assert main(["train", "vit", *TINY, *on, "--out", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"test accuracy: [01]\.\d{4}", lines[-1])
     for name in ("checkpoint.safetensors", "metrics.json", "curves.png", "attention.png"):
@@ -27,7 +29,7 @@ def test_cli_run_folder_eval_and_predict(tmp_path, capsys):
     assert len(metrics["history"]) == 3 and metrics["test_size"] == 360
     assert lines[-1] == f"test accuracy: {metrics['test_accuracy']:.4f}"
 
-    assert main(["eval", str(out)]) == 0
+    assert main(["eval", str(out), *on]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == lines[-1]
 
     # a test digit written as a dark-on-white PNG, as a user would draw it
@@ -38,15 +40,16 @@ def test_cli_run_folder_eval_and_predict(tmp_path, capsys):
     d = load_digits_split()
     img = (255 * (1 - np.kron(d.x_test[0, 0], np.ones((4, 4))))).astype(np.uint8)  # 32x32
     Image.fromarray(img).save(tmp_path / "digit.png")
-    assert main(["predict", str(out), str(tmp_path / "digit.png"), "--top", "10"]) == 0
+    assert main(["predict", str(out), str(tmp_path / "digit.png"), "--top", "10", *on]) == 0
     text = capsys.readouterr().out
     probs = [float(p) for p in re.findall(r"\d: (\d\.\d{4})", text)]
     assert len(probs) == 10 and abs(sum(probs) - 1) < 1e-3
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys, backend):
     full = tmp_path / "full"
-    assert main(["train", "vit", *TINY, "--no-plots", "--out", str(full)]) == 0
+    on = ["--backend", backend.name]
+    assert main(["train", "vit", *TINY, *on, "--no-plots", "--out", str(full)]) == 0
 
     part = tmp_path / "part"
     real_save = common.save_training_checkpoint
@@ -57,10 +60,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt  # the run dies right after its first checkpoint
 
     monkeypatch.setattr(common, "save_training_checkpoint", save_then_crash)
-    assert main(["train", "vit", *TINY, "--no-plots", "--out", str(part)]) == 130
+    assert main(["train", "vit", *TINY, *on, "--no-plots", "--out", str(part)]) == 130
     monkeypatch.undo()
     # resume with a different recipe on the command line: the saved one wins
-    assert main(["train", "vit", "--resume", str(part), "--no-progress", "--no-plots"]) == 0
+    assert main(["train", "vit", "--resume", str(part), *on, "--no-progress", "--no-plots"]) == 0
     capsys.readouterr()
 
     a = json.loads((full / "metrics.json").read_text())["history"]

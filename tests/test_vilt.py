@@ -332,7 +332,7 @@ def test_vqa_head_gradient(backend):
     assert abs(ana - num) <= 1e-6 * abs(num)
 
 
-def test_training_loop_runs_a_few_steps(tmp_path, capsys):
+def test_training_loop_runs_a_few_steps(tmp_path, capsys, backend):
     from minivit.cli import build_parser
     from minivit.train import vilt as train_vilt
 
@@ -341,6 +341,7 @@ def test_training_loop_runs_a_few_steps(tmp_path, capsys):
             "train", "vilt", "--steps", "4", "--batch-size", "8", "--mlm-batch-size", "4",
             "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--eval-size", "16",
             "--eval-every", "2", "--out", str(tmp_path), "--no-progress", "--dtype", "float64",
+            "--backend", backend.name,
         ]
     )  # fmt: skip
     assert isinstance(args, argparse.Namespace)
