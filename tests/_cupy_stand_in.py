@@ -744,6 +744,41 @@ for _name in NAMES["cupy.random.Generator"]:
         setattr(Generator, _name, _gap(f"cupy.random.Generator.{_name}"))
 
 
+class RandomState:
+    """``cupy.random.RandomState``, the legacy generator (POT makes one when it finds CuPy):
+    its common draws, on another stream than NumPy's."""
+
+    def __init__(self, seed=None, method=None):
+        self.seed(seed)
+
+    def seed(self, seed=None):
+        self._g = Generator(seed)._g
+
+    def _out(self, a, dtype):
+        return ndarray._of(_allocated(np.asarray(a, dtype=dtype)))
+
+    def rand(self, *size, dtype=float):
+        return self._out(self._g.random(size), dtype)
+
+    def randn(self, *size, dtype=float):
+        return self._out(self._g.standard_normal(size), dtype)
+
+    def random_sample(self, size=None, dtype=float):
+        return self._out(self._g.random(size), dtype)
+
+    def standard_normal(self, size=None, dtype=float):
+        return self._out(self._g.standard_normal(size), dtype)
+
+    def uniform(self, low=0.0, high=1.0, size=None, dtype=float):
+        return self._out(self._g.uniform(low, high, size), dtype)
+
+    def normal(self, loc=0.0, scale=1.0, size=None, dtype=float):
+        return self._out(self._g.normal(loc, scale, size), dtype)
+
+    def randint(self, low, high=None, size=None, dtype="l"):
+        return self._out(self._g.integers(low, high, size), dtype)
+
+
 def default_rng(seed=None):
     return seed if isinstance(seed, Generator) else Generator(seed)
 
@@ -756,6 +791,7 @@ class Device:
     """``cupy.cuda.Device``: one device, id 0."""
 
     def __init__(self, device=None):
+        device = getattr(device, "id", device)  # a Device, an int or None
         self.id = 0 if device is None else int(device)
         if self.id != 0:
             raise RuntimeError(f"the stand-in has one device, id 0, not {self.id}")
@@ -939,7 +975,7 @@ _MODULE.random = _module(
     "cupy.random",
     NAMES["cupy.random"],
     None,
-    {"default_rng": default_rng, "Generator": Generator},
+    {"default_rng": default_rng, "Generator": Generator, "RandomState": RandomState},
 )
 _MODULE.linalg = _module("cupy.linalg", NAMES["cupy.linalg"], np.linalg, {})
 _MODULE.lib = _Module("cupy.lib")

@@ -240,3 +240,13 @@ def test_minivit_bench_command_parses_its_options():
 
     cfg = config_from_args(args)
     assert cfg.backends[0] == "numpy" and cfg.repeats == 4 and cfg.warmup == 1
+
+
+def test_sinkhorn_benchmark_runs_beside_pot(backend):
+    # the batched op against a loop of POT calls on the same arrays (POT takes cupy arrays too)
+    from benchmarks import bench_sinkhorn
+
+    rows = bench_sinkhorn.run(quick=True, backends=[backend.name])
+    impls = {(r["impl"], r["dtype"]) for r in rows}
+    assert {("minivit", "float32"), ("minivit", "float64"), ("POT loop", "float64")} <= impls
+    assert all(r["backend"] == backend.name and r["median_s"] > 0 for r in rows)

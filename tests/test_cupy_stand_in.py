@@ -81,6 +81,9 @@ def test_fresh_memory_is_garbage_and_random_streams_differ_from_numpy():
     got = cp.random.default_rng(7).random(5).get()
     assert not np.allclose(got, np.random.default_rng(7).random(5))
     np.testing.assert_array_equal(got, cp.random.default_rng(7).random(5).get())  # seeded
+    legacy = cp.random.RandomState(7)  # POT makes one when it finds CuPy
+    assert type(legacy.rand(2, 3)) is si.ndarray and legacy.randn(4).shape == (4,)
+    assert cp.cuda.Device(cp.ones(1).device).id == 0  # a Device from an array's device
 
 
 def test_kernel_arguments_must_be_contiguous_device_arrays():
