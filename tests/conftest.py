@@ -3,7 +3,8 @@ options, hypothesis profiles.
 
 Every op and model test takes the ``backend`` fixture, so the whole suite runs once per backend:
 on NumPy always, and on CuPy where a CUDA device exists (skipped, with the reason, elsewhere).
-``pytest --backend numpy`` or ``--backend cupy`` restricts the run to one backend.
+``pytest --backend numpy`` or ``--backend cupy`` restricts the run to one backend; ``--backend
+cupy`` alone also leaves out the tests that do not run on cupy.
 
 ``pytest --cupy-stand-in`` runs the CuPy half on the CPU instead: ``import cupy`` gives the strict
 stand-in of ``tests/_cupy_stand_in.py`` (NumPy inside, CuPy's rules outside; kernels in the SIMT
@@ -85,8 +86,10 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_collection_modifyitems(config, items):
-    """With --cupy-stand-in, keep only the tests that run on the cupy backend."""
-    if not _stand_in(config):
+    """With --cupy-stand-in, or --backend cupy alone, keep only the tests that run on the cupy
+    backend (the others are NumPy-only: on a GPU machine they would spend its time for
+    nothing)."""
+    if not (_stand_in(config) or config.getoption("--backend") == ["cupy"]):
         return
     keep, drop = [], []
     for item in items:
