@@ -28,8 +28,8 @@ they would never run in CI, so this module runs the same text on the CPU:
   - a full-mask shuffle after some lanes of the warp returned, or in a partial warp, is
     reported; a launch a GPU refuses (block over 1024 threads, over 48 KiB of dynamic shared
     memory, an empty grid) is too, and so are the lanes of a warp meeting at shuffles on
-    different source lines (different branches). A barrier that waits more than TIMEOUT_S is
-    reported as a deadlock.
+    different source lines (different branches). A barrier that waits more than TIMEOUT_S (plus
+    BLOCK_TIME_S per block of the grid) is reported as a deadlock.
 
 Data races: the OS seldom interleaves two threads' accesses, so a plain run misses races, but
 ``RawKernel.race_check`` (``fake_cupy(check_races=True)``) runs the launch again as a
@@ -71,6 +71,9 @@ GUARD = 64  # at least this many elements of guard band on each side of an array
 # bytes that differ afterwards were written by the kernel.
 SENTINEL = 1.2345e30
 TIMEOUT_S = 20.0  # a barrier wait longer than this is a deadlock; the launch is killed 1 s later
+# ... plus this much per block: a large grid (a model's whole batch, on a loaded machine) is slow,
+# not stuck
+BLOCK_TIME_S = 0.05
 
 _HEADER = r"""
 #include <algorithm>
@@ -511,7 +514,7 @@ def _run(lib: ctypes.CDLL, grid: int, block: int, shmem: int, values: list, wher
             ptrs,
             err,
             1024,
-            ctypes.c_double(TIMEOUT_S),
+            ctypes.c_double(TIMEOUT_S + BLOCK_TIME_S * grid),
         )
     if rc:
         raise EmulatorError(f"{where}: {err.value.decode()}")
