@@ -62,6 +62,7 @@ import time
 import types
 import weakref
 
+import _cuda_emu
 import numpy as np
 import scipy.special
 from _cupy_names import NAMES, SIGNATURES, VERSION
@@ -210,13 +211,8 @@ class Flags:
         self.f_contiguous = a.flags.f_contiguous
         self.owndata = a.flags.owndata
 
-    def __getitem__(self, key):
-        return getattr(
-            self,
-            {"C_CONTIGUOUS": "c_contiguous", "F_CONTIGUOUS": "f_contiguous", "OWNDATA": "owndata"}[
-                key
-            ],
-        )
+    def __getitem__(self, key):  # flags["C_CONTIGUOUS"], as CuPy allows
+        return getattr(self, key.lower())
 
 
 class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy arrays by it)
@@ -255,8 +251,8 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
             raise ValueError(f"Shape mismatch: {arr.shape} != {self._a.shape}")
         self._a[...] = arr
 
-    def item(self, *args):
-        return self._a.item(*args)
+    def item(self):
+        return self._a.item()
 
     def tolist(self):
         return self._a.tolist()
@@ -290,7 +286,7 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
         return format(self._a.item() if self._a.ndim == 0 else self._a, spec)
 
     def __reduce__(self):
-        return (_from_host, (np.array(self._a),))
+        return (asarray, (self.get(),))  # unpickled as a copy of the host data
 
     def __copy__(self):
         return self.copy()
@@ -303,7 +299,7 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
         mine = getattr(_MODULE, ufunc.__name__, None)
         if not isinstance(mine, ufunc_) or method != "__call__":  # CuPy: plain calls only
             return NotImplemented
-        return getattr(mine, method)(*inputs, **kwargs)
+        return mine(*inputs, **kwargs)
 
     def __array_function__(self, func, types_, args, kwargs):
         target = _MODULE
@@ -367,13 +363,13 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
                 "scatter_add only supports int32, float16, float32, float64, uint32, uint64, "
                 f"as data type (got {self._a.dtype})"
             )
-        np.add.at(self._a, _host_ok(slices), _device(value))
+        _MODULE.add.at(self, slices, value)
 
     def scatter_max(self, slices, value):
-        np.maximum.at(self._a, _host_ok(slices), _device(value))
+        _MODULE.maximum.at(self, slices, value)
 
     def scatter_min(self, slices, value):
-        np.minimum.at(self._a, _host_ok(slices), _device(value))
+        _MODULE.minimum.at(self, slices, value)
 
     def reduced_view(self, dtype=None):
         return ndarray._of(self._a.reshape(-1) if self._a.flags.c_contiguous else self._a)
@@ -471,10 +467,6 @@ for _name in NAMES["cupy.ndarray"]:
 
 _operators()
 ndarray.__module__ = "cupy"  # minivit.backend tells a cupy array by its type's module and name
-
-
-def _from_host(a):
-    return ndarray._of(_allocated(_check_dtype(np.array(a, copy=True))))
 
 
 def _garbage(a: np.ndarray) -> np.ndarray:
@@ -576,16 +568,18 @@ def asarray(a, dtype=None, order=None, *, copy=None, blocking=False):
         if copy:
             return a.astype(a.dtype if dtype is None else dtype, copy=True)
         return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
-    if isinstance(a, (list, tuple)):
-        a = [v.get() if isinstance(v, ndarray) else v for v in a]
-    r = np.array(a, dtype=dtype, order=order or "K", copy=True)
-    return ndarray._of(_allocated(_check_dtype(r)))
+    return _from_host(a, dtype, order or "K")
 
 
 def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocking=False):
     if isinstance(obj, ndarray):
         r = np.array(obj._a, dtype=dtype, copy=True if copy else None, order=order, ndmin=ndmin)
         return obj if r is obj._a else ndarray._of(_allocated(r))
+    return _from_host(obj, dtype, order, ndmin)
+
+
+def _from_host(obj, dtype, order, ndmin=0):
+    """A new device array holding a copy of host data (a list may hold device arrays)."""
     if isinstance(obj, (list, tuple)):
         obj = [v.get() if isinstance(v, ndarray) else v for v in obj]
     r = np.array(obj, dtype=dtype, copy=True, order=order, ndmin=ndmin)
@@ -854,9 +848,7 @@ class RawKernel:
         enable_cooperative_groups=False,
         jitify=False,
     ):
-        from _cuda_emu import RawKernel as Emulated
-
-        self._k = Emulated(code, name)
+        self._k = _cuda_emu.RawKernel(code, name)
         self.name = name
 
     def __call__(self, grid, block, args, *, shared_mem=0, enable_cooperative_groups=False):
@@ -880,11 +872,9 @@ class ElementwiseKernel:
         after_loop="",
         options=(),
     ):
-        from _cuda_emu import ElementwiseKernel as Emulated
-
         if preamble or loop_prep or after_loop:
             raise StandInGap("ElementwiseKernel preamble/loop_prep/after_loop")
-        self._k = Emulated(in_params, out_params, operation, name)
+        self._k = _cuda_emu.ElementwiseKernel(in_params, out_params, operation, name)
         self.name = name
 
     def __call__(self, *args, size=None, block_size=None, stream=None):
@@ -1075,14 +1065,11 @@ def _bind_signatures(owners):
     for qual, text in SIGNATURES.items():
         owner_name, _, name = qual.rpartition(".")
         owner = owners.get(owner_name)
-        fn = getattr(owner, name, None) if owner is not None else None
-        if fn is None or getattr(fn, "__name__", "") == "missing":  # a StandInGap already
+        if owner is None:
             continue
-        if isinstance(owner, type):
-            fn = vars(owner).get(name)
-            if not callable(fn) or isinstance(fn, property):
-                continue
-        setattr(owner, name, _bound(fn, qual, text))
+        fn = vars(owner).get(name) if isinstance(owner, type) else getattr(owner, name, None)
+        if callable(fn):  # (an ndarray property, such as a gap's, is left as it is)
+            setattr(owner, name, _bound(fn, qual, text))
 
 
 _bind_signatures(

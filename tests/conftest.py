@@ -59,6 +59,8 @@ def pytest_configure(config):
         from minivit import kernels_cupy
 
         _cupy_stand_in.install()
+        if not config.getoption("--backend"):  # the stand-in run is a --backend cupy run
+            config.option.backend = ["cupy"]
         if "MINIVIT_KERNELS" not in os.environ:
             # The emulated kernels take a forked process per launch: a model test would launch
             # hundreds. test_kernels_cupy.py turns them on for itself; test_kernels_emulated.py
@@ -80,16 +82,15 @@ def pytest_report_header(config):
 
 def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames:
-        default = ["cupy"] if _stand_in(metafunc.config) else list(BACKEND_NAMES)
-        names = metafunc.config.getoption("--backend") or default
+        names = metafunc.config.getoption("--backend") or list(BACKEND_NAMES)
         metafunc.parametrize("backend", names, indirect=True)
 
 
 def pytest_collection_modifyitems(config, items):
-    """With --cupy-stand-in, or --backend cupy alone, keep only the tests that run on the cupy
-    backend (the others are NumPy-only: on a GPU machine they would spend its time for
-    nothing)."""
-    if not (_stand_in(config) or config.getoption("--backend") == ["cupy"]):
+    """With --backend cupy alone (which --cupy-stand-in implies), keep only the tests that run
+    on the cupy backend (the others are NumPy-only: on a GPU machine they would spend its time
+    for nothing)."""
+    if config.getoption("--backend") != ["cupy"]:
         return
     keep, drop = [], []
     for item in items:
