@@ -61,6 +61,8 @@ __all__ = [
     "init_block_params",
     "trunc_normal",
     "accumulate",
+    "maybe_dropout",
+    "maybe_dropout_back",
 ]
 
 
@@ -72,14 +74,17 @@ def accumulate(grads: dict, name: str, g) -> None:
     grads[name] = g if prev is None else prev + g
 
 
-def _dropout(x, p, rng, train):
-    # Inactive dropout keeps no cache entry and costs no copy.
+def maybe_dropout(x, p, rng, train):
+    """Dropout inside a model: -> (out, cache). Inactive (eval, or p = 0) it returns x itself
+    and a None cache, and :func:`maybe_dropout_back` then passes the gradient on without the
+    copy that ``ops.dropout_backward`` makes (an op never returns its input)."""
     if not train or p == 0.0:
         return x, None
     return ops.dropout_forward(x, p, rng=rng, train=True)
 
 
-def _dropout_back(dout, cache):
+def maybe_dropout_back(dout, cache):
+    """The gradient through :func:`maybe_dropout`: dout itself when it was inactive."""
     return dout if cache is None else ops.dropout_backward(dout, cache)[0]
 
 
@@ -103,24 +108,24 @@ def mlp_forward(x, params, prefix, *, drop=0.0, rng=None, train=False, approxima
     """x (..., D) -> (..., D). See the module docstring."""
     w1, b1 = params[prefix + "fc1.weight"], params.get(prefix + "fc1.bias")
     w2, b2 = params[prefix + "fc2.weight"], params.get(prefix + "fc2.bias")
-    h, c_fc1 = ops.linear_forward(x, w1, b1)  # (..., Hd)
-    h, c_act = ops.gelu_forward(h, approximate=approximate)  # (..., Hd)
-    h, c_d1 = _dropout(h, drop, rng, train)
+    # GELU(x w1^T + b1), (..., Hd): fc1 and its activation, one op so that the bias add and
+    # GELU can share a pass on the GPU (ops/linear.py)
+    h, c_fc1 = ops.linear_gelu_forward(x, w1, b1, approximate=approximate)
+    h, c_d1 = maybe_dropout(h, drop, rng, train)
     out, c_fc2 = ops.linear_forward(h, w2, b2)
-    out, c_d2 = _dropout(out, drop, rng, train)  # (..., D)
-    return out, (prefix, c_fc1, c_act, c_d1, c_fc2, c_d2)
+    out, c_d2 = maybe_dropout(out, drop, rng, train)  # (..., D)
+    return out, (prefix, c_fc1, c_d1, c_fc2, c_d2)
 
 
 def mlp_backward(dout, cache, grads):
     """Returns dx (..., D); adds fc1/fc2 gradients into grads."""
-    prefix, c_fc1, c_act, c_d1, c_fc2, c_d2 = cache
-    dout = _dropout_back(dout, c_d2)
+    prefix, c_fc1, c_d1, c_fc2, c_d2 = cache
+    dout = maybe_dropout_back(dout, c_d2)
     dh, dw2, db2 = ops.linear_backward(dout, c_fc2)  # (..., Hd)
     accumulate(grads, prefix + "fc2.weight", dw2)
     accumulate(grads, prefix + "fc2.bias", db2)
-    dh = _dropout_back(dh, c_d1)
-    (dh,) = ops.gelu_backward(dh, c_act)
-    dx, dw1, db1 = ops.linear_backward(dh, c_fc1)  # (..., D)
+    dh = maybe_dropout_back(dh, c_d1)
+    dx, dw1, db1 = ops.linear_gelu_backward(dh, c_fc1)  # through GELU, then fc1: (..., D)
     accumulate(grads, prefix + "fc1.weight", dw1)
     accumulate(grads, prefix + "fc1.bias", db1)
     return dx
@@ -156,7 +161,7 @@ def block_forward(
         num_heads,
         key_mask=key_mask,
     )  # (B, N, D)
-    a, c_da = _dropout(a, drop, rng, train)
+    a, c_da = maybe_dropout(a, drop, rng, train)
     m_attn = _drop_path_mask(x, drop_path, rng, train)  # (B, 1, 1) or None
     if m_attn is not None:
         a = a * m_attn
@@ -194,7 +199,7 @@ def block_backward(dout, cache, grads):
     dx1 = dout + dx1_branch  # (B, N, D) = dx_skip + dx_branch
     # x1 = x + attn(norm1(x)): the same pattern once more.
     da = dx1 if cache.path_attn is None else dx1 * cache.path_attn
-    da = _dropout_back(da, cache.drop_attn)
+    da = maybe_dropout_back(da, cache.drop_attn)
     dh, dw_qkv, db_qkv, dw_proj, db_proj = ops.attention_backward(da, cache.attn_cache)
     accumulate(grads, prefix + "attn.qkv.weight", dw_qkv)
     accumulate(grads, prefix + "attn.qkv.bias", db_qkv)

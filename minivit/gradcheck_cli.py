@@ -141,6 +141,7 @@ def build_cases(backend, dtype: str = "float64", seed: int = 0) -> list[Case]:
     )
     add("gelu (none)", "gelu", [randn(3, 5, scale=2.0)], kwargs={"approximate": "none"})
     add("gelu (tanh)", "gelu", [randn(3, 5, scale=2.0)], kwargs={"approximate": "tanh"})
+    add("linear_gelu", "linear_gelu", [randn(2, 3, 4), randn(6, 4), randn(6)])
     if has("tanh"):
         add("tanh", "tanh", [randn(3, 5)])
     add("softmax", "softmax", [randn(2, 3, 5)])

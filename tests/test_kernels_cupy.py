@@ -75,11 +75,29 @@ def test_gelu(dtype, rng):
 def test_bias_gelu_matches_bias_then_gelu(dtype, rng):
     x = _dev(rng.standard_normal((50, 96)) * 2, dtype)
     b = _dev(rng.standard_normal(96), dtype)
-    y, h = kernels_cupy.bias_gelu_forward(x, b)
+    h = x.copy()
+    y = kernels_cupy.bias_gelu_forward(h, b)  # h += b in place
     kernels_cupy.set_enabled(False)
     ref, _ = ops.gelu_forward(x + b)
     _close(ref, y, dtype)
     _close(x + b, h, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_gelu(dtype, rng):
+    # fc1 + GELU: the GEMM without its bias, then bias and GELU in one kernel
+    x = _dev(rng.standard_normal((3, 17, 24)), dtype)
+    w = _dev(rng.standard_normal((40, 24)) * 0.3, dtype)
+    b = _dev(rng.standard_normal(40), dtype)
+    d = _dev(rng.standard_normal((3, 17, 40)), dtype)
+
+    def run():
+        y, c = ops.linear_gelu_forward(x, w, b)
+        return (y,) + ops.linear_gelu_backward(d, c)
+
+    _close(*_both(run), dtype)
+    _, c = ops.linear_gelu_forward(x, w, b)
+    assert getattr(c.act, "fused", False)  # the kernel path ran
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -174,7 +192,7 @@ def test_adamw_update_matches_the_generic_update(dtype, rng):
 # gradient checks on the device, kernels on, float64
 
 
-def test_gradcheck_gelu_layernorm_softmax_on_device(rng):
+def test_gradcheck_gelu_layernorm_softmax_linear_gelu_on_device(rng):
     kernels_cupy.set_enabled(True)
     x = _dev(rng.standard_normal((3, 5, 40)))
     gc.check_backward(ops.gelu_forward, ops.gelu_backward, (x,)).assert_ok()
@@ -182,6 +200,8 @@ def test_gradcheck_gelu_layernorm_softmax_on_device(rng):
     g = _dev(rng.standard_normal(40))
     b = _dev(rng.standard_normal(40))
     gc.check_backward(ops.layernorm_forward, ops.layernorm_backward, (x, g, b)).assert_ok()
+    w = _dev(rng.standard_normal((24, 40)) * 0.3)
+    gc.check_backward(ops.linear_gelu_forward, ops.linear_gelu_backward, (x, w, b[:24])).assert_ok()
 
 
 def test_gradcheck_attention_on_device(rng):

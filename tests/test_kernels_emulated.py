@@ -239,7 +239,8 @@ def test_gelu(dtype, rng):
 def test_bias_gelu_matches_bias_then_gelu(dtype, rng):
     x = _normal(rng, (50, 96), dtype, 2)
     b = _normal(rng, (96,), dtype)
-    y, h = kernels_cupy.bias_gelu_forward(x, b)
+    h = x.copy()
+    y = kernels_cupy.bias_gelu_forward(h, b)  # h += b in place
     _close((ops.gelu_forward(x + b)[0], x + b), (y, h), dtype)
 
 
@@ -361,9 +362,18 @@ def test_gradcheck_fused_kernels(rng):
     def gelu_bwd(dout, x):
         return (kernels_cupy.gelu_backward(dout, x),)
 
+    def bias_gelu_fwd(x, b):
+        h = x.copy()  # the kernel overwrites it with x + b
+        return kernels_cupy.bias_gelu_forward(h, b), h
+
+    def bias_gelu_bwd(dout, h):
+        dh = kernels_cupy.gelu_backward(dout, h)
+        return dh, dh.sum(axis=(0, 1))  # b was broadcast over the rows
+
     gc.check_backward(ln_fwd, ln_bwd, (x * 2 + 1, g, b)).assert_ok()
     gc.check_backward(sm_fwd, sm_bwd, (x * 3,)).assert_ok()
     gc.check_backward(gelu_fwd, gelu_bwd, (x,)).assert_ok()
+    gc.check_backward(bias_gelu_fwd, bias_gelu_bwd, (x, b)).assert_ok()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -80,6 +80,14 @@ CASES = [
         none_slots=(2,),
     ),
     OpCase(
+        "linear_gelu",
+        ops.linear_gelu_forward,
+        ops.linear_gelu_backward,
+        lambda r, t, be: ([_n(r, 2, 3, 5, dtype=t), _n(r, 4, 5, dtype=t), _n(r, 4, dtype=t)], {}),
+        {0: 0, 1: 1, 2: 2},
+        3,
+    ),
+    OpCase(
         "layernorm",
         ops.layernorm_forward,
         ops.layernorm_backward,

@@ -1,4 +1,4 @@
-"""linear_forward / linear_backward: reference, gradients, PyTorch oracle, bad input."""
+"""linear and linear_gelu (forward / backward): reference, gradients, PyTorch oracle, bad input."""
 
 from __future__ import annotations
 
@@ -7,10 +7,16 @@ import pytest
 from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_ops_activations import ref_gelu
 
 from minivit import ops
 
 lead_dims = st.lists(st.integers(1, 4), min_size=0, max_size=3)
+seeds = st.integers(0, 2**31)
+DRAWS = dict(
+    lead=lead_dims, din=st.integers(1, 7), dout=st.integers(1, 6), bias=st.booleans(), seed=seeds
+)
+SMALL_DRAWS = dict(DRAWS, din=st.integers(1, 5), dout=st.integers(1, 5))  # the gradient checks
 
 
 def ref_linear(x, w, b):
@@ -28,13 +34,7 @@ def _draw(seed, lead, din, dout, bias):
 
 
 @fixture_settings()
-@given(
-    lead=lead_dims,
-    din=st.integers(1, 7),
-    dout=st.integers(1, 6),
-    bias=st.booleans(),
-    seed=st.integers(0, 2**31),
-)
+@given(**DRAWS)
 def test_forward_matches_reference(backend, lead, din, dout, bias, seed):
     x, w, b = _draw(seed, lead, din, dout, bias)
     out, _ = ops.linear_forward(*(backend.asarray(a) if a is not None else None for a in (x, w, b)))
@@ -43,38 +43,23 @@ def test_forward_matches_reference(backend, lead, din, dout, bias, seed):
 
 
 @fixture_settings()
-@given(
-    lead=lead_dims,
-    din=st.integers(1, 5),
-    dout=st.integers(1, 5),
-    bias=st.booleans(),
-    seed=st.integers(0, 2**31),
-)
+@given(**SMALL_DRAWS)
 def test_backward_matches_central_differences(backend, lead, din, dout, bias, seed):
     x, w, b = _draw(seed, lead, din, dout, bias)
     slots = {0: 0, 1: 1, 2: 2} if bias else {0: 0, 1: 1}
     check_grads(backend, ops.linear_forward, ops.linear_backward, [x, w, b], slots, seed=seed)
 
 
-@fixture_settings()
-@given(
-    lead=lead_dims,
-    din=st.integers(1, 7),
-    dout=st.integers(1, 6),
-    bias=st.booleans(),
-    seed=st.integers(0, 2**31),
-)
-def test_matches_torch(backend, lead, din, dout, bias, seed):
+def _against_torch(backend, fwd, bwd, torch_fn, name, lead, din, dout, bias, seed, **kwargs):
+    """fwd/bwd against torch autograd of torch_fn(x, w, b) on the same float64 draw."""
     torch = pytest.importorskip("torch")
     x, w, b = _draw(seed, lead, din, dout, bias)
-    out, cache = ops.linear_forward(
-        *(backend.asarray(a) if a is not None else None for a in (x, w, b))
-    )
+    out, cache = fwd(*(backend.asarray(a) if a is not None else None for a in (x, w, b)), **kwargs)
     g = np.random.default_rng(seed + 1).standard_normal(out.shape)
-    dx, dw, db = ops.linear_backward(backend.asarray(g), cache)
+    dx, dw, db = bwd(backend.asarray(g), cache)
     tx, tw = to_torch(x), to_torch(w)
     tb = to_torch(b) if bias else None
-    tout = torch.nn.functional.linear(tx, tw, tb)
+    tout = torch_fn(tx, tw, tb)
     tout.backward(torch.from_numpy(g))
     errs = [
         rel_err(backend.to_numpy(out), tout.detach().numpy()),
@@ -85,7 +70,16 @@ def test_matches_torch(backend, lead, din, dout, bias, seed):
         errs.append(rel_err(backend.to_numpy(db), tb.grad.numpy()))
     else:
         assert db is None
-    assert record_torch_err("linear", *errs) <= 1e-10
+    assert record_torch_err(name, *errs) <= 1e-10
+
+
+@fixture_settings()
+@given(**DRAWS)
+def test_matches_torch(backend, lead, din, dout, bias, seed):
+    torch = pytest.importorskip("torch")
+    fn = torch.nn.functional.linear
+    args = (lead, din, dout, bias, seed)
+    _against_torch(backend, ops.linear_forward, ops.linear_backward, fn, "linear", *args)
 
 
 def test_bad_input(backend):
@@ -105,3 +99,73 @@ def test_bad_input(backend):
         ops.linear_forward(x, w.astype(np.float32))
     with pytest.raises(TypeError, match=r"b has dtype float32"):
         ops.linear_forward(x, w, backend.asarray(np.zeros(4, dtype=np.float32)))
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_gelu: GELU(x w^T + b), the MLP's fc1 and its activation as one op
+
+approx = st.sampled_from(["none", "tanh"])
+
+
+def ref_linear_gelu(x, w, b, approximate):
+    """ref_linear, then the activation tests' element-by-element GELU, in float64."""
+    return ref_gelu(ref_linear(x, w, b), approximate)
+
+
+@fixture_settings()
+@given(**DRAWS, approximate=approx)
+def test_linear_gelu_forward_matches_reference(backend, lead, din, dout, bias, approximate, seed):
+    x, w, b = _draw(seed, lead, din, dout, bias)
+    args = (backend.asarray(a) if a is not None else None for a in (x, w, b))
+    out, _ = ops.linear_gelu_forward(*args, approximate=approximate)
+    assert out.shape == (*lead, dout)
+    assert rel_err(backend.to_numpy(out), ref_linear_gelu(x, w, b, approximate)) <= 1e-13
+
+
+@fixture_settings()
+@given(**SMALL_DRAWS, approximate=approx)
+def test_linear_gelu_backward_matches_central_differences(
+    backend, lead, din, dout, bias, approximate, seed
+):
+    x, w, b = _draw(seed, lead, din, dout, bias)
+    slots = {0: 0, 1: 1, 2: 2} if bias else {0: 0, 1: 1}
+    check_grads(
+        backend,
+        ops.linear_gelu_forward,
+        ops.linear_gelu_backward,
+        [x, w, b],
+        slots,
+        kwargs={"approximate": approximate},
+        seed=seed,
+    )
+
+
+@fixture_settings()
+@given(**DRAWS, approximate=approx)
+def test_linear_gelu_matches_torch(backend, lead, din, dout, bias, approximate, seed):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+
+    def fn(x, w, b):
+        return F.gelu(F.linear(x, w, b), approximate=approximate)
+
+    fwd, bwd = ops.linear_gelu_forward, ops.linear_gelu_backward
+    args = (lead, din, dout, bias, seed)
+    _against_torch(backend, fwd, bwd, fn, "linear_gelu", *args, approximate=approximate)
+
+
+def test_linear_gelu_bad_input(backend):
+    x = backend.asarray(np.zeros((2, 3)))
+    w = backend.asarray(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match=r"x's last dimension must equal w's in_features 3"):
+        ops.linear_gelu_forward(backend.asarray(np.zeros((2, 5))), w)
+    with pytest.raises(ValueError, match=r"b must have shape \(4\)"):
+        ops.linear_gelu_forward(x, w, backend.asarray(np.zeros(3)))
+    with pytest.raises(TypeError, match=r"b has dtype float32"):
+        ops.linear_gelu_forward(x, w, backend.asarray(np.zeros(4, dtype=np.float32)))
+    with pytest.raises(ValueError, match=r"approximate must be 'none' or 'tanh', got 'erf'"):
+        ops.linear_gelu_forward(x, w, approximate="erf")
+    with ops.no_grad():
+        _, cache = ops.linear_gelu_forward(x, w, backend.asarray(np.zeros(4)))
+    with pytest.raises(RuntimeError, match=r"no_grad"):
+        ops.linear_gelu_backward(backend.asarray(np.zeros((2, 4))), cache)

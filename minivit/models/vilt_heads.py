@@ -65,10 +65,10 @@ def itm_backward(dlogits, cache, grads):
 def mlm_forward(feats, params, text_eps=1e-12):
     """feats (..., D) -> logits (..., V)."""
     p = params
-    h, c_dense = ops.linear_forward(
+    # dense, then BERT's exact (erf) GELU
+    h, c_dense = ops.linear_gelu_forward(
         feats, p["mlm_score.transform.dense.weight"], p["mlm_score.transform.dense.bias"]
     )
-    h, c_act = ops.gelu_forward(h)  # BERT's exact (erf) GELU
     h, c_ln = ops.layernorm_forward(
         h,
         p["mlm_score.transform.LayerNorm.weight"],
@@ -78,19 +78,18 @@ def mlm_forward(feats, params, text_eps=1e-12):
     # The decoder has no bias of its own; the separate vector mlm_score.bias is added (the
     # original's MLMHead; HF stores the same vector as mlm_score.decoder.bias).
     logits, c_dec = ops.linear_forward(h, p["mlm_score.decoder.weight"], p["mlm_score.bias"])
-    return logits, (c_dense, c_act, c_ln, c_dec)
+    return logits, (c_dense, c_ln, c_dec)
 
 
 def mlm_backward(dlogits, cache, grads):
-    c_dense, c_act, c_ln, c_dec = cache
+    c_dense, c_ln, c_dec = cache
     dh, dw, db = ops.linear_backward(dlogits, c_dec)
     accumulate(grads, "mlm_score.decoder.weight", dw)
     accumulate(grads, "mlm_score.bias", db)
     dh, dg, dbeta = ops.layernorm_backward(dh, c_ln)
     accumulate(grads, "mlm_score.transform.LayerNorm.weight", dg)
     accumulate(grads, "mlm_score.transform.LayerNorm.bias", dbeta)
-    (dh,) = ops.gelu_backward(dh, c_act)
-    dfeats, dw, db = ops.linear_backward(dh, c_dense)
+    dfeats, dw, db = ops.linear_gelu_backward(dh, c_dense)
     accumulate(grads, "mlm_score.transform.dense.weight", dw)
     accumulate(grads, "mlm_score.transform.dense.bias", db)
     return dfeats

@@ -25,6 +25,8 @@ from ..blocks import (
     encoder_backward,
     encoder_forward,
     init_block_params,
+    maybe_dropout,
+    maybe_dropout_back,
     trunc_normal,
 )
 from .base import Model
@@ -241,7 +243,7 @@ class ViT(Model):
         cls = xp.broadcast_to(p["cls_token"], (B, 1, D))  # (B, 1, D)
         x = xp.concatenate([cls, x], axis=1)  # (B, T, D)
         x += p["pos_embed"]  # broadcast over the batch
-        x, c.pos_drop = ops.dropout_forward(x, drop, rng=self.rng, train=train)
+        x, c.pos_drop = maybe_dropout(x, drop, self.rng, train)
         x, c.encoder = encoder_forward(
             x,
             p,
@@ -275,7 +277,7 @@ class ViT(Model):
             pooled, c.fc_norm = ops.layernorm_forward(
                 pooled, self.params["fc_norm.weight"], self.params["fc_norm.bias"], self.eps
             )
-        pooled, c.head_drop = ops.dropout_forward(pooled, drop, rng=self.rng, train=train)
+        pooled, c.head_drop = maybe_dropout(pooled, drop, self.rng, train)
         if self.num_classes == 0:
             c.head = None
             return pooled
@@ -319,7 +321,7 @@ class ViT(Model):
             dpooled, g["head.weight"], g["head.bias"] = ops.linear_backward(dlogits, c.head)
         else:
             dpooled = dlogits
-        (dpooled,) = ops.dropout_backward(dpooled, c.head_drop)  # (B, D)
+        dpooled = maybe_dropout_back(dpooled, c.head_drop)  # (B, D)
         B, T, D = dpooled.shape[0], 1 + self.num_patches, self.embed_dim
         dx = xp.zeros((B, T, D), dtype=dpooled.dtype)  # (B, T, D)
         if self.global_pool == "token":
@@ -334,7 +336,7 @@ class ViT(Model):
             dx[:, 1:] = (dpooled / self.num_patches)[:, None, :]
         # encoder blocks, last to first (each adds its parameter grads into g)
         dx = encoder_backward(dx, c.encoder, g)  # (B, T, D)
-        (dx,) = ops.dropout_backward(dx, c.pos_drop)
+        dx = maybe_dropout_back(dx, c.pos_drop)
         # x = [cls; patches] + pos_embed: pos_embed is shared by the batch, cls by every image
         g["pos_embed"] = dx.sum(axis=0, keepdims=True)  # (1, T, D)
         g["cls_token"] = dx[:, :1].sum(axis=0, keepdims=True)  # (1, 1, D)

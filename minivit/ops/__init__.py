@@ -16,7 +16,12 @@ from .conv import *  # noqa: F401,F403
 from .dropout import dropout_backward, dropout_forward  # noqa: F401
 from .embedding import embedding_backward, embedding_forward  # noqa: F401
 from .layernorm import layernorm_backward, layernorm_forward  # noqa: F401
-from .linear import linear_backward, linear_forward  # noqa: F401
+from .linear import (  # noqa: F401
+    linear_backward,
+    linear_forward,
+    linear_gelu_backward,
+    linear_gelu_forward,
+)
 from .loss import cross_entropy_backward, cross_entropy_forward  # noqa: F401
 from .patch import patch_embed_backward, patch_embed_forward  # noqa: F401
 from .sinkhorn import *  # noqa: F401,F403

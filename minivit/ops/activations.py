@@ -49,9 +49,7 @@ def _gelu(x, approximate, derivative):
     if approximate == "none":
         if _fast.use_kernels(x):
             # One fused CuPy kernel; the backward recomputes Phi and phi from x (kernels_cupy).
-            return _fast.kernels_cupy.gelu_forward(x), Cache(
-                x=x, cdf=None, fused=True, approximate="none"
-            )
+            return _fast.kernels_cupy.gelu_forward(x), fused_gelu_cache(x)
         if x.dtype == xp.float32 and _fast.use_fast(x):
             # Blocked, threaded NumPy path (same result to float32 rounding), see ops/_fast.py.
             # The cache keeps the derivative instead of Phi (the backward is one product) and
@@ -72,6 +70,12 @@ def _gelu(x, approximate, derivative):
     half = t + 1.0
     half *= 0.5
     return x * half, Cache(x=x, t=t, approximate="tanh")
+
+
+def fused_gelu_cache(x):
+    """The cache of an exact GELU computed by a CuPy kernel from ``x``: x alone, as the
+    backward kernel recomputes Phi(x) and phi(x) (also made by ``linear_gelu_forward``)."""
+    return Cache(x=x, cdf=None, fused=True, approximate="none")
 
 
 def gelu_backward(dout, cache):

@@ -6,9 +6,10 @@ Derivation: docs/ops/linear.md.
 from __future__ import annotations
 
 from . import _fast
-from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
+from ._common import Cache, array_module, check_float, check_same_dtype, check_shape, grad_enabled
+from .activations import fused_gelu_cache, gelu_backward, gelu_forward
 
-__all__ = ["linear_forward", "linear_backward"]
+__all__ = ["linear_forward", "linear_backward", "linear_gelu_forward", "linear_gelu_backward"]
 
 
 def linear_forward(x, w, b=None):
@@ -17,6 +18,18 @@ def linear_forward(x, w, b=None):
     The weight layout is PyTorch's and timm's (out_features, in_features), so checkpoints load
     without transposes.
     """
+    _check(x, w, b)
+    d_out, d_in = w.shape
+
+    # One GEMM over all leading dims: (M, Din) @ (Din, Dout), M = prod(leading dims).
+    x2 = x.reshape(-1, d_in)  # (M, Din)
+    out = _fast.matmul_nt(x2, w, b)  # x2 @ w.T + b, (M, Dout); on minivit's pool when it pays
+    out = out.reshape(*x.shape[:-1], d_out)  # (..., Dout)
+    return out, Cache(x=x, w=w, has_bias=b is not None)
+
+
+def _check(x, w, b):
+    """linear_forward's argument checks (shared with linear_gelu_forward)."""
     check_float("x", x, ndim_min=1)
     check_float("w", w)
     if w.ndim != 2:
@@ -33,12 +46,6 @@ def linear_forward(x, w, b=None):
     check_same_dtype(x=x, w=w, b=b)
     array_module(x, w, b)  # raises TypeError on mixed backends
 
-    # One GEMM over all leading dims: (M, Din) @ (Din, Dout), M = prod(leading dims).
-    x2 = x.reshape(-1, d_in)  # (M, Din)
-    out = _fast.matmul_nt(x2, w, b)  # x2 @ w.T + b, (M, Dout); on minivit's pool when it pays
-    out = out.reshape(*x.shape[:-1], d_out)  # (..., Dout)
-    return out, Cache(x=x, w=w, has_bias=b is not None)
-
 
 def linear_backward(dout, cache, *, need_dx=True):
     """Returns (dx, dw, db); db is None when the forward had no bias.
@@ -54,3 +61,32 @@ def linear_backward(dout, cache, *, need_dx=True):
     # d2 @ w, d2^T @ x2 and the column sums of d2; on minivit's pool when it pays
     dx2, dw, db = _fast.linear_grads(d2, x2, w, cache.has_bias, need_dx)
     return (dx2.reshape(x.shape) if need_dx else None), dw, db  # (..., Din), (Dout, Din), (Dout,)
+
+
+def linear_gelu_forward(x, w, b=None, approximate="none"):
+    """GELU(x @ w.T + b): x (..., Din), w (Dout, Din), b (Dout,) or None -> (..., Dout).
+
+    The first half of every transformer MLP (fc1, then its activation), as one op. It computes
+    exactly :func:`linear_forward` followed by ``gelu_forward``, and its backward is theirs in
+    reverse; what it adds is the place to fuse them. On the CuPy kernel path (exact GELU, with
+    a bias) the GEMM leaves out the bias, and one kernel adds the bias in place and applies
+    GELU: one launch and one read and write of the (M, Dout) activation fewer than a bias add
+    followed by the GELU kernel. The cache is the two ops' caches either way.
+    """
+    if approximate == "none" and b is not None and _fast.use_kernels(w, b):
+        _check(x, w, b)
+        h = _fast.matmul_nt(x.reshape(-1, w.shape[1]), w)  # x w^T, (M, Dout), no bias yet
+        y = _fast.kernels_cupy.bias_gelu_forward(h, b)  # h += b (in place); y = GELU(h)
+        h = h.reshape(*x.shape[:-1], w.shape[0])
+        y = y.reshape(h.shape)
+        c_act = fused_gelu_cache(h) if grad_enabled() else Cache(no_grad=True)
+        return y, Cache(fc=Cache(x=x, w=w, has_bias=True), act=c_act)
+    h, c_fc = linear_forward(x, w, b)
+    y, c_act = gelu_forward(h, approximate=approximate)
+    return y, Cache(fc=c_fc, act=c_act)
+
+
+def linear_gelu_backward(dout, cache, *, need_dx=True):
+    """Returns (dx, dw, db) of GELU(x w^T + b): GELU's backward, then the linear layer's."""
+    (dh,) = gelu_backward(dout, cache.act)
+    return linear_backward(dh, cache.fc, need_dx=need_dx)
