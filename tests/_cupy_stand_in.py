@@ -55,6 +55,8 @@ CuPy routine itself differs from NumPy's beyond its signature (results here are 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import inspect
 import sys
@@ -105,21 +107,38 @@ def _host_ok(a):
     return a
 
 
-def _wrap(r, outs=()):
+def _wrap(r, outs=(), inputs=None):
     """NumPy results -> the stand-in's: arrays wrapped, scalars made 0-d arrays, containers
-    mapped. A result that is one of the ``out=`` arrays comes back as the caller's object."""
+    mapped. A result that is one of the ``out=`` arrays comes back as the caller's object.
+    A result is new device memory unless it is a view of one of ``inputs`` (the call's NumPy
+    arrays; without them, unless NumPy gave it a base)."""
     if isinstance(r, np.ndarray):
         for o in outs:
             if o._a is r:
                 return o
-        return ndarray._of(_allocated(r) if r.base is None else r)
+        return ndarray._of(_allocated(r) if _fresh(r, inputs) else r)
     if isinstance(r, np.generic):
         return ndarray._of(np.asarray(r))
     if isinstance(r, tuple):
-        return tuple(_wrap(v, outs) for v in r)
+        return tuple(_wrap(v, outs, inputs) for v in r)
     if isinstance(r, list):
-        return [_wrap(v, outs) for v in r]
+        return [_wrap(v, outs, inputs) for v in r]
     return r
+
+
+def _fresh(r: np.ndarray, inputs) -> bool:
+    if inputs is None or r.base is None:
+        return r.base is None
+    return not any(np.may_share_memory(r, a) for a in inputs)  # (a copying reshape has a base)
+
+
+def _arrays(args):
+    """The NumPy arrays among a call's (converted) arguments, inside lists and tuples too."""
+    for a in args:
+        if isinstance(a, np.ndarray):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from _arrays(a)
 
 
 def _outs(kwargs):
@@ -133,11 +152,91 @@ def _outs(kwargs):
     return outs
 
 
-def _call(fn, args, kwargs):
-    """fn (a NumPy callable) on device arguments, with CuPy's refusal of host arrays."""
+def _call(fn, args, kwargs, owner=None):
+    """fn (a NumPy callable) on device arguments, with CuPy's refusal of host arrays; ``owner``
+    is the array whose method fn is."""
     outs = _outs(kwargs)
-    r = fn(*_device(tuple(args)), **{k: _device(v) for k, v in kwargs.items()})
-    return _wrap(r, outs)
+    args, kwargs = _device(tuple(args)), {k: _device(v) for k, v in kwargs.items()}
+    inputs = list(_arrays(args + tuple(kwargs.values()) + (owner,)))
+    r = fn(*args, **kwargs)
+    if not _COUNTERS:
+        pass
+    elif fn is np.matmul:
+        _count("launch", _matmul_launches(*args[:2], kwargs.get("out")))
+    elif outs or isinstance(r, np.generic) or _fresh_results(r, inputs):
+        _count("launch")  # an elementwise op, a reduction, a copy: one kernel
+    return _wrap(r, outs, inputs)
+
+
+def _fresh_results(r, inputs) -> bool:
+    if isinstance(r, np.ndarray):
+        return _fresh(r, inputs)
+    return isinstance(r, (tuple, list)) and any(_fresh_results(v, inputs) for v in r)
+
+
+# ----------------------------------------------------------------------------------------------
+# counting what a GPU would see: kernel launches, host-to-device copies, device-to-host syncs
+
+_COUNTERS: list = []
+
+
+@contextlib.contextmanager
+def counting():
+    """Count, inside the block, the device work that CuPy would do, in a ``Counter``:
+
+    - ``launch``: a kernel or cuBLAS call. One per elementwise op, reduction, fill, copy,
+      random draw, creation with values (``zeros``, not ``empty``), ``RawKernel`` or
+      ``ElementwiseKernel`` call; and for ``matmul``, the copies CuPy makes inside it
+      (:func:`_matmul_launches`). A view (reshape of contiguous data, transpose, basic
+      slicing) launches nothing.
+    - ``h2d``: a copy of host data to the device (``asarray`` of a NumPy array or a list).
+    - ``sync``: a read of device data on the host (``get``, ``item``, ``int``, ``float``,
+      ``bool``, ``tolist``), which waits for all queued work.
+
+    An approximation of CuPy 14.2, good for comparing code paths, not a profile: a few CuPy
+    routines launch more than one kernel (fancy indexing, ``take_along_axis``)."""
+    c = collections.Counter()
+    _COUNTERS.append(c)
+    try:
+        yield c
+    finally:
+        _COUNTERS.remove(c)
+
+
+def _count(kind, n=1):
+    for c in _COUNTERS:
+        c[kind] += n
+
+
+def _matmul_launches(a, b, out=None) -> int:
+    """cuBLAS calls and CuPy's own copies for ``matmul(a, b, out)``, as CuPy 14.2 makes them
+    (``cupy/_core/_routines_linalg.pyx``). Up to two dimensions, ``dot`` reads a transposed
+    operand through cuBLAS's transpose flags and copies only one with no unit stride. Above
+    two, every operand that is not C-contiguous is copied first (``ascontiguousarray``), even a
+    plain transpose; a broadcast batch builds pointer arrays, one kernel per batch dimension
+    and operand; and a result that cannot go straight into ``out`` is copied there."""
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+        return 1
+    n = 1  # the GEMM
+    ndim = max(a.ndim, b.ndim)
+    if ndim <= 2:
+        n += sum(not _blas_strides(m) for m in (a, b) if m.ndim == 2)
+    else:
+        n += sum(not m.flags.c_contiguous for m in (a, b) if m.ndim >= 2)
+        batch_a, batch_b = a.shape[:-2], b.shape[:-2]
+        if a.ndim != b.ndim or batch_a != batch_b:  # broadcast: the batched (pointer) path
+            n += 3 * (ndim - 2)
+    if out is not None and not out.flags.c_contiguous:
+        n += 1
+    return n
+
+
+def _blas_strides(m: np.ndarray) -> bool:
+    item = m.itemsize
+    rows, cols = m.strides
+    return (cols == item and rows >= max(1, m.shape[1]) * item) or (
+        rows == item and cols >= max(1, m.shape[0]) * item
+    )
 
 
 def _check_dtype(a: np.ndarray) -> np.ndarray:
@@ -239,6 +338,7 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
 
     def get(self, stream=None, order="C", out=None, blocking=True):
         """A host copy (``numpy.ndarray``), or the data copied into ``out``."""
+        _count("sync")
         if out is not None:
             out[...] = self._a
             return out
@@ -252,17 +352,21 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
         self._a[...] = arr
 
     def item(self):
+        _count("sync")
         return self._a.item()
 
     def tolist(self):
+        _count("sync")
         return self._a.tolist()
 
     def _scalar(self, kind):
+        _count("sync")
         if self._a.size != 1:
             raise TypeError(f"only size-1 arrays can be converted to Python scalars ({kind})")
         return self._a.reshape(()).item()
 
     def __bool__(self):
+        _count("sync")
         if self._a.size != 1:
             raise ValueError("The truth value of an array with more than one element is ambiguous.")
         return bool(self._a.reshape(()))
@@ -283,6 +387,7 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
         return str(self._a)
 
     def __format__(self, spec):
+        _count("sync")
         return format(self._a.item() if self._a.ndim == 0 else self._a, spec)
 
     def __reduce__(self):
@@ -346,6 +451,7 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
                 raise TypeError(f"Unsupported type {type(value)}")
             if isinstance(value, np.ndarray) and value.ndim > 0:
                 raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
+        _count("launch")  # a fill or a copy kernel
         self._a[_host_ok(key)] = _host_ok(value)
 
     def __len__(self):
@@ -377,9 +483,11 @@ class ndarray:  # noqa: N801 (CuPy's name; minivit.backend recognises cupy array
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True, blocking=False):
         if not copy and np.dtype(dtype) == self._a.dtype:
             return self
+        _count("launch")
         return ndarray._of(_allocated(self._a.astype(dtype, order=order, copy=True)))
 
     def copy(self, order="C"):
+        _count("launch")
         return ndarray._of(_allocated(self._a.copy(order=order)))
 
 
@@ -453,7 +561,7 @@ def _operators():
 
 def _method(name):
     def method(self, *args, **kwargs):
-        return _call(getattr(self._a, name), args, kwargs)
+        return _call(getattr(self._a, name), args, kwargs, owner=self._a)
 
     method.__name__ = name
     return method
@@ -523,6 +631,7 @@ class ufunc_:  # noqa: N801
         if not isinstance(a, ndarray):
             raise _unsupported(a)
         rest = () if b is None else (_device(b),)
+        _count("launch")
         self._u.at(a._a, _host_ok(indices), *rest)
 
     @property
@@ -548,6 +657,7 @@ def _creation(np_fn):
     @functools.wraps(np_fn)
     def make(*args, **kwargs):
         r = np_fn(*_device(args), **{k: _device(v) for k, v in kwargs.items()})
+        _count("launch")  # (a memset for zeros: counted as a launch too)
         return ndarray._of(_allocated(_check_dtype(r)))
 
     return make
@@ -574,7 +684,10 @@ def asarray(a, dtype=None, order=None, *, copy=None, blocking=False):
 def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocking=False):
     if isinstance(obj, ndarray):
         r = np.array(obj._a, dtype=dtype, copy=True if copy else None, order=order, ndmin=ndmin)
-        return obj if r is obj._a else ndarray._of(_allocated(r))
+        if r is obj._a:
+            return obj
+        _count("launch")
+        return ndarray._of(_allocated(r))
     return _from_host(obj, dtype, order, ndmin)
 
 
@@ -583,6 +696,7 @@ def _from_host(obj, dtype, order, ndmin=0):
     if isinstance(obj, (list, tuple)):
         obj = [v.get() if isinstance(v, ndarray) else v for v in obj]
     r = np.array(obj, dtype=dtype, copy=True, order=order, ndmin=ndmin)
+    _count("h2d")
     return ndarray._of(_allocated(_check_dtype(r)))
 
 
@@ -703,6 +817,7 @@ class Generator:
         dtype = np.dtype(dtype)
         if dtype.char not in kinds:
             raise TypeError(f"{name} does not support dtype {dtype}")
+        _count("launch")
         r = ndarray._of(_allocated(np.asarray(fn(size, dtype))))
         if out is not None:
             out[...] = r
@@ -730,6 +845,7 @@ class Generator:
     def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False):
         low, high = int(low), None if high is None else int(high)  # CuPy takes int bounds only
         r = self._g.integers(low, high, size=size, dtype=dtype, endpoint=endpoint)
+        _count("launch")
         return ndarray._of(_allocated(np.asarray(r)))
 
 
@@ -749,6 +865,7 @@ class RandomState:
         self._g = Generator(seed)._g
 
     def _out(self, a, dtype):
+        _count("launch")
         return ndarray._of(_allocated(np.asarray(a, dtype=dtype)))
 
     def rand(self, *size, dtype=float):
@@ -852,6 +969,7 @@ class RawKernel:
         self.name = name
 
     def __call__(self, grid, block, args, *, shared_mem=0, enable_cooperative_groups=False):
+        _count("launch")
         self._k(grid, block, tuple(_kernel_arg(a, self.name) for a in args), shared_mem)
 
 
@@ -881,6 +999,7 @@ class ElementwiseKernel:
         if size is not None:
             raise StandInGap("ElementwiseKernel(size=...)")
         given = [a for a in args if isinstance(a, ndarray)]
+        _count("launch")
         r = self._k(*(_kernel_arg(a, self.name) for a in args))
         return _wrap(r, tuple(given))
 
