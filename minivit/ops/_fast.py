@@ -78,16 +78,11 @@ def softmax_backward_inplace(dp, p, scale):
 def batched_matmul(a, b, out=None):
     """out[...] = a @ b for stacks with the same leading axes; ``out`` may be a strided view.
 
-    On NumPy with several pool threads, the stack is split over its leading axis: each pool
-    thread runs its share of the small GEMMs with one BLAS thread (see
-    ``_parallel.blas_single_threaded``). CuPy: one matmul, copied into ``out`` when given.
+    NumPy only (CuPy's attention has its own layout, ops/attention.py). With several pool
+    threads, the stack is split over its leading axis: each pool thread runs its share of the
+    small GEMMs with one BLAS thread (see ``_parallel.blas_single_threaded``).
     """
     xp = backend_of(a).xp
-    if xp.__name__ != "numpy":
-        if out is None:
-            return xp.matmul(a, b)
-        out[...] = xp.matmul(a, b)  # a contiguous result, then one strided copy
-        return out
     if out is None:
         out = xp.empty(a.shape[:-1] + (b.shape[-1],), dtype=a.dtype)  # same leading axes
     threads = _parallel.available_threads()

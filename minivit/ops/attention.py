@@ -60,8 +60,10 @@ def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask=None)
     hd = D // H
     scale = hd**-0.5
 
+    if key_mask is None and _fast.use_kernels(w_qkv, b_qkv):  # (x: any layout)
+        return _kernel_forward(x, w_qkv, b_qkv, w_proj, b_proj, B, N, H, hd, scale)
     qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (B, N, 3D)
-    if key_mask is None and (_fast.use_fast(qkv) or _fast.use_kernels(qkv)):
+    if key_mask is None and _fast.use_fast(qkv):
         return _fast_forward(qkv, qkv_cache, w_proj, b_proj, B, N, H, hd, scale)
     qkv = qkv.reshape(B, N, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
     q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, N, hd)
@@ -96,8 +98,8 @@ def _fast_forward(qkv, qkv_cache, w_proj, b_proj, B, N, H, hd, scale):
     """The unmasked forward on NumPy without copies: the same steps as attention_forward.
 
     The scale is folded into the softmax (softmax(scale * q k^T)), the softmax runs blocked on
-    threads (ops/_fast.py) or as one CuPy kernel (kernels_cupy.py), and P v is written straight
-    into the heads-concatenated layout.
+    threads (ops/_fast.py), and P v is written straight into the heads-concatenated layout.
+    NumPy's matmul reads the strided q, k, v views through BLAS as they are.
     """
     xp = array_module(qkv)
     D = H * hd
@@ -114,13 +116,43 @@ def _fast_forward(qkv, qkv_cache, w_proj, b_proj, B, N, H, hd, scale):
     return out, cache
 
 
+def _kernel_forward(x, w_qkv, b_qkv, w_proj, b_proj, B, N, H, hd, scale):
+    """The unmasked forward on CuPy, with the softmax kernel: the same steps, laid out for it.
+
+    CuPy's batched matmul copies each operand that is not C-contiguous before its GEMM, a
+    transposed view included (``cupy/_core/_routines_linalg.pyx``), so q, k and v are laid out
+    head-major once; the qkv bias is added by that same copy. Then only k^T is copied again,
+    and the backward reads q, k and v in place or transposes only the small (N, hd) operands,
+    never P or dS (N x N).
+    """
+    xp = array_module(x)
+    qkv = _fast.matmul_nt(x.reshape(B * N, -1), w_qkv)  # x W_qkv^T, (B N, 3D), no bias yet
+    qkv_cache = Cache(x=x, w=w_qkv, has_bias=b_qkv is not None)  # a linear layer's cache
+    qkvh = xp.empty((3, B, H, N, hd), dtype=x.dtype)  # q, k, v head-major
+    heads = qkv.reshape(B, N, 3, H, hd).transpose(2, 0, 3, 1, 4)  # a view, (3, B, H, N, hd)
+    if b_qkv is None:
+        qkvh[...] = heads
+    else:
+        xp.add(heads, b_qkv.reshape(3, 1, H, 1, hd), out=qkvh)  # bias and layout, one pass
+    q, k, v = qkvh[0], qkvh[1], qkvh[2]  # each (B, H, N, hd), C-contiguous
+    p = xp.matmul(q, k.transpose(0, 1, 3, 2))  # (B, H, N, N), unscaled scores
+    _fast.softmax_inplace(p, scale)  # P = softmax(scale * S), in place, one kernel
+    ctx = xp.matmul(p, v).transpose(0, 2, 1, 3).reshape(B, N, H * hd)  # heads concatenated
+    out, proj_cache = linear_forward(ctx, w_proj, b_proj)  # (B, N, D)
+    cache = Cache(attn=p, q=q, k=k, v=v, scale=scale, num_heads=H, qkv_cache=qkv_cache)
+    cache.proj_cache, cache.kernel_layout = proj_cache, True
+    return out, cache
+
+
 def attention_backward(dout, cache):
     """Returns (dx, dw_qkv, db_qkv, dw_proj, db_proj), following the forward in reverse."""
     p, q, k, v, scale = cache.attn, cache.q, cache.k, cache.v, cache.scale
     xp = array_module(p)
     B, H, N, hd = q.shape
     D = H * hd
-    if _fast.use_fast(p, dout) or _fast.use_kernels(p, dout):
+    if getattr(cache, "kernel_layout", False) and _fast.use_kernels(p):
+        return _kernel_backward(dout, cache, xp, B, H, N, hd)
+    if _fast.use_fast(p, dout):
         return _fast_backward(dout, cache, xp, B, H, N, hd)
 
     # out = ctx W_proj^T + b_proj
@@ -147,10 +179,30 @@ def attention_backward(dout, cache):
     return dx, dw_qkv, db_qkv, dw_proj, db_proj
 
 
+def _kernel_backward(dout, cache, xp, B, H, N, hd):
+    """attention_backward after :func:`_kernel_forward`: the same steps, each product arranged
+    so that CuPy copies only (N, hd)-sized operands (module docstring of the forward), the
+    softmax backward one kernel. dK and dV come out transposed, (hd, N) per head."""
+    p, q, k, v, scale = cache.attn, cache.q, cache.k, cache.v, cache.scale
+    dctx, dw_proj, db_proj = linear_backward(dout, cache.proj_cache)  # (B, N, D)
+    dctx = dctx.reshape(B, N, H, hd).transpose(0, 2, 1, 3)  # (B, H, N, hd) view
+    ds = xp.matmul(dctx, v.transpose(0, 1, 3, 2))  # dP = dctx v^T, (B, H, N, N)
+    dvt = xp.matmul(dctx.transpose(0, 1, 3, 2), p)  # dV^T = dctx^T P, (B, H, hd, N)
+    _fast.softmax_backward_inplace(ds, p, scale)  # dS = scale * P * (dP - sum(dP P))
+    dq = xp.matmul(ds, k)  # dQ = dS k, (B, H, N, hd)
+    dkt = xp.matmul(q.transpose(0, 1, 3, 2), ds)  # dK^T = q^T dS, (B, H, hd, N)
+    dqkv = xp.empty((B, N, 3, H, hd), dtype=p.dtype)  # rows [q; k; v], head-major
+    dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
+    dqkv[:, :, 1] = dkt.transpose(0, 3, 1, 2)
+    dqkv[:, :, 2] = dvt.transpose(0, 3, 1, 2)
+    dx, dw_qkv, db_qkv = linear_backward(dqkv.reshape(B, N, 3 * H * hd), cache.qkv_cache)
+    return dx, dw_qkv, db_qkv, dw_proj, db_proj
+
+
 def _fast_backward(dout, cache, xp, B, H, N, hd):
-    """attention_backward on NumPy or CuPy: the same steps, the softmax backward fused (blocked
-    threads or one kernel) and dq, dk, dv written straight into the (B, N, 3D) gradient of qkv
-    (no stack, no transpose)."""
+    """attention_backward after :func:`_fast_forward` (NumPy): the same steps, the softmax
+    backward blocked on threads, and dq, dk, dv written straight into the (B, N, 3D) gradient of
+    qkv (no stack, no transpose)."""
     p, q, k, v, scale = cache.attn, cache.q, cache.k, cache.v, cache.scale
     D = H * hd
     dctx, dw_proj, db_proj = linear_backward(dout, cache.proj_cache)  # (B, N, D)
