@@ -41,6 +41,9 @@ where CuPy 14.2 is:
   memory pool and its allocator hook, ``cupyx.profiler.benchmark``) exists with CuPy's call
   signatures, timed on the host clock, so that the benchmark harness's CuPy branch runs; the
   pool counts the bytes of live stand-in arrays, so peak-memory readings are approximate.
+- **Counting** (:func:`counting`): the kernel launches, host-to-device copies and host syncs
+  that CuPy would make, including the copies its batched matmul makes of non-contiguous
+  operands; ``tests/test_launches.py`` holds minivit's CuPy path to its counts.
 
 Stricter than CuPy, on purpose or for simplicity (a failure here may be a false alarm):
 ``ElementwiseKernel`` wants C-contiguous arrays (CuPy handles strides); NumPy arrays are refused
@@ -192,6 +195,7 @@ def counting():
     - ``h2d``: a copy of host data to the device (``asarray`` of a NumPy array or a list).
     - ``sync``: a read of device data on the host (``get``, ``item``, ``int``, ``float``,
       ``bool``, ``tolist``), which waits for all queued work.
+    - ``matmul_copied_bytes``: the bytes of the operands that matmul copied.
 
     An approximation of CuPy 14.2, good for comparing code paths, not a profile: a few CuPy
     routines launch more than one kernel (fancy indexing, ``take_along_axis``)."""
@@ -217,12 +221,14 @@ def _matmul_launches(a, b, out=None) -> int:
     and operand; and a result that cannot go straight into ``out`` is copied there."""
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         return 1
-    n = 1  # the GEMM
     ndim = max(a.ndim, b.ndim)
     if ndim <= 2:
-        n += sum(not _blas_strides(m) for m in (a, b) if m.ndim == 2)
+        copied = [m for m in (a, b) if m.ndim == 2 and not _blas_strides(m)]
     else:
-        n += sum(not m.flags.c_contiguous for m in (a, b) if m.ndim >= 2)
+        copied = [m for m in (a, b) if m.ndim >= 2 and not m.flags.c_contiguous]
+    _count("matmul_copied_bytes", sum(m.nbytes for m in copied))
+    n = 1 + len(copied)  # the GEMM and the copies
+    if ndim > 2:
         batch_a, batch_b = a.shape[:-2], b.shape[:-2]
         if a.ndim != b.ndim or batch_a != batch_b:  # broadcast: the batched (pointer) path
             n += 3 * (ndim - 2)

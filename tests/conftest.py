@@ -16,6 +16,7 @@ the tests, not a GPU: no speed, no GPU rounding.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -126,3 +127,20 @@ def keep_parallel_settings():
     yield
     sharding.set_enabled(prev_on)
     _parallel.set_num_threads(prev_threads)
+
+
+@pytest.fixture
+def cupy_stand_in(monkeypatch):
+    """For one test, ``import cupy`` gives the CPU stand-in (whatever the run's backends) and
+    minivit's cupy backend is built on it; kernels compile afresh for it. Yields the Backend.
+    Everything is restored after."""
+    import _cupy_stand_in
+
+    from minivit import backend, kernels_cupy
+
+    for name, mod in _cupy_stand_in.MODULES.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.delitem(backend._CACHE, "cupy", raising=False)
+    monkeypatch.setattr(kernels_cupy, "_CACHE", {})
+    yield get_backend("cupy")
+    backend._CACHE.pop("cupy", None)

@@ -6,8 +6,6 @@ bug through that a GPU then finds. Each test shows one rule failing code the way
 
 from __future__ import annotations
 
-import sys
-
 import _cupy_stand_in as si
 import numpy as np
 import pytest
@@ -16,16 +14,6 @@ from minivit import backend as B
 from minivit import ops
 
 cp = si.MODULES["cupy"]
-
-
-@pytest.fixture
-def installed(monkeypatch):
-    """The stand-in as `import cupy` for one test; the real state is restored after."""
-    for name, mod in si.MODULES.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.delitem(B._CACHE, "cupy", raising=False)
-    yield B.get_backend("cupy")
-    B._CACHE.pop("cupy", None)
 
 
 def test_no_implicit_conversion_to_numpy():
@@ -96,8 +84,8 @@ def test_kernel_arguments_must_be_contiguous_device_arrays():
         k(np.ones(3))
 
 
-def test_minivit_sees_a_cupy_backend(installed):
-    be = installed
+def test_minivit_sees_a_cupy_backend(cupy_stand_in):
+    be = cupy_stand_in
     assert be.name == "cupy" and be.xp is cp
     x = be.asarray(np.ones((2, 3)))
     assert B.backend_of(x) is be and B.contiguous_on("cupy", x)
@@ -151,7 +139,38 @@ def test_assignment_and_indexing_follow_cupy():
     assert type(cp.allclose(a, a)) is si.ndarray
 
 
-def test_peak_memory_hook_sees_the_new_buffer(installed):
+def test_peak_memory_hook_sees_the_new_buffer(cupy_stand_in):
     from benchmarks import harness
 
     assert harness._peak_cupy(lambda: cp.ones(1 << 16)) >= 8 << 16
+
+
+def test_counting_sees_launches_hidden_copies_and_syncs():
+    a = cp.ones((2, 3, 4, 5), dtype=np.float32)
+    b = cp.ones((2, 3, 5, 4), dtype=np.float32)
+    with si.counting() as c:
+        a.transpose(0, 1, 3, 2)[:, 1:]  # views: nothing
+        a.reshape(6, 20)
+        cp.empty(8)  # allocation only
+    assert c["launch"] == 0
+    with si.counting() as c:
+        a + 1  # one elementwise kernel
+        a.sum(axis=-1)  # one reduction
+        a.transpose(1, 0, 2, 3).reshape(-1)  # a reshape that must copy
+        cp.zeros(3)
+        a[0] = 2.0  # a fill
+    assert c["launch"] == 5
+    with si.counting() as c:
+        a @ a.transpose(0, 1, 3, 2)  # batched: CuPy copies the transposed operand first
+    assert c["launch"] == 2 and c["matmul_copied_bytes"] == a.nbytes
+    with si.counting() as c:
+        a[0, 0] @ a[0, 0].T  # two dimensions: cuBLAS reads the transpose in place
+    assert c["launch"] == 1 and c["matmul_copied_bytes"] == 0
+    with si.counting() as c:
+        out = cp.empty((2, 4, 3, 4), dtype=np.float32).transpose(0, 2, 1, 3)
+        cp.matmul(a, b, out=out)  # a strided out: computed, then copied in
+    assert c["launch"] == 2
+    with si.counting() as c:
+        float(a.sum())  # a device-to-host read waits for the queue
+        cp.asarray(np.ones(3))
+    assert (c["launch"], c["sync"], c["h2d"]) == (1, 1, 1)

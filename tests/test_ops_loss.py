@@ -140,6 +140,17 @@ def test_dout_scales_the_gradient_and_float32_stays_float32(backend):
     np.testing.assert_allclose(backend.to_numpy(d3), 3 * backend.to_numpy(d1), rtol=1e-6)
     # Each row of dlogits sums to zero: softmax minus a distribution.
     np.testing.assert_allclose(backend.to_numpy(d1).sum(-1), 0.0, atol=1e-7)
+    # A Python number as dout (folded in on the host) gives the same gradient.
+    (d3_host,) = ops.cross_entropy_backward(3.0, cache)
+    assert d3_host.dtype == np.float32
+    np.testing.assert_array_equal(backend.to_numpy(d3_host), backend.to_numpy(d3))
+
+
+def test_empty_batch(backend):
+    logits = backend.asarray(np.zeros((0, 5)))
+    loss, cache = ops.cross_entropy_forward(logits, backend.asarray(np.zeros(0, dtype=np.int64)))
+    assert float(loss) == 0.0
+    assert ops.cross_entropy_backward(1.0, cache)[0].shape == (0, 5)
 
 
 def test_bad_input(backend):

@@ -5,7 +5,7 @@ Derivation: docs/ops/cross_entropy.md.
 
 from __future__ import annotations
 
-from ._common import Cache, array_module, check_float, check_int
+from ._common import Cache, array_module, backend_of, check_float, check_int
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward", "log_softmax"]
 
@@ -34,24 +34,30 @@ def cross_entropy_forward(logits, targets, ignore_index=-100, label_smoothing=0.
         )
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    xp = array_module(logits, targets)
+    be = backend_of(logits, targets)
+    xp = be.xp
     K = logits.shape[-1]
     valid = targets != ignore_index  # (...)
     t = xp.where(valid, targets, 0)
-    if t.size and (int(t.min()) < 0 or int(t.max()) >= K):
-        bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+    # The smallest and largest target and the count of valid ones, read on the host in one go
+    # (on a GPU, each read waits for all queued work).
+    lo = hi = n = 0
+    if t.size:
+        lo, hi, n = (int(v) for v in be.to_numpy(xp.stack((t.min(), t.max(), valid.sum()))))
+    if lo < 0 or hi >= K:
         raise ValueError(
-            f"targets must lie in [0, {K}) or equal ignore_index={ignore_index}, got {bad}"
+            f"targets must lie in [0, {K}) or equal ignore_index={ignore_index}, "
+            f"got {lo if lo < 0 else hi}"
         )
-    n = int(valid.sum())
     logp = log_softmax(logits)  # (..., K)
     nll = -xp.take_along_axis(logp, t[..., None], axis=-1)[..., 0]  # (...)
     if label_smoothing:
         nll *= 1.0 - label_smoothing
         nll -= label_smoothing * logp.mean(axis=-1)
-    loss = (nll * valid).sum() / max(n, 1)
+    nll *= valid
+    loss = nll.sum() / max(n, 1)
     cache = Cache(logp=logp, t=t, valid=valid, n=n, label_smoothing=label_smoothing)
-    return loss.astype(logits.dtype), cache
+    return loss.astype(logits.dtype, copy=False), cache
 
 
 def cross_entropy_backward(dout, cache):
@@ -68,7 +74,9 @@ def cross_entropy_backward(dout, cache):
     idx = t[..., None]
     picked = xp.take_along_axis(dlogits, idx, axis=-1)
     xp.put_along_axis(dlogits, idx, picked - onehot_scale, axis=-1)
-    scale = valid.astype(logp.dtype)[..., None]  # (..., 1); ignored positions get 0
-    scale *= xp.asarray(dout, dtype=logp.dtype) / max(cache.n, 1)
-    dlogits *= scale
+    n = max(cache.n, 1)
+    if not isinstance(dout, (int, float)):  # an array (0-d): stays on the device
+        dout = xp.asarray(dout, dtype=logp.dtype)
+    scale = xp.multiply(valid, dout / n, dtype=logp.dtype)  # (...); ignored positions get 0
+    dlogits *= scale[..., None]
     return (dlogits,)
