@@ -193,10 +193,10 @@ def block_backward(dout, cache, grads):
     # out = x1 + mlp(norm2(x1)): the skip passes dout straight to x1, the branch goes through mlp.
     dm = dout if cache.path_mlp is None else dout * cache.path_mlp
     dh2 = mlp_backward(dm, cache.mlp, grads)  # (B, N, D)
-    dx1_branch, dg2, db2 = ops.layernorm_backward(dh2, cache.ln2)
+    # dx1 = dx_skip + dx_branch: the norm's backward adds the skip's dout in the same pass
+    dx1, dg2, db2 = ops.layernorm_backward(dh2, cache.ln2, skip=dout)  # (B, N, D)
     accumulate(grads, prefix + "norm2.weight", dg2)
     accumulate(grads, prefix + "norm2.bias", db2)
-    dx1 = dout + dx1_branch  # (B, N, D) = dx_skip + dx_branch
     # x1 = x + attn(norm1(x)): the same pattern once more.
     da = dx1 if cache.path_attn is None else dx1 * cache.path_attn
     da = maybe_dropout_back(da, cache.drop_attn)
@@ -205,10 +205,9 @@ def block_backward(dout, cache, grads):
     accumulate(grads, prefix + "attn.qkv.bias", db_qkv)
     accumulate(grads, prefix + "attn.proj.weight", dw_proj)
     accumulate(grads, prefix + "attn.proj.bias", db_proj)
-    dx_branch, dg1, db1 = ops.layernorm_backward(dh, cache.ln1)
+    dx, dg1, db1 = ops.layernorm_backward(dh, cache.ln1, skip=dx1)  # dx_skip + dx_branch
     accumulate(grads, prefix + "norm1.weight", dg1)
     accumulate(grads, prefix + "norm1.bias", db1)
-    dx = dx1 + dx_branch  # (B, N, D) = dx_skip + dx_branch
     return dx
 
 

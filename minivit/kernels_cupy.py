@@ -203,7 +203,8 @@ extern "C" __global__ void minivit_ln_fwd(const T* __restrict__ x, const T* __re
 _LN_BWD = r"""
 extern "C" __global__ void minivit_ln_bwd(const T* __restrict__ dout, const T* __restrict__ x,
         const T* __restrict__ mean, const T* __restrict__ rstd, const T* __restrict__ gamma,
-        T* __restrict__ dx, long long M, int D) {
+        const T* __restrict__ skip, T* __restrict__ dx, long long M, int D, int has_skip) {
+    // has_skip: add skip (a residual connection's gradient) to dx; else skip is not read.
     long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= M) return;
@@ -219,9 +220,11 @@ extern "C" __global__ void minivit_ln_bwd(const T* __restrict__ dout, const T* _
     T mg = warp_sum(sum_g) / (T)D;
     T mgx = warp_sum(sum_gx) / (T)D;
     T* dxr = dx + row * D;
+    const T* sr = skip + row * D;
     for (int j = lane; j < D; j += 32) {
         T xh = (xr[j] - m) * r;
-        dxr[j] = r * (dr[j] * gamma[j] - mg - xh * mgx);
+        T v = r * (dr[j] * gamma[j] - mg - xh * mgx);
+        dxr[j] = has_skip ? sr[j] + v : v;
     }
 }
 """
@@ -329,8 +332,9 @@ def layernorm_forward(x, gamma, beta, eps):
     return out, mean, rstd
 
 
-def layernorm_backward(dout, x, mean, rstd, gamma):
-    """-> (dx, dgamma, dbeta); xhat is recomputed from x, mean and rstd.
+def layernorm_backward(dout, x, mean, rstd, gamma, skip=None):
+    """-> (dx, dgamma, dbeta); xhat is recomputed from x, mean and rstd. ``skip`` (x's shape,
+    C-contiguous), when given, is added to dx in the same pass.
 
     Deterministic: dx is one warp per row; dgamma and dbeta are column sums taken in a fixed
     order (each chunk of rows summed in row order by one thread per column, then the chunks'
@@ -343,8 +347,12 @@ def layernorm_backward(dout, x, mean, rstd, gamma):
     if not M:
         return dx, cp.zeros(D, dtype=x.dtype), cp.zeros(D, dtype=x.dtype)
     grid, block = _row_grid(M)
+    has_skip = skip is not None
     _raw("minivit_ln_bwd", x.dtype)(
-        grid, block, (dout, x, mean, rstd, gamma, dx, cp.int64(M), cp.int32(D))
+        grid,
+        block,
+        (dout, x, mean, rstd, gamma, skip if has_skip else dout, dx)
+        + (cp.int64(M), cp.int32(D), cp.int32(has_skip)),
     )
     chunks = (M + LN_ROWS_PER_CHUNK - 1) // LN_ROWS_PER_CHUNK
     col_blocks = (D + COLS_PER_BLOCK - 1) // COLS_PER_BLOCK

@@ -108,9 +108,11 @@ def test_layernorm(dtype, D, rng):
     b = _dev(rng.standard_normal(D), dtype)
     d = _dev(rng.standard_normal((3, 41, D)), dtype)
 
+    skip = _dev(rng.standard_normal((3, 41, D)), dtype)
+
     def run():
         y, c = ops.layernorm_forward(x, g, b, 1e-6)
-        return (y,) + ops.layernorm_backward(d, c)
+        return (y,) + ops.layernorm_backward(d, c) + ops.layernorm_backward(d, c, skip=skip)[:1]
 
     _close(*_both(run), dtype)
 

@@ -256,6 +256,9 @@ def test_layernorm(dtype, shape, rng):
     out, mean, rstd = kernels_cupy.layernorm_forward(x, g, b, 1e-6)
     got = (out,) + kernels_cupy.layernorm_backward(d, x, mean, rstd, g)
     _close(ref, got, dtype)
+    skip = _normal(rng, shape, dtype)  # a residual's gradient, added to dx in the same pass
+    dx = kernels_cupy.layernorm_backward(d, x, mean, rstd, g, skip)[0]
+    np.testing.assert_array_equal(dx, got[1] + skip)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -457,9 +460,9 @@ def test_vit_train_steps_with_the_fused_kernels(rng):
         return out + [dict(v.params)]
 
     ref, got = _both(run)
-    used = {"gelu_fwd", "gelu_bwd", "adamw"} | {
+    used = {"bias_gelu_fwd", "gelu_bwd", "adamw"} | {
         (name, 8) for name in kernels_cupy.RAW
-    }  # layernorm, and attention's softmax
+    }  # the MLP's fc1 + GELU, layernorm, and attention's softmax
     assert used <= set(kernels_cupy._CACHE)  # the kernels did run
     assert ref[1].keys() == got[1].keys()
     _close(ref, got, np.float64)

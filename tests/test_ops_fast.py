@@ -72,15 +72,17 @@ def test_layernorm(threads, dtype):
     g = rng.standard_normal(200).astype(dtype)
     b = rng.standard_normal(200).astype(dtype)
     d = rng.standard_normal(x.shape).astype(dtype)
-    x0, d0 = x.copy(), d.copy()
+    skip = rng.standard_normal(x.shape).astype(dtype)
+    x0, d0, skip0 = x.copy(), d.copy(), skip.copy()
 
     def run():
         out, c = ops.layernorm_forward(x, g, b, 1e-6)
-        return (out,) + ops.layernorm_backward(d, c)
+        return (out,) + ops.layernorm_backward(d, c) + ops.layernorm_backward(d, c, skip=skip)[:1]
 
     _close(*_both(run), dtype)
     np.testing.assert_array_equal(x, x0)  # inputs untouched
     np.testing.assert_array_equal(d, d0)
+    np.testing.assert_array_equal(skip, skip0)
 
 
 @pytest.mark.parametrize("threads", THREADS)

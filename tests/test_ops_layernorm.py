@@ -168,6 +168,26 @@ def test_near_constant_float32_rows_stay_finite(backend):
     np.testing.assert_allclose(backend.to_numpy(dx), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_skip_is_added_to_dx(backend):
+    # A residual connection's gradient joins dx in the norm's backward: exactly dx + skip, the
+    # parameter gradients unchanged, skip itself left as it was. float32 takes the fast paths.
+    r = np.random.default_rng(3)
+    x, d, skip = (backend.asarray(r.standard_normal((4, 200, 24)), dtype="float32") for _ in "xds")
+    g, b = (backend.asarray(r.standard_normal(24), dtype="float32") for _ in "gb")
+    kept = backend.to_numpy(skip).copy()
+    _, cache = ops.layernorm_forward(x, g, b)
+    dx, dg, db = ops.layernorm_backward(d, cache)
+    dx_s, dg_s, db_s = ops.layernorm_backward(d, cache, skip=skip)
+    np.testing.assert_array_equal(backend.to_numpy(dx_s), backend.to_numpy(dx + skip))
+    np.testing.assert_array_equal(backend.to_numpy(dg_s), backend.to_numpy(dg))
+    np.testing.assert_array_equal(backend.to_numpy(db_s), backend.to_numpy(db))
+    np.testing.assert_array_equal(backend.to_numpy(skip), kept)
+    with pytest.raises(ValueError, match=r"skip must have shape \(4, 200, 24\)"):
+        ops.layernorm_backward(d, cache, skip=skip[:, :3])
+    with pytest.raises(TypeError, match=r"skip has dtype float64 but dout has dtype float32"):
+        ops.layernorm_backward(d, cache, skip=skip.astype("float64"))
+
+
 def test_bad_input(backend):
     x = backend.asarray(np.zeros((2, 4)))
     g = backend.asarray(np.ones(4))

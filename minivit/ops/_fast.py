@@ -346,12 +346,14 @@ def layernorm_forward(x, gamma, beta, eps):
     return out, xhat, rstd
 
 
-def layernorm_backward(dout, xhat, rstd, gamma):
-    """-> (dx, dgamma, dbeta), the generic path's formulas, blocked over rows."""
+def layernorm_backward(dout, xhat, rstd, gamma, skip=None):
+    """-> (dx, dgamma, dbeta), the generic path's formulas, blocked over rows; ``skip`` (xhat's
+    shape), when given, is added to dx block by block."""
     xp = backend_of(xhat).xp
     D = xhat.shape[-1]
     dx = xp.empty_like(xhat)
     d2, h2, r2, g2 = _rows(dout), _rows(xhat), rstd.reshape(-1, 1), _rows(dx)
+    s2 = None if skip is None else skip.reshape(-1, D)
     w = xp.full(D, 1.0 / D, dtype=xhat.dtype)
     parts_g, parts_b = [], []
 
@@ -369,6 +371,8 @@ def layernorm_backward(dout, xhat, rstd, gamma):
         g -= t
         g -= mg[:, None]
         g *= r2[s:e]
+        if s2 is not None:
+            g += s2[s:e]
 
     _parallel.for_each_block(block, h2.shape[0], D)
     dgamma = _sum_parts(xp, parts_g, D, xhat.dtype)

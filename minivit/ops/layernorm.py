@@ -49,23 +49,34 @@ def layernorm_forward(x, gamma, beta, eps=1e-6):
     return out, Cache(xhat=xhat, rstd=rstd, gamma=gamma)
 
 
-def layernorm_backward(dout, cache):
+def layernorm_backward(dout, cache, *, skip=None):
     """Returns (dx, dgamma, dbeta).
 
     With g = dout * gamma (the gradient w.r.t. xhat):
         dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+
+    ``skip`` (x's shape), when given, is added to dx: the gradient that reaches x by another
+    path, as the skip of a pre-LN block's residual connection does (x feeds both the norm and
+    the sum). dx + skip then comes out of the same pass (one launch fewer on the GPU).
     """
+    if skip is not None:
+        check_float("skip", skip)
+        check_shape("skip", skip, tuple(dout.shape), "dout's shape")
+        check_same_dtype(dout=dout, skip=skip)
+        array_module(dout, skip)
     if getattr(cache, "fused", False):
         x, mean, rstd = cache.x, cache.mean, cache.rstd
-        if dout.shape == x.shape and _fast.use_kernels(dout):
-            return _fast.kernels_cupy.layernorm_backward(dout, x, mean, cache.rstd, cache.gamma)
+        if dout.shape == x.shape and _fast.use_kernels(dout, skip):
+            return _fast.kernels_cupy.layernorm_backward(
+                dout, x, mean, cache.rstd, cache.gamma, skip
+            )
         # a non-contiguous dout: rebuild the generic cache and fall through
         cache = Cache(
             xhat=(x - mean[..., None]) * rstd[..., None], rstd=rstd[..., None], gamma=cache.gamma
         )
     xhat, rstd, gamma = cache.xhat, cache.rstd, cache.gamma
-    if dout.shape == xhat.shape and _fast.use_fast(dout, xhat, rstd, gamma):
-        return _fast.layernorm_backward(dout, xhat, rstd, gamma)
+    if dout.shape == xhat.shape and _fast.use_fast(dout, xhat, rstd, gamma, skip):
+        return _fast.layernorm_backward(dout, xhat, rstd, gamma, skip)
     d = xhat.shape[-1]
     d2 = dout.reshape(-1, d)  # (M, D)
     dgamma = (d2 * xhat.reshape(-1, d)).sum(axis=0)  # (D,)
@@ -77,4 +88,6 @@ def layernorm_backward(dout, cache):
     g -= mean_g
     g -= xhat * mean_gx
     g *= rstd
+    if skip is not None:
+        g += skip
     return g, dgamma, dbeta
