@@ -12,6 +12,8 @@ for the backward:
                                          fixed order (no atomics: a replay gives the same bits)
     softmax_forward / softmax_backward   one warp per row, with an optional scale folded in
                                          (attention's 1 / sqrt(head_dim))
+    qkv_grad                             attention's dq, dK^T, dV^T into the layout of the qkv
+                                         rows, one launch instead of three strided copies
     adamw_update                         AdamW's whole update of one parameter in one pass
 
 The generic ``xp`` code in ``minivit/ops`` stays the reference: ``tests/test_kernels_cupy.py``
@@ -40,6 +42,7 @@ __all__ = [
     "layernorm_backward",
     "softmax_forward",
     "softmax_backward",
+    "qkv_grad",
     "adamw_update",
 ]
 
@@ -287,6 +290,26 @@ extern "C" __global__ void minivit_softmax_bwd(const T* dy, const T* __restrict_
 }
 """
 
+_QKV_GRAD = r"""
+extern "C" __global__ void minivit_qkv_grad(const T* __restrict__ dq, const T* __restrict__ dkt,
+        const T* __restrict__ dvt, T* __restrict__ dqkv, long long total, int N, int H, int hd) {
+    // dqkv (B, N, 3, H, hd), the gradient of attention's qkv rows [q; k; v], from
+    // dq (B, H, N, hd) and dK^T, dV^T (B, H, hd, N). One thread per entry of dqkv, in its order.
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    int e = i % hd;
+    long long r = i / hd;
+    int h = r % H;
+    r /= H;
+    int part = r % 3;
+    r /= 3;
+    int n = r % N;
+    long long head = (r / N) * H + h;  // (b, h)
+    if (part == 0) dqkv[i] = dq[(head * N + n) * hd + e];
+    else dqkv[i] = (part == 1 ? dkt : dvt)[(head * hd + e) * N + n];
+}
+"""
+
 
 RAW = {
     "minivit_ln_fwd": _LN_FWD,
@@ -294,6 +317,7 @@ RAW = {
     "minivit_ln_bwd_params": _LN_BWD_PARAMS,
     "minivit_softmax_fwd": _SM_FWD,
     "minivit_softmax_bwd": _SM_BWD,
+    "minivit_qkv_grad": _QKV_GRAD,
 }
 
 
@@ -364,6 +388,23 @@ def layernorm_backward(dout, x, mean, rstd, gamma, skip=None):
     )
     dgamma, dbeta = part.sum(axis=1)  # (D,) each
     return dx, dgamma, dbeta
+
+
+def qkv_grad(dq, dkt, dvt):
+    """dq (B, H, N, hd), dkt and dvt (B, H, hd, N), C-contiguous -> dqkv (B, N, 3 H hd): the
+    three gradients of attention's heads put back in the layout of its qkv rows, one launch."""
+    cp = _cp()
+    B, H, N, hd = dq.shape
+    dqkv = cp.empty((B, N, 3 * H * hd), dtype=dq.dtype)
+    total = dqkv.size
+    if total:
+        threads = 256
+        _raw("minivit_qkv_grad", dq.dtype)(
+            ((total + threads - 1) // threads,),
+            (threads,),
+            (dq, dkt, dvt, dqkv, cp.int64(total), cp.int32(N), cp.int32(H), cp.int32(hd)),
+        )
+    return dqkv
 
 
 def softmax_forward(x, scale=1.0, out=None):

@@ -273,6 +273,19 @@ def test_softmax(dtype, N, rng):
     _close(ref, (yk, kernels_cupy.softmax_backward(d, yk)), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qkv_grad_puts_the_heads_back(dtype, rng, monkeypatch):
+    # (B, H, N, hd) and two (B, H, hd, N) -> (B, N, 3 H hd); a pure copy, so exact. Under the
+    # race checker: one writer per entry.
+    monkeypatch.setattr(kernels_cupy, "_cp", lambda: emu.fake_cupy(1, check_races=True))
+    B, H, N, hd = 2, 3, 7, 5
+    dq = _normal(rng, (B, H, N, hd), dtype)
+    dkt, dvt = _normal(rng, (B, H, hd, N), dtype), _normal(rng, (B, H, hd, N), dtype)
+    want = np.stack((dq, dkt.swapaxes(2, 3), dvt.swapaxes(2, 3)), axis=1)  # (B, 3, H, N, hd)
+    want = want.transpose(0, 3, 1, 2, 4).reshape(B, N, 3 * H * hd)
+    np.testing.assert_array_equal(kernels_cupy.qkv_grad(dq, dkt, dvt), want)
+
+
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
     rows=st.integers(1, 20),
@@ -621,7 +634,7 @@ def test_vilt_forward_backward_with_the_fused_kernels(rng):
         return [out["text_feats"], out["image_feats"], out["pooled"], dimages, dict(m.grads)]
 
     ref, got = _both(run)
-    assert {"gelu_fwd", "gelu_bwd", ("minivit_ln_fwd", 8), ("minivit_ln_bwd", 8)} <= set(
+    assert {"bias_gelu_fwd", "gelu_bwd", ("minivit_ln_fwd", 8), ("minivit_ln_bwd", 8)} <= set(
         kernels_cupy._CACHE
     )
     _close(ref, got, np.float64)

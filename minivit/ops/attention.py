@@ -182,7 +182,8 @@ def attention_backward(dout, cache):
 def _kernel_backward(dout, cache, xp, B, H, N, hd):
     """attention_backward after :func:`_kernel_forward`: the same steps, each product arranged
     so that CuPy copies only (N, hd)-sized operands (module docstring of the forward), the
-    softmax backward one kernel. dK and dV come out transposed, (hd, N) per head."""
+    softmax backward one kernel. dK and dV come out transposed, (hd, N) per head; one kernel
+    puts dQ, dK^T and dV^T back in the layout of the qkv rows."""
     p, q, k, v, scale = cache.attn, cache.q, cache.k, cache.v, cache.scale
     dctx, dw_proj, db_proj = linear_backward(dout, cache.proj_cache)  # (B, N, D)
     dctx = dctx.reshape(B, N, H, hd).transpose(0, 2, 1, 3)  # (B, H, N, hd) view
@@ -191,11 +192,8 @@ def _kernel_backward(dout, cache, xp, B, H, N, hd):
     _fast.softmax_backward_inplace(ds, p, scale)  # dS = scale * P * (dP - sum(dP P))
     dq = xp.matmul(ds, k)  # dQ = dS k, (B, H, N, hd)
     dkt = xp.matmul(q.transpose(0, 1, 3, 2), ds)  # dK^T = q^T dS, (B, H, hd, N)
-    dqkv = xp.empty((B, N, 3, H, hd), dtype=p.dtype)  # rows [q; k; v], head-major
-    dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
-    dqkv[:, :, 1] = dkt.transpose(0, 3, 1, 2)
-    dqkv[:, :, 2] = dvt.transpose(0, 3, 1, 2)
-    dx, dw_qkv, db_qkv = linear_backward(dqkv.reshape(B, N, 3 * H * hd), cache.qkv_cache)
+    dqkv = _fast.kernels_cupy.qkv_grad(dq, dkt, dvt)  # (B, N, 3D), rows [q; k; v], one kernel
+    dx, dw_qkv, db_qkv = linear_backward(dqkv, cache.qkv_cache)
     return dx, dw_qkv, db_qkv, dw_proj, db_proj
 
 
