@@ -62,6 +62,15 @@ class Backend:
             return a.get()
         return numpy.asarray(a)
 
+    def host_values(self, *values) -> list:
+        """Device scalars (0-d arrays, e.g. reductions) -> Python numbers, read in one transfer.
+
+        On a GPU each read of device data waits for all queued work; reading several values
+        at once waits once. On NumPy it is ``[v.item() for v in values]``."""
+        if not values:
+            return []
+        return self.to_numpy(self.xp.stack(values)).tolist()
+
     def synchronize(self) -> None:
         """Block until all queued device work has finished (a no-op on the CPU)."""
         if self.name == "cupy":

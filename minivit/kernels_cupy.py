@@ -66,12 +66,17 @@ def set_enabled(flag: bool) -> bool:
 
 
 def use_kernels(*arrays) -> bool:
-    """True when every (non-None) array is a C-contiguous CuPy float32/float64 array."""
+    """True when every (non-None) array is a C-contiguous CuPy float32/float64 array, or a
+    bool one (a mask)."""
     return (
         _SWITCH.on
         and contiguous_on("cupy", *arrays)
-        and all(a is None or (a.dtype.kind == "f" and a.dtype.itemsize in (4, 8)) for a in arrays)
+        and all(a is None or a.dtype.kind == "b" or _float_kernel_dtype(a) for a in arrays)
     )
+
+
+def _float_kernel_dtype(a) -> bool:
+    return a.dtype.kind == "f" and a.dtype.itemsize in (4, 8)
 
 
 def _cp():
@@ -257,18 +262,33 @@ extern "C" __global__ void minivit_ln_bwd_params(const T* __restrict__ dout,
 """
 
 _SM_FWD = r"""
-extern "C" __global__ void minivit_softmax_fwd(const T* x, T* y,
-        long long M, int N, T scale) {
+extern "C" __global__ void minivit_softmax_fwd(const T* x, T* y, const bool* __restrict__ keys,
+        long long M, int N, T scale, long long rows_per_key_row) {
+    // keys: read only when rows_per_key_row > 0: a mask (M / rows_per_key_row, N), true where
+    // a key may be attended to; row r reads its row r / rows_per_key_row (attention's rows
+    // (b, h, i) all read the keys of sample b). Masked entries get 0, and a row with no valid
+    // key gets all 0 (not NaN), as the generic path does.
     long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= M) return;
     const T* xr = x + row * N;
     T* yr = y + row * N;
-    T mx = xr[0];
-    for (int j = lane; j < N; j += 32) mx = xr[j] > mx ? xr[j] : mx;
+    const bool* kr = rows_per_key_row > 0 ? keys + (row / rows_per_key_row) * N : 0;
+    int first = 0;  // the first valid key: the max starts there (every lane finds the same)
+    if (kr) while (first < N && !kr[first]) ++first;
+    if (first == N) {  // no valid key: the whole warp writes zeros and leaves together
+        for (int j = lane; j < N; j += 32) yr[j] = 0;
+        return;
+    }
+    T mx = xr[first];
+    for (int j = lane; j < N; j += 32) mx = (!kr || kr[j]) && xr[j] > mx ? xr[j] : mx;
     mx = warp_max(mx);
     T s = 0;
-    for (int j = lane; j < N; j += 32) { T e = exp((xr[j] - mx) * scale); yr[j] = e; s += e; }
+    for (int j = lane; j < N; j += 32) {
+        T e = kr && !kr[j] ? (T)0 : exp((xr[j] - mx) * scale);
+        yr[j] = e;
+        s += e;
+    }
     T inv = (T)1 / warp_sum(s);
     for (int j = lane; j < N; j += 32) yr[j] *= inv;  // y may alias x: each entry is its own
 }
@@ -407,16 +427,27 @@ def qkv_grad(dq, dkt, dvt):
     return dqkv
 
 
-def softmax_forward(x, scale=1.0, out=None):
-    """softmax(scale * x) over the last axis (scale > 0); ``out`` may be ``x`` (in place)."""
+def softmax_forward(x, scale=1.0, out=None, key_mask=None):
+    """softmax(scale * x) over the last axis (scale > 0); ``out`` may be ``x`` (in place).
+
+    ``key_mask`` (bool, C-contiguous, (S, N) with S dividing the number of rows): row r of x
+    may attend only to the keys where row r // (rows / S) of the mask is true; the others get
+    0, and a row with none gets all 0. For attention's scores (B, H, N, N), a (B, N) mask.
+    """
     cp = _cp()
     N = x.shape[-1]
     M = x.size // N if N else 0
     y = cp.empty_like(x) if out is None else out
     if M and N:
+        if key_mask is None:
+            keys, per_row = cp.empty((1,), dtype=cp.bool_), 0  # (not read)
+        else:
+            keys, per_row = key_mask, M // (key_mask.size // N)
         grid, block = _row_grid(M)
         _raw("minivit_softmax_fwd", x.dtype)(
-            grid, block, (x, y, cp.int64(M), cp.int32(N), x.dtype.type(scale))
+            grid,
+            block,
+            (x, y, keys, cp.int64(M), cp.int32(N), x.dtype.type(scale), cp.int64(per_row)),
         )
     return y
 

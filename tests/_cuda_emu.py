@@ -382,6 +382,7 @@ _CTYPES = {
     "long long": (np.int64, ctypes.c_longlong),
     "unsigned": (np.uint32, ctypes.c_uint),
     "unsigned int": (np.uint32, ctypes.c_uint),
+    "bool": (np.bool_, ctypes.c_bool),
 }
 _CNAME = {np.dtype(v[0]): k for k, v in _CTYPES.items() if k != "unsigned int"}
 
@@ -722,11 +723,17 @@ class ElementwiseKernel:
 
 
 def _nan_empty(shape, dtype=np.float64, **_):
-    return np.full(shape, np.nan, dtype)
+    """Fresh memory: NaN for floats, a byte pattern for the rest."""
+    a = np.empty(shape, dtype)
+    if a.dtype.kind in "fc":
+        a.fill(np.nan)
+    else:
+        a.view(np.uint8).fill(0xA5)
+    return a
 
 
 def _nan_empty_like(a, dtype=None, **_):
-    return np.full(a.shape, np.nan, a.dtype if dtype is None else dtype)
+    return _nan_empty(a.shape, a.dtype if dtype is None else dtype)
 
 
 _TSAN = None
@@ -766,6 +773,7 @@ def fake_cupy(multiprocessors: int = 2, check_races: bool = False) -> SimpleName
         int64=np.int64,
         float32=np.float32,
         float64=np.float64,
+        bool_=np.bool_,
         cuda=SimpleNamespace(Device=lambda *a: device),
     )
 

@@ -325,3 +325,9 @@ def test_contiguous_on_and_switch(monkeypatch):
     monkeypatch.delenv("MINIVIT_TEST_SWITCH")
     s = Switch("MINIVIT_TEST_SWITCH")
     assert s.on and s.set(False) is True and s.on is False
+
+
+def test_host_values_reads_device_scalars_in_one_go(backend):
+    a = backend.asarray(np.array([[3, -2], [7, 1]]))
+    assert backend.host_values(a.min(), a.max(), (a > 0).all(), a.sum()) == [-2, 7, 0, 9]
+    assert backend.host_values() == []

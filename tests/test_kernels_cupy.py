@@ -153,20 +153,31 @@ def test_softmax_scale_and_in_place(rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_attention(dtype, rng):
-    B, N, D, H = 2, 37, 64, 4
+@pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "key-mask"])
+def test_attention(dtype, masked, rng):
+    B, N, D, H = 3, 37, 64, 4
     x = _dev(rng.standard_normal((B, N, D)), dtype)
     w_qkv = _dev(rng.standard_normal((3 * D, D)) * 0.2, dtype)
     b_qkv = _dev(rng.standard_normal(3 * D), dtype)
     w_proj = _dev(rng.standard_normal((D, D)) * 0.2, dtype)
     b_proj = _dev(rng.standard_normal(D), dtype)
     d = _dev(rng.standard_normal((B, N, D)), dtype)
+    mask = None
+    if masked:  # padding after 20 keys, a sample with no valid key, and one with all of them
+        m = np.ones((B, N), bool)
+        m[0, 20:] = False
+        m[1] = False
+        mask = _dev(m)
 
     def run():
-        y, c = ops.attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, H)
+        y, c = ops.attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, H, key_mask=mask)
         return (y, c.attn) + ops.attention_backward(d, c)
 
-    _close(*_both(run), dtype)
+    (ref, got) = _both(run)
+    _close(ref, got, dtype)
+    if masked:  # masked keys, and every key of the sample without any, get exactly 0
+        p = BE.to_numpy(got[1])
+        assert not p[0, :, :, 20:].any() and not p[1].any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -218,3 +229,7 @@ def test_gradcheck_attention_on_device(rng):
         H,
     )
     gc.check_backward(ops.attention_forward, ops.attention_backward, inputs).assert_ok()
+    mask = np.ones((B, N), bool)
+    mask[0, 4:] = False
+    masked = inputs + (_dev(mask),)
+    gc.check_backward(ops.attention_forward, ops.attention_backward, masked).assert_ok()

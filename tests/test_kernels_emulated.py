@@ -311,6 +311,26 @@ def test_row_kernels_on_drawn_shapes(rows, width, dtype, shift, seed):
     _close((p, ops.softmax_backward(d, c)[0]), (pk, kernels_cupy.softmax_backward(d, pk)), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_with_a_key_mask(dtype, rng, monkeypatch):
+    """Attention's masked softmax: scores (B, H, Nq, N), a (B, N) mask read by each row of its
+    sample; masked keys get 0, a sample with no valid key all 0. Under the race checker."""
+    monkeypatch.setattr(kernels_cupy, "_cp", lambda: emu.fake_cupy(1, check_races=True))
+    B, H, Nq, N = 3, 2, 5, 45
+    x = _normal(rng, (B, H, Nq, N), dtype, 4)
+    mask = np.ones((B, N), bool)
+    mask[0, 30:] = False
+    mask[0, 0] = False  # the first key masked: the max starts at the first valid one
+    mask[1] = False
+    s = np.where(mask[:, None, None, :], x * 0.5, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    e = np.exp(s - np.where(np.isfinite(m), m, 0))
+    want = e / np.maximum(e.sum(axis=-1, keepdims=True), np.finfo(dtype).tiny)
+    got = kernels_cupy.softmax_forward(x, 0.5, key_mask=mask)
+    _close(want.astype(dtype), got, dtype)
+    assert not got[0, ..., 30:].any() and not got[0, ..., 0].any() and not got[1].any()
+
+
 def test_softmax_scale_and_in_place(rng):
     """Attention's use (ops/_fast.py): the scale folded in, the scores overwritten in place."""
     x = _normal(rng, (20, 77), np.float64)
@@ -613,8 +633,8 @@ def test_tsan_sees_shared_memory_atomics_and_barriers(old, new):
 
 @pytest.mark.usefixtures("fused_on_numpy")
 def test_vilt_forward_backward_with_the_fused_kernels(rng):
-    """ViLT (text padding masks, so attention keeps its masked generic path while layernorm,
-    GELU and the rest take the kernels): outputs, input and parameter gradients agree."""
+    """ViLT (text padding masks, which the attention softmax kernel reads): outputs, input and
+    parameter gradients agree."""
     from minivit.models.vilt import ViLT
 
     B, L = 3, 6
@@ -634,7 +654,6 @@ def test_vilt_forward_backward_with_the_fused_kernels(rng):
         return [out["text_feats"], out["image_feats"], out["pooled"], dimages, dict(m.grads)]
 
     ref, got = _both(run)
-    assert {"bias_gelu_fwd", "gelu_bwd", ("minivit_ln_fwd", 8), ("minivit_ln_bwd", 8)} <= set(
-        kernels_cupy._CACHE
-    )
+    used = {"bias_gelu_fwd", "gelu_bwd"} | {(name, 8) for name in kernels_cupy.RAW}
+    assert used <= set(kernels_cupy._CACHE)  # masked attention on the kernel path too
     _close(ref, got, np.float64)

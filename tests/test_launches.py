@@ -26,6 +26,8 @@ if _cuda_emu.CXX is None:
 # Launches per encoder block of a ViT train step on the CuPy kernel path (see module docstring).
 BLOCK_FORWARD = 17
 BLOCK_BACKWARD = 29
+# ... of which attention's forward and backward (with or without a key mask)
+ATTENTION_LAUNCHES = 25
 
 
 @pytest.fixture
@@ -66,9 +68,44 @@ def test_vit_train_step_launches_per_block(kernels):
     assert loss["sync"] == 1 and loss["h2d"] == 0, loss
 
 
-def test_attention_never_copies_a_square_operand(kernels):
+def _vilt_step(be, depth):
+    from minivit.models.vilt import ViLT
+
+    model = ViLT(
+        vocab_size=23, max_text_len=10, img_size=16, patch_size=8, embed_dim=16, depth=depth,
+        num_heads=2, mlp_ratio=2.0, dtype="float32", seed=1, backend=be,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    B, L = 2, 6
+    mask = np.ones((B, L), bool)
+    mask[0, 4:] = False  # text padding: the key mask that attention's softmax kernel reads
+    ids = np.where(mask, rng.integers(5, 23, (B, L)), 0)
+    images = be.asarray(rng.standard_normal((B, 3, 16, 16)), dtype="float32")
+    shapes = {"text_feats": (B, L, 16), "image_feats": (B, 5, 16), "pooled": (B, 16)}
+    douts = {k: be.asarray(rng.standard_normal(s), dtype="float32") for k, s in shapes.items()}
+    ids, mask = be.asarray(ids), be.asarray(mask)
+    with si.counting() as fwd:
+        model.forward(ids, mask, images)
+    with si.counting() as bwd:
+        model.backward(douts)
+    return fwd, bwd
+
+
+def test_vilt_blocks_cost_what_vit_blocks_cost(kernels):
+    # ViLT's blocks are ViT's with a text padding mask: the mask costs no launch. Its forward
+    # reads the host three times, all before the encoder: the input checks (one read), the
+    # embedding op's id range, and the valid image sizes that choose the patch sampling.
+    (f1, b1), (f3, b3) = _vilt_step(kernels, 1), _vilt_step(kernels, 3)
+    per_block = ((f3["launch"] - f1["launch"]) / 2, (b3["launch"] - b1["launch"]) / 2)
+    assert per_block[0] <= BLOCK_FORWARD and per_block[1] <= BLOCK_BACKWARD, per_block
+    assert f3["sync"] <= 3 and b3["sync"] == 0, (f3, b3)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "key-mask"])
+def test_attention_never_copies_a_square_operand(kernels, masked):
     # CuPy's batched matmul copies non-contiguous operands; the kernel path's layout leaves it
-    # only (N, hd)-sized ones to copy (ops/attention.py), never P or dS (B, H, N, N).
+    # only (N, hd)-sized ones to copy (ops/attention.py), never P or dS (B, H, N, N). A key
+    # mask (ViLT's text padding) is read by the softmax kernel and costs no launch.
     B, N, D, H = 2, 40, 8, 2
     rng = np.random.default_rng(1)
 
@@ -76,13 +113,20 @@ def test_attention_never_copies_a_square_operand(kernels):
         return kernels.asarray(rng.standard_normal(shape), dtype="float32")
 
     x, w_qkv, b_qkv, w_proj, b_proj = dev(B, N, D), dev(3 * D, D), dev(3 * D), dev(D, D), dev(D)
+    mask = None
+    if masked:
+        m = np.ones((B, N), bool)
+        m[1, 25:] = False
+        mask = kernels.asarray(m)
+    dout = dev(B, N, D)
     with si.counting() as c:
-        out, cache = ops.attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, H)
-        ops.attention_backward(dev(B, N, D), cache)
+        out, cache = ops.attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, H, key_mask=mask)
+        ops.attention_backward(dout, cache)
     assert getattr(cache, "kernel_layout", False)  # the path under test ran
     square = B * H * N * N * 4
     small = B * H * N * (D // H) * 4
     assert c["matmul_copied_bytes"] == 5 * small < square, c
+    assert c["launch"] <= ATTENTION_LAUNCHES, c
 
 
 def test_linear_gelu_saves_a_launch(kernels):

@@ -240,6 +240,16 @@ def test_bad_inputs_raise_clear_errors(backend):
         model.forward(ids, backend.asarray(mask_h[:, :5]), images)
     with pytest.raises(TypeError, match="text_mask must be boolean"):
         model.forward(ids, backend.asarray(mask_h * 0.5), images)
+    with pytest.raises(TypeError, match=r"text_mask must be boolean \(or integer 0/1\)"):
+        model.forward(ids, backend.asarray(mask_h.astype(np.int64) * 2), images)
+    int_mask = model.forward(ids, backend.asarray(mask_h.astype(np.int64)), images)["pooled"]
+    np.testing.assert_array_equal(
+        backend.to_numpy(int_mask), backend.to_numpy(model.forward(ids, mask, images)["pooled"])
+    )
+    no_cls = mask_h.copy()
+    no_cls[1, 0] = False
+    with pytest.raises(ValueError, match=r"first token \(\[CLS\]\)"):
+        model.forward(ids, backend.asarray(no_cls), images)
     with pytest.raises(TypeError, match="input_ids must be an integer"):
         model.forward(backend.asarray(ids_h * 1.0), mask, images)
     with pytest.raises(ValueError, match=r"images must be 16x16.*got 24x24"):

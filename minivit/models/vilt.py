@@ -236,25 +236,31 @@ class ViLT(Model):
             )
         if L < 1:
             raise ValueError("input_ids must hold at least one token ([CLS]) per row")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if tuple(text_mask.shape) != (B, L):
+            raise ValueError(
+                f"text_mask must have the shape of input_ids {(B, L)}, got {tuple(text_mask.shape)}"
+            )
+        if text_mask.dtype.kind not in "biu":
+            raise TypeError(
+                f"text_mask must be boolean (or integer 0/1), got dtype {text_mask.dtype}"
+            )
+        tmask = text_mask if text_mask.dtype.kind == "b" else text_mask != 0
+        # The checks of values, read on the host in one transfer (one wait on a GPU).
+        checks = [input_ids.min(), input_ids.max(), tmask[:, 0].all()]
+        if text_mask.dtype.kind != "b":
+            checks.append((tmask == text_mask).all())  # integer masks: 0 and 1 only
+        lo, hi, cls_valid, *zero_one = self.backend.host_values(*checks)
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= self.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(
                 f"input_ids must lie in [0, vocab_size={self.vocab_size}), got the id {bad}"
             )
-        if tuple(text_mask.shape) != (B, L):
-            raise ValueError(
-                f"text_mask must have the shape of input_ids {(B, L)}, got {tuple(text_mask.shape)}"
-            )
-        if text_mask.dtype.kind == "b":
-            tmask = text_mask
-        elif text_mask.dtype.kind in "iu" and bool(((text_mask == 0) | (text_mask == 1)).all()):
-            tmask = text_mask != 0
-        else:
+        if zero_one and not zero_one[0]:
             raise TypeError(
                 f"text_mask must be boolean (or integer 0/1), got dtype {text_mask.dtype}"
             )
-        if not bool(tmask[:, 0].all()):
+        if not cls_valid:
             raise ValueError("text_mask must mark the first token ([CLS]) of every row as valid")
         if images.ndim != 4 or images.shape[1] != self.in_chans:
             raise ValueError(
@@ -399,9 +405,9 @@ class ViLT(Model):
         )  # (B, Np, D)
         spatial = p["transformer.pos_embed"][0, 1:]  # (g*g, D)
         pm = pmask.reshape(B, gh, gw)
-        hs = self.backend.to_numpy(pm[:, :, 0].sum(axis=1)).tolist()  # valid rows per image
-        ws = self.backend.to_numpy(pm[:, 0, :].sum(axis=1)).tolist()  # valid columns
-        sizes = list(zip(hs, ws))
+        # valid rows and columns per image, read on the host in one transfer
+        hw = self.backend.to_numpy(self.backend.xp.stack((pm[:, :, 0].sum(1), pm[:, 0, :].sum(1))))
+        sizes = list(zip(hw[0].tolist(), hw[1].tolist()))
         if all(s == (self.grid, self.grid) for s in sizes) and (gh, gw) == (self.grid,) * 2:
             c.pos_mats = None
             x = x + spatial  # (B, Np, D), the native grid: no resampling

@@ -61,10 +61,13 @@ def use_kernels(*arrays) -> bool:
     return kernels_cupy.use_kernels(*arrays)
 
 
-def softmax_inplace(p, scale):
-    """p <- softmax(scale * p) over the last axis: blocked threads on NumPy, a kernel on CuPy."""
+def softmax_inplace(p, scale, key_mask=None):
+    """p <- softmax(scale * p) over the last axis: blocked threads on NumPy, a kernel on CuPy.
+    ``key_mask`` (B, N) for scores (B, H, N, N): CuPy's kernel only (the masked entries get 0)."""
     if use_kernels(p):
-        return kernels_cupy.softmax_forward(p, scale, out=p)
+        return kernels_cupy.softmax_forward(p, scale, out=p, key_mask=key_mask)
+    if key_mask is not None:
+        raise ValueError("softmax_inplace takes a key_mask on the CuPy kernel path only")
     return softmax_(p, scale)
 
 

@@ -60,8 +60,8 @@ def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask=None)
     hd = D // H
     scale = hd**-0.5
 
-    if key_mask is None and _fast.use_kernels(w_qkv, b_qkv):  # (x: any layout)
-        return _kernel_forward(x, w_qkv, b_qkv, w_proj, b_proj, B, N, H, hd, scale)
+    if _fast.use_kernels(w_qkv, b_qkv, key_mask):  # (x: any layout)
+        return _kernel_forward(x, w_qkv, b_qkv, w_proj, b_proj, key_mask, B, N, H, hd, scale)
     qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (B, N, 3D)
     if key_mask is None and _fast.use_fast(qkv):
         return _fast_forward(qkv, qkv_cache, w_proj, b_proj, B, N, H, hd, scale)
@@ -116,8 +116,9 @@ def _fast_forward(qkv, qkv_cache, w_proj, b_proj, B, N, H, hd, scale):
     return out, cache
 
 
-def _kernel_forward(x, w_qkv, b_qkv, w_proj, b_proj, B, N, H, hd, scale):
-    """The unmasked forward on CuPy, with the softmax kernel: the same steps, laid out for it.
+def _kernel_forward(x, w_qkv, b_qkv, w_proj, b_proj, key_mask, B, N, H, hd, scale):
+    """The forward on CuPy, with the softmax kernel: the same steps, laid out for it. The
+    kernel reads the key mask itself (masked entries of P are 0, as on the generic path).
 
     CuPy's batched matmul copies each operand that is not C-contiguous before its GEMM, a
     transposed view included (``cupy/_core/_routines_linalg.pyx``), so q, k and v are laid out
@@ -136,7 +137,7 @@ def _kernel_forward(x, w_qkv, b_qkv, w_proj, b_proj, B, N, H, hd, scale):
         xp.add(heads, b_qkv.reshape(3, 1, H, 1, hd), out=qkvh)  # bias and layout, one pass
     q, k, v = qkvh[0], qkvh[1], qkvh[2]  # each (B, H, N, hd), C-contiguous
     p = xp.matmul(q, k.transpose(0, 1, 3, 2))  # (B, H, N, N), unscaled scores
-    _fast.softmax_inplace(p, scale)  # P = softmax(scale * S), in place, one kernel
+    _fast.softmax_inplace(p, scale, key_mask)  # P = softmax(scale * S), in place, one kernel
     ctx = xp.matmul(p, v).transpose(0, 2, 1, 3).reshape(B, N, H * hd)  # heads concatenated
     out, proj_cache = linear_forward(ctx, w_proj, b_proj)  # (B, N, D)
     cache = Cache(attn=p, q=q, k=k, v=v, scale=scale, num_heads=H, qkv_cache=qkv_cache)

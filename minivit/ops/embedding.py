@@ -16,12 +16,12 @@ def embedding_forward(ids, table):
     check_float("table", table)
     if table.ndim != 2:
         raise ValueError(f"table must have shape (V, D), got {tuple(table.shape)}")
-    backend_of(ids, table)
+    be = backend_of(ids, table)
     V = table.shape[0]
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+    lo, hi = be.host_values(ids.min(), ids.max()) if ids.size else (0, 0)  # one read
+    if lo < 0 or hi >= V:
         raise ValueError(
-            f"ids must lie in [0, {V}) for a table of {V} rows, got values in "
-            f"[{int(ids.min())}, {int(ids.max())}]"
+            f"ids must lie in [0, {V}) for a table of {V} rows, got values in [{lo}, {hi}]"
         )
     return table[ids], Cache(ids=ids, table_shape=table.shape, dtype=table.dtype)
 

@@ -43,7 +43,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-100, label_smoothing=0.
     # (on a GPU, each read waits for all queued work).
     lo = hi = n = 0
     if t.size:
-        lo, hi, n = (int(v) for v in be.to_numpy(xp.stack((t.min(), t.max(), valid.sum()))))
+        lo, hi, n = be.host_values(t.min(), t.max(), valid.sum())
     if lo < 0 or hi >= K:
         raise ValueError(
             f"targets must lie in [0, {K}) or equal ignore_index={ignore_index}, "
