@@ -69,7 +69,17 @@ class Backend:
         at once waits once. On NumPy it is ``[v.item() for v in values]``."""
         if not values:
             return []
-        return self.to_numpy(self.xp.stack(values)).tolist()
+        # Each value's bytes, end to end, in one array: one copy to the host, and every value
+        # comes back with its own dtype (stacking would promote int64 and uint64 to float64).
+        xp = self.xp
+        raw = self.to_numpy(
+            xp.concatenate([xp.ascontiguousarray(v).reshape(1).view(xp.uint8) for v in values])
+        )
+        out, i = [], 0
+        for v in values:
+            out.append(raw[i : i + v.dtype.itemsize].view(v.dtype)[0].item())
+            i += v.dtype.itemsize
+        return out
 
     def synchronize(self) -> None:
         """Block until all queued device work has finished (a no-op on the CPU)."""

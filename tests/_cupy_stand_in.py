@@ -130,15 +130,18 @@ def _wrap(r, outs=(), inputs=None):
 
 
 def _fresh(r: np.ndarray, inputs) -> bool:
+    if inputs is not None and any(r is a for a in inputs):
+        return False  # the argument itself (ascontiguousarray of a contiguous array, ...)
     if inputs is None or r.base is None:
         return r.base is None
     return not any(np.may_share_memory(r, a) for a in inputs)  # (a copying reshape has a base)
 
 
 def _arrays(args):
-    """The NumPy arrays among a call's (converted) arguments, inside lists and tuples too."""
+    """The arrays (NumPy's, or the stand-in's) among a call's arguments, inside lists and
+    tuples too."""
     for a in args:
-        if isinstance(a, np.ndarray):
+        if isinstance(a, (np.ndarray, ndarray)):
             yield a
         elif isinstance(a, (list, tuple)):
             yield from _arrays(a)
@@ -159,6 +162,7 @@ def _call(fn, args, kwargs, owner=None):
     """fn (a NumPy callable) on device arguments, with CuPy's refusal of host arrays; ``owner``
     is the array whose method fn is."""
     outs = _outs(kwargs)
+    orig = tuple(args) + tuple(kwargs.values()) + ((owner,) if owner is not None else ())
     args, kwargs = _device(tuple(args)), {k: _device(v) for k, v in kwargs.items()}
     inputs = list(_arrays(args + tuple(kwargs.values()) + (owner,)))
     r = fn(*args, **kwargs)
@@ -166,8 +170,18 @@ def _call(fn, args, kwargs, owner=None):
         pass
     elif fn is np.matmul:
         _count("launch", _matmul_launches(*args[:2], kwargs.get("out")))
+    elif fn in (np.concatenate, np.stack):  # CuPy: one copy per array, up to 8 of them
+        arrays = args[0] if args else kwargs.get("arrays", ())
+        _count("launch", len(arrays) if len(arrays) <= 8 else 1)
+        if len(arrays) > 8:
+            _count("h2d")  # (the pointer array)
     elif outs or isinstance(r, np.generic) or _fresh_results(r, inputs):
         _count("launch")  # an elementwise op, a reduction, a copy: one kernel
+    elif r is None and inputs:
+        _count("launch")  # in place: copyto, put_along_axis, fill, ...
+    for a in _arrays(orig):  # a result that is an argument itself: the caller's object
+        if isinstance(a, ndarray) and r is a._a:
+            return a
     return _wrap(r, outs, inputs)
 
 
@@ -212,37 +226,39 @@ def _count(kind, n=1):
         c[kind] += n
 
 
+def _cublas_ready(m: np.ndarray) -> bool:
+    return m.flags.c_contiguous or m.flags.f_contiguous
+
+
 def _matmul_launches(a, b, out=None) -> int:
     """cuBLAS calls and CuPy's own copies for ``matmul(a, b, out)``, as CuPy 14.2 makes them
-    (``cupy/_core/_routines_linalg.pyx``). Up to two dimensions, ``dot`` reads a transposed
-    operand through cuBLAS's transpose flags and copies only one with no unit stride. Above
-    two, every operand that is not C-contiguous is copied first (``ascontiguousarray``), even a
-    plain transpose; a broadcast batch builds pointer arrays, one kernel per batch dimension
-    and operand; and a result that cannot go straight into ``out`` is copied there."""
+    (``cupy/_core/_routines_linalg.pyx``). Up to two dimensions, ``dot`` reads a C- or
+    F-contiguous operand in place (a transpose through cuBLAS's flags) and copies any other,
+    a padded slice included. Above two, every operand that is not C-contiguous is copied first
+    (``ascontiguousarray``), even a plain transpose; a broadcast batch builds pointer arrays,
+    one kernel per batch dimension and operand; and a result that cannot go straight into
+    ``out`` is copied there."""
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         return 1
     ndim = max(a.ndim, b.ndim)
-    if ndim <= 2:
-        copied = [m for m in (a, b) if m.ndim == 2 and not _blas_strides(m)]
+    if ndim <= 2:  # cuBLAS reads a C- or F-contiguous matrix in place (transpose flags)
+        copied = [
+            m for m in (a, b) if m.ndim == 2 and not (m.flags.c_contiguous or m.flags.f_contiguous)
+        ]
     else:
         copied = [m for m in (a, b) if m.ndim >= 2 and not m.flags.c_contiguous]
     _count("matmul_copied_bytes", sum(m.nbytes for m in copied))
     n = 1 + len(copied)  # the GEMM and the copies
     if ndim > 2:
-        batch_a, batch_b = a.shape[:-2], b.shape[:-2]
-        if a.ndim != b.ndim or batch_a != batch_b:  # broadcast: the batched (pointer) path
+        pad = lambda m: (1,) * (ndim - m.ndim) + m.shape[:-2] if m.ndim >= 2 else ()  # noqa: E731
+        batch = [pad(m) for m in (a, b) if m.ndim >= 2]
+        if len(batch) == 2 and any(
+            (x == 1) != (y == 1) for x, y in zip(*batch)
+        ):  # a batch axis of 1 against one that is not: the batched (pointer) path
             n += 3 * (ndim - 2)
     if out is not None and not out.flags.c_contiguous:
         n += 1
     return n
-
-
-def _blas_strides(m: np.ndarray) -> bool:
-    item = m.itemsize
-    rows, cols = m.strides
-    return (cols == item and rows >= max(1, m.shape[1]) * item) or (
-        rows == item and cols >= max(1, m.shape[0]) * item
-    )
 
 
 def _check_dtype(a: np.ndarray) -> np.ndarray:
@@ -824,11 +840,10 @@ class Generator:
         if dtype.char not in kinds:
             raise TypeError(f"{name} does not support dtype {dtype}")
         _count("launch")
-        r = ndarray._of(_allocated(np.asarray(fn(size, dtype))))
-        if out is not None:
-            out[...] = r
+        if out is not None:  # drawn straight into out
+            out._a[...] = fn(size, dtype)
             return out
-        return r
+        return ndarray._of(_allocated(np.asarray(fn(size, dtype))))
 
     def random(self, size=None, dtype=np.float64, out=None):
         return self._draw("fd", "random", size, dtype, out, lambda s, d: self._g.random(s, dtype=d))

@@ -331,3 +331,5 @@ def test_host_values_reads_device_scalars_in_one_go(backend):
     a = backend.asarray(np.array([[3, -2], [7, 1]]))
     assert backend.host_values(a.min(), a.max(), (a > 0).all(), a.sum()) == [-2, 7, 0, 9]
     assert backend.host_values() == []
+    big = backend.asarray(np.array([2**60 + 1], dtype=np.uint64))  # no promotion to float64
+    assert backend.host_values(big.max(), a.min()) == [2**60 + 1, -2]

@@ -174,3 +174,11 @@ def test_counting_sees_launches_hidden_copies_and_syncs():
         float(a.sum())  # a device-to-host read waits for the queue
         cp.asarray(np.ones(3))
     assert (c["launch"], c["sync"], c["h2d"]) == (1, 1, 1)
+    with si.counting() as c:
+        same = cp.ascontiguousarray(a)  # already contiguous: the array itself, no launch
+        cp.stack((a, a, a))  # one copy per array (CuPy, up to 8)
+        cp.copyto(b, b)  # in place, returns None: still a kernel
+    assert same is a and c["launch"] == 4
+    with si.counting() as c:
+        a[0, 0, :, :3] @ b[0, 0, :3]  # a padded slice: not C- or F-contiguous, copied
+    assert c["launch"] == 2

@@ -19,7 +19,7 @@ def embedding_forward(ids, table):
     be = backend_of(ids, table)
     V = table.shape[0]
     lo, hi = be.host_values(ids.min(), ids.max()) if ids.size else (0, 0)  # one read
-    if lo < 0 or hi >= V:
+    if ids.size and (lo < 0 or hi >= V):
         raise ValueError(
             f"ids must lie in [0, {V}) for a table of {V} rows, got values in [{lo}, {hi}]"
         )

@@ -44,7 +44,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-100, label_smoothing=0.
     lo = hi = n = 0
     if t.size:
         lo, hi, n = be.host_values(t.min(), t.max(), valid.sum())
-    if lo < 0 or hi >= K:
+    if t.size and (lo < 0 or hi >= K):
         raise ValueError(
             f"targets must lie in [0, {K}) or equal ignore_index={ignore_index}, "
             f"got {lo if lo < 0 else hi}"
