@@ -250,7 +250,6 @@ class ViLT(Model):
         if text_mask.dtype.kind != "b":
             checks.append((tmask == text_mask).all())  # integer masks: 0 and 1 only
         lo, hi, cls_valid, *zero_one = self.backend.host_values(*checks)
-        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= self.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(

@@ -21,7 +21,7 @@ from ._common import (
     check_same_dtype,
     check_shape,
 )
-from .linear import linear_backward, linear_forward
+from .linear import linear_backward, linear_forward, linear_product
 
 __all__ = ["attention_forward", "attention_backward"]
 
@@ -127,8 +127,7 @@ def _kernel_forward(x, w_qkv, b_qkv, w_proj, b_proj, key_mask, B, N, H, hd, scal
     never P or dS (N x N).
     """
     xp = array_module(x)
-    qkv = _fast.matmul_nt(x.reshape(B * N, -1), w_qkv)  # x W_qkv^T, (B N, 3D), no bias yet
-    qkv_cache = Cache(x=x, w=w_qkv, has_bias=b_qkv is not None)  # a linear layer's cache
+    qkv, qkv_cache = linear_product(x, w_qkv, b_qkv)  # x W_qkv^T, (B N, 3D), no bias yet
     qkvh = xp.empty((3, B, H, N, hd), dtype=x.dtype)  # q, k, v head-major
     heads = qkv.reshape(B, N, 3, H, hd).transpose(2, 0, 3, 1, 4)  # a view, (3, B, H, N, hd)
     if b_qkv is None:

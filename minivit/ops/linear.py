@@ -28,6 +28,14 @@ def linear_forward(x, w, b=None):
     return out, Cache(x=x, w=w, has_bias=b is not None)
 
 
+def linear_product(x, w, b=None):
+    """x w^T without the bias -> ((M, Dout), the cache of ``linear_forward(x, w, b)``), for a
+    caller that adds b itself in a pass it makes anyway (fc1's GELU, attention's head layout);
+    ``linear_backward`` then gives db as usual."""
+    _check(x, w, b)
+    return _fast.matmul_nt(x.reshape(-1, w.shape[1]), w), Cache(x=x, w=w, has_bias=b is not None)
+
+
 def _check(x, w, b):
     """linear_forward's argument checks (shared with linear_gelu_forward)."""
     check_float("x", x, ndim_min=1)
@@ -74,13 +82,12 @@ def linear_gelu_forward(x, w, b=None, approximate="none"):
     followed by the GELU kernel. The cache is the two ops' caches either way.
     """
     if approximate == "none" and b is not None and _fast.use_kernels(w, b):
-        _check(x, w, b)
-        h = _fast.matmul_nt(x.reshape(-1, w.shape[1]), w)  # x w^T, (M, Dout), no bias yet
+        h, c_fc = linear_product(x, w, b)  # x w^T, (M, Dout), no bias yet
         y = _fast.kernels_cupy.bias_gelu_forward(h, b)  # h += b (in place); y = GELU(h)
         h = h.reshape(*x.shape[:-1], w.shape[0])
         y = y.reshape(h.shape)
         c_act = fused_gelu_cache(h) if grad_enabled() else Cache(no_grad=True)
-        return y, Cache(fc=Cache(x=x, w=w, has_bias=True), act=c_act)
+        return y, Cache(fc=c_fc, act=c_act)
     h, c_fc = linear_forward(x, w, b)
     y, c_act = gelu_forward(h, approximate=approximate)
     return y, Cache(fc=c_fc, act=c_act)
