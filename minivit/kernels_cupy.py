@@ -19,7 +19,8 @@ for the backward:
 The generic ``xp`` code in ``minivit/ops`` stays the reference: ``tests/test_kernels_cupy.py``
 compares every kernel with it and runs the gradient checks on the device. Where there is no
 device, ``tests/test_kernels_emulated.py`` runs the same sources (``ELEMENTWISE``, ``RAW``) and
-the launch code below on the CPU through a SIMT emulator, and compiles them with nvcc.
+the launch code below on the CPU through a SIMT emulator, and ``tests/test_kernels_nvrtc.py``
+compiles them for sm_90 with NVRTC, as CuPy does on the device.
 Walk-through: ``docs/kernels.md``. The environment variable ``MINIVIT_KERNELS=0`` (or
 :func:`set_enabled`) turns the kernels off.
 
@@ -95,7 +96,7 @@ _INV_SQRT_2PI = "0.3989422804014327"
 
 
 # (in_params, out_params, operation) of each cupy.ElementwiseKernel. The sources are data so that
-# tests/_cuda_emu.py can compile the same text for the CPU (and with nvcc) where no GPU exists.
+# tests/_cuda_emu.py can run the same text on the CPU (and NVRTC compile it) where no GPU exists.
 ELEMENTWISE = {
     "gelu_fwd": (
         "T x",

@@ -1,4 +1,4 @@
-"""Running minivit's CUDA kernels where no GPU exists: a small SIMT emulator, and nvcc.
+"""Running minivit's CUDA kernels where no GPU exists: a small SIMT emulator.
 
 The fused kernels of ``minivit/kernels_cupy.py`` are CUDA C++ text handed to CuPy. Without a GPU
 they would never run in CI, so this module runs the same text on the CPU:
@@ -41,9 +41,10 @@ within a block or between two blocks that run at once.
 What it cannot show: speed, memory coalescing, a race between blocks that do not run in the
 same pair, or one between lanes of a warp that only a shuffle separates (the emulator's
 shuffles are barriers and order memory; CUDA promises that only for ``__syncwarp``).
-The same text is compiled with ``nvcc`` for the H100/H200's sm_90 by ``nvcc_compile`` (CuPy
-compiles it with NVRTC, the same front end without host headers); an ElementwiseKernel is
-compiled inside a wrapper written here, not CuPy's generated one, so that checks its operation.
+The same text is compiled for the H100/H200's sm_90 by NVRTC, the compiler CuPy uses, with
+CuPy's options (``tests/_nvrtc.py``, ``tests/test_kernels_nvrtc.py``); an ElementwiseKernel is
+compiled there inside the wrapper of :meth:`ElementwiseKernel.cuda_source`, not CuPy's generated
+code, so that checks its operation text.
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ from types import SimpleNamespace
 import numpy as np
 
 CXX = shutil.which("g++") or shutil.which("c++")
-NVCC = shutil.which("nvcc")
 GUARD = 64  # at least this many elements of guard band on each side of an array argument
 # What a guard band holds: a huge finite value, so a kernel that reads one computes on and the
 # result is spoiled (positive: it wins a running maximum, where NaN would lose every comparison);
@@ -776,21 +776,3 @@ def fake_cupy(multiprocessors: int = 2, check_races: bool = False) -> SimpleName
         bool_=np.bool_,
         cuda=SimpleNamespace(Device=lambda *a: device),
     )
-
-
-def nvcc_compile(sources: dict[str, str], arch: str = "sm_90") -> str:
-    """Compile each CUDA source (its own namespace, one translation unit) to a cubin for ``arch``.
-
-    Returns nvcc's stderr; raises EmulatorError when nvcc fails."""
-    if NVCC is None:
-        raise EmulatorError("no nvcc on this machine")
-    unit = "\n".join(f"namespace k_{i} {{\n{src}\n}}" for i, src in enumerate(sources.values()))
-    with tempfile.TemporaryDirectory(prefix="minivit-nvcc-") as d:
-        src = os.path.join(d, "kernels.cu")
-        with open(src, "w") as f:
-            f.write(unit)
-        cmd = [NVCC, f"-arch={arch}", "--cubin", "-o", os.path.join(d, "k.cubin"), src]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise EmulatorError(f"nvcc failed ({', '.join(sources)}):\n{done.stderr[-4000:]}")
-    return done.stderr

@@ -1,11 +1,11 @@
-"""The fused CuPy kernels, run on the CPU by a SIMT emulator and compiled with nvcc for sm_90.
+"""The fused CuPy kernels, run on the CPU by a SIMT emulator.
 
 ``test_kernels_cupy.py`` runs the kernels on a GPU; where there is none (CI, most sessions) this
 file runs the same CUDA text and the same Python launch code (``minivit/kernels_cupy.py`` with
 ``tests/_cuda_emu.py``'s stand-in for the ``cupy`` module) on the CPU, and compares each kernel
 with the generic NumPy op it replaces, as the device test does. The emulator's own checks come
 first: each shows a mistake it must catch (so a green run here means something). Skipped, with
-the reason, where g++ (or, for the compile check, nvcc) is missing.
+the reason, where g++ is missing. ``test_kernels_nvrtc.py`` compiles the same text for sm_90.
 """
 
 from __future__ import annotations
@@ -410,20 +410,6 @@ def test_gradcheck_fused_kernels(rng):
     gc.check_backward(sm_fwd, sm_bwd, (x * 3,)).assert_ok()
     gc.check_backward(gelu_fwd, gelu_bwd, (x,)).assert_ok()
     gc.check_backward(bias_gelu_fwd, bias_gelu_bwd, (x, b)).assert_ok()
-
-
-# ----------------------------------------------------------------------------------------------
-# the CUDA text compiles for the H100/H200 (sm_90), as CuPy will compile it there
-
-
-@pytest.mark.skipif(emu.NVCC is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_every_kernel_compiles_for_sm90(dtype):
-    dt = np.dtype(dtype)
-    sources = {name: kernels_cupy.raw_source(name, dt) for name in kernels_cupy.RAW}
-    for name, spec in kernels_cupy.ELEMENTWISE.items():
-        sources[name] = emu.ElementwiseKernel(*spec, f"minivit_{name}").cuda_source(dt)
-    emu.nvcc_compile(sources, arch="sm_90")
 
 
 # ----------------------------------------------------------------------------------------------

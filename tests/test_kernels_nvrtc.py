@@ -1,0 +1,71 @@
+"""minivit's CUDA kernel text compiles for the H100/H200 (sm_90) under NVRTC, the compiler CuPy
+uses, with CuPy's own options, and no kernel spills registers to local memory.
+
+No GPU is needed: NVRTC makes a cubin without a device (``tests/_nvrtc.py``). This catches a
+kernel that the emulator runs (g++ compiles it there) but that CuPy would fail to compile on the
+device, where every device minute counts. The row kernels are compiled exactly as
+``kernels_cupy`` hands them to ``cupy.RawKernel``; an ElementwiseKernel's operation is compiled
+inside the emulator's wrapper (``_cuda_emu.ElementwiseKernel.cuda_source``), as CuPy compiles
+it inside a loop of its own generated code. Skipped, with the reason, where libnvrtc is missing
+(the ``nvidia-cuda-nvrtc-cu12`` test extra installs it on Linux x86-64).
+"""
+
+from __future__ import annotations
+
+import _cuda_emu as emu
+import _nvrtc
+import numpy as np
+import pytest
+
+from minivit import kernels_cupy
+
+pytestmark = pytest.mark.skipif(_nvrtc.LIB is None, reason=f"NVRTC: {_nvrtc.MISSING}")
+
+DTYPES = [np.float32, np.float64]
+
+
+def _compiled(source, name, dtype):
+    out = _nvrtc.compile_cuda(source, arch="sm_90", filename=f"{name}_{np.dtype(dtype)}.cu")
+    assert out.cubin[:4] == b"\x7fELF", "NVRTC returned no cubin"
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(kernels_cupy.RAW))
+def test_row_kernel_compiles_for_sm90_without_spills(name, dtype):
+    out = _compiled(kernels_cupy.raw_source(name, np.dtype(dtype)), name, dtype)
+    k = out.kernels[name]  # the entry point CuPy's RawKernel looks up (extern "C", unmangled)
+    assert k.registers > 0, out.log
+    assert k.spill_store_bytes == 0 and k.spill_load_bytes == 0, out.log
+    assert k.stack_bytes == 0, out.log  # no local arrays: everything lives in registers
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(kernels_cupy.ELEMENTWISE))
+def test_elementwise_operation_compiles_for_sm90_without_spills(name, dtype):
+    kernel = emu.ElementwiseKernel(*kernels_cupy.ELEMENTWISE[name], f"minivit_{name}")
+    out = _compiled(kernel.cuda_source(np.dtype(dtype)), name, dtype)
+    (k,) = out.kernels.values()
+    assert k.spill_store_bytes == 0 and k.spill_load_bytes == 0, out.log
+
+
+def test_a_kernel_that_cannot_compile_is_reported_with_the_compilers_message():
+    # the check can fail: an undeclared name is NVRTC's error, with its log, not a pass
+    bad = 'extern "C" __global__ void k(float* y) { y[0] = undeclared_name; }'
+    with pytest.raises(_nvrtc.NvrtcError, match="undeclared_name"):
+        _nvrtc.compile_cuda(bad)
+
+
+def test_ptxas_report_sees_a_stack_frame():
+    # an array too large for registers, indexed at run time, lives in local memory: the parser
+    # must read that from ptxas's report (a kernel above passes only if its frame is 0 bytes)
+    src = (
+        'extern "C" __global__ void k(float* y, int i) {\n'
+        "    float a[1024];\n"
+        "    a[0] = y[0];\n"
+        "    for (int j = 1; j < 1024; ++j) a[j] = a[j - 1] * y[j] + 1.0f;  // a running product\n"
+        "    y[threadIdx.x] = a[i & 1023];\n"
+        "}\n"
+    )
+    k = _nvrtc.compile_cuda(src).kernels["k"]
+    assert k.stack_bytes == 1024 * 4 and k.registers > 0
