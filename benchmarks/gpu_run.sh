@@ -9,10 +9,13 @@
 #    off), then the quick op set on numpy on the host CPU (for the GPU-over-CPU speed-ups),
 # 4. merges both into one report: $OUT/bench/results.{json,md} (+ PNGs where matplotlib exists).
 #
-# Every step has its own time limit and the script goes on after a failure, so whatever
-# finished is under $OUT (the benchmark rewrites its results.json after the models and again at
-# the end, so a run stopped by its limit still leaves the model figures). Copy $OUT/bench into benchmarks/results/<gpu-name>/ afterwards, and
-# redraw the plots on a machine with matplotlib: python -m benchmarks.report DIR/results.json
+# Every step has its own time limit, and the script goes on after a failure, so whatever
+# finished is under $OUT. A limit stops its step with SIGINT (timeout -s INT), as Ctrl-C would:
+# pytest then prints its summary of the tests that ran, and the benchmark writes its whole
+# report of the cases that finished (marked "interrupted"). Tests run in order of importance
+# (the device kernels, the ops, the models, then the rest), so a cut-off run has checked the
+# core first. Copy $OUT/bench into benchmarks/results/<gpu-name>/ afterwards, and redraw the
+# plots on a machine with matplotlib: python -m benchmarks.report DIR/results.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/minivit-gpu}"
@@ -44,21 +47,26 @@ python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.txt" 2>
        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
 
 step "pytest --backend cupy (limit 240 s)"
-# (test_kernels_emulated.py runs the same kernels on the CPU for machines without a GPU: ~1 min
-# that the device's own kernel test, test_kernels_cupy.py, makes redundant here)
-timeout 240 python -m pytest --backend cupy -x -q -p no:cacheprovider \
-  --continue-on-collection-errors -rs --ignore=tests/test_kernels_emulated.py tests/ \
+# The files most worth a device minute first (pytest keeps the order of its file arguments).
+# test_kernels_emulated.py runs the same kernels on the CPU for machines without a GPU: ~1 min
+# that the device's own kernel test, test_kernels_cupy.py, makes redundant here.
+FIRST=$(ls tests/test_kernels_cupy.py tests/test_ops_*.py tests/test_blocks.py tests/test_vit.py \
+  tests/test_vilt.py tests/test_hybrid.py tests/test_sinkhorn.py tests/test_kernels_nvrtc.py)
+REST=$(ls tests/test_*.py | grep -v -x -F -e tests/test_kernels_emulated.py $(printf -- '-e %s ' $FIRST))
+# shellcheck disable=SC2086  # word splitting of the file lists is wanted
+timeout -s INT -k 20 240 python -m pytest --backend cupy -q -p no:cacheprovider \
+  --continue-on-collection-errors --maxfail=25 --durations=20 -rfEs $FIRST $REST \
   > "$OUT/pytest_cupy.txt" 2>&1
-echo "pytest exit status $?" | tee -a "$OUT/pytest_cupy.txt"
+echo "pytest exit status $? (124: stopped at its limit)" | tee -a "$OUT/pytest_cupy.txt"
 tail -n 5 "$OUT/pytest_cupy.txt"
 
 step "benchmarks on cupy + torch cuda (limit 200 s)"
-timeout 200 python benchmarks/run.py --backend cupy --out "$OUT/bench-gpu" \
+timeout -s INT -k 20 200 python benchmarks/run.py --backend cupy --out "$OUT/bench-gpu" \
   > "$OUT/bench_gpu.txt" 2>&1
 echo "gpu benchmark exit status $?" | tee -a "$OUT/bench_gpu.txt"
 
 step "quick op benchmarks on numpy + torch cpu, host CPU (limit 70 s)"
-timeout 70 python benchmarks/run.py --backend numpy --quick --models --out "$OUT/bench-cpu" \
+timeout -s INT -k 20 70 python benchmarks/run.py --backend numpy --quick --models --out "$OUT/bench-cpu" \
   > "$OUT/bench_cpu.txt" 2>&1
 echo "cpu benchmark exit status $?" | tee -a "$OUT/bench_cpu.txt"
 

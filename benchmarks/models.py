@@ -267,13 +267,20 @@ def build(name: str, backend: str, B: int, with_torch: bool):
     return out
 
 
-def run(cfg: harness.BenchConfig, ceilings: dict | None = None, log=print) -> list[dict]:
-    """Time every selected model's forward and train step on every backend and in torch."""
+def run(
+    cfg: harness.BenchConfig, ceilings: dict | None = None, log=print, rows: list | None = None
+) -> list[dict]:
+    """Time every selected model's forward and train step on every backend and in torch.
+
+    Rows are appended to ``rows`` (a new list by default) as each phase finishes, so a caller
+    stopped part way (a device run's time limit) keeps them. A case that raises is logged and
+    skipped: one failure must not cost a one-shot device run the other figures.
+    """
     import importlib
 
     ceilings = ceilings or {}
     have_torch = cfg.torch and harness.impl_available("torch")
-    rows: list[dict] = []
+    rows = [] if rows is None else rows
     for backend in cfg.backends:
         if not harness.impl_available(backend):
             log(f"models: backend {backend} unavailable, skipped")
@@ -295,55 +302,66 @@ def run(cfg: harness.BenchConfig, ceilings: dict | None = None, log=print) -> li
                 log(f"models: {name} on {backend} could not be built: {type(exc).__name__}: {exc}")
                 continue
             for phase in ("forward", "train_step"):
-                cases = {("minivit", phase): (built[phase], "minivit", device)}
-                if f"torch_{phase}" in built:
-                    cases[("torch", phase)] = (built[f"torch_{phase}"], "torch", device)
-                repeats = cfg.repeats
-                timed = harness.time_interleaved(
-                    cases, repeats, cfg.warmup, gap_s=0.12 if cfg.gap_s is None else cfg.gap_s
-                )
-                fl = built["flops"]
-                if fl and phase == "train_step":
-                    fl = 3 * fl  # backward is twice the forward's GEMM work
-                for (impl, _), timing in timed.items():
-                    fn = cases[(impl, phase)][0]
-                    mem = harness.peak_memory(fn, impl, device) if cfg.memory else None
-                    row = dict(
-                        group="model",
-                        name=name,
-                        label=SHORT.get(name, name),
-                        phase=phase,
-                        backend=backend if impl == "minivit" else f"torch-{device}",
-                        impl=impl,
-                        device=device,
-                        dtype="float32",
-                        batch=B,
-                        shape=f"B={B}",
-                        median_ms=1e3 * timing.median_s,
-                        min_ms=1e3 * timing.min_s,
-                        mean_ms=1e3 * timing.mean_s,
-                        stdev_ms=1e3 * timing.stdev_s,
-                        repeats=timing.repeats,
-                        warmup=timing.warmup,
-                        timing_method=timing.method,
-                        times_ms=[1e3 * t for t in timing.times_s],
-                        flops=fl,
+                try:
+                    rows.extend(
+                        _time_phase(cfg, name, backend, device, B, built, phase, ceilings, log)
                     )
-                    if "twin_max_abs_diff" in built:
-                        row["twin_max_abs_diff"] = built["twin_max_abs_diff"]
-                    if fl:
-                        row["gflops_per_s"] = fl / timing.median_s / 1e9
-                        c = ceilings.get((backend if impl == "minivit" else "torch", device))
-                        if c:
-                            row["frac_of_sgemm"] = fl / timing.median_s / c
-                    if mem is not None:
-                        row["peak_mem_bytes"], row["mem_method"] = mem
-                    rows.append(row)
-                m = timed[("minivit", phase)]
-                t = timed.get(("torch", phase))
-                msg = f"  {backend:5s} {SHORT.get(name, name):16s} B={B:<3d} {phase:10s} "
-                msg += f"{1e3 * m.median_s:9.1f} ms"
-                if t:
-                    msg += f"  torch {1e3 * t.median_s:9.1f} ms  x{m.median_s / t.median_s:.3f}"
-                log(msg)
+                except Exception as exc:
+                    log(f"models: {name} {phase} on {backend} failed: {type(exc).__name__}: {exc}")
+    return rows
+
+
+def _time_phase(cfg, name, backend, device, B, built, phase, ceilings, log) -> list[dict]:
+    """One model phase ("forward" or "train_step"), minivit beside its torch twin: its rows."""
+    rows = []
+    cases = {("minivit", phase): (built[phase], "minivit", device)}
+    if f"torch_{phase}" in built:
+        cases[("torch", phase)] = (built[f"torch_{phase}"], "torch", device)
+    timed = harness.time_interleaved(
+        cases, cfg.repeats, cfg.warmup, gap_s=0.12 if cfg.gap_s is None else cfg.gap_s
+    )
+    fl = built["flops"]
+    if fl and phase == "train_step":
+        fl = 3 * fl  # backward is twice the forward's GEMM work
+    for (impl, _), timing in timed.items():
+        fn = cases[(impl, phase)][0]
+        mem = harness.peak_memory(fn, impl, device) if cfg.memory else None
+        row = dict(
+            group="model",
+            name=name,
+            label=SHORT.get(name, name),
+            phase=phase,
+            backend=backend if impl == "minivit" else f"torch-{device}",
+            impl=impl,
+            device=device,
+            dtype="float32",
+            batch=B,
+            shape=f"B={B}",
+            median_ms=1e3 * timing.median_s,
+            min_ms=1e3 * timing.min_s,
+            mean_ms=1e3 * timing.mean_s,
+            stdev_ms=1e3 * timing.stdev_s,
+            repeats=timing.repeats,
+            warmup=timing.warmup,
+            timing_method=timing.method,
+            times_ms=[1e3 * t for t in timing.times_s],
+            flops=fl,
+        )
+        if "twin_max_abs_diff" in built:
+            row["twin_max_abs_diff"] = built["twin_max_abs_diff"]
+        if fl:
+            row["gflops_per_s"] = fl / timing.median_s / 1e9
+            c = ceilings.get((backend if impl == "minivit" else "torch", device))
+            if c:
+                row["frac_of_sgemm"] = fl / timing.median_s / c
+        if mem is not None:
+            row["peak_mem_bytes"], row["mem_method"] = mem
+        rows.append(row)
+    m = timed[("minivit", phase)]
+    t = timed.get(("torch", phase))
+    msg = f"  {backend:5s} {SHORT.get(name, name):16s} B={B:<3d} {phase:10s} "
+    msg += f"{1e3 * m.median_s:9.1f} ms"
+    if t:
+        msg += f"  torch {1e3 * t.median_s:9.1f} ms  x{m.median_s / t.median_s:.3f}"
+    log(msg)
     return rows

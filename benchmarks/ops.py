@@ -258,12 +258,18 @@ def _row(base: dict, timing, fl, ceiling, mem) -> dict:
     return row
 
 
-def run(cfg: harness.BenchConfig, ceilings: dict | None = None, log=print) -> list[dict]:
-    """Time every selected op on every selected backend, each beside its torch twin."""
+def run(
+    cfg: harness.BenchConfig, ceilings: dict | None = None, log=print, rows: list | None = None
+) -> list[dict]:
+    """Time every selected op on every selected backend, each beside its torch twin.
+
+    Rows are appended to ``rows`` as each case finishes; a case that raises is logged and
+    skipped (as in ``models.run``).
+    """
     ceilings = ceilings or {}
     names = [n for n in OP_NAMES if cfg.ops is None or n in cfg.ops]
     have_torch = cfg.torch and harness.impl_available("torch")
-    rows: list[dict] = []
+    rows = [] if rows is None else rows
     for backend in cfg.backends:
         if not harness.impl_available(backend):
             log(f"ops: backend {backend} unavailable, skipped")
@@ -274,48 +280,58 @@ def run(cfg: harness.BenchConfig, ceilings: dict | None = None, log=print) -> li
             if op == "sinkhorn":
                 continue
             for size in sizes(cfg.quick, device == "cuda"):
-                host = _host_inputs(op, size)
-                f_fwd, f_bwd = flops(op, size)
-                cases = {}
-                m_fwd, m_bwd = minivit_case(op, host, backend)
-                cases[("minivit", "forward")] = (m_fwd, "minivit", device)
-                cases[("minivit", "backward")] = (m_bwd, "minivit", device)
-                if torch_ok:
-                    t_fwd, t_bwd = torch_case(op, host, device)
-                    cases[("torch", "forward")] = (t_fwd, "torch", device)
-                    cases[("torch", "backward")] = (t_bwd, "torch", device)
-                for phase in ("forward", "backward"):
-                    sub = {k: v for k, v in cases.items() if k[1] == phase}
-                    timed = harness.time_interleaved(
-                        sub, cfg.repeats, cfg.warmup, gap_s=0.01 if cfg.gap_s is None else cfg.gap_s
-                    )
-                    for (impl, _), timing in timed.items():
-                        fn = sub[(impl, phase)][0]
-                        mem = harness.peak_memory(fn, impl, device) if cfg.memory else None
-                        base = dict(
-                            group="op",
-                            name=op,
-                            phase=phase,
-                            backend=backend if impl == "minivit" else f"torch-{device}",
-                            impl=impl,
-                            device=device,
-                            dtype="float32",
-                            shape=shape_label(op, size),
-                            **size,
-                        )
-                        fl = f_fwd if phase == "forward" else f_bwd
-                        ceiling = ceilings.get((backend if impl == "minivit" else "torch", device))
-                        rows.append(_row(base, timing, fl, ceiling, mem))
-                    m = timed[("minivit", phase)].median_s
-                    t = timed.get(("torch", phase))
-                    ratio = f"  x{m / t.median_s:.2f} torch" if t else ""
-                    log(
-                        f"  {backend:5s} {op:13s} {phase:8s} {shape_label(op, size):24s} "
-                        f"{1e3 * m:9.3f} ms{ratio}"
-                    )
+                try:
+                    _time_op(cfg, op, size, backend, device, torch_ok, ceilings, log, rows)
+                except Exception as exc:
+                    label = shape_label(op, size)
+                    log(f"ops: {op} {label} on {backend} failed: {type(exc).__name__}: {exc}")
     if "sinkhorn" in names:
         rows.extend(run_sinkhorn(cfg, log))
     return rows
+
+
+def _time_op(cfg, op, size, backend, device, torch_ok, ceilings, log, rows) -> None:
+    """One op at one size, forward then backward, minivit beside its torch twin; each phase's
+    rows are appended to ``rows`` when it finishes."""
+    host = _host_inputs(op, size)
+    f_fwd, f_bwd = flops(op, size)
+    cases = {}
+    m_fwd, m_bwd = minivit_case(op, host, backend)
+    cases[("minivit", "forward")] = (m_fwd, "minivit", device)
+    cases[("minivit", "backward")] = (m_bwd, "minivit", device)
+    if torch_ok:
+        t_fwd, t_bwd = torch_case(op, host, device)
+        cases[("torch", "forward")] = (t_fwd, "torch", device)
+        cases[("torch", "backward")] = (t_bwd, "torch", device)
+    for phase in ("forward", "backward"):
+        sub = {k: v for k, v in cases.items() if k[1] == phase}
+        timed = harness.time_interleaved(
+            sub, cfg.repeats, cfg.warmup, gap_s=0.01 if cfg.gap_s is None else cfg.gap_s
+        )
+        for (impl, _), timing in timed.items():
+            fn = sub[(impl, phase)][0]
+            mem = harness.peak_memory(fn, impl, device) if cfg.memory else None
+            base = dict(
+                group="op",
+                name=op,
+                phase=phase,
+                backend=backend if impl == "minivit" else f"torch-{device}",
+                impl=impl,
+                device=device,
+                dtype="float32",
+                shape=shape_label(op, size),
+                **size,
+            )
+            fl = f_fwd if phase == "forward" else f_bwd
+            ceiling = ceilings.get((backend if impl == "minivit" else "torch", device))
+            rows.append(_row(base, timing, fl, ceiling, mem))
+        m = timed[("minivit", phase)].median_s
+        t = timed.get(("torch", phase))
+        ratio = f"  x{m / t.median_s:.2f} torch" if t else ""
+        log(
+            f"  {backend:5s} {op:13s} {phase:8s} {shape_label(op, size):24s} "
+            f"{1e3 * m:9.3f} ms{ratio}"
+        )
 
 
 def run_sinkhorn(cfg: harness.BenchConfig, log=print) -> list[dict]:

@@ -172,6 +172,9 @@ def environment_lines(env: dict) -> list[str]:
             "- measured sgemm ceilings: "
             + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in env["sgemm"].items())
         )
+    runs = [env] + list(env.get("merged") or [])
+    if any(r.get("interrupted") for r in runs):
+        lines.append("- **interrupted** (a time limit): only the cases that finished are listed")
     return lines
 
 

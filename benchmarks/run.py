@@ -123,17 +123,22 @@ def execute(cfg: harness.BenchConfig, out: str | None = None, log=print) -> dict
             sg[f"torch-{dev} (n={c['n']})"] = c["flops_per_s"]
     env["sgemm"] = sg
     log("sgemm ceilings: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in sg.items()))
-    rows = []
-    # Models first (the headline figures), and the JSON rewritten after each group, so that a
-    # run stopped by a time limit (gpu_run.sh) still leaves what it measured.
+    rows = []  # the groups append to it as each case finishes
+    # Models first (the headline figures), and the JSON written after them. A run stopped by
+    # SIGINT (Ctrl-C, or gpu_run.sh's time limit: timeout -s INT) writes the whole report of
+    # what it measured so far and says so in the environment ("interrupted").
     os.makedirs(out, exist_ok=True)
-    if cfg.models is None or cfg.models:
-        log("models:")
-        rows += models.run(cfg, ceilings, log)
-        report.write_json(rows, env, os.path.join(out, "results.json"))
-    if cfg.ops is None or cfg.ops:
-        log("ops:")
-        rows += ops.run(cfg, ceilings, log)
+    try:
+        if cfg.models is None or cfg.models:
+            log("models:")
+            models.run(cfg, ceilings, log, rows=rows)
+            report.write_json(rows, env, os.path.join(out, "results.json"))
+        if cfg.ops is None or cfg.ops:
+            log("ops:")
+            ops.run(cfg, ceilings, log, rows=rows)
+    except KeyboardInterrupt:
+        env["interrupted"] = True
+        log(f"interrupted: writing the {len(rows)} results measured so far")
     env["elapsed_s"] = time.perf_counter() - t0
     paths = report.write_all(rows, env, out)
     log(

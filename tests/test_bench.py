@@ -228,6 +228,65 @@ def test_tiny_benchmark_end_to_end(tmp_path, backend):
     assert "layernorm" in open(paths["markdown"]).read()
 
 
+def _tiny_config(ops_):
+    return harness.BenchConfig(
+        backends=["numpy"],
+        repeats=1,
+        warmup=0,
+        quick=True,
+        ops=ops_,
+        models=[],
+        threads=None,
+        torch=False,
+        memory=False,
+        sgemm_n=64,
+    )
+
+
+def test_a_failing_case_is_logged_and_the_others_still_run(tmp_path, monkeypatch):
+    # a device run is one shot: one op that raises must not cost the rest of the figures
+    from benchmarks import ops, run
+
+    real = ops.minivit_case
+
+    def case(op, host, backend):
+        if op == "gelu":
+            raise RuntimeError("out of memory (simulated)")
+        return real(op, host, backend)
+
+    monkeypatch.setattr(ops, "minivit_case", case)
+    logged = []
+    paths = run.execute(_tiny_config(["gelu", "layernorm"]), str(tmp_path), log=logged.append)
+    rows, env = report.load_json(paths["json"])
+    assert {r["name"] for r in rows} == {"layernorm"} and not env.get("interrupted")
+    failed = [m for m in logged if "failed" in m]
+    assert failed and all("gelu" in m and "simulated" in m for m in failed)
+
+
+def test_an_interrupted_run_writes_what_it_measured(tmp_path, monkeypatch):
+    # gpu_run.sh stops each step with SIGINT at its time limit: the report keeps the cases
+    # that finished and says it was interrupted
+    from benchmarks import run
+
+    real, calls = harness.time_interleaved, []
+
+    def timed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # layernorm's forward and backward done, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "time_interleaved", timed)
+    paths = run.execute(_tiny_config(["layernorm", "gelu"]), str(tmp_path), log=lambda *a: None)
+    rows, env = report.load_json(paths["json"])
+    assert env["interrupted"] is True
+    assert {(r["name"], r["phase"]) for r in rows} == {
+        ("layernorm", "forward"),
+        ("layernorm", "backward"),
+    }
+    assert "interrupted" in open(paths["markdown"]).read()
+
+
 def test_minivit_bench_command_parses_its_options():
     from minivit.cli import build_parser
 
