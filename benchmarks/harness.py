@@ -40,6 +40,7 @@ __all__ = [
     "BenchConfig",
     "Timing",
     "summarize",
+    "result_row",
     "time_host",
     "time_callable",
     "time_interleaved",
@@ -179,6 +180,31 @@ def summarize(times: list, warmup: int, method: str) -> Timing:
         method=method,
         times_s=times,
     )
+
+
+def result_row(base: dict, timing: Timing, flops, ceiling, mem) -> dict:
+    """One result: ``base`` (what was timed) with the timing in ms, the GEMM FLOP/s and their
+    fraction of the sgemm ceiling (when ``flops`` and ``ceiling`` are known), and the peak
+    memory ``mem`` = (bytes, method) or None."""
+    row = dict(base)
+    row.update(
+        median_ms=1e3 * timing.median_s,
+        min_ms=1e3 * timing.min_s,
+        mean_ms=1e3 * timing.mean_s,
+        stdev_ms=1e3 * timing.stdev_s,
+        repeats=timing.repeats,
+        warmup=timing.warmup,
+        timing_method=timing.method,
+        times_ms=[1e3 * t for t in timing.times_s],
+        flops=flops,
+    )
+    if flops:
+        row["gflops_per_s"] = flops / timing.median_s / 1e9
+        if ceiling:
+            row["frac_of_sgemm"] = flops / timing.median_s / ceiling
+    if mem is not None:
+        row["peak_mem_bytes"], row["mem_method"] = mem
+    return row
 
 
 def time_host(

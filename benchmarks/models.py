@@ -326,7 +326,7 @@ def _time_phase(cfg, name, backend, device, B, built, phase, ceilings, log) -> l
     for (impl, _), timing in timed.items():
         fn = cases[(impl, phase)][0]
         mem = harness.peak_memory(fn, impl, device) if cfg.memory else None
-        row = dict(
+        base = dict(
             group="model",
             name=name,
             label=SHORT.get(name, name),
@@ -337,25 +337,11 @@ def _time_phase(cfg, name, backend, device, B, built, phase, ceilings, log) -> l
             dtype="float32",
             batch=B,
             shape=f"B={B}",
-            median_ms=1e3 * timing.median_s,
-            min_ms=1e3 * timing.min_s,
-            mean_ms=1e3 * timing.mean_s,
-            stdev_ms=1e3 * timing.stdev_s,
-            repeats=timing.repeats,
-            warmup=timing.warmup,
-            timing_method=timing.method,
-            times_ms=[1e3 * t for t in timing.times_s],
-            flops=fl,
         )
         if "twin_max_abs_diff" in built:
-            row["twin_max_abs_diff"] = built["twin_max_abs_diff"]
-        if fl:
-            row["gflops_per_s"] = fl / timing.median_s / 1e9
-            c = ceilings.get((backend if impl == "minivit" else "torch", device))
-            if c:
-                row["frac_of_sgemm"] = fl / timing.median_s / c
-        if mem is not None:
-            row["peak_mem_bytes"], row["mem_method"] = mem
+            base["twin_max_abs_diff"] = built["twin_max_abs_diff"]
+        ceiling = ceilings.get((backend if impl == "minivit" else "torch", device))
+        row = harness.result_row(base, timing, fl, ceiling, mem)
         rows.append(row)
     m = timed[("minivit", phase)]
     t = timed.get(("torch", phase))

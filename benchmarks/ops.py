@@ -237,27 +237,6 @@ def torch_case(op: str, host: dict, device: str, dtype: str = "float32"):
 # running
 
 
-def _row(base: dict, timing, fl, ceiling, mem) -> dict:
-    row = dict(base)
-    row.update(
-        median_ms=1e3 * timing.median_s,
-        min_ms=1e3 * timing.min_s,
-        mean_ms=1e3 * timing.mean_s,
-        stdev_ms=1e3 * timing.stdev_s,
-        repeats=timing.repeats,
-        warmup=timing.warmup,
-        timing_method=timing.method,
-        flops=fl,
-    )
-    if fl:
-        row["gflops_per_s"] = fl / timing.median_s / 1e9
-        if ceiling:
-            row["frac_of_sgemm"] = fl / timing.median_s / ceiling
-    if mem is not None:
-        row["peak_mem_bytes"], row["mem_method"] = mem
-    return row
-
-
 def run(
     cfg: harness.BenchConfig, ceilings: dict | None = None, log=print, rows: list | None = None
 ) -> list[dict]:
@@ -324,7 +303,7 @@ def _time_op(cfg, op, size, backend, device, torch_ok, ceilings, log, rows) -> N
             )
             fl = f_fwd if phase == "forward" else f_bwd
             ceiling = ceilings.get((backend if impl == "minivit" else "torch", device))
-            rows.append(_row(base, timing, fl, ceiling, mem))
+            rows.append(harness.result_row(base, timing, fl, ceiling, mem))
         m = timed[("minivit", phase)].median_s
         t = timed.get(("torch", phase))
         ratio = f"  x{m / t.median_s:.2f} torch" if t else ""
