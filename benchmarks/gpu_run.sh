@@ -7,7 +7,10 @@
 # 2. runs the test suite on the cupy backend (fused kernels, gradient checks on the device),
 # 3. runs the benchmarks: every op and model on cupy beside torch on the same GPU (fp32, TF32
 #    off), then the quick op set on numpy on the host CPU (for the GPU-over-CPU speed-ups),
-# 4. merges both into one report: $OUT/bench/results.{json,md} (+ PNGs where matplotlib exists).
+# 4. profiles a ViT-Ti/16 and a ViT-B/16 train step op by op beside torch's operators
+#    ($OUT/profile-gpu/profile.md),
+# 5. merges both benchmark runs into one report: $OUT/bench/results.{json,md} (+ PNGs where
+#    matplotlib exists).
 #
 # Every step has its own time limit, and the script goes on after a failure, so whatever
 # finished is under $OUT. A limit stops its step with SIGINT (timeout -s INT), as Ctrl-C would:
@@ -60,13 +63,19 @@ timeout -s INT -k 20 240 python -m pytest --backend cupy -q -p no:cacheprovider 
 echo "pytest exit status $? (124: stopped at its limit)" | tee -a "$OUT/pytest_cupy.txt"
 tail -n 5 "$OUT/pytest_cupy.txt"
 
-step "benchmarks on cupy + torch cuda (limit 200 s)"
-timeout -s INT -k 20 200 python benchmarks/run.py --backend cupy --out "$OUT/bench-gpu" \
+step "benchmarks on cupy + torch cuda (limit 180 s)"
+timeout -s INT -k 20 180 python benchmarks/run.py --backend cupy --out "$OUT/bench-gpu" \
   > "$OUT/bench_gpu.txt" 2>&1
 echo "gpu benchmark exit status $?" | tee -a "$OUT/bench_gpu.txt"
 
-step "quick op benchmarks on numpy + torch cpu, host CPU (limit 70 s)"
-timeout -s INT -k 20 70 python benchmarks/run.py --backend numpy --quick --models --out "$OUT/bench-cpu" \
+step "where a train step's time goes, op by op: ViT-Ti/16 and ViT-B/16, batch 64 (limit 45 s)"
+timeout -s INT -k 10 45 python benchmarks/profile_step.py --backend cupy \
+  --models vit_tiny_patch16_224 vit_base_patch16_224 --out "$OUT/profile-gpu" \
+  > "$OUT/profile_gpu.txt" 2>&1
+echo "gpu profile exit status $?" | tee -a "$OUT/profile_gpu.txt"
+
+step "quick op benchmarks on numpy + torch cpu, host CPU (limit 50 s)"
+timeout -s INT -k 20 50 python benchmarks/run.py --backend numpy --quick --models --out "$OUT/bench-cpu" \
   > "$OUT/bench_cpu.txt" 2>&1
 echo "cpu benchmark exit status $?" | tee -a "$OUT/bench_cpu.txt"
 

@@ -178,9 +178,10 @@ def _torch_twin(kind: str, params: dict, cfg: dict, device: str):
 # building the cases
 
 
-def build(name: str, backend: str, B: int, with_torch: bool):
+def build(name: str, backend: str, B: int, with_torch: bool, **overrides):
     """Returns dict(forward=..., train_step=..., torch_forward=..., torch_train_step=...,
-    flops=..., twin_max_abs_diff=..., label=...) for one model on one backend."""
+    flops=..., twin_max_abs_diff=..., label=...) for one model on one backend. ``overrides``
+    replace entries of the model's config (``create_model``), for small test models."""
     import minivit
     from minivit import ops
     from minivit.backend import get_backend
@@ -190,7 +191,7 @@ def build(name: str, backend: str, B: int, with_torch: bool):
     rng = np.random.default_rng(0)
     out: dict = {}
     if name.startswith("vilt"):
-        model = minivit.create_model("vilt_b32_mlm", backend=backend, dtype="float32")
+        model = minivit.create_model("vilt_b32_mlm", backend=backend, dtype="float32", **overrides)
         kind = "vilt"
         ids = rng.integers(0, model.vocab_size, (B, TEXT_LEN))
         lengths = rng.integers(TEXT_LEN // 4, TEXT_LEN + 1, B)
@@ -209,7 +210,7 @@ def build(name: str, backend: str, B: int, with_torch: bool):
             model.backward({"pooled": m_g}, input_grad=False)  # the twin's images need none
 
     else:
-        model = minivit.create_model(name, backend=backend, dtype="float32")
+        model = minivit.create_model(name, backend=backend, dtype="float32", **overrides)
         kind = "vit" if name.startswith("vit") else "other"
         images = rng.standard_normal((B, model.in_chans, model.img_size, model.img_size))
         images = images.astype(np.float32)

@@ -2,7 +2,7 @@
 
     python benchmarks/run.py --out DIR [--quick] [--backend numpy cupy] [--ops linear gelu]
                              [--models vit_tiny_patch16_224] [--repeats 5] [--warmup 2]
-                             [--threads 2] [--tf32] [--no-torch] [--no-memory]
+                             [--threads 2] [--tf32] [--no-torch] [--no-memory] [--profile]
 
 ``minivit bench`` is the same command (it calls :func:`execute`).
 """
@@ -66,6 +66,12 @@ def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twins")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing: where a train step's time goes, op by op, beside torch's "
+        "operators (benchmarks/profile_step.py; --models, default ViT-Ti/16; --repeats steps)",
+    )
+    p.add_argument(
         "--gap",
         type=float,
         default=None,
@@ -97,10 +103,10 @@ def config_from_args(args) -> harness.BenchConfig:
 def execute(cfg: harness.BenchConfig, out: str | None = None, log=print) -> dict:
     """Run everything selected by ``cfg``; write the report; return its paths."""
     t0 = time.perf_counter()
+    harness.configure(cfg)  # first: CUPY_TF32 must be set before CuPy is imported
     missing = [b for b in cfg.backends if not harness.impl_available(b)]
     if len(missing) == len(cfg.backends):
         raise SystemExit(f"benchmarks: no requested backend can run here ({', '.join(missing)})")
-    harness.configure(cfg)
     env = harness.environment_info(cfg)
     if out is None:
         out = os.path.join(
@@ -152,7 +158,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    execute(config_from_args(args), args.out)
+    if args.profile:
+        from benchmarks import profile_step
+
+        profile_step.execute(profile_step.args_from_bench(args))
+    else:
+        execute(config_from_args(args), args.out)
     return 0
 
 

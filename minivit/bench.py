@@ -41,6 +41,11 @@ def run(args) -> int:
 
         get_backend(args.backend)  # BackendUnavailable (exit status 2) says what is missing
     bench_run = _benchmarks_package()
+    if args.profile:  # where a train step's time goes, op by op (benchmarks/profile_step.py)
+        from benchmarks import profile_step
+
+        profile_step.execute(profile_step.args_from_bench(args))
+        return 0
     cfg = bench_run.config_from_args(args)
     bench_run.execute(cfg, args.out)
     return 0
