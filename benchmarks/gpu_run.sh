@@ -13,7 +13,9 @@
 #    matplotlib exists).
 #
 # Every step has its own time limit, and the script goes on after a failure, so whatever
-# finished is under $OUT. A limit stops its step with SIGINT (timeout -s INT), as Ctrl-C would:
+# finished is under $OUT. The limits are also cut to a deadline of 560 s after the start (each
+# step is given at most what is left of it, less 20 s), so the whole script ends within one
+# 600-second device call. A limit stops its step with SIGINT (timeout -s INT), as Ctrl-C would:
 # pytest then prints its summary of the tests that ran, and the benchmark writes its whole
 # report of the cases that finished (marked "interrupted"). Tests run in order of importance
 # (the device kernels, the ops, the models, then the rest), so a cut-off run has checked the
@@ -26,12 +28,24 @@ mkdir -p "$OUT"
 export MPLBACKEND=Agg HYPOTHESIS_PROFILE=ci PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 unset CUPY_TF32  # harness.configure sets it (off unless --tf32)
 T0=$(date +%s)
+DEADLINE=$((T0 + 560))
 step() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
+# limit N: N seconds, or what is left before the deadline less 20 s (a stopped step's grace)
+# if that is shorter (at least 1)
+limit() { local left=$((DEADLINE - $(date +%s) - 20)); ((left < $1)) && echo $((left > 1 ? left : 1)) || echo "$1"; }
+# run NAME SECONDS CMD...: CMD under its limit, stopped by SIGINT, then killed 15 s later if it
+# has not finished writing its report (the JSON and markdown come first, the plots last)
+run() {
+  local name=$1 secs; secs=$(limit "$2"); shift 2
+  timeout -s INT -k 15 "$secs" "$@"
+  local rc=$?
+  echo "$name exit status $rc (limit ${secs}s; 124: stopped at the limit, 137: killed after it)"
+}
 
 step "environment"
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
-  python - <<'PY'
+  timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  timeout 60 python - <<'PY'
 import platform, numpy
 print("python", platform.python_version(), "numpy", numpy.__version__)
 for mod in ("cupy", "torch", "scipy", "matplotlib", "threadpoolctl", "hypothesis"):
@@ -45,42 +59,42 @@ PY
 cat "$OUT/env.txt"
 
 step "pip install -e . (no deps, no build isolation)"
-python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.txt" 2>&1 \
+timeout 60 python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.txt" 2>&1 \
   || { echo "pip install failed (see pip.txt); using the checkout on PYTHONPATH"; \
        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
 
 step "pytest --backend cupy (limit 240 s)"
-# The files most worth a device minute first (pytest keeps the order of its file arguments).
-# test_kernels_emulated.py runs the same kernels on the CPU for machines without a GPU: ~1 min
-# that the device's own kernel test, test_kernels_cupy.py, makes redundant here.
-FIRST=$(ls tests/test_kernels_cupy.py tests/test_ops_*.py tests/test_blocks.py tests/test_vit.py \
-  tests/test_vilt.py tests/test_hybrid.py tests/test_sinkhorn.py tests/test_kernels_nvrtc.py)
-REST=$(ls tests/test_*.py | grep -v -x -F -e tests/test_kernels_emulated.py $(printf -- '-e %s ' $FIRST))
-# shellcheck disable=SC2086  # word splitting of the file lists is wanted
-timeout -s INT -k 20 240 python -m pytest --backend cupy -q -p no:cacheprovider \
-  --continue-on-collection-errors --maxfail=25 --durations=20 -rfEs $FIRST $REST \
+# The files most worth a device minute first: pytest keeps the order of its file arguments
+# (a bash array keeps this order; the glob expands in place). test_kernels_emulated.py runs the
+# same kernels on the CPU for machines without a GPU: ~1 min that the device's own kernel
+# test, test_kernels_cupy.py, makes redundant here.
+FIRST=(tests/test_kernels_cupy.py tests/test_ops_*.py tests/test_blocks.py tests/test_vit.py
+       tests/test_vilt.py tests/test_hybrid.py tests/test_sinkhorn.py)
+mapfile -t REST < <(ls tests/test_*.py \
+  | grep -v -x -F -f <(printf '%s\n' tests/test_kernels_emulated.py "${FIRST[@]}"))
+run pytest 240 python -m pytest --backend cupy -q -p no:cacheprovider \
+  --continue-on-collection-errors --maxfail=25 --durations=20 -rfEs "${FIRST[@]}" "${REST[@]}" \
   > "$OUT/pytest_cupy.txt" 2>&1
-echo "pytest exit status $? (124: stopped at its limit)" | tee -a "$OUT/pytest_cupy.txt"
-tail -n 5 "$OUT/pytest_cupy.txt"
+tail -n 6 "$OUT/pytest_cupy.txt"
 
 step "benchmarks on cupy + torch cuda (limit 180 s)"
-timeout -s INT -k 20 180 python benchmarks/run.py --backend cupy --out "$OUT/bench-gpu" \
+run "gpu benchmark" 180 python benchmarks/run.py --backend cupy --out "$OUT/bench-gpu" \
   > "$OUT/bench_gpu.txt" 2>&1
-echo "gpu benchmark exit status $?" | tee -a "$OUT/bench_gpu.txt"
+tail -n 1 "$OUT/bench_gpu.txt"
 
 step "where a train step's time goes, op by op: ViT-Ti/16 and ViT-B/16, batch 64 (limit 45 s)"
-timeout -s INT -k 10 45 python benchmarks/profile_step.py --backend cupy \
+run "gpu profile" 45 python benchmarks/profile_step.py --backend cupy \
   --models vit_tiny_patch16_224 vit_base_patch16_224 --out "$OUT/profile-gpu" \
   > "$OUT/profile_gpu.txt" 2>&1
-echo "gpu profile exit status $?" | tee -a "$OUT/profile_gpu.txt"
+tail -n 1 "$OUT/profile_gpu.txt"
 
 step "quick op benchmarks on numpy + torch cpu, host CPU (limit 50 s)"
-timeout -s INT -k 20 50 python benchmarks/run.py --backend numpy --quick --models --out "$OUT/bench-cpu" \
-  > "$OUT/bench_cpu.txt" 2>&1
-echo "cpu benchmark exit status $?" | tee -a "$OUT/bench_cpu.txt"
+run "cpu benchmark" 50 python benchmarks/run.py --backend numpy --quick --models \
+  --out "$OUT/bench-cpu" > "$OUT/bench_cpu.txt" 2>&1
+tail -n 1 "$OUT/bench_cpu.txt"
 
 step "merged report"
-python -m benchmarks.report "$OUT/bench-gpu/results.json" "$OUT/bench-cpu/results.json" \
+timeout 30 python -m benchmarks.report "$OUT/bench-gpu/results.json" "$OUT/bench-cpu/results.json" \
   --out "$OUT/bench" > "$OUT/report.txt" 2>&1 || cat "$OUT/report.txt"
 grep -E "ViT|ViLT|sinkhorn" "$OUT/bench_gpu.txt" | tail -n 20
 step "done"

@@ -13,7 +13,7 @@ A host clock is never read around GPU work without a synchronize.
 
 Precision: fp32 with TF32 off unless ``configure(tf32=True)``; ``torch.backends.cuda.matmul.
 allow_tf32`` and ``torch.backends.cudnn.allow_tf32`` are set accordingly and ``CUPY_TF32`` is
-set in the environment before CuPy is imported.
+set in the environment before CuPy's first float32 matmul, where CuPy reads it.
 
 Memory: one extra, untimed run per case measures the peak working memory above what was in use
 before it: ``tracemalloc`` for NumPy (NumPy reports its buffers to it), a sampled RSS delta for
@@ -45,6 +45,7 @@ __all__ = [
     "time_callable",
     "time_interleaved",
     "peak_memory",
+    "release_memory",
     "sgemm_ceiling",
     "configure",
     "environment_info",
@@ -84,7 +85,7 @@ _STATE = {"configured": False, "tf32": False, "threads": None, "limiter": None}
 def configure(cfg: BenchConfig) -> dict:
     """Apply precision and thread settings before anything is timed; returns what was applied.
 
-    Must run before CuPy is imported for ``CUPY_TF32`` to take effect.
+    Must run before CuPy's first float32 matmul (CuPy reads ``CUPY_TF32`` then).
     """
     os.environ["CUPY_TF32"] = "1" if cfg.tf32 else "0"
     applied = {"tf32": bool(cfg.tf32), "threads": cfg.threads}
@@ -423,6 +424,22 @@ def _peak_torch_cuda(fn) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def release_memory(device: str) -> None:
+    """After a case that failed (out of memory, say): collect its garbage and give the GPU
+    pools' cached blocks back, so that the next case starts clean."""
+    gc.collect()
+    if device != "cuda":
+        return
+    try:
+        import cupy
+
+        cupy.get_default_memory_pool().free_all_blocks()
+    except Exception:
+        pass
+    if torch_cuda():
+        _import_torch().cuda.empty_cache()
 
 
 def peak_memory(fn, impl: str, device: str) -> tuple[int | None, str]:

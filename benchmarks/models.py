@@ -297,9 +297,11 @@ def run(
                     log(f"models: {name} skipped ({exc})")
                     continue
             B = batch_size(name, device, cfg.quick)
+            built = None  # the last model's arrays go before this one is built
+            harness.release_memory(device)
             try:
                 built = build(name, backend, B, torch_ok)
-            except Exception as exc:  # a model another helper is still writing: skip, say so
+            except Exception as exc:  # out of memory, say: skip, say so
                 log(f"models: {name} on {backend} could not be built: {type(exc).__name__}: {exc}")
                 continue
             for phase in ("forward", "train_step"):
@@ -309,6 +311,7 @@ def run(
                     )
                 except Exception as exc:
                     log(f"models: {name} {phase} on {backend} failed: {type(exc).__name__}: {exc}")
+                    harness.release_memory(device)
     return rows
 
 

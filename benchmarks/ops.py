@@ -242,8 +242,8 @@ def run(
 ) -> list[dict]:
     """Time every selected op on every selected backend, each beside its torch twin.
 
-    Rows are appended to ``rows`` as each case finishes; a case that raises is logged and
-    skipped (as in ``models.run``).
+    Rows are appended to ``rows`` as each case finishes (Sinkhorn's when all its cases have);
+    a case that raises is logged and skipped (as in ``models.run``).
     """
     ceilings = ceilings or {}
     names = [n for n in OP_NAMES if cfg.ops is None or n in cfg.ops]
@@ -264,6 +264,7 @@ def run(
                 except Exception as exc:
                     label = shape_label(op, size)
                     log(f"ops: {op} {label} on {backend} failed: {type(exc).__name__}: {exc}")
+                    harness.release_memory(device)
     if "sinkhorn" in names:
         rows.extend(run_sinkhorn(cfg, log))
     return rows

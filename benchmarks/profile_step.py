@@ -43,6 +43,11 @@ import time
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # before NumPy loads: the OpenBLAS kernels the benchmarks use
+    from minivit.blas_kernels import apply_for_command
+
+    apply_for_command()
+
 from benchmarks import harness, models, report  # noqa: E402
 
 BETWEEN = "(between ops)"
@@ -63,6 +68,7 @@ class OpTimer:
         self.gpu = gpu
         self.records: list[list] = []
         self._open: list[int] = []  # the records of the calls in progress, innermost last
+        self._last = None  # the latest mark: on a GPU, the event every earlier one precedes
         if gpu:
             import cupy
 
@@ -74,6 +80,7 @@ class OpTimer:
             return time.perf_counter()
         ev = self._cupy.cuda.Event()
         ev.record()
+        self._last = ev
         return ev
 
     def seconds(self, start, end) -> float:
@@ -96,9 +103,11 @@ class OpTimer:
         return timed
 
     def collect(self) -> dict:
-        """{name: [calls, self seconds]} over the records so far; clears them."""
-        if self.gpu and self.records:
-            self.records[-1][2].synchronize()  # the last event: every earlier one is done
+        """{name: [calls, self seconds]} over the records so far; clears them. On a GPU it
+        first waits for the latest mark (events on one stream complete in order), so every
+        event read here or afterwards, up to that mark, has completed."""
+        if self.gpu and self._last is not None:
+            self._last.synchronize()
         spans = [self.seconds(start, end) for _, start, end, _ in self.records]
         own = list(spans)
         for i, (_, _, _, parent) in enumerate(self.records):
@@ -191,7 +200,7 @@ def profile_torch(step, device: str, steps: int, warmup: int) -> dict:
     totals = {}
     for e in prof.key_averages():
         if cuda:
-            if str(e.device_type) != "DeviceType.CPU":
+            if e.device_type != torch.autograd.DeviceType.CPU:
                 continue  # the kernels themselves: counted under the operators that launched them
             t = getattr(e, "self_device_time_total", None)
             if t is None:
@@ -284,7 +293,16 @@ def table(prof: dict, top: int) -> list[str]:
 
 def markdown(profiles: list, env: dict, top: int) -> str:
     out = ["# Where a train step's time goes", ""]
-    out += report.environment_lines(env)
+    # the benchmark's environment lines, but this run's own method line (report.py's speaks of
+    # interleaved repeats)
+    out += [ln for ln in report.environment_lines(env) if not ln.startswith("- fp32")]
+    out.append(
+        f"- fp32, TF32 {'on' if env.get('tf32') else 'off'}; {env.get('repeats')} profiled steps "
+        f"per implementation after {env.get('warmup')} warm-up, minivit's then torch's, each "
+        "also timed unprofiled; minivit without batch shards"
+    )
+    if env.get("interrupted"):
+        out.append("- **interrupted** (a time limit): only the models that finished are listed")
     for p in profiles:
         out += ["", f"## {p['label']}, batch {p['batch']}, {p['backend']} ({p['device']})", ""]
         out.append(
@@ -295,9 +313,14 @@ def markdown(profiles: list, env: dict, top: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None:
-    if with_backend:
-        p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        nargs="+",
+        choices=["numpy", "cupy"],
+        default=None,
+        help="backends to profile (default: numpy, plus cupy when a device is present)",
+    )
     p.add_argument("--models", nargs="+", default=["vit_tiny_patch16_224"], metavar="MODEL")
     p.add_argument("--batch", type=int, default=None, help="default 8 on a CPU, 64 on a GPU")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (and unprofiled ones)")
@@ -310,10 +333,12 @@ def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None
 
 
 def args_from_bench(args) -> argparse.Namespace:
-    """This script's options from ``minivit bench --profile``'s (benchmarks/run.py's)."""
-    backend = args.backend[0] if isinstance(args.backend, list) else args.backend
+    """This script's options from ``minivit bench --profile``'s (benchmarks/run.py's): its
+    backends, models, --repeats (the steps), --warmup, --threads, --tf32, --no-torch and --out;
+    the benchmark's other options do not apply to a profile."""
+    backend = args.backend
     return argparse.Namespace(
-        backend=backend or "numpy",
+        backend=[backend] if isinstance(backend, str) else backend,
         models=args.models or ["vit_tiny_patch16_224"],
         batch=None,
         steps=args.repeats or 3,
@@ -327,28 +352,49 @@ def args_from_bench(args) -> argparse.Namespace:
 
 
 def execute(args, log=print) -> dict:
-    """Profile every model in ``args.models``; write profile.json and profile.md; return their
-    paths. ``args`` has the fields of :func:`add_arguments`."""
-    backend = args.backend or "numpy"
+    """Profile every model in ``args.models`` on every backend in ``args.backend``; write
+    profile.json and profile.md; return their paths. ``args`` has the fields of
+    :func:`add_arguments`. A model that raises is logged and skipped; Ctrl-C (SIGINT) writes
+    the profiles that finished, marked as interrupted."""
     cfg = harness.BenchConfig(
-        backends=[backend], tf32=args.tf32, threads=args.threads, torch=not args.no_torch
+        backends=list(args.backend or []),
+        repeats=args.steps,
+        warmup=args.warmup,
+        tf32=args.tf32,
+        threads=args.threads,
+        torch=not args.no_torch,
     )
-    harness.configure(cfg)  # first: CUPY_TF32 must be set before CuPy is imported
-    if not harness.impl_available(backend):
-        raise SystemExit(f"profile: backend {backend} cannot run here")
+    harness.configure(cfg)  # first: CUPY_TF32 is read at CuPy's first float32 matmul
+    if not cfg.backends:
+        cfg.backends = ["numpy"] + (["cupy"] if harness.impl_available("cupy") else [])
+    missing = [b for b in cfg.backends if not harness.impl_available(b)]
+    if missing:
+        raise SystemExit(f"profile: backend {', '.join(missing)} cannot run here")
     env = harness.environment_info(cfg)
-    device = harness.torch_device(backend)
-    torch_ok = cfg.torch and harness.impl_available("torch")
-    torch_ok = torch_ok and (device == "cpu" or harness.torch_cuda())
+    env["minivit_batch_shards"] = False  # profile_minivit turns them off
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", harness.device_tag(env), "profile"
     )
     profiles = []
-    for name in args.models:
-        B = args.batch or models.batch_size(name, device, quick=False)
-        log(f"profiling {name} batch {B} on {backend} ...")
-        profiles.append(profile_model(name, backend, B, args.steps, args.warmup, torch_ok))
-        log("\n".join(table(profiles[-1], args.top)))
+    try:
+        for backend in cfg.backends:
+            device = harness.torch_device(backend)
+            torch_ok = cfg.torch and harness.impl_available("torch")
+            torch_ok = torch_ok and (device == "cpu" or harness.torch_cuda())
+            for name in args.models:
+                B = args.batch or models.batch_size(name, device, quick=False)
+                log(f"profiling {name} batch {B} on {backend} ...")
+                try:
+                    prof = profile_model(name, backend, B, args.steps, args.warmup, torch_ok)
+                except Exception as exc:  # one failure must not cost the other profiles
+                    log(f"profile: {name} on {backend} failed: {type(exc).__name__}: {exc}")
+                    harness.release_memory(device)
+                    continue
+                profiles.append(prof)
+                log("\n".join(table(prof, args.top)))
+    except KeyboardInterrupt:
+        env["interrupted"] = True
+        log(f"interrupted: writing the {len(profiles)} profiles that finished")
     os.makedirs(out, exist_ok=True)
     paths = {"json": os.path.join(out, "profile.json"), "markdown": os.path.join(out, "profile.md")}
     report.write_json(profiles, env, paths["json"])

@@ -399,6 +399,8 @@ def merge(paths: list) -> tuple[list, dict]:
                         "sgemm",
                         "quick",
                         "repeats",
+                        "interrupted",
+                        "elapsed_s",
                     )
                 }
             )

@@ -103,7 +103,7 @@ def config_from_args(args) -> harness.BenchConfig:
 def execute(cfg: harness.BenchConfig, out: str | None = None, log=print) -> dict:
     """Run everything selected by ``cfg``; write the report; return its paths."""
     t0 = time.perf_counter()
-    harness.configure(cfg)  # first: CUPY_TF32 must be set before CuPy is imported
+    harness.configure(cfg)  # first: CUPY_TF32 is read at CuPy's first float32 matmul
     missing = [b for b in cfg.backends if not harness.impl_available(b)]
     if len(missing) == len(cfg.backends):
         raise SystemExit(f"benchmarks: no requested backend can run here ({', '.join(missing)})")
@@ -114,7 +114,43 @@ def execute(cfg: harness.BenchConfig, out: str | None = None, log=print) -> dict
         )
     from benchmarks import models, ops
 
-    # sgemm ceilings of every device in use, for the FLOP/s fractions
+    rows = []  # the groups append to it as each case finishes
+    # Models first (the headline figures), and the JSON written after them. However the run
+    # ends, the report of what it measured is written: stopped by SIGINT (Ctrl-C, or
+    # gpu_run.sh's time limit: timeout -s INT) it says "interrupted"; an error escaping a group
+    # is recorded and raised again after the report is written.
+    os.makedirs(out, exist_ok=True)
+    failure = None
+    try:
+        ceilings, env["sgemm"] = _sgemm_ceilings(cfg, log)
+        if cfg.models is None or cfg.models:
+            log("models:")
+            models.run(cfg, ceilings, log, rows=rows)
+            report.write_json(rows, env, os.path.join(out, "results.json"))
+        if cfg.ops is None or cfg.ops:
+            log("ops:")
+            ops.run(cfg, ceilings, log, rows=rows)
+    except KeyboardInterrupt:
+        env["interrupted"] = True
+        log(f"interrupted: writing the {len(rows)} results measured so far")
+    except Exception as exc:
+        failure = exc
+        env["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"failed ({env['error']}): writing the {len(rows)} results measured so far")
+    env["elapsed_s"] = time.perf_counter() - t0
+    paths = report.write_all(rows, env, out)
+    log(
+        f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plots "
+        f"in {env['elapsed_s']:.0f} s"
+    )
+    if failure is not None:
+        raise failure
+    return paths
+
+
+def _sgemm_ceilings(cfg: harness.BenchConfig, log) -> tuple[dict, dict]:
+    """The measured sgemm FLOP/s of every device in use, for the FLOP/s fractions:
+    ({(backend or "torch", device): FLOP/s}, {label: FLOP/s} for the report)."""
     ceilings, sg = {}, {}
     for b in cfg.backends:
         if not harness.impl_available(b):
@@ -127,31 +163,8 @@ def execute(cfg: harness.BenchConfig, out: str | None = None, log=print) -> dict
             c = harness.sgemm_ceiling(b, "torch", n=cfg.sgemm_n)
             ceilings[("torch", dev)] = c["flops_per_s"]
             sg[f"torch-{dev} (n={c['n']})"] = c["flops_per_s"]
-    env["sgemm"] = sg
     log("sgemm ceilings: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in sg.items()))
-    rows = []  # the groups append to it as each case finishes
-    # Models first (the headline figures), and the JSON written after them. A run stopped by
-    # SIGINT (Ctrl-C, or gpu_run.sh's time limit: timeout -s INT) writes the whole report of
-    # what it measured so far and says so in the environment ("interrupted").
-    os.makedirs(out, exist_ok=True)
-    try:
-        if cfg.models is None or cfg.models:
-            log("models:")
-            models.run(cfg, ceilings, log, rows=rows)
-            report.write_json(rows, env, os.path.join(out, "results.json"))
-        if cfg.ops is None or cfg.ops:
-            log("ops:")
-            ops.run(cfg, ceilings, log, rows=rows)
-    except KeyboardInterrupt:
-        env["interrupted"] = True
-        log(f"interrupted: writing the {len(rows)} results measured so far")
-    env["elapsed_s"] = time.perf_counter() - t0
-    paths = report.write_all(rows, env, out)
-    log(
-        f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plots "
-        f"in {env['elapsed_s']:.0f} s"
-    )
-    return paths
+    return ceilings, sg
 
 
 def main(argv=None) -> int:

@@ -5,8 +5,10 @@ NVRTC compiles to a cubin without a driver or a device. It comes from the ``nvid
 wheel (a test extra on Linux x86-64) or a CUDA toolkit's ``libnvrtc``; where neither exists,
 :data:`LIB` is None and the tests that need it skip with :data:`MISSING` as the reason.
 
-The options are those CuPy 14 adds when it compiles a ``RawKernel`` (``cupy/cuda/compiler.py``):
-``-arch=sm_XX`` (a cubin, not PTX), ``-ftz=true`` and ``--device-as-default-execution-space``.
+The options are those CuPy 14 adds when it compiles a ``RawKernel`` (``cupy/cuda/compiler.py``,
+``cupy/_core/raw.pyx``): ``-arch=sm_XX`` (a cubin, not PTX), ``-std=c++17``, ``-ftz=true`` and
+``--device-as-default-execution-space``; its ``-I`` paths do not matter to kernels that include
+no header.
 ``--ptxas-options=-v`` makes ptxas report each kernel's registers and spills, parsed into
 :class:`Compiled`.
 """
@@ -20,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-CUPY_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+CUPY_OPTIONS = ("-std=c++17", "-ftz=true", "--device-as-default-execution-space")
 
 
 def _candidates():

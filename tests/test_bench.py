@@ -201,6 +201,11 @@ def test_report_merges_result_files(tmp_path):
     merged, env = report.merge([a, b, str(tmp_path / "missing.json")])
     assert len(merged) == len(rows) and env["cpu"] == "a"
     assert env["merged"][0]["cpu"] == "b"
+    # a merged run that was cut off by its time limit still says so in the merged report
+    c = report.write_json(rows[3:], {"cpu": "c", "interrupted": True}, str(tmp_path / "c.json"))
+    merged, env = report.merge([a, c])
+    assert not env.get("interrupted") and env["merged"][0]["interrupted"] is True
+    assert "interrupted" in report.markdown(merged, env)
 
 
 def test_tiny_benchmark_end_to_end(tmp_path, backend):
@@ -285,6 +290,19 @@ def test_an_interrupted_run_writes_what_it_measured(tmp_path, monkeypatch):
         ("layernorm", "backward"),
     }
     assert "interrupted" in open(paths["markdown"]).read()
+
+
+def test_an_error_escaping_a_group_still_writes_the_report_then_raises(tmp_path, monkeypatch):
+    from benchmarks import ops, run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug outside any one case")
+
+    monkeypatch.setattr(ops, "run_sinkhorn", broken)
+    with pytest.raises(RuntimeError, match="outside any one case"):
+        run.execute(_tiny_config(["layernorm", "sinkhorn"]), str(tmp_path), log=lambda *a: None)
+    rows, env = report.load_json(str(tmp_path / "results.json"))
+    assert {r["name"] for r in rows} == {"layernorm"} and "outside any one case" in env["error"]
 
 
 def test_minivit_bench_command_parses_its_options():
