@@ -134,21 +134,25 @@ def test_profile_counts_every_op_call_of_a_train_step(backend):
         assert "torch.profiler" in p["torch"]["method"]
 
 
-def test_profile_command_writes_json_and_markdown(tmp_path):
-    pytest.importorskip("torch")
-    args = argparse.Namespace(
+def _args(tmp_path, models, no_torch=False):
+    """profile_step's options: one step of batch 2 on NumPy, written under tmp_path."""
+    return argparse.Namespace(
         backend=["numpy"],
-        models=["vit_tiny_patch16_224"],
+        models=models,
         batch=2,
         steps=1,
         warmup=0,
         threads=None,
         top=4,
         tf32=False,
-        no_torch=False,
+        no_torch=no_torch,
         out=str(tmp_path),
     )
-    paths = ps.execute(args, log=lambda *a: None)
+
+
+def test_profile_command_writes_json_and_markdown(tmp_path):
+    pytest.importorskip("torch")
+    paths = ps.execute(_args(tmp_path, ["vit_tiny_patch16_224"]), log=lambda *a: None)
     data = json.load(open(paths["json"]))
     (p,) = data["results"]
     assert p["label"] == "ViT-Ti/16" and p["batch"] == 2 and "torch" in p
@@ -178,18 +182,7 @@ def test_an_interrupted_profile_writes_the_models_that_finished(tmp_path, monkey
         return real(name, *args, **SMALL)
 
     monkeypatch.setattr(ps, "profile_model", profile_model)
-    args = argparse.Namespace(
-        backend=["numpy"],
-        models=["vit_tiny_patch16_224", "vit_small_patch16_224"],
-        batch=2,
-        steps=1,
-        warmup=0,
-        threads=None,
-        top=4,
-        tf32=False,
-        no_torch=True,
-        out=str(tmp_path),
-    )
+    args = _args(tmp_path, ["vit_tiny_patch16_224", "vit_small_patch16_224"], no_torch=True)
     paths = ps.execute(args, log=lambda *a: None)
     data = json.load(open(paths["json"]))
     assert [p["model"] for p in data["results"]] == ["vit_tiny_patch16_224"]
