@@ -176,6 +176,9 @@ def adamw_update(p, g, m, v, *, b1, b2, step_size, eps_hat, decay=1.0):
 
 _ROW_COMMON = r"""
 typedef {T} T;
+// Softmax keeps a row of up to 32 * ROW_REGS entries in its warp's registers (longer rows take
+// a loop that reads them again): 16 per lane for float32, 8 for float64 (the same 64 bytes).
+constexpr int ROW_REGS = sizeof(T) == 4 ? 16 : 8;
 __device__ __forceinline__ T warp_sum(T v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -282,6 +285,33 @@ extern "C" __global__ void minivit_softmax_fwd(const T* x, T* y, const bool* __r
         return;
     }
     T mx = xr[first];
+    if (N <= 32 * ROW_REGS) {
+        // The row fits in the warp's registers (lane holds entries lane, lane + 32, ...): x is
+        // read once and y written once. The sums run in the loop path's order, so both paths
+        // give the same bits.
+        T v[ROW_REGS];
+        unsigned valid = 0;  // bit k: entry lane + 32 k exists and may be attended to
+#pragma unroll
+        for (int k = 0; k < ROW_REGS; ++k) {
+            int j = lane + 32 * k;
+            bool ok = j < N && (!kr || kr[j]);
+            v[k] = ok ? xr[j] : mx;
+            valid |= ok ? 1u << k : 0u;
+            mx = v[k] > mx ? v[k] : mx;
+        }
+        mx = warp_max(mx);
+        T s = 0;
+#pragma unroll
+        for (int k = 0; k < ROW_REGS; ++k) {
+            v[k] = (valid >> k) & 1u ? exp((v[k] - mx) * scale) : (T)0;
+            s += v[k];
+        }
+        T inv = (T)1 / warp_sum(s);
+#pragma unroll
+        for (int k = 0; k < ROW_REGS; ++k)
+            if (lane + 32 * k < N) yr[lane + 32 * k] = v[k] * inv;  // after every read: y may be x
+        return;
+    }
     for (int j = lane; j < N; j += 32) mx = (!kr || kr[j]) && xr[j] > mx ? xr[j] : mx;
     mx = warp_max(mx);
     T s = 0;
@@ -303,10 +333,26 @@ extern "C" __global__ void minivit_softmax_bwd(const T* dy, const T* __restrict_
     if (row >= M) return;
     const T* dr = dy + row * N;
     const T* yr = y + row * N;
+    T* xr = dx + row * N;
+    if (N <= 32 * ROW_REGS) {  // dy and y read once, kept in registers (dx may be dy)
+        T d[ROW_REGS], p[ROW_REGS];
+        T s = 0;
+#pragma unroll
+        for (int k = 0; k < ROW_REGS; ++k) {
+            int j = lane + 32 * k;
+            d[k] = j < N ? dr[j] : (T)0;
+            p[k] = j < N ? yr[j] : (T)0;
+            s += d[k] * p[k];
+        }
+        s = warp_sum(s);
+#pragma unroll
+        for (int k = 0; k < ROW_REGS; ++k)
+            if (lane + 32 * k < N) xr[lane + 32 * k] = scale * p[k] * (d[k] - s);
+        return;
+    }
     T s = 0;
     for (int j = lane; j < N; j += 32) s += dr[j] * yr[j];
     s = warp_sum(s);
-    T* xr = dx + row * N;
     for (int j = lane; j < N; j += 32) xr[j] = scale * yr[j] * (dr[j] - s);
 }
 """

@@ -262,8 +262,9 @@ def test_layernorm(dtype, shape, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N", [1, 5, 197, 1100])
+@pytest.mark.parametrize("N", [1, 5, 197, 300, 1100])
 def test_softmax(dtype, N, rng):
+    # 300: in a warp's registers for float32, the loop for float64; 1100: the loop for both
     shape = (2, 9, N) if N < 1000 else (3, N)
     x = _normal(rng, shape, dtype, 8)
     d = _normal(rng, shape, dtype)
@@ -271,6 +272,27 @@ def test_softmax(dtype, N, rng):
     ref = (y, ops.softmax_backward(d, c)[0])
     yk = kernels_cupy.softmax_forward(x)
     _close(ref, (yk, kernels_cupy.softmax_backward(d, yk)), dtype)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "key-mask"])
+def test_softmax_register_and_loop_paths_give_the_same_bits(masked, rng, monkeypatch):
+    """A row that fits in registers is summed in the loop's order: forcing the loop (room for
+    one entry per lane) must not change a bit, forward or backward."""
+    x = _normal(rng, (2, 3, 6, 200), np.float32, 5)
+    d = _normal(rng, (2, 3, 6, 200), np.float32)
+    mask = rng.random((2, 200)) < 0.7 if masked else None
+
+    def run():
+        y = kernels_cupy.softmax_forward(x, 0.3, key_mask=mask)
+        return y, kernels_cupy.softmax_backward(d, y, 0.3)
+
+    in_registers = run()
+    loop = kernels_cupy._ROW_COMMON.replace("sizeof(T) == 4 ? 16 : 8", "1")
+    assert loop != kernels_cupy._ROW_COMMON
+    monkeypatch.setattr(kernels_cupy, "_ROW_COMMON", loop)
+    monkeypatch.setattr(kernels_cupy, "_CACHE", {})
+    for a, b in zip(in_registers, run()):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -312,11 +334,12 @@ def test_row_kernels_on_drawn_shapes(rows, width, dtype, shift, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_softmax_with_a_key_mask(dtype, rng, monkeypatch):
+@pytest.mark.parametrize("N", [45, 600])  # the row in registers, and the loop
+def test_softmax_with_a_key_mask(dtype, N, rng, monkeypatch):
     """Attention's masked softmax: scores (B, H, Nq, N), a (B, N) mask read by each row of its
     sample; masked keys get 0, a sample with no valid key all 0. Under the race checker."""
     monkeypatch.setattr(kernels_cupy, "_cp", lambda: emu.fake_cupy(1, check_races=True))
-    B, H, Nq, N = 3, 2, 5, 45
+    B, H, Nq = 3, 2, 5
     x = _normal(rng, (B, H, Nq, N), dtype, 4)
     mask = np.ones((B, N), bool)
     mask[0, 30:] = False
