@@ -258,7 +258,11 @@ def run(
         for op in names:
             if op == "sinkhorn":
                 continue
+            done = set()  # an op that ignores an axis (cross_entropy: the width) runs once a shape
             for size in sizes(cfg.quick, device == "cuda"):
+                if shape_label(op, size) in done:
+                    continue
+                done.add(shape_label(op, size))
                 try:
                     _time_op(cfg, op, size, backend, device, torch_ok, ceilings, log, rows)
                 except Exception as exc:

@@ -71,6 +71,20 @@ def test_time_interleaved_alternates_cases_after_their_warmups():
     assert out["a"].repeats == 3 and "interleaved" in out["a"].method
 
 
+def test_the_sgemm_ceiling_is_the_fastest_run_not_the_median(monkeypatch):
+    """A busy moment slows some runs of the ceiling's GEMM; the ceiling is the device's best."""
+    times = [0.5, 0.25, 1.0, 0.5, 0.5]
+
+    def fake_time(fn, impl, device, repeats, warmup):
+        assert repeats == 9  # the default
+        return harness.summarize(times, warmup, "fake")
+
+    monkeypatch.setattr(harness, "time_callable", fake_time)
+    c = harness.sgemm_ceiling("numpy", n=8)
+    assert c["seconds"] == 0.25 and c["flops_per_s"] == 2 * 8**3 / 0.25
+    assert c["median_flops_per_s"] == 2 * 8**3 / 0.5
+
+
 def test_peak_memory_on_cpu_sees_a_numpy_buffer():
     import numpy as np
 
@@ -266,6 +280,17 @@ def test_a_failing_case_is_logged_and_the_others_still_run(tmp_path, monkeypatch
     assert {r["name"] for r in rows} == {"layernorm"} and not env.get("interrupted")
     failed = [m for m in logged if "failed" in m]
     assert failed and all("gelu" in m and "simulated" in m for m in failed)
+
+
+def test_an_op_that_ignores_an_axis_runs_once_per_shape(monkeypatch):
+    # the quick sweep's two sizes differ only in width, which cross_entropy does not use
+    from benchmarks import ops
+
+    timed = []
+    monkeypatch.setattr(ops, "_time_op", lambda cfg, op, size, *rest: timed.append((op, size)))
+    ops.run(_tiny_config(["cross_entropy", "layernorm"]), log=lambda *a: None)
+    assert [op for op, _ in timed].count("cross_entropy") == 1
+    assert [op for op, _ in timed].count("layernorm") == len(ops.sizes(True, False)) == 2
 
 
 def test_an_interrupted_run_writes_what_it_measured(tmp_path, monkeypatch):
