@@ -168,9 +168,17 @@ def environment_lines(env: dict) -> list[str]:
             f"torch threads {m.get('torch_threads')}, sgemm {m.get('sgemm')})"
         )
     if env.get("sgemm"):
+        med = env.get("sgemm_median") or {}  # absent in runs before the ceiling was a best run
         lines.append(
-            "- measured sgemm ceilings: "
-            + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in env["sgemm"].items())
+            (
+                "- measured sgemm ceilings (fastest run; median in brackets): "
+                if med
+                else "- measured sgemm ceilings: "
+            )
+            + ", ".join(
+                f"{k} {v / 1e9:.0f}" + (f" ({med[k] / 1e9:.0f})" if k in med else "") + " GFLOP/s"
+                for k, v in env["sgemm"].items()
+            )
         )
     runs = [env] + list(env.get("merged") or [])
     if any(r.get("interrupted") for r in runs):

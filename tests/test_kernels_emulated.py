@@ -262,9 +262,10 @@ def test_layernorm(dtype, shape, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N", [1, 5, 197, 300, 1100])
+@pytest.mark.parametrize("N", [1, 5, 197, 256, 257, 300, 512, 513, 1100])
 def test_softmax(dtype, N, rng):
-    # 300: in a warp's registers for float32, the loop for float64; 1100: the loop for both
+    # A row stays in a warp's registers up to 512 entries in float32, 256 in float64; longer
+    # rows take the loop (300: registers in float32, the loop in float64)
     shape = (2, 9, N) if N < 1000 else (3, N)
     x = _normal(rng, shape, dtype, 8)
     d = _normal(rng, shape, dtype)
@@ -274,12 +275,13 @@ def test_softmax(dtype, N, rng):
     _close(ref, (yk, kernels_cupy.softmax_backward(d, yk)), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "key-mask"])
-def test_softmax_register_and_loop_paths_give_the_same_bits(masked, rng, monkeypatch):
+def test_softmax_register_and_loop_paths_give_the_same_bits(dtype, masked, rng, monkeypatch):
     """A row that fits in registers is summed in the loop's order: forcing the loop (room for
     one entry per lane) must not change a bit, forward or backward."""
-    x = _normal(rng, (2, 3, 6, 200), np.float32, 5)
-    d = _normal(rng, (2, 3, 6, 200), np.float32)
+    x = _normal(rng, (2, 3, 6, 200), dtype, 5)
+    d = _normal(rng, (2, 3, 6, 200), dtype)
     mask = rng.random((2, 200)) < 0.7 if masked else None
 
     def run():
@@ -354,10 +356,11 @@ def test_softmax_with_a_key_mask(dtype, N, rng, monkeypatch):
     assert not got[0, ..., 30:].any() and not got[0, ..., 0].any() and not got[1].any()
 
 
-def test_softmax_scale_and_in_place(rng):
+@pytest.mark.parametrize("N", [77, 600])  # float64 rows in registers, and the loop
+def test_softmax_scale_and_in_place(N, rng):
     """Attention's use (ops/_fast.py): the scale folded in, the scores overwritten in place."""
-    x = _normal(rng, (20, 77), np.float64)
-    d = _normal(rng, (20, 77), np.float64)
+    x = _normal(rng, (20, N), np.float64)
+    d = _normal(rng, (20, N), np.float64)
     y_ref, c = ops.softmax_forward(x * 0.125)
     dx_ref = ops.softmax_backward(d, c)[0] * 0.125
     y = kernels_cupy.softmax_forward(x, 0.125, out=x)
@@ -556,7 +559,7 @@ needs_tsan = pytest.mark.skipif(
 def test_row_kernels_have_no_data_race(monkeypatch, rng):
     """Every row kernel, at a width above a warp, runs race-free under TSan: the layernorm
     backward's column sums over three chunks of rows (blocks run two at a time), softmax in
-    place, as attention uses it."""
+    place, as attention uses it (a row in registers, then a row long enough for the loop)."""
     monkeypatch.setattr(kernels_cupy, "_cp", lambda: emu.fake_cupy(1, check_races=True))
     monkeypatch.setattr(kernels_cupy, "LN_ROWS_PER_CHUNK", 8)
     x = _normal(rng, (20, 70), np.float64)
@@ -564,6 +567,9 @@ def test_row_kernels_have_no_data_race(monkeypatch, rng):
     g, b = _normal(rng, (70,), np.float64), _normal(rng, (70,), np.float64)
     _, mean, rstd = kernels_cupy.layernorm_forward(x, g, b, 1e-6)
     kernels_cupy.layernorm_backward(d, x, mean, rstd, g)
+    y = kernels_cupy.softmax_forward(x, 0.5, out=x)
+    kernels_cupy.softmax_backward(d, y, 0.5, out=d)
+    x, d = _normal(rng, (4, 300), np.float64), _normal(rng, (4, 300), np.float64)
     y = kernels_cupy.softmax_forward(x, 0.5, out=x)
     kernels_cupy.softmax_backward(d, y, 0.5, out=d)
 
