@@ -180,6 +180,32 @@ def test_stabilized_path_matches_pot_and_fast_path(stable_path):
     assert c2.n_run < 1000
 
 
+def test_fast_path_rebuilds_its_kernel_when_the_potentials_rise(monkeypatch):
+    """The CPU path rescales E = exp(logK + f + g) by exp(delta) each half-step, and a product
+    cannot revive an entry that underflowed to 0. On this float32 problem (skewed marginals,
+    small epsilon) the potentials rise by more than the margin after a rebuild: the rebuild
+    must fire, and with it the result equals the stabilized path's. Without it (margin inf)
+    the plan's total came out at 4e11 instead of 1."""
+    import minivit.ops.sinkhorn as sk
+
+    rng = np.random.default_rng(21)
+    C = (rng.random((7, 2)) * 10).astype(np.float32)
+    a, b = rng.random(7) ** 8, rng.random(2) ** 8
+    a, b = (a / a.sum()).astype(np.float32), (b / b.sum()).astype(np.float32)
+    rebuilt, reset = [], sk._FastState.reset
+
+    def counting_reset(self, alpha=None, beta=None):
+        rebuilt.append(alpha is None and beta is None)  # a rebuild of E alone
+        reset(self, alpha, beta)
+
+    monkeypatch.setattr(sk._FastState, "reset", counting_reset)
+    fast, _ = ops.sinkhorn_forward(C, a, b, epsilon=1e-3, n_iters=60)
+    monkeypatch.setattr(sk, "_FAST_CPU_PATH", False)
+    stable, _ = ops.sinkhorn_forward(C, a, b, epsilon=1e-3, n_iters=60)
+    assert sum(rebuilt) > 60 // sk._REANCHOR_EVERY  # more rebuilds than the periodic ones
+    assert np.abs(fast - stable).max() <= 1e-6 and abs(float(fast.sum()) - 1) < 1e-3
+
+
 def test_tiny_epsilon_is_finite_and_non_negative(backend):
     rng = np.random.default_rng(2)
     C = rng.random((2, 8, 11)) * 3
