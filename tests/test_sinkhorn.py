@@ -174,6 +174,12 @@ def test_stabilized_path_matches_pot_and_fast_path(stable_path):
     dP = rng.standard_normal(C.shape)
     for g1, g2 in zip(ops.sinkhorn_backward(dP, cache), ops.sinkhorn_backward(dP, cache_f)):
         assert rel(g1, g2) <= 1e-10
+    # the backward's two ways: every kernel rebuilt (here) and one rescaled (the CPU's)
+    grads = ops.sinkhorn_backward(dP, cache_f)
+    sk._FAST_CPU_PATH = True
+    for g1, g2 in zip(grads, ops.sinkhorn_backward(dP, cache_f)):
+        assert rel(g1, g2) <= 1e-12
+    sk._FAST_CPU_PATH = False
     # the stabilized path with an early stop
     sk._FAST_CPU_PATH = False
     _, c2 = ops.sinkhorn_forward(C, a, b, epsilon=0.5, n_iters=1000, tol=1e-12)
@@ -192,18 +198,44 @@ def test_fast_path_rebuilds_its_kernel_when_the_potentials_rise(monkeypatch):
     C = (rng.random((7, 2)) * 10).astype(np.float32)
     a, b = rng.random(7) ** 8, rng.random(2) ** 8
     a, b = (a / a.sum()).astype(np.float32), (b / b.sum()).astype(np.float32)
-    rebuilt, reset = [], sk._FastState.reset
+    rebuilt, rebuild = [], sk._ScaledKernel.rebuild
 
-    def counting_reset(self, alpha=None, beta=None):
-        rebuilt.append(alpha is None and beta is None)  # a rebuild of E alone
-        reset(self, alpha, beta)
+    def counting_rebuild(self, r=None, c=None):
+        rebuilt.append(r is None and c is None)  # E rebuilt from its own potentials
+        return rebuild(self, r, c)
 
-    monkeypatch.setattr(sk._FastState, "reset", counting_reset)
-    fast, _ = ops.sinkhorn_forward(C, a, b, epsilon=1e-3, n_iters=60)
+    monkeypatch.setattr(sk._ScaledKernel, "rebuild", counting_rebuild)
+    fast, cache = ops.sinkhorn_forward(C, a, b, epsilon=1e-3, n_iters=60)
+    assert sum(rebuilt) > 120 // (2 * sk._REANCHOR_EVERY)  # more than the periodic ones
+    dP = np.random.default_rng(0).standard_normal(C.shape).astype(np.float32)
+    grads_fast = ops.sinkhorn_backward(dP, cache)  # walks one kernel back by rescaling
     monkeypatch.setattr(sk, "_FAST_CPU_PATH", False)
     stable, _ = ops.sinkhorn_forward(C, a, b, epsilon=1e-3, n_iters=60)
-    assert sum(rebuilt) > 60 // sk._REANCHOR_EVERY  # more rebuilds than the periodic ones
     assert np.abs(fast - stable).max() <= 1e-6 and abs(float(fast.sum()) - 1) < 1e-3
+    grads = ops.sinkhorn_backward(dP, cache)  # rebuilds every kernel
+    for g_fast, g in zip(grads_fast, grads):
+        assert rel(g_fast, g) <= 1e-4  # float32, epsilon 1e-3: the cost's gradient is ~1e3
+
+
+def test_fast_backward_rebuilds_its_kernel_when_the_potentials_rise(monkeypatch):
+    """The CPU backward walks one kernel back through the iterations by rescaling. On this
+    float32 problem it must rebuild it on the way (the potentials rise by more than the margin):
+    then it equals the backward that rebuilds every kernel to 5e-5; with no rebuild at all
+    (margin inf, no periodic one) it was 57% off."""
+    import minivit.ops.sinkhorn as sk
+
+    rng = np.random.default_rng(38)
+    C = (rng.random((2, 8, 11)) * 3).astype(np.float32)
+    a, b = rng.random((2, 8)) ** 4, rng.random((2, 11)) ** 4
+    a = (a / a.sum(-1, keepdims=True)).astype(np.float32)
+    b = (b / b.sum(-1, keepdims=True)).astype(np.float32)
+    dP = rng.standard_normal(C.shape).astype(np.float32)
+    _, cache = ops.sinkhorn_forward(C, a, b, epsilon=0.003, n_iters=30)
+    fast = ops.sinkhorn_backward(dP, cache)
+    monkeypatch.setattr(sk, "_FAST_CPU_PATH", False)
+    for g_fast, g in zip(fast, ops.sinkhorn_backward(dP, cache)):
+        if g is not None:
+            assert rel(g_fast, g) <= 5e-4
 
 
 def test_tiny_epsilon_is_finite_and_non_negative(backend):

@@ -172,102 +172,120 @@ def _lse_(buf, axis, xp):
 
 # Tests set this to False to run the max-stabilized path (the one CuPy takes) on NumPy.
 _FAST_CPU_PATH = True
-# How often (in iterations) the CPU path rebuilds its running plan kernel from the potentials.
+# How often (in iterations) the CPU path rebuilds its rescaled kernel from the potentials.
 _REANCHOR_EVERY = 16
 
 
+class _ScaledKernel:
+    """E = exp(logK + r[..., :, None] + c[..., None, :]) for potentials r (rows) and c (columns)
+    that move a little at a time, kept up to date by rescaling (docs/ops/sinkhorn.md).
+
+    Moving r to r' multiplies E by exp(r' - r) along the rows: an exp over n entries and one
+    pass over E, instead of an exp over all n x m (5-10 ns an entry in float64 where NumPy has
+    no vectorised exp). A product cannot bring back an entry that underflowed to 0, so E is
+    rebuilt from logK whenever r and c have risen, above their lowest values since the last
+    rebuild, by more than ``revive`` in all (an entry is at most that much above its lowest
+    value then, so one flushed to 0 is still far below anything that counts), and after
+    ``every`` moves, since each adds a rounding.
+    """
+
+    def __init__(self, logK, xp, every=2 * _REANCHOR_EVERY):
+        self.xp, self.logK, self.every = xp, logK, every
+        self.E = xp.empty_like(logK)  # (..., n, m)
+        # exp underflows below about -708 (float64) / -87 (float32); an entry that counts in a
+        # sum is above about -40 / -20 there, so a smaller rise cannot revive one
+        self.revive = 600.0 if logK.dtype.itemsize == 8 else 60.0
+        self.r = self.c = None
+
+    def rebuild(self, r=None, c=None):
+        """E from logK and the potentials (r, c replace the current ones when given)."""
+        xp = self.xp
+        self.r = self.r if r is None else r
+        self.c = self.c if c is None else c
+        xp.add(self.logK, self.r[..., :, None], out=self.E)
+        self.E += self.c[..., None, :]
+        xp.exp(self.E, out=self.E)
+        self.r_low, self.c_low, self.moves = self.r, self.c, 0
+        return self.E
+
+    def move_rows(self, r):
+        self.E *= self.xp.exp(r - self.r)[..., :, None]
+        self.r, self.r_low = r, self.xp.minimum(self.r_low, r)
+        self._moved()
+
+    def move_cols(self, c):
+        self.E *= self.xp.exp(c - self.c)[..., None, :]
+        self.c, self.c_low = c, self.xp.minimum(self.c_low, c)
+        self._moved()
+
+    def _moved(self):
+        self.moves += 1
+        rise = float((self.r - self.r_low).max() + (self.c - self.c_low).max())
+        if self.moves >= self.every or not rise <= self.revive:  # NaN (from -inf) rebuilds too
+            self.rebuild()
+
+
 class _FastState:
-    """The CPU update: keep the plan's kernel E = exp(logK + f~ + g~) and rescale it.
+    """The CPU update: read each half-step's log-sum-exp off the rescaled plan kernel
+    E = exp(logK + f~ + g~) (a :class:`_ScaledKernel`).
 
-    A half-iteration moves one potential by a vector delta, so E's new value is E times
-    exp(delta) along that axis: an exp over n or m entries and one broadcast multiply, instead
-    of an exp over all n x m (which costs 5-10 ns an entry in float64 where NumPy has no
-    vectorised exp). With the masked sum (a matrix-vector product) that makes two passes over
-    (n, m) per half-iteration instead of five (add, max, subtract, exp, sum). f~ and g~ are the
-    potentials with the -inf of padding replaced by the finite part (beta, alpha), so E stays
-    finite; the masks keep padding out of the sums. E's entries are plan values, at most ~1, so
-    they cannot overflow in a sane state, and a sum that under- or overflows (tiny epsilon,
-    first iterations) is detected and that half-step is redone with the stabilized
-    log-sum-exp (``None`` is returned), after which E is rebuilt (docs/ops/sinkhorn.md).
-
-    A product cannot bring back an entry that underflowed to 0. So E is also rebuilt from logK
-    and the potentials whenever the potentials have risen, since their lowest values after the
-    last rebuild, by more than ``revive`` in all (an entry is at most that much above its lowest
-    value then: below ``revive`` an entry flushed to 0 is still far below anything that
-    counts), and every ``_REANCHOR_EVERY`` iterations, since each product adds rounding.
+    sum_i E_ij over real rows = exp(g~_j) exp(LSE_i(logK_ij + f_i)), so the new potential is
+    g~ - log(sum), and the update moves E's columns to it: a masked sum (a matrix-vector
+    product) and a rescaling, two passes over (n, m) per half-iteration instead of five (add,
+    max, subtract, exp, sum). f~ and g~ are the potentials with the -inf of padding replaced by
+    the finite part (beta, alpha), so E stays finite; the masks keep padding out of the sums.
+    E's entries are plan values, at most ~1, so they cannot overflow in a sane state, and a sum
+    that under- or overflows (tiny epsilon, first iterations) is detected and that half-step is
+    redone with the stabilized log-sum-exp (``None`` is returned), after which E is rebuilt.
     """
 
     def __init__(self, logK, a_b, b_b, la, lb, xp):
-        self.xp, self.logK = xp, logK
+        self.xp = xp
         n, m = logK.shape[-2], logK.shape[-1]
         dtype = logK.dtype
-        self.E = xp.empty_like(logK)  # (..., n, m) exp(logK + f~ + g~)
+        self.kernel = _ScaledKernel(logK, xp)
         # masks as vectors for the matrix-vector sums (1 on real rows/columns, 0 on padding)
         self.ra = xp.ones(n, dtype) if isinstance(a_b, float) else (a_b > 0).astype(dtype)
         self.cb = xp.ones(m, dtype) if isinstance(b_b, float) else (b_b > 0).astype(dtype)
         self.la_f = la if isinstance(la, float) else xp.where(a_b > 0, la, 0).astype(dtype)
         self.lb_f = lb if isinstance(lb, float) else xp.where(b_b > 0, lb, 0).astype(dtype)
         self.tiny, self.huge = (1e-250, 1e250) if dtype.itemsize == 8 else (1e-20, 1e20)
-        # exp underflows below about -708 (float64) / -87 (float32); an entry that counts in a
-        # sum is above about -40 / -20 there, so a rise of less than this cannot revive one
-        self.revive = 600.0 if dtype.itemsize == 8 else 60.0
         self.f_t = xp.zeros(n, dtype)  # (..., n) f~, the finite row potential inside E
         self.g_t = None  # (..., m) g~; E is valid once both are set
-        self.f_low = self.g_low = None  # the potentials' lowest values since E was rebuilt
 
     def _ok(self, s):
         # also False for NaN (inf * 0 from an overflowed padding entry)
         return bool(self.tiny < s.min()) and bool(s.max() < self.huge)
 
     def column_step(self):
-        """alpha = -LSE_i(logK + f) read off E = exp(logK + f~ + g~), or None if out of range.
-
-        sum_i E_ij over real rows = exp(g~_j) exp(LSE_i(logK_ij + f_i)), so
-        alpha = -LSE = g~ - log(sum).
-        """
-        xp = self.xp
+        """alpha = -LSE_i(logK + f) read off E, or None if out of range."""
         if self.g_t is None:
             return None
-        s = (self.ra[..., None, :] @ self.E)[..., 0, :]  # (..., m) column sums of the plan
+        s = (self.ra[..., None, :] @ self.kernel.E)[..., 0, :]  # (..., m) column sums
         if not self._ok(s):
             return None
-        alpha = self.g_t - xp.log(s)  # (..., m)
-        g_new = alpha + self.lb_f
-        self.E *= xp.exp(g_new - self.g_t)[..., None, :]
-        self.g_low = xp.minimum(self.g_low, g_new)
-        self.g_t = g_new
-        self._rebuild_if_risen()
+        alpha = self.g_t - self.xp.log(s)  # (..., m)
+        self.g_t = alpha + self.lb_f
+        self.kernel.move_cols(self.g_t)
         return alpha
 
     def row_step(self):
         """beta = -LSE_j(logK + g) read off E (which holds the new g), or None."""
-        xp = self.xp
-        r = (self.E @ self.cb[..., :, None])[..., 0]  # (..., n) row sums of the plan
+        r = (self.kernel.E @ self.cb[..., :, None])[..., 0]  # (..., n) row sums of the plan
         if not self._ok(r):
             return None
-        beta = self.f_t - xp.log(r)  # (..., n)
-        f_new = beta + self.la_f
-        self.E *= xp.exp(f_new - self.f_t)[..., :, None]
-        self.f_low = xp.minimum(self.f_low, f_new)
-        self.f_t = f_new
-        self._rebuild_if_risen()
+        beta = self.f_t - self.xp.log(r)  # (..., n)
+        self.f_t = beta + self.la_f
+        self.kernel.move_rows(self.f_t)
         return beta
 
-    def _rebuild_if_risen(self):
-        if float((self.f_t - self.f_low).max() + (self.g_t - self.g_low).max()) > self.revive:
-            self.reset()
-
     def reset(self, alpha=None, beta=None):
-        """Take the potentials of a stabilized half-step (if given) and rebuild E from them."""
-        xp = self.xp
+        """Take the potentials of a stabilized half-step and rebuild E from them."""
         if alpha is not None:
             self.g_t = alpha + self.lb_f  # (..., m)
         if beta is not None:
             self.f_t = beta + self.la_f  # (..., n)
-        xp.add(self.logK, self.f_t[..., :, None], out=self.E)
-        self.E += self.g_t[..., None, :]
-        xp.exp(self.E, out=self.E)
-        self.f_low, self.g_low = self.f_t, self.g_t
+        self.kernel.rebuild(self.f_t, self.g_t)
 
 
 def sinkhorn_forward(cost, a=None, b=None, *, epsilon=0.05, n_iters=100, tol=None, check_every=10):
@@ -347,10 +365,6 @@ def sinkhorn_forward(cost, a=None, b=None, *, epsilon=0.05, n_iters=100, tol=Non
                 state.reset(beta=beta)
         betas[t] = beta
         f = beta + la  # (..., n)
-        if fast and state.g_t is not None and t % _REANCHOR_EVERY == _REANCHOR_EVERY - 1:
-            # each rescaling of E adds rounding; rebuilding E from logK and the potentials now
-            # and then keeps long runs as accurate as the stabilized path.
-            state.reset()
 
     alphas, betas = alphas[:n_run], betas[:n_run]
     g = alphas[-1] + lb
@@ -402,11 +416,29 @@ def sinkhorn_backward(dplan, cache):
     row_a = A[..., :, None] if not isinstance(A, float) else A  # (..., n, 1)
 
     buf = xp.empty_like(logK)  # (..., n, m)
+    # Every matrix below is exp(logK + row potential + column potential) for stored potentials
+    # one step apart, so on NumPy one kernel is walked back by rescaling (_ScaledKernel, as in
+    # the forward); CuPy, where exp is no dearer than a multiply, rebuilds each one.
+    kernel = _ScaledKernel(logK, xp) if _FAST_CPU_PATH and xp.__name__ == "numpy" else None
+
+    def exp_kernel(r, c, change):
+        """exp(logK + r[..., :, None] + c[..., None, :]), to be read only. ``change`` says how
+        it differs from the last one: "rows", "cols", "none" or "all"."""
+        if kernel is None:
+            xp.add(logK, r[..., :, None], out=buf)
+            xp.add(buf, c[..., None, :], out=buf)
+            return xp.exp(buf, out=buf)
+        if change == "rows":
+            kernel.move_rows(r)
+        elif change == "cols":
+            kernel.move_cols(c)
+        elif change == "all":
+            kernel.rebuild(r, c)
+        return kernel.E
+
     # Plan: P = a_i b_j Q_ij with Q = exp(logK + beta_T + alpha_T).
-    xp.add(logK, betas[T - 1][..., :, None], out=buf)
-    buf += alphas[T - 1][..., None, :]
-    xp.exp(buf, out=buf)  # Q
-    buf *= dplan  # dP * Q
+    Q = exp_kernel(betas[T - 1], alphas[T - 1], "all")
+    xp.multiply(Q, dplan, out=buf)  # dP * Q
     f_hat = (buf * col_b).sum(-1)  # (..., n)  dL/df_T divided by a
     g_hat = (buf * row_a).sum(-2)  # (..., m)  dL/dg_T divided by b
     dlogK = dplan * cache.plan  # (..., n, m)
@@ -417,10 +449,8 @@ def sinkhorn_backward(dplan, cache):
         # f_t = log a + beta_t,  beta_t = -LSE_j(logK + g_t):  d beta_i / d g_j = -S_ij,
         # S = b_j exp(logK + alpha_t + beta_t) (rows of S sum to 1).
         beta_bar = f_hat * A  # (..., n)
-        xp.add(logK, betas[t][..., :, None], out=buf)
-        buf += alphas[t][..., None, :]
-        xp.exp(buf, out=buf)  # S / b
-        buf *= beta_bar[..., :, None]
+        S_b = exp_kernel(betas[t], alphas[t], "none" if t == T - 1 else "cols")  # S / b
+        xp.multiply(S_b, beta_bar[..., :, None], out=buf)
         g_hat = g_hat - buf.sum(-2)  # (..., m)
         buf *= col_b
         dlogK -= buf
@@ -429,12 +459,10 @@ def sinkhorn_backward(dplan, cache):
         # R = a_i exp(logK + beta_{t-1} + alpha_t) (columns of R sum to 1).
         alpha_bar = g_hat * B  # (..., m)
         if t > 0:
-            xp.add(logK, betas[t - 1][..., :, None], out=buf)
-        else:
-            xp.add(logK, cache.f0[..., :, None], out=buf)  # f_0: 0 or -inf, no a in it
-        buf += alphas[t][..., None, :]
-        xp.exp(buf, out=buf)  # R / a (t > 0) or R (t = 0)
-        buf *= alpha_bar[..., None, :]
+            R_a = exp_kernel(betas[t - 1], alphas[t], "rows")  # R / a
+        else:  # f_0: 0, or -inf on padding (no a in it): rebuilt, not rescaled
+            R_a = exp_kernel(cache.f0, alphas[0], "all")  # R
+        xp.multiply(R_a, alpha_bar[..., None, :], out=buf)
         if t > 0:
             f_hat = -buf.sum(-1)  # (..., n)
             da += f_hat
