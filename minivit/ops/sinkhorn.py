@@ -192,8 +192,9 @@ class _ScaledKernel:
     def __init__(self, logK, xp, every=2 * _REANCHOR_EVERY):
         self.xp, self.logK, self.every = xp, logK, every
         self.E = xp.empty_like(logK)  # (..., n, m)
-        # exp underflows below about -708 (float64) / -87 (float32); an entry that counts in a
-        # sum is above about -40 / -20 there, so a smaller rise cannot revive one
+        # exp leaves the normal range below about -708 (float64) / -87 (float32) and is 0 below
+        # -745 / -104; an entry that counts in a sum of marginals of about unit mass is above
+        # about -40 / -20, so a smaller rise cannot revive one
         self.revive = 600.0 if logK.dtype.itemsize == 8 else 60.0
         self.r = self.c = None
 
@@ -318,6 +319,13 @@ def sinkhorn_forward(cost, a=None, b=None, *, epsilon=0.05, n_iters=100, tol=Non
     dtype = cost.dtype
 
     logK = cost * (-1.0 / epsilon)  # (..., n, m); python float keeps the dtype
+    if not isinstance(a_b, float) and not isinstance(b_b, float):
+        # The CPU path's kernel and the backward's matrices carry finite potentials on padding.
+        # Where a padded row meets a padded column nothing bounds logK + beta + alpha (it
+        # overflowed in float32: NaN gradients), and those entries only ever meet a zero
+        # marginal or a zero adjoint, so they are -inf here: exp gives 0, as it should.
+        pad = (a_b == 0)[..., :, None] & (b_b == 0)[..., None, :]
+        logK = xp.where(pad, -xp.inf, logK).astype(dtype, copy=False)
     buf = xp.empty_like(logK)  # (..., n, m) scratch for every log-sum-exp
     # f starts at 0 on real rows and -inf on padding rows, so a padded problem follows exactly
     # the iterates of the trimmed one (POT starts at 0 everywhere; same thing without padding).
