@@ -261,13 +261,13 @@ def run(
                 continue
             done = set()  # an op that ignores an axis (cross_entropy: the width) runs once a shape
             for size in sizes(cfg.quick, device == "cuda"):
-                if shape_label(op, size) in done:
+                label = shape_label(op, size)
+                if label in done:
                     continue
-                done.add(shape_label(op, size))
+                done.add(label)
                 try:
                     _time_op(cfg, op, size, backend, device, torch_ok, ceilings, log, rows)
                 except Exception as exc:
-                    label = shape_label(op, size)
                     log(f"ops: {op} {label} on {backend} failed: {type(exc).__name__}: {exc}")
                     harness.release_memory(device)
     if "sinkhorn" in names:

@@ -176,6 +176,20 @@ _FAST_CPU_PATH = True
 _REANCHOR_EVERY = 16
 
 
+def _rescales(xp) -> bool:
+    """Whether the CPU's rescaled kernel is used: on NumPy (where a host check is free and
+    float64 exp is dear), unless a test asks for the stabilized path."""
+    return _FAST_CPU_PATH and xp.__name__ == "numpy"
+
+
+def _exp_potentials(logK, r, c, out):
+    """out <- exp(logK + r[..., :, None] + c[..., None, :]), the plan's form for any potentials."""
+    xp = array_module(logK)
+    xp.add(logK, r[..., :, None], out=out)
+    xp.add(out, c[..., None, :], out=out)
+    return xp.exp(out, out=out)
+
+
 class _ScaledKernel:
     """E = exp(logK + r[..., :, None] + c[..., None, :]) for potentials r (rows) and c (columns)
     that move a little at a time, kept up to date by rescaling (docs/ops/sinkhorn.md).
@@ -186,11 +200,12 @@ class _ScaledKernel:
     rebuilt from logK whenever r and c have risen, above their lowest values since the last
     rebuild, by more than ``revive`` in all (an entry is at most that much above its lowest
     value then, so one flushed to 0 is still far below anything that counts), and after
-    ``every`` moves, since each adds a rounding.
+    ``every`` moves, since each adds a rounding. With ``rescale=False`` (CuPy, where exp costs
+    no more than a multiply and the rise check would be a host sync) every move rebuilds.
     """
 
-    def __init__(self, logK, xp, every=2 * _REANCHOR_EVERY):
-        self.xp, self.logK, self.every = xp, logK, every
+    def __init__(self, logK, xp, rescale=True, every=2 * _REANCHOR_EVERY):
+        self.xp, self.logK, self.rescale, self.every = xp, logK, rescale, every
         self.E = xp.empty_like(logK)  # (..., n, m)
         # exp leaves the normal range below about -708 (float64) / -87 (float32) and is 0 below
         # -745 / -104; an entry that counts in a sum of marginals of about unit mass is above
@@ -200,30 +215,35 @@ class _ScaledKernel:
 
     def rebuild(self, r=None, c=None):
         """E from logK and the potentials (r, c replace the current ones when given)."""
-        xp = self.xp
         self.r = self.r if r is None else r
         self.c = self.c if c is None else c
-        xp.add(self.logK, self.r[..., :, None], out=self.E)
-        self.E += self.c[..., None, :]
-        xp.exp(self.E, out=self.E)
+        _exp_potentials(self.logK, self.r, self.c, self.E)
         self.r_low, self.c_low, self.moves = self.r, self.c, 0
+        self.r_rise = self.c_rise = 0.0  # how far each has risen above its low since then
         return self.E
 
     def move_rows(self, r):
+        if not self.rescale:
+            return self.rebuild(r=r)
         self.E *= self.xp.exp(r - self.r)[..., :, None]
         self.r, self.r_low = r, self.xp.minimum(self.r_low, r)
-        self._moved()
+        self.r_rise = float((r - self.r_low).max())
+        return self._moved()
 
     def move_cols(self, c):
+        if not self.rescale:
+            return self.rebuild(c=c)
         self.E *= self.xp.exp(c - self.c)[..., None, :]
         self.c, self.c_low = c, self.xp.minimum(self.c_low, c)
-        self._moved()
+        self.c_rise = float((c - self.c_low).max())
+        return self._moved()
 
     def _moved(self):
         self.moves += 1
-        rise = float((self.r - self.r_low).max() + (self.c - self.c_low).max())
+        rise = self.r_rise + self.c_rise
         if self.moves >= self.every or not rise <= self.revive:  # NaN (from -inf) rebuilds too
             self.rebuild()
+        return self.E
 
 
 class _FastState:
@@ -325,7 +345,7 @@ def sinkhorn_forward(cost, a=None, b=None, *, epsilon=0.05, n_iters=100, tol=Non
         # overflowed in float32: NaN gradients), and those entries only ever meet a zero
         # marginal or a zero adjoint, so they are -inf here: exp gives 0, as it should.
         pad = (a_b == 0)[..., :, None] & (b_b == 0)[..., None, :]
-        logK = xp.where(pad, -xp.inf, logK).astype(dtype, copy=False)
+        xp.copyto(logK, -xp.inf, where=pad)  # in place: logK is this function's own array
     buf = xp.empty_like(logK)  # (..., n, m) scratch for every log-sum-exp
     # f starts at 0 on real rows and -inf on padding rows, so a padded problem follows exactly
     # the iterates of the trimmed one (POT starts at 0 everywhere; same thing without padding).
@@ -340,7 +360,7 @@ def sinkhorn_forward(cost, a=None, b=None, *, epsilon=0.05, n_iters=100, tol=Non
     # On the CPU, a cheaper update that needs a host check per half-iteration (free there);
     # on a GPU that check would be a sync per iteration, so CuPy always takes the max-stabilized
     # log-sum-exp (docs/ops/sinkhorn.md, "Fewer passes on the CPU").
-    fast = _FAST_CPU_PATH and xp.__name__ == "numpy"
+    fast = _rescales(xp)
     if fast:
         state = _FastState(logK, a_b, b_b, la, lb, xp)
     n_run = n_iters
@@ -377,9 +397,7 @@ def sinkhorn_forward(cost, a=None, b=None, *, epsilon=0.05, n_iters=100, tol=Non
     alphas, betas = alphas[:n_run], betas[:n_run]
     g = alphas[-1] + lb
     f = betas[-1] + la
-    xp.add(logK, f[..., :, None], out=buf)
-    buf += g[..., None, :]
-    plan = xp.exp(buf, out=buf)  # (..., n, m)
+    plan = _exp_potentials(logK, f, g, buf)  # (..., n, m)
     if tol is not None and not converged:
         err = float(xp.abs(plan.sum(-2) - b_b).sum(-1).max())
         if not err < tol:
@@ -425,27 +443,11 @@ def sinkhorn_backward(dplan, cache):
 
     buf = xp.empty_like(logK)  # (..., n, m)
     # Every matrix below is exp(logK + row potential + column potential) for stored potentials
-    # one step apart, so on NumPy one kernel is walked back by rescaling (_ScaledKernel, as in
-    # the forward); CuPy, where exp is no dearer than a multiply, rebuilds each one.
-    kernel = _ScaledKernel(logK, xp) if _FAST_CPU_PATH and xp.__name__ == "numpy" else None
-
-    def exp_kernel(r, c, change):
-        """exp(logK + r[..., :, None] + c[..., None, :]), to be read only. ``change`` says how
-        it differs from the last one: "rows", "cols", "none" or "all"."""
-        if kernel is None:
-            xp.add(logK, r[..., :, None], out=buf)
-            xp.add(buf, c[..., None, :], out=buf)
-            return xp.exp(buf, out=buf)
-        if change == "rows":
-            kernel.move_rows(r)
-        elif change == "cols":
-            kernel.move_cols(c)
-        elif change == "all":
-            kernel.rebuild(r, c)
-        return kernel.E
-
-    # Plan: P = a_i b_j Q_ij with Q = exp(logK + beta_T + alpha_T).
-    Q = exp_kernel(betas[T - 1], alphas[T - 1], "all")
+    # one step apart, so one kernel is walked back: by rescaling on NumPy (as in the forward),
+    # rebuilt at every step on CuPy.
+    kernel = _ScaledKernel(logK, xp, rescale=_rescales(xp))
+    # Plan: P = a_i b_j Q_ij with Q = exp(logK + beta_T + alpha_T), which is also S_T / b.
+    Q = kernel.rebuild(betas[T - 1], alphas[T - 1])
     xp.multiply(Q, dplan, out=buf)  # dP * Q
     f_hat = (buf * col_b).sum(-1)  # (..., n)  dL/df_T divided by a
     g_hat = (buf * row_a).sum(-2)  # (..., m)  dL/dg_T divided by b
@@ -457,7 +459,7 @@ def sinkhorn_backward(dplan, cache):
         # f_t = log a + beta_t,  beta_t = -LSE_j(logK + g_t):  d beta_i / d g_j = -S_ij,
         # S = b_j exp(logK + alpha_t + beta_t) (rows of S sum to 1).
         beta_bar = f_hat * A  # (..., n)
-        S_b = exp_kernel(betas[t], alphas[t], "none" if t == T - 1 else "cols")  # S / b
+        S_b = kernel.E if t == T - 1 else kernel.move_cols(alphas[t])  # S / b
         xp.multiply(S_b, beta_bar[..., :, None], out=buf)
         g_hat = g_hat - buf.sum(-2)  # (..., m)
         buf *= col_b
@@ -467,9 +469,9 @@ def sinkhorn_backward(dplan, cache):
         # R = a_i exp(logK + beta_{t-1} + alpha_t) (columns of R sum to 1).
         alpha_bar = g_hat * B  # (..., m)
         if t > 0:
-            R_a = exp_kernel(betas[t - 1], alphas[t], "rows")  # R / a
+            R_a = kernel.move_rows(betas[t - 1])  # R / a
         else:  # f_0: 0, or -inf on padding (no a in it): rebuilt, not rescaled
-            R_a = exp_kernel(cache.f0, alphas[0], "all")  # R
+            R_a = kernel.rebuild(r=cache.f0)  # R
         xp.multiply(R_a, alpha_bar[..., None, :], out=buf)
         if t > 0:
             f_hat = -buf.sum(-1)  # (..., n)
@@ -611,9 +613,9 @@ def ipot_forward(cost, a=None, b=None, *, beta=0.5, n_iters=50, inner_iters=1):
         # that it stays finite; they are never read because sigma/delta are -inf there.
         logQ += xp.where(xp.isfinite(lsig), lsig, 0)[..., :, None]
         logQ += xp.where(xp.isfinite(ldel), ldel, 0)[..., None, :]
-    xp.add(logQ, xp.where(xp.isfinite(lsig), 0, -xp.inf)[..., :, None], out=buf)
-    buf += xp.where(xp.isfinite(ldel), 0, -xp.inf)[..., None, :]
-    plan = xp.exp(buf, out=buf)  # (..., n, m)
+    row_off = xp.where(xp.isfinite(lsig), 0, -xp.inf)  # (..., n): -inf on padding
+    col_off = xp.where(xp.isfinite(ldel), 0, -xp.inf)  # (..., m)
+    plan = _exp_potentials(logQ, row_off, col_off, buf)  # (..., n, m)
     cache = Cache(
         shape=tuple(cost.shape),
         dtype=cost.dtype,
