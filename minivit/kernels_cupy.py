@@ -358,24 +358,56 @@ extern "C" __global__ void minivit_softmax_bwd(const T* dy, const T* __restrict_
 """
 
 _QKV_GRAD = r"""
+// A tile of 32 tokens x 32 entries of one head, moved by a block of 32 x 8 threads.
+constexpr int QKV_TILE = 32;
+constexpr int QKV_ROWS = 8;
 extern "C" __global__ void minivit_qkv_grad(const T* __restrict__ dq, const T* __restrict__ dkt,
-        const T* __restrict__ dvt, T* __restrict__ dqkv, long long total, int N, int H, int hd) {
-    // dqkv (B, N, 3, H, hd), the gradient of attention's qkv rows [q; k; v], from
-    // dq (B, H, N, hd) and dK^T, dV^T (B, H, hd, N). One thread per entry of dqkv, in its order.
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    int e = i % hd;
-    long long r = i / hd;
-    int h = r % H;
-    r /= H;
-    int part = r % 3;
-    r /= 3;
-    int n = r % N;
-    long long head = (r / N) * H + h;  // (b, h)
-    if (part == 0) dqkv[i] = dq[(head * N + n) * hd + e];
-    else dqkv[i] = (part == 1 ? dkt : dvt)[(head * hd + e) * N + n];
+        const T* __restrict__ dvt, T* __restrict__ dqkv, int N, int H, int hd, int n_tiles,
+        int e_tiles, long long heads) {
+    // dqkv (B, N, 3, H, hd), the gradient of attention's qkv rows [q; k; v], from dq
+    // (B, H, N, hd) and dK^T, dV^T (B, H, hd, N). Block = (part, head, token tile, entry tile).
+    // A warp writes 32 consecutive entries of one token's row of dqkv. For dq it also reads 32
+    // consecutive entries; dK^T and dV^T are read along their rows (32 consecutive tokens)
+    // into shared memory and written out transposed, so every global access is coalesced.
+    // (The padding column keeps the transposed reads of the tile off a single bank.)
+    extern __shared__ unsigned char smem[];
+    T* tile = reinterpret_cast<T*>(smem);  // (QKV_TILE, QKV_TILE + 1)
+    long long b_id = blockIdx.x;
+    int et = b_id % e_tiles;
+    b_id /= e_tiles;
+    int nt = b_id % n_tiles;
+    b_id /= n_tiles;
+    long long head = b_id % heads;  // (b, h)
+    int part = (int)(b_id / heads);  // 0 q, 1 k, 2 v: the same for the whole block
+    int tx = threadIdx.x % QKV_TILE, ty = threadIdx.x / QKV_TILE;
+    int n0 = nt * QKV_TILE, e0 = et * QKV_TILE;
+    long long b = head / H;
+    int h = head % H;
+    // dqkv's entry (b, n, part, h, e0 + tx) for token n
+    T* out = dqkv + (long long)part * H * hd + (long long)h * hd + e0 + tx;
+    long long out_token = 3LL * H * hd;  // the stride between tokens of dqkv
+    if (part == 0) {  // dq is already token-major: a straight copy
+        const T* src = dq + head * N * hd + e0 + tx;
+        for (int r = ty; r < QKV_TILE; r += QKV_ROWS) {
+            int n = n0 + r;
+            if (n < N && e0 + tx < hd) out[(b * N + n) * out_token] = src[(long long)n * hd];
+        }
+        return;  // the whole block: part is uniform, so no thread waits at the barrier below
+    }
+    const T* src = (part == 1 ? dkt : dvt) + head * hd * N;
+    for (int r = ty; r < QKV_TILE; r += QKV_ROWS) {  // row e0 + r of dK^T, tokens n0 + tx
+        int e = e0 + r, n = n0 + tx;
+        if (e < hd && n < N) tile[r * (QKV_TILE + 1) + tx] = src[(long long)e * N + n];
+    }
+    __syncthreads();
+    for (int r = ty; r < QKV_TILE; r += QKV_ROWS) {  // token n0 + r, entries e0 + tx
+        int n = n0 + r;
+        if (n < N && e0 + tx < hd) out[(b * N + n) * out_token] = tile[tx * (QKV_TILE + 1) + r];
+    }
 }
 """
+
+QKV_TILE, QKV_ROWS = 32, 8  # as in the kernel's source
 
 
 RAW = {
@@ -459,17 +491,22 @@ def layernorm_backward(dout, x, mean, rstd, gamma, skip=None):
 
 def qkv_grad(dq, dkt, dvt):
     """dq (B, H, N, hd), dkt and dvt (B, H, hd, N), C-contiguous -> dqkv (B, N, 3 H hd): the
-    three gradients of attention's heads put back in the layout of its qkv rows, one launch."""
+    three gradients of attention's heads put back in the layout of its qkv rows, one launch.
+    dK^T and dV^T are transposed through shared memory, tile by tile, so that both their reads
+    and the writes are coalesced."""
     cp = _cp()
     B, H, N, hd = dq.shape
     dqkv = cp.empty((B, N, 3 * H * hd), dtype=dq.dtype)
-    total = dqkv.size
-    if total:
-        threads = 256
+    if dqkv.size:
+        n_tiles = (N + QKV_TILE - 1) // QKV_TILE
+        e_tiles = (hd + QKV_TILE - 1) // QKV_TILE
+        blocks = 3 * B * H * n_tiles * e_tiles
         _raw("minivit_qkv_grad", dq.dtype)(
-            ((total + threads - 1) // threads,),
-            (threads,),
-            (dq, dkt, dvt, dqkv, cp.int64(total), cp.int32(N), cp.int32(H), cp.int32(hd)),
+            (blocks,),
+            (QKV_TILE * QKV_ROWS,),
+            (dq, dkt, dvt, dqkv, cp.int32(N), cp.int32(H), cp.int32(hd))
+            + (cp.int32(n_tiles), cp.int32(e_tiles), cp.int64(B * H)),
+            shared_mem=QKV_TILE * (QKV_TILE + 1) * dq.dtype.itemsize,
         )
     return dqkv
 

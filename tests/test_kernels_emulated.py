@@ -298,11 +298,19 @@ def test_softmax_register_and_loop_paths_give_the_same_bits(dtype, masked, rng, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_qkv_grad_puts_the_heads_back(dtype, rng, monkeypatch):
-    # (B, H, N, hd) and two (B, H, hd, N) -> (B, N, 3 H hd); a pure copy, so exact. Under the
-    # race checker: one writer per entry.
-    monkeypatch.setattr(kernels_cupy, "_cp", lambda: emu.fake_cupy(1, check_races=True))
-    B, H, N, hd = 2, 3, 7, 5
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 2, 7, 5), (1, 1, 40, 33), (1, 1, 32, 32)],
+    ids=["one-partial-tile", "partial-tiles-on-both-axes", "whole-tiles"],
+)
+def test_qkv_grad_puts_the_heads_back(shape, dtype, rng, monkeypatch):
+    # (B, H, N, hd) and two (B, H, hd, N) -> (B, N, 3 H hd); a pure copy, so exact. Tiles of
+    # 32 tokens x 32 entries: shapes below, across and at the tile size. Under the race
+    # checker (float32; it costs more than the run): the shared tile is written before the
+    # barrier and read after it.
+    races = dtype == np.float32
+    monkeypatch.setattr(kernels_cupy, "_cp", lambda: emu.fake_cupy(1, check_races=races))
+    B, H, N, hd = shape
     dq = _normal(rng, (B, H, N, hd), dtype)
     dkt, dvt = _normal(rng, (B, H, hd, N), dtype), _normal(rng, (B, H, hd, N), dtype)
     want = np.stack((dq, dkt.swapaxes(2, 3), dvt.swapaxes(2, 3)), axis=1)  # (B, 3, H, N, hd)
