@@ -141,9 +141,13 @@ def gelu_forward(x):
     return _elementwise("gelu_fwd")(x)
 
 
-def gelu_backward(dout, x):
-    """dx = dout (Phi(x) + x phi(x)), Phi and phi recomputed from x in the same launch."""
-    return _elementwise("gelu_bwd")(dout, x)
+def gelu_backward(dout, x, out=None):
+    """dx = dout (Phi(x) + x phi(x)), Phi and phi recomputed from x in the same launch;
+    ``out`` may be ``dout`` (each entry is read before it is written)."""
+    if out is None:
+        return _elementwise("gelu_bwd")(dout, x)
+    _elementwise("gelu_bwd")(dout, x, out)
+    return out
 
 
 def bias_gelu_forward(h, b):

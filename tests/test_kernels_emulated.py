@@ -233,6 +233,9 @@ def test_gelu(dtype, rng):
         (kernels_cupy.gelu_forward(x), kernels_cupy.gelu_backward(d, x)),
         dtype,
     )
+    want = kernels_cupy.gelu_backward(d, x)
+    assert kernels_cupy.gelu_backward(d, x, out=d) is d  # in place, as linear_gelu_backward asks
+    np.testing.assert_array_equal(d, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -126,6 +126,41 @@ def test_tanh_matches_torch(backend, shape, scale, seed):
     assert record_torch_err("tanh", *errs) <= 1e-10
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((3, 5), "float64"), ((64, 300), "float32")],  # the second takes NumPy's fast path
+    ids=["generic", "fast-path-size"],
+)
+def test_gelu_backward_into_out_and_into_dout(backend, approximate, shape, dtype):
+    """``out=`` receives the same dx, and may be dout itself (linear_gelu_backward's
+    overwrite_dout, which a model's consuming backward uses)."""
+    r = np.random.default_rng(5)
+    x = backend.asarray(r.standard_normal(shape).astype(dtype) * 2)
+    d = backend.asarray(r.standard_normal(shape).astype(dtype))
+    _, c = ops.gelu_forward(x, approximate=approximate)
+    (want,) = ops.gelu_backward(d, c)
+    out = backend.xp.empty_like(d)
+    assert ops.gelu_backward(d, c, out=out)[0] is out
+    np.testing.assert_array_equal(backend.to_numpy(out), backend.to_numpy(want))
+    assert ops.gelu_backward(d, c, out=d)[0] is d
+    np.testing.assert_array_equal(backend.to_numpy(d), backend.to_numpy(want))
+
+
+def test_linear_gelu_backward_may_overwrite_dout(backend):
+    r = np.random.default_rng(6)
+    x = backend.asarray(r.standard_normal((4, 7, 5)))
+    w, b = backend.asarray(r.standard_normal((9, 5))), backend.asarray(r.standard_normal(9))
+    y, c = ops.linear_gelu_forward(x, w, b)
+    d = backend.asarray(r.standard_normal(y.shape))
+    keep = backend.to_numpy(d).copy()
+    want = ops.linear_gelu_backward(d, c)
+    np.testing.assert_array_equal(backend.to_numpy(d), keep)  # untouched by default
+    got = ops.linear_gelu_backward(d, c, overwrite_dout=True)
+    for g, e in zip(got, want):
+        np.testing.assert_array_equal(backend.to_numpy(g), backend.to_numpy(e))
+
+
 def test_tanh_gradient_in_the_tails(backend):
     # Backward uses 1 - y^2 with y = tanh(x) rounded to float64, so for |x| >> 1 its absolute
     # error is that of y (~eps), while 1 - y^2 itself shrinks like 4 exp(-2|x|): relative errors

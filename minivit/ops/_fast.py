@@ -267,10 +267,11 @@ def gelu_forward_f32(x, derivative=True):
     return out, dydx
 
 
-def multiply(a, b):
-    """a * b (same shape, C-contiguous), blocked over threads."""
+def multiply(a, b, out=None):
+    """a * b (same shape, C-contiguous), blocked over threads; ``out`` may be ``a``."""
     xp = backend_of(a).xp
-    out = xp.empty_like(a)
+    if out is None:
+        out = xp.empty_like(a)
     a2, b2, o2 = _rows(a), _rows(b), _rows(out)
 
     def block(s, e):

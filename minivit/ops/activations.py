@@ -78,28 +78,31 @@ def fused_gelu_cache(x):
     return Cache(x=x, cdf=None, fused=True, approximate="none")
 
 
-def gelu_backward(dout, cache):
+def gelu_backward(dout, cache, *, out=None):
     """Returns (dx,).
 
     exact: d/dx [x Phi(x)] = Phi(x) + x phi(x), phi the standard normal density.
     tanh:  0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 c x^2), t the forward's tanh.
+
+    ``out`` (dout's shape and dtype), when given, receives dx; it may be ``dout`` itself (a
+    caller that has no further use for dout saves an array: ``linear_gelu_backward``).
     """
     check_grad_cache("gelu_backward", cache)
     x = cache.x
     dydx = getattr(cache, "dydx", None)
     xp = backend_of(x if x is not None else dydx).xp
     if cache.approximate == "none":
-        if getattr(cache, "fused", False) and _fast.use_kernels(dout):
-            return (_fast.kernels_cupy.gelu_backward(dout, x),)
+        if getattr(cache, "fused", False) and _fast.use_kernels(dout, out):
+            return (_fast.kernels_cupy.gelu_backward(dout, x, out=out),)
         if getattr(cache, "fused", False):  # a non-contiguous dout: the generic formula
             cdf = backend_of(x).erf(x * _SQRT_HALF)
             cdf += 1.0
             cdf *= 0.5
-            return (dout * (cdf + x * xp.exp(-0.5 * x * x) * _INV_SQRT_2PI),)
+            return (_into(out, dout * (cdf + x * xp.exp(-0.5 * x * x) * _INV_SQRT_2PI)),)
         if dydx is not None:  # made by the fast forward
-            if _fast.use_fast(dout, dydx):
-                return (_fast.multiply(dout, dydx),)
-            return (dout * dydx,)
+            if _fast.use_fast(dout, dydx, out):
+                return (_fast.multiply(dout, dydx, out=out),)
+            return (xp.multiply(dout, dydx, out=out),)
         pdf = xp.multiply(x, x, out=xp.empty_like(x))  # an array even for 0-d x, for out= below
         pdf *= -0.5
         xp.exp(pdf, out=pdf)
@@ -107,7 +110,7 @@ def gelu_backward(dout, cache):
         pdf *= x
         pdf += cache.cdf  # Phi(x) + x phi(x)
         pdf *= dout
-        return (pdf,)
+        return (_into(out, pdf),)
     t = cache.t
     dinner = x * x
     dinner *= 3.0 * _GELU_TANH_C
@@ -120,7 +123,15 @@ def gelu_backward(dout, cache):
     sech2 *= dinner
     sech2 += 0.5 * (t + 1.0)
     sech2 *= dout
-    return (sech2,)
+    return (_into(out, sech2),)
+
+
+def _into(out, dx):
+    """dx, copied into ``out`` when one is given (the paths that make dx in a new array)."""
+    if out is None:
+        return dx
+    out[...] = dx
+    return out
 
 
 def tanh_forward(x):

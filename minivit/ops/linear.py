@@ -93,7 +93,11 @@ def linear_gelu_forward(x, w, b=None, approximate="none"):
     return y, Cache(fc=c_fc, act=c_act)
 
 
-def linear_gelu_backward(dout, cache, *, need_dx=True):
-    """Returns (dx, dw, db) of GELU(x w^T + b): GELU's backward, then the linear layer's."""
-    (dh,) = gelu_backward(dout, cache.act)
+def linear_gelu_backward(dout, cache, *, need_dx=True, overwrite_dout=False):
+    """Returns (dx, dw, db) of GELU(x w^T + b): GELU's backward, then the linear layer's.
+
+    ``overwrite_dout=True`` lets GELU's backward write into ``dout`` (C-contiguous), for a
+    caller that has no further use for it: one (..., Dout) array fewer at that moment.
+    """
+    (dh,) = gelu_backward(dout, cache.act, out=dout if overwrite_dout else None)
     return linear_backward(dh, cache.fc, need_dx=need_dx)
