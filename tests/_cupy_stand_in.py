@@ -165,6 +165,13 @@ def _call(fn, args, kwargs, owner=None):
     orig = tuple(args) + tuple(kwargs.values()) + ((owner,) if owner is not None else ())
     args, kwargs = _device(tuple(args)), {k: _device(v) for k, v in kwargs.items()}
     inputs = list(_arrays(args + tuple(kwargs.values()) + (owner,)))
+    # CuPy's matmul copies some operands first; the copies live until the GEMM is done, beside
+    # the result, so the memory pool counts them for that long (a train step's peak can be there)
+    scratch = (
+        [_allocated(np.empty_like(m)) for m in _matmul_copied(*args[:2])]
+        if (fn is np.matmul)
+        else []
+    )
     r = fn(*args, **kwargs)
     if not _COUNTERS:
         pass
@@ -182,7 +189,9 @@ def _call(fn, args, kwargs, owner=None):
     for a in _arrays(orig):  # a result that is an argument itself: the caller's object
         if isinstance(a, ndarray) and r is a._a:
             return a
-    return _wrap(r, outs, inputs)
+    result = _wrap(r, outs, inputs)
+    del scratch  # after the result's buffer was counted: both existed at once
+    return result
 
 
 def _fresh_results(r, inputs) -> bool:
@@ -241,12 +250,7 @@ def _matmul_launches(a, b, out=None) -> int:
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         return 1
     ndim = max(a.ndim, b.ndim)
-    if ndim <= 2:  # cuBLAS reads a C- or F-contiguous matrix in place (transpose flags)
-        copied = [
-            m for m in (a, b) if m.ndim == 2 and not (m.flags.c_contiguous or m.flags.f_contiguous)
-        ]
-    else:
-        copied = [m for m in (a, b) if m.ndim >= 2 and not m.flags.c_contiguous]
+    copied = _matmul_copied(a, b)
     _count("matmul_copied_bytes", sum(m.nbytes for m in copied))
     n = 1 + len(copied)  # the GEMM and the copies
     if ndim > 2:
@@ -259,6 +263,18 @@ def _matmul_launches(a, b, out=None) -> int:
     if out is not None and not out.flags.c_contiguous:
         n += 1
     return n
+
+
+def _matmul_copied(a=None, b=None) -> list:
+    """The operands of ``matmul(a, b)`` that CuPy 14.2 copies before its GEMM (see
+    :func:`_matmul_launches`)."""
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+        return []
+    if max(a.ndim, b.ndim) <= 2:  # cuBLAS reads a C- or F-contiguous matrix in place
+        return [
+            m for m in (a, b) if m.ndim == 2 and not (m.flags.c_contiguous or m.flags.f_contiguous)
+        ]
+    return [m for m in (a, b) if m.ndim >= 2 and not m.flags.c_contiguous]
 
 
 def _check_dtype(a: np.ndarray) -> np.ndarray:
