@@ -206,6 +206,7 @@ def build(name: str, backend: str, B: int, with_torch: bool, **overrides):
                 return model.forward(m_ids, m_mask, m_img)["pooled"]
 
         def step():
+            model.zero_grads()  # as the twin's step sets .grad = None
             model.forward(m_ids, m_mask, m_img, train=True)
             model.backward({"pooled": m_g}, input_grad=False)  # the twin's images need none
 
@@ -222,12 +223,13 @@ def build(name: str, backend: str, B: int, with_torch: bool, **overrides):
                 return model.forward(m_img, train=False)
 
         def step():
+            model.zero_grads()  # as the twin's step sets .grad = None
             logits = model.forward(m_img, train=True)
             _, c = ops.cross_entropy_forward(logits, m_lab)
             (dl,) = ops.cross_entropy_backward(be.xp.asarray(1.0, dtype=logits.dtype), c)
             model.backward(dl, input_grad=False)  # as the twin: images need no gradient
 
-    out.update(forward=fwd, train_step=step, flops=model_flops(model, name, B))
+    out.update(forward=fwd, train_step=step, flops=model_flops(model, name, B), model=model)
     if with_torch and kind in ("vit", "vilt"):
         import torch
         import torch.nn.functional as F

@@ -14,7 +14,7 @@ gradient and *accumulates* parameter gradients into ``grads`` under the paramete
         x (..., D) -> (..., D).  fc1 -> GELU -> dropout -> fc2 -> dropout, as timm's Mlp.
         Uses prefix+"fc1.weight" (Hd, D), prefix+"fc1.bias" (Hd,), prefix+"fc2.weight" (D, Hd),
         prefix+"fc2.bias" (D,).  A missing bias key means "no bias".
-    mlp_backward(dout, cache, grads) -> dx
+    mlp_backward(dout, cache, grads, *, release=False) -> dx
 
     block_forward(x, params, prefix, num_heads, *, key_mask=None, eps=1e-6, drop=0.0,
                   drop_path=0.0, rng=None, train=False)
@@ -26,7 +26,8 @@ gradient and *accumulates* parameter gradients into ``grads`` under the paramete
         drop_path: stochastic depth, one keep/drop decision per sample and branch.
         rng: a generator from Backend.rng(seed); needed only when train and a rate > 0.
         cache.attn is the attention probabilities (B, H, N, N).
-    block_backward(dout, cache, grads) -> dx
+    block_backward(dout, cache, grads, *, release=False) -> dx
+        release=True drops each part of the cache once used (encoder_backward's way).
 
     encoder_forward(x, params, prefix, depth, num_heads, **block_options)
         Runs block_forward for prefix+"0.", ..., prefix+f"{depth-1}." (prefix e.g. "blocks." or
@@ -34,6 +35,8 @@ gradient and *accumulates* parameter gradients into ``grads`` under the paramete
         of depth per-block rates.  cache.blocks is the list of
         block caches; cache.blocks[i].attn is block i's attention (B, H, N, N).
     encoder_backward(dout, cache, grads) -> dx
+        Consumes cache.blocks (each block's cache goes once its backward has run, as torch's
+        backward frees its graph); a second call asks for a new forward.
 
     block_param_shapes(prefix, dim, mlp_hidden, qkv_bias=True) -> dict name -> shape
     init_block_params(prefix, dim, mlp_hidden, qkv_bias=True, *, rng) -> dict name -> array
@@ -114,18 +117,26 @@ def mlp_forward(x, params, prefix, *, drop=0.0, rng=None, train=False, approxima
     h, c_d1 = maybe_dropout(h, drop, rng, train)
     out, c_fc2 = ops.linear_forward(h, w2, b2)
     out, c_d2 = maybe_dropout(out, drop, rng, train)  # (..., D)
-    return out, (prefix, c_fc1, c_d1, c_fc2, c_d2)
+    return out, ops.Cache(prefix=prefix, fc1=c_fc1, drop1=c_d1, fc2=c_fc2, drop2=c_d2)
 
 
-def mlp_backward(dout, cache, grads):
-    """Returns dx (..., D); adds fc1/fc2 gradients into grads."""
-    prefix, c_fc1, c_d1, c_fc2, c_d2 = cache
-    dout = maybe_dropout_back(dout, c_d2)
-    dh, dw2, db2 = ops.linear_backward(dout, c_fc2)  # (..., Hd)
+def mlp_backward(dout, cache, grads, *, release=False):
+    """Returns dx (..., D); adds fc1/fc2 gradients into grads.
+
+    ``release=True`` (a block's backward inside encoder_backward) drops fc2's cache, the GELU
+    output, once fc2's backward has run, and lets GELU's backward overwrite dh, fc2's input
+    gradient: two (..., Hd) arrays fewer at the step's peak (both are dead by then).
+    """
+    prefix = cache.prefix
+    dout = maybe_dropout_back(dout, cache.drop2)
+    dh, dw2, db2 = ops.linear_backward(dout, cache.fc2)  # (..., Hd)
+    if release:
+        cache.fc2 = None
     accumulate(grads, prefix + "fc2.weight", dw2)
     accumulate(grads, prefix + "fc2.bias", db2)
-    dh = maybe_dropout_back(dh, c_d1)
-    dx, dw1, db1 = ops.linear_gelu_backward(dh, c_fc1)  # through GELU, then fc1: (..., D)
+    dh = maybe_dropout_back(dh, cache.drop1)
+    # through GELU, then fc1: (..., D)
+    dx, dw1, db1 = ops.linear_gelu_backward(dh, cache.fc1, overwrite_dout=release)
     accumulate(grads, prefix + "fc1.weight", dw1)
     accumulate(grads, prefix + "fc1.bias", db1)
     return dx
@@ -187,20 +198,30 @@ def block_forward(
     return out, cache
 
 
-def block_backward(dout, cache, grads):
-    """Returns dx (B, N, D); adds every block parameter's gradient into grads."""
+def block_backward(dout, cache, grads, *, release=False):
+    """Returns dx (B, N, D); adds every block parameter's gradient into grads.
+
+    ``release=True`` (encoder_backward) drops each part of ``cache`` once it has been used, so
+    that the activations of the MLP are gone while the attention's backward runs.
+    """
     prefix = cache.prefix
     # out = x1 + mlp(norm2(x1)): the skip passes dout straight to x1, the branch goes through mlp.
     dm = dout if cache.path_mlp is None else dout * cache.path_mlp
-    dh2 = mlp_backward(dm, cache.mlp, grads)  # (B, N, D)
+    dh2 = mlp_backward(dm, cache.mlp, grads, release=release)  # (B, N, D)
+    if release:
+        cache.mlp = None
     # dx1 = dx_skip + dx_branch: the norm's backward adds the skip's dout in the same pass
     dx1, dg2, db2 = ops.layernorm_backward(dh2, cache.ln2, skip=dout)  # (B, N, D)
+    if release:
+        cache.ln2 = None
     accumulate(grads, prefix + "norm2.weight", dg2)
     accumulate(grads, prefix + "norm2.bias", db2)
     # x1 = x + attn(norm1(x)): the same pattern once more.
     da = dx1 if cache.path_attn is None else dx1 * cache.path_attn
     da = maybe_dropout_back(da, cache.drop_attn)
     dh, dw_qkv, db_qkv, dw_proj, db_proj = ops.attention_backward(da, cache.attn_cache)
+    if release:
+        cache.attn_cache = cache.attn = None
     accumulate(grads, prefix + "attn.qkv.weight", dw_qkv)
     accumulate(grads, prefix + "attn.qkv.bias", db_qkv)
     accumulate(grads, prefix + "attn.proj.weight", dw_proj)
@@ -238,14 +259,26 @@ def encoder_forward(x, params, prefix, depth, num_heads, *, drop_path=0.0, **blo
 
 
 def encoder_backward(dout, cache, grads):
-    """Returns dx (B, N, D); the blocks in reverse order."""
+    """Returns dx (B, N, D); the blocks in reverse order.
+
+    Consumes ``cache.blocks``: each block's cache is dropped as soon as its backward has run, so
+    the memory held falls as the backward proceeds (torch's backward frees its graph the same
+    way). The peak of a train step is then the forward's activations, not those plus every
+    parameter gradient; a second backward needs a new forward.
+    """
     if cache.blocks is None:
         raise RuntimeError(
             "encoder_backward: the forward ran under no_grad() and kept no block caches"
         )
+    if any(c is None for c in cache.blocks):
+        raise RuntimeError(
+            "encoder_backward: these block caches were consumed by an earlier backward; run the "
+            "forward again"
+        )
     dx = dout
-    for c in reversed(cache.blocks):
-        dx = block_backward(dx, c, grads)
+    for i in reversed(range(len(cache.blocks))):
+        block, cache.blocks[i] = cache.blocks[i], None  # consumed: only this call holds it now
+        dx = block_backward(dx, block, grads, release=True)
     return dx
 
 

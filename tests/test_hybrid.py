@@ -231,7 +231,7 @@ def test_no_head_returns_features(backend):
 
 def test_bad_input(backend):
     m = tiny(backend)
-    with pytest.raises(RuntimeError, match="before forward"):
+    with pytest.raises(RuntimeError, match="needs the cache of a forward"):
         HybridViT(**CFG, backend=backend).backward(backend.xp.ones((1, 3)))
     with pytest.raises(ValueError, match=r"\(B, 2, 8, 8\).*got \(1, 3, 8, 8\)"):
         m.forward(backend.xp.zeros((1, 3, 8, 8)))

@@ -35,13 +35,16 @@ def _images(b, size=8, seed=1):
 
 
 def _run(model, images, shards, threads, train=True):
-    """forward + backward of sum(logits * r); -> (logits, dimages, grads, cache)."""
+    """forward + backward of sum(logits * r); -> (logits, dimages, grads, the forward's cache,
+    which the backward consumed)."""
     sharding.set_enabled(shards)
     _parallel.set_num_threads(threads)
     out = model.forward(images, train=train)
+    cache = model._cache
     r = np.random.default_rng(2).standard_normal(out.shape)
     dimages = model.backward(r)
-    return out, dimages, dict(model.grads), model._cache
+    assert model._cache is None
+    return out, dimages, dict(model.grads), cache
 
 
 @pytest.mark.parametrize("threads, batch", [(2, 5), (3, 7), (2, 2)])
@@ -119,10 +122,11 @@ def _vilt_run(model, shards):
     pix[1, :, 8:] = False  # a narrower image: its own position-embedding resampling
     sharding.set_enabled(shards)
     out = model.forward(ids, tmask, images, be.asarray(pix))
+    cache = model._cache
     r = np.random.default_rng(3)
     grads = {k: r.standard_normal(out[k].shape) for k in ("text_feats", "image_feats", "pooled")}
     dimages = model.backward(grads)
-    return out, dimages, dict(model.grads), model._cache
+    return out, dimages, dict(model.grads), cache
 
 
 def test_vilt_shards_match_whole_batch():
@@ -254,8 +258,10 @@ def test_shards_keep_no_gradients_after_the_sum():
     _parallel.set_num_threads(2)
     m = _vit()
     m.forward(_images(4))
+    run = m._cache
     m.backward(np.ones((4, 5)))
-    assert all(sh.grads == {} for sh in m._cache.shards)
+    assert all(sh.grads == {} for sh in run.shards)
+    assert m._cache is None and all(sh._cache.encoder.blocks == [None] * 2 for sh in run.shards)
     assert set(m.grads) == set(m.params)
 
 

@@ -209,7 +209,7 @@ def test_state_dict_roundtrip_and_errors(backend):
 
 def test_bad_input(backend):
     v = tiny(backend)
-    with pytest.raises(RuntimeError, match="before forward"):
+    with pytest.raises(RuntimeError, match="needs the cache of a forward"):
         v.backward(backend.xp.ones((1, 3)))
     with pytest.raises(ValueError, match=r"\(B, 2, 4, 4\).*got \(1, 3, 4, 4\)"):
         v.forward(backend.xp.zeros((1, 3, 4, 4)))

@@ -239,6 +239,9 @@ def sharded_forward(batched, check=None):
             bounds = None
             if len(shape) >= 1:  # not an array: the whole forward's own checks say so
                 bounds = shard_bounds(self, shape[0], self.forward_draws_random(named))
+            # The last run's cache goes before this run builds its own: in a training loop the
+            # two would otherwise be alive together, twice the activations at the peak.
+            self._cache = None
             if bounds is None:  # the method checks its inputs itself
                 out = _run_whole(whole, self, *args, **kwargs)
                 if not grad_enabled():  # inference: the method's cache is not kept
@@ -246,7 +249,6 @@ def sharded_forward(batched, check=None):
                 return out
             if check is not None:  # before the cut, so that errors name the caller's shapes
                 check(self, named)
-            self._cache = None  # the shards must not carry the last run's caches along
             shards = []
             for _ in bounds:
                 shard = copy.copy(self)
@@ -283,8 +285,14 @@ def sharded_backward(method):
     @functools.wraps(method)
     def backward(self, grad, **options):
         run = self._cache
+        if run is not None:
+            # backward overwrites the gradients: the last ones go now, not after the new ones
+            # exist (torch's optimizer.zero_grad(set_to_none=True) does the same for a step)
+            self.grads = {}
         if not isinstance(run, ShardedRun):
-            return whole(self, grad, **options)
+            out = whole(self, grad, **options)
+            self._cache = None  # consumed (encoder_backward dropped the blocks' part already)
+            return out
         batch = run.bounds[-1][1]
         for name, leaf in _leaves(grad, "grad"):
             if leaf.shape[0] != batch:
@@ -300,6 +308,7 @@ def sharded_backward(method):
         self.grads = sum_grads([sh.grads for sh in run.shards], list(self.params))
         for shard in run.shards:  # the total lives in self.grads; drop the per-shard copies
             shard.grads = {}
+        self._cache = None  # consumed, with the shards' own caches
         return join(self.backend.xp, outs)
 
     return backward

@@ -472,8 +472,9 @@ class ViLT(Model):
         c = self._cache
         if c is None:
             raise RuntimeError(
-                "backward called before forward, or after a forward under no_grad() (which "
-                "keeps no cache): run forward(...) with gradients on first"
+                "backward needs the cache of a forward run with gradients on: none has run "
+                "since the last backward (each backward consumes its forward's cache, as "
+                "torch's frees its graph), or it ran under no_grad(); run forward(...) first"
             )
         unknown = set(grads) - {"text_feats", "image_feats", "pooled"}
         if unknown:
@@ -499,6 +500,7 @@ class ViLT(Model):
         dz, g["transformer.norm.weight"], g["transformer.norm.bias"] = ops.layernorm_backward(
             dz, c.norm
         )
+        c.norm = None  # consumed, as the blocks' caches will be (blocks.encoder_backward)
         dz = encoder_backward(dz, c.encoder, g)  # (B, N, D)
         dt, dv = dz[:, :L], dz[:, L:]  # (B, L, D), (B, I, D)
 

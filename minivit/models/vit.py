@@ -292,8 +292,9 @@ class ViT(Model):
         c = self._cache
         if c is None:
             raise RuntimeError(
-                "no attention maps: no forward has run yet, or the last ran under no_grad(); "
-                "run forward(images) with gradients on first"
+                "no attention maps: no forward has run since the last backward (which consumes "
+                "the cache), or the last ran under no_grad(); run forward(images) with "
+                "gradients on first"
             )
         caches = [sh._cache for sh in c.shards] if isinstance(c, ShardedRun) else [c]
         return [
@@ -311,8 +312,9 @@ class ViT(Model):
         c = self._cache
         if c is None:
             raise RuntimeError(
-                "backward called before forward, or after a forward under no_grad() (which "
-                "keeps no cache): run forward(images) with gradients on first"
+                "backward needs the cache of a forward run with gradients on: none has run "
+                "since the last backward (each backward consumes its forward's cache, as "
+                "torch's frees its graph), or it ran under no_grad(); run forward(images) first"
             )
         xp = self.backend.xp
         g = {}
@@ -328,6 +330,7 @@ class ViT(Model):
             # pooled = x[:, 0]: only the CLS row receives gradient; then the final norm
             dx[:, 0] = dpooled
             dx, g["norm.weight"], g["norm.bias"] = ops.layernorm_backward(dx, c.norm)
+            c.norm = None  # consumed, as the blocks' caches will be (blocks.encoder_backward)
         else:
             # pooled = fc_norm(mean of the N patch rows): each patch row gets 1/N of it
             dpooled, g["fc_norm.weight"], g["fc_norm.bias"] = ops.layernorm_backward(

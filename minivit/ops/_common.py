@@ -33,8 +33,9 @@ __all__ = [
 class Cache(SimpleNamespace):
     """What a forward keeps for its backward: a plain record with named fields.
 
-    Backward reads a cache and never writes to it, so one cache can be replayed (as the gradient
-    checks do).
+    An op's backward reads a cache and never writes to it, so one cache can be replayed (as the
+    gradient checks do). A model's backward consumes its forward's cache instead: it drops each
+    block's part once used (``blocks.encoder_backward``), as torch's backward frees its graph.
     """
 
 

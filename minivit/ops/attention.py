@@ -174,6 +174,7 @@ def attention_backward(dout, cache):
     dk = ds.transpose(0, 1, 3, 2) @ q  # (B, H, N, hd)
 
     dqkv = xp.stack((dq, dk, dv))  # (3, B, H, N, hd)
+    del ds, dp, dq, dk, dv, dctx  # spent: not held through the last GEMMs
     dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * D)  # (B, N, 3D), rows [q; k; v]
     dx, dw_qkv, db_qkv = linear_backward(dqkv, cache.qkv_cache)
     return dx, dw_qkv, db_qkv, dw_proj, db_proj
@@ -193,6 +194,7 @@ def _kernel_backward(dout, cache, xp, B, H, N, hd):
     dq = xp.matmul(ds, k)  # dQ = dS k, (B, H, N, hd)
     dkt = xp.matmul(q.transpose(0, 1, 3, 2), ds)  # dK^T = q^T dS, (B, H, hd, N)
     dqkv = _fast.kernels_cupy.qkv_grad(dq, dkt, dvt)  # (B, N, 3D), rows [q; k; v], one kernel
+    del ds, dq, dkt, dvt, dctx  # spent: not held through the last GEMMs (a step's peak)
     dx, dw_qkv, db_qkv = linear_backward(dqkv, cache.qkv_cache)
     return dx, dw_qkv, db_qkv, dw_proj, db_proj
 
@@ -212,5 +214,6 @@ def _fast_backward(dout, cache, xp, B, H, N, hd):
     _fast.softmax_backward_inplace(ds, p, scale)  # dS = scale * P * (dP - sum(dP P))
     _fast.batched_matmul(ds, k, dq)
     _fast.batched_matmul(ds.transpose(0, 1, 3, 2), q, dk)
+    del ds, dctx  # spent: not held through the last GEMMs (a step's peak)
     dx, dw_qkv, db_qkv = linear_backward(dqkv.reshape(B, N, 3 * D), cache.qkv_cache)
     return dx, dw_qkv, db_qkv, dw_proj, db_proj

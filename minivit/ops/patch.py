@@ -52,9 +52,14 @@ def patch_embed_forward(images, w, b, patch_size):
     check_same_dtype(images=images, w=w, b=b)
     array_module(images, w, b)
 
-    patches = patchify(images, P)  # (B, N, C*P*P)
+    patches = patchify(images, P)  # (B, N, C*P*P), a copy (the reshape follows a transpose)
     out, lin_cache = linear_forward(patches, w.reshape(D, C * P * P), b)  # (B, N, D)
-    return out, Cache(lin_cache=lin_cache, image_shape=images.shape, w_shape=w.shape, P=P)
+    # The cache keeps the images, which the caller holds anyway, instead of this copy of them:
+    # the backward makes the patches again for the one product that reads them (torch's
+    # convolution keeps its input the same way).
+    lin_cache.x = None
+    cache = Cache(lin_cache=lin_cache, images=images, w_shape=w.shape, P=P)
+    return out, cache
 
 
 def patch_embed_backward(dout, cache, *, need_dx=True):
@@ -62,6 +67,8 @@ def patch_embed_backward(dout, cache, *, need_dx=True):
 
     ``need_dx=False`` returns dimages = None and skips its product (images need no gradient
     in training)."""
-    dpatches, dw, db = linear_backward(dout, cache.lin_cache, need_dx=need_dx)  # (B, N, C*P*P)
-    dimages = unpatchify(dpatches, cache.image_shape, cache.P) if need_dx else None
+    lin_cache = Cache(**vars(cache.lin_cache))  # a new record: the cache is never written
+    lin_cache.x = patchify(cache.images, cache.P)  # (B, N, C*P*P), the forward's patches again
+    dpatches, dw, db = linear_backward(dout, lin_cache, need_dx=need_dx)  # (B, N, C*P*P)
+    dimages = unpatchify(dpatches, cache.images.shape, cache.P) if need_dx else None
     return dimages, dw.reshape(cache.w_shape), db

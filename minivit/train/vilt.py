@@ -422,10 +422,14 @@ def train(args, data, model, *, log=print, quiet=False):
                 optim.clip_grad_norm(grads, args.clip)
             opt.step(grads, lr=sched(step))
             itm_pred = be.to_numpy(losses["itm_logits"]).argmax(axis=1)
+            losses = {k: float(losses[k]) for k in ("loss", "itm", "mlm", "wpa")}
+            # This step's gradients, the heads' caches and the model's outputs (which hold
+            # every block's attention maps) are spent: the next forward must not run beside them.
+            model.zero_grads()
+            del grads, cache
             rows = b["itm_labels"] != -100
             acc = float((itm_pred[rows] == b["itm_labels"][rows]).mean())
-            sums["loss"] += float(losses["loss"])
-            for k in ("itm", "mlm", "wpa"):
+            for k in ("loss", "itm", "mlm", "wpa"):
                 sums[k] += losses[k]
             sums["acc"] += acc
             sums["n"] += 1

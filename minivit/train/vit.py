@@ -259,6 +259,7 @@ def train(args, job: DigitsJob = JOB) -> dict:
                 if cfg["clip_grad"]:
                     clip_grad_norm(model.grads, cfg["clip_grad"])
                 opt.step(model.grads, lr=sched(step))
+                model.zero_grads()  # spent: not kept through the next forward
                 loss_sum += loss * len(idx)
                 correct += (logits.argmax(axis=-1) == yb).sum()
                 bar.update(1)
