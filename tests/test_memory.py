@@ -98,14 +98,160 @@ def test_backward_consumes_the_cache(backend, rng):
     first = {k: backend.to_numpy(g) for k, g in v.grads.items()}
     assert v._cache is None
     d = backend.xp.ones((B, 10), dtype=np.float32)
-    with pytest.raises(RuntimeError, match="consumes its forward's cache"):
+    with pytest.raises(RuntimeError, match="the last backward consumed it"):
         v.backward(d)
-    with pytest.raises(RuntimeError, match="since the last backward"):
+    with pytest.raises(RuntimeError, match="cached_attention needs .* the last backward consumed"):
         v.cached_attention()
-    assert set(v.grads) == set(first)  # a refused backward leaves the gradients alone
+    for k, g in v.grads.items():  # a refused backward leaves the gradients alone
+        np.testing.assert_array_equal(backend.to_numpy(g), first[k])
     _step(v, x, y, backend)  # a new forward makes a new cache: the same gradients again
     for k, g in v.grads.items():
         np.testing.assert_allclose(backend.to_numpy(g), first[k], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache's life around errors: a refused call leaves it usable, a failure part-way says so
+
+
+@pytest.fixture(params=[1, 2], ids=["whole", "shards"])
+def threads(request):
+    """The batch whole on one thread, or in two shards (models/sharding.py)."""
+    _parallel.set_num_threads(request.param)  # _one_thread puts the count back
+    return request.param
+
+
+def _grads(v, backend):
+    return {k: backend.to_numpy(g) for k, g in v.grads.items()}
+
+
+def _reference(backend, rng_seed=0):
+    v = _model(backend)
+    x, y = _inputs(backend, np.random.default_rng(rng_seed))
+    _step(v, x, y, backend)
+    return v, x, y, _grads(v, backend)
+
+
+def _dlogits(v, x, y, backend):
+    logits = v.forward(x)
+    _, c = ops.cross_entropy_forward(logits, y)
+    (dl,) = ops.cross_entropy_backward(backend.xp.asarray(1.0, dtype=logits.dtype), c)
+    return dl
+
+
+def _assert_grads(v, backend, want):
+    got = _grads(v, backend)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_a_refused_forward_keeps_the_last_cache(backend, threads):
+    v, x, y, want = _reference(backend)
+    dl = _dlogits(v, x, y, backend)
+    with pytest.raises(TypeError, match="dtype"):
+        v.forward(x.astype(np.float64))  # refused by the input checks
+    with pytest.raises(ValueError, match="shape"):
+        v.forward(x[:, :2])
+    assert len(v.cached_attention()) == CFG["depth"]
+    v.backward(dl, input_grad=False)  # the first forward's cache is still whole
+    _assert_grads(v, backend, want)
+
+
+def test_a_forward_that_fails_part_way_says_so(backend, threads, monkeypatch):
+    v, x, y, _ = _reference(backend)
+    v.forward(x)
+
+    def broken(*a, **k):
+        raise FloatingPointError("block failed")
+
+    monkeypatch.setattr("minivit.models.vit.encoder_forward", broken)
+    with pytest.raises(FloatingPointError, match="block failed"):
+        v.forward(x)
+    with pytest.raises(RuntimeError, match="the last forward raised an error"):
+        v.backward(backend.xp.ones((B, 10), dtype=np.float32))
+
+
+def test_a_backward_that_fails_part_way_drops_the_rest(backend, threads, monkeypatch):
+    """An error inside backward (a GPU's out-of-memory, Ctrl-C) after it has begun to free the
+    cache leaves the cache incomplete: a retry and cached_attention then say so, and a new
+    forward gives the right gradients again."""
+    from minivit import blocks
+
+    v, x, y, want = _reference(backend)
+    dl = _dlogits(v, x, y, backend)
+    calls = []
+    real = blocks.block_backward
+
+    def fails_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second block from the top, after the first was freed
+            raise MemoryError("out of memory")
+        return real(*a, **k)
+
+    monkeypatch.setattr(blocks, "block_backward", fails_once)
+    with pytest.raises(MemoryError):
+        v.backward(dl, input_grad=False)
+    monkeypatch.setattr(blocks, "block_backward", real)
+    with pytest.raises(RuntimeError, match="the last backward raised an error .* incomplete"):
+        v.backward(dl, input_grad=False)
+    with pytest.raises(RuntimeError, match="incomplete"):
+        v.cached_attention()
+    _step(v, x, y, backend)
+    _assert_grads(v, backend, want)
+
+
+def test_a_refused_backward_keeps_the_cache(backend, threads):
+    """A gradient of the wrong shape is refused before anything is freed."""
+    v, x, y, want = _reference(backend)
+    dl = _dlogits(v, x, y, backend)
+    with pytest.raises(ValueError):
+        v.backward(dl[:, :3], input_grad=False)
+    v.backward(dl, input_grad=False)
+    _assert_grads(v, backend, want)
+
+
+def test_a_gradient_is_taken_in_the_models_dtype(backend, threads):
+    """As torch casts a gradient to its output's dtype: a float64 dlogits gives the float32
+    model's float32 gradients (GELU's backward, writing over its gradient, once made them
+    float64)."""
+    v, x, y, want = _reference(backend)
+    dl = _dlogits(v, x, y, backend)
+    dimages = v.backward(dl.astype(np.float64))
+    assert dimages.dtype == np.float32
+    assert {str(g.dtype) for g in v.grads.values()} == {"float32"}
+    _assert_grads(v, backend, want)
+
+
+def test_vilt_a_backward_that_fails_part_way_drops_the_rest(backend, monkeypatch):
+    from minivit import ViLT, blocks
+
+    m = ViLT(vocab_size=50, max_text_len=6, img_size=16, patch_size=8, embed_dim=16, depth=2,
+             num_heads=2, seed=0, backend=backend.name)  # fmt: skip
+    r = np.random.default_rng(0)
+    ids = backend.asarray(r.integers(0, 50, (2, 6)))
+    mask = backend.asarray(np.ones((2, 6), bool))
+    img = backend.asarray(r.standard_normal((2, 3, 16, 16)).astype(np.float32))
+    out = m.forward(ids, mask, img)
+    grads = dict(pooled=backend.xp.ones_like(out["pooled"]))
+    with pytest.raises(ValueError, match="takes gradients for"):
+        m.backward(dict(grads, logits=out["pooled"]))  # refused: the cache stays
+    calls = []
+    real = blocks.block_backward
+
+    def fails_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory")
+        return real(*a, **k)
+
+    monkeypatch.setattr(blocks, "block_backward", fails_once)
+    with pytest.raises(MemoryError):
+        m.backward(grads)
+    monkeypatch.setattr(blocks, "block_backward", real)
+    with pytest.raises(RuntimeError, match="incomplete"):
+        m.backward(grads)
+    m.forward(ids, mask, img)
+    m.backward(grads)  # a new forward, a whole backward
 
 
 def test_a_consumed_encoder_cache_is_refused_with_a_reason(backend, rng):

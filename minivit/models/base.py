@@ -46,6 +46,7 @@ class Model:
         self.params = {}
         self.grads = {}
         self._cache = None
+        self._no_cache = "new"  # why there is no cache, while there is none (_no_cache_error)
 
     # ------------------------------------------------------------------------------------------
     # parameters
@@ -79,11 +80,45 @@ class Model:
                 self.rng = new.rng(int(old.to_numpy(self.rng.integers(0, 2**31 - 1))))
             self.backend = new
         self.grads = {}
-        self._cache = None
+        self._drop_cache("moved")
         return self
 
     def zero_grads(self):
         self.grads = {}
+
+    # ------------------------------------------------------------------------------------------
+    # the forward's cache, and why it may be missing
+    #
+    # A forward keeps what backward needs in ``_cache``; backward consumes it (docs/vit.md, "What
+    # a train step holds"). A forward drops the last cache only once its inputs have passed its
+    # checks (``_drop_cache()``), so a refused call leaves the last forward's cache usable. When
+    # there is none, ``_no_cache`` says why, and backward and ``cached_attention`` say it too.
+
+    _NO_CACHE_REASONS = {
+        "new": "no forward has run yet",
+        "dropped": "a forward has begun since",
+        "consumed": "the last backward consumed it (each backward frees its forward's cache, as "
+        "torch's frees its graph)",
+        "no_grad": "the last forward ran under no_grad(), which keeps none",
+        "forward_failed": "the last forward raised an error after it had dropped the previous "
+        "cache",
+        "backward_failed": "the last backward raised an error after it had begun to free the "
+        "cache, so what is left of it is incomplete",
+        "moved": "the model moved to another backend (to()) since",
+    }
+
+    def _drop_cache(self, why="dropped"):
+        """Let go of the forward's cache; ``why`` is a key of ``_NO_CACHE_REASONS``."""
+        self._cache = None
+        self._no_cache = why
+
+    def _no_cache_error(self, what):
+        """The RuntimeError of ``what`` ("backward", ...) when there is no cache."""
+        why = self._NO_CACHE_REASONS[getattr(self, "_no_cache", "new")]
+        return RuntimeError(
+            f"{what} needs the cache of a forward run with gradients on, and there is none: "
+            f"{why}; run the forward again first"
+        )
 
     def num_params(self):
         return sum(int(v.size) for v in self.params.values())

@@ -144,6 +144,17 @@ def _leaves(value, name):
         yield name, value
 
 
+def _cast(value, dtype):
+    """A batched value (an array, or a dict / list / tuple of them) with its arrays in dtype."""
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if hasattr(value, "astype") and getattr(value, "dtype", None) is not None:
+        return value.astype(dtype, copy=False)
+    return value
+
+
 def join(xp, parts):
     """The inverse of :func:`take`: the shards' outputs joined along the batch axis. A list of
     arrays (ViLT's per-block attention maps) becomes a :class:`JoinedList`, joined on access."""
@@ -224,6 +235,11 @@ def sharded_forward(batched, check=None):
     The decorated method runs whole when :func:`shard_bounds` says so (as before: inside
     :func:`minivit._parallel.pool_only`), else once per shard on a shallow copy of the model,
     and returns the shards' outputs joined along the batch axis.
+
+    The method must call ``self._drop_cache()`` once its inputs have passed its checks, before
+    it computes anything: the last forward's cache goes then (never beside the new one), and a
+    refused call leaves it usable. Before the shards run, the decorator does the same after
+    ``check``.
     """
 
     def decorate(method):
@@ -239,16 +255,22 @@ def sharded_forward(batched, check=None):
             bounds = None
             if len(shape) >= 1:  # not an array: the whole forward's own checks say so
                 bounds = shard_bounds(self, shape[0], self.forward_draws_random(named))
-            # The last run's cache goes before this run builds its own: in a training loop the
-            # two would otherwise be alive together, twice the activations at the peak.
-            self._cache = None
-            if bounds is None:  # the method checks its inputs itself
-                out = _run_whole(whole, self, *args, **kwargs)
+            if bounds is None:  # the method checks its inputs, then drops the last cache itself
+                try:
+                    out = _run_whole(whole, self, *args, **kwargs)
+                except BaseException:
+                    if self._cache is None and self._no_cache == "dropped":  # past its checks
+                        self._drop_cache("forward_failed")
+                    raise
                 if not grad_enabled():  # inference: the method's cache is not kept
-                    self._cache = None
+                    self._drop_cache("no_grad")
                 return out
             if check is not None:  # before the cut, so that errors name the caller's shapes
                 check(self, named)
+            # The last run's cache goes before this run builds its own (once the inputs have
+            # passed the checks): in a training loop the two would otherwise be alive together,
+            # twice the activations at the peak.
+            self._drop_cache()
             shards = []
             for _ in bounds:
                 shard = copy.copy(self)
@@ -266,8 +288,15 @@ def sharded_forward(batched, check=None):
 
                 return run
 
-            outs = _run([call(sh, s, e) for sh, (s, e) in zip(shards, bounds)])
-            self._cache = ShardedRun(shards, bounds) if keep else None
+            try:
+                outs = _run([call(sh, s, e) for sh, (s, e) in zip(shards, bounds)])
+            except BaseException:
+                self._drop_cache("forward_failed")
+                raise
+            if keep:
+                self._cache = ShardedRun(shards, bounds)
+            else:
+                self._drop_cache("no_grad")
             return join(self.backend.xp, outs)
 
         return forward
@@ -285,14 +314,28 @@ def sharded_backward(method):
     @functools.wraps(method)
     def backward(self, grad, **options):
         run = self._cache
-        if run is not None:
-            # backward overwrites the gradients: the last ones go now, not after the new ones
-            # exist (torch's optimizer.zero_grad(set_to_none=True) does the same for a step)
-            self.grads = {}
+        if run is None:
+            raise self._no_cache_error("backward")
+        # in the model's dtype, as torch casts a gradient to its output's (a float64 ones for
+        # a float32 model would otherwise make float64 gradients on some paths)
+        grad = _cast(grad, self.dtype)
+        # backward overwrites the gradients: the last ones go now, not after the new ones exist
+        # (torch's optimizer.zero_grad(set_to_none=True) does the same for a step)
+        self.grads = {}
+        try:
+            out = _backward(self, run, grad, options)
+        except BaseException:
+            # An error before the method began to free the cache (a refused gradient) leaves it
+            # whole, ready for another try; one after leaves it incomplete, so it goes.
+            if _consumed(run):
+                self._drop_cache("backward_failed")
+            raise
+        self._drop_cache("consumed")  # with the shards' own caches, if any
+        return out
+
+    def _backward(self, run, grad, options):
         if not isinstance(run, ShardedRun):
-            out = whole(self, grad, **options)
-            self._cache = None  # consumed (encoder_backward dropped the blocks' part already)
-            return out
+            return whole(self, grad, **options)  # encoder_backward dropped the blocks' part
         batch = run.bounds[-1][1]
         for name, leaf in _leaves(grad, "grad"):
             if leaf.shape[0] != batch:
@@ -308,10 +351,23 @@ def sharded_backward(method):
         self.grads = sum_grads([sh.grads for sh in run.shards], list(self.params))
         for shard in run.shards:  # the total lives in self.grads; drop the per-shard copies
             shard.grads = {}
-        self._cache = None  # consumed, with the shards' own caches
         return join(self.backend.xp, outs)
 
     return backward
+
+
+def _consumed(run) -> bool:
+    """Whether a model's backward has begun to free this cache (a ``ShardedRun``: any shard's).
+    A model's backward calls :func:`begin_consuming` on its cache just before the first part
+    goes."""
+    caches = [sh._cache for sh in run.shards] if isinstance(run, ShardedRun) else [run]
+    return any(c is None or getattr(c, "consumed", False) for c in caches)
+
+
+def begin_consuming(cache):
+    """Mark a model's cache as being freed: from here on, an error in backward leaves it
+    incomplete, and the model drops it (see ``sharded_backward``)."""
+    cache.consumed = True
 
 
 def sum_grads(parts, keys):

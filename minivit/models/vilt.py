@@ -35,7 +35,7 @@ from ..blocks import (
 )
 from .base import Model
 from .registry import register_config
-from .sharding import sharded_backward, sharded_forward
+from .sharding import begin_consuming, sharded_backward, sharded_forward
 
 __all__ = ["ViLT", "interpolation_matrix"]
 
@@ -374,6 +374,7 @@ class ViLT(Model):
         tmask, pmask, gh, gw = self._check_inputs(
             input_ids, text_mask, images, image_mask, interpolate_pos_encoding
         )
+        self._drop_cache()  # the last forward's, now that the inputs are accepted (sharding.py)
         p = self.params
         xp = self.backend.xp
         B, L = input_ids.shape
@@ -469,13 +470,7 @@ class ViLT(Model):
         (a missing key counts as zero). Overwrites ``self.grads`` with every parameter's gradient
         (heads the grads do not reach get zeros) and returns dimages (B, C, H, W), or None with
         ``input_grad=False`` (training needs no image gradient)."""
-        c = self._cache
-        if c is None:
-            raise RuntimeError(
-                "backward needs the cache of a forward run with gradients on: none has run "
-                "since the last backward (each backward consumes its forward's cache, as "
-                "torch's frees its graph), or it ran under no_grad(); run forward(...) first"
-            )
+        c = self._cache  # there is one: the decorator has checked (models/sharding.py)
         unknown = set(grads) - {"text_feats", "image_feats", "pooled"}
         if unknown:
             raise ValueError(
@@ -500,6 +495,7 @@ class ViLT(Model):
         dz, g["transformer.norm.weight"], g["transformer.norm.bias"] = ops.layernorm_backward(
             dz, c.norm
         )
+        begin_consuming(c)  # an error from here on leaves the cache incomplete
         c.norm = None  # consumed, as the blocks' caches will be (blocks.encoder_backward)
         dz = encoder_backward(dz, c.encoder, g)  # (B, N, D)
         dt, dv = dz[:, :L], dz[:, L:]  # (B, L, D), (B, I, D)

@@ -31,7 +31,7 @@ from ..blocks import (
 )
 from .base import Model
 from .registry import register_config
-from .sharding import ShardedRun, join, sharded_backward, sharded_forward
+from .sharding import ShardedRun, begin_consuming, join, sharded_backward, sharded_forward
 
 # The forward's batch shards (models/sharding.py): the images carry the batch, checked whole.
 _images_shard = sharded_forward(
@@ -230,6 +230,7 @@ class ViT(Model):
     def _features(self, images, train):
         """forward_features' work: (tokens (B, T, D), cache)."""
         self._check_images(images)
+        self._drop_cache()  # the last forward's, now that the inputs are accepted (sharding.py)
         p = self.params
         xp = self.backend.xp
         B = images.shape[0]
@@ -291,11 +292,7 @@ class ViT(Model):
         list of ``depth`` arrays (B, H, T, T), T = 1 + number of patches."""
         c = self._cache
         if c is None:
-            raise RuntimeError(
-                "no attention maps: no forward has run since the last backward (which consumes "
-                "the cache), or the last ran under no_grad(); run forward(images) with "
-                "gradients on first"
-            )
+            raise self._no_cache_error("cached_attention")
         caches = [sh._cache for sh in c.shards] if isinstance(c, ShardedRun) else [c]
         return [
             join(self.backend.xp, [cc.encoder.blocks[i].attn for cc in caches])
@@ -309,13 +306,7 @@ class ViT(Model):
         The chain rule in reverse order of forward; residuals are added inside block_backward.
         ``input_grad=False`` skips the image gradient (returns None), as training does.
         """
-        c = self._cache
-        if c is None:
-            raise RuntimeError(
-                "backward needs the cache of a forward run with gradients on: none has run "
-                "since the last backward (each backward consumes its forward's cache, as "
-                "torch's frees its graph), or it ran under no_grad(); run forward(images) first"
-            )
+        c = self._cache  # there is one: the decorator has checked (models/sharding.py)
         xp = self.backend.xp
         g = {}
         # head: logits = pooled W^T + b
@@ -330,12 +321,15 @@ class ViT(Model):
             # pooled = x[:, 0]: only the CLS row receives gradient; then the final norm
             dx[:, 0] = dpooled
             dx, g["norm.weight"], g["norm.bias"] = ops.layernorm_backward(dx, c.norm)
+            begin_consuming(c)  # an error from here on leaves the cache incomplete
             c.norm = None  # consumed, as the blocks' caches will be (blocks.encoder_backward)
         else:
             # pooled = fc_norm(mean of the N patch rows): each patch row gets 1/N of it
             dpooled, g["fc_norm.weight"], g["fc_norm.bias"] = ops.layernorm_backward(
                 dpooled, c.fc_norm
             )
+            begin_consuming(c)
+            c.fc_norm = None
             dx[:, 1:] = (dpooled / self.num_patches)[:, None, :]
         # encoder blocks, last to first (each adds its parameter grads into g)
         dx = encoder_backward(dx, c.encoder, g)  # (B, T, D)

@@ -99,5 +99,10 @@ def linear_gelu_backward(dout, cache, *, need_dx=True, overwrite_dout=False):
     ``overwrite_dout=True`` lets GELU's backward write into ``dout`` (C-contiguous), for a
     caller that has no further use for it: one (..., Dout) array fewer at that moment.
     """
-    (dh,) = gelu_backward(dout, cache.act, out=dout if overwrite_dout else None)
+    act = cache.act
+    made = getattr(act, "x", None)
+    made = getattr(act, "dydx", None) if made is None else made  # of the forward's dtype
+    # a dout of another dtype would make dh that dtype only when overwritten: never, then
+    overwrite = overwrite_dout and made is not None and dout.dtype == made.dtype
+    (dh,) = gelu_backward(dout, act, out=dout if overwrite else None)
     return linear_backward(dh, cache.fc, need_dx=need_dx)
