@@ -292,3 +292,17 @@ def test_backward_without_input_grad_gives_the_same_parameter_grads(backend, cls
     assert v.backward(d, input_grad=False) is None
     for k, g in v.grads.items():
         np.testing.assert_array_equal(backend.to_numpy(g), full[k], err_msg=k)
+
+
+def test_the_constructor_takes_api_md_positional_order():
+    """shared/API.md: ViT(img_size, patch_size, in_chans, num_classes, embed_dim, depth,
+    num_heads, mlp_ratio, qkv_bias, eps, dtype, backend, seed); the rest is keyword only."""
+    v = ViT(8, 4, 2, 3, 8, 1, 2, 2.0, False, 1e-5, "float64", "numpy", 7)
+    assert (v.img_size, v.patch_size, v.in_chans, v.num_classes) == (8, 4, 2, 3)
+    assert (v.embed_dim, v.depth, v.num_heads, v.mlp_ratio) == (8, 1, 2, 2.0)
+    assert (v.qkv_bias, v.eps, v.dtype, v.backend.name) == (False, 1e-5, "float64", "numpy")
+    same = ViT(8, 4, 2, 3, 8, 1, 2, 2.0, False, 1e-5, dtype="float64", seed=7)
+    for k in v.params:
+        np.testing.assert_array_equal(v.params[k], same.params[k])
+    with pytest.raises(TypeError):
+        ViT(8, 4, 2, 3, 8, 1, 2, 2.0, False, 1e-5, "float64", "numpy", 7, 0.1)  # drop_rate

@@ -49,6 +49,12 @@ class ViT(Model):
         qkv_bias: timm's meanings. ``num_classes=0`` drops the head (forward returns the pooled
             CLS features (B, D), as timm does).
         eps: layernorm epsilon (timm's ViT uses 1e-6).
+        dtype: "float32" or "float64".
+        backend: a name, a Backend or None ($MINIVIT_BACKEND).
+        seed: seeds the initialisation (always drawn on the host, so every backend starts from
+            the same weights) and the dropout generator.
+
+    Keyword only (the positional order above is the public API's, shared/API.md):
         drop_rate: dropout after the position embedding, the attention projection, in the MLP and
             before the head (timm's drop_rate / proj_drop_rate / pos_drop_rate).
         drop_path_rate: stochastic depth, rising linearly from 0 to this rate over the blocks.
@@ -56,10 +62,6 @@ class ViT(Model):
             (the mean of the patch tokens, then ``fc_norm``; timm's names for it).
         pos_embed_init: "trunc_normal" (timm, std 0.02) or "sincos" (2D sine-cosine codes as the
             starting value; the embedding is learned either way).
-        dtype: "float32" or "float64".
-        backend: a name, a Backend or None ($MINIVIT_BACKEND).
-        seed: seeds the initialisation (always drawn on the host, so every backend starts from
-            the same weights) and the dropout generator.
     """
 
     def __init__(
@@ -74,13 +76,14 @@ class ViT(Model):
         mlp_ratio=4.0,
         qkv_bias=True,
         eps=1e-6,
+        dtype="float32",
+        backend=None,
+        seed=0,
+        *,
         drop_rate=0.0,
         drop_path_rate=0.0,
         global_pool="token",
         pos_embed_init="trunc_normal",
-        dtype="float32",
-        backend=None,
-        seed=0,
     ):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
