@@ -31,7 +31,10 @@ def unpatchify(patches, shape, patch_size):
 
 
 def patch_embed_forward(images, w, b, patch_size):
-    """images (B, C, H, W), w (D, C, P, P), b (D,) or None -> (B, N, D), N = (H/P)(W/P)."""
+    """images (B, C, H, W), w (D, C, P, P), b (D,) or None -> (B, N, D), N = (H/P)(W/P).
+
+    The cache refers to ``images`` (no copy): change them in place before the backward and dW
+    follows the new values (torch's version counter would refuse; arrays here have none)."""
     check_float("images", images)
     if images.ndim != 4:
         raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
