@@ -88,7 +88,10 @@ def configure(cfg: BenchConfig) -> dict:
     Must run before CuPy's first float32 matmul (CuPy reads ``CUPY_TF32`` then).
     """
     os.environ["CUPY_TF32"] = "1" if cfg.tf32 else "0"
-    applied = {"tf32": bool(cfg.tf32), "threads": cfg.threads}
+    from minivit.heap import keep_freed_memory
+
+    # both sides of every comparison run in this process, under the same malloc settings
+    applied = {"tf32": bool(cfg.tf32), "threads": cfg.threads, "malloc": keep_freed_memory()}
     if cfg.threads:
         try:
             from threadpoolctl import threadpool_limits
@@ -538,9 +541,13 @@ def environment_info(cfg: BenchConfig) -> dict:
                 "OMP_NUM_THREADS",
                 "MKL_NUM_THREADS",
                 "CUPY_TF32",
+                "MINIVIT_KEEP_MEMORY",
             )
         },
     }
+    from minivit.heap import applied
+
+    info["malloc"] = applied() or "glibc's defaults (minivit/heap.py not applied)"
     info["openblas_kernels"] = last_applied() or "not chosen (OpenBLAS's own pick)"
     try:
         from threadpoolctl import threadpool_info

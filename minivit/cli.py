@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .backend import BackendUnavailable
+    from .heap import keep_freed_memory
+
+    # Every command is a process of its own: its train steps reuse the memory the last step
+    # freed instead of faulting it in again (minivit/heap.py; MINIVIT_KEEP_MEMORY=0: off).
+    keep_freed_memory()
 
     try:
         return int(args._run(args) or 0)
