@@ -48,6 +48,16 @@ def _to_host(a):
     return np.ascontiguousarray(np.asarray(a))
 
 
+def publish(tmp, path) -> None:
+    """Rename the finished temporary file ``tmp`` to ``path`` (atomic), with the mode a plain
+    ``open(path, "w")`` would give: ``mkstemp`` makes its file 0600, and the rename keeps that,
+    which would leave checkpoints unreadable to other users and containers."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path, tensors: dict, metadata: dict | None = None) -> Path:
     """Write ``tensors`` (name -> array, any backend) and JSON-able ``metadata`` atomically.
 
@@ -66,7 +76,7 @@ def save_checkpoint(path, tensors: dict, metadata: dict | None = None) -> Path:
         save_file(host, tmp, metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)

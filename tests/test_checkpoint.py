@@ -114,3 +114,21 @@ def test_foreign_file_at_another_image_size(tmp_path):
     np.testing.assert_array_equal(big.params["pos_embed"], expect)
     out = big.forward(np.zeros((1, 1, 12, 12), np.float32))
     assert out.shape == (1, 3)
+
+
+def test_written_files_take_the_umask_like_a_plain_open(tmp_path):
+    """mkstemp makes its temporary file 0600 and the atomic rename keeps the mode: checkpoints
+    and metrics were unreadable to other users. They now get what open(path, "w") would."""
+    from minivit.train.common import write_json
+
+    old = os.umask(0o022)
+    try:
+        ckpt = save_checkpoint(tmp_path / "a.safetensors", {"w": np.zeros(2)})
+        meta = write_json(tmp_path / "m.json", {"a": 1})
+        os.umask(0o077)
+        private = save_checkpoint(tmp_path / "b.safetensors", {"w": np.zeros(2)})
+    finally:
+        os.umask(old)
+    assert (ckpt.stat().st_mode & 0o777) == 0o644
+    assert (meta.stat().st_mode & 0o777) == 0o644
+    assert (private.stat().st_mode & 0o777) == 0o600

@@ -233,3 +233,15 @@ def test_from_hf_vilt_names_unknown_and_incomplete_keys():
     del broken["vilt.encoder.layer.0.attention.attention.key.bias"]
     with pytest.raises(ValueError, match="layer 0 has no k bias"):
         from_hf_vilt(broken)
+
+
+def test_from_hf_vilt_fills_the_tied_decoder_that_save_pretrained_leaves_out():
+    """transformers ties ViLT's MLM decoder to the word embeddings, and ``save_pretrained``
+    writes the tied weight once: the decoder's key is missing from the file."""
+    sd = {k: v.detach().numpy() for k, v in _hf_model().state_dict().items()}
+    word = sd["vilt.embeddings.text_embeddings.word_embeddings.weight"]
+    del sd["mlm_score.decoder.weight"]
+    out = from_hf_vilt(sd)
+    np.testing.assert_array_equal(out["mlm_score.decoder.weight"], word)
+    head_less = {k: v for k, v in sd.items() if not k.startswith("mlm_score.")}
+    assert "mlm_score.decoder.weight" not in from_hf_vilt(head_less)  # no MLM head: no decoder

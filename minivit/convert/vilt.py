@@ -120,4 +120,9 @@ def from_hf_vilt(state_dict):
                 f"from_hf_vilt: layer {i} has no {', '.join(missing)} {kind} to fuse into attn.qkv"
             )
         out[f"transformer.blocks.{i}.attn.qkv.{kind}"] = np.concatenate(parts, axis=0)
+    # transformers ties the MLM decoder to the word embeddings for ViLT, and save_pretrained
+    # then leaves the decoder out of the file: the tie is the value
+    word = "text_embeddings.word_embeddings.weight"
+    if "mlm_score.bias" in out and "mlm_score.decoder.weight" not in out and word in out:
+        out["mlm_score.decoder.weight"] = out[word]
     return out

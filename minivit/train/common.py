@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import load_checkpoint, load_weights_into, save_model, split_prefix
+from ..checkpoint import load_checkpoint, load_weights_into, publish, save_model, split_prefix
 
 __all__ = [
     "CHECKPOINT",
@@ -153,7 +153,7 @@ def write_json(path, obj) -> Path:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
