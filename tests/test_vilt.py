@@ -424,3 +424,45 @@ def test_prefetch_workers_make_the_same_batches_as_inline():
     # the curriculum: one-object captions (4 or 5 words) during the first 20% of the steps
     first = inline[0]["text_mask"].sum(axis=1)
     assert first.max() <= 7
+
+
+def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch):
+    """The checkpoint is written at every --eval-every check, so a run stopped by Ctrl-C goes
+    on from its last check, in its own folder, to the parameters of a run never stopped."""
+    from minivit.checkpoint import load_checkpoint
+    from minivit.cli import build_parser
+    from minivit.models import vilt_heads
+    from minivit.train import vilt as train_vilt
+
+    def args_for(out, *extra):
+        return build_parser().parse_args(
+            [
+                "train", "vilt", "--steps", "4", "--batch-size", "8", "--mlm-batch-size", "4",
+                "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--eval-size", "16",
+                "--eval-every", "2", "--out", str(out), "--no-progress", "--dtype", "float64",
+                *extra,
+            ]
+        )  # fmt: skip
+
+    assert train_vilt.run(args_for(tmp_path / "whole")) == 0
+    real, calls = vilt_heads.pretrain_forward, []
+
+    def stops_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(vilt_heads, "pretrain_forward", stops_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_vilt.run(args_for(tmp_path / "cut"))
+    monkeypatch.setattr(vilt_heads, "pretrain_forward", real)
+    ckpt = tmp_path / "cut" / "checkpoint.safetensors"
+    assert ckpt.exists()  # written at step 2
+    assert train_vilt.run(args_for(tmp_path / "elsewhere", "--resume", str(tmp_path / "cut"))) == 0
+    assert not (tmp_path / "elsewhere").exists()  # the resumed run stays in its own folder
+    whole, _ = load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors")
+    resumed, _ = load_checkpoint(ckpt)
+    assert set(whole) == set(resumed)
+    for k in whole:
+        np.testing.assert_allclose(resumed[k], whole[k], rtol=0, atol=1e-12, err_msg=k)

@@ -7,8 +7,10 @@ word-patch alignment) and ends by printing, on held-out pairs::
     mlm accuracy: 0.xxxx
 
 The run folder (``runs/vilt-shapes-<time>`` or ``--out``) receives ``checkpoint.safetensors``
-(model, optimizer state, history), ``metrics.json``, ``curves.png`` and ``alignment.png`` (the
-word-patch transport plan of a held-out pair, one panel per word).
+(model, optimizer state, history; written at every ``--eval-every`` check and at the end, so
+``--resume RUN`` continues an interrupted run from its last check, in RUN), ``metrics.json``,
+``curves.png`` and ``alignment.png`` (the word-patch transport plan of a held-out pair, one panel
+per word).
 
 Recipe (see docs/vilt.md): every step runs one fused forward over ``--batch-size`` ITM rows
 (half matching; of the mismatches 80% hard, which trains the weak point harder, while the
@@ -98,7 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="processes that make the next batches while the model computes (0: inline)",
     )
     a("--out", default=None, help="run folder (default: runs/vilt-shapes-<time>)")
-    a("--resume", default=None, help="a run folder or checkpoint to continue from")
+    a(
+        "--resume",
+        default=None,
+        help="a run folder or checkpoint to continue from (saved at every --eval-every check)",
+    )
     a("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -387,16 +393,20 @@ def train(args, data, model, *, log=print, quiet=False):
     from ..models import vilt_heads as H
 
     be = model.backend
-    run_dir = make_run_dir(args.out, "vilt-shapes")
+    if args.resume:  # the run goes on in its own folder (checked before anything is made)
+        from .common import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(args.resume)
+        run_dir = ckpt.parent
+    else:
+        run_dir = make_run_dir(args.out, "vilt-shapes")
     opt = optim.AdamW(model.params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = int(round(args.warmup * args.steps))
     sched = optim.WarmupCosine(args.lr, args.steps, warmup, min_lr=args.min_lr)
     history = History()
     start = 0
     if args.resume:
-        from .common import resolve_checkpoint
-
-        start, history, _ = load_training_checkpoint(resolve_checkpoint(args.resume), model, opt)
+        start, history, _ = load_training_checkpoint(ckpt, model, opt)
         opt.step_count = start
     itm_set, mlm_set = heldout(data, args.eval_size)
     quick = min(256, args.eval_size)
@@ -461,6 +471,11 @@ def train(args, data, model, *, log=print, quiet=False):
                     )
                 history.append(**rec)
                 sums = dict(loss=0.0, itm=0.0, mlm=0.0, wpa=0.0, acc=0.0, n=0)
+                if not last:  # so that an interrupted run resumes from here (--resume)
+                    save_training_checkpoint(
+                        run_dir / CHECKPOINT, model, opt, step + 1, history,
+                        args=vars_for_json(args),
+                    )  # fmt: skip
     final = evaluate(model, data, itm_set, mlm_set)
     history.records[-1].update(test_acc=final["itm_acc"], test_mlm_acc=final["mlm_acc"])
     final["train_time_s"] = time.perf_counter() - t0
