@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # (command words, module, one-line help)
@@ -90,10 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     # freed instead of faulting it in again (minivit/heap.py; MINIVIT_KEEP_MEMORY=0: off).
     keep_freed_memory()
 
+    from .checkpoint import CheckpointError
+
     try:
         return int(args._run(args) or 0)
     except BackendUnavailable as exc:
         print(f"minivit: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, CheckpointError, ValueError) as exc:
+        # A missing or unreadable file, a checkpoint of the wrong kind, a refused value: the
+        # message says what to change; MINIVIT_TRACEBACK=1 shows where it was raised.
+        if os.environ.get("MINIVIT_TRACEBACK", "0") not in ("", "0"):
+            raise
+        print(f"minivit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("minivit: interrupted", file=sys.stderr)

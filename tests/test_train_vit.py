@@ -9,8 +9,17 @@ import re
 import numpy as np
 import pytest
 
-from minivit.cli import main
+from minivit.cli import build_parser, main
 from minivit.train import common
+
+
+def parse(argv):
+    return build_parser().parse_args(argv)
+
+
+def run_job(args):  # the command without main()'s reporting of errors
+    return args._run(args)
+
 
 TINY = ["--epochs", "3", "--train-limit", "96", "--batch-size", "32", "--embed-dim", "16",
         "--depth", "1", "--num-heads", "2", "--warmup-epochs", "1", "--no-progress",
@@ -85,6 +94,32 @@ def test_resume_refuses_non_training_checkpoint(tmp_path):
 
     save_model(tmp_path / "checkpoint.safetensors", ViT(img_size=8, patch_size=2, depth=1))
     with pytest.raises(ValueError, match="not a training checkpoint"):
-        main(["train", "vit", "--resume", str(tmp_path), "--no-progress"])
+        run_job(parse(["train", "vit", "--resume", str(tmp_path), "--no-progress"]))
+    with pytest.raises(FileNotFoundError):
+        run_job(parse(["train", "vit", "--resume", str(tmp_path / "nothing"), "--no-progress"]))
+
+
+def test_the_command_line_reports_user_errors_in_one_line(tmp_path, capsys, monkeypatch):
+    """A missing file, a checkpoint of another job, a batch size of 0: one line on stderr and
+    exit status 2, not a traceback (MINIVIT_TRACEBACK=1 brings the traceback back)."""
+    from minivit import ViLT
+    from minivit.checkpoint import save_model
+
+    monkeypatch.delenv("MINIVIT_TRACEBACK", raising=False)
+    assert main(["train", "vit", "--resume", str(tmp_path / "nothing"), "--no-progress"]) == 2
+    assert "minivit: error:" in capsys.readouterr().err
+    save_model(tmp_path / "vilt" / "checkpoint.safetensors",
+               ViLT(vocab_size=20, max_text_len=4, img_size=16, patch_size=8, embed_dim=8,
+                    depth=1, num_heads=2))  # fmt: skip
+    assert main(["train", "vit", "--resume", str(tmp_path / "vilt"), "--no-progress"]) == 2
+    assert "holds a ViLT, but `minivit train vit` resumes ViT runs" in capsys.readouterr().err
+    assert main(["train", "hybrid", "--resume", str(tmp_path / "vilt"), "--no-progress"]) == 2
+    assert "resumes HybridViT runs" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "vilt"), str(tmp_path / "x.png")]) == 2
+    assert "holds a ViLT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "vit", "--batch-size", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
+    monkeypatch.setenv("MINIVIT_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):
         main(["train", "vit", "--resume", str(tmp_path / "nothing"), "--no-progress"])

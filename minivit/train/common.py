@@ -143,6 +143,20 @@ def load_training_checkpoint(path, model, optimizer=None):
     return int(train.get("epoch", 0)), History(train.get("history", [])), train
 
 
+def positive_int(text) -> int:
+    """An argparse type: an integer of at least 1 (a batch size of 0 used to fail later, with a
+    ZeroDivisionError)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def write_json(path, obj) -> Path:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     path = Path(path)

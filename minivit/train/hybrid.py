@@ -47,6 +47,7 @@ JOB = vit.DigitsJob(
     defaults=DEFAULTS,
     arch=ARCH,
     run_prefix="hybrid-digits",
+    model_class="HybridViT",
     title="Hybrid ViT on digits ({backend})",
 )
 

@@ -56,6 +56,11 @@ def predict(path, images, backend=None, invert="auto"):
     from .common import resolve_checkpoint
 
     model, meta = load_model(resolve_checkpoint(path), backend=backend)
+    if not hasattr(model, "num_classes"):
+        raise ValueError(
+            f"predict classifies images with a ViT or Hybrid ViT checkpoint; this one holds a "
+            f"{type(model).__name__}"
+        )
     if model.num_classes == 0:
         raise ValueError("this checkpoint has no classification head (num_classes=0)")
     data = meta.get("train", {}).get("data", {}) if isinstance(meta.get("train"), dict) else {}

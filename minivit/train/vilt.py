@@ -36,6 +36,7 @@ from .common import (
     History,
     load_training_checkpoint,
     make_run_dir,
+    positive_int,
     progress,
     save_training_checkpoint,
     vars_for_json,
@@ -47,9 +48,9 @@ __all__ = ["add_arguments", "run", "make_batch", "evaluate", "train"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--steps", type=int, default=9000, help="optimizer steps (default: 9000)")
-    a("--batch-size", type=int, default=32, help="ITM rows per step (default: 32)")
-    a("--mlm-batch-size", type=int, default=32, help="MLM rows per step (default: 32)")
+    a("--steps", type=positive_int, default=9000, help="optimizer steps (default: 9000)")
+    a("--batch-size", type=positive_int, default=32, help="ITM rows per step (default: 32)")
+    a("--mlm-batch-size", type=positive_int, default=32, help="MLM rows per step (default: 32)")
     a("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
     a("--min-lr", type=float, default=1e-5, help="learning rate at the end (default: 1e-5)")
     a("--warmup", type=float, default=0.05, help="warmup, a fraction of the steps")
@@ -83,7 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--mlp-ratio", type=float, default=2.0)
     a("--max-text-len", type=int, default=16)
     a("--dtype", default="float32", choices=["float32", "float64"])
-    a("--eval-size", type=int, default=1000, help="held-out ITM pairs and MLM captions each")
+    a(
+        "--eval-size",
+        type=positive_int,
+        default=1000,
+        help="held-out ITM pairs and MLM captions each",
+    )
     a("--eval-every", type=int, default=500, help="steps between quick held-out checks (0: off)")
     a("--seed", type=int, default=0)
     a(

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from .common import positive_int
+
 # Defaults of the recipe (see docs/vit.md for how they were chosen).
 DEFAULTS = dict(
     model="vit_digits",
@@ -60,6 +62,7 @@ class DigitsJob:
     defaults: dict  # the recipe: one entry per option in RECIPE_OPTIONS, plus dtype
     arch: tuple  # model-config entries that get a --flag overriding the registered config
     run_prefix: str  # default run folder runs/<run_prefix>-<time>
+    model_class: str  # the class its checkpoints hold (checked on --resume)
     title: str  # curves.png's title; {backend} is filled in
 
 
@@ -68,14 +71,15 @@ JOB = DigitsJob(
     defaults=DEFAULTS,
     arch=ARCH,
     run_prefix="vit-digits",
+    model_class="ViT",
     title="ViT on digits ({backend}); train loss includes label smoothing",
 )
 
 # (option, type, help) of every recipe option; the defaults come from the job's ``defaults``.
 RECIPE_OPTIONS = (
     ("model", str, "registered config (minivit.list_models)"),
-    ("epochs", int, None),
-    ("batch_size", int, None),
+    ("epochs", positive_int, None),
+    ("batch_size", positive_int, None),
     ("lr", float, "peak AdamW learning rate"),
     ("min_lr", float, "lr at the cosine's end"),
     ("weight_decay", float, None),
@@ -200,7 +204,13 @@ def train(args, job: DigitsJob = JOB) -> dict:
         ckpt = resolve_checkpoint(args.resume)
         from ..checkpoint import read_metadata
 
-        saved = read_metadata(ckpt).get("train", {}).get("args")
+        meta = read_metadata(ckpt)
+        if meta.get("model") != job.model_class:
+            raise ValueError(
+                f"{str(ckpt)!r} holds a {meta.get('model')}, but `minivit train {job.name}` "
+                f"resumes {job.model_class} runs; resume it with the command that wrote it"
+            )
+        saved = meta.get("train", {}).get("args")
         if not saved:
             raise ValueError(f"{str(ckpt)!r} is not a training checkpoint (no saved args)")
         cfg = {**cfg, **saved}  # the recipe is the saved one
