@@ -109,3 +109,23 @@ def test_resample_properties():
     np.testing.assert_allclose(out, 0.7, rtol=1e-6)  # constants stay constant
     with pytest.raises(ValueError, match="not square"):
         resample_abs_pos_embed(np.zeros((1, 1 + 12, 3)), (4, 4))
+
+
+def test_a_timm_average_pool_vit_file_loads(tmp_path):
+    """timm's global_pool="avg" ViT keeps fc_norm instead of norm; a plain safetensors file of
+    one loads with global_pool="avg" inferred, and gives the same logits."""
+    from safetensors.numpy import save_file
+
+    from minivit import ViT
+    from minivit.checkpoint import load_model
+
+    v = ViT(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=1,
+            num_heads=2, global_pool="avg", dtype="float64", seed=3)  # fmt: skip
+    sd = v.state_dict()
+    assert "fc_norm.weight" in sd and "norm.weight" not in sd
+    save_file(dict(reversed(list(sd.items()))), str(tmp_path / "model.safetensors"))
+    w, _ = load_model(tmp_path / "model.safetensors", num_heads=2, dtype="float64")
+    assert w.global_pool == "avg"
+    assert list(w.params) == list(v.params)  # timm's order, fc_norm before the head
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8))
+    np.testing.assert_allclose(w.forward(x), v.forward(x), rtol=1e-12, atol=1e-14)

@@ -47,6 +47,8 @@ _TIMM_TOP = {
     "patch_embed.proj.bias",
     "norm.weight",
     "norm.bias",
+    "fc_norm.weight",  # global_pool="avg": the norm after the mean of the patch tokens
+    "fc_norm.bias",
     "head.weight",
     "head.bias",
 }
@@ -183,7 +185,8 @@ def _timm_order(sd):
         top = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
         if k in top:
             return (0, top.index(k), 0, 0)
-        return (2, ["norm.weight", "norm.bias", "head.weight", "head.bias"].index(k), 0, 0)
+        last = ["norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias", "head.weight"]
+        return (2, (last + ["head.bias"]).index(k), 0, 0)
 
     return {k: sd[k] for k in sorted(sd, key=rank)}
 
@@ -213,6 +216,8 @@ def infer_vit_config(state_dict, num_heads=None) -> dict:
     )
     if depth:
         cfg["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / D
+    if "fc_norm.weight" in sd:  # timm's global_pool="avg" (its final norm is then fc_norm)
+        cfg["global_pool"] = "avg"
     return cfg
 
 
