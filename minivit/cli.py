@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub = groups[words[0]].add_parser(words[1], help=help_text, description=help_text)
         add_backend_argument(sub)
         module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+        sub.set_defaults(_run=module.run, _parser=sub)  # _parser: its defaults (resume)
     return parser
 
 

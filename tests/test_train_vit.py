@@ -71,8 +71,16 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys, 
     monkeypatch.setattr(common, "save_training_checkpoint", save_then_crash)
     assert main(["train", "vit", *TINY, *on, "--no-plots", "--out", str(part)]) == 130
     monkeypatch.undo()
-    # resume with a different recipe on the command line: the saved one wins
-    assert main(["train", "vit", "--resume", str(part), *on, "--no-progress", "--no-plots"]) == 0
+    capsys.readouterr()
+    # an option that contradicts the saved recipe is refused, in one line, and nothing runs
+    resume = ["train", "vit", "--resume", str(part), *on, "--no-progress", "--no-plots"]
+    saved = (part / "checkpoint.safetensors").read_bytes()
+    assert main([*resume, "--lr", "0.5", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.5 (the run's: 0.002)" in err and "--epochs" not in err  # 3 is the run's own
+    assert (part / "checkpoint.safetensors").read_bytes() == saved
+    # options left at their defaults take the saved values (epochs 3, embed-dim 16, ...)
+    assert main(resume) == 0
     capsys.readouterr()
 
     a = json.loads((full / "metrics.json").read_text())["history"]

@@ -459,7 +459,12 @@ def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(vilt_heads, "pretrain_forward", real)
     ckpt = tmp_path / "cut" / "checkpoint.safetensors"
     assert ckpt.exists()  # written at step 2
-    assert train_vilt.run(args_for(tmp_path / "elsewhere", "--resume", str(tmp_path / "cut"))) == 0
+    elsewhere = ["--out", str(tmp_path / "elsewhere")]
+    resume = ["train", "vilt", "--resume", str(tmp_path / "cut"), "--no-progress", *elsewhere]
+    with pytest.raises(ValueError, match=r"contradicts it: --lr 0\.5 \(the run's: 0\.002\)"):
+        train_vilt.run(build_parser().parse_args([*resume, "--lr", "0.5"]))
+    # the recipe is the saved one (16 wide, 4 steps, float64), not the defaults of this line
+    assert train_vilt.run(build_parser().parse_args(resume)) == 0
     assert not (tmp_path / "elsewhere").exists()  # the resumed run stays in its own folder
     whole, _ = load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors")
     resumed, _ = load_checkpoint(ckpt)

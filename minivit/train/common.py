@@ -44,6 +44,7 @@ __all__ = [
     "write_json",
     "plot_curves",
     "vars_for_json",
+    "saved_recipe",
     "Timer",
 ]
 
@@ -183,9 +184,61 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def vars_for_json(args, drop=("_run", "resume", "out", "no_progress")) -> dict:
-    """argparse Namespace -> a JSON-able dict (callables and run-local options dropped)."""
-    return {k: v for k, v in vars(args).items() if k not in drop and not callable(v)}
+def vars_for_json(args, drop=("resume", "out", "no_progress")) -> dict:
+    """argparse Namespace -> a JSON-able dict: the options, less ``drop`` (run-local ones) and
+    the command line's own entries (``_run``, ``_parser``: names that start with "_")."""
+    return {
+        k: v
+        for k, v in vars(args).items()
+        if k not in drop and not k.startswith("_") and not callable(v)
+    }
+
+
+def saved_recipe(ckpt, args, local, model_class, command) -> dict:
+    """The recipe a ``--resume`` continues: the options saved in the training checkpoint
+    ``ckpt``, which must hold a ``model_class``.
+
+    A resumed run is the run it continues, so the saved options win over this command line's.
+    An option given on this command line with another value than the saved one is an error,
+    not silently dropped (``--lr 0.01`` on a resume used to be ignored without a word). Options
+    left at their defaults are not "given"; ``local`` names the options a resume may change
+    (threads, backend, where the output goes), which are neither saved nor checked.
+    """
+    from ..checkpoint import read_metadata
+
+    meta = read_metadata(ckpt)
+    if meta.get("model") != model_class:
+        raise ValueError(
+            f"{str(ckpt)!r} holds a {meta.get('model')}, but `{command}` resumes "
+            f"{model_class} runs; resume it with the command that wrote it"
+        )
+    saved = meta.get("train", {}).get("args")
+    if not saved:
+        raise ValueError(f"{str(ckpt)!r} is not a training checkpoint (no saved args)")
+    saved = {k: v for k, v in saved.items() if k not in local}
+    parser = getattr(args, "_parser", None)  # set by the command line (minivit/cli.py)
+    given = {
+        k: v
+        for k, v in vars_for_json(args, drop=local).items()
+        if parser is not None and v != parser.get_default(k)
+    }
+    clashes = [
+        f"--{k.replace('_', '-')} {_as_saved(v)!r} (the run's: {saved[k]!r})"
+        for k, v in sorted(given.items())
+        if k in saved and _as_saved(v) != saved[k]
+    ]
+    if clashes:
+        raise ValueError(
+            f"--resume continues {str(ckpt.parent)!r} with its own recipe, and this command "
+            f"line contradicts it: {', '.join(clashes)}. Drop those options, or start a new "
+            "run (--out) with them"
+        )
+    return saved
+
+
+def _as_saved(value):
+    # a value as it reads back from a checkpoint's JSON metadata (tuples as lists, and so on)
+    return json.loads(json.dumps(value, default=_json_default))
 
 
 def plot_curves(history: History, path, title="") -> Path:

@@ -38,12 +38,19 @@ from .common import (
     make_run_dir,
     positive_int,
     progress,
+    resolve_checkpoint,
     save_training_checkpoint,
+    saved_recipe,
     vars_for_json,
     write_json,
 )
 
 __all__ = ["add_arguments", "run", "make_batch", "evaluate", "train"]
+
+COMMAND = "minivit train vilt"
+# Options a --resume may change: how the run is carried out, not what it computes (float32
+# rounding aside: another thread count or backend rounds differently).
+LOCAL = ("resume", "out", "no_progress", "backend", "threads", "workers")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -400,8 +407,6 @@ def train(args, data, model, *, log=print, quiet=False):
 
     be = model.backend
     if args.resume:  # the run goes on in its own folder (checked before anything is made)
-        from .common import resolve_checkpoint
-
         ckpt = resolve_checkpoint(args.resume)
         run_dir = ckpt.parent
     else:
@@ -546,6 +551,9 @@ def run(args) -> int:
     from .. import _parallel
     from ..viz_vilt import alignment_figure
 
+    if args.resume:  # the recipe is the run's own (before the model is built from it)
+        recipe = saved_recipe(resolve_checkpoint(args.resume), args, LOCAL, "ViLT", COMMAND)
+        args = argparse.Namespace(**{**vars(args), **recipe})
     pool_threads = _parallel.get_num_threads()
     limiter = _limit_threads(args.threads)
     try:

@@ -192,28 +192,19 @@ def train(args, job: DigitsJob = JOB) -> dict:
         progress,
         resolve_checkpoint,
         save_training_checkpoint,
+        saved_recipe,
         vars_for_json,
         write_json,
     )
 
     timer = Timer()
     backend = get_backend(getattr(args, "backend", None))
-    local = ("_run", "resume", "out", "no_progress", "no_plots", "backend", "threads")
+    local = ("resume", "out", "no_progress", "no_plots", "backend", "threads")
     cfg = vars_for_json(args, drop=local)
     if args.resume:
         ckpt = resolve_checkpoint(args.resume)
-        from ..checkpoint import read_metadata
-
-        meta = read_metadata(ckpt)
-        if meta.get("model") != job.model_class:
-            raise ValueError(
-                f"{str(ckpt)!r} holds a {meta.get('model')}, but `minivit train {job.name}` "
-                f"resumes {job.model_class} runs; resume it with the command that wrote it"
-            )
-        saved = meta.get("train", {}).get("args")
-        if not saved:
-            raise ValueError(f"{str(ckpt)!r} is not a training checkpoint (no saved args)")
-        cfg = {**cfg, **saved}  # the recipe is the saved one
+        command = f"minivit train {job.name}"
+        cfg = {**cfg, **saved_recipe(ckpt, args, local, job.model_class, command)}
         run_dir = ckpt.parent
     else:
         run_dir = make_run_dir(args.out, job.run_prefix)
