@@ -30,9 +30,16 @@ everything.
 
 State
 -----
-``state_dict()`` returns plain arrays under flat string keys (``"step"``,
-``"exp_avg.<name>"``, ``"exp_avg_sq.<name>"`` for AdamW, ``"momentum_buffer.<name>"`` for SGD),
-so a checkpoint (safetensors) can hold them and ``load_state_dict`` resumes bit for bit.
+``state_dict()`` returns plain arrays under flat string keys (``"step"``, the optimizer's step
+count; ``"step.<name>"``, the steps that updated each parameter; ``"exp_avg.<name>"``,
+``"exp_avg_sq.<name>"`` for AdamW, ``"momentum_buffer.<name>"`` for SGD), so a checkpoint
+(safetensors) can hold them and ``load_state_dict`` resumes bit for bit. A state without the
+per-parameter counts (written before they existed) loads with every count equal to ``"step"``.
+
+A parameter without a gradient at a step is left alone, as PyTorch leaves a parameter whose
+``.grad`` is None, and its own step count stays where it was: like PyTorch's per-parameter
+state, that count (not the optimizer's) sets AdamW's bias correction and SGD's first momentum
+step, so a parameter that first gets a gradient late is updated as PyTorch updates it.
 """
 
 from __future__ import annotations
@@ -91,7 +98,8 @@ class _Optimizer:
         self.weight_decay = float(weight_decay)
         rule = default_no_decay if no_decay is None else no_decay
         self.decay = {name: not rule(name, p) for name, p in params.items()}
-        self.step_count = 0
+        self.step_count = 0  # optimizer steps taken
+        self.param_steps = {name: 0 for name in params}  # the steps that updated each parameter
         # Per-parameter buffers, allocated once so every step reuses them.
         self.state = {
             buf: {name: array_module(p).zeros_like(p) for name, p in params.items()}
@@ -135,6 +143,8 @@ class _Optimizer:
         """
         xp = array_module(*self.params.values())
         out: dict[str, object] = {"step": xp.asarray(self.step_count, dtype=xp.int64)}
+        for name, n in self.param_steps.items():
+            out[f"step.{name}"] = xp.asarray(n, dtype=xp.int64)
         for buf, arrays in self.state.items():
             for name, a in arrays.items():
                 out[f"{buf}.{name}"] = a.copy()
@@ -142,10 +152,14 @@ class _Optimizer:
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Restore from :meth:`state_dict` (arrays of either backend). Copies into the existing
-        buffers; a wrong key set or shape raises naming every offending key."""
+        buffers; a wrong key set or shape raises naming every offending key. The per-parameter
+        step counts may be absent as a whole (an older state): each is then ``"step"``."""
         expected = {"step"} | {f"{b}.{n}" for b in self.state for n in self.params}
+        counts = {f"step.{n}" for n in self.params}
+        if counts & set(state):
+            expected |= counts
         missing = sorted(expected - set(state))
-        unexpected = sorted(set(state) - expected)
+        unexpected = sorted(set(state) - expected - counts)
         misshaped = []
         for b, arrays in self.state.items():
             for n, a in arrays.items():
@@ -162,8 +176,14 @@ class _Optimizer:
                 parts.append("wrong shapes: " + "; ".join(misshaped))
             raise ValueError(f"{type(self).__name__}.load_state_dict: " + " | ".join(parts))
         be = backend_of(*self.params.values())
-        step = be.to_numpy(be.asarray(state["step"]))
-        self.step_count = int(step.reshape(()))
+
+        def count(key):
+            return int(be.to_numpy(be.asarray(state[key])).reshape(()))
+
+        self.step_count = count("step")
+        self.param_steps = {
+            n: count(f"step.{n}") if f"step.{n}" in state else self.step_count for n in self.params
+        }
         for b, arrays in self.state.items():
             for n, a in arrays.items():
                 a[...] = be.asarray(state[f"{b}.{n}"], dtype=a.dtype)
@@ -186,8 +206,8 @@ class AdamW(_Optimizer):
         p   <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
     A parameter whose gradient is ``None`` or absent is left untouched at this step (no decay
-    either), as PyTorch does for a parameter without ``.grad``; its moments keep their values
-    and the bias correction uses the shared step count.
+    either), as PyTorch does for a parameter without ``.grad``; its moments keep their values,
+    and ``t`` is the parameter's own count of updates, as in PyTorch's per-parameter state.
     """
 
     _buffers = ("exp_avg", "exp_avg_sq")
@@ -216,18 +236,19 @@ class AdamW(_Optimizer):
         lr = self._lr(lr)
         b1, b2 = self.betas
         self.step_count += 1
-        t = self.step_count
-        # m_hat / (sqrt(v_hat) + eps) = s m / (sqrt(v) + eps sqrt(1 - b2^t)) with
-        # s = sqrt(1 - b2^t) / (1 - b1^t): the bias corrections go into two scalars, which saves
-        # a pass over v (the "more efficient order" of the Adam paper, section 2).
-        bc2_sqrt = math.sqrt(1.0 - b2**t)
-        step_size = lr * bc2_sqrt / (1.0 - b1**t)
-        eps_hat = self.eps * bc2_sqrt
         m_all, v_all = self.state["exp_avg"], self.state["exp_avg_sq"]
         for name, p in self.params.items():
             g = grads.get(name)
             if g is None:
                 continue
+            self.param_steps[name] += 1
+            t = self.param_steps[name]  # this parameter's own count, as in torch's state
+            # m_hat / (sqrt(v_hat) + eps) = s m / (sqrt(v) + eps sqrt(1 - b2^t)) with
+            # s = sqrt(1 - b2^t) / (1 - b1^t): the bias corrections go into two scalars, which
+            # saves a pass over v (the "more efficient order" of the Adam paper, section 2).
+            bc2_sqrt = math.sqrt(1.0 - b2**t)
+            step_size = lr * bc2_sqrt / (1.0 - b1**t)
+            eps_hat = self.eps * bc2_sqrt
             xp = array_module(p)
             m, v = m_all[name], v_all[name]
             decay = 1.0 - lr * self.weight_decay if self.weight_decay and self.decay[name] else 1.0
@@ -260,7 +281,7 @@ class SGD(_Optimizer):
     Per parameter, with coupled (L2) weight decay where decay applies::
 
         d   <- g + wd * p
-        buf <- d                                   at the first step
+        buf <- d                                   at the parameter's first update
         buf <- momentum * buf + (1 - dampening) d  afterwards
         d   <- d + momentum * buf   if nesterov, else buf
         p   <- p - lr * d
@@ -290,13 +311,14 @@ class SGD(_Optimizer):
         """One update of every parameter that has a gradient, in place."""
         self._check_grads(grads)
         lr = self._lr(lr)
-        first = self.step_count == 0
         self.step_count += 1
         mu = self.momentum
         for name, p in self.params.items():
             g = grads.get(name)
             if g is None:
                 continue
+            first = self.param_steps[name] == 0  # torch: the momentum buffer is still None
+            self.param_steps[name] += 1
             xp = array_module(p)
             if self.weight_decay and self.decay[name]:
                 d = xp.multiply(p, self.weight_decay)
