@@ -634,7 +634,12 @@ def test_ipot_distance_approaches_emd2(backend):
     assert errs[-1] <= 1e-3
 
 
-def test_ipot_matches_scaling_domain_reference(backend):
+@pytest.mark.parametrize("path", ["default", "log-domain"])
+def test_ipot_matches_scaling_domain_reference(backend, path, monkeypatch):
+    # NumPy runs the scaling domain itself unless it under/overflows; CuPy the log domain
+    import minivit.ops.sinkhorn as sk
+
+    monkeypatch.setattr(sk, "_FAST_CPU_PATH", path == "default")
     rng = np.random.default_rng(13)
     C = rng.random((3, 5, 8)) * 2
     a = rng.uniform(0.2, 1, (3, 5))
@@ -656,6 +661,29 @@ def test_ipot_matches_scaling_domain_reference(backend):
     grads = ops.ipot_backward(backend.asarray(np.ones(C.shape)), cache)
     assert all(float(abs(backend.to_numpy(g)).max()) == 0.0 for g in grads)
     assert [g.shape for g in grads] == [C.shape, a.shape, b.shape]
+
+
+def test_ipot_falls_back_to_the_log_domain_when_the_scalings_underflow(backend):
+    """A sharp kernel (exp(-C / beta) down to exp(-4000)) underflows in the scaling domain; the
+    plan then comes from the log domain, finite, rows summing to a, zero on padding."""
+    import minivit.ops.sinkhorn as sk
+
+    rng = np.random.default_rng(16)
+    C = rng.random((2, 5, 6)) * 2000
+    a, b = simplex(rng, (2, 5)), simplex(rng, (2, 6))
+    a[0, 4] = 0
+    a /= a.sum(-1, keepdims=True)
+    assert sk._ipot_scaling(C, a, b, 0.5, 50, 1) is None  # the scaling domain gives up here
+    args = [backend.asarray(x) for x in (C, a, b)]
+    plan = backend.to_numpy(ops.ipot_forward(*args)[0])
+    old, sk._FAST_CPU_PATH = sk._FAST_CPU_PATH, False
+    try:
+        log_plan = backend.to_numpy(ops.ipot_forward(*args)[0])
+    finally:
+        sk._FAST_CPU_PATH = old
+    np.testing.assert_array_equal(plan, log_plan)
+    assert np.isfinite(plan).all() and (plan[0, 4] == 0).all()
+    np.testing.assert_allclose(plan.sum(-1), a, rtol=1e-12, atol=0)
 
 
 @pytest.mark.oracle

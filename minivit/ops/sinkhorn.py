@@ -177,8 +177,9 @@ _REANCHOR_EVERY = 16
 
 
 def _rescales(xp) -> bool:
-    """Whether the CPU's rescaled kernel is used: on NumPy (where a host check is free and
-    float64 exp is dear), unless a test asks for the stabilized path."""
+    """Whether the CPU's cheaper paths run: Sinkhorn's rescaled kernel and IPOT's scaling
+    domain. On NumPy (where a host check is free and exp is dear: float64 everywhere, float32
+    without AVX-512), unless a test asks for the stabilized log-domain path."""
     return _FAST_CPU_PATH and xp.__name__ == "numpy"
 
 
@@ -585,16 +586,68 @@ def ipot_forward(cost, a=None, b=None, *, beta=0.5, n_iters=50, inner_iters=1):
 
     Each outer iteration replaces the kernel by ``Q = exp(-cost/beta) * T`` (a KL proximal step
     around the current plan ``T``) and runs ``inner_iters`` Sinkhorn steps on it, warm-started
-    from the previous row scaling. In the log domain; zero marginals give exactly zero rows and
-    columns (docs/ops/ipot.md). Returns ``plan (..., n, m), cache``.
+    from the previous row scaling. On NumPy with the scalings themselves, as ViLT does, unless
+    they under- or overflow; otherwise (and on CuPy) in the log domain. Zero marginals give
+    exactly zero rows and columns (docs/ops/ipot.md). Returns ``plan (..., n, m), cache``.
     """
     xp, a_b, b_b, la, lb = _prepare_marginals(cost, a, b)
     beta = _check_positive("beta", beta)
     n_iters = _check_count("n_iters", n_iters)
     inner_iters = _check_count("inner_iters", inner_iters)
+    cache = Cache(
+        shape=tuple(cost.shape),
+        dtype=cost.dtype,
+        xp=xp,
+        a_shape=None if a is None else tuple(a.shape),
+        b_shape=None if b is None else tuple(b.shape),
+    )
+    if _rescales(xp):
+        plan = _ipot_scaling(cost, a_b, b_b, beta, n_iters, inner_iters)
+        if plan is not None:
+            return plan, cache
+    return _ipot_log(cost, la, lb, beta, n_iters, inner_iters), cache
+
+
+def _ipot_scaling(cost, a_b, b_b, beta, n_iters, inner_iters):
+    """IPOT with the scalings themselves, as ViLT computes it (NumPy): no exp in the loop, two
+    small batched matrix-vector products per Sinkhorn step. Returns None when a scaling under-
+    or overflowed (a sharp kernel, exp(-C / beta) far below 1e-38 in float32): the plan is then
+    not finite, or a row lost the mass the last update gave it, and the log domain runs
+    instead. Zero marginals stay exact zeros (their scalings are never written)."""
+    xp = array_module(cost)
+    batch, (n, m) = tuple(cost.shape[:-2]), cost.shape[-2:]
+    dtype = cost.dtype
+    a_full = xp.broadcast_to(xp.asarray(a_b, dtype=dtype), batch + (n,))
+    b_full = xp.broadcast_to(xp.asarray(b_b, dtype=dtype), batch + (m,))
+    a_pos, b_pos = a_full > 0, b_full > 0
+    A = xp.exp(cost * (-1.0 / beta))  # (..., n, m)
+    T = xp.ones_like(A)
+    Q = xp.empty_like(A)
+    sigma = xp.array(a_full)  # ViLT's start (0 on padding, and 0 there for good)
+    delta = xp.zeros(batch + (m,), dtype=dtype)
+    col = xp.empty(batch + (1, m), dtype=dtype)  # Q^T sigma, as a row
+    row = xp.empty(batch + (n, 1), dtype=dtype)  # Q delta, as a column
+    with xp.errstate(all="ignore"):  # an under/overflow is caught by the check below
+        for _ in range(n_iters):
+            xp.multiply(A, T, out=Q)
+            for _ in range(inner_iters):
+                xp.matmul(sigma[..., None, :], Q, out=col)
+                xp.divide(b_full, col[..., 0, :], out=delta, where=b_pos)  # b / (Q^T sigma)
+                xp.matmul(Q, delta[..., :, None], out=row)
+                xp.divide(a_full, row[..., 0], out=sigma, where=a_pos)  # a / (Q delta)
+            xp.multiply(Q, sigma[..., :, None], out=T)
+            T *= delta[..., None, :]  # T = diag(sigma) Q diag(delta)
+        rows_ok = xp.abs(T.sum(-1) - a_full) <= 1e-3 * a_full  # sigma made them exactly a
+    if not (bool(xp.isfinite(T).all()) and bool(rows_ok.all())):
+        return None
+    return T
+
+
+def _ipot_log(cost, la, lb, beta, n_iters, inner_iters):
+    """IPOT in the log domain (docs/ops/ipot.md): the path for any kernel, and CuPy's."""
+    xp = array_module(cost)
     batch = tuple(cost.shape[:-2])
     n = cost.shape[-2]
-
     logA = cost * (-1.0 / beta)  # (..., n, m)
     logQ = xp.zeros_like(logA)  # (..., n, m) log T, then log Q = log T + log A in place
     buf = xp.empty_like(logA)
@@ -615,15 +668,7 @@ def ipot_forward(cost, a=None, b=None, *, beta=0.5, n_iters=50, inner_iters=1):
         logQ += xp.where(xp.isfinite(ldel), ldel, 0)[..., None, :]
     row_off = xp.where(xp.isfinite(lsig), 0, -xp.inf)  # (..., n): -inf on padding
     col_off = xp.where(xp.isfinite(ldel), 0, -xp.inf)  # (..., m)
-    plan = _exp_potentials(logQ, row_off, col_off, buf)  # (..., n, m)
-    cache = Cache(
-        shape=tuple(cost.shape),
-        dtype=cost.dtype,
-        xp=xp,
-        a_shape=None if a is None else tuple(a.shape),
-        b_shape=None if b is None else tuple(b.shape),
-    )
-    return plan, cache
+    return _exp_potentials(logQ, row_off, col_off, buf)  # (..., n, m)
 
 
 def ipot_backward(dplan, cache):
