@@ -205,6 +205,37 @@ def test_attention(threads, dtype, B):
     _close(*_both(run), dtype)
 
 
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fully_masked", [False, True])
+def test_attention_with_a_key_mask(threads, dtype, fully_masked):
+    """Padded keys (ViLT's text): the fast path adds the mask as -inf and gives the masked keys
+    exact zeros; a sequence with no valid key at all goes to the generic path (P = 0 rows)."""
+    _parallel.set_num_threads(threads)
+    rng = np.random.default_rng(6)
+    B, N, D, H = 3, 41, 32, 4
+    x = rng.standard_normal((B, N, D)).astype(dtype)
+    w_qkv = (rng.standard_normal((3 * D, D)) * 0.3).astype(dtype)
+    w_proj = (rng.standard_normal((D, D)) * 0.3).astype(dtype)
+    mask = np.ones((B, N), dtype=bool)
+    mask[0, 30:] = False
+    mask[2, 5:] = False
+    if fully_masked:
+        mask[1] = False
+    d = rng.standard_normal((B, N, D)).astype(dtype)
+
+    def run():
+        out, c = ops.attention_forward(x, w_qkv, None, w_proj, None, H, key_mask=mask)
+        return (out, c.attn) + ops.attention_backward(d, c)
+
+    ref, got = _both(run)
+    _close(ref, got, dtype)
+    attn = got[1]
+    assert (np.moveaxis(attn, 3, 1)[~mask] == 0).all()  # masked keys (b, j): exactly 0
+    if fully_masked:
+        assert (attn[1] == 0).all()
+
+
 def test_softmax_non_finite_scores_stay_in_their_rows():
     # A NaN or inf score makes the block maximum useless; only its own row may come out NaN,
     # as on the generic path.
