@@ -210,7 +210,7 @@ def test_attention(threads, dtype, B):
 @pytest.mark.parametrize("fully_masked", [False, True])
 def test_attention_with_a_key_mask(threads, dtype, fully_masked):
     """Padded keys (ViLT's text): the fast path adds the mask as -inf and gives the masked keys
-    exact zeros; a sequence with no valid key at all goes to the generic path (P = 0 rows)."""
+    exact zeros; a sequence with no valid key at all gets P = 0 rows, as on the generic path."""
     _parallel.set_num_threads(threads)
     rng = np.random.default_rng(6)
     B, N, D, H = 3, 41, 32, 4

@@ -63,12 +63,23 @@ def use_kernels(*arrays) -> bool:
 
 def softmax_inplace(p, scale, key_mask=None):
     """p <- softmax(scale * p) over the last axis: blocked threads on NumPy, a kernel on CuPy.
-    ``key_mask`` (B, N) for scores (B, H, N, N): CuPy's kernel only (the masked entries get 0)."""
+
+    ``key_mask`` (B, N) for scores (B, H, N, N), True = may be attended to: the masked entries
+    get exactly 0, and so does every row of a sequence with no valid key (as the generic path
+    and the kernel give). On NumPy the mask is added to the scores as 0 / -inf first; a fully
+    masked sequence's scores are left finite there and its rows zeroed afterwards.
+    """
     if use_kernels(p):
         return kernels_cupy.softmax_forward(p, scale, out=p, key_mask=key_mask)
-    if key_mask is not None:
-        raise ValueError("softmax_inplace takes a key_mask on the CuPy kernel path only")
-    return softmax_(p, scale)
+    if key_mask is None:
+        return softmax_(p, scale)
+    xp = backend_of(p).xp
+    valid = key_mask.any(axis=-1)  # (B,)
+    bias = xp.where(key_mask | ~valid[:, None], 0, -xp.inf).astype(p.dtype)  # (B, N)
+    p += bias[:, None, None, :]
+    softmax_(p, scale)
+    p[~valid] = 0  # sequences with nothing to attend to
+    return p
 
 
 def softmax_backward_inplace(dp, p, scale):

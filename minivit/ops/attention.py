@@ -63,7 +63,7 @@ def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask=None)
     if _fast.use_kernels(w_qkv, b_qkv, key_mask):  # (x: any layout)
         return _kernel_forward(x, w_qkv, b_qkv, w_proj, b_proj, key_mask, B, N, H, hd, scale)
     qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (B, N, 3D)
-    if _fast.use_fast(qkv) and (key_mask is None or bool(key_mask.any(axis=1).all())):
+    if _fast.use_fast(qkv):
         return _fast_forward(qkv, qkv_cache, w_proj, b_proj, B, N, H, hd, scale, key_mask)
     qkv = qkv.reshape(B, N, 3, H, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
     q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, N, hd)
@@ -99,18 +99,15 @@ def _fast_forward(qkv, qkv_cache, w_proj, b_proj, B, N, H, hd, scale, key_mask=N
 
     The scale is folded into the softmax (softmax(scale * q k^T)), the softmax runs blocked on
     threads (ops/_fast.py), and P v is written straight into the heads-concatenated layout.
-    NumPy's matmul reads the strided q, k, v views through BLAS as they are. A key mask whose
-    every sequence has a valid key (the caller checks) is added to the scores as 0 / -inf, which
-    the softmax turns into exact zeros; a fully masked sequence takes the generic path.
+    NumPy's matmul reads the strided q, k, v views through BLAS as they are. The softmax
+    applies the key mask itself (masked keys and fully masked rows get exactly 0).
     """
     xp = array_module(qkv)
     D = H * hd
     qkv5 = qkv.reshape(B, N, 3, H, hd)
     q, k, v = (qkv5[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, N, hd) views
     p = _fast.batched_matmul(q, k.transpose(0, 1, 3, 2))  # (B, H, N, N), unscaled scores
-    if key_mask is not None:
-        p += xp.where(key_mask, 0.0, -xp.inf).astype(p.dtype)[:, None, None, :]  # masked: -inf
-    _fast.softmax_inplace(p, scale)  # P = softmax(scale * S), in place
+    _fast.softmax_inplace(p, scale, key_mask)  # P = softmax(scale * S), in place
     ctx = xp.empty((B, N, D), dtype=qkv.dtype)  # heads concatenated
     _fast.batched_matmul(p, v, ctx.reshape(B, N, H, hd).transpose(0, 2, 1, 3))
     out, proj_cache = linear_forward(ctx, w_proj, b_proj)  # (B, N, D)

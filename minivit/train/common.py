@@ -217,11 +217,8 @@ def saved_recipe(ckpt, args, local, model_class, command) -> dict:
         raise ValueError(f"{str(ckpt)!r} is not a training checkpoint (no saved args)")
     saved = {k: v for k, v in saved.items() if k not in local}
     parser = getattr(args, "_parser", None)  # set by the command line (minivit/cli.py)
-    given = {
-        k: v
-        for k, v in vars_for_json(args, drop=local).items()
-        if parser is not None and v != parser.get_default(k)
-    }
+    options = vars_for_json(args, drop=local) if parser is not None else {}
+    given = {k: v for k, v in options.items() if v != parser.get_default(k)}
     clashes = [
         f"--{k.replace('_', '-')} {_as_saved(v)!r} (the run's: {saved[k]!r})"
         for k, v in sorted(given.items())

@@ -417,8 +417,7 @@ def train(args, data, model, *, log=print, quiet=False):
     history = History()
     start = 0
     if args.resume:
-        start, history, _ = load_training_checkpoint(ckpt, model, opt)
-        opt.step_count = start
+        start, history, _ = load_training_checkpoint(ckpt, model, opt)  # opt's counts too
     itm_set, mlm_set = heldout(data, args.eval_size)
     quick = min(256, args.eval_size)
     t0 = time.perf_counter()
