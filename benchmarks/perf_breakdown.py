@@ -226,20 +226,41 @@ def child(args) -> int:
 
 
 def check_perf() -> None:
-    """Raise SystemExit with the reason when ``perf record -e cpu-clock`` cannot run here."""
+    """Raise SystemExit with the reason when perf cannot sample another process of ours here.
+
+    The probe does what the real run does, on a sleeping child: ``perf record -e cpu-clock
+    -p PID``, stopped by SIGINT, then ``perf report`` on its data.
+    """
     if shutil.which("perf") is None:
         raise SystemExit("perf_breakdown: needs Linux perf (Debian: apt-get install linux-perf)")
+    why = ""
     with tempfile.TemporaryDirectory() as tmp:
-        probe = subprocess.run(
-            ["perf", "record", "-e", "cpu-clock", "-o", os.path.join(tmp, "p.data"), "true"],
-            capture_output=True,
-            text=True,
-        )
-    if probe.returncode != 0:
-        raise SystemExit(
-            "perf_breakdown: `perf record -e cpu-clock` failed here (is "
-            "/proc/sys/kernel/perf_event_paranoid above 2?):\n" + probe.stderr.strip()
-        )
+        data = os.path.join(tmp, "probe.data")
+        target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            perf = subprocess.Popen(
+                ["perf", "record", "-q", "-e", "cpu-clock", "-p", str(target.pid), "-o", data],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(0.3)
+            if perf.poll() is None:
+                perf.send_signal(signal.SIGINT)
+            why = perf.communicate(timeout=30)[1].strip()
+        finally:
+            target.kill()
+            target.wait()
+        if os.path.exists(data) and os.path.getsize(data) > 0:
+            try:
+                read_report(data)
+                return
+            except subprocess.CalledProcessError as exc:
+                why = (exc.stderr or "").strip() or f"perf report exited with {exc.returncode}"
+    raise SystemExit(
+        "perf_breakdown: `perf record -e cpu-clock -p PID` does not work here (is "
+        "/proc/sys/kernel/perf_event_paranoid above 2?)" + (f":\n{why}" if why else "")
+    )
 
 
 def _child_command(args, impl: str, name: str) -> list[str]:

@@ -174,3 +174,11 @@ def test_a_real_run_samples_the_steps_of_minivit(tmp_path):
 def test_bad_options_are_refused():
     with pytest.raises(SystemExit):
         pb.main(["--steps", "0"])
+
+
+def test_missing_perf_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(pb.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="needs Linux perf"):
+        pb.check_perf()
+    with pytest.raises(SystemExit, match="needs Linux perf"):
+        pb.main(["--steps", "1"])  # before any child is started
