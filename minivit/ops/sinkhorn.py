@@ -7,11 +7,20 @@ Shape legend: ``...`` any leading (batch) dims, ``n`` rows of the cost (the ``a`
 tokens in ViLT), ``m`` columns (the ``b`` side, image patches), ``d`` feature size, ``T`` the
 number of Sinkhorn iterations actually run.
 
-Everything runs in the log domain: the plan is ``exp(logK + f[:, None] + g[None, :])`` with
-``logK = -cost / epsilon`` and the log-scalings ``f``, ``g`` updated by log-sum-exp. A zero
+The algorithms are stated in the log domain: the plan is ``exp(logK + f[:, None] + g[None, :])``
+with ``logK = -cost / epsilon`` and the log-scalings ``f``, ``g`` updated by log-sum-exp. A zero
 marginal entry gives ``log a_i = -inf``, so its row (or column) is ``exp(-inf) = 0`` exactly; the
 log-sum-exp reductions never see a slice made only of ``-inf`` (the marginals are checked to keep
-some mass), so no NaN can appear.
+some mass), so no NaN can appear. That is the path CuPy takes. On NumPy, where ``exp`` is dear,
+two cheaper forms compute the same iterates (see :func:`_rescales`):
+
+- Sinkhorn keeps the kernel ``exp(logK + f + g)`` itself and rescales it as the potentials move
+  (:class:`_ScaledKernel`), re-anchoring it from the potentials every ``_REANCHOR_EVERY``
+  iterations;
+- IPOT runs in ViLT's scaling domain (:func:`_ipot_scaling`) and falls back to the log domain
+  (:func:`_ipot_log`) when its kernel under- or overflows.
+
+Both are tested against the log-domain path and against POT (tests/test_sinkhorn.py).
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ def evaluate_checkpoint(path, backend=None, dtype=None, batch_size=256) -> dict:
     if not data_meta or data_meta.get("dataset") != "digits":
         raise ValueError(
             f"{str(path)!r} does not record a digits test split (metadata train.data); "
-            "`minivit eval` scores checkpoints written by `minivit train vit`"
+            "`minivit eval` scores checkpoints written by `minivit train vit` or "
+            "`minivit train hybrid`"
         )
     data = load_digits_split(data_meta["test_size"], seed=data_meta["seed"])
     x = data.normalize(data.x_test, model.dtype)
