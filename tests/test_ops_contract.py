@@ -11,6 +11,7 @@ The per-op files (test_ops_<family>.py) hold the references, gradient checks, or
 from __future__ import annotations
 
 import copy
+import types
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +60,32 @@ def _ce_inputs(rng, dtype, smoothing):
     targets = rng.integers(0, 5, size=(3, 4))
     targets[1, 2] = -100
     return [logits, targets], {"label_smoothing": smoothing}
+
+
+def _ot_inputs(rng, dtype, marginals=True, pad=False):
+    """cost (2, 3, 4) in [0, 1) and, with ``marginals``, a (2, 3) and b (2, 4) summing to 1;
+    ``pad`` gives a of shape (3,), broadcast over the batch, and zeros in a and b (padding)."""
+    B, n, m = 2, 3, 4
+    cost = rng.random((B, n, m)).astype(dtype)
+    if not marginals:
+        return [cost]
+    a = rng.random(n if pad else (B, n)) + 0.5
+    b = rng.random((B, m)) + 0.5
+    if pad:
+        a[-1] = 0.0
+        b[:, 0] = 0.0
+    a /= a.sum(-1, keepdims=True)
+    b /= b.sum(-1, keepdims=True)
+    return [cost, a.astype(dtype), b.astype(dtype)]
+
+
+def _cosine_inputs(rng, dtype, broadcast=False):
+    """x (2, 3, 5), y (2, 4, 5); ``broadcast``: y (4, 5) and a zero row of x (a clamped norm)."""
+    x = _n(rng, 2, 3, 5, dtype=dtype)
+    y = _n(rng, 4, 5, dtype=dtype) if broadcast else _n(rng, 2, 4, 5, dtype=dtype)
+    if broadcast:
+        x[1, 2] = 0.0
+    return [x, y], {}
 
 
 CASES = [
@@ -216,6 +243,124 @@ CASES = [
         {0: 0},
         1,
     ),
+    OpCase(
+        "cosine_cost",
+        ops.cosine_cost_forward,
+        ops.cosine_cost_backward,
+        lambda r, t, be: _cosine_inputs(r, t),
+        {0: 0, 1: 1},
+        2,
+    ),
+    OpCase(
+        "cosine_cost_broadcast_clamped",
+        ops.cosine_cost_forward,
+        ops.cosine_cost_backward,
+        lambda r, t, be: _cosine_inputs(r, t, broadcast=True),
+        {0: 0, 1: 1},
+        2,
+    ),
+    OpCase(
+        "sinkhorn",
+        ops.sinkhorn_forward,
+        ops.sinkhorn_backward,
+        lambda r, t, be: (_ot_inputs(r, t), {"epsilon": 0.1, "n_iters": 20}),
+        {0: 0, 1: 1, 2: 2},
+        3,
+    ),
+    OpCase(
+        "sinkhorn_uniform",
+        ops.sinkhorn_forward,
+        ops.sinkhorn_backward,
+        lambda r, t, be: (_ot_inputs(r, t, marginals=False), {"epsilon": 0.1, "n_iters": 20}),
+        {0: 0},
+        3,
+        none_slots=(1, 2),
+    ),
+    OpCase(
+        "sinkhorn_padded",
+        ops.sinkhorn_forward,
+        ops.sinkhorn_backward,
+        lambda r, t, be: (_ot_inputs(r, t, pad=True), {"epsilon": 0.1, "n_iters": 20}),
+        {0: 0, 1: 1, 2: 2},
+        3,
+    ),
+    OpCase(
+        "ipot",
+        ops.ipot_forward,
+        ops.ipot_backward,
+        lambda r, t, be: (_ot_inputs(r, t), {}),
+        {0: 0, 1: 1, 2: 2},
+        3,
+    ),
+    OpCase(
+        "ipot_uniform",
+        ops.ipot_forward,
+        ops.ipot_backward,
+        lambda r, t, be: (_ot_inputs(r, t, marginals=False), {"n_iters": 10}),
+        {0: 0},
+        3,
+        none_slots=(1, 2),
+    ),
+    OpCase(
+        "ipot_padded",
+        ops.ipot_forward,
+        ops.ipot_backward,
+        lambda r, t, be: (_ot_inputs(r, t, pad=True), {"beta": 0.2, "inner_iters": 2}),
+        {0: 0, 1: 1, 2: 2},
+        3,
+    ),
+    # One grad only, (dcost,): API.md's table row, which the code follows, not its general rule
+    # (one entry per floating array parameter would be (dcost, da, db)).
+    OpCase(
+        "ot_distance",
+        ops.ot_distance_forward,
+        ops.ot_distance_backward,
+        lambda r, t, be: (_ot_inputs(r, t), {}),
+        {0: 0},
+        1,
+    ),
+    OpCase(
+        "ot_distance_sinkhorn",
+        ops.ot_distance_forward,
+        ops.ot_distance_backward,
+        lambda r, t, be: (
+            _ot_inputs(r, t, pad=True),
+            {"method": "sinkhorn", "epsilon": 0.1, "n_iters": 20},
+        ),
+        {0: 0},
+        1,
+    ),
+    OpCase(
+        "ot_distance_uniform",
+        ops.ot_distance_forward,
+        ops.ot_distance_backward,
+        lambda r, t, be: (_ot_inputs(r, t, marginals=False), {"n_iters": 10}),
+        {0: 0},
+        1,
+    ),
+    OpCase(
+        "conv2d",
+        ops.conv2d_forward,
+        ops.conv2d_backward,
+        lambda r, t, be: (
+            [_n(r, 2, 3, 5, 5, dtype=t), _n(r, 4, 3, 3, 3, dtype=t), _n(r, 4, dtype=t)],
+            {"stride": 1, "padding": 1},
+        ),
+        {0: 0, 1: 1, 2: 2},
+        3,
+    ),
+    OpCase(
+        "conv2d_stride2_nobias",
+        ops.conv2d_forward,
+        ops.conv2d_backward,
+        lambda r, t, be: (
+            [_n(r, 1, 2, 6, 5, dtype=t), _n(r, 3, 2, 3, 2, dtype=t), None],
+            {"stride": 2, "padding": (1, 0)},
+        ),
+        {0: 0, 1: 1},
+        3,
+        none_slots=(2,),
+    ),
 ]
 # Arrays above 2^14 entries, where NumPy may take a blocked/threaded fast path (ops/_fast.py): the
 # same contract must hold there.
@@ -265,6 +410,8 @@ def _snapshot(obj, backend):
     """Host copies of every array reachable from a cache (nested caches included)."""
     if isinstance(obj, Cache):
         return {k: _snapshot(v, backend) for k, v in vars(obj).items()}
+    if isinstance(obj, types.ModuleType):
+        return obj  # an array module (ipot's cache.xp): kept, compared by identity
     if hasattr(obj, "dtype") and hasattr(obj, "shape"):
         return backend.to_numpy(obj).copy()
     return copy.deepcopy(obj)
