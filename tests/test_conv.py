@@ -163,7 +163,7 @@ def test_relu_matches_torch_and_central_differences(backend, shape, seed):
 
 
 @st.composite
-def gn_cases(draw):
+def gn_cases(draw, offset=1e3):
     G = draw(st.integers(1, 3))
     C = G * draw(st.integers(1, 3))
     B = draw(st.integers(1, 3))
@@ -176,7 +176,7 @@ def gn_cases(draw):
     r = np.random.default_rng(seed)
     x = r.standard_normal((B, C, *spatial))
     if kind == "offset":  # a large mean, where a one-pass variance would lose its digits
-        x = x + 1e3
+        x = x + offset
     return x, r.standard_normal(C), r.standard_normal(C), G, seed
 
 
@@ -199,8 +199,12 @@ def test_groupnorm_matches_torch(backend, case, eps):
     assert record_torch_err("groupnorm", *errs) <= ORACLE_TOL
 
 
+# Central differences at a mean of 1e3 carry the forward's rounding of x - mean (eps 1e3 / h,
+# about 2e-7 here) into the quotient, which is more than a small gradient's 1e-6 tolerance
+# (HYPOTHESIS_PROFILE=thorough found 4e-8 against a gradient of 1e-4). The torch check above
+# covers the 1e3 offset to 1e-10; here the offset is 10.
 @fixture_settings()
-@given(case=gn_cases())
+@given(case=gn_cases(offset=10.0))
 def test_groupnorm_backward_matches_central_differences(backend, case):
     x, gamma, beta, G, seed = case
     check_grads(
