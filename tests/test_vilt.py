@@ -222,6 +222,49 @@ def test_max_image_len_samples_with_a_seeded_generator(backend):
     assert a.forward(ids, mask, images, max_image_len=-1)["image_feats"].shape == (4, 5, 16)
 
 
+def test_dropout_only_in_training_and_its_gradient(backend):
+    """drop_rate acts in training only; an evaluation forward is the same model without it.
+    With the masks replayed (the same seed before each forward), the gradient of all three
+    losses holds along a random direction through every dropout (text, image, blocks)."""
+    a, plain = tiny(backend, drop_rate=0.25), tiny(backend)
+    ids, mask, images = batch(backend)
+    ev = a.forward(ids, mask, images)
+    ref = plain.forward(ids, mask, images)
+    np.testing.assert_array_equal(backend.to_numpy(ev["pooled"]), backend.to_numpy(ref["pooled"]))
+    assert a.forward_draws_random({"train": True}) and not a.forward_draws_random({})
+    assert not plain.forward_draws_random({"train": True})  # shards stay on without dropout
+    tr1 = backend.to_numpy(a.forward(ids, mask, images, train=True)["text_feats"])
+    tr2 = backend.to_numpy(a.forward(ids, mask, images, train=True)["text_feats"])
+    assert not np.allclose(tr1, tr2)  # new masks each step
+    # about a quarter of each dropout's entries are zeroed (read from the forward's cache)
+    c = a._cache
+    for drop_cache in (c.text_drop, c.image_drop):
+        assert 0.1 < float((backend.to_numpy(drop_cache.mask) == 0).mean()) < 0.4
+
+    labels = np.full((4, 8), -100)
+    labels[0, 2], labels[1, 1], labels[2, 3], labels[3, 5] = 7, 9, 11, 6
+    labels = backend.asarray(labels)
+    itm = backend.asarray(np.array([-100, 1, 0, 1]))
+    plan = [None]
+
+    def loss():
+        a.rng = a.backend.rng(11)  # the same masks every time
+        losses, cache = H.pretrain_forward(
+            a, ids, mask, images, labels, itm, wpa_weight=0.1, wpa_plan=plan[0], train=True
+        )
+        return float(losses["loss"]), losses, cache
+
+    _, losses, cache = loss()
+    plan[0] = losses["wpa_plan"]
+    grads = {k: v.copy() for k, v in H.pretrain_backward(a, cache).items()}
+    # h = 1e-6: the 1/(1-p) scaling of the kept entries raises the curvature, and at the
+    # other tests' 1e-5 the difference quotient's O(h^2) error reached 4e-7 for some masks
+    ana, num = _directional(a, lambda: loss()[0], grads, np.random.default_rng(4), h=1e-6)
+    assert abs(ana - num) <= 1e-7 * abs(num), (ana, num)
+    with pytest.raises(ValueError, match="drop_rate"):
+        tiny(backend, drop_rate=1.0)
+
+
 def test_bad_inputs_raise_clear_errors(backend):
     model = tiny(backend)
     ids, mask, images = batch(backend)
@@ -426,9 +469,11 @@ def test_prefetch_workers_make_the_same_batches_as_inline():
     assert first.max() <= 7
 
 
-def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dropout", [[], ["--drop-rate", "0.2"]], ids=["plain", "dropout"])
+def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, dropout):
     """The checkpoint is written at every --eval-every check, so a run stopped by Ctrl-C goes
-    on from its last check, in its own folder, to the parameters of a run never stopped."""
+    on from its last check, in its own folder, to the parameters of a run never stopped; with
+    dropout too, since each step's masks come from a generator seeded by (seed, step)."""
     from minivit.checkpoint import load_checkpoint
     from minivit.cli import build_parser
     from minivit.models import vilt_heads
@@ -440,7 +485,7 @@ def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch):
                 "train", "vilt", "--steps", "4", "--batch-size", "8", "--mlm-batch-size", "4",
                 "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--eval-size", "16",
                 "--eval-every", "2", "--out", str(out), "--no-progress", "--dtype", "float64",
-                *extra,
+                *dropout, *extra,
             ]
         )  # fmt: skip
 
@@ -471,3 +516,8 @@ def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch):
     assert set(whole) == set(resumed)
     for k in whole:
         np.testing.assert_allclose(resumed[k], whole[k], rtol=0, atol=1e-12, err_msg=k)
+    if dropout:  # the dropout was on, and changed the training
+        plain = train_vilt.run(args_for(tmp_path / "plain", "--drop-rate", "0"))
+        assert plain == 0
+        other, _ = load_checkpoint(tmp_path / "plain" / "checkpoint.safetensors")
+        assert any(not np.array_equal(other[k], whole[k]) for k in whole)

@@ -31,6 +31,8 @@ from ..blocks import (
     encoder_backward,
     encoder_forward,
     init_block_params,
+    maybe_dropout,
+    maybe_dropout_back,
     trunc_normal,
 )
 from .base import Model
@@ -71,6 +73,10 @@ class ViLT(Model):
             sampled with the model's seeded generator (the original samples too, but here the
             default -1 keeps every patch, in row-major order, so outputs are deterministic).
         num_vqa_labels: keyword only; > 0 adds the VQA classifier head ``vqa_classifier.*``.
+        drop_rate: keyword only; dropout in training (``forward(..., train=True)``) where the
+            original has it (its ``drop_rate``, 0.1 there; 0 here by default): after the text
+            embeddings' LayerNorm, on the image tokens after their position embeddings, and in
+            every block after the attention projection and in the MLP. Masks come from ``rng``.
     """
 
     def __init__(
@@ -93,11 +99,14 @@ class ViLT(Model):
         *,
         max_image_len=-1,
         num_vqa_labels=0,
+        drop_rate=0.0,
     ):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
         if embed_dim % num_heads:
             raise ValueError(f"num_heads {num_heads} must divide embed_dim {embed_dim}")
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         if vocab_size < 1 or max_text_len < 1:
             raise ValueError(
                 f"vocab_size and max_text_len must be positive, got {vocab_size}, {max_text_len}"
@@ -117,13 +126,14 @@ class ViLT(Model):
             text_eps=float(text_eps),
             max_image_len=int(max_image_len),
             num_vqa_labels=int(num_vqa_labels),
+            drop_rate=float(drop_rate),
         )
         self._setup(config, dtype, backend)  # dtype, backend, config (models/base.py)
         self.grid = self.img_size // self.patch_size
         self.num_patches = self.grid**2
         self.mlp_hidden = int(self.embed_dim * self.mlp_ratio)
         self.params = self._init_params(seed)
-        self.rng = self.backend.rng(seed)  # patch sampling (max_image_len)
+        self.rng = self.backend.rng(seed)  # patch sampling (max_image_len) and dropout masks
         self._interp = {}  # (grid_h, grid_w, h, w) -> (Nh*Nw, g*g) matrix on the backend
 
     # ------------------------------------------------------------------------------------------
@@ -336,9 +346,10 @@ class ViLT(Model):
     # forward and backward
 
     def forward_draws_random(self, inputs) -> bool:
-        """Patch sampling (max_image_len > 0) draws from ``rng``; nothing else does."""
+        """Patch sampling (max_image_len > 0) and dropout in training draw from ``rng``."""
         k = inputs.get("max_image_len")
-        return (self.max_image_len if k is None else int(k)) > 0
+        sampling = (self.max_image_len if k is None else int(k)) > 0
+        return sampling or bool(inputs.get("train") and self.drop_rate > 0)
 
     @sharded_forward(
         batched=("input_ids", "text_mask", "images", "image_mask"),
@@ -369,7 +380,7 @@ class ViLT(Model):
 
         ``image_mask``: None (all valid), a pixel mask (B, H, W) or a patch mask (B, Np).
         ``max_image_len`` overrides the constructor's; > 0 samples that many patches.
-        ``train`` is accepted for symmetry with ViT (ViLT here has no dropout).
+        ``train=True`` turns dropout on (``drop_rate`` > 0; none by default).
         """
         tmask, pmask, gh, gw = self._check_inputs(
             input_ids, text_mask, images, image_mask, interpolate_pos_encoding
@@ -381,6 +392,7 @@ class ViLT(Model):
         D = self.embed_dim
         Np = gh * gw
         c = ops.Cache(L=L, gh=gh, gw=gw, B=B)
+        drop = self.drop_rate if train else 0.0
 
         # ---- text: BERT embeddings (token type 0 everywhere), then LayerNorm(text_eps)
         w_emb, c.word = ops.embedding_forward(
@@ -394,6 +406,7 @@ class ViLT(Model):
             p["text_embeddings.LayerNorm.bias"],
             self.text_eps,
         )  # (B, L, D)
+        t, c.text_drop = maybe_dropout(t, drop, self.rng, train)  # BERT's embedding dropout
         t = t + p["token_type_embeddings.weight"][0]  # modality 0 = text
 
         # ---- image: patches + (interpolated) position embeddings
@@ -434,14 +447,24 @@ class ViLT(Model):
             c.keep = None
         cls = p["transformer.cls_token"][0] + p["transformer.pos_embed"][0, :1]  # (1, D)
         v = xp.concatenate([xp.broadcast_to(cls, (B, 1, D)), x], axis=1)  # (B, I, D)
-        v += p["token_type_embeddings.weight"][1]  # modality 1 = image
+        v, c.image_drop = maybe_dropout(v, drop, self.rng, train)  # the ViT's pos_drop
+        v += p["token_type_embeddings.weight"][1]  # modality 1 = image (v is a fresh array)
         imask = xp.concatenate([xp.ones((B, 1), dtype=bool), kmask], axis=1)  # (B, I)
 
         # ---- fuse: text first, then image; one key-padding mask for both
         z = xp.concatenate([t, v], axis=1)  # (B, N, D)
         key_mask = xp.concatenate([tmask, imask], axis=1)  # (B, N)
         z, c.encoder = encoder_forward(
-            z, p, "transformer.blocks.", self.depth, self.num_heads, key_mask=key_mask, eps=self.eps
+            z,
+            p,
+            "transformer.blocks.",
+            self.depth,
+            self.num_heads,
+            key_mask=key_mask,
+            eps=self.eps,
+            drop=drop,
+            rng=self.rng,
+            train=train,
         )
         z, c.norm = ops.layernorm_forward(
             z, p["transformer.norm.weight"], p["transformer.norm.bias"], self.eps
@@ -505,6 +528,7 @@ class ViLT(Model):
         dtt[1] = dv.sum(axis=(0, 1))
         dtt[0] = dt.sum(axis=(0, 1))
         g["token_type_embeddings.weight"] = dtt
+        dv = maybe_dropout_back(dv, c.image_drop)  # (B, I, D)
         dcls = dv[:, 0].sum(axis=0)  # (D,) cls_token and pos_embed[0] were added to it
         g["transformer.cls_token"] = dcls.reshape(1, 1, D)
         dx = dv[:, 1:]  # (B, K, D)
@@ -526,7 +550,8 @@ class ViLT(Model):
             g["transformer.patch_embed.proj.bias"],
         ) = ops.patch_embed_backward(dx, c.patch, need_dx=input_grad)
 
-        # ---- text side: t = LN(word + pos + type0) + modality0
+        # ---- text side: t = dropout(LN(word + pos + type0)) + modality0
+        dt = maybe_dropout_back(dt, c.text_drop)
         dt, g["text_embeddings.LayerNorm.weight"], g["text_embeddings.LayerNorm.bias"] = (
             ops.layernorm_backward(dt, c.text_ln)
         )

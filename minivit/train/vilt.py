@@ -90,6 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--num-heads", type=int, default=4)
     a("--mlp-ratio", type=float, default=2.0)
     a("--max-text-len", type=int, default=16)
+    a(
+        "--drop-rate",
+        type=float,
+        default=0.0,
+        help="dropout in training, where the original has it (0.1 there; default 0: none)",
+    )
     a("--dtype", default="float32", choices=["float32", "float64"])
     a(
         "--eval-size",
@@ -292,8 +298,15 @@ def build(args):
         dtype=args.dtype,
         backend=args.backend,
         seed=args.seed,
+        drop_rate=getattr(args, "drop_rate", 0.0),  # a recipe saved before the option: none
     )
     return data, model
+
+
+def step_rng(model, seed, step):
+    """The dropout generator of one training step, on the model's backend, seeded by (seed,
+    step): a resumed run draws the masks the uninterrupted run would have drawn."""
+    return model.backend.rng(int(seed) * 1_000_003 + int(step) + 1)
 
 
 def parse_curriculum(text):
@@ -428,6 +441,8 @@ def train(args, data, model, *, log=print, quiet=False):
         prefetch(spec, range(start, args.steps), getattr(args, "workers", 0)) as batches,
     ):
         for step, b in zip(range(start, args.steps), batches):
+            if model.drop_rate > 0:  # this step's masks, whether or not the run was resumed
+                model.rng = step_rng(model, args.seed, step)
             losses, cache = H.pretrain_forward(
                 model,
                 be.asarray(b["input_ids"]),
