@@ -46,6 +46,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -202,7 +203,8 @@ def summarize(rows, steps: int, top: int = 12) -> dict:
 
 
 def child(args) -> int:
-    harness.configure(harness.BenchConfig(threads=args.threads, torch=args.child == "torch"))
+    threads = args.threads or None  # 0: the libraries' own defaults
+    harness.configure(harness.BenchConfig(threads=threads, torch=args.child == "torch"))
     built = models.build(args.models[0], "numpy", args.batch, with_torch=args.child == "torch")
     key = "train_step" if args.child == "minivit" else "torch_train_step"
     if key not in built:
@@ -245,13 +247,16 @@ def check_perf() -> None:
                 text=True,
             )
             time.sleep(0.3)
-            if perf.poll() is None:
+            running = perf.poll() is None  # perf that exits at once has sampled nothing
+            if running:
                 perf.send_signal(signal.SIGINT)
             why = perf.communicate(timeout=30)[1].strip()
+            if not running:
+                why = why or f"perf record exited at once with status {perf.returncode}"
         finally:
             target.kill()
             target.wait()
-        if os.path.exists(data) and os.path.getsize(data) > 0:
+        if running and os.path.exists(data) and os.path.getsize(data) > 0:
             try:
                 read_report(data)
                 return
@@ -275,7 +280,8 @@ def _child_command(args, impl: str, name: str) -> list[str]:
         str(args.batch),
         "--warmup",
         str(args.warmup),
-        *(["--threads", str(args.threads)] if args.threads else []),
+        "--threads",
+        str(args.threads),
     ]
 
 
@@ -325,6 +331,7 @@ class Sampled:
     def close(self) -> None:
         if self.perf is not None and self.perf.poll() is None:
             self.perf.kill()
+            self.perf.wait()
         if self.proc.poll() is None:
             self.proc.stdin.close()  # the child's loop ends
             try:
@@ -356,14 +363,14 @@ def breakdown_model(args, name: str, log=print) -> dict:
     impls = IMPLS[:1] if args.no_torch else IMPLS
     log(f"sampling {name}, batch {args.batch}: {args.steps} steps of {' and '.join(impls)}")
     with tempfile.TemporaryDirectory() as tmp:
-        runs = []
+        started, runs = [], []  # every child (all are closed), the ones that run steps
         try:
             for impl in impls:
                 run = Sampled(args, impl, name, os.path.join(tmp, f"{impl}.data"))
-                runs.append(run)
+                started.append(run)
                 if run.error:
                     log(f"perf_breakdown: {impl} skipped: {run.error}")
-            runs = [r for r in runs if not r.error]
+            runs = [r for r in started if not r.error]
             for run in runs:
                 run.attach(args.freq)
             time.sleep(0.5)  # let perf attach to every thread before the first step
@@ -377,12 +384,11 @@ def breakdown_model(args, name: str, log=print) -> dict:
             for run in runs:
                 run.stop_perf()
         finally:
-            for run in runs:
+            for run in started:
                 run.close()
         for run in runs:
             summary = summarize(parse_report(read_report(run.data_path)), args.steps, args.top)
-            ts = sorted(times[run.impl])
-            summary["wall_ms_median"] = ts[len(ts) // 2] * 1e3
+            summary["wall_ms_median"] = statistics.median(times[run.impl]) * 1e3
             summary["wall_ms"] = [t * 1e3 for t in times[run.impl]]
             result[run.impl] = summary
     return result
@@ -443,7 +449,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=4,
         help="default 4: one shard of the 2-core benchmark's batch of 8, on one thread",
     )
-    p.add_argument("--threads", type=int, default=1, help="BLAS, torch and minivit's pool")
+    p.add_argument(
+        "--threads", type=int, default=1, help="BLAS, torch and minivit's pool (0: their defaults)"
+    )
     p.add_argument("--steps", type=int, default=20, help="sampled steps per implementation")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--freq", type=int, default=999, help="samples per second per thread")
@@ -458,12 +466,14 @@ def main(argv=None, log=print) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch < 1 or args.warmup < 0 or args.freq < 1 or args.gap < 0:
+    if args.steps < 1 or args.batch < 1 or args.freq < 1 or min(args.warmup, args.gap) < 0:
         p.error("--steps, --batch and --freq must be >= 1, --warmup and --gap >= 0")
+    if args.threads < 0:
+        p.error("--threads must be >= 0 (0: the libraries' defaults)")
     if args.child:
         return child(args)
     check_perf()
-    cfg = harness.BenchConfig(threads=args.threads, torch=not args.no_torch)
+    cfg = harness.BenchConfig(threads=args.threads or None, torch=not args.no_torch)
     env = harness.environment_info(cfg)
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", harness.device_tag(env), "perf"
@@ -476,6 +486,9 @@ def main(argv=None, log=print) -> int:
     with open(os.path.join(out, "perf_breakdown.md"), "w") as f:
         f.write(markdown(results, env, args.top))
     log(f"wrote {out}/perf_breakdown.json and perf_breakdown.md")
+    if not any(i in r for r in results for i in IMPLS):
+        log("perf_breakdown: no implementation ran")
+        return 1
     return 0
 
 

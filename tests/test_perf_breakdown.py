@@ -172,8 +172,9 @@ def test_a_real_run_samples_the_steps_of_minivit(tmp_path):
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(SystemExit):
-        pb.main(["--steps", "0"])
+    for argv in (["--steps", "0"], ["--threads", "-1"], ["--gap", "-0.1"]):
+        with pytest.raises(SystemExit):
+            pb.main(argv)
 
 
 def test_missing_perf_is_a_clear_error(monkeypatch):

@@ -311,12 +311,15 @@ def test_sinkhorn_backward_central_differences(lead, n, m, eps, iters, seed):
     def loss(C_, a_, b_):
         return float((ops.sinkhorn_forward(C_, a_, b_, epsilon=eps, n_iters=iters)[0] * dP).sum())
 
-    # floor: central differences through a dozen iterations carry ~1e-9 of rounding noise, which
-    # is all there is where the true gradient is 0 (one column: the last row update fixes the
-    # plan whatever b is); HYPOTHESIS_PROFILE=thorough found 1.2e-9 there, over a floor of 1e-3
-    assert rel(dC, central_diff(lambda x: loss(x, a, b), C), floor=1e-2) <= 1e-6
-    assert rel(da, central_diff(lambda x: loss(C, x, b), a), floor=1e-2) <= 1e-6
-    assert rel(db, central_diff(lambda x: loss(C, a, x), b), floor=1e-2) <= 1e-6
+    assert rel(dC, central_diff(lambda x: loss(x, a, b), C), floor=1e-3) <= 1e-6
+    assert rel(da, central_diff(lambda x: loss(C, x, b), a), floor=1e-3) <= 1e-6
+    # With one column the last (row) update fixes the plan at a whatever b is: the true db is 0,
+    # and the quotient is rounding noise through a dozen iterations (HYPOTHESIS_PROFILE=thorough
+    # found 1.2e-9, over the floor of 1e-3 the other gradients use)
+    db_floor = 1e-2 if m == 1 else 1e-3
+    assert rel(db, central_diff(lambda x: loss(C, a, x), b), floor=db_floor) <= 1e-6
+    if m == 1:
+        assert np.abs(db).max() <= 1e-12  # and the backward gives that 0 (to rounding)
 
 
 def test_sinkhorn_backward_with_gradcheck_module(backend):

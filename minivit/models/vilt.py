@@ -349,7 +349,7 @@ class ViLT(Model):
         """Patch sampling (max_image_len > 0) and dropout in training draw from ``rng``."""
         k = inputs.get("max_image_len")
         sampling = (self.max_image_len if k is None else int(k)) > 0
-        return sampling or bool(inputs.get("train") and self.drop_rate > 0)
+        return sampling or super().forward_draws_random(inputs)  # dropout (models/base.py)
 
     @sharded_forward(
         batched=("input_ids", "text_mask", "images", "image_mask"),
