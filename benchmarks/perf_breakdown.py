@@ -2,8 +2,8 @@
 
     python benchmarks/perf_breakdown.py [--models NAME ...] [--batch 4] [--threads 1]
                                         [--steps 20] [--warmup 3] [--freq 999] [--gap 0.15]
-                                        [--top 12]
-                                        [--no-torch] [--out DIR]
+                                        [--top 12] [--no-torch] [--out DIR]
+    minivit bench --perf [--models NAME ...] [--threads N] [--repeats STEPS] [--out DIR]
 
 ``profile_step.py`` splits a step by minivit op, and torch's by ATen operator, so the two sides
 use different units. This script splits both the same way, by the code the CPU was executing:
@@ -460,6 +460,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
+
+
+def argv_from_bench(args) -> list[str]:
+    """This script's command line from ``minivit bench --perf``'s (benchmarks/run.py's): its
+    models, --repeats (the steps), --warmup, --threads, --gap, --no-torch and --out. The
+    benchmark's other options do not apply. The batch stays this script's default (4: one
+    shard of the 2-core batch of 8) unless --threads asks for more cores."""
+    argv = ["--models", *(args.models or ["vit_tiny_patch16_224"])]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+        if args.threads > 1:
+            argv += ["--batch", str(4 * args.threads)]  # one shard of 4 per thread
+    for flag, value in (("--steps", args.repeats), ("--warmup", args.warmup), ("--gap", args.gap)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.no_torch:
+        argv.append("--no-torch")
+    if args.out:
+        argv += ["--out", args.out]
+    return argv
 
 
 def main(argv=None, log=print) -> int:

@@ -72,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None
         "operators (benchmarks/profile_step.py; --models, default ViT-Ti/16; --repeats steps)",
     )
     p.add_argument(
+        "--perf",
+        action="store_true",
+        help="instead of timing: CPU time by kind of work, minivit beside torch, sampled with "
+        "Linux perf (benchmarks/perf_breakdown.py; --models, --repeats steps, --threads)",
+    )
+    p.add_argument(
         "--gap",
         type=float,
         default=None,
@@ -177,6 +183,10 @@ def main(argv=None) -> int:
         from benchmarks import profile_step
 
         profile_step.execute(profile_step.args_from_bench(args))
+    elif args.perf:
+        from benchmarks import perf_breakdown
+
+        return perf_breakdown.main(perf_breakdown.argv_from_bench(args))
     else:
         execute(config_from_args(args), args.out)
     return 0

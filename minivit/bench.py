@@ -46,6 +46,10 @@ def run(args) -> int:
 
         profile_step.execute(profile_step.args_from_bench(args))
         return 0
+    if args.perf:  # CPU time by kind of work, with Linux perf (benchmarks/perf_breakdown.py)
+        from benchmarks import perf_breakdown
+
+        return perf_breakdown.main(perf_breakdown.argv_from_bench(args))
     cfg = bench_run.config_from_args(args)
     bench_run.execute(cfg, args.out)
     return 0

@@ -6,6 +6,7 @@ No timing is asserted. Budget: < 15 s.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -183,3 +184,24 @@ def test_missing_perf_is_a_clear_error(monkeypatch):
         pb.check_perf()
     with pytest.raises(SystemExit, match="needs Linux perf"):
         pb.main(["--steps", "1"])  # before any child is started
+
+
+def test_bench_perf_flag_maps_its_options():
+    from minivit.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--perf", "--repeats", "4", "--no-torch"])
+    assert args.perf
+    assert pb.argv_from_bench(args) == [
+        "--models", "vit_tiny_patch16_224", "--steps", "4", "--no-torch"
+    ]  # fmt: skip
+    args = build_parser().parse_args(
+        ["bench", "--perf", "--threads", "2", "--models", "vit_small_patch16_224", "--out", "D"]
+    )
+    got = pb.argv_from_bench(args)
+    assert got == [
+        "--models", "vit_small_patch16_224", "--threads", "2", "--batch", "8", "--out", "D"
+    ]  # fmt: skip
+    parsed = argparse.ArgumentParser()
+    pb.add_arguments(parsed)
+    ns = parsed.parse_args(got)  # the script takes what the mapping gives
+    assert ns.threads == 2 and ns.batch == 8 and ns.models == ["vit_small_patch16_224"]
