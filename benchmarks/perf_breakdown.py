@@ -240,12 +240,7 @@ def check_perf() -> None:
         data = os.path.join(tmp, "probe.data")
         target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
         try:
-            perf = subprocess.Popen(
-                ["perf", "record", "-q", "-e", "cpu-clock", "-p", str(target.pid), "-o", data],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            perf = _perf_record(target.pid, data)
             time.sleep(0.3)
             running = perf.poll() is None  # perf that exits at once has sampled nothing
             if running:
@@ -265,6 +260,18 @@ def check_perf() -> None:
     raise SystemExit(
         "perf_breakdown: `perf record -e cpu-clock -p PID` does not work here (is "
         "/proc/sys/kernel/perf_event_paranoid above 2?)" + (f":\n{why}" if why else "")
+    )
+
+
+def _perf_record(pid: int, data_path: str, freq: int | None = None) -> subprocess.Popen:
+    """``perf record`` of CPU time (cpu-clock samples) in process ``pid``, into ``data_path``;
+    SIGINT stops it and has it write its data."""
+    rate = ["-F", str(freq)] if freq else []
+    return subprocess.Popen(
+        ["perf", "record", "-q", "-e", "cpu-clock", *rate, "-p", str(pid), "-o", data_path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -290,6 +297,7 @@ class Sampled:
 
     def __init__(self, args, impl: str, name: str, data_path: str):
         self.impl, self.data_path, self.perf = impl, data_path, None
+        self.times: list[float] = []  # seconds per sampled step
         self.proc = subprocess.Popen(
             _child_command(args, impl, name),
             stdin=subprocess.PIPE,
@@ -303,25 +311,19 @@ class Sampled:
             self.error = info.get("error") or f"the child stopped before its steps ({line!r})"
 
     def attach(self, freq: int) -> None:
-        self.perf = subprocess.Popen(
-            ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(freq)]
-            + ["-p", str(self.proc.pid), "-o", self.data_path],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        self.perf = _perf_record(self.proc.pid, self.data_path, freq)
 
     def check_attached(self) -> None:
         if self.perf.poll() is not None:
             raise RuntimeError(f"perf record stopped at once: {self.perf.stderr.read().strip()}")
 
-    def step(self) -> float:
+    def step(self) -> None:
         self.proc.stdin.write("step\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the {self.impl} child died during a step")
-        return float(line)
+        self.times.append(float(line))
 
     def stop_perf(self) -> None:
         if self.perf is not None and self.perf.poll() is None:
@@ -376,11 +378,10 @@ def breakdown_model(args, name: str, log=print) -> dict:
             time.sleep(0.5)  # let perf attach to every thread before the first step
             for run in runs:
                 run.check_attached()
-            times = {run.impl: [] for run in runs}
             for _ in range(args.steps):
                 for run in runs:
                     time.sleep(args.gap)
-                    times[run.impl].append(run.step())
+                    run.step()
             for run in runs:
                 run.stop_perf()
         finally:
@@ -388,8 +389,8 @@ def breakdown_model(args, name: str, log=print) -> dict:
                 run.close()
         for run in runs:
             summary = summarize(parse_report(read_report(run.data_path)), args.steps, args.top)
-            summary["wall_ms_median"] = statistics.median(times[run.impl]) * 1e3
-            summary["wall_ms"] = [t * 1e3 for t in times[run.impl]]
+            summary["wall_ms_median"] = statistics.median(run.times) * 1e3
+            summary["wall_ms"] = [t * 1e3 for t in run.times]
             result[run.impl] = summary
     return result
 
@@ -404,15 +405,15 @@ def table(result: dict, top: int = 12) -> list[str]:
     head = "| category | " + " | ".join(f"{i} ms" for i in impls)
     head += " | minivit - torch ms |" if len(impls) == 2 else " |"
     lines = [head, "|---" * (len(impls) + 1 + (len(impls) == 2)) + "|"]
-    names = [name for name, _, _ in CATEGORIES] + [OTHER]
-    for name in names + ["**CPU time per step**", "wall time per step (median)"]:
-        if name == "**CPU time per step**":
-            vals = [result[i]["cpu_ms_per_step"] for i in impls]
-        elif name.startswith("wall"):
-            vals = [result[i]["wall_ms_median"] for i in impls]
-        else:
-            vals = [result[i]["categories_ms"][name] for i in impls]
-        row = f"| {name} | " + " | ".join(f"{v:.1f}" for v in vals)
+    rows = [(name, lambda r, n=name: r["categories_ms"][n]) for name, _, _ in CATEGORIES]
+    rows += [
+        (OTHER, lambda r: r["categories_ms"][OTHER]),
+        ("**CPU time per step**", lambda r: r["cpu_ms_per_step"]),
+        ("wall time per step (median)", lambda r: r["wall_ms_median"]),
+    ]
+    for label, value in rows:
+        vals = [value(result[i]) for i in impls]
+        row = f"| {label} | " + " | ".join(f"{v:.1f}" for v in vals)
         row += f" | {vals[0] - vals[1]:+.1f} |" if len(impls) == 2 else " |"
         lines.append(row)
     for impl in impls:

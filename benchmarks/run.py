@@ -175,21 +175,26 @@ def _sgemm_ceilings(cfg: harness.BenchConfig, log) -> tuple[dict, dict, dict]:
     return ceilings, sg, sg_median
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
+def dispatch(args) -> int:
+    """Run what the parsed options ask for (this script's and ``minivit bench``'s): the op
+    profile (--profile), the perf breakdown (--perf), or the timed benchmark. Exit status."""
     if args.profile:
         from benchmarks import profile_step
 
         profile_step.execute(profile_step.args_from_bench(args))
-    elif args.perf:
+        return 0
+    if args.perf:
         from benchmarks import perf_breakdown
 
         return perf_breakdown.main(perf_breakdown.argv_from_bench(args))
-    else:
-        execute(config_from_args(args), args.out)
+    execute(config_from_args(args), args.out)
     return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return dispatch(p.parse_args(argv))
 
 
 if __name__ == "__main__":

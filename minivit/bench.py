@@ -40,16 +40,5 @@ def run(args) -> int:
         from .backend import get_backend
 
         get_backend(args.backend)  # BackendUnavailable (exit status 2) says what is missing
-    bench_run = _benchmarks_package()
-    if args.profile:  # where a train step's time goes, op by op (benchmarks/profile_step.py)
-        from benchmarks import profile_step
-
-        profile_step.execute(profile_step.args_from_bench(args))
-        return 0
-    if args.perf:  # CPU time by kind of work, with Linux perf (benchmarks/perf_breakdown.py)
-        from benchmarks import perf_breakdown
-
-        return perf_breakdown.main(perf_breakdown.argv_from_bench(args))
-    cfg = bench_run.config_from_args(args)
-    bench_run.execute(cfg, args.out)
-    return 0
+    # the timed benchmark, or --profile (op by op) or --perf (by kind of work): run.py decides
+    return _benchmarks_package().dispatch(args)

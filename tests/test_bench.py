@@ -352,3 +352,23 @@ def test_sinkhorn_benchmark_runs_beside_pot(backend):
     impls = {(r["impl"], r["dtype"]) for r in rows}
     assert {("minivit", "float32"), ("minivit", "float64"), ("POT loop", "float64")} <= impls
     assert all(r["backend"] == backend.name and r["median_s"] > 0 for r in rows)
+
+
+def test_minivit_bench_dispatches_to_the_timed_run_the_profile_or_perf(monkeypatch):
+    """One dispatcher (benchmarks/run.py's) serves `minivit bench` and the script alike."""
+    from benchmarks import perf_breakdown, profile_step, run
+    from minivit import bench
+    from minivit.cli import build_parser
+
+    called = []
+    monkeypatch.setattr(run, "execute", lambda cfg, out: called.append(("timed", cfg.repeats)))
+    monkeypatch.setattr(profile_step, "execute", lambda a: called.append(("profile", a.steps)))
+    monkeypatch.setattr(perf_breakdown, "main", lambda argv: called.append(("perf", argv)) or 0)
+    for flags in ([], ["--profile"], ["--perf"]):
+        args = build_parser().parse_args(["bench", "--repeats", "2", *flags])
+        assert bench.run(args) == 0
+    assert called == [
+        ("timed", 2),
+        ("profile", 2),
+        ("perf", ["--models", "vit_tiny_patch16_224", "--steps", "2"]),
+    ]

@@ -30,10 +30,11 @@ V, D, DEPTH, HEADS, S, P, MAXLEN = 37, 32, 2, 4, 32, 8, 12
 B, L = 3, 9
 
 
-def _hf_model(seed=0):
-    from transformers import ViltConfig, ViltForMaskedLM
+def _hf_config(**extra):
+    """The tiny ViltConfig of these tests (and tests/test_vilt_vqa.py), without dropout."""
+    from transformers import ViltConfig
 
-    cfg = ViltConfig(
+    return ViltConfig(
         vocab_size=V,
         hidden_size=D,
         num_hidden_layers=DEPTH,
@@ -45,22 +46,32 @@ def _hf_model(seed=0):
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         layer_norm_eps=1e-12,
+        **extra,
     )
+
+
+def _randomize(model, seed, norms=()):
+    """Random weights everywhere (HF starts biases and norms at 0 / 1): 1 + 0.1 N(0, 1) for the
+    LayerNorm weights (and the parameters named in ``norms``), 0.1 N(0, 1) elsewhere."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            is_norm = name.endswith("LayerNorm.weight") or "layernorm" in name and "weight" in name
+            p.copy_(1.0 + 0.1 * noise if is_norm or name in norms else 0.1 * noise)
+    return model
+
+
+def _hf_model(seed=0):
+    from transformers import ViltForMaskedLM
+
     torch.manual_seed(seed)
-    model = ViltForMaskedLM(cfg).double().eval()
+    model = ViltForMaskedLM(_hf_config()).double().eval()
     # HF ties the decoder to the word embeddings (ViltConfig keeps tie_word_embeddings=True);
     # the original ViLT keeps them apart, as minivit does: untie, so each has its own gradient.
     dec = model.mlm_score.decoder
     dec.weight = torch.nn.Parameter(dec.weight.detach().clone())
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # random weights everywhere (HF starts biases and norms at 0 / 1)
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if name.endswith("LayerNorm.weight") or "layernorm" in name and "weight" in name:
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-    return model
+    return _randomize(model, seed)
 
 
 def _inputs(seed=0):
@@ -77,9 +88,9 @@ def _inputs(seed=0):
     return ids, mask, images
 
 
-def _minivit_from(hf):
-    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    model = ViLT(
+def _minivit(dtype="float64", **kw):
+    """minivit's ViLT in the tiny config (HF's layernorm eps 1e-12 throughout)."""
+    return ViLT(
         vocab_size=V,
         max_text_len=MAXLEN,
         img_size=S,
@@ -90,12 +101,18 @@ def _minivit_from(hf):
         mlp_ratio=2.0,
         eps=1e-12,
         text_eps=1e-12,
-        dtype="float64",
+        dtype=dtype,
+        **kw,
     )
-    converted = from_hf_vilt(sd)
-    # HF has no ITM head in ViltForMaskedLM: keep minivit's own itm_score.*
-    missing, unexpected = model.load_state_dict(converted, strict=False)
-    assert set(missing) == {"itm_score.fc.weight", "itm_score.fc.bias"}
+
+
+def _minivit_from(hf, dtype="float64", missing=("itm_score.",), **kw):
+    """HF's weights converted into ``_minivit(dtype, **kw)``; the heads HF's model lacks (names
+    starting with ``missing``: ViltForMaskedLM has no ITM head) keep minivit's own."""
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    model = _minivit(dtype, **kw)
+    left_out, unexpected = model.load_state_dict(from_hf_vilt(sd), strict=False)
+    assert set(left_out) == {k for k in model.params if k.startswith(missing)}
     assert not unexpected
     return model
 

@@ -88,6 +88,24 @@ def _cosine_inputs(rng, dtype, broadcast=False):
     return [x, y], {}
 
 
+_SK = {"epsilon": 0.1, "n_iters": 20}  # Sinkhorn's options in these cases
+
+
+def _ot_case(name, fwd, bwd, n_grads, marginals, pad, kwargs):
+    """A transport op on _ot_inputs: with marginals, every input has its grad (when the op
+    returns three); without, only the cost, and the marginals' slots are None."""
+    three = n_grads == 3
+    return OpCase(
+        name,
+        fwd,
+        bwd,
+        lambda r, t, be: (_ot_inputs(r, t, marginals=marginals, pad=pad), kwargs),
+        {0: 0, 1: 1, 2: 2} if marginals and three else {0: 0},
+        n_grads,
+        none_slots=(1, 2) if three and not marginals else (),
+    )
+
+
 CASES = [
     OpCase(
         "linear",
@@ -259,84 +277,47 @@ CASES = [
         {0: 0, 1: 1},
         2,
     ),
-    OpCase(
-        "sinkhorn",
-        ops.sinkhorn_forward,
-        ops.sinkhorn_backward,
-        lambda r, t, be: (_ot_inputs(r, t), {"epsilon": 0.1, "n_iters": 20}),
-        {0: 0, 1: 1, 2: 2},
-        3,
-    ),
-    OpCase(
-        "sinkhorn_uniform",
-        ops.sinkhorn_forward,
-        ops.sinkhorn_backward,
-        lambda r, t, be: (_ot_inputs(r, t, marginals=False), {"epsilon": 0.1, "n_iters": 20}),
-        {0: 0},
-        3,
-        none_slots=(1, 2),
-    ),
-    OpCase(
-        "sinkhorn_padded",
-        ops.sinkhorn_forward,
-        ops.sinkhorn_backward,
-        lambda r, t, be: (_ot_inputs(r, t, pad=True), {"epsilon": 0.1, "n_iters": 20}),
-        {0: 0, 1: 1, 2: 2},
-        3,
-    ),
-    OpCase(
-        "ipot",
-        ops.ipot_forward,
-        ops.ipot_backward,
-        lambda r, t, be: (_ot_inputs(r, t), {}),
-        {0: 0, 1: 1, 2: 2},
-        3,
-    ),
-    OpCase(
-        "ipot_uniform",
-        ops.ipot_forward,
-        ops.ipot_backward,
-        lambda r, t, be: (_ot_inputs(r, t, marginals=False), {"n_iters": 10}),
-        {0: 0},
-        3,
-        none_slots=(1, 2),
-    ),
-    OpCase(
-        "ipot_padded",
-        ops.ipot_forward,
-        ops.ipot_backward,
-        lambda r, t, be: (_ot_inputs(r, t, pad=True), {"beta": 0.2, "inner_iters": 2}),
-        {0: 0, 1: 1, 2: 2},
-        3,
-    ),
-    # One grad only, (dcost,): API.md's table row, which the code follows, not its general rule
-    # (one entry per floating array parameter would be (dcost, da, db)).
-    OpCase(
-        "ot_distance",
-        ops.ot_distance_forward,
-        ops.ot_distance_backward,
-        lambda r, t, be: (_ot_inputs(r, t), {}),
-        {0: 0},
-        1,
-    ),
-    OpCase(
-        "ot_distance_sinkhorn",
-        ops.ot_distance_forward,
-        ops.ot_distance_backward,
-        lambda r, t, be: (
-            _ot_inputs(r, t, pad=True),
-            {"method": "sinkhorn", "epsilon": 0.1, "n_iters": 20},
-        ),
-        {0: 0},
-        1,
-    ),
-    OpCase(
-        "ot_distance_uniform",
-        ops.ot_distance_forward,
-        ops.ot_distance_backward,
-        lambda r, t, be: (_ot_inputs(r, t, marginals=False), {"n_iters": 10}),
-        {0: 0},
-        1,
+    # The transport ops on _ot_inputs (see _ot_case): Sinkhorn and IPOT return (dcost, da, db);
+    # ot_distance one grad only, (dcost,): API.md's table row, which the code follows, not its
+    # general rule (one entry per floating array parameter would be (dcost, da, db)).
+    *(
+        _ot_case(f"{op}{variant}", fwd, bwd, n_grads, marginals, pad, kwargs)
+        for op, fwd, bwd, n_grads, variants in (
+            (
+                "sinkhorn",
+                ops.sinkhorn_forward,
+                ops.sinkhorn_backward,
+                3,
+                [
+                    ("", True, False, _SK),
+                    ("_uniform", False, False, _SK),
+                    ("_padded", True, True, _SK),
+                ],
+            ),
+            (
+                "ipot",
+                ops.ipot_forward,
+                ops.ipot_backward,
+                3,
+                [
+                    ("", True, False, {}),
+                    ("_uniform", False, False, {"n_iters": 10}),
+                    ("_padded", True, True, {"beta": 0.2, "inner_iters": 2}),
+                ],
+            ),
+            (
+                "ot_distance",
+                ops.ot_distance_forward,
+                ops.ot_distance_backward,
+                1,
+                [
+                    ("", True, False, {}),
+                    ("_sinkhorn", True, True, {"method": "sinkhorn", **_SK}),
+                    ("_uniform", False, False, {"n_iters": 10}),
+                ],
+            ),
+        )
+        for variant, marginals, pad, kwargs in variants
     ),
     OpCase(
         "conv2d",

@@ -104,10 +104,11 @@ def _directional(model, loss_fn, grads, rng, h=1e-5):
     return ana, num
 
 
-def test_whole_model_directional_gradient_all_three_losses(backend):
-    """d(itm + mlm + 0.1 wpa)/d(every parameter) along a random direction, float64, with the
-    IPOT plan held constant (the plan is a constant of the loss, as in the original)."""
-    model = tiny(backend)
+def _three_losses_directional(model, backend, direction_seed, h=1e-5, mask_seed=None):
+    """d(itm + mlm + 0.1 wpa)/d(every parameter) of ``model`` on ``batch``, analytic against
+    central differences along a random direction, float64, with the IPOT plan held constant (a
+    constant of the loss, as in the original). ``mask_seed``: reseed ``model.rng`` before every
+    forward, so that dropout draws the same masks each time. Returns (losses, grads)."""
     ids, mask, images = batch(backend)
     labels = np.full((4, 8), -100)
     labels[0, 2], labels[1, 1], labels[2, 3], labels[3, 5] = 7, 9, 11, 6
@@ -116,18 +117,29 @@ def test_whole_model_directional_gradient_all_three_losses(backend):
     plan = [None]
 
     def loss():
+        if mask_seed is not None:
+            model.rng = model.backend.rng(mask_seed)
         losses, cache = H.pretrain_forward(
-            model, ids, mask, images, labels, itm, wpa_weight=0.1, wpa_plan=plan[0]
+            model, ids, mask, images, labels, itm, wpa_weight=0.1, wpa_plan=plan[0], train=True
         )
         return float(losses["loss"]), losses, cache
 
     _, losses, cache = loss()
-    assert losses["itm"] > 0 and losses["mlm"] > 0 and losses["wpa"] != 0
     plan[0] = losses["wpa_plan"]
     grads = {k: v.copy() for k, v in H.pretrain_backward(model, cache).items()}
-    assert set(grads) == set(model.params)
-    ana, num = _directional(model, lambda: loss()[0], grads, np.random.default_rng(3))
+    ana, num = _directional(
+        model, lambda: loss()[0], grads, np.random.default_rng(direction_seed), h
+    )
     assert abs(ana - num) <= 1e-7 * abs(num), (ana, num)
+    return losses, grads
+
+
+def test_whole_model_directional_gradient_all_three_losses(backend):
+    """d(itm + mlm + 0.1 wpa)/d(every parameter) along a random direction (see the helper)."""
+    model = tiny(backend)
+    losses, grads = _three_losses_directional(model, backend, 3)
+    assert losses["itm"] > 0 and losses["mlm"] > 0 and losses["wpa"] != 0
+    assert set(grads) == set(model.params)
 
 
 def test_directional_gradient_with_image_mask_and_other_grid(backend):
@@ -241,26 +253,9 @@ def test_dropout_only_in_training_and_its_gradient(backend):
     for drop_cache in (c.text_drop, c.image_drop):
         assert 0.1 < float((backend.to_numpy(drop_cache.mask) == 0).mean()) < 0.4
 
-    labels = np.full((4, 8), -100)
-    labels[0, 2], labels[1, 1], labels[2, 3], labels[3, 5] = 7, 9, 11, 6
-    labels = backend.asarray(labels)
-    itm = backend.asarray(np.array([-100, 1, 0, 1]))
-    plan = [None]
-
-    def loss():
-        a.rng = a.backend.rng(11)  # the same masks every time
-        losses, cache = H.pretrain_forward(
-            a, ids, mask, images, labels, itm, wpa_weight=0.1, wpa_plan=plan[0], train=True
-        )
-        return float(losses["loss"]), losses, cache
-
-    _, losses, cache = loss()
-    plan[0] = losses["wpa_plan"]
-    grads = {k: v.copy() for k, v in H.pretrain_backward(a, cache).items()}
     # h = 1e-6: the 1/(1-p) scaling of the kept entries raises the curvature, and at the
     # other tests' 1e-5 the difference quotient's O(h^2) error reached 4e-7 for some masks
-    ana, num = _directional(a, lambda: loss()[0], grads, np.random.default_rng(4), h=1e-6)
-    assert abs(ana - num) <= 1e-7 * abs(num), (ana, num)
+    _three_losses_directional(a, backend, 4, h=1e-6, mask_seed=11)
     with pytest.raises(ValueError, match="drop_rate"):
         tiny(backend, drop_rate=1.0)
 

@@ -32,64 +32,38 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from test_convert_vilt import (  # noqa: E402  (the same tiny config, weights and captions)
+    B,
+    D,
+    P,
+    S,
+    _hf_config,
+    _minivit,
+    _randomize,
+    _rel,
+)
+from test_convert_vilt import _inputs as _caption_inputs  # noqa: E402
+from test_convert_vilt import _minivit_from as _converted  # noqa: E402
+
 from minivit.convert import from_hf_vilt  # noqa: E402
 from minivit.models import vilt_heads as H  # noqa: E402
-from minivit.models.vilt import ViLT  # noqa: E402
 
 pytestmark = pytest.mark.oracle
 
-V, D, DEPTH, HEADS, S, P, MAXLEN, A = 37, 32, 2, 4, 32, 8, 12, 7
-B, L = 3, 9
+A = 7  # answers
 PRETRAIN_HEADS = ("itm_score.", "mlm_score.")
-
-
-def _hf_config():
-    from transformers import ViltConfig
-
-    return ViltConfig(
-        vocab_size=V,
-        hidden_size=D,
-        num_hidden_layers=DEPTH,
-        num_attention_heads=HEADS,
-        intermediate_size=2 * D,
-        image_size=S,
-        patch_size=P,
-        max_position_embeddings=MAXLEN,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        layer_norm_eps=1e-12,
-        num_labels=A,
-    )
 
 
 def _hf_model(seed=0):
     from transformers import ViltForQuestionAnswering
 
     torch.manual_seed(seed)
-    model = ViltForQuestionAnswering(_hf_config()).double().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # random weights everywhere (HF starts biases and norms at 0 / 1)
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            is_norm = (
-                name.endswith("LayerNorm.weight")
-                or ("layernorm" in name and "weight" in name)
-                or name == "classifier.1.weight"  # the classifier's LayerNorm(2D)
-            )
-            p.copy_(1.0 + 0.1 * noise if is_norm else 0.1 * noise)
-    return model
+    model = ViltForQuestionAnswering(_hf_config(num_labels=A)).double().eval()
+    return _randomize(model, seed, norms=("classifier.1.weight",))  # the classifier's LayerNorm
 
 
 def _inputs(seed=0, pixel_mask=False):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(5, V, size=(B, L))
-    mask = np.ones((B, L), bool)
-    mask[0, 6:] = False  # padding in two captions
-    mask[1, 4:] = False
-    ids[:, 0] = 1
-    ids[np.arange(B), mask.sum(1) - 1] = 2  # [SEP]
-    ids[~mask] = 0
-    images = rng.standard_normal((B, 3, S, S))
+    ids, mask, images = _caption_inputs(seed)
     pmask = None
     if pixel_mask:  # image 0 whole, image 1 3x4 patches valid, image 2 2x3 (bottom/right pad)
         pmask = np.zeros((B, S, S), bool)
@@ -101,26 +75,8 @@ def _inputs(seed=0, pixel_mask=False):
 
 
 def _minivit_from(hf, dtype="float64"):
-    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    model = ViLT(
-        vocab_size=V,
-        max_text_len=MAXLEN,
-        img_size=S,
-        patch_size=P,
-        embed_dim=D,
-        depth=DEPTH,
-        num_heads=HEADS,
-        mlp_ratio=2.0,
-        eps=1e-12,
-        text_eps=1e-12,
-        dtype=dtype,
-        num_vqa_labels=A,
-    )
-    missing, unexpected = model.load_state_dict(from_hf_vilt(sd), strict=False)
     # HF's VQA model has no pre-training heads: minivit keeps its own itm_score.* and mlm_score.*
-    assert set(missing) == {k for k in model.params if k.startswith(PRETRAIN_HEADS)}
-    assert not unexpected
-    return model
+    return _converted(hf, dtype, missing=PRETRAIN_HEADS, num_vqa_labels=A)
 
 
 def _hf_run(hf, ids, mask, images, pmask, *, image_grad=False):
@@ -132,10 +88,6 @@ def _hf_run(hf, ids, mask, images, pmask, *, image_grad=False):
         pixel_mask=None if pmask is None else torch.from_numpy(pmask.astype(np.int64)),
     )
     return out.logits, pixels
-
-
-def _rel(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
 def _soft_targets(rng):
@@ -232,18 +184,7 @@ def test_vqa_checkpoint_keys_convert_to_minivit_names():
         f"classifier.{i}.{kind}" for i in (0, 1, 3) for kind in ("weight", "bias")
     }
     out = from_hf_vilt(sd)
-    model = ViLT(
-        vocab_size=V,
-        max_text_len=MAXLEN,
-        img_size=S,
-        patch_size=P,
-        embed_dim=D,
-        depth=DEPTH,
-        num_heads=HEADS,
-        mlp_ratio=2.0,
-        dtype="float64",
-        num_vqa_labels=A,
-    )
+    model = _minivit(num_vqa_labels=A)
     shapes = {k: tuple(v.shape) for k, v in model.params.items()}
     expected = {k for k in shapes if not k.startswith(PRETRAIN_HEADS)}
     assert set(out) == expected
@@ -261,17 +202,6 @@ def test_vqa_checkpoint_keys_convert_to_minivit_names():
     assert again.keys() == out.keys()
 
     # into a model with another number of answers: a clear error naming the classifier
-    other = ViLT(
-        vocab_size=V,
-        max_text_len=MAXLEN,
-        img_size=S,
-        patch_size=P,
-        embed_dim=D,
-        depth=DEPTH,
-        num_heads=HEADS,
-        mlp_ratio=2.0,
-        dtype="float64",
-        num_vqa_labels=A + 1,
-    )
+    other = _minivit(num_vqa_labels=A + 1)
     with pytest.raises(ValueError, match=r"vqa_classifier\.3\.weight"):
         other.load_state_dict(out, strict=False)

@@ -39,6 +39,7 @@ __all__ = [
     "resolve_checkpoint",
     "progress",
     "epoch_rngs",
+    "reseed_model_rng",
     "save_training_checkpoint",
     "load_training_checkpoint",
     "write_json",
@@ -109,13 +110,19 @@ def progress(total, desc="", disable=False, **kwargs):
     return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True, **kwargs)
 
 
+def reseed_model_rng(model, seed, index):
+    """Replace the model's generator (``model.rng``, on its backend: dropout masks, ViLT's patch
+    sampling) by one seeded from (seed, index), an epoch or a step: the draws of that epoch or
+    step then depend on nothing else, so a resumed run draws what the uninterrupted one did."""
+    model.rng = model.backend.rng(int(seed) * 1_000_003 + int(index) + 1)
+
+
 def epoch_rngs(model, seed, epoch):
     """Seed this epoch's randomness; returns the host generator for shuffling and augmentation.
 
-    The model's dropout generator (``model.rng``, on the model's backend) is replaced by one
-    seeded from (seed, epoch) too, so every epoch's random draws depend on nothing else.
+    The model's generator is reseeded from (seed, epoch) too (:func:`reseed_model_rng`).
     """
-    model.rng = model.backend.rng(int(seed) * 1_000_003 + int(epoch) + 1)
+    reseed_model_rng(model, seed, epoch)
     return np.random.default_rng([int(seed), int(epoch), 7919])
 
 

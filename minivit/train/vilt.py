@@ -38,6 +38,7 @@ from .common import (
     make_run_dir,
     positive_int,
     progress,
+    reseed_model_rng,
     resolve_checkpoint,
     save_training_checkpoint,
     saved_recipe,
@@ -303,12 +304,6 @@ def build(args):
     return data, model
 
 
-def step_rng(model, seed, step):
-    """The dropout generator of one training step, on the model's backend, seeded by (seed,
-    step): a resumed run draws the masks the uninterrupted run would have drawn."""
-    return model.backend.rng(int(seed) * 1_000_003 + int(step) + 1)
-
-
 def parse_curriculum(text):
     """ "A,B" -> (A, B) fractions of the steps; "0" or "" -> (0, 0) (no curriculum)."""
     parts = [float(x) for x in str(text).split(",") if x.strip()] or [0.0]
@@ -441,8 +436,7 @@ def train(args, data, model, *, log=print, quiet=False):
         prefetch(spec, range(start, args.steps), getattr(args, "workers", 0)) as batches,
     ):
         for step, b in zip(range(start, args.steps), batches):
-            if model.drop_rate > 0:  # this step's masks, whether or not the run was resumed
-                model.rng = step_rng(model, args.seed, step)
+            reseed_model_rng(model, args.seed, step)  # this step's masks, resumed or not
             losses, cache = H.pretrain_forward(
                 model,
                 be.asarray(b["input_ids"]),
