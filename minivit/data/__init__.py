@@ -7,3 +7,4 @@ from .digits import (  # noqa: F401
     random_affine,
     random_translate,
 )
+from .wordpiece import WordPieceTokenizer  # noqa: F401
