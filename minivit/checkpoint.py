@@ -217,15 +217,21 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
     """Build a model from a checkpoint file and load its weights.
 
     * a minivit checkpoint: the class and config come from its metadata;
-    * a timm or Hugging Face ``model.safetensors``: names are converted to timm's and the ViT
-      config is read off the shapes. The head count leaves no trace in the weights: it comes
-      from ``num_heads``, else from a ``config.json`` beside the file (HF's
+    * a timm or Hugging Face ``model.safetensors`` of a ViT: names are converted to timm's and
+      the ViT config is read off the shapes. The head count leaves no trace in the weights: it
+      comes from ``num_heads``, else from a ``config.json`` beside the file (HF's
       ``num_attention_heads``, which also gives ``layer_norm_eps``), else embed_dim // 64 as in
       every timm ViT.
+    * a Hugging Face ViLT ``model.safetensors`` (``ViltForMaskedLM``, ``ViltModel``,
+      ``ViltForQuestionAnswering``, ...): converted with ``from_hf_vilt``, the config read off
+      the shapes and the same ``config.json``. Heads the file lacks (the MLM checkpoint has no
+      ITM head) keep minivit's random initialisation; the metadata's ``"missing_heads"`` names
+      them, so that a caller does not mistake them for trained ones.
 
-    ``overrides`` replace config entries (e.g. drop_rate). For a foreign file, ``img_size=...``
-    gives a model for another image size, its position embedding resampled like timm's
-    ``resample_abs_pos_embed`` (bicubic, antialiased, CLS token kept). Returns (model, metadata).
+    ``overrides`` replace config entries (e.g. drop_rate). For a foreign ViT file,
+    ``img_size=...`` gives a model for another image size, its position embedding resampled like
+    timm's ``resample_abs_pos_embed`` (bicubic, antialiased, CLS token kept). Returns
+    (model, metadata).
     """
     path = Path(path)
     meta = read_metadata(path)
@@ -238,20 +244,20 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
         model = classes[name](**cfg, dtype=dtype or meta.get("dtype", "float32"), backend=backend)
         load_weights_into(model, path)
         return model, meta
+    from .convert import is_hf_vilt
+
+    tensors, meta = load_checkpoint(path)
+    hf = _hf_config_beside(path)
+    if num_heads is None:
+        num_heads = hf.get("num_attention_heads") or hf.get("num_heads")
+    if is_hf_vilt(tensors):
+        return _load_hf_vilt(path, tensors, meta, hf, backend, dtype, num_heads, overrides)
     from .convert import infer_vit_config, to_timm_vit
     from .models.vit import ViT
 
-    tensors, meta = load_checkpoint(path)
     sd = to_timm_vit(tensors)
-    from_json = {}
-    cfg_json = path.parent / "config.json"
-    if cfg_json.exists():
-        # HF's config.json: the head count, and layernorm eps (HF's ViT default is 1e-12).
-        hf = json.loads(cfg_json.read_text())
-        if num_heads is None:
-            num_heads = hf.get("num_attention_heads") or hf.get("num_heads")
-        if "layer_norm_eps" in hf:
-            from_json["eps"] = float(hf["layer_norm_eps"])
+    # HF's layernorm eps (its ViT default is 1e-12), when its config.json says
+    from_json = {"eps": float(hf["layer_norm_eps"])} if "layer_norm_eps" in hf else {}
     cfg = {**infer_vit_config(sd, num_heads=num_heads), **from_json, **overrides}
     model = ViT(**cfg, dtype=dtype or "float32", backend=backend)
     want = tuple(model.params["pos_embed"].shape)
@@ -262,4 +268,39 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
         g = model.img_size // model.patch_size
         sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], (g, g))
     model.load_state_dict(sd, strict=True)
+    return model, meta
+
+
+def _hf_config_beside(path) -> dict:
+    """The ``config.json`` beside a Hugging Face weights file, or {} when there is none."""
+    cfg_json = Path(path).parent / "config.json"
+    if not cfg_json.exists():
+        return {}
+    try:
+        return json.loads(cfg_json.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {str(cfg_json)!r}: {exc}") from exc
+
+
+def _load_hf_vilt(path, tensors, meta, hf, backend, dtype, num_heads, overrides):
+    from .convert import from_hf_vilt, infer_vilt_config
+    from .models.vilt import ViLT
+
+    try:
+        sd = from_hf_vilt(tensors)
+        cfg = infer_vilt_config(sd, num_heads=num_heads, eps=hf.get("layer_norm_eps", 1e-12))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"{str(path)!r} is not a ViLT checkpoint minivit reads: {exc}"
+        ) from exc
+    model = ViLT(**{**cfg, **overrides}, dtype=dtype or "float32", backend=backend)
+    try:
+        missing, _ = model.load_state_dict(sd, strict=False)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit the model: {exc}") from exc
+    heads = ("itm_score.", "mlm_score.", "vqa_classifier.")
+    body = [k for k in missing if not k.startswith(heads)]
+    if body:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks ViLT weights: {', '.join(body)}")
+    meta = dict(meta, missing_heads=sorted({k.split(".")[0] for k in missing}))
     return model, meta

@@ -23,7 +23,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("train", "hybrid"), "minivit.train.hybrid", "train a Hybrid ViT (CNN stem + encoder)"),
     (("train", "vilt"), "minivit.train.vilt", "train ViLT on generated image-caption data"),
     (("eval",), "minivit.train.evaluate", "evaluate a checkpoint on its test split"),
-    (("predict",), "minivit.train.predict", "class probabilities for image files"),
+    (("predict",), "minivit.train.predict", "classify images; ViLT: match a caption, fill [MASK]"),
     (("gradcheck",), "minivit.gradcheck_cli", "check every op's backward numerically"),
     (("bench",), "minivit.bench", "time ops and models on a backend, beside PyTorch"),
 ]

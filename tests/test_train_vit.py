@@ -124,7 +124,7 @@ def test_the_command_line_reports_user_errors_in_one_line(tmp_path, capsys, monk
     assert main(["train", "hybrid", "--resume", str(tmp_path / "vilt"), "--no-progress"]) == 2
     assert "resumes HybridViT runs" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "vilt"), str(tmp_path / "x.png")]) == 2
-    assert "holds a ViLT" in capsys.readouterr().err
+    assert "a ViLT checkpoint scores a caption: give one with --caption" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "vit", "--batch-size", "0"])
     assert "must be at least 1" in capsys.readouterr().err

@@ -5,7 +5,7 @@ and timm dicts (validated, passed through); ``resample_abs_pos_embed`` resizes a
 embedding for another image size as timm does.
 """
 
-from .vilt import from_hf_vilt  # noqa: F401
+from .vilt import from_hf_vilt, infer_vilt_config, is_hf_vilt  # noqa: F401
 from .vit import (  # noqa: F401
     check_timm_vit,
     detect_vit_naming,

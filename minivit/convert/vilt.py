@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-__all__ = ["from_hf_vilt"]
+__all__ = ["from_hf_vilt", "infer_vilt_config", "is_hf_vilt"]
 
 _EMB = {
     "embeddings.text_embeddings.word_embeddings.weight": "text_embeddings.word_embeddings.weight",
@@ -126,3 +126,53 @@ def from_hf_vilt(state_dict):
     if "mlm_score.bias" in out and "mlm_score.decoder.weight" not in out and word in out:
         out["mlm_score.decoder.weight"] = out[word]
     return out
+
+
+_BLOCK = re.compile(r"^transformer\.blocks\.(\d+)\.")
+
+
+def is_hf_vilt(state_dict) -> bool:
+    """Whether a state dict holds Hugging Face ViLT weights (its text embeddings' names)."""
+    return any(
+        k.removeprefix("vilt.").startswith("embeddings.text_embeddings.") for k in state_dict
+    )
+
+
+def infer_vilt_config(state_dict, num_heads=None, eps=1e-12) -> dict:
+    """ViLT keyword arguments read off a state dict in minivit's names (``from_hf_vilt``'s
+    output).
+
+    The weights give the vocabulary, the text length, the width, the depth, the patch and the
+    image size (a square grid), the MLP ratio and a VQA head's label count. Two things leave no
+    trace in them: the number of heads (default embed_dim // 64, as in ViLT-B/32) and the
+    layernorm epsilon. Hugging Face's ViLT uses its ``layer_norm_eps`` (1e-12 by default, the
+    published checkpoints' value) in every layernorm, so ``eps`` sets both minivit's encoder
+    epsilon and its text one; read both from the checkpoint's config.json when there is one.
+    """
+    sd = state_dict
+    V, D = sd["text_embeddings.word_embeddings.weight"].shape
+    _, C, P, _ = sd["transformer.patch_embed.proj.weight"].shape
+    n_tokens = sd["transformer.pos_embed"].shape[1]
+    grid = int(round((n_tokens - 1) ** 0.5))
+    if grid * grid != n_tokens - 1:
+        raise ValueError(f"transformer.pos_embed has {n_tokens} tokens: not 1 + a square grid")
+    depth = len({int(m.group(1)) for m in map(_BLOCK.match, sd) if m})
+    if not depth:
+        raise ValueError("no transformer.blocks.N.* weights: not a ViLT encoder")
+    cfg = dict(
+        vocab_size=int(V),
+        max_text_len=int(sd["text_embeddings.position_embeddings.weight"].shape[0]),
+        img_size=grid * int(P),
+        patch_size=int(P),
+        in_chans=int(C),
+        embed_dim=int(D),
+        depth=depth,
+        num_heads=int(num_heads) if num_heads else max(1, int(D) // 64),
+        mlp_ratio=sd["transformer.blocks.0.mlp.fc1.weight"].shape[0] / D,
+        qkv_bias="transformer.blocks.0.attn.qkv.bias" in sd,
+        eps=float(eps),
+        text_eps=float(eps),
+    )
+    if "vqa_classifier.3.weight" in sd:
+        cfg["num_vqa_labels"] = int(sd["vqa_classifier.3.weight"].shape[0])
+    return cfg

@@ -94,10 +94,14 @@ def make_run_dir(out=None, prefix="run", root="runs") -> Path:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A run folder or a checkpoint file -> the checkpoint file (FileNotFoundError if none)."""
+    """A run folder or a checkpoint file -> the checkpoint file (FileNotFoundError if none).
+
+    A folder holds a run's ``checkpoint.safetensors``, or else weights as Hugging Face
+    publishes them (``model.safetensors``, with config.json beside it)."""
     path = Path(path)
     if path.is_dir():
-        path = path / CHECKPOINT
+        hub = path / "model.safetensors"
+        path = hub if hub.exists() and not (path / CHECKPOINT).exists() else path / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
     return path

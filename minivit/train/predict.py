@@ -1,10 +1,25 @@
-"""``minivit predict CHECKPOINT IMAGES...``: class probabilities for image files (Pillow).
+"""``minivit predict CHECKPOINT IMAGES...``: what a trained model says about image files.
 
-Each image is converted to the model's channels (grayscale "L" for one, "RGB" for three),
-resized to the model's input size and scaled to [0, 1]. The digits the model learned from are
-bright ink on a dark background, so a picture with a bright background (a dark digit on white
-paper, the usual case) is inverted first (``--invert auto``, judged from the border pixels).
-Then the training run's normalisation (mean and std from the checkpoint) is applied.
+A ViT or Hybrid ViT checkpoint gives class probabilities; a ViLT checkpoint scores a caption
+(``--caption``) against each image (below). Images are read with Pillow.
+
+ViT and Hybrid ViT: each image is converted to the model's channels (grayscale "L" for one,
+"RGB" for three), resized to the model's input size and scaled to [0, 1]. The digits the model
+learned from are bright ink on a dark background, so a picture with a bright background (a
+dark digit on white paper, the usual case) is inverted first (``--invert auto``, judged from
+the border pixels). Then the training run's normalisation (mean and std from the checkpoint)
+is applied.
+
+ViLT (a ``train vilt`` run, or Hugging Face ViLT weights: a ``model.safetensors`` with its
+``config.json`` and ``vocab.txt`` beside it): each image is converted to RGB, resized to the
+model's square input (Hugging Face's processor keeps the aspect ratio instead, and the model's
+position embeddings are interpolated to that grid; here the grid is always the trained one) and
+normalised with ViLT's mean and std of 0.5. The caption is tokenized with the run's word
+tokenizer, or with BERT's WordPiece and the ``vocab.txt`` (``--vocab``, else the one beside
+the checkpoint). Printed per image: the image-text matching head's probability that the
+caption describes the image, and for every ``[MASK]`` in the caption the words the MLM head
+puts there, most probable first. A head the checkpoint does not hold (Hugging Face's MLM
+checkpoint has no ITM head) is left out, not run with random weights.
 """
 
 from __future__ import annotations
@@ -17,7 +32,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert brightness first (auto: when the border is bright)")  # fmt: skip
-    p.add_argument("--top", type=int, default=3, help="how many classes to list per image")
+    p.add_argument(
+        "--top", type=int, default=3, help="how many classes (ViLT: words per [MASK]) to list"
+    )
+    p.add_argument(
+        "--caption",
+        default=None,
+        help="ViLT: the caption to score against each image; write [MASK] where "
+        "the model should fill in a word",
+    )
+    p.add_argument(
+        "--vocab",
+        default=None,
+        help="ViLT: a BERT vocab.txt (default: the vocab.txt beside the checkpoint, else the "
+        "run's own word list)",
+    )
 
 
 def load_image(path, size, channels, invert="auto"):
@@ -49,13 +78,19 @@ def _border_mean(a):
 
 def predict(path, images, backend=None, invert="auto"):
     """(probabilities (n, K) numpy, model) for the image files."""
-    import numpy as np
-
-    from .. import ops
     from ..checkpoint import load_model
     from .common import resolve_checkpoint
 
     model, meta = load_model(resolve_checkpoint(path), backend=backend)
+    return classify(model, meta, images, invert), model
+
+
+def classify(model, meta, images, invert="auto"):
+    """A ViT or Hybrid ViT's class probabilities (n, K), numpy, for the image files."""
+    import numpy as np
+
+    from .. import ops
+
     if not hasattr(model, "num_classes"):
         raise ValueError(
             f"predict classifies images with a ViT or Hybrid ViT checkpoint; this one holds a "
@@ -70,14 +105,131 @@ def predict(path, images, backend=None, invert="auto"):
     be = model.backend
     with ops.no_grad():  # inference: no cache kept
         logits = be.to_numpy(model.forward(be.asarray(x)))
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True), model
+    return _softmax(logits)
+
+
+def _softmax(logits):
+    import numpy as np
+
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# ViLT: image-text matching and fill-in-the-blank
+
+
+def vilt_tokenizer(model, checkpoint, vocab=None):
+    """The tokenizer of a ViLT checkpoint: BERT's WordPiece on ``vocab`` (a vocab.txt), else on
+    the vocab.txt beside ``checkpoint``, else the shapes captions' word tokenizer when the
+    model's vocabulary is that one (a ``train vilt`` run)."""
+    from pathlib import Path
+
+    from ..data.shapes import WORDS
+    from ..data.tokenizer import SPECIAL_TOKENS, WordTokenizer
+
+    beside = Path(checkpoint).parent / "vocab.txt"
+    if vocab is None and beside.exists():
+        vocab = beside
+    if vocab is not None:
+        if not Path(vocab).is_file():
+            raise ValueError(f"no vocabulary file at {str(vocab)!r}")
+        from ..data.wordpiece import WordPieceTokenizer
+
+        tok = WordPieceTokenizer.from_file(vocab, max_text_len=model.max_text_len)
+    elif model.vocab_size == len(SPECIAL_TOKENS) + len(WORDS):
+        tok = WordTokenizer(WORDS, max_text_len=model.max_text_len)
+    else:
+        raise ValueError(
+            f"this ViLT has a vocabulary of {model.vocab_size} tokens and no vocab.txt beside "
+            "it: give its vocabulary file with --vocab"
+        )
+    if tok.vocab_size != model.vocab_size:
+        raise ValueError(
+            f"the vocabulary has {tok.vocab_size} tokens, the model {model.vocab_size}: "
+            "not this model's vocabulary"
+        )
+    return tok
+
+
+def match_and_fill(model, meta, tokenizer, images, caption, top=5):
+    """Score ``caption`` against each image file with a ViLT.
+
+    Returns one dict per image: ``match``, the ITM head's probability that the caption
+    describes the image (None when the checkpoint has no ITM head), and ``fills``, one list per
+    ``[MASK]`` in the caption of the ``top`` (word, probability) pairs of the MLM head (empty
+    without a [MASK]; None when the checkpoint has no MLM head).
+    """
+    import numpy as np
+
+    from .. import ops
+    from ..data.shapes import PIXEL_MEAN, PIXEL_STD
+    from ..models import vilt_heads
+
+    missing = set(meta.get("missing_heads", ()))
+    ids, mask = tokenizer.encode(caption)
+    where = np.nonzero(ids == tokenizer.mask_id)[0]
+    if "itm_score" in missing and (not where.size or "mlm_score" in missing):
+        raise ValueError(
+            "this checkpoint has no image-text matching head: write [MASK] in the caption "
+            "where its MLM head should fill in a word"
+        )
+    x = np.stack([load_image(p, model.img_size, model.in_chans, invert="no") for p in images])
+    x = ((x - PIXEL_MEAN) / PIXEL_STD).astype(model.dtype)
+    n = len(images)
+    be = model.backend
+    with ops.no_grad():
+        batch_ids, batch_mask = np.repeat(ids[None], n, 0), np.repeat(mask[None], n, 0)
+        out = model.forward(be.asarray(batch_ids), be.asarray(batch_mask), be.asarray(x))
+        match = fills = None
+        if "itm_score" not in missing:
+            logits, _ = vilt_heads.itm_forward(out["pooled"], model.params)
+            match = _softmax(be.to_numpy(logits))[:, 1]
+        if "mlm_score" not in missing:
+            feats = out["text_feats"][:, be.asarray(where)]  # (n, masks, D)
+            logits, _ = vilt_heads.mlm_forward(feats, model.params, model.text_eps)
+            probs = _softmax(be.to_numpy(logits))  # (n, masks, V)
+            order = np.argsort(-probs, axis=-1, kind="stable")[..., : max(1, top)]
+            fills = [
+                [[(tokenizer.vocab[j], float(pm[j])) for j in om] for pm, om in zip(pi, oi)]
+                for pi, oi in zip(probs, order)
+            ]
+    return [
+        {
+            "match": None if match is None else float(match[i]),
+            "fills": None if fills is None else fills[i],
+        }
+        for i in range(n)
+    ]
 
 
 def run(args) -> int:
-    probs, _ = predict(args.checkpoint, args.images, args.backend, args.invert)
-    for path, p in zip(args.images, probs):
+    from ..checkpoint import load_model
+    from ..models.vilt import ViLT
+    from .common import resolve_checkpoint
+
+    path = resolve_checkpoint(args.checkpoint)
+    model, meta = load_model(path, backend=args.backend)
+    if isinstance(model, ViLT):
+        if args.caption is None:
+            raise ValueError("a ViLT checkpoint scores a caption: give one with --caption")
+        tok = vilt_tokenizer(model, path, args.vocab)
+        results = match_and_fill(model, meta, tok, args.images, args.caption, args.top)
+        print(f"caption: {' '.join(tok.tokenize(args.caption))}")
+        for image, r in zip(args.images, results):
+            line = f"{image}:"
+            if r["match"] is not None:
+                line += f" match {r['match']:.4f}"
+            print(line)
+            for k, fill in enumerate(r["fills"] or [], 1):
+                listed = "  ".join(f"{w}: {p:.4f}" for w, p in fill)
+                print(f"  [MASK] {k}: {listed}")
+        return 0
+    if args.caption is not None or args.vocab is not None:
+        raise ValueError("--caption and --vocab are for ViLT checkpoints")
+    probs = classify(model, meta, args.images, args.invert)
+    for image, p in zip(args.images, probs):
         order = p.argsort()[::-1][: max(1, args.top)]
         listed = "  ".join(f"{int(k)}: {p[k]:.4f}" for k in order)
-        print(f"{path}: predicted {int(order[0])}  ({listed})")
+        print(f"{image}: predicted {int(order[0])}  ({listed})")
     return 0

@@ -1,0 +1,196 @@
+"""`minivit predict` on ViLT checkpoints: a caption's match probability and its [MASK] fills.
+
+Two kinds of checkpoint:
+
+- a minivit ViLT with the shapes captions' vocabulary (what ``train vilt`` writes): the command
+  line's figures must be the model's own heads on the same image and caption;
+- Hugging Face ViLT weights as published (``model.safetensors``, ``config.json`` and ``vocab.txt``
+  in one folder), from a random-weight ``ViltForMaskedLM``: ``load_model`` reads them and
+  ``predict`` fills the [MASK] with the same words and probabilities as transformers does with
+  its own tokenizer, an oracle nobody here wrote.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from minivit import ops
+from minivit.checkpoint import load_model, save_model
+from minivit.cli import main
+from minivit.data.shapes import WORDS
+from minivit.data.tokenizer import SPECIAL_TOKENS, WordTokenizer
+from minivit.models import vilt_heads
+from minivit.models.vilt import ViLT
+from minivit.train.predict import match_and_fill, vilt_tokenizer
+
+S = 32  # image side; patches of 16: a 2 x 2 grid
+
+
+def _png(path, seed=0, size=S):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _pixels(path):
+    """The image as the model sees it, computed here: [0, 255] -> (x / 255 - 0.5) / 0.5."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+    return ((a - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+def _shapes_run(folder, backend):
+    model = ViLT(
+        vocab_size=len(SPECIAL_TOKENS) + len(WORDS), max_text_len=16, img_size=S, patch_size=16,
+        embed_dim=16, depth=1, num_heads=2, backend=backend, seed=3,
+    )  # fmt: skip
+    folder.mkdir()
+    save_model(folder / "checkpoint.safetensors", model)
+    return model
+
+
+def test_predict_scores_a_caption_with_a_shapes_run(tmp_path, capsys, backend):
+    model = _shapes_run(tmp_path / "run", backend)
+    images = [_png(tmp_path / "a.png", 0), _png(tmp_path / "b.png", 1)]
+    caption = "a small [MASK] circle left of a [MASK] square"
+    argv = ["predict", str(tmp_path / "run"), *map(str, images), "--caption", caption]
+    assert main([*argv, "--top", "4", "--backend", backend.name]) == 0
+    text = capsys.readouterr().out
+    matches = [float(m) for m in re.findall(r"match (\d\.\d{4})", text)]
+    fills = re.findall(r"\[MASK\] (\d): (.*)", text)
+    assert len(matches) == 2 and [k for k, _ in fills] == ["1", "2", "1", "2"]
+
+    # the same figures from the model's heads, computed here
+    tok = WordTokenizer(WORDS, max_text_len=16)
+    ids, mask = tok.encode(caption)
+    be = model.backend
+    x = np.stack([_pixels(p) for p in images]).astype(np.float32)
+    with ops.no_grad():
+        out = model.forward(be.asarray(np.stack([ids] * 2)), be.asarray(np.stack([mask] * 2)),
+                            be.asarray(x))  # fmt: skip
+        itm, _ = vilt_heads.itm_forward(out["pooled"], model.params)
+        where = np.nonzero(ids == tok.mask_id)[0]
+        mlm, _ = vilt_heads.mlm_forward(out["text_feats"][:, be.asarray(where)], model.params)
+    itm, mlm = be.to_numpy(itm).astype(np.float64), be.to_numpy(mlm).astype(np.float64)
+    p_match = np.exp(itm[:, 1]) / np.exp(itm).sum(axis=1)
+    np.testing.assert_allclose(matches, p_match, atol=6e-5)  # printed to 4 places
+    probs = np.exp(mlm - mlm.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for (_, listed), p in zip(fills, probs.reshape(-1, probs.shape[-1])):
+        pairs = re.findall(r"(\S+): (\d\.\d{4})", listed)
+        best = np.argsort(-p, kind="stable")[:4]
+        assert [w for w, _ in pairs] == [tok.vocab[j] for j in best]
+        np.testing.assert_allclose([float(v) for _, v in pairs], p[best], atol=6e-5)
+
+
+def test_predict_user_errors(tmp_path, backend):
+    from minivit.train.predict import run
+    from tests.test_train_vit import parse
+
+    _shapes_run(tmp_path / "run", backend)
+    img = str(_png(tmp_path / "a.png"))
+    with pytest.raises(ValueError, match="give one with --caption"):
+        run(parse(["predict", str(tmp_path / "run"), img]))
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nred\n")
+    with pytest.raises(ValueError, match="vocabulary has 6 tokens, the model 23"):
+        run(parse(["predict", str(tmp_path / "run"), img, "--caption", "a red circle",
+                   "--vocab", str(tmp_path / "vocab.txt")]))  # fmt: skip
+    with pytest.raises(ValueError, match="no vocabulary file"):
+        run(parse(["predict", str(tmp_path / "run"), img, "--caption", "a", "--vocab", "nope"]))
+    with pytest.raises(ValueError, match="more than max_text_len"):
+        run(parse(["predict", str(tmp_path / "run"), img, "--caption", "a red circle " * 9]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face ViLT weights, as published
+
+
+def _hf_folder(folder):
+    """A random-weight ViltForMaskedLM saved as on the hub, with a small BERT vocabulary."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import ViltForMaskedLM
+
+    from tests.test_convert_vilt import _hf_config, _randomize
+
+    words = ["a", "red", "blue", "circle", "square", "cat", "dog", "##s", "on", "the", "."]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    vocab += [f"w{i}" for i in range(_hf_config().vocab_size - len(vocab))]
+    torch.manual_seed(0)
+    hf = _randomize(ViltForMaskedLM(_hf_config()).eval(), seed=0)
+    hf.save_pretrained(folder)  # model.safetensors + config.json (decoder tied: left out)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return hf, vocab
+
+
+@pytest.mark.oracle
+def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):
+    import torch
+    from transformers import BertTokenizer
+
+    from tests.test_convert_vilt import MAXLEN
+    from tests.test_convert_vilt import S as HF_S
+
+    hf, vocab = _hf_folder(tmp_path / "hf")
+    model, meta = load_model(tmp_path / "hf" / "model.safetensors")
+    assert meta["missing_heads"] == ["itm_score"]  # the MLM checkpoint has no ITM head
+    assert (model.embed_dim, model.depth, model.num_heads) == (32, 2, 4)
+    assert model.max_text_len == MAXLEN and model.eps == model.text_eps == 1e-12
+    img = _png(tmp_path / "cat.png", size=HF_S)
+    caption = "Red [MASK] on the blue squares."
+
+    tok = vilt_tokenizer(model, tmp_path / "hf" / "model.safetensors")  # vocab.txt beside it
+    (r,) = match_and_fill(model, meta, tok, [img], caption, top=5)
+    assert r["match"] is None and len(r["fills"]) == 1
+
+    bert = BertTokenizer.from_pretrained(tmp_path / "hf")  # (transformers 5 ignores vocab_file=)
+    enc = bert(caption, padding="max_length", max_length=MAXLEN, return_tensors="pt")
+    np.testing.assert_array_equal(enc["input_ids"][0].numpy(), tok.encode(caption)[0])
+    with torch.no_grad():
+        logits = hf(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            pixel_values=torch.from_numpy(_pixels(img)[None].astype(np.float32)),
+        ).logits[0]
+    at = int(np.nonzero(enc["input_ids"][0].numpy() == bert.mask_token_id)[0][0])
+    p = torch.softmax(logits[at].double(), -1).numpy()
+    best = np.argsort(-p, kind="stable")[:5]
+    assert [w for w, _ in r["fills"][0]] == [vocab[j] for j in best]
+    np.testing.assert_allclose([q for _, q in r["fills"][0]], p[best], rtol=1e-4, atol=1e-6)
+
+    # the command line says the same, and refuses a caption with nothing to predict
+    assert main(["predict", str(tmp_path / "hf"), str(img), "--caption", caption]) == 0
+    out = capsys.readouterr().out
+    assert "match" not in out and f"[MASK] 1: {vocab[best[0]]}: " in out
+    assert main(["predict", str(tmp_path / "hf"), str(img), "--caption", "a red cat"]) == 2
+    assert "no image-text matching head" in capsys.readouterr().err
+
+
+@pytest.mark.oracle
+def test_load_model_reads_a_vqa_folder_and_refuses_missing_weights(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from safetensors.numpy import load_file, save_file
+    from transformers import ViltForQuestionAnswering
+
+    from minivit.checkpoint import CheckpointError
+    from tests.test_convert_vilt import _hf_config
+
+    torch.manual_seed(0)
+    ViltForQuestionAnswering(_hf_config(num_labels=7)).save_pretrained(tmp_path / "vqa")
+    model, meta = load_model(tmp_path / "vqa" / "model.safetensors")
+    assert model.num_vqa_labels == 7 and meta["missing_heads"] == ["itm_score", "mlm_score"]
+
+    sd = load_file(tmp_path / "vqa" / "model.safetensors")
+    del sd[[k for k in sd if k.endswith("layernorm_after.weight")][-1]]  # the last block's
+    save_file(sd, tmp_path / "vqa" / "model.safetensors")
+    lacks = r"lacks ViLT weights: transformer\.blocks\.1\.norm2\.weight$"
+    with pytest.raises(CheckpointError, match=lacks):
+        load_model(tmp_path / "vqa" / "model.safetensors")
