@@ -29,20 +29,23 @@ from minivit.train.predict import match_and_fill, vilt_tokenizer
 S = 32  # image side; patches of 16: a 2 x 2 grid
 
 
-def _png(path, seed=0, size=S):
+def _png(path, seed=0, size=S, shape=None):
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    shape = shape or (size, size, 3)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
     return path
 
 
 def _pixels(path):
-    """The image as the model sees it, computed here: [0, 255] -> (x / 255 - 0.5) / 0.5."""
+    """The image as the model sees it, computed here: RGB, bicubic to S x S (as Hugging Face's
+    ViLT processor resamples), [0, 255] -> (x / 255 - 0.5) / 0.5."""
     from PIL import Image
 
     with Image.open(path) as im:
-        a = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+        im = im.convert("RGB").resize((S, S), Image.Resampling.BICUBIC)
+        a = np.asarray(im, dtype=np.float64) / 255.0
     return ((a - 0.5) / 0.5).transpose(2, 0, 1)
 
 
@@ -58,7 +61,8 @@ def _shapes_run(folder, backend):
 
 def test_predict_scores_a_caption_with_a_shapes_run(tmp_path, capsys, backend):
     model = _shapes_run(tmp_path / "run", backend)
-    images = [_png(tmp_path / "a.png", 0), _png(tmp_path / "b.png", 1)]
+    # an RGB image of the model's size, and a grey one of another shape
+    images = [_png(tmp_path / "a.png", 0), _png(tmp_path / "b.png", 1, shape=(45, 20))]
     caption = "a small [MASK] circle left of a [MASK] square"
     argv = ["predict", str(tmp_path / "run"), *map(str, images), "--caption", caption]
     assert main([*argv, "--top", "4", "--backend", backend.name]) == 0
@@ -81,13 +85,20 @@ def test_predict_scores_a_caption_with_a_shapes_run(tmp_path, capsys, backend):
     itm, mlm = be.to_numpy(itm).astype(np.float64), be.to_numpy(mlm).astype(np.float64)
     p_match = np.exp(itm[:, 1]) / np.exp(itm).sum(axis=1)
     np.testing.assert_allclose(matches, p_match, atol=6e-5)  # printed to 4 places
+    specials = [tok.index[t] for t in SPECIAL_TOKENS]  # never listed as fills
     probs = np.exp(mlm - mlm.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     for (_, listed), p in zip(fills, probs.reshape(-1, probs.shape[-1])):
         pairs = re.findall(r"(\S+): (\d\.\d{4})", listed)
-        best = np.argsort(-p, kind="stable")[:4]
+        best = np.argsort(-np.where(np.isin(np.arange(p.size), specials), -1, p))[:4]
         assert [w for w, _ in pairs] == [tok.vocab[j] for j in best]
         np.testing.assert_allclose([float(v) for _, v in pairs], p[best], atol=6e-5)
+
+    # no [MASK]: the match alone; an unknown word is shown as the model reads it
+    assert main([*argv[:4], "--caption", "a big circle", "--backend", backend.name]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("caption: a [UNK] circle\n") and "[MASK]" not in text
+    assert len(re.findall(r"match \d\.\d{4}", text)) == 2
 
 
 def test_predict_user_errors(tmp_path, backend):
@@ -99,11 +110,20 @@ def test_predict_user_errors(tmp_path, backend):
     with pytest.raises(ValueError, match="give one with --caption"):
         run(parse(["predict", str(tmp_path / "run"), img]))
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nred\n")
-    with pytest.raises(ValueError, match="vocabulary has 6 tokens, the model 23"):
+    (tmp_path / "run" / "vocab.txt").write_text("red\n")  # not the run's: left alone
+    model, _ = load_model(tmp_path / "run" / "checkpoint.safetensors")
+    assert isinstance(vilt_tokenizer(model, tmp_path / "run" / "checkpoint.safetensors"),
+                      WordTokenizer)  # fmt: skip
+    with pytest.raises(ValueError, match=r"vocab\.txt' has 6 tokens, the model 23"):
         run(parse(["predict", str(tmp_path / "run"), img, "--caption", "a red circle",
                    "--vocab", str(tmp_path / "vocab.txt")]))  # fmt: skip
     with pytest.raises(ValueError, match="no vocabulary file"):
         run(parse(["predict", str(tmp_path / "run"), img, "--caption", "a", "--vocab", "nope"]))
+    with pytest.raises(ValueError, match=r"run/vocab\.txt'.*lacks the special token"):
+        run(parse(["predict", str(tmp_path / "run"), img, "--caption", "a",
+                   "--vocab", str(tmp_path / "run" / "vocab.txt")]))  # fmt: skip
+    with pytest.raises(ValueError, match="--invert is for ViT"):
+        run(parse(["predict", str(tmp_path / "run"), img, "--caption", "a", "--invert", "no"]))
     with pytest.raises(ValueError, match="more than max_text_len"):
         run(parse(["predict", str(tmp_path / "run"), img, "--caption", "a red circle " * 9]))
 
@@ -123,8 +143,10 @@ def _hf_folder(folder):
     words = ["a", "red", "blue", "circle", "square", "cat", "dog", "##s", "on", "the", "."]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     vocab += [f"w{i}" for i in range(_hf_config().vocab_size - len(vocab))]
+    config = _hf_config()
+    config.layer_norm_eps = 0.5  # not a default anywhere: config.json must carry it
     torch.manual_seed(0)
-    hf = _randomize(ViltForMaskedLM(_hf_config()).eval(), seed=0)
+    hf = _randomize(ViltForMaskedLM(config).eval(), seed=0)
     hf.save_pretrained(folder)  # model.safetensors + config.json (decoder tied: left out)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     return hf, vocab
@@ -142,7 +164,7 @@ def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):
     model, meta = load_model(tmp_path / "hf" / "model.safetensors")
     assert meta["missing_heads"] == ["itm_score"]  # the MLM checkpoint has no ITM head
     assert (model.embed_dim, model.depth, model.num_heads) == (32, 2, 4)
-    assert model.max_text_len == MAXLEN and model.eps == model.text_eps == 1e-12
+    assert model.max_text_len == MAXLEN and model.eps == model.text_eps == 0.5
     img = _png(tmp_path / "cat.png", size=HF_S)
     caption = "Red [MASK] on the blue squares."
 
@@ -161,7 +183,8 @@ def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):
         ).logits[0]
     at = int(np.nonzero(enc["input_ids"][0].numpy() == bert.mask_token_id)[0][0])
     p = torch.softmax(logits[at].double(), -1).numpy()
-    best = np.argsort(-p, kind="stable")[:5]
+    ranked = np.where(np.arange(p.size) < 5, -1, p)  # the five specials come first in vocab
+    best = np.argsort(-ranked, kind="stable")[:5]
     assert [w for w, _ in r["fills"][0]] == [vocab[j] for j in best]
     np.testing.assert_allclose([q for _, q in r["fills"][0]], p[best], rtol=1e-4, atol=1e-6)
 
@@ -174,19 +197,30 @@ def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):
 
 
 @pytest.mark.oracle
-def test_load_model_reads_a_vqa_folder_and_refuses_missing_weights(tmp_path):
+def test_load_model_reads_a_vqa_folder_and_refuses_missing_weights(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from safetensors.numpy import load_file, save_file
     from transformers import ViltForQuestionAnswering
 
     from minivit.checkpoint import CheckpointError
+
+    (tmp_path / "vqa").mkdir()
+    (tmp_path / "vqa" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
     from tests.test_convert_vilt import _hf_config
 
     torch.manual_seed(0)
     ViltForQuestionAnswering(_hf_config(num_labels=7)).save_pretrained(tmp_path / "vqa")
     model, meta = load_model(tmp_path / "vqa" / "model.safetensors")
     assert model.num_vqa_labels == 7 and meta["missing_heads"] == ["itm_score", "mlm_score"]
+    img = str(_png(tmp_path / "a.png"))
+    assert main(["predict", str(tmp_path / "vqa"), img, "--caption", "a [MASK]"]) == 2
+    assert "neither an image-text matching nor an MLM head" in capsys.readouterr().err
+    assert main(["train", "vit", "--resume", str(tmp_path / "vqa"), "--no-progress"]) == 2
+    assert "not a minivit training checkpoint" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), img, "--caption", "a"]) == 2
+    assert "neither checkpoint.safetensors (a minivit run) nor model" in capsys.readouterr().err
 
     sd = load_file(tmp_path / "vqa" / "model.safetensors")
     del sd[[k for k in sd if k.endswith("layernorm_after.weight")][-1]]  # the last block's

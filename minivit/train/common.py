@@ -101,7 +101,14 @@ def resolve_checkpoint(path) -> Path:
     path = Path(path)
     if path.is_dir():
         hub = path / "model.safetensors"
-        path = hub if hub.exists() and not (path / CHECKPOINT).exists() else path / CHECKPOINT
+        if hub.exists() and not (path / CHECKPOINT).exists():
+            return hub
+        if not (path / CHECKPOINT).exists():
+            raise FileNotFoundError(
+                f"no checkpoint in {str(path)!r}: neither {CHECKPOINT} (a minivit run) nor "
+                "model.safetensors (Hugging Face weights)"
+            )
+        path = path / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
     return path
@@ -218,6 +225,8 @@ def saved_recipe(ckpt, args, local, model_class, command) -> dict:
     from ..checkpoint import read_metadata
 
     meta = read_metadata(ckpt)
+    if meta.get("model") is None:
+        raise ValueError(f"{str(ckpt)!r} is not a minivit training checkpoint: nothing to resume")
     if meta.get("model") != model_class:
         raise ValueError(
             f"{str(ckpt)!r} holds a {meta.get('model')}, but `{command}` resumes "

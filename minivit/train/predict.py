@@ -11,15 +11,16 @@ the border pixels). Then the training run's normalisation (mean and std from the
 is applied.
 
 ViLT (a ``train vilt`` run, or Hugging Face ViLT weights: a ``model.safetensors`` with its
-``config.json`` and ``vocab.txt`` beside it): each image is converted to RGB, resized to the
-model's square input (Hugging Face's processor keeps the aspect ratio instead, and the model's
-position embeddings are interpolated to that grid; here the grid is always the trained one) and
-normalised with ViLT's mean and std of 0.5. The caption is tokenized with the run's word
-tokenizer, or with BERT's WordPiece and the ``vocab.txt`` (``--vocab``, else the one beside
-the checkpoint). Printed per image: the image-text matching head's probability that the
-caption describes the image, and for every ``[MASK]`` in the caption the words the MLM head
-puts there, most probable first. A head the checkpoint does not hold (Hugging Face's MLM
-checkpoint has no ITM head) is left out, not run with random weights.
+``config.json`` and ``vocab.txt`` beside it): each image is converted to RGB, resized with
+bicubic interpolation to the model's square input (Hugging Face's processor resizes bicubically
+too, but keeps the aspect ratio, and the model's position embeddings are interpolated to that
+grid; here the grid is always the trained one) and normalised with ViLT's mean and std of 0.5.
+The caption is tokenized with the run's word tokenizer, or with BERT's WordPiece and the
+``vocab.txt`` (``--vocab``, else the one beside the checkpoint, unless that is a ``train vilt``
+run's). Printed per image: the image-text matching head's probability that the caption
+describes the image, and for every ``[MASK]`` in the caption the words the MLM head puts there,
+most probable first (never a special token). A head the checkpoint does not hold (Hugging
+Face's MLM checkpoint has no ITM head) is left out, not run with random weights.
 """
 
 from __future__ import annotations
@@ -49,16 +50,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_image(path, size, channels, invert="auto"):
-    """One image file -> float64 array (channels, size, size) in [0, 1]."""
+def load_image(path, size, channels, invert="auto", resample="auto"):
+    """One image file -> float64 array (channels, size, size) in [0, 1]. ``resample="auto"``:
+    BOX when shrinking, BICUBIC when enlarging; ``"bicubic"``: BICUBIC both ways."""
     import numpy as np
     from PIL import Image
 
     with Image.open(path) as im:
         im = im.convert("L" if channels == 1 else "RGB")
         # BOX averages every source pixel when shrinking (as the 8x8 digits were made, by
-        # counting ink in 4x4 blocks); BICUBIC when enlarging.
-        big = im.width > size or im.height > size
+        # counting ink in 4x4 blocks); BICUBIC when enlarging, and always for ViLT (as Hugging
+        # Face's ViLT image processor resizes).
+        big = resample == "auto" and (im.width > size or im.height > size)
         im = im.resize((size, size), Image.Resampling.BOX if big else Image.Resampling.BICUBIC)
         a = np.asarray(im, dtype=np.float64) / 255.0
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, S, S)
@@ -125,31 +128,39 @@ def vilt_tokenizer(model, checkpoint, vocab=None):
     model's vocabulary is that one (a ``train vilt`` run)."""
     from pathlib import Path
 
+    from ..checkpoint import FORMAT, read_metadata
     from ..data.shapes import WORDS
     from ..data.tokenizer import SPECIAL_TOKENS, WordTokenizer
 
+    shapes_vocab = model.vocab_size == len(SPECIAL_TOKENS) + len(WORDS)
     beside = Path(checkpoint).parent / "vocab.txt"
-    if vocab is None and beside.exists():
+    # the vocab.txt of a Hugging Face folder; a run of train vilt has its own word list
+    own_run = read_metadata(checkpoint).get("format") == FORMAT and shapes_vocab
+    found = vocab is None and beside.exists() and not own_run
+    if found:
         vocab = beside
     if vocab is not None:
         if not Path(vocab).is_file():
             raise ValueError(f"no vocabulary file at {str(vocab)!r}")
         from ..data.wordpiece import WordPieceTokenizer
 
-        tok = WordPieceTokenizer.from_file(vocab, max_text_len=model.max_text_len)
-    elif model.vocab_size == len(SPECIAL_TOKENS) + len(WORDS):
-        tok = WordTokenizer(WORDS, max_text_len=model.max_text_len)
-    else:
-        raise ValueError(
-            f"this ViLT has a vocabulary of {model.vocab_size} tokens and no vocab.txt beside "
-            "it: give its vocabulary file with --vocab"
-        )
-    if tok.vocab_size != model.vocab_size:
-        raise ValueError(
-            f"the vocabulary has {tok.vocab_size} tokens, the model {model.vocab_size}: "
-            "not this model's vocabulary"
-        )
-    return tok
+        what = f"{str(vocab)!r}" + (" (found beside the checkpoint)" if found else "")
+        try:
+            tok = WordPieceTokenizer.from_file(vocab, max_text_len=model.max_text_len)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from exc
+        if tok.vocab_size != model.vocab_size:
+            raise ValueError(
+                f"the vocabulary {what} has {tok.vocab_size} tokens, the model "
+                f"{model.vocab_size}: not this model's vocabulary"
+            )
+        return tok
+    if shapes_vocab:
+        return WordTokenizer(WORDS, max_text_len=model.max_text_len)
+    raise ValueError(
+        f"this ViLT has a vocabulary of {model.vocab_size} tokens and no vocab.txt beside it: "
+        "give its vocabulary file with --vocab"
+    )
 
 
 def match_and_fill(model, meta, tokenizer, images, caption, top=5):
@@ -158,7 +169,8 @@ def match_and_fill(model, meta, tokenizer, images, caption, top=5):
     Returns one dict per image: ``match``, the ITM head's probability that the caption
     describes the image (None when the checkpoint has no ITM head), and ``fills``, one list per
     ``[MASK]`` in the caption of the ``top`` (word, probability) pairs of the MLM head (empty
-    without a [MASK]; None when the checkpoint has no MLM head).
+    without a [MASK]; None when the checkpoint has no MLM head). Special tokens are never
+    listed as fills; the probabilities are those of the full softmax over the vocabulary.
     """
     import numpy as np
 
@@ -166,15 +178,16 @@ def match_and_fill(model, meta, tokenizer, images, caption, top=5):
     from ..data.shapes import PIXEL_MEAN, PIXEL_STD
     from ..models import vilt_heads
 
-    missing = set(meta.get("missing_heads", ()))
+    missing = _missing_heads(meta)
     ids, mask = tokenizer.encode(caption)
     where = np.nonzero(ids == tokenizer.mask_id)[0]
-    if "itm_score" in missing and (not where.size or "mlm_score" in missing):
+    if "itm_score" in missing and not where.size:
         raise ValueError(
             "this checkpoint has no image-text matching head: write [MASK] in the caption "
             "where its MLM head should fill in a word"
         )
-    x = np.stack([load_image(p, model.img_size, model.in_chans, invert="no") for p in images])
+    size, chans = model.img_size, model.in_chans
+    x = np.stack([load_image(p, size, chans, invert="no", resample="bicubic") for p in images])
     x = ((x - PIXEL_MEAN) / PIXEL_STD).astype(model.dtype)
     n = len(images)
     be = model.backend
@@ -189,7 +202,9 @@ def match_and_fill(model, meta, tokenizer, images, caption, top=5):
             feats = out["text_feats"][:, be.asarray(where)]  # (n, masks, D)
             logits, _ = vilt_heads.mlm_forward(feats, model.params, model.text_eps)
             probs = _softmax(be.to_numpy(logits))  # (n, masks, V)
-            order = np.argsort(-probs, axis=-1, kind="stable")[..., : max(1, top)]
+            probs[..., _special_ids(tokenizer)] = -1.0  # listed last: never a word to fill in
+            k = max(1, min(top, probs.shape[-1] - len(_special_ids(tokenizer))))
+            order = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
             fills = [
                 [[(tokenizer.vocab[j], float(pm[j])) for j in om] for pm, om in zip(pi, oi)]
                 for pi, oi in zip(probs, order)
@@ -203,6 +218,23 @@ def match_and_fill(model, meta, tokenizer, images, caption, top=5):
     ]
 
 
+def _missing_heads(meta):
+    """The heads a checkpoint lacks; ValueError when neither ITM nor MLM is left to run."""
+    missing = set(meta.get("missing_heads", ()))
+    if {"itm_score", "mlm_score"} <= missing:
+        raise ValueError(
+            "this checkpoint has neither an image-text matching nor an MLM head (a VQA or a "
+            "bare ViltModel checkpoint): predict has nothing to score"
+        )
+    return missing
+
+
+def _special_ids(tokenizer):
+    from ..data.tokenizer import SPECIAL_TOKENS
+
+    return [tokenizer.index[t] for t in SPECIAL_TOKENS]
+
+
 def run(args) -> int:
     from ..checkpoint import load_model
     from ..models.vilt import ViLT
@@ -213,9 +245,14 @@ def run(args) -> int:
     if isinstance(model, ViLT):
         if args.caption is None:
             raise ValueError("a ViLT checkpoint scores a caption: give one with --caption")
+        if args.invert != "auto":
+            raise ValueError("--invert is for ViT and Hybrid ViT checkpoints (digits)")
+        _missing_heads(meta)  # before the tokenizer: a checkpoint with no head to run
         tok = vilt_tokenizer(model, path, args.vocab)
         results = match_and_fill(model, meta, tok, args.images, args.caption, args.top)
-        print(f"caption: {' '.join(tok.tokenize(args.caption))}")
+        ids, mask = tok.encode(args.caption)
+        seen = [tok.vocab[i] for i in ids[mask][1:-1]]  # as the model reads it ([UNK] too)
+        print(f"caption: {' '.join(seen)}")
         for image, r in zip(args.images, results):
             line = f"{image}:"
             if r["match"] is not None:
