@@ -29,7 +29,11 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a checkpoint.safetensors file or a run folder")
+    p.add_argument(
+        "checkpoint",
+        help="a checkpoint file, a run folder, or a folder of Hugging Face ViT or ViLT weights "
+        "(model.safetensors and config.json)",
+    )
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert brightness first (auto: when the border is bright)")  # fmt: skip
@@ -45,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vocab",
         default=None,
-        help="ViLT: a BERT vocab.txt (default: the vocab.txt beside the checkpoint, else the "
-        "run's own word list)",
+        help="ViLT: a BERT vocab.txt (default: the vocab.txt of a Hugging Face folder, else "
+        "the train vilt run's own word list)",
     )
 
 
