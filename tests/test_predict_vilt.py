@@ -111,8 +111,8 @@ def test_predict_user_errors(tmp_path, backend):
         run(parse(["predict", str(tmp_path / "run"), img]))
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nred\n")
     (tmp_path / "run" / "vocab.txt").write_text("red\n")  # not the run's: left alone
-    model, _ = load_model(tmp_path / "run" / "checkpoint.safetensors")
-    assert isinstance(vilt_tokenizer(model, tmp_path / "run" / "checkpoint.safetensors"),
+    model, meta = load_model(tmp_path / "run" / "checkpoint.safetensors")
+    assert isinstance(vilt_tokenizer(model, meta, tmp_path / "run" / "checkpoint.safetensors"),
                       WordTokenizer)  # fmt: skip
     with pytest.raises(ValueError, match=r"vocab\.txt' has 6 tokens, the model 23"):
         run(parse(["predict", str(tmp_path / "run"), img, "--caption", "a red circle",
@@ -168,7 +168,7 @@ def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):
     img = _png(tmp_path / "cat.png", size=HF_S)
     caption = "Red [MASK] on the blue squares."
 
-    tok = vilt_tokenizer(model, tmp_path / "hf" / "model.safetensors")  # vocab.txt beside it
+    tok = vilt_tokenizer(model, meta, tmp_path / "hf" / "model.safetensors")  # vocab.txt beside
     (r,) = match_and_fill(model, meta, tok, [img], caption, top=5)
     assert r["match"] is None and len(r["fills"]) == 1
 

@@ -21,6 +21,8 @@ import re
 
 import numpy as np
 
+from .vit import square_grid_side
+
 __all__ = ["from_hf_vilt", "infer_vilt_config", "is_hf_vilt"]
 
 _EMB = {
@@ -152,10 +154,7 @@ def infer_vilt_config(state_dict, num_heads=None, eps=1e-12) -> dict:
     sd = state_dict
     V, D = sd["text_embeddings.word_embeddings.weight"].shape
     _, C, P, _ = sd["transformer.patch_embed.proj.weight"].shape
-    n_tokens = sd["transformer.pos_embed"].shape[1]
-    grid = int(round((n_tokens - 1) ** 0.5))
-    if grid * grid != n_tokens - 1:
-        raise ValueError(f"transformer.pos_embed has {n_tokens} tokens: not 1 + a square grid")
+    grid = square_grid_side(sd["transformer.pos_embed"], "transformer.pos_embed")
     depth = len({int(m.group(1)) for m in map(_BLOCK.match, sd) if m})
     if not depth:
         raise ValueError("no transformer.blocks.N.* weights: not a ViLT encoder")

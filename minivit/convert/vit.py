@@ -191,6 +191,16 @@ def _timm_order(sd):
     return {k: sd[k] for k in sorted(sd, key=rank)}
 
 
+def square_grid_side(pos_embed, name="pos_embed") -> int:
+    """The side of the square patch grid a position embedding (1, 1 + g*g, D) is laid out for
+    (one CLS token first); ValueError when its token count is not 1 + a square."""
+    n_tokens = pos_embed.shape[1]
+    grid = int(round((n_tokens - 1) ** 0.5))
+    if grid * grid != n_tokens - 1:
+        raise ValueError(f"{name} has {n_tokens} tokens: not 1 + a square grid")
+    return grid
+
+
 def infer_vit_config(state_dict, num_heads=None) -> dict:
     """ViT keyword arguments read off a timm-named state dict.
 
@@ -199,10 +209,7 @@ def infer_vit_config(state_dict, num_heads=None) -> dict:
     """
     sd = state_dict
     D, C, P, _ = sd["patch_embed.proj.weight"].shape
-    n_tokens = sd["pos_embed"].shape[1]
-    grid = int(round((n_tokens - 1) ** 0.5))
-    if grid * grid != n_tokens - 1:
-        raise ValueError(f"pos_embed has {n_tokens} tokens: not 1 + a square grid")
+    grid = square_grid_side(sd["pos_embed"], "pos_embed")
     depth = len({int(_TIMM_BLOCK.match(k).group(1)) for k in sd if _TIMM_BLOCK.match(k)})
     cfg = dict(
         img_size=grid * P,

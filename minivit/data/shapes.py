@@ -178,7 +178,7 @@ class ShapesCaptions:
                 f"max_text_len must be at least 13 for three-object captions, got {max_text_len}"
             )
         tok = self.tokenizer
-        self.special_ids = (tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id, tok.unk_id)
+        self.special_ids = tok.special_ids
         self.content_ids = np.array(tok.convert_tokens_to_ids(CONTENT_WORDS))
         if layout not in ("grid", "free"):
             raise ValueError(f"layout must be 'grid' or 'free', got {layout!r}")

@@ -55,6 +55,11 @@ class WordTokenizer:
     def vocab_size(self) -> int:
         return len(self.vocab)
 
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """The ids of ``[PAD] [CLS] [SEP] [MASK] [UNK]``: never a word to mask or to predict."""
+        return (self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id)
+
     def tokenize(self, text: str) -> list[str]:
         """Lower-cases and splits into words and punctuation marks; specials stay whole."""
         return [
@@ -96,16 +101,22 @@ class WordTokenizer:
         mask = np.stack([p[1] for p in pairs]) if pairs else np.zeros((0, self.max_text_len), bool)
         return ids, mask
 
-    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
-        """ids (L,) -> text; padding is always dropped, other specials unless asked to keep."""
-        words = []
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        """ids -> their tokens; an id outside the vocabulary raises ValueError."""
+        out = []
         for i in np.asarray(ids).tolist():
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"id {i} is outside the vocabulary of size {self.vocab_size}")
-            w = self.vocab[i]
-            if w == "[PAD]" or (skip_special_tokens and w in SPECIAL_TOKENS):
-                continue
-            words.append(w)
+            out.append(self.vocab[i])
+        return out
+
+    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+        """ids (L,) -> text; padding is always dropped, other specials unless asked to keep."""
+        words = [
+            w
+            for w in self.convert_ids_to_tokens(ids)
+            if w != "[PAD]" and not (skip_special_tokens and w in SPECIAL_TOKENS)
+        ]
         return " ".join(words)
 
     def __len__(self) -> int:

@@ -46,8 +46,6 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
-import numpy as np
-
 from .tokenizer import SPECIAL_TOKENS, WordTokenizer
 
 __all__ = ["WordPieceTokenizer"]
@@ -132,8 +130,9 @@ def _split_words(text: str) -> list[str]:
 class WordPieceTokenizer(WordTokenizer):
     """BERT's uncased (by default) WordPiece tokenizer over a given vocabulary.
 
-    ``encode``, ``encode_batch``, ``convert_tokens_to_ids``, ``vocab_size`` and ``len`` are
-    ``WordTokenizer``'s: the same layout, mask and errors.
+    ``encode``, ``encode_batch``, ``convert_tokens_to_ids``, ``convert_ids_to_tokens``,
+    ``special_ids``, ``vocab_size`` and ``len`` are ``WordTokenizer``'s: the same layout, mask
+    and errors; ``decode`` is its decode with the ``##`` pieces joined.
 
     Args:
         vocab: the tokens in id order (``vocab[i]`` has id ``i``); must hold the five specials.
@@ -222,26 +221,14 @@ class WordPieceTokenizer(WordTokenizer):
             start = end
         return pieces
 
-    def convert_ids_to_tokens(self, ids) -> list[str]:
-        out = []
-        for i in np.asarray(ids).tolist():
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"id {i} is outside the vocabulary of size {self.vocab_size}")
-            out.append(self.vocab[i])
-        return out
-
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
         """ids (L,) -> text; padding is always dropped, other specials unless asked to keep.
 
-        Pieces are joined with spaces, and a ``##`` piece onto the piece before it: the
-        normalized (lower-cased, accent-stripped) words come back, one space between words and
-        punctuation marks."""
-        kept = [
-            t
-            for t in self.convert_ids_to_tokens(ids)
-            if t != "[PAD]" and not (skip_special_tokens and t in SPECIAL_TOKENS)
-        ]
-        return " ".join(kept).replace(" " + _PREFIX, "").strip()
+        ``WordTokenizer.decode``'s tokens, with each ``##`` piece joined onto the piece before
+        it: the normalized (lower-cased, accent-stripped) words come back, one space between
+        words and punctuation marks."""
+        text = super().decode(ids, skip_special_tokens=skip_special_tokens)
+        return text.replace(" " + _PREFIX, "").strip()
 
     def __repr__(self) -> str:
         return (

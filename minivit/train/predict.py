@@ -97,6 +97,7 @@ def classify(model, meta, images, invert="auto"):
     import numpy as np
 
     from .. import ops
+    from ..ops.softmax import softmax
 
     if not hasattr(model, "num_classes"):
         raise ValueError(
@@ -111,35 +112,28 @@ def classify(model, meta, images, invert="auto"):
     x = ((x - mean) / std).astype(model.dtype)
     be = model.backend
     with ops.no_grad():  # inference: no cache kept
-        logits = be.to_numpy(model.forward(be.asarray(x)))
-    return _softmax(logits)
-
-
-def _softmax(logits):
-    import numpy as np
-
-    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
+        return be.to_numpy(softmax(model.forward(be.asarray(x))))
 
 
 # ----------------------------------------------------------------------------------------------
 # ViLT: image-text matching and fill-in-the-blank
 
 
-def vilt_tokenizer(model, checkpoint, vocab=None):
-    """The tokenizer of a ViLT checkpoint: BERT's WordPiece on ``vocab`` (a vocab.txt), else on
-    the vocab.txt beside ``checkpoint``, else the shapes captions' word tokenizer when the
-    model's vocabulary is that one (a ``train vilt`` run)."""
+def vilt_tokenizer(model, meta, checkpoint, vocab=None):
+    """The tokenizer of a ViLT checkpoint (``meta``: its metadata, as ``load_model`` returns
+    it): BERT's WordPiece on ``vocab`` (a vocab.txt), else on the vocab.txt beside
+    ``checkpoint``, else the shapes captions' word tokenizer when the model's vocabulary is
+    that one (a ``train vilt`` run)."""
     from pathlib import Path
 
-    from ..checkpoint import FORMAT, read_metadata
+    from ..checkpoint import FORMAT
     from ..data.shapes import WORDS
     from ..data.tokenizer import SPECIAL_TOKENS, WordTokenizer
 
     shapes_vocab = model.vocab_size == len(SPECIAL_TOKENS) + len(WORDS)
     beside = Path(checkpoint).parent / "vocab.txt"
     # the vocab.txt of a Hugging Face folder; a run of train vilt has its own word list
-    own_run = read_metadata(checkpoint).get("format") == FORMAT and shapes_vocab
+    own_run = meta.get("format") == FORMAT and shapes_vocab
     found = vocab is None and beside.exists() and not own_run
     if found:
         vocab = beside
@@ -181,6 +175,7 @@ def match_and_fill(model, meta, tokenizer, images, caption, top=5):
     from .. import ops
     from ..data.shapes import PIXEL_MEAN, PIXEL_STD
     from ..models import vilt_heads
+    from ..ops.softmax import softmax
 
     missing = _missing_heads(meta)
     ids, mask = tokenizer.encode(caption)
@@ -201,13 +196,14 @@ def match_and_fill(model, meta, tokenizer, images, caption, top=5):
         match = fills = None
         if "itm_score" not in missing:
             logits, _ = vilt_heads.itm_forward(out["pooled"], model.params)
-            match = _softmax(be.to_numpy(logits))[:, 1]
+            match = be.to_numpy(softmax(logits))[:, 1]
         if "mlm_score" not in missing:
             feats = out["text_feats"][:, be.asarray(where)]  # (n, masks, D)
             logits, _ = vilt_heads.mlm_forward(feats, model.params, model.text_eps)
-            probs = _softmax(be.to_numpy(logits))  # (n, masks, V)
-            probs[..., _special_ids(tokenizer)] = -1.0  # listed last: never a word to fill in
-            k = max(1, min(top, probs.shape[-1] - len(_special_ids(tokenizer))))
+            probs = be.to_numpy(softmax(logits))  # (n, masks, V)
+            specials = list(tokenizer.special_ids)
+            probs[..., specials] = -1.0  # ranked last: never a word to fill in
+            k = max(1, min(top, probs.shape[-1] - len(specials)))
             order = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
             fills = [
                 [[(tokenizer.vocab[j], float(pm[j])) for j in om] for pm, om in zip(pi, oi)]
@@ -233,12 +229,6 @@ def _missing_heads(meta):
     return missing
 
 
-def _special_ids(tokenizer):
-    from ..data.tokenizer import SPECIAL_TOKENS
-
-    return [tokenizer.index[t] for t in SPECIAL_TOKENS]
-
-
 def run(args) -> int:
     from ..checkpoint import load_model
     from ..models.vilt import ViLT
@@ -252,7 +242,7 @@ def run(args) -> int:
         if args.invert != "auto":
             raise ValueError("--invert is for ViT and Hybrid ViT checkpoints (digits)")
         _missing_heads(meta)  # before the tokenizer: a checkpoint with no head to run
-        tok = vilt_tokenizer(model, path, args.vocab)
+        tok = vilt_tokenizer(model, meta, path, args.vocab)
         results = match_and_fill(model, meta, tok, args.images, args.caption, args.top)
         ids, mask = tok.encode(args.caption)
         seen = [tok.vocab[i] for i in ids[mask][1:-1]]  # as the model reads it ([UNK] too)
