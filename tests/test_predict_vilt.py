@@ -16,6 +16,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minivit import ops
 from minivit.checkpoint import load_model, save_model
@@ -24,7 +26,7 @@ from minivit.data.shapes import WORDS
 from minivit.data.tokenizer import SPECIAL_TOKENS, WordTokenizer
 from minivit.models import vilt_heads
 from minivit.models.vilt import ViLT
-from minivit.train.predict import match_and_fill, vilt_tokenizer
+from minivit.train.predict import match_and_fill, vilt_image_size, vilt_pixels, vilt_tokenizer
 
 S = 32  # image side; patches of 16: a 2 x 2 grid
 
@@ -38,15 +40,24 @@ def _png(path, seed=0, size=S, shape=None):
     return path
 
 
-def _pixels(path):
-    """The image as the model sees it, computed here: RGB, bicubic to S x S (as Hugging Face's
-    ViLT processor resamples), [0, 255] -> (x / 255 - 0.5) / 0.5."""
+def _pixels(path, size):
+    """The image as the model sees it, computed here: RGB, bicubic to ``size`` (height, width;
+    as Hugging Face's ViLT processor resamples), [0, 255] -> (x / 255 - 0.5) / 0.5."""
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB").resize((S, S), Image.Resampling.BICUBIC)
+        im = im.convert("RGB").resize(size[::-1], Image.Resampling.BICUBIC)
         a = np.asarray(im, dtype=np.float64) / 255.0
     return ((a - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+def _padded(arrays):
+    """Images (3, h, w) of several sizes -> the batch (n, 3, H, W) and its pixel mask."""
+    H, W = max(a.shape[1] for a in arrays), max(a.shape[2] for a in arrays)
+    x, m = np.zeros((len(arrays), 3, H, W)), np.zeros((len(arrays), H, W), dtype=bool)
+    for i, a in enumerate(arrays):
+        x[i, :, : a.shape[1], : a.shape[2]], m[i, : a.shape[1], : a.shape[2]] = a, True
+    return x, m
 
 
 def _shapes_run(folder, backend):
@@ -54,6 +65,12 @@ def _shapes_run(folder, backend):
         vocab_size=len(SPECIAL_TOKENS) + len(WORDS), max_text_len=16, img_size=S, patch_size=16,
         embed_dim=16, depth=1, num_heads=2, backend=backend, seed=3,
     )  # fmt: skip
+    # Weights far from the initial ones (std 0.02 leaves every probability near uniform, where
+    # a wrong image would change the figures below the printed precision): 0.5 N(0, 1) added.
+    rng = np.random.default_rng(7)
+    for name, v in model.params.items():
+        noise = rng.standard_normal(v.shape).astype(str(v.dtype))
+        model.params[name] = v + backend.asarray(0.5 * noise)
     folder.mkdir()
     save_model(folder / "checkpoint.safetensors", model)
     return model
@@ -75,10 +92,14 @@ def test_predict_scores_a_caption_with_a_shapes_run(tmp_path, capsys, backend):
     tok = WordTokenizer(WORDS, max_text_len=16)
     ids, mask = tok.encode(caption)
     be = model.backend
-    x = np.stack([_pixels(p) for p in images]).astype(np.float32)
+    # 32 x 32 stays; 45 x 20 (height x width): the shorter side to 32 scales the longer to 72,
+    # over the cap int(32 * 1333 / 800) = 53, so both shrink by 53 / 72: 53 x 23.6 -> 53 x 24
+    # -> multiples of the patch (16): 48 x 16. The batch is 48 x 32, the first image padded.
+    x, m = _padded([_pixels(images[0], (32, 32)), _pixels(images[1], (48, 16))])
     with ops.no_grad():
         out = model.forward(be.asarray(np.stack([ids] * 2)), be.asarray(np.stack([mask] * 2)),
-                            be.asarray(x))  # fmt: skip
+                            be.asarray(x.astype(np.float32)), be.asarray(m),
+                            interpolate_pos_encoding=True)  # fmt: skip
         itm, _ = vilt_heads.itm_forward(out["pooled"], model.params)
         where = np.nonzero(ids == tok.mask_id)[0]
         mlm, _ = vilt_heads.mlm_forward(out["text_feats"][:, be.asarray(where)], model.params)
@@ -156,8 +177,9 @@ def _hf_folder(folder):
 def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):
     import torch
     from transformers import BertTokenizer
+    from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
 
-    from tests.test_convert_vilt import MAXLEN
+    from tests.test_convert_vilt import MAXLEN, P
     from tests.test_convert_vilt import S as HF_S
 
     hf, vocab = _hf_folder(tmp_path / "hf")
@@ -165,35 +187,88 @@ def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):
     assert meta["missing_heads"] == ["itm_score"]  # the MLM checkpoint has no ITM head
     assert (model.embed_dim, model.depth, model.num_heads) == (32, 2, 4)
     assert model.max_text_len == MAXLEN and model.eps == model.text_eps == 0.5
-    img = _png(tmp_path / "cat.png", size=HF_S)
+    # a square image, a wide one and a tall one: 32 x 32, 16 x 48 and 48 x 16 once resized
+    images = [
+        _png(tmp_path / "cat.png", size=HF_S),
+        _png(tmp_path / "wide.png", 1, shape=(30, 70, 3)),
+        _png(tmp_path / "tall.png", 2, shape=(50, 21, 3)),
+    ]
     caption = "Red [MASK] on the blue squares."
 
     tok = vilt_tokenizer(model, meta, tmp_path / "hf" / "model.safetensors")  # vocab.txt beside
-    (r,) = match_and_fill(model, meta, tok, [img], caption, top=5)
-    assert r["match"] is None and len(r["fills"]) == 1
+    results = match_and_fill(model, meta, tok, images, caption, top=5)
+    assert all(r["match"] is None and len(r["fills"]) == 1 for r in results)
 
+    # Hugging Face end to end: its tokenizer, its image processor (the model's defaults: the
+    # shorter side to image_size, sides a multiple of the patch), its model
     bert = BertTokenizer.from_pretrained(tmp_path / "hf")  # (transformers 5 ignores vocab_file=)
-    enc = bert(caption, padding="max_length", max_length=MAXLEN, return_tensors="pt")
+    enc = bert([caption] * 3, padding="max_length", max_length=MAXLEN, return_tensors="pt")
     np.testing.assert_array_equal(enc["input_ids"][0].numpy(), tok.encode(caption)[0])
+    processor = ViltImageProcessorPil(size={"shortest_edge": HF_S}, size_divisor=P)
+    from PIL import Image
+
+    pix = processor([Image.open(p) for p in images], return_tensors="pt")
+    assert tuple(pix["pixel_values"].shape) == (3, 3, 48, 48)
+    valid = pix["pixel_mask"].numpy()
+    assert [(int(v.any(1).sum()), int(v.any(0).sum())) for v in valid] == [
+        (32, 32), (16, 48), (48, 16)]  # fmt: skip
     with torch.no_grad():
         logits = hf(
             input_ids=enc["input_ids"],
             attention_mask=enc["attention_mask"],
-            pixel_values=torch.from_numpy(_pixels(img)[None].astype(np.float32)),
-        ).logits[0]
+            pixel_values=pix["pixel_values"],
+            pixel_mask=pix["pixel_mask"],
+        ).logits
     at = int(np.nonzero(enc["input_ids"][0].numpy() == bert.mask_token_id)[0][0])
-    p = torch.softmax(logits[at].double(), -1).numpy()
-    ranked = np.where(np.arange(p.size) < 5, -1, p)  # the five specials come first in vocab
-    best = np.argsort(-ranked, kind="stable")[:5]
-    assert [w for w, _ in r["fills"][0]] == [vocab[j] for j in best]
-    np.testing.assert_allclose([q for _, q in r["fills"][0]], p[best], rtol=1e-4, atol=1e-6)
+    for r, lg in zip(results, logits):
+        p = torch.softmax(lg[at].double(), -1).numpy()
+        ranked = np.where(np.arange(p.size) < 5, -1, p)  # the five specials come first in vocab
+        best = np.argsort(-ranked, kind="stable")[:5]
+        assert [w for w, _ in r["fills"][0]] == [vocab[j] for j in best]
+        np.testing.assert_allclose([q for _, q in r["fills"][0]], p[best], rtol=1e-4, atol=1e-6)
 
     # the command line says the same, and refuses a caption with nothing to predict
-    assert main(["predict", str(tmp_path / "hf"), str(img), "--caption", caption]) == 0
+    assert main(["predict", str(tmp_path / "hf"), str(images[1]), "--caption", caption]) == 0
     out = capsys.readouterr().out
-    assert "match" not in out and f"[MASK] 1: {vocab[best[0]]}: " in out
-    assert main(["predict", str(tmp_path / "hf"), str(img), "--caption", "a red cat"]) == 2
+    assert "match" not in out and f"[MASK] 1: {results[1]['fills'][0][0][0]}: " in out
+    assert main(["predict", str(tmp_path / "hf"), str(images[0]), "--caption", "a red cat"]) == 2
     assert "no image-text matching head" in capsys.readouterr().err
+
+
+@pytest.mark.oracle
+def test_vilt_pixels_are_those_of_the_hugging_face_processor(tmp_path):
+    pytest.importorskip("transformers")
+    from PIL import Image
+    from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
+
+    shapes = [(37, 37), (30, 70), (50, 21), (33, 64), (64, 33), (25, 60), (9, 9)]
+    paths = [_png(tmp_path / f"{i}.png", i, shape=(*hw, 3)) for i, hw in enumerate(shapes)]
+    for shorter, divisor in ((32, 8), (48, 16), (384, 32)):
+        processor = ViltImageProcessorPil(size={"shortest_edge": shorter}, size_divisor=divisor)
+        ref = processor([Image.open(p) for p in paths], return_tensors="np")
+        x, m = vilt_pixels(paths, shorter, divisor)
+        np.testing.assert_array_equal(m, ref["pixel_mask"] == 1)
+        np.testing.assert_allclose(x, ref["pixel_values"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.oracle
+@settings(max_examples=300, deadline=None)
+@given(
+    hw=st.tuples(st.integers(1, 3000), st.integers(1, 3000)),
+    shorter_divisor=st.sampled_from([(384, 32), (32, 8), (48, 16), (224, 16), (100, 7)]),
+)
+def test_vilt_image_size_is_the_processors_rule(hw, shorter_divisor):
+    vilt = pytest.importorskip("transformers.models.vilt.image_processing_pil_vilt")
+    shorter, divisor = shorter_divisor
+    h, w = vilt.get_resize_output_image_size(
+        np.zeros((3, *hw)), shorter=shorter, longer=int(1333 / 800 * shorter),
+        size_divisor=divisor, input_data_format="channels_first",
+    )  # fmt: skip
+    got = vilt_image_size(*hw, shorter, divisor)
+    if h and w:
+        assert got == (h, w)
+    else:  # the processor would make an empty image: a side keeps one patch here
+        assert got == (max(h, divisor), max(w, divisor))
 
 
 @pytest.mark.oracle

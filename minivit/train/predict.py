@@ -11,10 +11,15 @@ the border pixels). Then the training run's normalisation (mean and std from the
 is applied.
 
 ViLT (a ``train vilt`` run, or Hugging Face ViLT weights: a ``model.safetensors`` with its
-``config.json`` and ``vocab.txt`` beside it): each image is converted to RGB, resized with
-bicubic interpolation to the model's square input (Hugging Face's processor resizes bicubically
-too, but keeps the aspect ratio, and the model's position embeddings are interpolated to that
-grid; here the grid is always the trained one) and normalised with ViLT's mean and std of 0.5.
+``config.json`` and ``vocab.txt`` beside it): each image is prepared as the original ViLT and
+Hugging Face's ``ViltProcessor`` prepare it (:func:`vilt_image_size`, :func:`vilt_pixels`):
+converted to RGB, resized with bicubic interpolation so that its shorter side is the model's
+``img_size`` (384 for the published models) and its aspect ratio is kept (the longer side at
+most 1333/800 of the shorter), both sides rounded down to a multiple of the patch size, and
+normalised with ViLT's mean and std of 0.5. Images of different sizes are padded at the bottom
+and right to a common size, with a pixel mask that keeps the padding out of attention, and the
+model's position embeddings are interpolated to each image's patch grid. Every patch is used
+(no ``max_image_len`` sampling).
 The caption is tokenized with the run's word tokenizer, or with BERT's WordPiece and the
 ``vocab.txt`` (``--vocab``, else the one beside the checkpoint, unless that is a ``train vilt``
 run's). Printed per image: the image-text matching head's probability that the caption
@@ -54,18 +59,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_image(path, size, channels, invert="auto", resample="auto"):
-    """One image file -> float64 array (channels, size, size) in [0, 1]. ``resample="auto"``:
-    BOX when shrinking, BICUBIC when enlarging; ``"bicubic"``: BICUBIC both ways."""
+def load_image(path, size, channels, invert="auto"):
+    """One image file -> float64 array (channels, size, size) in [0, 1], for ViT and Hybrid ViT
+    (digits). BOX resampling when shrinking, BICUBIC when enlarging."""
     import numpy as np
     from PIL import Image
 
     with Image.open(path) as im:
         im = im.convert("L" if channels == 1 else "RGB")
         # BOX averages every source pixel when shrinking (as the 8x8 digits were made, by
-        # counting ink in 4x4 blocks); BICUBIC when enlarging, and always for ViLT (as Hugging
-        # Face's ViLT image processor resizes).
-        big = resample == "auto" and (im.width > size or im.height > size)
+        # counting ink in 4x4 blocks).
+        big = im.width > size or im.height > size
         im = im.resize((size, size), Image.Resampling.BOX if big else Image.Resampling.BICUBIC)
         a = np.asarray(im, dtype=np.float64) / 255.0
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, S, S)
@@ -161,6 +165,68 @@ def vilt_tokenizer(model, meta, checkpoint, vocab=None):
     )
 
 
+# The longer side's cap, as a multiple of the shorter side: COCO's 1333:800, which the original
+# ViLT took from its object-detection ancestry (and Hugging Face's ViLT processor keeps).
+LONGER_PER_SHORTER = 1333 / 800
+
+
+def vilt_image_size(height: int, width: int, shorter: int, divisor: int) -> tuple[int, int]:
+    """The (height, width) ViLT resizes a height x width image to.
+
+    The shorter side becomes ``shorter``, the longer one keeps the aspect ratio but is capped
+    at ``int(shorter * 1333 / 800)`` (then the whole image shrinks in proportion); each side is
+    rounded to the nearest pixel, then down to a multiple of ``divisor`` (the patch size). This
+    is the rule of the original ViLT and of Hugging Face's ViLT processor (``size_divisor``
+    32 there, the patch size of the published models), to the same floating-point steps. Where
+    a very thin image would round a side down to nothing (the processor then fails), the side
+    keeps one ``divisor``.
+    """
+    if min(height, width) < 1:
+        raise ValueError(f"an image of {height}x{width} pixels has no pixels to read")
+    longest = int(LONGER_PER_SHORTER * shorter)
+    scale = shorter / min(height, width)
+    if height < width:
+        h, w = float(shorter), scale * width
+    else:
+        h, w = scale * height, float(shorter)
+    if max(h, w) > longest:
+        shrink = longest / max(h, w)
+        h, w = shrink * h, shrink * w
+    h, w = int(h + 0.5) // divisor * divisor, int(w + 0.5) // divisor * divisor
+    return max(h, divisor), max(w, divisor)
+
+
+def vilt_pixels(paths, shorter: int, divisor: int):
+    """Image files -> (pixels (n, 3, H, W) float64, pixel_mask (n, H, W) bool), as ViLT reads them.
+
+    Each image is converted to RGB and resized bicubically to :func:`vilt_image_size`, then
+    mapped from [0, 255] to [-1, 1] (ViLT's mean and std of 0.5). H and W are the largest
+    height and width in the batch: a smaller image fills the top left, zeros (mid-grey) the
+    rest, and its mask is False there.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from ..data.shapes import PIXEL_MEAN, PIXEL_STD
+
+    arrays = []
+    for path in paths:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            h, w = vilt_image_size(im.height, im.width, shorter, divisor)
+            im = im.resize((w, h), Image.Resampling.BICUBIC)
+            a = np.asarray(im, dtype=np.float64) / 255.0  # (h, w, 3)
+        arrays.append(((a - PIXEL_MEAN) / PIXEL_STD).transpose(2, 0, 1))
+    H = max(a.shape[1] for a in arrays)
+    W = max(a.shape[2] for a in arrays)
+    pixels = np.zeros((len(arrays), 3, H, W))
+    mask = np.zeros((len(arrays), H, W), dtype=bool)
+    for i, a in enumerate(arrays):
+        pixels[i, :, : a.shape[1], : a.shape[2]] = a
+        mask[i, : a.shape[1], : a.shape[2]] = True
+    return pixels, mask
+
+
 def match_and_fill(model, meta, tokenizer, images, caption, top=5):
     """Score ``caption`` against each image file with a ViLT.
 
@@ -173,7 +239,6 @@ def match_and_fill(model, meta, tokenizer, images, caption, top=5):
     import numpy as np
 
     from .. import ops
-    from ..data.shapes import PIXEL_MEAN, PIXEL_STD
     from ..models import vilt_heads
     from ..ops.softmax import softmax
 
@@ -185,14 +250,19 @@ def match_and_fill(model, meta, tokenizer, images, caption, top=5):
             "this checkpoint has no image-text matching head: write [MASK] in the caption "
             "where its MLM head should fill in a word"
         )
-    size, chans = model.img_size, model.in_chans
-    x = np.stack([load_image(p, size, chans, invert="no", resample="bicubic") for p in images])
-    x = ((x - PIXEL_MEAN) / PIXEL_STD).astype(model.dtype)
+    x, pixel_mask = vilt_pixels(images, model.img_size, model.patch_size)
     n = len(images)
     be = model.backend
     with ops.no_grad():
         batch_ids, batch_mask = np.repeat(ids[None], n, 0), np.repeat(mask[None], n, 0)
-        out = model.forward(be.asarray(batch_ids), be.asarray(batch_mask), be.asarray(x))
+        out = model.forward(
+            be.asarray(batch_ids),
+            be.asarray(batch_mask),
+            be.asarray(x.astype(model.dtype)),
+            be.asarray(pixel_mask),
+            interpolate_pos_encoding=True,
+            max_image_len=-1,  # every patch: no sampling at inference
+        )
         match = fills = None
         if "itm_score" not in missing:
             logits, _ = vilt_heads.itm_forward(out["pooled"], model.params)
