@@ -150,7 +150,13 @@ def split_prefix(tensors: dict, prefix: str) -> tuple[dict, dict]:
 
 def save_model(path, model, extra_tensors: dict | None = None, metadata: dict | None = None):
     """Save ``model.params`` (plus ``extra_tensors``, whose names must not clash) with the
-    model's class name and config in the metadata."""
+    model's class name and config in the metadata.
+
+    A model that :func:`load_model` read from weights without some of its heads (a Hugging Face
+    ViLT MLM checkpoint has no ITM head) carries their names in ``model.missing_heads``; they are
+    written as the metadata's ``"missing_heads"``, so that the saved file, loaded again, still
+    says those heads are random (``minivit predict`` leaves them out). ``metadata`` entries win
+    over these."""
     tensors = dict(model.state_dict())
     for k, v in (extra_tensors or {}).items():
         if k in tensors:
@@ -158,6 +164,9 @@ def save_model(path, model, extra_tensors: dict | None = None, metadata: dict | 
         tensors[k] = v
     meta = {"format": FORMAT, "model": type(model).__name__, "config": model.config}
     meta["dtype"] = model.dtype
+    missing = list(getattr(model, "missing_heads", None) or ())
+    if missing:
+        meta["missing_heads"] = missing
     meta.update(metadata or {})
     return save_checkpoint(path, tensors, meta)
 
@@ -228,6 +237,10 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
       ITM head) keep minivit's random initialisation; the metadata's ``"missing_heads"`` names
       them, so that a caller does not mistake them for trained ones.
 
+    The model's ``missing_heads`` attribute holds the same list (empty when no head is missing),
+    also for a minivit file that recorded one, so that :func:`save_model` writes it again: a
+    re-saved Hugging Face model keeps saying which heads are random.
+
     ``overrides`` replace config entries (e.g. drop_rate). For a foreign ViT file,
     ``img_size=...`` gives a model for another image size, its position embedding resampled like
     timm's ``resample_abs_pos_embed`` (bicubic, antialiased, CLS token kept). Returns
@@ -243,6 +256,7 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
         cfg = {**meta.get("config", {}), **overrides}
         model = classes[name](**cfg, dtype=dtype or meta.get("dtype", "float32"), backend=backend)
         load_weights_into(model, path)
+        model.missing_heads = list(meta.get("missing_heads", ()))  # re-saved (save_model)
         return model, meta
     from .convert import is_hf_vilt
 
@@ -302,5 +316,6 @@ def _load_hf_vilt(path, tensors, meta, hf, backend, dtype, num_heads, overrides)
     body = [k for k in missing if not k.startswith(heads)]
     if body:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks ViLT weights: {', '.join(body)}")
-    meta = dict(meta, missing_heads=sorted({k.split(".")[0] for k in missing}))
+    model.missing_heads = sorted({k.split(".")[0] for k in missing})  # kept by save_model
+    meta = dict(meta, missing_heads=list(model.missing_heads))
     return model, meta

@@ -132,3 +132,27 @@ def test_written_files_take_the_umask_like_a_plain_open(tmp_path):
     assert (ckpt.stat().st_mode & 0o777) == 0o644
     assert (meta.stat().st_mode & 0o777) == 0o644
     assert (private.stat().st_mode & 0o777) == 0o600
+
+
+@pytest.mark.oracle
+def test_a_resaved_hugging_face_vilt_keeps_its_missing_heads(tmp_path):
+    """A Hugging Face ViltForMaskedLM has no ITM head: load_model says so (missing_heads), and
+    a copy written by save_model, loaded again, must still say so (and so on, copy after copy),
+    or predict would run the randomly initialised head as if it were trained."""
+    from tests.test_predict_vilt import _hf_folder
+
+    _hf_folder(tmp_path / "hf")
+    model, meta = load_model(tmp_path / "hf" / "model.safetensors")
+    assert meta["missing_heads"] == ["itm_score"]
+    copy = save_model(tmp_path / "copy" / "checkpoint.safetensors", model)
+    assert read_metadata(copy)["missing_heads"] == ["itm_score"]
+    again, meta2 = load_model(copy)
+    assert meta2["missing_heads"] == ["itm_score"] and again.config == model.config
+    for k in model.params:
+        np.testing.assert_array_equal(again.params[k], model.params[k])
+    twice, meta3 = load_model(save_model(tmp_path / "twice.safetensors", again))
+    assert meta3["missing_heads"] == ["itm_score"]
+    # a model that lacks no head writes no missing_heads
+    full, _ = load_model(save_model(tmp_path / "full.safetensors", small()))
+    assert "missing_heads" not in read_metadata(tmp_path / "full.safetensors")
+    assert not full.missing_heads
