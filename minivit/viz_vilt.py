@@ -27,8 +27,8 @@ def alignment_plan(model, input_ids, text_mask, image):
     ids = be.asarray(np.asarray(input_ids)[None, :L])
     mask = be.asarray(np.asarray(text_mask, bool)[None, :L])
     img = be.asarray(np.asarray(image)[None], dtype=model.dtype)
-    with ops.no_grad():  # the features only: no cache kept
-        out = model.forward(ids, mask, img)
+    with ops.no_grad():  # the features only: no cache kept; every patch, so that the plan's
+        out = model.forward(ids, mask, img, max_image_len=-1)  # columns tile the grid
     tv, iv = H.wpa_valid_masks(out["text_mask"], out["image_mask"])
     _, cache = H.wpa_forward(out["text_feats"], out["image_feats"], tv, iv)
     plan = be.to_numpy(H.wpa_plan(cache))[0]  # (L, I)

@@ -464,14 +464,41 @@ def test_prefetch_workers_make_the_same_batches_as_inline():
     assert first.max() <= 7
 
 
-@pytest.mark.parametrize("dropout", [[], ["--drop-rate", "0.2"]], ids=["plain", "dropout"])
-def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, dropout):
+def run_interrupted(args, monkeypatch):
+    """Run ``train vilt`` with ``args`` and stop it by Ctrl-C in step 3: with ``--eval-every 2``
+    its checkpoint then holds step 2."""
+    from minivit.train import vilt as train_vilt
+
+    real, calls = H.pretrain_forward, []
+
+    def stops_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(H, "pretrain_forward", stops_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_vilt.run(args)
+    monkeypatch.setattr(H, "pretrain_forward", real)
+
+
+@pytest.mark.parametrize(
+    "option, off",
+    [
+        ([], None),
+        (["--drop-rate", "0.2"], ["--drop-rate", "0"]),
+        (["--max-image-len", "3"], ["--max-image-len", "-1"]),
+    ],
+    ids=["plain", "dropout", "patch-sampling"],
+)
+def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, option, off):
     """The checkpoint is written at every --eval-every check, so a run stopped by Ctrl-C goes
     on from its last check, in its own folder, to the parameters of a run never stopped; with
-    dropout too, since each step's masks come from a generator seeded by (seed, step)."""
+    dropout or patch sampling too, since each step's masks and samples come from a generator
+    seeded by (seed, step)."""
     from minivit.checkpoint import load_checkpoint
     from minivit.cli import build_parser
-    from minivit.models import vilt_heads
     from minivit.train import vilt as train_vilt
 
     def args_for(out, *extra):
@@ -480,23 +507,12 @@ def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, drop
                 "train", "vilt", "--steps", "4", "--batch-size", "8", "--mlm-batch-size", "4",
                 "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--eval-size", "16",
                 "--eval-every", "2", "--out", str(out), "--no-progress", "--dtype", "float64",
-                *dropout, *extra,
+                *option, *extra,
             ]
         )  # fmt: skip
 
     assert train_vilt.run(args_for(tmp_path / "whole")) == 0
-    real, calls = vilt_heads.pretrain_forward, []
-
-    def stops_at_step_3(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(vilt_heads, "pretrain_forward", stops_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train_vilt.run(args_for(tmp_path / "cut"))
-    monkeypatch.setattr(vilt_heads, "pretrain_forward", real)
+    run_interrupted(args_for(tmp_path / "cut"), monkeypatch)
     ckpt = tmp_path / "cut" / "checkpoint.safetensors"
     assert ckpt.exists()  # written at step 2
     elsewhere = ["--out", str(tmp_path / "elsewhere")]
@@ -511,8 +527,7 @@ def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, drop
     assert set(whole) == set(resumed)
     for k in whole:
         np.testing.assert_allclose(resumed[k], whole[k], rtol=0, atol=1e-12, err_msg=k)
-    if dropout:  # the dropout was on, and changed the training
-        plain = train_vilt.run(args_for(tmp_path / "plain", "--drop-rate", "0"))
-        assert plain == 0
+    if off:  # the option was on, and changed the training
+        assert train_vilt.run(args_for(tmp_path / "plain", *off)) == 0
         other, _ = load_checkpoint(tmp_path / "plain" / "checkpoint.safetensors")
         assert any(not np.array_equal(other[k], whole[k]) for k in whole)

@@ -212,7 +212,7 @@ def vars_for_json(args, drop=("resume", "out", "no_progress")) -> dict:
     }
 
 
-def saved_recipe(ckpt, args, local, model_class, command) -> dict:
+def saved_recipe(ckpt, args, local, model_class, command, added=None) -> dict:
     """The recipe a ``--resume`` continues: the options saved in the training checkpoint
     ``ckpt``, which must hold a ``model_class``.
 
@@ -221,6 +221,10 @@ def saved_recipe(ckpt, args, local, model_class, command) -> dict:
     not silently dropped (``--lr 0.01`` on a resume used to be ignored without a word). Options
     left at their defaults are not "given"; ``local`` names the options a resume may change
     (threads, backend, where the output goes), which are neither saved nor checked.
+
+    ``added`` maps options added after some runs were saved to what those runs did (e.g.
+    ``{"max_image_len": -1}``): a recipe without the option reads as having that value, so the
+    run resumes with it, and another value given on this command line is a clash like any other.
     """
     from ..checkpoint import read_metadata
 
@@ -235,7 +239,7 @@ def saved_recipe(ckpt, args, local, model_class, command) -> dict:
     saved = meta.get("train", {}).get("args")
     if not saved:
         raise ValueError(f"{str(ckpt)!r} is not a training checkpoint (no saved args)")
-    saved = {k: v for k, v in saved.items() if k not in local}
+    saved = {k: v for k, v in {**(added or {}), **saved}.items() if k not in local}
     parser = getattr(args, "_parser", None)  # set by the command line (minivit/cli.py)
     options = vars_for_json(args, drop=local) if parser is not None else {}
     given = {k: v for k, v in options.items() if v != parser.get_default(k)}

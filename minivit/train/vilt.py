@@ -18,7 +18,9 @@ held-out set keeps BERT-style half-hard negatives) and ``--mlm-batch-size`` MLM 
 pairs, captions BERT-masked), as the original's two forwards but in one batch; AdamW with a
 linear warmup and a cosine decay; scenes of one to three objects from the start (an optional
 curriculum, ``--curriculum A,B``, shows simpler scenes first: it left ITM at chance for longer);
-the next batches are made by a forked worker (``--workers``) while the model computes.
+the next batches are made by a forked worker (``--workers``) while the model computes. A training
+forward sees every patch of each image unless ``--max-image-len K`` samples K of them, as the
+original's ``max_image_len``; the held-out checks always see every patch.
 """
 
 from __future__ import annotations
@@ -52,6 +54,22 @@ COMMAND = "minivit train vilt"
 # Options a --resume may change: how the run is carried out, not what it computes (float32
 # rounding aside: another thread count or backend rounds differently).
 LOCAL = ("resume", "out", "no_progress", "backend", "threads", "workers")
+# Options added after runs were saved, with what a run saved before them did: its recipe reads
+# as if it had them (saved_recipe), so a resume keeps that, and refuses another value.
+ADDED = {"max_image_len": -1}
+
+
+def patch_count(text) -> int:
+    """An argparse type: -1 (every patch) or a positive number of patches per image."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value != -1 and value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be -1 (every patch) or a number of patches of at least 1, got {value}"
+        )
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +109,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--num-heads", type=int, default=4)
     a("--mlp-ratio", type=float, default=2.0)
     a("--max-text-len", type=int, default=16)
+    a(
+        "--max-image-len",
+        type=patch_count,
+        default=-1,
+        metavar="K",
+        help="patches per image in each training step: a seeded random sample of K (valid "
+        "patches first), as the original's max_image_len (200 in its pre-training); -1 "
+        "(default), or a K of at least the patch count, keeps every patch. The held-out "
+        "evaluation always uses every patch",
+    )
     a(
         "--drop-rate",
         type=float,
@@ -195,6 +223,7 @@ def heldout(data, n):
 
 
 def _forward_chunks(model, be, ids, mask, images, chunk=256):
+    # every patch, whatever the model's max_image_len: held-out figures stay comparable
     from .. import ops
 
     outs = []
@@ -205,13 +234,15 @@ def _forward_chunks(model, be, ids, mask, images, chunk=256):
                 be.asarray(ids[s : s + chunk, :L]),
                 be.asarray(mask[s : s + chunk, :L]),
                 be.asarray(images[s : s + chunk], dtype=model.dtype),
+                max_image_len=-1,
             )
         outs.append((s, L, out))
     return outs
 
 
 def evaluate(model, data, itm_set, mlm_set, n=None):
-    """ITM accuracy on held-out pairs and MLM accuracy on held-out masked content words.
+    """ITM accuracy on held-out pairs and MLM accuracy on held-out masked content words, with
+    every patch of each image (the model's ``max_image_len`` samples in training only).
 
     Returns dict(itm_acc, mlm_acc, mlm_acc_all (every masked token), itm_acc_by_change (hard
     negatives by the attribute they changed: colour, shape, size, relation), itm_acc_hard (hard
@@ -300,6 +331,9 @@ def build(args):
         backend=args.backend,
         seed=args.seed,
         drop_rate=getattr(args, "drop_rate", 0.0),  # a recipe saved before the option: none
+        # patches kept per image in a training forward (the config records it; evaluation
+        # passes -1); a recipe saved before the option kept all
+        max_image_len=getattr(args, "max_image_len", -1),
     )
     return data, model
 
@@ -560,7 +594,9 @@ def run(args) -> int:
     from ..viz_vilt import alignment_figure
 
     if args.resume:  # the recipe is the run's own (before the model is built from it)
-        recipe = saved_recipe(resolve_checkpoint(args.resume), args, LOCAL, "ViLT", COMMAND)
+        recipe = saved_recipe(
+            resolve_checkpoint(args.resume), args, LOCAL, "ViLT", COMMAND, added=ADDED
+        )
         args = argparse.Namespace(**{**vars(args), **recipe})
     pool_threads = _parallel.get_num_threads()
     limiter = _limit_threads(args.threads)
