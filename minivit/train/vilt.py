@@ -56,7 +56,8 @@ COMMAND = "minivit train vilt"
 LOCAL = ("resume", "out", "no_progress", "backend", "threads", "workers")
 # Options added after runs were saved, with what a run saved before them did: its recipe reads
 # as if it had them (saved_recipe), so a resume keeps that, and refuses another value.
-ADDED = {"drop_rate": 0.0, "relation_share": None, "max_image_len": -1}
+# (--relation-share predates --resume: every saved recipe has it.)
+ADDED = {"drop_rate": 0.0, "max_image_len": -1}
 
 
 def patch_count(text) -> int:
