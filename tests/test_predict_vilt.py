@@ -252,6 +252,59 @@ def test_vilt_pixels_are_those_of_the_hugging_face_processor(tmp_path):
 
 
 @pytest.mark.oracle
+def test_transparency_and_greyscale_are_read_as_hugging_face_reads_them(tmp_path):
+    """Transparent pixels lie on white (transformers' convert_to_rgb), whatever colour they
+    hold; a greyscale image becomes three equal channels."""
+    pytest.importorskip("transformers")
+    from PIL import Image
+    from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
+
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, (40, 56, 4), dtype=np.uint8)
+    rgba[:10, :, 3] = 0  # fully transparent rows over random (hidden) colours
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    pal = Image.fromarray(rng.integers(0, 8, (36, 36), dtype=np.uint8), "P")
+    pal.putpalette(rng.integers(0, 256, 8 * 3, dtype=np.uint8).tolist())
+    pal.save(tmp_path / "pal.png", transparency=3)  # palette entry 3 is transparent
+    Image.fromarray(rng.integers(0, 256, (48, 30), dtype=np.uint8), "L").save(tmp_path / "l.png")
+    paths = [tmp_path / "rgba.png", tmp_path / "pal.png", tmp_path / "l.png"]
+    processor = ViltImageProcessorPil(
+        size={"shortest_edge": 32}, size_divisor=8, do_convert_rgb=True
+    )
+    ref = processor([Image.open(p) for p in paths], return_tensors="np")
+    x, m = vilt_pixels(paths, 32, 8)
+    np.testing.assert_array_equal(m, ref["pixel_mask"] == 1)
+    np.testing.assert_allclose(x, ref["pixel_values"], rtol=0, atol=1e-6)
+    assert (x[0, :, :4] == 1.0).all()  # the transparent top is white
+    assert (x[2, 0] == x[2, 1]).all() and (x[2, 1] == x[2, 2]).all()
+
+
+def test_photos_are_read_upright_and_16_bit_images_keep_their_contrast(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    upright = rng.integers(0, 256, (70, 30, 3), dtype=np.uint8)  # a portrait photo
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    # as a phone stores it: sideways (rotated a quarter turn), with EXIF orientation 6 ("rotate
+    # 90 degrees clockwise to view")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(upright, 1)).save(tmp_path / "sideways.png", exif=exif)
+    x, _ = vilt_pixels([tmp_path / "sideways.png"], 32, 8)
+    np.testing.assert_array_equal(x, vilt_pixels([tmp_path / "upright.png"], 32, 8)[0])
+    assert x.shape == (1, 3, 48, 16)  # 70 x 30: portrait, not landscape
+
+    wide = rng.integers(0, 65536, (24, 40), dtype=np.uint16)
+    Image.fromarray(wide).save(tmp_path / "16bit.png")  # mode I;16
+    Image.fromarray((wide >> 8).astype(np.uint8), "L").save(tmp_path / "8bit.png")
+    for channels in (1, 3):
+        got = vilt_pixels([tmp_path / "16bit.png"], 32, 8, channels)[0]
+        want = vilt_pixels([tmp_path / "8bit.png"], 32, 8, channels)[0]
+        assert got.shape[1] == channels and got.std() > 0.3  # not clipped to white
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.oracle
 @settings(max_examples=300, deadline=None)
 @given(
     hw=st.tuples(st.integers(1, 3000), st.integers(1, 3000)),

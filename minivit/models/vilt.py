@@ -71,7 +71,9 @@ class ViLT(Model):
         seed: seeds the initialisation (drawn on the host) and the patch-sampling generator.
         max_image_len: keyword only; if > 0, forward keeps at most this many patches per image,
             sampled with the model's seeded generator (the original samples too, but here the
-            default -1 keeps every patch, in row-major order, so outputs are deterministic).
+            default -1 keeps every patch, in row-major order, so outputs are deterministic). It
+            samples in every forward, inference included, as the original and Hugging Face do;
+            ``forward(..., max_image_len=-1)`` keeps every patch for one call.
         num_vqa_labels: keyword only; > 0 adds the VQA classifier head ``vqa_classifier.*``.
         drop_rate: keyword only; dropout in training (``forward(..., train=True)``) where the
             original has it (its ``drop_rate``, 0.1 there; 0 here by default): after the text

@@ -3,6 +3,9 @@
 A ViT or Hybrid ViT checkpoint gives class probabilities; a ViLT checkpoint scores a caption
 (``--caption``) against each image (below). Images are read with Pillow.
 
+Every image file is read upright (its EXIF orientation applied), with transparency laid onto
+white and 16-bit greyscale brought to 8 bits (:func:`open_image`).
+
 ViT and Hybrid ViT: each image is converted to the model's channels (grayscale "L" for one,
 "RGB" for three), resized to the model's input size and scaled to [0, 1]. The digits the model
 learned from are bright ink on a dark background, so a picture with a bright background (a
@@ -14,9 +17,10 @@ ViLT (a ``train vilt`` run, or Hugging Face ViLT weights: a ``model.safetensors`
 ``config.json`` and ``vocab.txt`` beside it): each image is prepared as the original ViLT and
 Hugging Face's ``ViltProcessor`` prepare it (:func:`vilt_image_size`, :func:`vilt_pixels`):
 converted to RGB, resized with bicubic interpolation so that its shorter side is the model's
-``img_size`` (384 for the published models) and its aspect ratio is kept (the longer side at
-most 1333/800 of the shorter), both sides rounded down to a multiple of the patch size, and
-normalised with ViLT's mean and std of 0.5. Images of different sizes are padded at the bottom
+``img_size`` (384 for the published models) and its aspect ratio is kept (where the longer
+side would then exceed 1333/800 of that, both shrink in proportion until it does not), both
+sides rounded down to a multiple of the patch size, and normalised with ViLT's mean and std
+of 0.5. Images of different sizes are padded at the bottom
 and right to a common size, with a pixel mask that keeps the padding out of attention, and the
 model's position embeddings are interpolated to each image's patch grid. Every patch is used
 (no ``max_image_len`` sampling).
@@ -59,19 +63,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+# PIL modes of 16- and 32-bit integer greyscale (16-bit PNGs, TIFFs): PIL's own conversion to
+# "L" or "RGB" clips them, which turns nearly every pixel of a 16-bit image white
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def open_image(path, mode):
+    """An image file as a PIL image in ``mode`` ("RGB" or "L"), the way a viewer shows it:
+
+    - turned upright by its EXIF orientation tag (a phone's portrait photo is stored sideways);
+    - transparency laid onto white (as Hugging Face's ``convert_to_rgb`` does): PIL's plain
+      conversion would show whatever colour the transparent pixels happen to hold;
+    - 16-bit greyscale kept to its top 8 bits (PIL would clip it to white).
+    """
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as f:
+        im = ImageOps.exif_transpose(f)  # a loaded copy, upright
+    if im.mode in _WIDE_GREY:
+        a = np.asarray(im, dtype=np.int64) >> 8
+        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    return im.convert(mode)
+
+
 def load_image(path, size, channels, invert="auto"):
     """One image file -> float64 array (channels, size, size) in [0, 1], for ViT and Hybrid ViT
-    (digits). BOX resampling when shrinking, BICUBIC when enlarging."""
+    (digits). Read with :func:`open_image`; BOX resampling when shrinking, BICUBIC when
+    enlarging."""
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        # BOX averages every source pixel when shrinking (as the 8x8 digits were made, by
-        # counting ink in 4x4 blocks).
-        big = im.width > size or im.height > size
-        im = im.resize((size, size), Image.Resampling.BOX if big else Image.Resampling.BICUBIC)
-        a = np.asarray(im, dtype=np.float64) / 255.0
+    im = open_image(path, "L" if channels == 1 else "RGB")
+    # BOX averages every source pixel when shrinking (as the 8x8 digits were made, by counting
+    # ink in 4x4 blocks).
+    big = im.width > size or im.height > size
+    im = im.resize((size, size), Image.Resampling.BOX if big else Image.Resampling.BICUBIC)
+    a = np.asarray(im, dtype=np.float64) / 255.0
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, S, S)
     if invert == "yes" or (invert == "auto" and _border_mean(a) > 0.5):
         a = 1.0 - a
@@ -196,30 +227,31 @@ def vilt_image_size(height: int, width: int, shorter: int, divisor: int) -> tupl
     return max(h, divisor), max(w, divisor)
 
 
-def vilt_pixels(paths, shorter: int, divisor: int):
-    """Image files -> (pixels (n, 3, H, W) float64, pixel_mask (n, H, W) bool), as ViLT reads them.
+def vilt_pixels(paths, shorter: int, divisor: int, channels: int = 3):
+    """Image files -> (pixels (n, C, H, W) float64, pixel_mask (n, H, W) bool), as ViLT reads them.
 
-    Each image is converted to RGB and resized bicubically to :func:`vilt_image_size`, then
-    mapped from [0, 255] to [-1, 1] (ViLT's mean and std of 0.5). H and W are the largest
-    height and width in the batch: a smaller image fills the top left, zeros (mid-grey) the
-    rest, and its mask is False there.
+    Each image is read with :func:`open_image` (RGB, or greyscale for a one-channel model) and
+    resized bicubically to :func:`vilt_image_size`, then mapped from [0, 255] to [-1, 1]
+    (ViLT's mean and std of 0.5). H and W are the largest height and width in the batch: a
+    smaller image fills the top left, zeros (mid-grey) the rest, and its mask is False there.
     """
     import numpy as np
     from PIL import Image
 
     from ..data.shapes import PIXEL_MEAN, PIXEL_STD
 
+    if channels not in (1, 3):
+        raise ValueError(f"images are read as RGB or greyscale, not with {channels} channels")
     arrays = []
     for path in paths:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            h, w = vilt_image_size(im.height, im.width, shorter, divisor)
-            im = im.resize((w, h), Image.Resampling.BICUBIC)
-            a = np.asarray(im, dtype=np.float64) / 255.0  # (h, w, 3)
+        im = open_image(path, "RGB" if channels == 3 else "L")
+        h, w = vilt_image_size(im.height, im.width, shorter, divisor)
+        im = im.resize((w, h), Image.Resampling.BICUBIC)
+        a = np.asarray(im, dtype=np.float64).reshape(h, w, channels) / 255.0
         arrays.append(((a - PIXEL_MEAN) / PIXEL_STD).transpose(2, 0, 1))
     H = max(a.shape[1] for a in arrays)
     W = max(a.shape[2] for a in arrays)
-    pixels = np.zeros((len(arrays), 3, H, W))
+    pixels = np.zeros((len(arrays), channels, H, W))
     mask = np.zeros((len(arrays), H, W), dtype=bool)
     for i, a in enumerate(arrays):
         pixels[i, :, : a.shape[1], : a.shape[2]] = a
@@ -250,7 +282,7 @@ def match_and_fill(model, meta, tokenizer, images, caption, top=5):
             "this checkpoint has no image-text matching head: write [MASK] in the caption "
             "where its MLM head should fill in a word"
         )
-    x, pixel_mask = vilt_pixels(images, model.img_size, model.patch_size)
+    x, pixel_mask = vilt_pixels(images, model.img_size, model.patch_size, model.in_chans)
     n = len(images)
     be = model.backend
     with ops.no_grad():
