@@ -372,3 +372,18 @@ def test_minivit_bench_dispatches_to_the_timed_run_the_profile_or_perf(monkeypat
         ("profile", 2),
         ("perf", ["--models", "vit_tiny_patch16_224", "--steps", "2"]),
     ]
+
+
+def test_gil_cost_times_one_thread_and_shared_calls(capsys):
+    from benchmarks import gil_cost
+
+    rows = gil_cost.measure([600, 4096], calls=200, threads=2, repeats=1)
+    assert [r["size"] for r in rows] == [600, 4096]
+    for r in rows:
+        assert r["one_thread_us"] > 0 and r["shared_us"] > 0
+        assert r["extra_us"] == pytest.approx(r["shared_us"] - r["one_thread_us"])
+    assert gil_cost.main(["--sizes", "700", "--calls", "50", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| float32 elements") and lines[2].startswith("| 700 |")
+    with pytest.raises(SystemExit):
+        gil_cost.main(["--threads", "1"])
