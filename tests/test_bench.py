@@ -387,3 +387,19 @@ def test_gil_cost_times_one_thread_and_shared_calls(capsys):
     assert lines[0].startswith("| float32 elements") and lines[2].startswith("| 700 |")
     with pytest.raises(SystemExit):
         gil_cost.main(["--threads", "1"])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="shard_contention.py forks a worker")
+def test_shard_contention_times_threads_processes_and_one_half(capsys):
+    from benchmarks import shard_contention
+
+    tiny = dict(img_size=32, depth=1, embed_dim=32, num_heads=2, num_classes=5)
+    times, diff = shard_contention.measure(batch=4, repeats=2, gap=0.0, log=lambda *a: None,
+                                           **tiny)  # fmt: skip
+    assert list(times) == list(shard_contention.WAYS)
+    assert all(len(v) == 2 and min(v) > 0 for v in times.values())
+    assert diff < 1e-5  # the worker's gradients are the threads' sums, to float32 rounding
+    text = shard_contention.table(times, diff, "tiny", 4)
+    assert "| processes |" in text and "max abs difference" in text
+    with pytest.raises(ValueError, match="even"):
+        shard_contention.measure(batch=3, **tiny)
