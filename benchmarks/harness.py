@@ -563,6 +563,7 @@ def environment_info(cfg: BenchConfig) -> dict:
 
     info["minivit_threads"] = _parallel.get_num_threads()
     info["minivit_batch_shards"] = sharding.enabled()
+    info["minivit_shard_mode"] = sharding.mode()  # threads, processes or off
     torch = _import_torch() if cfg.torch else None
     if torch is not None:
         info["torch"] = torch.__version__

@@ -81,6 +81,19 @@ def in_block() -> bool:
     return getattr(_local, "in_block", False)
 
 
+@contextmanager
+def inline():
+    """Run the body as a block runs: parallel work started inside it (the fast paths' blocks,
+    a nested sharded forward) runs inline on this thread. For a batch shard that runs here
+    while worker processes hold the other cores (``minivit/models/shard_workers.py``)."""
+    prev = in_block()
+    _local.in_block = True
+    try:
+        yield
+    finally:
+        _local.in_block = prev
+
+
 def available_threads() -> int:
     """The threads a call made here may split its work over: the pool's thread count, or 1
     inside a block (where any split would run inline, one piece after the other)."""

@@ -217,7 +217,8 @@ class Switch:
     "0", "false" or "no" (``MINIVIT_FAST``, ``MINIVIT_KERNELS``); ``set`` changes it."""
 
     def __init__(self, env: str):
-        self.on = os.environ.get(env, "1").lower() not in ("0", "false", "no")
+        self.raw = os.environ.get(env, "1").lower()  # the variable's text, for richer settings
+        self.on = self.raw not in ("0", "false", "no")
 
     def set(self, flag: bool) -> bool:
         """Turn the path on or off; returns the previous setting."""

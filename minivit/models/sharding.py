@@ -37,6 +37,13 @@ and keeps its own cache and gradients. After a sharded forward the model's ``_ca
 run in the gradient mode of the thread that called the forward (``ops.no_grad()`` is per
 thread). Under ``no_grad()`` the decorated forward keeps no cache, whole or sharded: a model's
 forward just stores its cache, and the decorator drops it.
+
+Threads or processes: with threads, every NumPy call of a shard gives up the GIL for its loop
+and must take it back afterwards, which often means waiting for the other shard's Python
+(2-6% of the ViT-Ti step on the 2-core AVX2 host, benchmarks/shard_contention.py). With
+``MINIVIT_SHARD=processes`` (or :func:`set_mode`) the first shard runs in the calling thread and
+every other one in a worker process forked for the model (``shard_workers.py``): same results,
+no shared GIL, at the price of a fork per model and a copy of the parameters per forward.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from collections.abc import Sequence
 from .. import _parallel
 from ..backend import Switch
 from ..ops import grad_enabled, set_grad_enabled
+from . import shard_workers
 
 __all__ = [
     "ShardedRun",
@@ -62,19 +70,49 @@ __all__ = [
     "join",
     "enabled",
     "set_enabled",
+    "mode",
+    "set_mode",
+    "MODES",
 ]
 
 _SWITCH = Switch("MINIVIT_SHARD")
+# where the shards after the first run: "threads" (this process) or "processes" (workers,
+# minivit/models/shard_workers.py); MINIVIT_SHARD=processes chooses the second
+_WHERE = {"value": "processes" if _SWITCH.raw in ("process", "processes") else "threads"}
+MODES = ("threads", "processes", "off")
 
 
 def enabled() -> bool:
-    """Whether batch shards may be used (``MINIVIT_SHARD`` unset or not "0")."""
+    """Whether batch shards may be used (``MINIVIT_SHARD`` unset or not "0"), on threads or in
+    processes (:func:`mode`)."""
     return _SWITCH.on
 
 
 def set_enabled(flag: bool) -> bool:
-    """Turn batch shards on or off; returns the previous setting (tests and benchmarks)."""
+    """Turn batch shards on or off; returns the previous setting (tests and benchmarks). On
+    again, they run where they ran before (:func:`mode`)."""
     return _SWITCH.set(flag)
+
+
+def mode() -> str:
+    """ "threads", "processes" or "off": where the shards after the first run, if anywhere."""
+    return _WHERE["value"] if _SWITCH.on else "off"
+
+
+def set_mode(value: str) -> str:
+    """Set :func:`mode`; returns the previous one. "processes" needs ``os.fork`` (Linux,
+    macOS); see ``minivit/models/shard_workers.py`` for what it does and costs."""
+    from . import shard_workers
+
+    if value not in MODES:
+        raise ValueError(f"the shard mode must be one of {', '.join(MODES)}, got {value!r}")
+    if value == "processes" and not shard_workers.available():
+        raise RuntimeError("shards in processes need os.fork, which this platform lacks")
+    prev = mode()
+    _SWITCH.set(value != "off")
+    if value != "off":
+        _WHERE["value"] = value
+    return prev
 
 
 # Set while a decorated forward runs whole on this thread: a decorated forward it calls (ViT's
@@ -226,6 +264,40 @@ def _run(calls):
     return results
 
 
+def _run_beside_workers(local, remotes, start, finish):
+    """Shard 0 here (``local()``), the others in their workers: ``start(remote)`` sends one its
+    request and ``finish(remote)`` takes its reply. Returns the results in shard order, or
+    raises the first failure once every worker has answered. If this process is interrupted
+    (or its own shard fails) while workers compute, they are stopped: their replies would be
+    out of step with the next request (the next call forks new ones)."""
+    started = []
+    try:
+        for r in remotes:
+            start(r)
+            started.append(r)
+        # the workers have the other cores: BLAS and the fast paths keep to this thread
+        with _parallel.blas_single_threaded(), _parallel.inline():
+            results = [local()]
+    except BaseException:
+        for r in started:
+            r.worker.stop(kill=True)
+        raise
+    first_error = None
+    for i, r in enumerate(remotes):
+        try:
+            results.append(finish(r))
+        except Exception as exc:  # the worker's own error: it has answered, the others next
+            first_error = first_error or exc
+            results.append(None)
+        except BaseException:  # interrupted while waiting: the rest may still be computing
+            for other in remotes[i:]:
+                other.worker.stop(kill=True)
+            raise
+    if first_error is not None:
+        raise first_error
+    return results
+
+
 def sharded_forward(batched, check=None):
     """Decorator of a model's forward: ``batched`` names the arguments that carry the batch
     (their first axis); all other arguments go to every shard unchanged. ``check(model, args)``
@@ -245,6 +317,7 @@ def sharded_forward(batched, check=None):
     def decorate(method):
         signature = inspect.signature(method)
         whole = _parallel.pool_only()(method)
+        key = shard_workers.register(method)
 
         @functools.wraps(method)
         def forward(self, *args, **kwargs):
@@ -289,7 +362,22 @@ def sharded_forward(batched, check=None):
                 return run
 
             try:
-                outs = _run([call(sh, s, e) for sh, (s, e) in zip(shards, bounds)])
+                if mode() == "processes":  # shard 0 here, the others in worker processes
+                    workers = shard_workers.workers_for(self, len(bounds) - 1)
+                    shards[1:] = [shard_workers.RemoteShard(w) for w in workers]
+
+                    def part(i):
+                        s, e = bounds[i]
+                        return {k: take(v, s, e) if k in batched else v for k, v in named.items()}
+
+                    outs = _run_beside_workers(
+                        call(shards[0], *bounds[0]),
+                        shards[1:],
+                        lambda r: r.start_forward(key, part(shards.index(r)), keep),
+                        lambda r: r.finish_forward(),
+                    )
+                else:
+                    outs = _run([call(sh, s, e) for sh, (s, e) in zip(shards, bounds)])
             except BaseException:
                 self._drop_cache("forward_failed")
                 raise
@@ -310,6 +398,7 @@ def sharded_backward(method):
     parameter gradients are summed over the shards into ``self.grads`` and the input gradients
     (if any) are joined along the batch axis. After a whole forward it runs whole."""
     whole = _parallel.pool_only()(method)
+    key = shard_workers.register(method)
 
     @functools.wraps(method)
     def backward(self, grad, **options):
@@ -347,7 +436,18 @@ def sharded_backward(method):
         def call(shard, s, e):  # shard's backward on samples s:e, to run on a thread
             return lambda: method(shard, take(grad, s, e), **options)
 
-        outs = _run([call(sh, s, e) for sh, (s, e) in zip(run.shards, run.bounds)])
+        remotes = [sh for sh in run.shards if isinstance(sh, shard_workers.RemoteShard)]
+        if remotes:  # shard 0 here, the others in the workers that ran their forward
+            outs = _run_beside_workers(
+                call(run.shards[0], *run.bounds[0]),
+                remotes,
+                lambda r: r.start_backward(
+                    key, take(grad, *run.bounds[run.shards.index(r)]), options
+                ),
+                lambda r: r.finish_backward(),
+            )
+        else:
+            outs = _run([call(sh, s, e) for sh, (s, e) in zip(run.shards, run.bounds)])
         self.grads = sum_grads([sh.grads for sh in run.shards], list(self.params))
         for shard in run.shards:  # the total lives in self.grads; drop the per-shard copies
             shard.grads = {}

@@ -1,0 +1,312 @@
+"""Batch shards in worker processes: the shards of ``sharding.py`` without a shared GIL.
+
+``MINIVIT_SHARD=processes`` (or ``sharding.set_mode("processes")``) runs every shard but the
+first in a worker process of its own; the first runs in the calling thread, as before. Why:
+with threads, each NumPy call gives up the GIL for its loop and must take it back afterwards,
+and with two threads it often waits for the other one to finish running Python. On the 2-core
+AVX2 host that cost the ViT-Ti/16 batch-8 train step 2-6% (benchmarks/shard_contention.py;
+benchmarks/README.md). A process has an interpreter of its own, so its shard never waits.
+
+How, for one model:
+
+- **Workers** are forked (``os.fork``) the first time the model runs sharded in this mode, one
+  per extra shard, and live until the model is garbage-collected or the interpreter exits.
+  A fork copies the whole process, so a worker starts with a replica of the model: the same
+  class, configuration and attributes. If any of those change later (a plain attribute such as
+  ``max_image_len``, the parameter names or shapes), the next sharded call stops the workers
+  and forks new ones.
+- **Parameters** live in memory that the parent and its workers all map (an anonymous shared
+  mapping made before the fork). Before every sharded forward the parent copies the model's
+  current parameters into it, so an optimizer step, a loaded checkpoint or a parameter
+  replaced by assignment all reach the workers. The copy costs a pass over the parameters (23
+  MB for ViT-Ti, about 1% of its step on 2 cores). Nothing of the caller's is rebound.
+- **Inputs and outputs** of a shard (its slice of the batch, its output, the gradient sent to
+  its backward, its input gradient) go over a pipe, pickled; the **parameter gradients** come
+  back through a second shared mapping per worker and are summed as the threads' are.
+- **The cache** of a worker's shard stays in the worker, between its forward and backward; the
+  parent's ``ShardedRun`` holds a :class:`RemoteShard` in its place.
+- **Errors**: an exception in a worker is sent back and raised in the caller, with the
+  worker's traceback added as a note; the worker keeps serving. If the caller is interrupted
+  while a worker computes (Ctrl-C), or the worker dies, the model's workers are stopped and
+  the next call forks new ones. Workers ignore Ctrl-C themselves (the parent decides) and are
+  killed by the kernel if the parent dies (Linux).
+
+Only NumPy models run sharded at all (``sharding.shard_bounds``), and this mode needs
+``os.fork`` (Linux, macOS). Results are those of thread shards, to the same rounding: each
+shard runs the same code on the same samples.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import ctypes
+import mmap
+import os
+import pickle
+import signal
+import traceback
+import warnings
+import weakref
+
+import numpy as np
+
+from .. import _parallel
+
+__all__ = ["available", "register", "RemoteShard", "workers_for", "stop_all"]
+
+# the undecorated forward and backward methods, by name: a worker is told which one to run
+# (a decorated method's function cannot be pickled by reference: the class holds the wrapper)
+_METHODS: dict = {}
+
+# id(model) -> _Pool, for the models that have workers
+_POOLS: dict = {}
+
+
+def available() -> bool:
+    """Whether worker processes can be made here (``os.fork`` exists)."""
+    return hasattr(os, "fork")
+
+
+def register(method) -> str:
+    """Record an undecorated model method under a name a worker can look up; returns it."""
+    key = f"{method.__module__}.{method.__qualname__}"
+    _METHODS[key] = method
+    return key
+
+
+def _shared(shape, dtype):
+    """A zeroed array in an anonymous shared mapping (seen by processes forked afterwards)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    nbytes = max(count * np.dtype(dtype).itemsize, 1)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=count).reshape(shape)
+
+
+def _fingerprint(model):
+    """What a worker's replica must agree with: the class, the parameter names, shapes and
+    dtypes, and every plain public attribute (the configuration among them)."""
+    plain = (bool, int, float, str, type(None))
+    attrs = tuple(
+        sorted(
+            (k, v)
+            for k, v in vars(model).items()
+            if not k.startswith("_")
+            and (
+                isinstance(v, plain)
+                or (isinstance(v, tuple) and all(isinstance(x, plain) for x in v))
+            )
+        )
+    )
+    params = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in model.params.items())
+    return (type(model), params, attrs)
+
+
+def _die_with_parent():
+    """Linux: have the kernel kill this process when its parent exits (prctl PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pipe's end-of-file still stops it
+        pass
+
+
+class _Worker:
+    """One forked process serving one shard of one model."""
+
+    def __init__(self, model, slots, pool_conns):
+        import multiprocessing
+
+        self.grads = {k: _shared(v.shape, v.dtype) for k, v in slots.items()}
+        self.conn, child = multiprocessing.Pipe()
+        with warnings.catch_warnings():  # Python 3.12 warns about forking a threaded process:
+            warnings.simplefilter("ignore", DeprecationWarning)  # the child uses no thread
+            pid = os.fork()
+        if pid == 0:  # the worker: serve, then leave without running the parent's exit hooks
+            code = 0
+            try:
+                self.conn.close()
+                for c in pool_conns:  # the parent's ends of the other workers' pipes
+                    c.close()
+                _serve(model, child, slots, self.grads)
+            except BaseException:  # noqa: BLE001 (a crash of the loop itself: say it, leave)
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        child.close()
+        self.pid = pid
+        self.alive = True
+
+    def send(self, *msg):
+        self.conn.send(msg)
+
+    def receive(self):
+        """The reply to the last request: its value, or the worker's exception raised here."""
+        try:
+            kind, value, text = self.conn.recv()
+        except EOFError:
+            self.alive = False
+            raise RuntimeError(
+                f"a shard worker process (pid {self.pid}) died; the model's workers are "
+                "restarted at its next sharded call"
+            ) from None
+        if kind == "ok":
+            return value
+        if isinstance(value, BaseException):
+            value.add_note(f"raised in the shard worker process {self.pid}:\n{text}")
+            raise value
+        raise RuntimeError(f"in the shard worker process {self.pid}:\n{text}")
+
+    def stop(self, kill=False):
+        if not self.alive:
+            return
+        self.alive = False
+        try:
+            if kill:
+                os.kill(self.pid, signal.SIGKILL)
+            else:
+                self.conn.send(("stop",))
+        except OSError:  # already gone
+            pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        self.conn.close()
+
+
+def _serve(model, conn, slots, grads):
+    """The worker's loop: run the forward and backward of its shard when asked."""
+    from threadpoolctl import threadpool_limits
+
+    from ..ops import set_grad_enabled
+    from . import sharding
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with_parent()
+    _parallel.set_num_threads(1)  # the parent's pool threads do not exist here
+    sharding.set_mode("off")  # a nested decorated call runs whole
+    limits = threadpool_limits(1)  # noqa: F841 (held for the process's life)
+    replica = copy.copy(model)
+    replica.params = dict(slots)  # views of the shared mapping the parent writes
+    replica._cache = None
+    shard = None
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:  # the parent has gone
+            return
+        if msg[0] == "stop":
+            return
+        try:
+            if msg[0] == "forward":
+                _, key, part, keep = msg
+                shard = copy.copy(replica)
+                shard.grads = {}
+                with set_grad_enabled(keep):
+                    out = _METHODS[key](shard, **part)
+                if not keep:
+                    shard = None
+                conn.send(("ok", out, ""))
+            elif msg[0] == "backward":
+                _, key, grad, options = msg
+                if shard is None:
+                    raise RuntimeError("this worker holds no forward to run backward on")
+                held, shard = shard, None  # the cache goes with the backward, as in-process
+                out = _METHODS[key](held, grad, **options)
+                for k, g in held.grads.items():
+                    grads[k][...] = g
+                conn.send(("ok", (out, list(held.grads)), ""))
+            else:
+                raise ValueError(f"unknown request {msg[0]!r}")
+        except BaseException as exc:  # noqa: BLE001 (every failure goes back to the caller)
+            shard = None
+            text = traceback.format_exc()
+            try:
+                pickle.dumps(exc)
+            except Exception:  # noqa: BLE001 (an exception that cannot travel: its text does)
+                exc = None
+            conn.send(("error", exc, text))
+
+
+class _Pool:
+    """A model's workers and the shared parameter slots they read."""
+
+    def __init__(self, model, n):
+        self.fingerprint = _fingerprint(model)
+        self.slots = {k: _shared(v.shape, v.dtype) for k, v in model.params.items()}
+        self.workers = []
+        for _ in range(n):
+            self.workers.append(_Worker(model, self.slots, [w.conn for w in self.workers]))
+
+    def stop(self, kill=False):
+        for w in self.workers:
+            w.stop(kill)
+        self.workers = []
+
+
+def workers_for(model, n):
+    """The model's ``n`` workers, forked now if it has none (or they no longer fit the model),
+    with the model's current parameters copied into their shared slots."""
+    pool = _POOLS.get(id(model))
+    if pool is not None and (
+        len(pool.workers) != n
+        or not all(w.alive for w in pool.workers)
+        or pool.fingerprint != _fingerprint(model)
+    ):
+        pool.stop(kill=True)
+        pool = None
+    if pool is None:
+        pool = _Pool(model, n)
+        _POOLS[id(model)] = pool
+        weakref.finalize(model, _stop_pool, id(model))
+    for k, v in model.params.items():
+        np.copyto(pool.slots[k], v)
+    return pool.workers
+
+
+def _stop_pool(key):
+    pool = _POOLS.pop(key, None)
+    if pool is not None:
+        pool.stop()
+
+
+def stop_all():
+    """Stop every model's workers (also run at interpreter exit)."""
+    for key in list(_POOLS):
+        _stop_pool(key)
+
+
+atexit.register(stop_all)
+
+
+class RemoteShard:
+    """Stands in a ``ShardedRun`` for a shard whose forward ran in a worker: the worker holds
+    its cache; ``grads`` is filled by its backward (views of the worker's shared mapping)."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.grads = {}
+        self._cache = _HELD  # for sharding._consumed: whole until the backward
+
+    def start_forward(self, key, part, keep):
+        self.worker.send("forward", key, part, keep)
+
+    def start_backward(self, key, grad, options):
+        self._cache = None  # the worker frees it as its backward runs
+        self.worker.send("backward", key, grad, options)
+
+    def finish_forward(self):
+        return self.worker.receive()
+
+    def finish_backward(self):
+        out, keys = self.worker.receive()
+        self.grads = {k: self.worker.grads[k] for k in keys}
+        return out
+
+
+class _Held:
+    consumed = False
+
+
+_HELD = _Held()

@@ -1,0 +1,193 @@
+"""Batch shards in worker processes (``MINIVIT_SHARD=processes``, minivit/models/shard_workers.py):
+the same outputs and gradients as thread shards, parameters that follow the caller's, workers
+that follow the model, errors and interruptions that leave the model usable."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import numpy as np
+import pytest
+
+import minivit
+from minivit import _parallel, ops
+from minivit.models import shard_workers, sharding
+
+pytestmark = pytest.mark.skipif(not shard_workers.available(), reason="needs os.fork")
+
+
+@pytest.fixture
+def two_threads():
+    prev_threads, prev_mode = _parallel.get_num_threads(), sharding.mode()
+    _parallel.set_num_threads(2)
+    yield
+    shard_workers.stop_all()
+    _parallel.set_num_threads(prev_threads)
+    sharding.set_mode(prev_mode)
+
+
+def _vit(**kw):
+    cfg = dict(img_size=32, depth=2, embed_dim=32, num_heads=2, num_classes=5, dtype="float64")
+    return minivit.create_model("vit_tiny_patch16_224", **{**cfg, **kw})
+
+
+def _step(model, x, y):
+    """Forward, cross-entropy, backward with the input gradient: (logits, dx, grads)."""
+    model.zero_grads()
+    logits = model.forward(x, train=True)
+    _, cache = ops.cross_entropy_forward(logits, y)
+    (dl,) = ops.cross_entropy_backward(np.asarray(1.0), cache)
+    dx = model.backward(dl, input_grad=True)
+    return logits, dx, {k: v.copy() for k, v in model.grads.items()}
+
+
+def _inputs(batch=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, 3, 32, 32)), rng.integers(0, 5, batch)
+
+
+def _pids(model):
+    return [w.pid for w in shard_workers._POOLS[id(model)].workers]
+
+
+def _assert_same(a, b):
+    np.testing.assert_allclose(a[0], b[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-12)
+    assert a[2].keys() == b[2].keys()
+    for k in a[2]:
+        np.testing.assert_allclose(a[2][k], b[2][k], rtol=0, atol=1e-12, err_msg=k)
+
+
+def test_processes_give_the_thread_shards_results(two_threads):
+    model = _vit()
+    x, y = _inputs()  # 5 samples: shards of 2 and 3
+    sharding.set_mode("threads")
+    ref = _step(model, x, y)
+    sharding.set_mode("processes")
+    got = _step(model, x, y)
+    _assert_same(got, ref)
+    assert len(_pids(model)) == 1 and all(p != os.getpid() for p in _pids(model))
+    # inference: the same logits, no cache kept here or in the worker
+    with ops.no_grad():
+        np.testing.assert_allclose(model.forward(x), ref[0], rtol=0, atol=1e-12)
+    with pytest.raises(RuntimeError, match="backward"):
+        model.backward(np.ones((5, 5)))
+    # three threads: two workers
+    _parallel.set_num_threads(3)
+    _assert_same(_step(model, x, y), ref)
+    assert len(_pids(model)) == 2
+
+
+def test_workers_follow_the_parameters_and_the_model(two_threads):
+    model = _vit()
+    x, y = _inputs(4)
+    sharding.set_mode("processes")
+    _step(model, x, y)
+    pid = _pids(model)
+    # an optimizer's in-place step, and a parameter replaced by assignment
+    from minivit.optim import AdamW
+
+    opt = AdamW(model.params, lr=0.1)
+    opt.step(model.grads)
+    model.params["head.weight"] = model.params["head.weight"] * 2.0
+    got = _step(model, x, y)
+    sharding.set_mode("threads")
+    _assert_same(got, _step(model, x, y))
+    sharding.set_mode("processes")
+    assert _pids(model) == pid  # the same workers: only the values changed
+    model.note = "a plain attribute the replica lacks"
+    _step(model, x, y)
+    assert _pids(model) != pid  # forked again, from the model as it is now
+
+
+def test_a_vilt_runs_in_processes_too(two_threads):
+    from minivit.models.vilt import ViLT
+
+    model = ViLT(vocab_size=30, max_text_len=8, img_size=32, patch_size=16, embed_dim=16,
+                 depth=1, num_heads=2, dtype="float64", seed=1)  # fmt: skip
+    rng = np.random.default_rng(2)
+    ids, mask = rng.integers(0, 30, (4, 6)), np.ones((4, 6), bool)
+    mask[1, 4:] = False
+    img = rng.standard_normal((4, 3, 32, 32))
+    g = rng.standard_normal((4, 16))
+    runs = {}
+    for mode in ("threads", "processes"):
+        sharding.set_mode(mode)
+        model.zero_grads()
+        out = model.forward(ids, mask, img, train=True)
+        dimg = model.backward({"pooled": g})
+        runs[mode] = (out["pooled"], out["text_feats"], out["attn"][0], dimg, dict(model.grads))
+    for a, b in zip(runs["threads"][:4], runs["processes"][:4]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    for k, v in runs["threads"][4].items():
+        np.testing.assert_allclose(runs["processes"][4][k], v, rtol=0, atol=1e-12, err_msg=k)
+
+
+def test_a_workers_error_is_raised_here_and_the_worker_serves_on(two_threads, monkeypatch):
+    model = _vit()
+    x, y = _inputs(4)
+    real = ops.patch_embed_forward
+
+    def fails_on_the_marker(images, *a, **k):
+        if (images[:, 0, 0, 0] == 12345.0).any():
+            raise ValueError("the marked sample")
+        return real(images, *a, **k)
+
+    monkeypatch.setattr(ops, "patch_embed_forward", fails_on_the_marker)  # before the fork
+    sharding.set_mode("processes")
+    bad = x.copy()
+    bad[3, 0, 0, 0] = 12345.0  # in the second shard: the worker's
+    with pytest.raises(ValueError, match="the marked sample") as info:
+        model.forward(bad, train=True)
+    assert any("shard worker process" in n for n in getattr(info.value, "__notes__", []))
+    with pytest.raises(RuntimeError, match="no cached forward|backward"):
+        model.backward(np.ones((4, 5)))
+    pid = _pids(model)
+    sharding.set_mode("threads")
+    ref = _step(model, x, y)
+    sharding.set_mode("processes")
+    _assert_same(_step(model, x, y), ref)
+    assert _pids(model) == pid  # the same worker, still serving
+
+
+def test_an_interrupted_call_stops_the_workers_and_the_next_forks_new_ones(
+    two_threads, monkeypatch
+):
+    model = _vit()
+    x, y = _inputs(4)
+    sharding.set_mode("processes")
+    ref = _step(model, x, y)
+    pid = _pids(model)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shard_workers.RemoteShard, "finish_forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.forward(x, train=True)
+    monkeypatch.undo()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid[0], 0)  # stopped and reaped
+    _assert_same(_step(model, x, y), ref)
+    assert _pids(model) != pid
+
+
+def test_workers_end_with_their_model(two_threads):
+    model = _vit()
+    x, y = _inputs(4)
+    sharding.set_mode("processes")
+    _step(model, x, y)
+    (pid,) = _pids(model)
+    del model
+    gc.collect()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_set_mode_checks_its_value(two_threads):
+    with pytest.raises(ValueError, match="threads, processes, off"):
+        sharding.set_mode("gpu")
+    assert sharding.set_mode("off") in sharding.MODES and not sharding.enabled()
+    sharding.set_enabled(True)
+    assert sharding.mode() == "threads"
