@@ -49,9 +49,8 @@ import traceback
 import warnings
 import weakref
 
-import numpy as np
-
 from .. import _parallel
+from ..backend import get_backend
 
 __all__ = ["available", "register", "RemoteShard", "workers_for", "stop_all"]
 
@@ -75,8 +74,14 @@ def register(method) -> str:
     return key
 
 
+def _np():
+    # host memory only: the workers serve NumPy models (sharding.shard_bounds)
+    return get_backend("numpy").xp
+
+
 def _shared(shape, dtype):
     """A zeroed array in an anonymous shared mapping (seen by processes forked afterwards)."""
+    np = _np()
     count = int(np.prod(shape, dtype=np.int64))
     nbytes = max(count * np.dtype(dtype).itemsize, 1)
     return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=count).reshape(shape)
@@ -260,8 +265,9 @@ def workers_for(model, n):
         pool = _Pool(model, n)
         _POOLS[id(model)] = pool
         weakref.finalize(model, _stop_pool, id(model))
+    copyto = _np().copyto
     for k, v in model.params.items():
-        np.copyto(pool.slots[k], v)
+        copyto(pool.slots[k], v)
     return pool.workers
 
 
