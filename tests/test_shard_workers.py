@@ -191,3 +191,16 @@ def test_set_mode_checks_its_value(two_threads):
     assert sharding.set_mode("off") in sharding.MODES and not sharding.enabled()
     sharding.set_enabled(True)
     assert sharding.mode() == "threads"
+
+
+def test_attention_maps_are_read_from_the_workers_shard(two_threads):
+    model = _vit()
+    x, _ = _inputs(5)
+    maps = {}
+    for mode in ("threads", "processes"):
+        sharding.set_mode(mode)
+        model.forward(x, train=True)
+        maps[mode] = model.cached_attention()
+    assert len(maps["processes"]) == 2 and maps["processes"][0].shape == (5, 2, 5, 5)
+    for a, b in zip(maps["threads"], maps["processes"]):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-12)

@@ -72,6 +72,8 @@ __all__ = [
     "set_enabled",
     "mode",
     "set_mode",
+    "shard_query",
+    "on_each_shard",
     "MODES",
 ]
 
@@ -454,6 +456,23 @@ def sharded_backward(method):
         return join(self.backend.xp, outs)
 
     return backward
+
+
+def shard_query(fn):
+    """Decorator of a function ``fn(shard_model)`` that reads a forward's cache (ViT's
+    attention maps): registered, so that a worker process can run it on the shard it holds
+    (``on_each_shard``). Apply it where the function is defined, at import."""
+    fn._shard_key = shard_workers.register(fn)
+    return fn
+
+
+def on_each_shard(run, fn):
+    """[fn(shard) for each shard of a ``ShardedRun``], in shard order; a shard held by a worker
+    process runs it there (``fn`` decorated with :func:`shard_query`)."""
+    return [
+        sh.query(fn._shard_key) if isinstance(sh, shard_workers.RemoteShard) else fn(sh)
+        for sh in run.shards
+    ]
 
 
 def _consumed(run) -> bool:

@@ -31,7 +31,15 @@ from ..blocks import (
 )
 from .base import Model
 from .registry import register_config
-from .sharding import ShardedRun, begin_consuming, join, sharded_backward, sharded_forward
+from .sharding import (
+    ShardedRun,
+    begin_consuming,
+    join,
+    on_each_shard,
+    shard_query,
+    sharded_backward,
+    sharded_forward,
+)
 
 # The forward's batch shards (models/sharding.py): the images carry the batch, checked whole.
 _images_shard = sharded_forward(
@@ -296,11 +304,10 @@ class ViT(Model):
         c = self._cache
         if c is None:
             raise self._no_cache_error("cached_attention")
-        caches = [sh._cache for sh in c.shards] if isinstance(c, ShardedRun) else [c]
-        return [
-            join(self.backend.xp, [cc.encoder.blocks[i].attn for cc in caches])
-            for i in range(self.depth)
-        ]
+        parts = on_each_shard(c, _block_attention) if isinstance(c, ShardedRun) else None
+        if parts is None:
+            return _block_attention(self)
+        return [join(self.backend.xp, [p[i] for p in parts]) for i in range(self.depth)]
 
     @sharded_backward
     def backward(self, dlogits, *, input_grad=True):
@@ -412,3 +419,9 @@ register_config(
     mlp_ratio=2.0,
     pos_embed_init="sincos",  # 16 tokens of 4 pixels: position must count from the first step
 )
+
+
+@shard_query
+def _block_attention(model):
+    """Each block's attention probabilities held by one model's (or shard's) forward cache."""
+    return [b.attn for b in model._cache.encoder.blocks]

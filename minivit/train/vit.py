@@ -133,8 +133,29 @@ def add_arguments(p: argparse.ArgumentParser, job: DigitsJob = JOB) -> None:
         "1; 0: BLAS default). With more pool threads (MINIVIT_NUM_THREADS, one per core by "
         "default) each batch runs as one shard per pool thread, each on one BLAS thread",
     )
+    p.add_argument(
+        "--shards",
+        choices=("processes", "threads", "off"),
+        default=default_shards(),
+        help="with more than one pool thread, where each batch shard but the first runs: "
+        "in a forked worker process (default where os.fork exists, unless MINIVIT_SHARD says "
+        "otherwise: no shard waits for another's GIL, and the weights come out the same, bit "
+        "for bit), on a thread, or nowhere (the whole batch, each op threaded)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip curves.png and attention.png")
+
+
+def default_shards() -> str:
+    """The --shards default: MINIVIT_SHARD's mode when the variable is set, else processes
+    where they can be made (os.fork), else threads."""
+    import os
+
+    from ..models import shard_workers, sharding
+
+    if "MINIVIT_SHARD" in os.environ:
+        return sharding.mode()
+    return "processes" if shard_workers.available() else "threads"
 
 
 def evaluate(model, x, y, batch_size=256):
@@ -199,7 +220,9 @@ def train(args, job: DigitsJob = JOB) -> dict:
 
     timer = Timer()
     backend = get_backend(getattr(args, "backend", None))
-    local = ("resume", "out", "no_progress", "no_plots", "backend", "threads")
+    # (threads, shards: how the run is carried out; off or another thread count rounds
+    # float32 differently, processes and threads alike do not)
+    local = ("resume", "out", "no_progress", "no_plots", "backend", "threads", "shards")
     cfg = vars_for_json(args, drop=local)
     if args.resume:
         ckpt = resolve_checkpoint(args.resume)
@@ -338,8 +361,15 @@ def blas_threads(n):
 
 
 def run(args, job: DigitsJob = JOB) -> int:
-    with blas_threads(getattr(args, "threads", 0)):
-        metrics = train(args, job)
+    from ..models import sharding
+
+    shards = getattr(args, "shards", None) or sharding.mode()
+    before = sharding.set_mode(shards)
+    try:
+        with blas_threads(getattr(args, "threads", 0)):
+            metrics = train(args, job)
+    finally:
+        sharding.set_mode(before)
     print(f"run folder: {metrics['run_dir']}")
     print(f"test accuracy: {metrics['test_accuracy']:.4f}")
     return 0
