@@ -214,11 +214,11 @@ def contiguous_on(name: str, *arrays) -> bool:
 
 class Switch:
     """An on/off setting of an optimised path, on unless the environment variable ``env`` is
-    "0", "false" or "no" (``MINIVIT_FAST``, ``MINIVIT_KERNELS``); ``set`` changes it."""
+    "0", "false", "no" or "off" (``MINIVIT_FAST``, ``MINIVIT_KERNELS``); ``set`` changes it."""
 
     def __init__(self, env: str):
         self.raw = os.environ.get(env, "1").lower()  # the variable's text, for richer settings
-        self.on = self.raw not in ("0", "false", "no")
+        self.on = self.raw not in ("0", "false", "no", "off")
 
     def set(self, flag: bool) -> bool:
         """Turn the path on or off; returns the previous setting."""

@@ -204,3 +204,110 @@ def test_attention_maps_are_read_from_the_workers_shard(two_threads):
     assert len(maps["processes"]) == 2 and maps["processes"][0].shape == (5, 2, 5, 5)
     for a, b in zip(maps["threads"], maps["processes"]):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-12)
+
+
+def test_a_worker_killed_between_steps_is_replaced(two_threads):
+    import signal
+
+    model = _vit()
+    x, y = _inputs(4)
+    sharding.set_mode("processes")
+    ref = _step(model, x, y)
+    (pid,) = _pids(model)
+    os.kill(pid, signal.SIGKILL)
+    _wait_until_dead(pid)  # (a zombie: dead, not yet reaped)
+    _assert_same(_step(model, x, y), ref)  # a new worker, no error
+    assert _pids(model) != [pid]
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
+
+
+def _wait_until_dead(pid, timeout=5.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:  # a zombie whose threads have all ended: waitpid can reap it
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().split(") ")[-1].startswith("Z")
+            if zombie and len(os.listdir(f"/proc/{pid}/task")) <= 1:
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not die")
+
+
+def test_a_worker_dying_mid_request_is_reported_and_replaced(two_threads, monkeypatch):
+    import signal
+
+    model = _vit()
+    x, y = _inputs(4)
+    sharding.set_mode("processes")
+    ref = _step(model, x, y)
+    real = shard_workers.RemoteShard.start_forward
+
+    def dies_first(self, *a):  # between the check for a live worker and the request
+        os.kill(self.worker.pid, signal.SIGKILL)
+        _wait_until_dead(self.worker.pid)
+        real(self, *a)
+
+    monkeypatch.setattr(shard_workers.RemoteShard, "start_forward", dies_first)
+    with pytest.raises(RuntimeError, match="shard worker process .* (died|is gone)"):
+        model.forward(x, train=True)
+    (pid,) = _pids(model)
+    monkeypatch.undo()
+    _assert_same(_step(model, x, y), ref)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+@pytest.mark.parametrize("where", ["after the request", "reading a query"])
+def test_no_reply_is_ever_read_out_of_step(two_threads, monkeypatch, where):
+    """An interruption with a request outstanding stops the worker: its late reply must never
+    be taken for the next request's (stale logits, or attention maps as logits)."""
+    from multiprocessing.connection import Connection
+
+    model = _vit()
+    x, y = _inputs(4)
+    other = x[::-1].copy()
+    sharding.set_mode("threads")
+    with ops.no_grad():
+        want = model.forward(other)
+    sharding.set_mode("processes")
+    _step(model, x, y)
+    if where == "after the request":
+        real = shard_workers.RemoteShard.start_forward
+
+        def interrupted(self, *a):
+            real(self, *a)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(shard_workers.RemoteShard, "start_forward", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            model.forward(x, train=True)
+    else:
+        model.forward(x, train=True)
+        real_recv = Connection.recv
+
+        def interrupted_recv(self):
+            monkeypatch.setattr(Connection, "recv", real_recv)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Connection, "recv", interrupted_recv)
+        with pytest.raises(KeyboardInterrupt):
+            model.cached_attention()
+    monkeypatch.undo()
+    with ops.no_grad():
+        got = model.forward(other)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_using_restores_the_setting_exactly(two_threads):
+    sharding.set_mode("processes")
+    sharding.set_mode("off")
+    with sharding.using("threads"):
+        assert sharding.mode() == "threads"
+    assert sharding.mode() == "off"
+    sharding.set_enabled(True)
+    assert sharding.mode() == "processes"  # where they ran before "off"

@@ -28,10 +28,18 @@ How, for one model:
 - **The cache** of a worker's shard stays in the worker, between its forward and backward; the
   parent's ``ShardedRun`` holds a :class:`RemoteShard` in its place.
 - **Errors**: an exception in a worker is sent back and raised in the caller, with the
-  worker's traceback added as a note; the worker keeps serving. If the caller is interrupted
-  while a worker computes (Ctrl-C), or the worker dies, the model's workers are stopped and
-  the next call forks new ones. Workers ignore Ctrl-C themselves (the parent decides) and are
-  killed by the kernel if the parent dies (Linux).
+  worker's traceback added as a note; the worker keeps serving. Requests and replies carry
+  sequence numbers. If the caller is interrupted while a request is outstanding (Ctrl-C), or a
+  worker dies, that worker is stopped and reaped at once and never asked again, so no late
+  reply is ever taken for another request's; the call fails (a dead worker: RuntimeError) and
+  the model's next sharded call forks new workers. Workers ignore Ctrl-C themselves (the
+  parent decides); they end when the parent's end of their pipe closes, and on Linux the
+  kernel kills them if the parent dies (when forked from the main thread).
+
+- **Memory**: a worker is a fork of the whole process. Every page the parent writes after the
+  fork (the heap it reuses for activations, the parameters an optimizer updates) is copied for
+  one side, so in a long run a worker comes to hold about what the parent held at the fork,
+  besides its shard's own activations. Between steps it keeps only its last forward's cache.
 
 Only NumPy models run sharded at all (``sharding.shard_bounds``), and this mode needs
 ``os.fork`` (Linux, macOS). Results are those of thread shards, to the same rounding: each
@@ -47,6 +55,7 @@ import mmap
 import os
 import pickle
 import signal
+import time
 import traceback
 import warnings
 import weakref
@@ -118,13 +127,26 @@ def _die_with_parent():
 
 
 class _Worker:
-    """One forked process serving one shard of one model."""
+    """One forked process serving one shard of one model.
+
+    Every request carries a sequence number that its reply repeats. Any failure to hand a
+    request over or to read its reply in full (the worker died, the pipe broke, this process
+    was interrupted mid-way) stops the worker at once: the pipe may hold half a message or a
+    reply to a request nobody waits for any more, so the worker is never asked again. The
+    model's next sharded call forks a new one.
+    """
+
+    STOP_TIMEOUT_S = 5.0
 
     def __init__(self, model, slots, pool_conns):
         import multiprocessing
+        import threading
 
         self.grads = {k: _shared(v.shape, v.dtype) for k, v in slots.items()}
         self.conn, child = multiprocessing.Pipe()
+        # PR_SET_PDEATHSIG fires when the forking *thread* ends: only the main thread's end is
+        # the process's; from another thread the pipe's end-of-file alone stops the worker
+        pdeathsig = threading.current_thread() is threading.main_thread()
         with warnings.catch_warnings():  # Python 3.12 warns about forking a threaded process:
             warnings.simplefilter("ignore", DeprecationWarning)  # the child uses no thread
             pid = os.fork()
@@ -134,7 +156,7 @@ class _Worker:
                 self.conn.close()
                 for c in pool_conns:  # the parent's ends of the other workers' pipes
                     c.close()
-                _serve(model, child, slots, self.grads)
+                _serve(model, child, slots, self.grads, pdeathsig)
             except BaseException:  # noqa: BLE001 (a crash of the loop itself: say it, leave)
                 traceback.print_exc()
                 code = 1
@@ -142,21 +164,40 @@ class _Worker:
                 os._exit(code)
         child.close()
         self.pid = pid
-        self.alive = True
+        self.alive = True  # may be asked
+        self.reaped = False
+        self.seq = 0
+
+    def _dead(self, what):
+        self.stop(kill=True)
+        return RuntimeError(
+            f"the shard worker process {self.pid} {what}; the model's workers are forked "
+            "again at its next sharded call"
+        )
 
     def send(self, *msg):
-        self.conn.send(msg)
+        if not self.alive:
+            raise RuntimeError(f"the shard worker process {self.pid} has been stopped")
+        self.seq += 1
+        try:
+            self.conn.send((self.seq, *msg))
+        except OSError:
+            raise self._dead("is gone (its pipe is closed)") from None
+        except BaseException:  # interrupted mid-message: the pipe may hold half of it
+            self.stop(kill=True)
+            raise
 
     def receive(self):
         """The reply to the last request: its value, or the worker's exception raised here."""
         try:
-            kind, value, text = self.conn.recv()
-        except EOFError:
-            self.alive = False
-            raise RuntimeError(
-                f"a shard worker process (pid {self.pid}) died; the model's workers are "
-                "restarted at its next sharded call"
-            ) from None
+            seq, kind, value, text = self.conn.recv()
+        except (EOFError, OSError):
+            raise self._dead("died") from None
+        except BaseException:  # interrupted: the reply stays unread, out of step from now on
+            self.stop(kill=True)
+            raise
+        if seq != self.seq:
+            raise self._dead(f"answered request {seq} where {self.seq} was due")
         if kind == "ok":
             return value
         if isinstance(value, BaseException):
@@ -164,25 +205,47 @@ class _Worker:
             raise value
         raise RuntimeError(f"in the shard worker process {self.pid}:\n{text}")
 
-    def stop(self, kill=False):
-        if not self.alive:
-            return
-        self.alive = False
+    def poll_dead(self) -> bool:
+        """Whether the process has ended (reaped here if so)."""
+        if self.reaped:
+            return True
         try:
-            if kill:
-                os.kill(self.pid, signal.SIGKILL)
-            else:
-                self.conn.send(("stop",))
-        except OSError:  # already gone
-            pass
-        try:
-            os.waitpid(self.pid, 0)
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
-            pass
+            pid = self.pid
+        if pid:
+            self.reaped, self.alive = True, False
+        return self.reaped
+
+    def stop(self, kill=False):
+        """Stop the process (asked to, or killed) and reap it; waits at most STOP_TIMEOUT_S
+        for a polite stop before killing."""
+        if self.reaped:
+            return
+        polite = self.alive and not kill
+        self.alive = False
+        if polite:
+            try:
+                self.conn.send((self.seq + 1, "stop"))
+            except OSError:
+                pass
+            deadline = time.monotonic() + self.STOP_TIMEOUT_S
+            while not self.poll_dead() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        if not self.reaped:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:  # already gone
+                pass
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+            self.reaped = True
         self.conn.close()
 
 
-def _serve(model, conn, slots, grads):
+def _serve(model, conn, slots, grads, pdeathsig):
     """The worker's loop: run the forward and backward of its shard when asked."""
     from threadpoolctl import threadpool_limits
 
@@ -190,55 +253,68 @@ def _serve(model, conn, slots, grads):
     from . import sharding
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _die_with_parent()
+    if pdeathsig:
+        _die_with_parent()
     _parallel.set_num_threads(1)  # the parent's pool threads do not exist here
     sharding.set_mode("off")  # a nested decorated call runs whole
     limits = threadpool_limits(1)  # noqa: F841 (held for the process's life)
     replica = copy.copy(model)
     replica.params = dict(slots)  # views of the shared mapping the parent writes
     replica._cache = None
+    replica.grads = {}
+    del model
     shard = None
     while True:
         try:
-            msg = conn.recv()
+            seq, kind, *args = conn.recv()
         except EOFError:  # the parent has gone
             return
-        if msg[0] == "stop":
+        if kind == "stop":
             return
+        out = None
         try:
-            if msg[0] == "forward":
-                _, key, part, keep = msg
+            if kind == "forward":
+                key, part, keep = args
+                shard = None  # the last forward's cache goes before this one builds its own
                 shard = copy.copy(replica)
                 shard.grads = {}
                 with set_grad_enabled(keep):
                     out = _METHODS[key](shard, **part)
                 if not keep:
                     shard = None
-                conn.send(("ok", out, ""))
-            elif msg[0] == "query":  # read something off the held forward (its cache)
-                _, key = msg
+            elif kind == "query":  # read something off the held forward (its cache)
+                (key,) = args
                 if shard is None:
                     raise RuntimeError("this worker holds no forward to read")
-                conn.send(("ok", _METHODS[key](shard), ""))
-            elif msg[0] == "backward":
-                _, key, grad, options = msg
+                out = _METHODS[key](shard)
+            elif kind == "backward":
+                key, grad, options = args
                 if shard is None:
                     raise RuntimeError("this worker holds no forward to run backward on")
                 held, shard = shard, None  # the cache goes with the backward, as in-process
-                out = _METHODS[key](held, grad, **options)
+                result = _METHODS[key](held, grad, **options)
                 for k, g in held.grads.items():
                     grads[k][...] = g
-                conn.send(("ok", (out, list(held.grads)), ""))
+                out = (result, list(held.grads))
+                del held, result  # the shard's gradients: not kept to the next step
             else:
-                raise ValueError(f"unknown request {msg[0]!r}")
+                raise ValueError(f"unknown request {kind!r}")
+            reply = (seq, "ok", out, "")
         except BaseException as exc:  # noqa: BLE001 (every failure goes back to the caller)
             shard = None
-            text = traceback.format_exc()
-            try:
-                pickle.dumps(exc)
-            except Exception:  # noqa: BLE001 (an exception that cannot travel: its text does)
-                exc = None
-            conn.send(("error", exc, text))
+            reply = (seq, "error", _travelling(exc), traceback.format_exc())
+        args = out = None
+        conn.send(reply)
+        reply = None
+
+
+def _travelling(exc):
+    """The exception itself if it survives a pickle round trip, else None (its text goes)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001
+        return None
+    return exc
 
 
 class _Pool:
@@ -263,15 +339,16 @@ def workers_for(model, n):
     pool = _POOLS.get(id(model))
     if pool is not None and (
         len(pool.workers) != n
-        or not all(w.alive for w in pool.workers)
+        or any(not w.alive or w.poll_dead() for w in pool.workers)
         or pool.fingerprint != _fingerprint(model)
     ):
         pool.stop(kill=True)
+        pool.finalizer.detach()
         pool = None
     if pool is None:
         pool = _Pool(model, n)
         _POOLS[id(model)] = pool
-        weakref.finalize(model, _stop_pool, id(model))
+        pool.finalizer = weakref.finalize(model, _stop_pool, id(model))
     copyto = _np().copyto
     for k, v in model.params.items():
         copyto(pool.slots[k], v)
@@ -314,7 +391,8 @@ class RemoteShard:
 
     def query(self, key):
         """``fn(shard)`` in the worker, for the function registered under ``key``: what the
-        parent would read off a local shard's cache (ViT's attention maps)."""
+        parent would read off a local shard's cache (ViT's attention maps). An interruption
+        stops the worker (``_Worker.receive``)."""
         if self._cache is None:
             raise RuntimeError("this shard's forward has been consumed by its backward")
         self.worker.send("query", key)

@@ -48,6 +48,7 @@ no shared GIL, at the price of a fork per model and a copy of the parameters per
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -72,6 +73,7 @@ __all__ = [
     "set_enabled",
     "mode",
     "set_mode",
+    "using",
     "shard_query",
     "on_each_shard",
     "MODES",
@@ -99,6 +101,18 @@ def set_enabled(flag: bool) -> bool:
 def mode() -> str:
     """ "threads", "processes" or "off": where the shards after the first run, if anywhere."""
     return _WHERE["value"] if _SWITCH.on else "off"
+
+
+@contextlib.contextmanager
+def using(value: str):
+    """Run the body in shard mode ``value``, then restore the setting exactly as it was (on or
+    off, and where the shards run when on)."""
+    saved = (_SWITCH.on, _WHERE["value"])
+    set_mode(value)
+    try:
+        yield
+    finally:
+        _SWITCH.on, _WHERE["value"] = saved
 
 
 def set_mode(value: str) -> str:
@@ -275,8 +289,8 @@ def _run_beside_workers(local, remotes, start, finish):
     started = []
     try:
         for r in remotes:
+            started.append(r)  # before the send: one interrupted half-way is stopped too
             start(r)
-            started.append(r)
         # the workers have the other cores: BLAS and the fast paths keep to this thread
         with _parallel.blas_single_threaded(), _parallel.inline():
             results = [local()]

@@ -147,14 +147,15 @@ def add_arguments(p: argparse.ArgumentParser, job: DigitsJob = JOB) -> None:
 
 
 def default_shards() -> str:
-    """The --shards default: MINIVIT_SHARD's mode when the variable is set, else processes
-    where they can be made (os.fork), else threads."""
+    """The --shards default: MINIVIT_SHARD's mode when the variable names one ("0",
+    "threads", "processes"), else processes where they can be made (os.fork), else threads."""
     import os
 
     from ..models import shard_workers, sharding
 
-    if "MINIVIT_SHARD" in os.environ:
-        return sharding.mode()
+    said = os.environ.get("MINIVIT_SHARD", "").lower()
+    if said in ("0", "false", "no", "off", "threads", "process", "processes"):
+        return sharding.mode()  # a choice ("1" and the like only say: shards on)
     return "processes" if shard_workers.available() else "threads"
 
 
@@ -364,12 +365,8 @@ def run(args, job: DigitsJob = JOB) -> int:
     from ..models import sharding
 
     shards = getattr(args, "shards", None) or sharding.mode()
-    before = sharding.set_mode(shards)
-    try:
-        with blas_threads(getattr(args, "threads", 0)):
-            metrics = train(args, job)
-    finally:
-        sharding.set_mode(before)
+    with sharding.using(shards), blas_threads(getattr(args, "threads", 0)):
+        metrics = train(args, job)
     print(f"run folder: {metrics['run_dir']}")
     print(f"test accuracy: {metrics['test_accuracy']:.4f}")
     return 0
