@@ -134,7 +134,7 @@ def test_the_command_line_reports_user_errors_in_one_line(tmp_path, capsys, monk
 
 
 def test_shards_in_processes_train_the_same_weights_as_threads(tmp_path, monkeypatch):
-    """--shards processes (the default where os.fork exists) and --shards threads run the same
+    """--shards processes (the default on Linux) and --shards threads run the same
     shards, so the weights come out equal bit for bit; the mode is restored afterwards."""
     from minivit import _parallel
     from minivit.checkpoint import load_checkpoint

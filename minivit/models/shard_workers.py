@@ -6,8 +6,8 @@ with threads, each NumPy call gives up the GIL for its loop and must take it bac
 and with two threads it often waits for the other one to finish running Python. On the 2-core
 AVX2 host that cost the ViT-Ti/16 batch-8 train step 2-6% (benchmarks/shard_contention.py;
 benchmarks/README.md). A process has an interpreter of its own, so its shard never waits.
-``minivit train vit`` and ``train hybrid`` use this mode by default (``--shards``): their main
-job ran in 56 s instead of 69 and trained the same weights, bit for bit.
+``minivit train vit`` and ``train hybrid`` use this mode by default on Linux (``--shards``):
+their main job ran in 56 s instead of 69 and trained the same weights, bit for bit.
 
 How, for one model:
 
@@ -42,8 +42,10 @@ How, for one model:
   besides its shard's own activations. Between steps it keeps only its last forward's cache.
 
 Only NumPy models run sharded at all (``sharding.shard_bounds``), and this mode needs
-``os.fork`` (Linux, macOS). Results are those of thread shards, to the same rounding: each
-shard runs the same code on the same samples.
+``os.fork``. It is meant for Linux: on macOS, system libraries that NumPy may use (Accelerate,
+the Objective-C runtime) are not safe in a child forked from a threaded process, so the
+training commands default to it on Linux only. Results are those of thread shards, to the same
+rounding: each shard runs the same code on the same samples.
 """
 
 from __future__ import annotations

@@ -138,9 +138,9 @@ def add_arguments(p: argparse.ArgumentParser, job: DigitsJob = JOB) -> None:
         choices=("processes", "threads", "off"),
         default=default_shards(),
         help="with more than one pool thread, where each batch shard but the first runs: "
-        "in a forked worker process (default where os.fork exists, unless MINIVIT_SHARD says "
-        "otherwise: no shard waits for another's GIL, and the weights come out the same, bit "
-        "for bit), on a thread, or nowhere (the whole batch, each op threaded)",
+        "in a forked worker process (default on Linux, unless MINIVIT_SHARD says otherwise: no "
+        "shard waits for another's GIL, and the weights come out the same, bit for bit), on a "
+        "thread, or nowhere (the whole batch, each op threaded)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip curves.png and attention.png")
@@ -148,15 +148,19 @@ def add_arguments(p: argparse.ArgumentParser, job: DigitsJob = JOB) -> None:
 
 def default_shards() -> str:
     """The --shards default: MINIVIT_SHARD's mode when the variable names one ("0",
-    "threads", "processes"), else processes where they can be made (os.fork), else threads."""
+    "threads", "processes"), else processes on Linux, else threads."""
     import os
+    import sys
 
     from ..models import shard_workers, sharding
 
     said = os.environ.get("MINIVIT_SHARD", "").lower()
     if said in ("0", "false", "no", "off", "threads", "process", "processes"):
         return sharding.mode()  # a choice ("1" and the like only say: shards on)
-    return "processes" if shard_workers.available() else "threads"
+    # Linux only by default: macOS's system libraries (Accelerate, the Objective-C runtime) are
+    # not safe to use in a child forked from a threaded process
+    linux = sys.platform.startswith("linux")
+    return "processes" if linux and shard_workers.available() else "threads"
 
 
 def evaluate(model, x, y, batch_size=256):
