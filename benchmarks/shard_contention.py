@@ -18,29 +18,26 @@ This script separates them by timing, in turn (A B C A B C ... after a warm-up, 
 idle seconds before each step), three ways of making the same step with two workers:
 
 ``threads``
-    the library's own: ``model.forward`` and ``model.backward`` on the whole batch, the two
-    shards on two threads;
+    the library's thread shards (``sharding.using("threads")``): the two halves on two
+    threads;
 ``processes``
-    the same two halves, but the second one in a forked worker process with its own
-    interpreter (no GIL shared), the parameters in memory both processes map, and the
-    worker's gradients added to the parent's; the loss runs in the parent, as above;
+    the library's process shards (``sharding.using("processes")``,
+    ``minivit/models/shard_workers.py``): the second half in a forked worker process with its
+    own interpreter (no GIL shared);
 ``one half alone``
     half the batch on one thread, nothing else running: the time each shard would take if the
     two did not disturb each other.
 
 ``threads`` minus ``processes`` is what the GIL costs; ``processes`` minus ``one half alone``
 is mostly the shared memory system (the halves still run the same phases at the same time),
-plus the gradient sum and the hand-overs. The gradients of ``processes`` are checked against
-``threads`` first (they are the same sums, so they agree to float32 rounding).
-
-This is a measurement, not a feature: the worker is a bare fork that holds a replica of the
-model, built for this script and shut down at its end.
+plus the gradient sum, the copy of the parameters to the worker and the hand-overs. The
+gradients of ``processes`` are checked against ``threads`` first (the same sums, so they agree
+to float32 rounding).
 """
 
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import statistics
 import sys
@@ -59,77 +56,6 @@ import numpy as np  # noqa: E402
 WAYS = ("threads", "processes", "one half alone")
 
 
-def shared_array(shape, dtype):
-    """A zeroed array in an anonymous shared mapping: after a fork, parent and child see the
-    same memory (a write by one is read by the other)."""
-    count = int(np.prod(shape))
-    nbytes = max(count * np.dtype(dtype).itemsize, 1)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=count).reshape(shape)
-
-
-class ForkedShard:
-    """A child process holding a replica of ``model`` (forked: it shares the parameters, which
-    are moved into shared memory first, and copies everything else) that runs the forward and
-    backward of the last ``half`` samples of a batch when told to over a pipe."""
-
-    def __init__(self, model, x_half_shape, out_shape):
-        import multiprocessing
-
-        for k, v in list(model.params.items()):  # the parent's updates reach the child
-            s = shared_array(v.shape, v.dtype)
-            s[...] = v
-            model.params[k] = s
-        self.grads = {k: shared_array(v.shape, v.dtype) for k, v in model.params.items()}
-        self.x = shared_array(x_half_shape, model.dtype)
-        self.out = shared_array(out_shape, model.dtype)
-        self.dout = shared_array(out_shape, model.dtype)
-        self.conn, child = multiprocessing.Pipe()
-        self.pid = os.fork()
-        if self.pid == 0:  # the child: serve until told to stop, never return
-            code = 0
-            try:
-                self._serve(model, child)
-            except BaseException:  # noqa: BLE001 (report anything, then leave)
-                import traceback
-
-                traceback.print_exc()
-                code = 1
-            os._exit(code)
-
-    def _serve(self, model, conn):
-        from threadpoolctl import threadpool_limits
-
-        from minivit import _parallel
-        from minivit.models import sharding
-
-        _parallel.set_num_threads(1)
-        sharding.set_enabled(False)
-        with threadpool_limits(1):
-            while True:
-                cmd = conn.recv()
-                if cmd == "forward":
-                    self.out[...] = model.forward(self.x, train=True)
-                elif cmd == "backward":
-                    model.zero_grads()
-                    model.backward(self.dout.copy(), input_grad=False)
-                    for k, g in model.grads.items():
-                        self.grads[k][...] = g
-                else:
-                    return
-                conn.send("done")
-
-    def start(self, cmd):
-        self.conn.send(cmd)
-
-    def wait(self):
-        if self.conn.recv() != "done":
-            raise RuntimeError("the worker process failed")
-
-    def close(self):
-        self.conn.send("stop")
-        os.waitpid(self.pid, 0)
-
-
 def measure(name="vit_tiny_patch16_224", batch=8, repeats=12, gap=0.12, log=print, **overrides):
     """Time the three ways (:data:`WAYS`); returns dict(way -> list of seconds) and the largest
     gradient difference between ``processes`` and ``threads``."""
@@ -138,66 +64,41 @@ def measure(name="vit_tiny_patch16_224", batch=8, repeats=12, gap=0.12, log=prin
     from benchmarks import models
     from minivit import _parallel, ops
     from minivit.backend import get_backend
-    from minivit.models import sharding
+    from minivit.models import shard_workers, sharding
 
-    if not hasattr(os, "fork"):
-        raise RuntimeError("shard_contention.py forks a worker process: Linux or macOS only")
+    if not shard_workers.available():
+        raise RuntimeError("shard_contention.py forks worker processes: it needs os.fork")
     if batch < 2 or batch % 2:
         raise ValueError(f"--batch must be even and at least 2, got {batch}")
     be = get_backend("numpy")
     half = batch // 2
-    full = models.build(name, "numpy", batch, False, **overrides)
-    model = full["model"]
+    model = models.build(name, "numpy", batch, False, **overrides)["model"]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, model.in_chans, model.img_size, model.img_size))
     x = x.astype(model.dtype)
     labels = rng.integers(0, model.num_classes, batch)
     one = be.xp.asarray(1.0, dtype=model.dtype)
-    worker = ForkedShard(model, x[half:].shape, (half, model.num_classes))
 
-    def loss_grad(logits, y):
-        _, cache = ops.cross_entropy_forward(logits, y)
-        return ops.cross_entropy_backward(one, cache)[0]
-
-    def threads():
-        _parallel.set_num_threads(2)
-        sharding.set_enabled(True)
-        with threadpool_limits(2):
+    def step(mode, samples, threads):
+        """One train step (forward, loss, backward) on the first ``samples`` samples."""
+        _parallel.set_num_threads(threads)
+        with sharding.using(mode), threadpool_limits(threads):
             model.zero_grads()
-            model.backward(loss_grad(model.forward(x, train=True), labels), input_grad=False)
+            logits = model.forward(x[:samples], train=True)
+            _, cache = ops.cross_entropy_forward(logits, labels[:samples])
+            (dl,) = ops.cross_entropy_backward(one, cache)
+            model.backward(dl, input_grad=False)
         return model.grads
 
-    def processes():
-        _parallel.set_num_threads(1)
-        sharding.set_enabled(False)
-        with threadpool_limits(1):
-            worker.x[...] = x[half:]
-            worker.start("forward")
-            model.zero_grads()
-            mine = model.forward(x[:half], train=True)
-            worker.wait()
-            dl = loss_grad(np.concatenate([mine, worker.out]), labels)
-            worker.dout[...] = dl[half:]
-            worker.start("backward")
-            model.backward(dl[:half].copy(), input_grad=False)
-            worker.wait()
-            for k, g in model.grads.items():
-                g += worker.grads[k]
-        return model.grads
-
-    def one_half_alone():
-        _parallel.set_num_threads(1)
-        sharding.set_enabled(False)
-        with threadpool_limits(1):
-            model.zero_grads()
-            logits = model.forward(x[:half], train=True)
-            model.backward(loss_grad(logits, labels[:half]), input_grad=False)
-
-    ways = dict(zip(WAYS, (threads, processes, one_half_alone)))
-    saved = (_parallel.get_num_threads(), sharding.enabled())
+    ways = {
+        "threads": lambda: step("threads", batch, 2),
+        "processes": lambda: step("processes", batch, 2),
+        "one half alone": lambda: step("off", half, 1),
+    }
+    threads_before = _parallel.get_num_threads()
     try:
-        ref = {k: v.copy() for k, v in threads().items()}
-        got = processes()
+        ref = {k: v.copy() for k, v in ways["threads"]().items()}
+        got = ways["processes"]()
         diff = max(float(np.abs(got[k] - ref[k]).max()) for k in ref)
         for fn in ways.values():  # warm-up
             fn()
@@ -211,9 +112,8 @@ def measure(name="vit_tiny_patch16_224", batch=8, repeats=12, gap=0.12, log=prin
                 times[w].append(time.perf_counter() - t)
             log(f"  round {r + 1}/{repeats}")
     finally:
-        worker.close()
-        _parallel.set_num_threads(saved[0])
-        sharding.set_enabled(saved[1])
+        _parallel.set_num_threads(threads_before)
+        shard_workers.stop_all()
     return times, diff
 
 

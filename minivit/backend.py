@@ -216,9 +216,11 @@ class Switch:
     """An on/off setting of an optimised path, on unless the environment variable ``env`` is
     "0", "false", "no" or "off" (``MINIVIT_FAST``, ``MINIVIT_KERNELS``); ``set`` changes it."""
 
+    OFF = ("0", "false", "no", "off")  # the values that turn a switch off
+
     def __init__(self, env: str):
         self.raw = os.environ.get(env, "1").lower()  # the variable's text, for richer settings
-        self.on = self.raw not in ("0", "false", "no", "off")
+        self.on = self.raw not in self.OFF
 
     def set(self, flag: bool) -> bool:
         """Turn the path on or off; returns the previous setting."""

@@ -311,3 +311,14 @@ def test_using_restores_the_setting_exactly(two_threads):
     assert sharding.mode() == "off"
     sharding.set_enabled(True)
     assert sharding.mode() == "processes"  # where they ran before "off"
+
+
+def test_worker_errors_come_back_as_names_and_text():
+    """A worker's error travels as its class name and message (never a pickled object): a
+    built-in class is raised as itself, any other as a RuntimeError that names it."""
+    exc = shard_workers._rebuilt("KeyError", "'head.weight'", "raised in the worker")
+    assert type(exc) is KeyError and exc.__notes__ == ["raised in the worker"]
+    exc = shard_workers._rebuilt("CheckpointError", "no such file", "n")
+    assert type(exc) is RuntimeError and str(exc) == "CheckpointError: no such file"
+    exc = shard_workers._rebuilt("SystemExit", "3", "n")  # not an Exception: never raised as one
+    assert type(exc) is RuntimeError

@@ -23,7 +23,9 @@ How, for one model:
   replaced by assignment all reach the workers. The copy costs a pass over the parameters (23
   MB for ViT-Ti, about 1% of its step on 2 cores). Nothing of the caller's is rebound.
 - **Inputs and outputs** of a shard (its slice of the batch, its output, the gradient sent to
-  its backward, its input gradient) go over a pipe, pickled; the **parameter gradients** come
+  its backward, its input gradient) go over a pipe between this process and its own forked
+  child, pickled (no outside data passes there); a worker's error comes back as its class name
+  and message, never as a pickled exception; the **parameter gradients** come
   back through a second shared mapping per worker and are summed as the threads' are.
 - **The cache** of a worker's shard stays in the worker, between its forward and backward; the
   parent's ``ShardedRun`` holds a :class:`RemoteShard` in its place.
@@ -51,11 +53,11 @@ rounding: each shard runs the same code on the same samples.
 from __future__ import annotations
 
 import atexit
+import builtins
 import copy
 import ctypes
 import mmap
 import os
-import pickle
 import signal
 import time
 import traceback
@@ -202,10 +204,7 @@ class _Worker:
             raise self._dead(f"answered request {seq} where {self.seq} was due")
         if kind == "ok":
             return value
-        if isinstance(value, BaseException):
-            value.add_note(f"raised in the shard worker process {self.pid}:\n{text}")
-            raise value
-        raise RuntimeError(f"in the shard worker process {self.pid}:\n{text}")
+        raise _rebuilt(*value, f"raised in the shard worker process {self.pid}:\n{text}")
 
     def poll_dead(self) -> bool:
         """Whether the process has ended (reaped here if so)."""
@@ -264,7 +263,6 @@ def _serve(model, conn, slots, grads, pdeathsig):
     replica.params = dict(slots)  # views of the shared mapping the parent writes
     replica._cache = None
     replica.grads = {}
-    del model
     shard = None
     while True:
         try:
@@ -304,18 +302,23 @@ def _serve(model, conn, slots, grads, pdeathsig):
             reply = (seq, "ok", out, "")
         except BaseException as exc:  # noqa: BLE001 (every failure goes back to the caller)
             shard = None
-            reply = (seq, "error", _travelling(exc), traceback.format_exc())
+            reply = (seq, "error", (type(exc).__name__, str(exc)), traceback.format_exc())
         args = out = None
         conn.send(reply)
         reply = None
 
 
-def _travelling(exc):
-    """The exception itself if it survives a pickle round trip, else None (its text goes)."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:  # noqa: BLE001
-        return None
+def _rebuilt(name, message, note):
+    """A worker's exception, raised here: the built-in exception class of that name (ValueError,
+    TypeError, ...) with its message, else a RuntimeError naming the class; the worker's
+    traceback goes in a note. Only names and text come back, never a pickled exception object,
+    so nothing the worker computed is unpickled into code here."""
+    cls = getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        exc = cls(message)
+    else:
+        exc = RuntimeError(f"{name}: {message}")
+    exc.add_note(note)
     return exc
 
 

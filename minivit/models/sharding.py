@@ -118,8 +118,6 @@ def using(value: str):
 def set_mode(value: str) -> str:
     """Set :func:`mode`; returns the previous one. "processes" needs ``os.fork`` (Linux,
     macOS); see ``minivit/models/shard_workers.py`` for what it does and costs."""
-    from . import shard_workers
-
     if value not in MODES:
         raise ValueError(f"the shard mode must be one of {', '.join(MODES)}, got {value!r}")
     if value == "processes" and not shard_workers.available():
@@ -281,16 +279,17 @@ def _run(calls):
 
 
 def _run_beside_workers(local, remotes, start, finish):
-    """Shard 0 here (``local()``), the others in their workers: ``start(remote)`` sends one its
-    request and ``finish(remote)`` takes its reply. Returns the results in shard order, or
-    raises the first failure once every worker has answered. If this process is interrupted
-    (or its own shard fails) while workers compute, they are stopped: their replies would be
-    out of step with the next request (the next call forks new ones)."""
+    """Shard 0 here (``local()``), the others in their workers: ``remotes`` pairs each
+    :class:`shard_workers.RemoteShard` with its samples (start, stop); ``start(remote, s, e)``
+    sends one its request and ``finish(remote)`` takes its reply. Returns the results in shard
+    order, or raises the first failure once every worker has answered. If this process is
+    interrupted (or its own shard fails) while workers compute, they are stopped: their replies
+    would be out of step with the next request (the next call forks new ones)."""
     started = []
     try:
-        for r in remotes:
+        for r, (s, e) in remotes:
             started.append(r)  # before the send: one interrupted half-way is stopped too
-            start(r)
+            start(r, s, e)
         # the workers have the other cores: BLAS and the fast paths keep to this thread
         with _parallel.blas_single_threaded(), _parallel.inline():
             results = [local()]
@@ -299,14 +298,14 @@ def _run_beside_workers(local, remotes, start, finish):
             r.worker.stop(kill=True)
         raise
     first_error = None
-    for i, r in enumerate(remotes):
+    for i, (r, _) in enumerate(remotes):
         try:
             results.append(finish(r))
         except Exception as exc:  # the worker's own error: it has answered, the others next
             first_error = first_error or exc
             results.append(None)
         except BaseException:  # interrupted while waiting: the rest may still be computing
-            for other in remotes[i:]:
+            for other, _ in remotes[i:]:
                 other.worker.stop(kill=True)
             raise
     if first_error is not None:
@@ -368,12 +367,15 @@ def sharded_forward(batched, check=None):
 
             keep = grad_enabled()  # the shards run in the caller's gradient mode
 
+            def part(s, e):  # the arguments of samples s:e
+                return {k: take(v, s, e) if k in batched else v for k, v in named.items()}
+
             def call(shard, s, e):  # shard's forward on samples s:e, to run on a thread
-                part = {k: take(v, s, e) if k in batched else v for k, v in named.items()}
+                args = part(s, e)
 
                 def run():
                     with set_grad_enabled(keep):
-                        return method(shard, **part)
+                        return method(shard, **args)
 
                 return run
 
@@ -381,15 +383,10 @@ def sharded_forward(batched, check=None):
                 if mode() == "processes":  # shard 0 here, the others in worker processes
                     workers = shard_workers.workers_for(self, len(bounds) - 1)
                     shards[1:] = [shard_workers.RemoteShard(w) for w in workers]
-
-                    def part(i):
-                        s, e = bounds[i]
-                        return {k: take(v, s, e) if k in batched else v for k, v in named.items()}
-
                     outs = _run_beside_workers(
                         call(shards[0], *bounds[0]),
-                        shards[1:],
-                        lambda r: r.start_forward(key, part(shards.index(r)), keep),
+                        list(zip(shards[1:], bounds[1:])),
+                        lambda r, s, e: r.start_forward(key, part(s, e), keep),
                         lambda r: r.finish_forward(),
                     )
                 else:
@@ -452,14 +449,11 @@ def sharded_backward(method):
         def call(shard, s, e):  # shard's backward on samples s:e, to run on a thread
             return lambda: method(shard, take(grad, s, e), **options)
 
-        remotes = [sh for sh in run.shards if isinstance(sh, shard_workers.RemoteShard)]
-        if remotes:  # shard 0 here, the others in the workers that ran their forward
+        if isinstance(run.shards[-1], shard_workers.RemoteShard):  # all but shard 0 are
             outs = _run_beside_workers(
                 call(run.shards[0], *run.bounds[0]),
-                remotes,
-                lambda r: r.start_backward(
-                    key, take(grad, *run.bounds[run.shards.index(r)]), options
-                ),
+                list(zip(run.shards[1:], run.bounds[1:])),
+                lambda r, s, e: r.start_backward(key, take(grad, s, e), options),
                 lambda r: r.finish_backward(),
             )
         else:

@@ -304,9 +304,9 @@ class ViT(Model):
         c = self._cache
         if c is None:
             raise self._no_cache_error("cached_attention")
-        parts = on_each_shard(c, _block_attention) if isinstance(c, ShardedRun) else None
-        if parts is None:
+        if not isinstance(c, ShardedRun):
             return _block_attention(self)
+        parts = on_each_shard(c, _block_attention)  # per shard, each block's maps
         return [join(self.backend.xp, [p[i] for p in parts]) for i in range(self.depth)]
 
     @sharded_backward

@@ -152,10 +152,11 @@ def default_shards() -> str:
     import os
     import sys
 
+    from ..backend import Switch
     from ..models import shard_workers, sharding
 
     said = os.environ.get("MINIVIT_SHARD", "").lower()
-    if said in ("0", "false", "no", "off", "threads", "process", "processes"):
+    if said in (*Switch.OFF, "threads", "process", "processes"):
         return sharding.mode()  # a choice ("1" and the like only say: shards on)
     # Linux only by default: macOS's system libraries (Accelerate, the Objective-C runtime) are
     # not safe to use in a child forked from a threaded process
