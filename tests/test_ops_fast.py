@@ -111,6 +111,27 @@ def test_gelu_exact_float32(threads):
     assert got[0][0, 0, 0] == 0 and np.isfinite(got[0]).all()
 
 
+def test_blocked_sums_come_out_the_same_every_run():
+    """Column sums over row blocks (a bias gradient, layernorm's dgamma and dbeta) add the
+    blocks' partial sums in block order, not in the order two threads finish them: float32
+    results must not change from run to run."""
+    _parallel.set_num_threads(2)
+    rng = np.random.default_rng(13)
+    d = rng.standard_normal((4, 67, 200)).astype(np.float32)
+    x = rng.standard_normal((4, 67, 48)).astype(np.float32)
+    w = rng.standard_normal((200, 48)).astype(np.float32)  # small: db by _fast.column_sum
+    _, c_fc = ops.linear_forward(x, w, rng.standard_normal(200).astype(np.float32))
+    _, c_ln = ops.layernorm_forward(d, np.ones(200, np.float32), np.zeros(200, np.float32))
+
+    def sums():
+        return ops.linear_backward(d, c_fc)[2], *ops.layernorm_backward(d, c_ln)[1:]
+
+    first = sums()
+    for _ in range(20):
+        for got, want in zip(sums(), first):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_gelu_fast_cache_keeps_the_derivative_not_x():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((64, 400)).astype(np.float32)

@@ -311,15 +311,18 @@ def column_sum(a2):
     parts = []
 
     def block(s, e):
-        parts.append(a2[s:e].sum(axis=0))
+        parts.append((s, a2[s:e].sum(axis=0)))
 
     _parallel.for_each_block(block, a2.shape[0], a2.shape[1])
     return _sum_parts(xp, parts, a2.shape[1], a2.dtype)
 
 
 def _sum_parts(xp, parts, n, dtype):
+    """The sum of per-block partial sums [(block start, (n,) array), ...], added in block order:
+    the threads finish their blocks in any order, and float addition is not associative, so
+    adding them as they came made float32 results differ from run to run by a few ulp."""
     total = xp.zeros(n, dtype=dtype)
-    for p in parts:
+    for _, p in sorted(parts, key=lambda sp: sp[0]):
         total += p
     return total
 
@@ -376,8 +379,8 @@ def layernorm_backward(dout, xhat, rstd, gamma, skip=None):
         d, h, g = d2[s:e], h2[s:e], g2[s:e]
         ones = xp.ones(e - s, dtype=d.dtype)
         t = d * h  # (rows, D)
-        parts_g.append(ones @ t)  # column sums
-        parts_b.append(ones @ d)
+        parts_g.append((s, ones @ t))  # column sums
+        parts_b.append((s, ones @ d))
         xp.multiply(d, gamma, out=g)  # gradient w.r.t. xhat
         mg = g @ w  # mean(g), (rows,)
         mgx = xp.einsum("ij,ij->i", g, h)
