@@ -161,6 +161,24 @@ def test_linear_gelu_backward_may_overwrite_dout(backend):
         np.testing.assert_array_equal(backend.to_numpy(g), backend.to_numpy(e))
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 5, 8), (2, 300, 256)])  # the second takes the fast paths
+def test_bias_gelu_is_gelu_of_h_plus_b(backend, approximate, dtype, shape):
+    """bias_gelu_forward (fc1's activation with its bias, h handed over) gives gelu_forward(h +
+    b), forward and backward, on every path: generic, NumPy blocks, the CuPy kernel."""
+    r = np.random.default_rng(7)
+    h = (r.standard_normal(shape) * 3).astype(dtype)
+    b = r.standard_normal(shape[-1]).astype(dtype)
+    d = backend.asarray(r.standard_normal(shape).astype(dtype))
+    want, cw = ops.gelu_forward(backend.asarray(h + b), approximate=approximate)
+    got, cg = ops.bias_gelu_forward(backend.asarray(h), backend.asarray(b), approximate)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(backend.to_numpy(got), backend.to_numpy(want), **tol)
+    (dg,), (dw,) = ops.gelu_backward(d, cg), ops.gelu_backward(d, cw)
+    np.testing.assert_allclose(backend.to_numpy(dg), backend.to_numpy(dw), **tol)
+
+
 def test_tanh_gradient_in_the_tails(backend):
     # Backward uses 1 - y^2 with y = tanh(x) rounded to float64, so for |x| >> 1 its absolute
     # error is that of y (~eps), while 1 - y^2 itself shrinks like 4 exp(-2|x|): relative errors

@@ -111,6 +111,50 @@ def test_gelu_exact_float32(threads):
     assert got[0][0, 0, 0] == 0 and np.isfinite(got[0]).all()
 
 
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("grad", [True, False])
+def test_bias_gelu_adds_the_bias_in_its_blocks_over_h(threads, grad):
+    """fc1's fused path: GELU(h + b) with the bias added block by block and the output written
+    over h. Exactly gelu_forward(h + b) (the same float32 add, the same formula), forward and
+    backward, and h's memory is reused for the output."""
+    _parallel.set_num_threads(threads)
+    rng = np.random.default_rng(11)
+    h = (rng.standard_normal((3, 97, 256)) * 2).astype(np.float32)
+    b = rng.standard_normal(256).astype(np.float32)
+    d = rng.standard_normal(h.shape).astype(np.float32)
+    with ops.set_grad_enabled(grad):
+        want, cw = ops.gelu_forward(h + b)
+        mine = h.copy()
+        got, cg = ops.bias_gelu_forward(mine, b)
+    assert np.shares_memory(got, mine)  # no new (M, Dout) array for the output
+    np.testing.assert_array_equal(got, want)
+    if grad:
+        np.testing.assert_array_equal(ops.gelu_backward(d, cg)[0], ops.gelu_backward(d, cw)[0])
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gelu_is_linear_then_gelu(threads, dtype, approximate, bias):
+    _parallel.set_num_threads(threads)
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 67, 48)).astype(dtype)
+    w = (rng.standard_normal((200, 48)) * 0.3).astype(dtype)
+    b = rng.standard_normal(200).astype(dtype) if bias else None
+    d = rng.standard_normal((4, 67, 200)).astype(dtype)
+    h, c_fc = ops.linear_forward(x, w, b)
+    y0, c_act = ops.gelu_forward(h, approximate=approximate)
+    want = (y0,) + ops.linear_backward(ops.gelu_backward(d, c_act)[0], c_fc)
+    y, c = ops.linear_gelu_forward(x, w, b, approximate=approximate)
+    got = (y,) + ops.linear_gelu_backward(d, c)
+    for g, e in zip(got, want):
+        if e is None:
+            assert g is None
+        else:  # the bias lands in the same rows either way: equal to the last bit
+            np.testing.assert_array_equal(g, e)
+
+
 def test_blocked_sums_come_out_the_same_every_run():
     """Column sums over row blocks (a bias gradient, layernorm's dgamma and dbeta) add the
     blocks' partial sums in block order, not in the order two threads finish them: float32

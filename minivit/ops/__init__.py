@@ -10,7 +10,13 @@ work that only backward needs; such a cache is not valid for backward.
 """
 
 from ._common import Cache, grad_enabled, no_grad, set_grad_enabled  # noqa: F401
-from .activations import gelu_backward, gelu_forward, tanh_backward, tanh_forward  # noqa: F401
+from .activations import (  # noqa: F401
+    bias_gelu_forward,
+    gelu_backward,
+    gelu_forward,
+    tanh_backward,
+    tanh_forward,
+)
 from .attention import attention_backward, attention_forward  # noqa: F401
 from .conv import *  # noqa: F401,F403
 from .dropout import dropout_backward, dropout_forward  # noqa: F401

@@ -16,7 +16,7 @@ from ._common import (
     grad_enabled,
 )
 
-__all__ = ["gelu_forward", "gelu_backward", "tanh_forward", "tanh_backward"]
+__all__ = ["gelu_forward", "bias_gelu_forward", "gelu_backward", "tanh_forward", "tanh_backward"]
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -34,29 +34,49 @@ def gelu_forward(x, approximate="none"):
     backward.
     """
     check_float("x", x)
+    return _gelu_op(x, approximate, bias=None)
+
+
+def bias_gelu_forward(h, b, approximate="none"):
+    """GELU(h + b) -> (out, cache), for a GEMM output ``h`` (..., D) that the caller hands over
+    with its bias ``b`` (D,) not yet added (``linear_gelu_forward``'s fc1). ``h`` is overwritten:
+    the bias is added in the same pass over h as the activation (a CuPy kernel, or NumPy's
+    blocks while each is in cache), instead of in a pass of its own. The same values as
+    ``gelu_forward(h + b)``, and the same backward."""
+    check_float("h", h)
+    return _gelu_op(h, approximate, bias=b)
+
+
+def _gelu_op(x, approximate, bias):
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     if grad_enabled():
-        return _gelu(x, approximate, derivative=True)
-    out, _ = _gelu(x, approximate, derivative=False)
+        return _gelu(x, approximate, derivative=True, bias=bias)
+    out, _ = _gelu(x, approximate, derivative=False, bias=bias)
     return out, Cache(no_grad=True, approximate=approximate)
 
 
-def _gelu(x, approximate, derivative):
-    """gelu_forward's paths; ``derivative=False`` lets the fast path skip dydx (inference)."""
+def _gelu(x, approximate, derivative, bias=None):
+    """gelu_forward's paths; ``derivative=False`` lets the fast path skip dydx (inference). With
+    a ``bias``, x is the caller's to overwrite (``bias_gelu_forward``)."""
     be = backend_of(x)
     xp = be.xp
     if approximate == "none":
-        if _fast.use_kernels(x):
+        if _fast.use_kernels(x, bias):
             # One fused CuPy kernel; the backward recomputes Phi and phi from x (kernels_cupy).
-            return _fast.kernels_cupy.gelu_forward(x), fused_gelu_cache(x)
+            if bias is None:
+                return _fast.kernels_cupy.gelu_forward(x), fused_gelu_cache(x)
+            return _fast.kernels_cupy.bias_gelu_forward(x, bias), fused_gelu_cache(x)  # x += b
         if x.dtype == xp.float32 and _fast.use_fast(x):
             # Blocked, threaded NumPy path (same result to float32 rounding), see ops/_fast.py.
             # The cache keeps the derivative instead of Phi (the backward is one product) and
             # not x, which the backward then never reads: the input can be freed (in a ViT,
-            # the MLP's widest activation).
-            out, dydx = _fast.gelu_forward_f32(x, derivative)
+            # the MLP's widest activation), or overwritten with the output when it is ours.
+            out, dydx = _fast.gelu_forward_f32(x, derivative, bias=bias, inplace=bias is not None)
             return out, Cache(x=None, cdf=None, dydx=dydx, approximate="none")
+    if bias is not None:
+        x += bias
+    if approximate == "none":
         cdf = be.erf(x * _SQRT_HALF)  # (...), erf(x / sqrt 2)
         cdf += 1.0
         cdf *= 0.5  # Phi(x)

@@ -6,8 +6,8 @@ Derivation: docs/ops/linear.md.
 from __future__ import annotations
 
 from . import _fast
-from ._common import Cache, array_module, check_float, check_same_dtype, check_shape, grad_enabled
-from .activations import fused_gelu_cache, gelu_backward, gelu_forward
+from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
+from .activations import bias_gelu_forward, gelu_backward, gelu_forward
 
 __all__ = ["linear_forward", "linear_backward", "linear_gelu_forward", "linear_gelu_backward"]
 
@@ -76,20 +76,18 @@ def linear_gelu_forward(x, w, b=None, approximate="none"):
 
     The first half of every transformer MLP (fc1, then its activation), as one op. It computes
     exactly :func:`linear_forward` followed by ``gelu_forward``, and its backward is theirs in
-    reverse; what it adds is the place to fuse them. On the CuPy kernel path (exact GELU, with
-    a bias) the GEMM leaves out the bias, and one kernel adds the bias in place and applies
-    GELU: one launch and one read and write of the (M, Dout) activation fewer than a bias add
-    followed by the GELU kernel. The cache is the two ops' caches either way.
+    reverse; what it adds is the place to fuse them. The GEMM leaves out the bias, and the
+    activation adds it in its own pass over the product (``bias_gelu_forward``): on CuPy one
+    kernel, on NumPy each block of rows while it is in cache. That is one read and one write of
+    the (M, Dout) activation fewer than a bias add followed by GELU. The cache is the two ops'
+    caches.
     """
-    if approximate == "none" and b is not None and _fast.use_kernels(w, b):
-        h, c_fc = linear_product(x, w, b)  # x w^T, (M, Dout), no bias yet
-        y = _fast.kernels_cupy.bias_gelu_forward(h, b)  # h += b (in place); y = GELU(h)
-        h = h.reshape(*x.shape[:-1], w.shape[0])
-        y = y.reshape(h.shape)
-        c_act = fused_gelu_cache(h) if grad_enabled() else Cache(no_grad=True)
-        return y, Cache(fc=c_fc, act=c_act)
-    h, c_fc = linear_forward(x, w, b)
-    y, c_act = gelu_forward(h, approximate=approximate)
+    h, c_fc = linear_product(x, w, b)  # x w^T, (M, Dout), ours, the bias not yet added
+    h = h.reshape(*x.shape[:-1], w.shape[0])
+    if b is None:
+        y, c_act = gelu_forward(h, approximate=approximate)
+    else:
+        y, c_act = bias_gelu_forward(h, b, approximate=approximate)  # h is overwritten
     return y, Cache(fc=c_fc, act=c_act)
 
 
