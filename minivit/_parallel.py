@@ -42,6 +42,7 @@ __all__ = [
     "in_block",
     "available_threads",
     "BLOCK_ELEMS",
+    "for_each_group",
 ]
 
 # Elements per block: small enough that a few float32 temporaries of this size stay in the
@@ -202,6 +203,29 @@ def run_tasks(tasks) -> None:
     """
     tasks = list(tasks)
     for_each_block(lambda i, _: tasks[i](), len(tasks), 1, block_elems=1, min_elems=0)
+
+
+def for_each_group(fn, sizes: dict) -> None:
+    """Call ``fn(key)`` once for every key of ``sizes`` ({key: elements of work}), the keys split
+    over the pool's threads in groups of about equal total size (largest first, each to the
+    lightest group so far): for work that comes in many arrays of uneven sizes, such as a model's
+    parameters (copied to shard workers, or their gradients summed over shards)."""
+    n = max(min(_num_threads, len(sizes)), 1)
+    groups = [[] for _ in range(n)]
+    totals = [0] * n
+    for k in sorted(sizes, key=lambda k: -sizes[k]):
+        i = totals.index(min(totals))
+        groups[i].append(k)
+        totals[i] += sizes[k]
+
+    def task(group):
+        def run():
+            for k in group:
+                fn(k)
+
+        return run
+
+    run_tasks(task(g) for g in groups)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -101,15 +101,21 @@ def test_workers_follow_the_parameters_and_the_model(two_threads):
     assert _pids(model) != pid  # forked again, from the model as it is now
 
 
-def test_a_vilt_runs_in_processes_too(two_threads):
+def _vilt_and_inputs(seed):
+    """A one-block ViLT and a batch of 4: (model, ids, text mask with one padded caption, images,
+    rng)."""
     from minivit.models.vilt import ViLT
 
     model = ViLT(vocab_size=30, max_text_len=8, img_size=32, patch_size=16, embed_dim=16,
                  depth=1, num_heads=2, dtype="float64", seed=1)  # fmt: skip
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(seed)
     ids, mask = rng.integers(0, 30, (4, 6)), np.ones((4, 6), bool)
     mask[1, 4:] = False
-    img = rng.standard_normal((4, 3, 32, 32))
+    return model, ids, mask, rng.standard_normal((4, 3, 32, 32)), rng
+
+
+def test_a_vilt_runs_in_processes_too(two_threads):
+    model, ids, mask, img, rng = _vilt_and_inputs(2)
     g = rng.standard_normal((4, 16))
     runs = {}
     for mode in ("threads", "processes"):
@@ -122,6 +128,48 @@ def test_a_vilt_runs_in_processes_too(two_threads):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
     for k, v in runs["threads"][4].items():
         np.testing.assert_allclose(runs["processes"][4][k], v, rtol=0, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("room", ["all", "some", "none"])
+def test_arrays_placed_in_the_inbox_give_the_pipes_results(two_threads, monkeypatch, room):
+    """Large request arrays go through the worker's shared inbox instead of the pipe: a ViLT
+    forward (ids, mask, images) and a backward with every gradient, one after the other, so the
+    backward's arrays land while the forward's cache may still view its own. "some": a region
+    too small for everything (the rest goes through the pipe); "none": nothing fits."""
+    monkeypatch.setattr(shard_workers._Inbox, "MIN_BYTES", 0)  # every array is placed...
+    region = {"all": 2**20, "some": 600, "none": 8}[room]
+    monkeypatch.setattr(shard_workers._Inbox, "REGION_BYTES", region)  # ...if it fits
+    placed = []
+    pack = shard_workers._Inbox.pack
+
+    def spy(self, value, where):
+        out = pack(self, value, where)
+        leaves = out.values() if isinstance(out, dict) else [out]
+        placed.extend(True for v in leaves if isinstance(v, shard_workers._Placed))
+        placed.extend(False for v in leaves if isinstance(v, np.ndarray))  # kept for the pipe
+        return out
+
+    monkeypatch.setattr(shard_workers._Inbox, "pack", spy)
+    model, ids, mask, img, rng = _vilt_and_inputs(3)
+    grads = {
+        "text_feats": rng.standard_normal((4, 6, 16)),
+        "image_feats": rng.standard_normal((4, 5, 16)),  # 4 patches and the image CLS
+        "pooled": rng.standard_normal((4, 16)),
+    }
+    runs = {}
+    for mode in ("threads", "processes"):
+        sharding.set_mode(mode)
+        for _ in range(2):  # the second step's arrays overwrite the first's
+            model.zero_grads()
+            out = model.forward(ids, mask, img, train=True)
+            dimg = model.backward(grads)
+        runs[mode] = (out["pooled"], out["image_feats"], dimg, dict(model.grads))
+    for a, b in zip(runs["threads"][:3], runs["processes"][:3]):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-12)
+    for k, v in runs["threads"][3].items():
+        np.testing.assert_allclose(runs["processes"][3][k], v, rtol=0, atol=1e-12, err_msg=k)
+    expect = {"all": {True}, "some": {True, False}, "none": {False}}[room]
+    assert set(placed) == expect
 
 
 def test_a_workers_error_is_raised_here_and_the_worker_serves_on(two_threads, monkeypatch):

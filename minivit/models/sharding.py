@@ -508,21 +508,10 @@ def sum_grads(parts, keys):
         if id(a) in seen or not a.flags.writeable:
             first[k] = a = a.copy()
         seen.add(id(a))
-    n = max(min(_parallel.get_num_threads(), len(keys)), 1)
-    groups = [[] for _ in range(n)]
-    sizes = [0] * n
-    for k in sorted(keys, key=lambda k: -first[k].size):  # largest first, to the lightest
-        i = sizes.index(min(sizes))
-        groups[i].append(k)
-        sizes[i] += first[k].size
 
-    def add(group):
-        def run():
-            for k in group:
-                for p in parts[1:]:
-                    first[k] += p[k]
+    def add(k):
+        for p in parts[1:]:
+            first[k] += p[k]
 
-        return run
-
-    _parallel.run_tasks(add(g) for g in groups)
+    _parallel.for_each_group(add, {k: first[k].size for k in keys})
     return {k: first[k] for k in keys}
