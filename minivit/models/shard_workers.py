@@ -38,10 +38,13 @@ How, for one model:
   worker's traceback added as a note; the worker keeps serving. Requests and replies carry
   sequence numbers. If the caller is interrupted while a request is outstanding (Ctrl-C), or a
   worker dies, that worker is stopped and reaped at once and never asked again, so no late
-  reply is ever taken for another request's; the call fails (a dead worker: RuntimeError) and
-  the model's next sharded call forks new workers. Workers ignore Ctrl-C themselves (the
-  parent decides); they end when the parent's end of their pipe closes, and on Linux the
-  kernel kills them if the parent dies (when forked from the main thread).
+  reply is ever taken for another request's. A forward that finds a worker dead (it died
+  since the last call, before its death could be seen) runs once more on new workers; a
+  backward or a query fails (:class:`WorkerLost`, a RuntimeError: the shard's cache died
+  with the worker), and the model's next sharded call forks new workers. Workers ignore
+  Ctrl-C themselves (the parent decides); they end when the parent's end of their pipe
+  closes, and on Linux the kernel kills them if the parent dies (when forked from the main
+  thread).
 
 - **Memory**: a worker is a fork of the whole process. Every page the parent writes after the
   fork (the heap it reuses for activations, the parameters an optimizer updates) is copied for
@@ -72,7 +75,7 @@ import weakref
 from .. import _parallel
 from ..backend import get_backend
 
-__all__ = ["available", "register", "RemoteShard", "workers_for", "stop_all"]
+__all__ = ["available", "register", "RemoteShard", "WorkerLost", "workers_for", "stop_all"]
 
 # the undecorated forward and backward methods, by name: a worker is told which one to run
 # (a decorated method's function cannot be pickled by reference: the class holds the wrapper)
@@ -136,6 +139,13 @@ def _die_with_parent():
         pass
 
 
+class WorkerLost(RuntimeError):
+    """A shard worker died, or its pipe broke or fell out of step: it has been stopped and
+    reaped, and the model's next sharded call forks a new one. A sharded forward that meets one
+    runs once more on new workers; a backward or a query cannot (the shard's cache was in the
+    worker), and raises it."""
+
+
 class _Worker:
     """One forked process serving one shard of one model.
 
@@ -181,7 +191,7 @@ class _Worker:
 
     def _dead(self, what):
         self.stop(kill=True)
-        return RuntimeError(
+        return WorkerLost(
             f"the shard worker process {self.pid} {what}; the model's workers are forked "
             "again at its next sharded call"
         )

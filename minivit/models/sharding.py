@@ -381,14 +381,24 @@ def sharded_forward(batched, check=None):
 
             try:
                 if mode() == "processes":  # shard 0 here, the others in worker processes
-                    workers = shard_workers.workers_for(self, len(bounds) - 1)
-                    shards[1:] = [shard_workers.RemoteShard(w) for w in workers]
-                    outs = _run_beside_workers(
-                        call(shards[0], *bounds[0]),
-                        list(zip(shards[1:], bounds[1:])),
-                        lambda r, s, e: r.start_forward(key, part(s, e), keep),
-                        lambda r: r.finish_forward(),
-                    )
+
+                    def beside_workers():
+                        workers = shard_workers.workers_for(self, len(bounds) - 1)
+                        shards[1:] = [shard_workers.RemoteShard(w) for w in workers]
+                        return _run_beside_workers(
+                            call(shards[0], *bounds[0]),
+                            list(zip(shards[1:], bounds[1:])),
+                            lambda r, s, e: r.start_forward(key, part(s, e), keep),
+                            lambda r: r.finish_forward(),
+                        )
+
+                    try:
+                        outs = beside_workers()
+                    except shard_workers.WorkerLost:
+                        # A worker had died since the last call, unseen when the workers were
+                        # checked. A forward can simply run again, on new workers: it draws no
+                        # random numbers here (shard_bounds). A second loss is raised.
+                        outs = beside_workers()
                 else:
                     outs = _run([call(sh, s, e) for sh, (s, e) in zip(shards, bounds)])
             except BaseException:
