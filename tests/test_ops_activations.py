@@ -179,6 +179,16 @@ def test_bias_gelu_is_gelu_of_h_plus_b(backend, approximate, dtype, shape):
     np.testing.assert_allclose(backend.to_numpy(dg), backend.to_numpy(dw), **tol)
 
 
+def test_bias_gelu_checks_its_bias(backend):
+    h = backend.asarray(np.ones((2, 3, 4)))
+    with pytest.raises(ValueError, match=r"b must have shape \(4\)"):
+        ops.bias_gelu_forward(h, backend.asarray(np.ones((3, 4))))
+    with pytest.raises(TypeError, match="dtype"):
+        ops.bias_gelu_forward(h, backend.asarray(np.ones(4, np.float32)))
+    with pytest.raises(ValueError, match="at least one axis"):
+        ops.bias_gelu_forward(backend.asarray(np.float64(1.0)), backend.asarray(np.ones(1)))
+
+
 def test_tanh_gradient_in_the_tails(backend):
     # Backward uses 1 - y^2 with y = tanh(x) rounded to float64, so for |x| >> 1 its absolute
     # error is that of y (~eps), while 1 - y^2 itself shrinks like 4 exp(-2|x|): relative errors

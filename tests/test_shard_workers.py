@@ -172,6 +172,44 @@ def test_arrays_placed_in_the_inbox_give_the_pipes_results(two_threads, monkeypa
     assert set(placed) == expect
 
 
+def test_the_inbox_round_trips_what_it_takes_and_leaves_the_rest(monkeypatch):
+    """pack then unpack (one process: the mapping is the same memory) gives back equal arrays
+    for every layout and dtype it takes, and leaves other containers and array subclasses to
+    the pipe untouched."""
+    from collections import namedtuple
+
+    monkeypatch.setattr(shard_workers._Inbox, "MIN_BYTES", 1)
+    inbox = shard_workers._Inbox()
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((6, 5))
+    pair = namedtuple("Pair", "x y")(a, 1)
+    masked = np.ma.masked_array(a, a > 0)
+    value = {
+        "c": a,
+        "reversed": a[::-1, ::-2],  # negative strides
+        "fortran": np.asfortranarray(a),
+        "bool": a > 0,
+        "int": rng.integers(0, 9, (3, 4)),
+        "big-endian": a.astype(">f4"),
+        "structured": np.zeros(3, dtype=[("i", "<i4"), ("f", "<f8")]),
+        "empty": np.zeros((0, 3)),
+        "list": [a, (a[0], None)],
+        "pair": pair,
+        "masked": masked,
+    }
+    packed = inbox.pack(value, "forward")
+    placed = shard_workers._Placed
+    assert isinstance(packed["c"], placed) and isinstance(packed["list"][1][0], placed)
+    assert packed["pair"] is pair and packed["masked"] is masked  # left for the pipe
+    assert packed["empty"] is value["empty"]  # nothing to place
+    got = inbox.unpack(packed)
+    for k in ("c", "reversed", "fortran", "bool", "int", "big-endian", "structured"):
+        assert got[k].dtype == value[k].dtype, k
+        np.testing.assert_array_equal(got[k], value[k], err_msg=k)
+    np.testing.assert_array_equal(got["list"][1][0], a[0])
+    assert got["list"][1][1] is None and type(got["list"][1]) is tuple
+
+
 def test_a_workers_error_is_raised_here_and_the_worker_serves_on(two_threads, monkeypatch):
     model = _vit()
     x, y = _inputs(4)

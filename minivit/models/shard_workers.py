@@ -297,18 +297,19 @@ class _Inbox:
         self.buffer = mmap.mmap(-1, self.REGION_BYTES * len(self.REGIONS))
 
     def pack(self, value, region):
-        """``value`` (an array, or a dict / list / tuple of them) with its large NumPy arrays
-        copied into ``region`` and replaced by :class:`_Placed` markers."""
+        """``value`` (an array, or a plain dict / list / tuple of them) with its large NumPy
+        arrays copied into ``region`` and replaced by :class:`_Placed` markers. Anything else
+        (other containers, array subclasses, object arrays) is left to be pickled."""
         base = self.REGIONS.index(region) * self.REGION_BYTES
         used = [0]
+        np = _np()
 
         def place(v):
-            if isinstance(v, dict):
+            if type(v) is dict:
                 return {k: place(x) for k, x in v.items()}
-            if isinstance(v, (list, tuple)):
+            if type(v) in (list, tuple):
                 return type(v)(place(x) for x in v)
-            np = _np()
-            if not isinstance(v, np.ndarray) or v.nbytes < self.MIN_BYTES or v.dtype.hasobject:
+            if type(v) is not np.ndarray or v.nbytes < self.MIN_BYTES or v.dtype.hasobject:
                 return v
             start = -(-used[0] // self.ALIGN) * self.ALIGN
             if start + v.nbytes > self.REGION_BYTES:
@@ -316,23 +317,22 @@ class _Inbox:
             used[0] = start + v.nbytes
             at = np.frombuffer(self.buffer, v.dtype, v.size, base + start).reshape(v.shape)
             np.copyto(at, v)
-            return _Placed(region, start, v.shape, v.dtype.str)
+            return _Placed(region, start, v.shape, v.dtype)
 
         return place(value)
 
     def unpack(self, value):
         """The inverse of :meth:`pack`, in the worker: markers become views of the inbox."""
-        if isinstance(value, dict):
+        if type(value) is dict:
             return {k: self.unpack(x) for k, x in value.items()}
-        if isinstance(value, (list, tuple)):
+        if type(value) in (list, tuple):
             return type(value)(self.unpack(x) for x in value)
         if not isinstance(value, _Placed):
             return value
         np = _np()
-        dtype = np.dtype(value.dtype)
         count = int(np.prod(value.shape, dtype=np.int64))
         offset = self.REGIONS.index(value.region) * self.REGION_BYTES + value.offset
-        return np.frombuffer(self.buffer, dtype, count, offset).reshape(value.shape)
+        return np.frombuffer(self.buffer, value.dtype, count, offset).reshape(value.shape)
 
 
 def _serve(model, conn, slots, grads, inbox, pdeathsig):
@@ -420,8 +420,12 @@ class _Pool:
         self.fingerprint = _fingerprint(model)
         self.slots = {k: _shared(v.shape, v.dtype) for k, v in model.params.items()}
         self.workers = []
-        for _ in range(n):
-            self.workers.append(_Worker(model, self.slots, [w.conn for w in self.workers]))
+        try:
+            for _ in range(n):
+                self.workers.append(_Worker(model, self.slots, [w.conn for w in self.workers]))
+        except BaseException:  # a fork or a mapping refused: reap the workers made so far
+            self.stop(kill=True)
+            raise
 
     def stop(self, kill=False):
         for w in self.workers:

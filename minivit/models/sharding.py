@@ -398,6 +398,8 @@ def sharded_forward(batched, check=None):
                         # A worker had died since the last call, unseen when the workers were
                         # checked. A forward can simply run again, on new workers: it draws no
                         # random numbers here (shard_bounds). A second loss is raised.
+                        outs = None
+                    if outs is None:  # (outside the handler: the first try's state is freed)
                         outs = beside_workers()
                 else:
                     outs = _run([call(sh, s, e) for sh, (s, e) in zip(shards, bounds)])

@@ -10,9 +10,12 @@ import math
 from . import _fast
 from ._common import (
     Cache,
+    array_module,
     backend_of,
     check_float,
     check_grad_cache,
+    check_same_dtype,
+    check_shape,
     grad_enabled,
 )
 
@@ -44,6 +47,11 @@ def bias_gelu_forward(h, b, approximate="none"):
     blocks while each is in cache), instead of in a pass of its own. The same values as
     ``gelu_forward(h + b)``, and the same backward."""
     check_float("h", h)
+    if h.ndim < 1:
+        raise ValueError("h must have at least one axis, the one the bias runs along")
+    check_shape("b", b, (h.shape[-1],), "one bias per entry of h's last axis")
+    check_same_dtype(h=h, b=b)
+    array_module(h, b)  # one backend
     return _gelu_op(h, approximate, bias=b)
 
 
@@ -75,7 +83,10 @@ def _gelu(x, approximate, derivative, bias=None):
             out, dydx = _fast.gelu_forward_f32(x, derivative, bias=bias, inplace=bias is not None)
             return out, Cache(x=None, cdf=None, dydx=dydx, approximate="none")
     if bias is not None:
-        x += bias
+        if _fast.use_fast(x):
+            _fast.add_bias_(x.reshape(-1, x.shape[-1]), bias)  # the same add, in row blocks
+        else:
+            x += bias
     if approximate == "none":
         cdf = be.erf(x * _SQRT_HALF)  # (...), erf(x / sqrt 2)
         cdf += 1.0
