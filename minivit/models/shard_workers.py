@@ -450,7 +450,7 @@ def workers_for(model, n):
         _POOLS[id(model)] = pool
         pool.finalizer = weakref.finalize(model, _stop_pool, id(model))
     copyto, params = _np().copyto, model.params
-    # on the pool's threads: the workers are idle until it is done (1.8 ms for ViT-Ti alone)
+    # on the pool's threads, as the workers wait for it (ViT-Ti's 23 MB: 1.7-2.0 ms on two)
     sizes = {k: v.size for k, v in params.items()}
     _parallel.for_each_group(lambda k: copyto(pool.slots[k], params[k]), sizes)
     return pool.workers
