@@ -62,38 +62,31 @@ def measure(name="vit_tiny_patch16_224", batch=8, repeats=12, gap=0.12, log=prin
     from threadpoolctl import threadpool_limits
 
     from benchmarks import models
-    from minivit import _parallel, ops
-    from minivit.backend import get_backend
+    from minivit import _parallel
     from minivit.models import shard_workers, sharding
 
     if not shard_workers.available():
         raise RuntimeError("shard_contention.py forks worker processes: it needs os.fork")
     if batch < 2 or batch % 2:
         raise ValueError(f"--batch must be even and at least 2, got {batch}")
-    be = get_backend("numpy")
-    half = batch // 2
-    model = models.build(name, "numpy", batch, False, **overrides)["model"]
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, model.in_chans, model.img_size, model.img_size))
-    x = x.astype(model.dtype)
-    labels = rng.integers(0, model.num_classes, batch)
-    one = be.xp.asarray(1.0, dtype=model.dtype)
+    # the benchmark's own train step (forward, cross-entropy, backward), on the whole batch and
+    # on half of it (a model of the same seed)
+    whole = models.build(name, "numpy", batch, False, **overrides)
+    half = models.build(name, "numpy", batch // 2, False, **overrides)
 
-    def step(mode, samples, threads):
-        """One train step (forward, loss, backward) on the first ``samples`` samples."""
-        _parallel.set_num_threads(threads)
-        with sharding.using(mode), threadpool_limits(threads):
-            model.zero_grads()
-            logits = model.forward(x[:samples], train=True)
-            _, cache = ops.cross_entropy_forward(logits, labels[:samples])
-            (dl,) = ops.cross_entropy_backward(one, cache)
-            model.backward(dl, input_grad=False)
-        return model.grads
+    def step(mode, built, threads):
+        def run():
+            _parallel.set_num_threads(threads)
+            with sharding.using(mode), threadpool_limits(threads):
+                built["train_step"]()
+            return built["model"].grads
+
+        return run
 
     ways = {
-        "threads": lambda: step("threads", batch, 2),
-        "processes": lambda: step("processes", batch, 2),
-        "one half alone": lambda: step("off", half, 1),
+        "threads": step("threads", whole, 2),
+        "processes": step("processes", whole, 2),
+        "one half alone": step("off", half, 1),
     }
     threads_before = _parallel.get_num_threads()
     try:

@@ -43,6 +43,7 @@ __all__ = [
     "available_threads",
     "BLOCK_ELEMS",
     "for_each_group",
+    "inline",
 ]
 
 # Elements per block: small enough that a few float32 temporaries of this size stay in the
@@ -171,13 +172,11 @@ def for_each_block(
             if i >= n_blocks:
                 return
             s = starts[i]
-            _local.in_block = True
             try:
-                fn(s, min(s + rows_per_block, n_rows))
+                with inline():
+                    fn(s, min(s + rows_per_block, n_rows))
             except BaseException as exc:  # kept, raised by the caller
                 state["error"] = state["error"] or exc
-            finally:
-                _local.in_block = False
             with lock:
                 state["done"] += 1
                 if state["done"] == n_blocks:

@@ -119,13 +119,15 @@ def rng():
 
 @pytest.fixture
 def keep_parallel_settings():
-    """Restore the pool's thread count and the batch-shard switch after a test changes them."""
+    """Restore the pool's thread count and the batch-shard setting (on or off, threads or
+    processes) after a test changes them, and stop any shard worker processes it started."""
     from minivit import _parallel
-    from minivit.models import sharding
+    from minivit.models import shard_workers, sharding
 
-    prev_on, prev_threads = sharding.enabled(), _parallel.get_num_threads()
-    yield
-    sharding.set_enabled(prev_on)
+    prev_threads = _parallel.get_num_threads()
+    with sharding.using(sharding.mode()):  # restores both parts of the setting exactly
+        yield
+    shard_workers.stop_all()
     _parallel.set_num_threads(prev_threads)
 
 

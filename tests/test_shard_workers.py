@@ -18,13 +18,8 @@ pytestmark = pytest.mark.skipif(not shard_workers.available(), reason="needs os.
 
 
 @pytest.fixture
-def two_threads():
-    prev_threads, prev_mode = _parallel.get_num_threads(), sharding.mode()
+def two_threads(keep_parallel_settings):
     _parallel.set_num_threads(2)
-    yield
-    shard_workers.stop_all()
-    _parallel.set_num_threads(prev_threads)
-    sharding.set_mode(prev_mode)
 
 
 def _vit(**kw):
@@ -122,6 +117,8 @@ def test_a_vilt_runs_in_processes_too(two_threads):
         sharding.set_mode(mode)
         model.zero_grads()
         out = model.forward(ids, mask, img, train=True)
+        remote = isinstance(model._cache.shards[-1], shard_workers.RemoteShard)
+        assert remote == (mode == "processes")  # the second shard really ran in a worker
         dimg = model.backward({"pooled": g})
         runs[mode] = (out["pooled"], out["text_feats"], out["attn"][0], dimg, dict(model.grads))
     for a, b in zip(runs["threads"][:4], runs["processes"][:4]):
@@ -162,6 +159,8 @@ def test_arrays_placed_in_the_inbox_give_the_pipes_results(two_threads, monkeypa
         for _ in range(2):  # the second step's arrays overwrite the first's
             model.zero_grads()
             out = model.forward(ids, mask, img, train=True)
+            remote = isinstance(model._cache.shards[-1], shard_workers.RemoteShard)
+            assert remote == (mode == "processes")
             dimg = model.backward(grads)
         runs[mode] = (out["pooled"], out["image_feats"], dimg, dict(model.grads))
     for a, b in zip(runs["threads"][:3], runs["processes"][:3]):
@@ -274,6 +273,8 @@ def test_workers_end_with_their_model(two_threads):
 def test_set_mode_checks_its_value(two_threads):
     with pytest.raises(ValueError, match="threads, processes, off"):
         sharding.set_mode("gpu")
+    sharding.set_mode("threads")
+    assert sharding.set_mode("off") == "threads" and not sharding.enabled()
     assert sharding.set_mode("off") in sharding.MODES and not sharding.enabled()
     sharding.set_enabled(True)
     assert sharding.mode() == "threads"

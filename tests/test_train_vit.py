@@ -133,7 +133,9 @@ def test_the_command_line_reports_user_errors_in_one_line(tmp_path, capsys, monk
         main(["train", "vit", "--resume", str(tmp_path / "nothing"), "--no-progress"])
 
 
-def test_shards_in_processes_train_the_same_weights_as_threads(tmp_path, monkeypatch):
+def test_shards_in_processes_train_the_same_weights_as_threads(
+    tmp_path, monkeypatch, keep_parallel_settings
+):
     """--shards processes (the default on Linux) and --shards threads run the same
     shards, so the weights come out equal bit for bit; the mode is restored afterwards."""
     from minivit import _parallel
@@ -146,21 +148,17 @@ def test_shards_in_processes_train_the_same_weights_as_threads(tmp_path, monkeyp
     real = shard_workers.workers_for
     monkeypatch.setattr(shard_workers, "workers_for", lambda m, n: forks.append(n) or real(m, n))
     plain = [*TINY, "--drop-rate", "0", "--drop-path-rate", "0"]  # no randomness: shards run
-    before, threads = sharding.mode(), _parallel.get_num_threads()
+    before = sharding.mode()
     _parallel.set_num_threads(2)
-    try:
-        for mode in ("processes", "threads"):
-            out = tmp_path / mode
-            assert main(["train", "vit", *plain, "--shards", mode, "--out", str(out)]) == 0
-            assert sharding.mode() == before
-            if mode == "processes":
-                assert forks, "no shard ran in a worker process"
-                n_forks, forks[:] = len(forks), []
-            else:
-                assert not forks
-    finally:
-        _parallel.set_num_threads(threads)
-        shard_workers.stop_all()
+    for mode in ("processes", "threads"):
+        out = tmp_path / mode
+        assert main(["train", "vit", *plain, "--shards", mode, "--out", str(out)]) == 0
+        assert sharding.mode() == before
+        if mode == "processes":
+            assert forks, "no shard ran in a worker process"
+            n_forks, forks[:] = len(forks), []
+        else:
+            assert not forks
     assert n_forks >= 9  # every training step's forward (3 epochs x 3 batches), at least
     a, _ = load_checkpoint(tmp_path / "processes" / "checkpoint.safetensors")
     b, _ = load_checkpoint(tmp_path / "threads" / "checkpoint.safetensors")

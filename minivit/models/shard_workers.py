@@ -4,10 +4,10 @@
 first in a worker process of its own; the first runs in the calling thread, as before. Why:
 with threads, each NumPy call gives up the GIL for its loop and must take it back afterwards,
 and with two threads it often waits for the other one to finish running Python. On the 2-core
-AVX2 host that cost the ViT-Ti/16 batch-8 train step 2-6% (benchmarks/shard_contention.py;
-benchmarks/README.md). A process has an interpreter of its own, so its shard never waits.
-``minivit train vit`` and ``train hybrid`` use this mode by default on Linux (``--shards``):
-their main job ran in 56 s instead of 69 and trained the same weights, bit for bit.
+AVX2 host that cost the ViT-Ti/16 batch-8 train step a few percent (measured by
+benchmarks/shard_contention.py; figures in benchmarks/README.md). A process has an interpreter
+of its own, so its shard never waits. ``minivit train vit`` and ``train hybrid`` use this mode
+by default on Linux (``--shards``); they train the same weights as thread shards, bit for bit.
 
 How, for one model:
 
@@ -21,14 +21,13 @@ How, for one model:
   mapping made before the fork). Before every sharded forward the parent copies the model's
   current parameters into it, so an optimizer step, a loaded checkpoint or a parameter
   replaced by assignment all reach the workers. The copy costs a pass over the parameters (23
-  MB for ViT-Ti: 1.7-2.0 ms on the pool's two threads, while the workers wait; 2.8-3.3 ms on
-  one, with a slower check of the model beside it). Nothing of the caller's is rebound.
+  MB for ViT-Ti), made on the pool's threads while the workers wait. Nothing of the caller's
+  is rebound.
 - **Inputs and outputs** of a shard: its large input arrays (a shard's images, a large
   gradient sent to its backward) are copied into the worker's *inbox*, a shared mapping with
   a region for forward requests and one for backward requests (:class:`_Inbox`); the rest of
   a request, and every reply (the shard's output, its input gradient), go over a pipe between
-  this process and its own forked child, pickled (no outside data passes there). Through the
-  inbox, handing 4 ViT-Ti images to the worker took 0.4 ms instead of 1.4. A worker's error
+  this process and its own forked child, pickled (no outside data passes there). A worker's error
   comes back as its class name and message, never as a pickled exception; the **parameter
   gradients** come back through a second shared mapping per worker and are summed as the
   threads' are.
@@ -102,12 +101,18 @@ def _np():
     return get_backend("numpy").xp
 
 
+def _view(buffer, shape, dtype, offset=0):
+    """The array of ``shape`` and ``dtype`` lying in ``buffer`` from byte ``offset``."""
+    np = _np()
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(buffer, dtype, count, offset).reshape(shape)
+
+
 def _shared(shape, dtype):
     """A zeroed array in an anonymous shared mapping (seen by processes forked afterwards)."""
     np = _np()
-    count = int(np.prod(shape, dtype=np.int64))
-    nbytes = max(count * np.dtype(dtype).itemsize, 1)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=count).reshape(shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return _view(mmap.mmap(-1, max(nbytes, 1)), shape, dtype)
 
 
 def _fingerprint(model):
@@ -125,8 +130,8 @@ def _fingerprint(model):
             )
         )
     )
-    params = tuple((k, v.shape, v.dtype) for k, v in model.params.items())  # dtype objects:
-    # str(dtype) took 4 us a parameter, most of this function's time
+    params = tuple((k, v.shape, v.dtype) for k, v in model.params.items())  # (not str(dtype):
+    # slow, and this runs before every sharded forward)
     return (type(model), params, attrs)
 
 
@@ -276,16 +281,16 @@ class _Inbox:
     """A worker's inbox: a shared mapping, made before the fork, into which the parent copies the
     large arrays of a request (a shard's images), so that they need not go through the pipe.
 
-    Sending 2.4 MB of images (ViT-Ti, 4 images) through the pipe took the parent 1.4 ms a
-    step, pickled and written in pieces the worker had to read in turn; a copy into shared
-    memory takes a fraction of that, and the worker reads the arrays where they lie, without
-    unpickling. Forward and backward requests have a region each: a forward's cache may keep
-    views of its inputs until its backward has run, so the backward's arrays must not overwrite
-    them. A region is written only while its worker is idle between requests (every request
-    waits for its reply before the next is sent), and a forward's region only when the held
-    forward, whose cache may view it, is about to be replaced. Arrays below ``MIN_BYTES``, or
-    past a region's room, go through the pipe as before. The mapping is address space: its
-    pages take memory once written, and stay until the pool stops.
+    Through the pipe, the images are pickled and written in pieces the worker must read in turn;
+    a copy into shared memory takes a fraction of that time, and the worker reads the arrays
+    where they lie, without unpickling (benchmarks/README.md has the figures). Forward and
+    backward requests have a region each: a forward's cache may keep views of its inputs until
+    its backward has run, so the backward's arrays must not overwrite them. A region is written
+    only while its worker is idle between requests (every request waits for its reply before the
+    next is sent), and a forward's region only when the held forward, whose cache may view it,
+    is about to be replaced. Arrays below ``MIN_BYTES``, or past a region's room, go through the
+    pipe as before. The mapping is address space: its pages take memory once written, and stay
+    until the pool stops.
     """
 
     REGION_BYTES = 64 * 2**20
@@ -315,8 +320,7 @@ class _Inbox:
             if start + v.nbytes > self.REGION_BYTES:
                 return v  # no room: through the pipe
             used[0] = start + v.nbytes
-            at = np.frombuffer(self.buffer, v.dtype, v.size, base + start).reshape(v.shape)
-            np.copyto(at, v)
+            np.copyto(_view(self.buffer, v.shape, v.dtype, base + start), v)
             return _Placed(region, start, v.shape, v.dtype)
 
         return place(value)
@@ -329,10 +333,8 @@ class _Inbox:
             return type(value)(self.unpack(x) for x in value)
         if not isinstance(value, _Placed):
             return value
-        np = _np()
-        count = int(np.prod(value.shape, dtype=np.int64))
         offset = self.REGIONS.index(value.region) * self.REGION_BYTES + value.offset
-        return np.frombuffer(self.buffer, value.dtype, count, offset).reshape(value.shape)
+        return _view(self.buffer, value.shape, value.dtype, offset)
 
 
 def _serve(model, conn, slots, grads, inbox, pdeathsig):
@@ -340,13 +342,13 @@ def _serve(model, conn, slots, grads, inbox, pdeathsig):
     from threadpoolctl import threadpool_limits
 
     from ..ops import set_grad_enabled
-    from . import sharding
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if pdeathsig:
         _die_with_parent()
-    _parallel.set_num_threads(1)  # the parent's pool threads do not exist here
-    sharding.set_mode("off")  # a nested decorated call runs whole
+    # the parent's pool threads do not exist here; with one thread, a nested decorated call
+    # runs whole (sharding.shard_bounds)
+    _parallel.set_num_threads(1)
     limits = threadpool_limits(1)  # noqa: F841 (held for the process's life)
     replica = copy.copy(model)
     replica.params = dict(slots)  # views of the shared mapping the parent writes
@@ -450,7 +452,7 @@ def workers_for(model, n):
         _POOLS[id(model)] = pool
         pool.finalizer = weakref.finalize(model, _stop_pool, id(model))
     copyto, params = _np().copyto, model.params
-    # on the pool's threads, as the workers wait for it (ViT-Ti's 23 MB: 1.7-2.0 ms on two)
+    # on the pool's threads: the workers wait for it
     sizes = {k: v.size for k, v in params.items()}
     _parallel.for_each_group(lambda k: copyto(pool.slots[k], params[k]), sizes)
     return pool.workers
@@ -478,7 +480,7 @@ class RemoteShard:
     def __init__(self, worker):
         self.worker = worker
         self.grads = {}
-        self._cache = _HELD  # for sharding._consumed: whole until the backward
+        self._cache = _HELD  # not None: for sharding._consumed, whole until the backward
 
     def start_forward(self, key, part, keep):
         self.worker.send("forward", key, self.worker.inbox.pack(part, "forward"), keep)
@@ -505,8 +507,4 @@ class RemoteShard:
         return out
 
 
-class _Held:
-    consumed = False
-
-
-_HELD = _Held()
+_HELD = object()  # a RemoteShard's cache while its worker holds the real one

@@ -40,7 +40,8 @@ forward just stores its cache, and the decorator drops it.
 
 Threads or processes: with threads, every NumPy call of a shard gives up the GIL for its loop
 and must take it back afterwards, which often means waiting for the other shard's Python
-(2-6% of the ViT-Ti step on the 2-core AVX2 host, benchmarks/shard_contention.py). With
+(a few percent of the ViT-Ti step on the 2-core AVX2 host: benchmarks/shard_contention.py,
+figures in benchmarks/README.md). With
 ``MINIVIT_SHARD=processes`` (or :func:`set_mode`) the first shard runs in the calling thread and
 every other one in a worker process forked for the model (``shard_workers.py``): same results,
 no shared GIL, at the price of a fork per model and a copy of the parameters per forward.
@@ -74,6 +75,7 @@ __all__ = [
     "mode",
     "set_mode",
     "using",
+    "env_mode",
     "shard_query",
     "on_each_shard",
     "MODES",
@@ -82,8 +84,17 @@ __all__ = [
 _SWITCH = Switch("MINIVIT_SHARD")
 # where the shards after the first run: "threads" (this process) or "processes" (workers,
 # minivit/models/shard_workers.py); MINIVIT_SHARD=processes chooses the second
-_WHERE = {"value": "processes" if _SWITCH.raw in ("process", "processes") else "threads"}
+_NAMED = {"threads": "threads", "process": "processes", "processes": "processes"}
+_WHERE = {"value": _NAMED.get(_SWITCH.raw, "threads")}
 MODES = ("threads", "processes", "off")
+
+
+def env_mode() -> str | None:
+    """The mode ``MINIVIT_SHARD`` names ("off", "threads" or "processes"), or None when it is
+    unset or only says "on" ("1" and the like): then the caller may choose."""
+    if not _SWITCH.on:
+        return "off"
+    return _NAMED.get(_SWITCH.raw)
 
 
 def enabled() -> bool:

@@ -149,15 +149,13 @@ def add_arguments(p: argparse.ArgumentParser, job: DigitsJob = JOB) -> None:
 def default_shards() -> str:
     """The --shards default: MINIVIT_SHARD's mode when the variable names one ("0",
     "threads", "processes"), else processes on Linux, else threads."""
-    import os
     import sys
 
-    from ..backend import Switch
     from ..models import shard_workers, sharding
 
-    said = os.environ.get("MINIVIT_SHARD", "").lower()
-    if said in (*Switch.OFF, "threads", "process", "processes"):
-        return sharding.mode()  # a choice ("1" and the like only say: shards on)
+    named = sharding.env_mode()
+    if named is not None:
+        return named
     # Linux only by default: macOS's system libraries (Accelerate, the Objective-C runtime) are
     # not safe to use in a child forked from a threaded process
     linux = sys.platform.startswith("linux")
