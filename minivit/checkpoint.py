@@ -164,9 +164,8 @@ def save_model(path, model, extra_tensors: dict | None = None, metadata: dict | 
         tensors[k] = v
     meta = {"format": FORMAT, "model": type(model).__name__, "config": model.config}
     meta["dtype"] = model.dtype
-    missing = list(getattr(model, "missing_heads", None) or ())
-    if missing:
-        meta["missing_heads"] = missing
+    if model.missing_heads:
+        meta["missing_heads"] = list(model.missing_heads)
     meta.update(metadata or {})
     return save_checkpoint(path, tensors, meta)
 
@@ -182,6 +181,11 @@ def _model_classes():
         except (ImportError, AttributeError):
             pass
     return classes
+
+
+# Config entries that shape no weight: dropout rates, and ViLT's patch sampling (a checkpoint
+# trained with max_image_len=K loads into a model that keeps every patch, and back)
+_NOT_ARCHITECTURE = ("drop_rate", "drop_path_rate", "max_image_len")
 
 
 def load_weights_into(model, path, strict=True) -> dict:
@@ -204,7 +208,7 @@ def load_weights_into(model, path, strict=True) -> dict:
             f"{k}: checkpoint {saved.get(k)!r}, model {model.config.get(k)!r}"
             for k in sorted(set(saved) | set(model.config))
             if saved.get(k) != model.config.get(k)
-            and k not in ("drop_rate", "drop_path_rate")  # training-only, not architecture
+            and k not in _NOT_ARCHITECTURE
         ]
         if diffs:
             raise CheckpointError(
@@ -312,7 +316,7 @@ def _load_hf_vilt(path, tensors, meta, hf, backend, dtype, num_heads, overrides)
         missing, _ = model.load_state_dict(sd, strict=False)
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit the model: {exc}") from exc
-    heads = ("itm_score.", "mlm_score.", "vqa_classifier.")
+    heads = ("itm_score.", "mlm_score.")  # (the VQA head exists only when the file has it)
     body = [k for k in missing if not k.startswith(heads)]
     if body:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks ViLT weights: {', '.join(body)}")

@@ -139,7 +139,7 @@ def test_a_resaved_hugging_face_vilt_keeps_its_missing_heads(tmp_path):
     """A Hugging Face ViltForMaskedLM has no ITM head: load_model says so (missing_heads), and
     a copy written by save_model, loaded again, must still say so (and so on, copy after copy),
     or predict would run the randomly initialised head as if it were trained."""
-    from tests.test_predict_vilt import _hf_folder
+    from test_predict_vilt import _hf_folder
 
     _hf_folder(tmp_path / "hf")
     model, meta = load_model(tmp_path / "hf" / "model.safetensors")

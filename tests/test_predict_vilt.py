@@ -64,6 +64,7 @@ def _shapes_run(folder, backend):
     model = ViLT(
         vocab_size=len(SPECIAL_TOKENS) + len(WORDS), max_text_len=16, img_size=S, patch_size=16,
         embed_dim=16, depth=1, num_heads=2, backend=backend, seed=3,
+        max_image_len=1,  # trained sampling one patch per image: predict must use every patch
     )  # fmt: skip
     # Weights far from the initial ones (std 0.02 leaves every probability near uniform, where
     # a wrong image would change the figures below the printed precision): 0.5 N(0, 1) added.
@@ -99,7 +100,7 @@ def test_predict_scores_a_caption_with_a_shapes_run(tmp_path, capsys, backend):
     with ops.no_grad():
         out = model.forward(be.asarray(np.stack([ids] * 2)), be.asarray(np.stack([mask] * 2)),
                             be.asarray(x.astype(np.float32)), be.asarray(m),
-                            interpolate_pos_encoding=True)  # fmt: skip
+                            interpolate_pos_encoding=True, max_image_len=-1)  # fmt: skip
         itm, _ = vilt_heads.itm_forward(out["pooled"], model.params)
         where = np.nonzero(ids == tok.mask_id)[0]
         mlm, _ = vilt_heads.mlm_forward(out["text_feats"][:, be.asarray(where)], model.params)
@@ -123,8 +124,10 @@ def test_predict_scores_a_caption_with_a_shapes_run(tmp_path, capsys, backend):
 
 
 def test_predict_user_errors(tmp_path, backend):
+    from minivit.cli import build_parser
     from minivit.train.predict import run
-    from tests.test_train_vit import parse
+
+    parse = build_parser().parse_args
 
     _shapes_run(tmp_path / "run", backend)
     img = str(_png(tmp_path / "a.png"))
@@ -157,9 +160,8 @@ def _hf_folder(folder):
     """A random-weight ViltForMaskedLM saved as on the hub, with a small BERT vocabulary."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
+    from test_convert_vilt import _hf_config, _randomize
     from transformers import ViltForMaskedLM
-
-    from tests.test_convert_vilt import _hf_config, _randomize
 
     words = ["a", "red", "blue", "circle", "square", "cat", "dog", "##s", "on", "the", "."]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
@@ -176,11 +178,10 @@ def _hf_folder(folder):
 @pytest.mark.oracle
 def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):
     import torch
+    from test_convert_vilt import MAXLEN, P
+    from test_convert_vilt import S as HF_S
     from transformers import BertTokenizer
     from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
-
-    from tests.test_convert_vilt import MAXLEN, P
-    from tests.test_convert_vilt import S as HF_S
 
     hf, vocab = _hf_folder(tmp_path / "hf")
     model, meta = load_model(tmp_path / "hf" / "model.safetensors")
@@ -196,7 +197,7 @@ def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):
     caption = "Red [MASK] on the blue squares."
 
     tok = vilt_tokenizer(model, meta, tmp_path / "hf" / "model.safetensors")  # vocab.txt beside
-    results = match_and_fill(model, meta, tok, images, caption, top=5)
+    results = match_and_fill(model, tok, images, caption, top=5)
     assert all(r["match"] is None and len(r["fills"]) == 1 for r in results)
 
     # Hugging Face end to end: its tokenizer, its image processor (the model's defaults: the
@@ -335,7 +336,7 @@ def test_load_model_reads_a_vqa_folder_and_refuses_missing_weights(tmp_path, cap
 
     (tmp_path / "vqa").mkdir()
     (tmp_path / "vqa" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
-    from tests.test_convert_vilt import _hf_config
+    from test_convert_vilt import _hf_config
 
     torch.manual_seed(0)
     ViltForQuestionAnswering(_hf_config(num_labels=7)).save_pretrained(tmp_path / "vqa")

@@ -7,12 +7,12 @@ the checkpoint's config records K, and a run saved before the option existed sti
 from __future__ import annotations
 
 import pytest
+from test_vilt import run_interrupted
 
 from minivit.checkpoint import load_checkpoint, load_model, read_metadata, save_checkpoint
 from minivit.cli import build_parser
 from minivit.models.vilt import ViLT
 from minivit.train import vilt as train_vilt
-from tests.test_vilt import run_interrupted
 
 NP = 9  # 48-pixel images in 16-pixel patches: a 3 x 3 grid
 
@@ -60,6 +60,11 @@ def test_training_forwards_keep_k_patches_and_evaluation_every_patch(
     assert meta["config"]["max_image_len"] == k and meta["train"]["args"]["max_image_len"] == k
     model, _ = load_model(tmp_path / "checkpoint.safetensors")
     assert model.max_image_len == k
+    # patch sampling shapes no weight: the run loads into a model that keeps every patch
+    whole, _ = load_model(tmp_path / "checkpoint.safetensors", max_image_len=-1)
+    assert whole.max_image_len == -1
+    for name, w in model.params.items():
+        assert (whole.params[name] == w).all(), name
 
 
 def test_default_keeps_every_patch_in_training(tmp_path, monkeypatch):

@@ -42,14 +42,24 @@ class WordTokenizer:
             w = w.lower()
             if w not in vocab:
                 vocab.append(w)
+        self._use_vocab(vocab, max_text_len)
+
+    def _use_vocab(self, vocab, max_text_len):
+        """Check ``max_text_len``, index ``vocab`` and find the special tokens' ids (a token
+        listed twice keeps its last id, as Hugging Face's vocabulary dict does)."""
         if max_text_len < 2:
             raise ValueError(
                 f"max_text_len must be at least 2 ([CLS] and [SEP]), got {max_text_len}"
             )
-        self.vocab: list[str] = vocab
-        self.index: dict[str, int] = {w: i for i, w in enumerate(vocab)}
+        self.vocab: list[str] = list(vocab)
+        self.index: dict[str, int] = {w: i for i, w in enumerate(self.vocab)}
+        missing = [t for t in SPECIAL_TOKENS if t not in self.index]
+        if missing:
+            raise ValueError(f"the vocabulary lacks the special token(s) {', '.join(missing)}")
+        self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id = (
+            self.index[t] for t in SPECIAL_TOKENS
+        )
         self.max_text_len = int(max_text_len)
-        self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id = range(5)
 
     @property
     def vocab_size(self) -> int:

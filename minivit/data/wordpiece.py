@@ -154,20 +154,7 @@ class WordPieceTokenizer(WordTokenizer):
         tokenize_chinese_chars: bool = True,
         max_chars_per_word: int = 100,
     ):
-        if max_text_len < 2:
-            raise ValueError(
-                f"max_text_len must be at least 2 ([CLS] and [SEP]), got {max_text_len}"
-            )
-        self.vocab: list[str] = list(vocab)
-        # a token listed twice keeps its last id, as Hugging Face's vocabulary dict does
-        self.index: dict[str, int] = {w: i for i, w in enumerate(self.vocab)}
-        missing = [t for t in SPECIAL_TOKENS if t not in self.index]
-        if missing:
-            raise ValueError(f"the vocabulary lacks the special token(s) {', '.join(missing)}")
-        self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id = (
-            self.index[t] for t in SPECIAL_TOKENS
-        )
-        self.max_text_len = int(max_text_len)
+        self._use_vocab(vocab, max_text_len)
         self.do_lower_case = bool(do_lower_case)
         self.strip_accents = self.do_lower_case if strip_accents is None else bool(strip_accents)
         self.tokenize_chinese_chars = bool(tokenize_chinese_chars)
@@ -228,7 +215,7 @@ class WordPieceTokenizer(WordTokenizer):
         it: the normalized (lower-cased, accent-stripped) words come back, one space between
         words and punctuation marks."""
         text = super().decode(ids, skip_special_tokens=skip_special_tokens)
-        return text.replace(" " + _PREFIX, "").strip()
+        return text.replace(" " + _PREFIX, "")
 
     def __repr__(self) -> str:
         return (

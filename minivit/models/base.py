@@ -37,6 +37,11 @@ class Model:
     validated its own arguments, then fills ``self.params`` (see ``param_shapes``).
     """
 
+    # heads that kept their random initialisation when the model was loaded from weights that
+    # lack them (a Hugging Face ViLT MLM checkpoint has no ITM head): set by
+    # checkpoint.load_model, written again by save_model, left out by ``minivit predict``
+    missing_heads: tuple = ()
+
     def _setup(self, config, dtype, backend):
         """Resolve the backend and dtype, store ``config`` (also as attributes)."""
         self.backend = get_backend(backend)

@@ -100,15 +100,13 @@ def resolve_checkpoint(path) -> Path:
     publishes them (``model.safetensors``, with config.json beside it)."""
     path = Path(path)
     if path.is_dir():
-        hub = path / "model.safetensors"
-        if hub.exists() and not (path / CHECKPOINT).exists():
-            return hub
-        if not (path / CHECKPOINT).exists():
-            raise FileNotFoundError(
-                f"no checkpoint in {str(path)!r}: neither {CHECKPOINT} (a minivit run) nor "
-                "model.safetensors (Hugging Face weights)"
-            )
-        path = path / CHECKPOINT
+        for name in (CHECKPOINT, "model.safetensors"):  # a run's checkpoint first
+            if (path / name).exists():
+                return path / name
+        raise FileNotFoundError(
+            f"no checkpoint in {str(path)!r}: neither {CHECKPOINT} (a minivit run) nor "
+            "model.safetensors (Hugging Face weights)"
+        )
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
     return path

@@ -118,15 +118,6 @@ def _border_mean(a):
     return float(border.mean())
 
 
-def predict(path, images, backend=None, invert="auto"):
-    """(probabilities (n, K) numpy, model) for the image files."""
-    from ..checkpoint import load_model
-    from .common import resolve_checkpoint
-
-    model, meta = load_model(resolve_checkpoint(path), backend=backend)
-    return classify(model, meta, images, invert), model
-
-
 def classify(model, meta, images, invert="auto"):
     """A ViT or Hybrid ViT's class probabilities (n, K), numpy, for the image files."""
     import numpy as np
@@ -259,7 +250,7 @@ def vilt_pixels(paths, shorter: int, divisor: int, channels: int = 3):
     return pixels, mask
 
 
-def match_and_fill(model, meta, tokenizer, images, caption, top=5):
+def match_and_fill(model, tokenizer, images, caption, top=5):
     """Score ``caption`` against each image file with a ViLT.
 
     Returns one dict per image: ``match``, the ITM head's probability that the caption
@@ -274,7 +265,7 @@ def match_and_fill(model, meta, tokenizer, images, caption, top=5):
     from ..models import vilt_heads
     from ..ops.softmax import softmax
 
-    missing = _missing_heads(meta)
+    missing = _missing_heads(model)
     ids, mask = tokenizer.encode(caption)
     where = np.nonzero(ids == tokenizer.mask_id)[0]
     if "itm_score" in missing and not where.size:
@@ -308,7 +299,10 @@ def match_and_fill(model, meta, tokenizer, images, caption, top=5):
             k = max(1, min(top, probs.shape[-1] - len(specials)))
             order = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
             fills = [
-                [[(tokenizer.vocab[j], float(pm[j])) for j in om] for pm, om in zip(pi, oi)]
+                [
+                    list(zip(tokenizer.convert_ids_to_tokens(om), pm[om].tolist()))
+                    for pm, om in zip(pi, oi)
+                ]
                 for pi, oi in zip(probs, order)
             ]
     return [
@@ -320,9 +314,9 @@ def match_and_fill(model, meta, tokenizer, images, caption, top=5):
     ]
 
 
-def _missing_heads(meta):
-    """The heads a checkpoint lacks; ValueError when neither ITM nor MLM is left to run."""
-    missing = set(meta.get("missing_heads", ()))
+def _missing_heads(model):
+    """The heads a loaded ViLT lacks; ValueError when neither ITM nor MLM is left to run."""
+    missing = set(model.missing_heads)
     if {"itm_score", "mlm_score"} <= missing:
         raise ValueError(
             "this checkpoint has neither an image-text matching nor an MLM head (a VQA or a "
@@ -343,11 +337,11 @@ def run(args) -> int:
             raise ValueError("a ViLT checkpoint scores a caption: give one with --caption")
         if args.invert != "auto":
             raise ValueError("--invert is for ViT and Hybrid ViT checkpoints (digits)")
-        _missing_heads(meta)  # before the tokenizer: a checkpoint with no head to run
+        _missing_heads(model)  # before the tokenizer: a checkpoint with no head to run
         tok = vilt_tokenizer(model, meta, path, args.vocab)
-        results = match_and_fill(model, meta, tok, args.images, args.caption, args.top)
+        results = match_and_fill(model, tok, args.images, args.caption, args.top)
         ids, mask = tok.encode(args.caption)
-        seen = [tok.vocab[i] for i in ids[mask][1:-1]]  # as the model reads it ([UNK] too)
+        seen = tok.convert_ids_to_tokens(ids[mask][1:-1])  # as the model reads it ([UNK] too)
         print(f"caption: {' '.join(seen)}")
         for image, r in zip(args.images, results):
             line = f"{image}:"

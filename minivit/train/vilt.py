@@ -62,15 +62,12 @@ ADDED = {"drop_rate": 0.0, "max_image_len": -1}
 
 def patch_count(text) -> int:
     """An argparse type: -1 (every patch) or a positive number of patches per image."""
+    if str(text).strip() == "-1":
+        return -1
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value != -1 and value < 1:
-        raise argparse.ArgumentTypeError(
-            f"must be -1 (every patch) or a number of patches of at least 1, got {value}"
-        )
-    return value
+        return positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or -1: every patch)") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -331,10 +328,10 @@ def build(args):
         dtype=args.dtype,
         backend=args.backend,
         seed=args.seed,
-        drop_rate=getattr(args, "drop_rate", 0.0),  # a recipe saved before the option: none
+        drop_rate=args.drop_rate,  # (a recipe saved before an option: ADDED fills it in)
         # patches kept per image in a training forward (the config records it; evaluation
-        # passes -1); a recipe saved before the option kept all
-        max_image_len=getattr(args, "max_image_len", -1),
+        # passes -1)
+        max_image_len=args.max_image_len,
     )
     return data, model
 
