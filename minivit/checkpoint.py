@@ -207,8 +207,7 @@ def load_weights_into(model, path, strict=True) -> dict:
         diffs = [
             f"{k}: checkpoint {saved.get(k)!r}, model {model.config.get(k)!r}"
             for k in sorted(set(saved) | set(model.config))
-            if saved.get(k) != model.config.get(k)
-            and k not in _NOT_ARCHITECTURE
+            if saved.get(k) != model.config.get(k) and k not in _NOT_ARCHITECTURE
         ]
         if diffs:
             raise CheckpointError(

@@ -136,18 +136,31 @@ def test_bias_gelu_adds_the_bias_in_its_blocks_over_h(threads, grad):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_gelu_is_linear_then_gelu(threads, dtype, approximate, bias):
+def test_linear_gelu_is_linear_then_gelu(threads, dtype, approximate, bias, monkeypatch):
     _parallel.set_num_threads(threads)
+    biases = []  # the bias each blocked GELU was handed
+    real = _fast.gelu_forward_f32
+    monkeypatch.setattr(
+        _fast,
+        "gelu_forward_f32",
+        lambda x, *a, **k: biases.append(k.get("bias")) or real(x, *a, **k),
+    )
     rng = np.random.default_rng(12)
-    x = rng.standard_normal((4, 67, 48)).astype(dtype)
-    w = (rng.standard_normal((200, 48)) * 0.3).astype(dtype)
+    # x2 (268, 64): above MIN_ELEMS, so with two threads the GEMMs run in row blocks on the
+    # pool (the path that adds a bias inside its blocks)
+    x = rng.standard_normal((4, 67, 64)).astype(dtype)
+    w = (rng.standard_normal((200, 64)) * 0.3).astype(dtype)
     b = rng.standard_normal(200).astype(dtype) if bias else None
     d = rng.standard_normal((4, 67, 200)).astype(dtype)
     h, c_fc = ops.linear_forward(x, w, b)
     y0, c_act = ops.gelu_forward(h, approximate=approximate)
     want = (y0,) + ops.linear_backward(ops.gelu_backward(d, c_act)[0], c_fc)
+    biases.clear()
     y, c = ops.linear_gelu_forward(x, w, b, approximate=approximate)
     got = (y,) + ops.linear_gelu_backward(d, c)
+    # fc1's bias goes to GELU's blocks exactly where they run (float32, exact form)
+    fused = bias and dtype == np.float32 and approximate == "none"
+    assert [v is not None for v in biases] == ([True] if fused else [False] * len(biases))
     for g, e in zip(got, want):
         if e is None:
             assert g is None

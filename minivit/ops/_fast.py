@@ -148,10 +148,7 @@ def matmul_nt(a2, w, b=None):
         return linear_forward_pooled(a2, w, b)
     out = a2 @ w.T
     if b is not None:
-        if use_fast(out):
-            add_bias_(out, b)  # the same add, blocked over threads
-        else:
-            out += b
+        add_bias(out, b)
     return out
 
 
@@ -230,7 +227,7 @@ def _rows(a):
 # GELU, exact (erf) form
 
 
-def gelu_forward_f32(x, derivative=True, bias=None, inplace=False):
+def gelu_forward_f32(x, derivative=True, bias=None):
     """x float32 -> (out, dydx): out = x Phi(x) and its derivative Phi(x) + x phi(x).
 
     The derivative is made here, where exp(-x^2 / 2) is already at hand, so the backward is one
@@ -239,13 +236,13 @@ def gelu_forward_f32(x, derivative=True, bias=None, inplace=False):
 
     ``bias`` (x's last axis), when given, is added to x first, block by block while the block is
     in cache: GELU(x + b) for fc1, whose GEMM then leaves the bias out (``linear_gelu_forward``).
-    ``inplace=True`` writes out over x, which the caller must own and no longer need (fc1's
-    product is not kept: the backward reads only dydx); with a bias, x is overwritten either way.
+    Then x is the caller's to overwrite, and out is written over it (fc1's product is not kept:
+    the backward reads only dydx).
     """
     xp = backend_of(x).xp
     if x.dtype != xp.float32:  # the sign is copied through an int32 view of the bits
         raise TypeError(f"gelu_forward_f32 takes float32 only, got {x.dtype}")
-    out = x if inplace else xp.empty_like(x)
+    out = x if bias is not None else xp.empty_like(x)
     dydx = xp.empty_like(x) if derivative else None
     x2, o2 = _rows(x), _rows(out)
     d2 = _rows(dydx) if derivative else None
@@ -315,6 +312,16 @@ def multiply(a, b, out=None):
 
 # ----------------------------------------------------------------------------------------------
 # bias: add to a GEMM output, and its gradient (a column sum)
+
+
+def add_bias(out, b):
+    """out (..., N) += b (N,), in place: in row blocks over threads when the fast paths take
+    ``out`` (NumPy, large, C-contiguous), else as one add. Returns out."""
+    if use_fast(out):
+        add_bias_(_rows(out), b)
+    else:
+        out += b
+    return out
 
 
 def add_bias_(out2, b):

@@ -19,7 +19,14 @@ from ._common import (
     grad_enabled,
 )
 
-__all__ = ["gelu_forward", "bias_gelu_forward", "gelu_backward", "tanh_forward", "tanh_backward"]
+__all__ = [
+    "gelu_forward",
+    "bias_gelu_forward",
+    "takes_bias",
+    "gelu_backward",
+    "tanh_forward",
+    "tanh_backward",
+]
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -46,16 +53,26 @@ def bias_gelu_forward(h, b, approximate="none"):
     the bias is added in the same pass over h as the activation (a CuPy kernel, or NumPy's
     blocks while each is in cache), instead of in a pass of its own. The same values as
     ``gelu_forward(h + b)``, and the same backward."""
-    check_float("h", h)
-    if h.ndim < 1:
-        raise ValueError("h must have at least one axis, the one the bias runs along")
+    check_float("h", h, ndim_min=1)
     check_shape("b", b, (h.shape[-1],), "one bias per entry of h's last axis")
     check_same_dtype(h=h, b=b)
     array_module(h, b)  # one backend
     return _gelu_op(h, approximate, bias=b)
 
 
+def takes_bias(x, approximate) -> bool:
+    """Whether GELU's own pass over ``x`` (a GEMM product, or an array like it) adds a bias for
+    free: the exact form on the CuPy kernel path or NumPy's float32 blocks. Elsewhere a bias
+    costs a pass of its own, better made inside a GEMM's row blocks (``linear_forward``)."""
+    if approximate != "none":
+        return False
+    if _fast.use_kernels(x):
+        return True
+    return backend_of(x).name == "numpy" and x.dtype == backend_of(x).xp.float32
+
+
 def _gelu_op(x, approximate, bias):
+    """gelu_forward and bias_gelu_forward past their checks."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     if grad_enabled():
@@ -80,13 +97,10 @@ def _gelu(x, approximate, derivative, bias=None):
             # The cache keeps the derivative instead of Phi (the backward is one product) and
             # not x, which the backward then never reads: the input can be freed (in a ViT,
             # the MLP's widest activation), or overwritten with the output when it is ours.
-            out, dydx = _fast.gelu_forward_f32(x, derivative, bias=bias, inplace=bias is not None)
+            out, dydx = _fast.gelu_forward_f32(x, derivative, bias=bias)
             return out, Cache(x=None, cdf=None, dydx=dydx, approximate="none")
     if bias is not None:
-        if _fast.use_fast(x):
-            _fast.add_bias_(x.reshape(-1, x.shape[-1]), bias)  # the same add, in row blocks
-        else:
-            x += bias
+        _fast.add_bias(x, bias)
     if approximate == "none":
         cdf = be.erf(x * _SQRT_HALF)  # (...), erf(x / sqrt 2)
         cdf += 1.0
@@ -105,7 +119,7 @@ def _gelu(x, approximate, derivative, bias=None):
 
 def fused_gelu_cache(x):
     """The cache of an exact GELU computed by a CuPy kernel from ``x``: x alone, as the
-    backward kernel recomputes Phi(x) and phi(x) (also made by ``linear_gelu_forward``)."""
+    backward kernel recomputes Phi(x) and phi(x)."""
     return Cache(x=x, cdf=None, fused=True, approximate="none")
 
 

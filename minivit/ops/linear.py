@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from . import _fast
 from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
-from .activations import bias_gelu_forward, gelu_backward, gelu_forward
+from .activations import bias_gelu_forward, gelu_backward, gelu_forward, takes_bias
 
 __all__ = ["linear_forward", "linear_backward", "linear_gelu_forward", "linear_gelu_backward"]
 
@@ -76,18 +76,19 @@ def linear_gelu_forward(x, w, b=None, approximate="none"):
 
     The first half of every transformer MLP (fc1, then its activation), as one op. It computes
     exactly :func:`linear_forward` followed by ``gelu_forward``, and its backward is theirs in
-    reverse; what it adds is the place to fuse them. The GEMM leaves out the bias, and the
-    activation adds it in its own pass over the product (``bias_gelu_forward``): on CuPy one
-    kernel, on NumPy each block of rows while it is in cache. That is one read and one write of
-    the (M, Dout) activation fewer than a bias add followed by GELU. The cache is the two ops'
-    caches.
+    reverse; what it adds is the place to fuse them. Where GELU's own pass over the product can
+    add the bias (``activations.takes_bias``: the exact form on the CuPy kernel or NumPy's
+    float32 blocks), the GEMM leaves it out and GELU adds it (``bias_gelu_forward``):
+    one read and one write of the (M, Dout) activation fewer than a bias add followed by GELU.
+    The cache is the two ops' caches.
     """
+    if b is None or not takes_bias(w, approximate):
+        h, c_fc = linear_forward(x, w, b)
+        y, c_act = gelu_forward(h, approximate=approximate)
+        return y, Cache(fc=c_fc, act=c_act)
     h, c_fc = linear_product(x, w, b)  # x w^T, (M, Dout), ours, the bias not yet added
     h = h.reshape(*x.shape[:-1], w.shape[0])
-    if b is None:
-        y, c_act = gelu_forward(h, approximate=approximate)
-    else:
-        y, c_act = bias_gelu_forward(h, b, approximate=approximate)  # h is overwritten
+    y, c_act = bias_gelu_forward(h, b, approximate)  # h is overwritten
     return y, Cache(fc=c_fc, act=c_act)
 
 
