@@ -129,24 +129,38 @@ def test_a_vilt_runs_in_processes_too(two_threads):
 
 @pytest.mark.parametrize("room", ["all", "some", "none"])
 def test_arrays_placed_in_the_inbox_give_the_pipes_results(two_threads, monkeypatch, room):
-    """Large request arrays go through the worker's shared inbox instead of the pipe: a ViLT
-    forward (ids, mask, images) and a backward with every gradient, one after the other, so the
-    backward's arrays land while the forward's cache may still view its own. "some": a region
-    too small for everything (the rest goes through the pipe); "none": nothing fits."""
+    """Large request and reply arrays go through the worker's shared inbox instead of the pipe:
+    a ViLT forward (ids, mask, images; back: features, pooled, attention maps) and a backward
+    with every gradient (back: the images' gradient), one after the other, so the backward's
+    arrays land while the forward's cache may still view its own. "some": regions too small
+    for everything (the rest goes through the pipe); "none": nothing fits."""
     monkeypatch.setattr(shard_workers._Inbox, "MIN_BYTES", 0)  # every array is placed...
     region = {"all": 2**20, "some": 600, "none": 8}[room]
     monkeypatch.setattr(shard_workers._Inbox, "REGION_BYTES", region)  # ...if it fits
-    placed = []
-    pack = shard_workers._Inbox.pack
+    monkeypatch.setattr(shard_workers._Inbox, "REPLY_BYTES", region)
+    placed, replied = [], []
+    pack, unpack = shard_workers._Inbox.pack, shard_workers._Inbox.unpack
 
-    def spy(self, value, where):
+    def leaves(value):
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, (list, tuple)):
+            return [x for v in value for x in leaves(v)]
+        return [value]
+
+    def spy(self, value, where):  # in this process: the requests
         out = pack(self, value, where)
-        leaves = out.values() if isinstance(out, dict) else [out]
-        placed.extend(True for v in leaves if isinstance(v, shard_workers._Placed))
-        placed.extend(False for v in leaves if isinstance(v, np.ndarray))  # kept for the pipe
+        placed.extend(True for v in leaves(out) if isinstance(v, shard_workers._Placed))
+        placed.extend(False for v in leaves(out) if isinstance(v, np.ndarray))  # for the pipe
         return out
 
+    def spy_replies(self, value, copy=False):  # the replies, as they arrive here
+        if copy:
+            replied.extend(isinstance(v, shard_workers._Placed) for v in leaves(value))
+        return unpack(self, value, copy)
+
     monkeypatch.setattr(shard_workers._Inbox, "pack", spy)
+    monkeypatch.setattr(shard_workers._Inbox, "unpack", spy_replies)
     model, ids, mask, img, rng = _vilt_and_inputs(3)
     grads = {
         "text_feats": rng.standard_normal((4, 6, 16)),
@@ -169,6 +183,24 @@ def test_arrays_placed_in_the_inbox_give_the_pipes_results(two_threads, monkeypa
         np.testing.assert_allclose(runs["processes"][3][k], v, rtol=0, atol=1e-12, err_msg=k)
     expect = {"all": {True}, "some": {True, False}, "none": {False}}[room]
     assert set(placed) == expect
+    # replies also hold small non-array leaves (the gradients' key names), hence no "all" here
+    assert any(replied) == (room != "none") and (room == "all" or not all(replied))
+
+
+def test_a_replys_arrays_are_the_callers_own(two_threads, monkeypatch):
+    """A worker's reply comes back through its inbox, which the next reply overwrites: what the
+    caller got from one forward must not change with the next. ViLT's attention maps are the
+    case that shows it: they are joined only when read (``sharding.JoinedList``), so the
+    worker's part is held as it came, here read only after another forward."""
+    monkeypatch.setattr(shard_workers._Inbox, "MIN_BYTES", 0)
+    model, ids, mask, img, rng = _vilt_and_inputs(5)
+    sharding.set_mode("threads")
+    want = np.array(model.forward(ids, mask, img, train=True)["attn"][0])
+    sharding.set_mode("processes")
+    first = model.forward(ids, mask, img, train=True)
+    assert isinstance(model._cache.shards[-1], shard_workers.RemoteShard)
+    model.forward(ids[::-1].copy(), mask[::-1].copy(), -img, train=True)  # other values
+    np.testing.assert_allclose(first["attn"][0], want, rtol=0, atol=1e-12)
 
 
 def test_the_inbox_round_trips_what_it_takes_and_leaves_the_rest(monkeypatch):

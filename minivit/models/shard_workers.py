@@ -25,9 +25,11 @@ How, for one model:
   is rebound.
 - **Inputs and outputs** of a shard: its large input arrays (a shard's images, a large
   gradient sent to its backward) are copied into the worker's *inbox*, a shared mapping with
-  a region for forward requests and one for backward requests (:class:`_Inbox`); the rest of
-  a request, and every reply (the shard's output, its input gradient), go over a pipe between
-  this process and its own forked child, pickled (no outside data passes there). A worker's error
+  a region for forward requests, one for backward requests and one for replies
+  (:class:`_Inbox`). The large arrays of a reply (a ViLT's features and attention maps, an
+  input gradient) come back through the reply region, copied out as they arrive. The rest of
+  a request or a reply goes over a pipe between this process and its own forked child,
+  pickled (no outside data passes there). A worker's error
   comes back as its class name and message, never as a pickled exception; the **parameter
   gradients** come back through a second shared mapping per worker and are summed as the
   threads' are.
@@ -225,7 +227,7 @@ class _Worker:
         if seq != self.seq:
             raise self._dead(f"answered request {seq} where {self.seq} was due")
         if kind == "ok":
-            return value
+            return self.inbox.unpack(value, copy=True)  # before anything else is sent
         raise _rebuilt(*value, f"raised in the shard worker process {self.pid}:\n{text}")
 
     def poll_dead(self) -> bool:
@@ -278,34 +280,49 @@ class _Placed:
 
 
 class _Inbox:
-    """A worker's inbox: a shared mapping, made before the fork, into which the parent copies the
-    large arrays of a request (a shard's images), so that they need not go through the pipe.
+    """A worker's inbox: a shared mapping, made before the fork, through which the large arrays
+    of a request (a shard's images) and of a reply (a ViLT's features and attention maps, an
+    input gradient) pass instead of through the pipe.
 
-    Through the pipe, the images are pickled and written in pieces the worker must read in turn;
-    a copy into shared memory takes a fraction of that time, and the worker reads the arrays
-    where they lie, without unpickling (benchmarks/README.md has the figures). Forward and
-    backward requests have a region each: a forward's cache may keep views of its inputs until
-    its backward has run, so the backward's arrays must not overwrite them. A region is written
-    only while its worker is idle between requests (every request waits for its reply before the
-    next is sent), and a forward's region only when the held forward, whose cache may view it,
-    is about to be replaced. Arrays below ``MIN_BYTES``, or past a region's room, go through the
-    pipe as before. The mapping is address space: its pages take memory once written, and stay
-    until the pool stops.
+    Through the pipe, an array is pickled, written in pieces the other side must read in turn,
+    and unpickled; a copy into shared memory takes a fraction of that time, and the worker reads
+    a request's arrays where they lie (benchmarks/README.md has the figures). The regions:
+
+    - ``forward`` and ``backward``, written by the parent: a forward's cache may keep views of
+      its inputs until its backward has run, so the backward's arrays must not overwrite them.
+      A region is written only while its worker is idle between requests (every request waits
+      for its reply before the next is sent), and a forward's region only when the held
+      forward, whose cache may view it, is about to be replaced.
+    - ``reply``, written by the worker just before it answers, while the parent waits for that
+      answer; the parent copies the arrays out as it receives them (:meth:`unpack` with
+      ``copy=True``), before it sends anything else, so what it hands on never changes under
+      its holder.
+
+    Arrays below ``MIN_BYTES``, or past a region's room, go through the pipe as before. The
+    mapping is address space: its pages take memory once written, and stay until the pool
+    stops.
     """
 
-    REGION_BYTES = 64 * 2**20
+    REGION_BYTES = 64 * 2**20  # forward, backward
+    REPLY_BYTES = 256 * 2**20  # a ViLT-B/32's attention maps for 4 samples take 79 MB
     MIN_BYTES = 64 * 2**10
     ALIGN = 64  # bytes: a cache line
-    REGIONS = ("forward", "backward")
+    REGIONS = ("forward", "backward", "reply")
 
     def __init__(self):
-        self.buffer = mmap.mmap(-1, self.REGION_BYTES * len(self.REGIONS))
+        self.sizes = {"forward": self.REGION_BYTES, "backward": self.REGION_BYTES}
+        self.sizes["reply"] = self.REPLY_BYTES
+        self.bases, base = {}, 0
+        for region in self.REGIONS:
+            self.bases[region] = base
+            base += self.sizes[region]
+        self.buffer = mmap.mmap(-1, base)
 
     def pack(self, value, region):
         """``value`` (an array, or a plain dict / list / tuple of them) with its large NumPy
         arrays copied into ``region`` and replaced by :class:`_Placed` markers. Anything else
         (other containers, array subclasses, object arrays) is left to be pickled."""
-        base = self.REGIONS.index(region) * self.REGION_BYTES
+        base, room = self.bases[region], self.sizes[region]
         used = [0]
         np = _np()
 
@@ -317,7 +334,7 @@ class _Inbox:
             if type(v) is not np.ndarray or v.nbytes < self.MIN_BYTES or v.dtype.hasobject:
                 return v
             start = -(-used[0] // self.ALIGN) * self.ALIGN
-            if start + v.nbytes > self.REGION_BYTES:
+            if start + v.nbytes > room:
                 return v  # no room: through the pipe
             used[0] = start + v.nbytes
             np.copyto(_view(self.buffer, v.shape, v.dtype, base + start), v)
@@ -325,16 +342,18 @@ class _Inbox:
 
         return place(value)
 
-    def unpack(self, value):
-        """The inverse of :meth:`pack`, in the worker: markers become views of the inbox."""
+    def unpack(self, value, copy=False):
+        """The inverse of :meth:`pack`: markers become views of the inbox (a request, in the
+        worker), or with ``copy=True`` new arrays copied from it (a reply, in the parent)."""
         if type(value) is dict:
-            return {k: self.unpack(x) for k, x in value.items()}
+            return {k: self.unpack(x, copy) for k, x in value.items()}
         if type(value) in (list, tuple):
-            return type(value)(self.unpack(x) for x in value)
+            return type(value)(self.unpack(x, copy) for x in value)
         if not isinstance(value, _Placed):
             return value
-        offset = self.REGIONS.index(value.region) * self.REGION_BYTES + value.offset
-        return _view(self.buffer, value.shape, value.dtype, offset)
+        offset = self.bases[value.region] + value.offset
+        view = _view(self.buffer, value.shape, value.dtype, offset)
+        return view.copy() if copy else view
 
 
 def _serve(model, conn, slots, grads, inbox, pdeathsig):
@@ -392,7 +411,7 @@ def _serve(model, conn, slots, grads, inbox, pdeathsig):
                 del held, result  # the shard's gradients: not kept to the next step
             else:
                 raise ValueError(f"unknown request {kind!r}")
-            reply = (seq, "ok", out, "")
+            reply = (seq, "ok", inbox.pack(out, "reply"), "")
         except BaseException as exc:  # noqa: BLE001 (every failure goes back to the caller)
             shard = None
             reply = (seq, "error", (type(exc).__name__, str(exc)), traceback.format_exc())
