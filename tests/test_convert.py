@@ -8,6 +8,7 @@ import torch
 
 from minivit.convert import (
     check_timm_vit,
+    default_num_heads,
     detect_vit_naming,
     from_hf_vit,
     infer_vit_config,
@@ -44,6 +45,29 @@ def test_transformers5_names_map_to_timm(hf_sd):
     assert infer_vit_config(sd, num_heads=2) == dict(
         img_size=8, patch_size=4, in_chans=3, num_classes=3, embed_dim=8, depth=2, num_heads=2,
         qkv_bias=True, mlp_ratio=2.0)  # fmt: skip
+
+
+def test_the_default_head_count_is_timms_for_the_width():
+    """The heads leave no trace in the weights: without num_heads (or a config.json), a width
+    gets timm's head count. Heads of 64 for Ti, S, B and L; 16 heads for SigLIP's so400m and
+    ViT-H, -g and -G, whose heads are 72, 80, 88 and 104 wide (embed_dim // 64 would give 18,
+    20, 22 and 26, and a silently wrong model)."""
+    widths = {192: 3, 384: 6, 768: 12, 1024: 16, 1152: 16, 1280: 16, 1408: 16, 1664: 16, 32: 1}
+    for d, heads in widths.items():
+        assert default_num_heads(d) == heads, d
+
+    def shaped(*shape):  # the shape is all infer_vit_config reads
+        return np.broadcast_to(np.float32(0), shape)
+
+    D = 1280  # ViT-H/14
+    sd = {
+        "patch_embed.proj.weight": shaped(D, 3, 14, 14),
+        "pos_embed": shaped(1, 1 + 4, D),
+        "blocks.0.mlp.fc1.weight": shaped(4 * D, D),
+        "blocks.0.attn.qkv.bias": shaped(3 * D),
+    }
+    assert infer_vit_config(sd)["num_heads"] == 16
+    assert infer_vit_config(sd, num_heads=20)["num_heads"] == 20  # given: taken as it is
 
 
 def test_hub_names_give_the_same_dict(hf_sd):

@@ -8,6 +8,7 @@ embedding for another image size as timm does.
 from .vilt import from_hf_vilt, infer_vilt_config, is_hf_vilt  # noqa: F401
 from .vit import (  # noqa: F401
     check_timm_vit,
+    default_num_heads,
     detect_vit_naming,
     from_hf_vit,
     infer_vit_config,

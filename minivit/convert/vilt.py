@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from .vit import square_grid_side
+from .vit import default_num_heads, square_grid_side
 
 __all__ = ["from_hf_vilt", "infer_vilt_config", "is_hf_vilt"]
 
@@ -146,7 +146,7 @@ def infer_vilt_config(state_dict, num_heads=None, eps=1e-12) -> dict:
 
     The weights give the vocabulary, the text length, the width, the depth, the patch and the
     image size (a square grid), the MLP ratio and a VQA head's label count. Two things leave no
-    trace in them: the number of heads (default embed_dim // 64, as in ViLT-B/32) and the
+    trace in them: the number of heads (default ``default_num_heads``: 12 for ViLT-B/32) and the
     layernorm epsilon. Hugging Face's ViLT uses its ``layer_norm_eps`` (1e-12 by default, the
     published checkpoints' value) in every layernorm, so ``eps`` sets both minivit's encoder
     epsilon and its text one; read both from the checkpoint's config.json when there is one.
@@ -166,7 +166,7 @@ def infer_vilt_config(state_dict, num_heads=None, eps=1e-12) -> dict:
         in_chans=int(C),
         embed_dim=int(D),
         depth=depth,
-        num_heads=int(num_heads) if num_heads else max(1, int(D) // 64),
+        num_heads=int(num_heads) if num_heads else default_num_heads(D),
         mlp_ratio=sd["transformer.blocks.0.mlp.fc1.weight"].shape[0] / D,
         qkv_bias="transformer.blocks.0.attn.qkv.bias" in sd,
         eps=float(eps),

@@ -33,6 +33,7 @@ __all__ = [
     "check_timm_vit",
     "to_timm_vit",
     "infer_vit_config",
+    "default_num_heads",
     "resample_abs_pos_embed",
     "bicubic_resize_matrix",
 ]
@@ -201,11 +202,23 @@ def square_grid_side(pos_embed, name="pos_embed") -> int:
     return grid
 
 
+# timm's ViT widths whose heads are not 64 wide: SigLIP's so400m (1152), ViT-H (1280), ViT-g
+# (1408) and ViT-G (1664) all have 16 heads, of 72, 80, 88 and 104 numbers.
+_HEADS_BY_WIDTH = {1152: 16, 1280: 16, 1408: 16, 1664: 16}
+
+
+def default_num_heads(embed_dim: int) -> int:
+    """The head count timm's ViT configs give a width: 16 for the widths in _HEADS_BY_WIDTH,
+    else heads of 64 (Ti 3, S 6, B 12, L 16). The heads leave no trace in the weights, so a
+    checkpoint without a config says nothing else; ``num_heads=`` overrides it."""
+    return _HEADS_BY_WIDTH.get(int(embed_dim), max(1, int(embed_dim) // 64))
+
+
 def infer_vit_config(state_dict, num_heads=None) -> dict:
     """ViT keyword arguments read off a timm-named state dict.
 
-    The number of heads leaves no trace in the weights; it defaults to embed_dim // 64 (what
-    every timm ViT config uses) unless given. img_size assumes a square grid.
+    The number of heads leaves no trace in the weights; unless given, it is the count timm's
+    configs use for the width (:func:`default_num_heads`). img_size assumes a square grid.
     """
     sd = state_dict
     D, C, P, _ = sd["patch_embed.proj.weight"].shape
@@ -218,7 +231,7 @@ def infer_vit_config(state_dict, num_heads=None) -> dict:
         num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
         embed_dim=int(D),
         depth=depth,
-        num_heads=int(num_heads) if num_heads else max(1, int(D) // 64),
+        num_heads=int(num_heads) if num_heads else default_num_heads(D),
         qkv_bias=any(k.endswith("attn.qkv.bias") for k in sd),
     )
     if depth:
