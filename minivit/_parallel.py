@@ -204,11 +204,20 @@ def run_tasks(tasks) -> None:
     for_each_block(lambda i, _: tasks[i](), len(tasks), 1, block_elems=1, min_elems=0)
 
 
-def for_each_group(fn, sizes: dict) -> None:
+def for_each_group(fn, sizes: dict, min_elems: int | None = None) -> None:
     """Call ``fn(key)`` once for every key of ``sizes`` ({key: elements of work}), the keys split
     over the pool's threads in groups of about equal total size (largest first, each to the
     lightest group so far): for work that comes in many arrays of uneven sizes, such as a model's
-    parameters (copied to shard workers, or their gradients summed over shards)."""
+    parameters (copied to shard workers, or their gradients summed over shards). Below
+    ``min_elems`` elements in all (default ``MIN_PARALLEL_ELEMS``) it runs inline, in the keys'
+    order: a small model's parameters (the main job's 136K) were copied in 0.05 ms on one
+    thread and 0.14 ms through the pool."""
+    if min_elems is None:
+        min_elems = MIN_PARALLEL_ELEMS
+    if sum(sizes.values()) < min_elems:
+        for k in sizes:
+            fn(k)
+        return
     n = max(min(_num_threads, len(sizes)), 1)
     groups = [[] for _ in range(n)]
     totals = [0] * n

@@ -407,3 +407,27 @@ def test_for_each_block_raises_a_worker_error():
 
     with pytest.raises(ValueError, match="boom"):
         _parallel.for_each_block(fn, 1000, 300, block_elems=3000, min_elems=0)
+
+
+@pytest.mark.parametrize("total", ["small", "large"])
+def test_for_each_group_calls_every_key_once(total):
+    """Every key once; below ``min_elems`` in all, inline on the calling thread in the keys'
+    order (the pool's hand-over costs more than a small model's parameters take to copy);
+    above it, on the pool's threads too."""
+    _parallel.set_num_threads(2)
+    sizes = {f"p{i}": 10 + i for i in range(40)}  # 1180 elements of work in all
+    calls, lock, barrier = [], threading.Lock(), threading.Barrier(2, timeout=30)
+
+    def fn(k):
+        with lock:
+            calls.append((k, threading.get_ident()))
+        if total == "large" and k in ("p39", "p38"):  # the two groups' first keys meet here
+            barrier.wait()
+
+    _parallel.for_each_group(fn, sizes, min_elems=2000 if total == "small" else 1000)
+    assert sorted(k for k, _ in calls) == sorted(sizes)
+    threads = {t for _, t in calls}
+    if total == "small":
+        assert [k for k, _ in calls] == list(sizes) and threads == {threading.get_ident()}
+    else:
+        assert len(threads) == 2  # both groups ran at once: the barrier let them both through
