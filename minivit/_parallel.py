@@ -215,8 +215,9 @@ def for_each_group(fn, sizes: dict, min_elems: int | None = None) -> None:
     if min_elems is None:
         min_elems = MIN_PARALLEL_ELEMS
     if sum(sizes.values()) < min_elems:
-        for k in sizes:
-            fn(k)
+        with inline():  # as a group on the pool runs (in a block)
+            for k in sizes:
+                fn(k)
         return
     n = max(min(_num_threads, len(sizes)), 1)
     groups = [[] for _ in range(n)]

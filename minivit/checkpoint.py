@@ -233,8 +233,8 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
       the ViT config is read off the shapes. The head count leaves no trace in the weights: it
       comes from ``num_heads``, else from a ``config.json`` beside the file (HF's
       ``num_attention_heads``, which also gives ``layer_norm_eps``), else the count timm's
-      configs give the width (``convert.default_num_heads``: heads of 64, but 16 heads for
-      ViT-H, ViT-g, ViT-G and SigLIP's so400m widths).
+      common configs give the width (``convert.default_num_heads``: heads of 64, but 16 heads
+      for the ViT-H, ViT-g, ViT-G and SigLIP so400m widths).
     * a Hugging Face ViLT ``model.safetensors`` (``ViltForMaskedLM``, ``ViltModel``,
       ``ViltForQuestionAnswering``, ...): converted with ``from_hf_vilt``, the config read off
       the shapes and the same ``config.json``. Heads the file lacks (the MLM checkpoint has no

@@ -208,9 +208,13 @@ _HEADS_BY_WIDTH = {1152: 16, 1280: 16, 1408: 16, 1664: 16}
 
 
 def default_num_heads(embed_dim: int) -> int:
-    """The head count timm's ViT configs give a width: 16 for the widths in _HEADS_BY_WIDTH,
-    else heads of 64 (Ti 3, S 6, B 12, L 16). The heads leave no trace in the weights, so a
-    checkpoint without a config says nothing else; ``num_heads=`` overrides it."""
+    """The head count that timm's common ViT configs give a width: 16 for the widths in
+    _HEADS_BY_WIDTH, else heads of 64 (Ti 3, S 6, B 12, L 16). A guess all the same: a width
+    can have other counts in other models (DINOv2's ViT-g has 1536 and 24 heads of 64, which
+    the rule gives). The heads leave no trace in the weights, so pass ``num_heads=`` when the
+    checkpoint's model had another. Of timm's weights at these four widths, the ViT-H ones
+    without CLIP's extra norm load here; CLIP and SigLIP towers have layers minivit's ViT lacks,
+    and ``check_timm_vit`` refuses them."""
     return _HEADS_BY_WIDTH.get(int(embed_dim), max(1, int(embed_dim) // 64))
 
 

@@ -271,7 +271,8 @@ class _Worker:
 
 
 class _Placed:
-    """Stands in a request for an array the parent placed in the worker's inbox."""
+    """Stands in a request for an array the parent placed in the worker's inbox, or in a reply
+    for one the worker placed there."""
 
     __slots__ = ("region", "offset", "shape", "dtype")
 
@@ -298,9 +299,11 @@ class _Inbox:
       ``copy=True``), before it sends anything else, so what it hands on never changes under
       its holder.
 
-    Arrays below ``MIN_BYTES``, or past a region's room, go through the pipe as before. The
-    mapping is address space: its pages take memory once written, and stay until the pool
-    stops.
+    Arrays below ``MIN_BYTES``, or past a region's room, go through the pipe as before. A placed
+    array comes out C-ordered, in its own dtype (byte order included), and an array that a
+    reply holds twice comes back as two copies: what pickling would keep (a Fortran order, one
+    object for both) is not kept. The model outputs that pass here are neither. The mapping is
+    address space: its pages take memory once written, and stay until the pool stops.
     """
 
     REGION_BYTES = 64 * 2**20  # forward, backward
@@ -471,7 +474,7 @@ def workers_for(model, n):
         _POOLS[id(model)] = pool
         pool.finalizer = weakref.finalize(model, _stop_pool, id(model))
     copyto, params = _np().copyto, model.params
-    # on the pool's threads: the workers wait for it
+    # on the pool's threads when large enough (_parallel.for_each_group): the workers wait for it
     sizes = {k: v.size for k, v in params.items()}
     _parallel.for_each_group(lambda k: copyto(pool.slots[k], params[k]), sizes)
     return pool.workers

@@ -523,7 +523,8 @@ def begin_consuming(cache):
 def sum_grads(parts, keys):
     """{key: sum of the parts' arrays}, in ``keys`` order, added in place into the first part's
     arrays (the shards' own gradients, which nothing else holds). The keys are split over the
-    pool's threads in groups of about equal size."""
+    pool's threads in groups of about equal size when there are enough of them
+    (``_parallel.for_each_group``)."""
     first = parts[0]
     seen = set()
     for k in keys:  # an array shared by two keys, or read-only, is copied before adding into
