@@ -241,7 +241,7 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
       ITM head) keep minivit's random initialisation; the metadata's ``"missing_heads"`` names
       them, so that a caller does not mistake them for trained ones.
 
-    The model's ``missing_heads`` attribute holds the same list (empty when no head is missing),
+    The model's ``missing_heads`` attribute holds the same names (empty when no head is missing),
     also for a minivit file that recorded one, so that :func:`save_model` writes it again: a
     re-saved Hugging Face model keeps saying which heads are random.
 
@@ -260,7 +260,7 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
         cfg = {**meta.get("config", {}), **overrides}
         model = classes[name](**cfg, dtype=dtype or meta.get("dtype", "float32"), backend=backend)
         load_weights_into(model, path)
-        model.missing_heads = list(meta.get("missing_heads", ()))  # re-saved (save_model)
+        model.missing_heads = tuple(meta.get("missing_heads", ()))  # re-saved (save_model)
         return model, meta
     from .convert import is_hf_vilt
 
@@ -316,10 +316,10 @@ def _load_hf_vilt(path, tensors, meta, hf, backend, dtype, num_heads, overrides)
         missing, _ = model.load_state_dict(sd, strict=False)
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit the model: {exc}") from exc
-    heads = ("itm_score.", "mlm_score.")  # (the VQA head exists only when the file has it)
+    heads = ("itm_score.", "mlm_score.", "vqa_classifier.")  # (VQA: asked for by num_vqa_labels)
     body = [k for k in missing if not k.startswith(heads)]
     if body:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks ViLT weights: {', '.join(body)}")
-    model.missing_heads = sorted({k.split(".")[0] for k in missing})  # kept by save_model
+    model.missing_heads = tuple(sorted({k.split(".")[0] for k in missing}))  # for save_model
     meta = dict(meta, missing_heads=list(model.missing_heads))
     return model, meta

@@ -155,8 +155,8 @@ def bias_gelu_forward(h, b):
     activation in one pass over the GEMM's output ``h`` (C-contiguous, overwritten).
 
     ``h`` then holds the activation's input, which is all :func:`gelu_backward` needs. Against
-    a bias add and then :func:`gelu_forward`, this saves one launch and one read and one write
-    of ``h`` (an MLP's widest activation)."""
+    a bias add and then :func:`gelu_forward`, this saves one launch and one read of ``h`` (an
+    MLP's widest activation); ``h + b`` is still written back."""
     y = _cp().empty_like(h)
     _elementwise("bias_gelu_fwd")(b, h, y)
     return y

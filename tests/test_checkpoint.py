@@ -152,6 +152,9 @@ def test_a_resaved_hugging_face_vilt_keeps_its_missing_heads(tmp_path):
         np.testing.assert_array_equal(again.params[k], model.params[k])
     twice, meta3 = load_model(save_model(tmp_path / "twice.safetensors", again))
     assert meta3["missing_heads"] == ["itm_score"]
+    # a VQA head asked for on a file without one is random too, not a lack in the body
+    _, meta4 = load_model(tmp_path / "hf" / "model.safetensors", num_vqa_labels=3)
+    assert meta4["missing_heads"] == ["itm_score", "vqa_classifier"]
     # a model that lacks no head writes no missing_heads
     full, _ = load_model(save_model(tmp_path / "full.safetensors", small()))
     assert "missing_heads" not in read_metadata(tmp_path / "full.safetensors")

@@ -124,10 +124,9 @@ def test_predict_scores_a_caption_with_a_shapes_run(tmp_path, capsys, backend):
 
 
 def test_predict_user_errors(tmp_path, backend):
-    from minivit.cli import build_parser
-    from minivit.train.predict import run
+    from test_train_vit import parse
 
-    parse = build_parser().parse_args
+    from minivit.train.predict import run
 
     _shapes_run(tmp_path / "run", backend)
     img = str(_png(tmp_path / "a.png"))

@@ -327,7 +327,10 @@ def test_attention_maps_are_read_from_the_workers_shard(two_threads):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-12)
 
 
-def test_a_worker_killed_between_steps_is_replaced(two_threads):
+def test_a_worker_killed_between_steps_is_replaced(two_threads, monkeypatch):
+    """A death that has happened by the next call is seen by workers_for, which forks a new
+    worker before any request: the forward is sent once, not retried (the retry is for deaths
+    it cannot see yet: the next test)."""
     import signal
 
     model = _vit()
@@ -337,7 +340,15 @@ def test_a_worker_killed_between_steps_is_replaced(two_threads):
     (pid,) = _pids(model)
     os.kill(pid, signal.SIGKILL)
     _wait_until_dead(pid)  # (a zombie: dead, not yet reaped)
+    sent = []
+    start = shard_workers.RemoteShard.start_forward
+    monkeypatch.setattr(
+        shard_workers.RemoteShard,
+        "start_forward",
+        lambda self, *a: sent.append(self.worker.pid) or start(self, *a),
+    )
     _assert_same(_step(model, x, y), ref)  # a new worker, no error
+    assert len(sent) == 1 and sent[0] != pid  # to the new worker, once
     assert _pids(model) != [pid]
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
@@ -417,7 +428,9 @@ def test_a_worker_lost_before_its_backward_is_raised(two_threads):
 @pytest.mark.parametrize("where", ["after the request", "reading a query"])
 def test_no_reply_is_ever_read_out_of_step(two_threads, monkeypatch, where):
     """An interruption with a request outstanding stops the worker: its late reply must never
-    be taken for the next request's (stale logits, or attention maps as logits)."""
+    be taken for the next request's (stale logits, or attention maps as logits). Two guards
+    make sure of it together, the stop of a worker whose request was under way and the
+    sequence number each reply repeats; this test fails only when both are gone."""
     from multiprocessing.connection import Connection
 
     model = _vit()
@@ -474,3 +487,14 @@ def test_worker_errors_come_back_as_names_and_text():
     assert type(exc) is RuntimeError and str(exc) == "CheckpointError: no such file"
     exc = shard_workers._rebuilt("SystemExit", "3", "n")  # not an Exception: never raised as one
     assert type(exc) is RuntimeError
+    # a class outside builtins comes back as its first built-in base, the message naming it
+    from numpy.exceptions import AxisError
+
+    base = shard_workers._builtin_base(AxisError)
+    exc = shard_workers._rebuilt("AxisError", "axis 3 is out of bounds", "n", base)
+    assert base == "ValueError" and type(exc) is ValueError
+    assert str(exc) == "AxisError: axis 3 is out of bounds"
+    assert shard_workers._builtin_base(type("MyError", (Exception,), {})) is None
+    # a built-in class that a message alone cannot make: a RuntimeError, not a TypeError here
+    exc = shard_workers._rebuilt("UnicodeDecodeError", "'utf-8' codec can't decode", "n")
+    assert type(exc) is RuntimeError and "UnicodeDecodeError" in str(exc)

@@ -300,3 +300,18 @@ def test_vilt_pretraining_losses_and_grads_match_whole_batch():
         _close(float(l1[k]), float(l0[k]), k)
     for k in g0:
         _close(g1[k], g0[k], k)
+
+
+def test_env_mode_reads_the_variable_not_the_live_setting(monkeypatch):
+    """``env_mode`` is what MINIVIT_SHARD says (for the training commands' --shards default),
+    whatever set_mode or set_enabled made of the setting since."""
+    for raw, want in (("processes", "processes"), ("threads", "threads"), ("0", "off"),
+                      ("off", "off"), ("1", None)):  # fmt: skip
+        monkeypatch.setattr(sharding._SWITCH, "raw", raw)
+        assert sharding.env_mode() == want, raw
+    monkeypatch.setattr(sharding._SWITCH, "raw", "1")
+    sharding.set_enabled(False)  # turned off in code: the environment still names no mode
+    assert sharding.env_mode() is None
+    monkeypatch.setattr(sharding._SWITCH, "raw", "0")
+    sharding.set_mode("threads")  # turned on in code: the environment still says off
+    assert sharding.env_mode() == "off"

@@ -228,7 +228,10 @@ class _Worker:
             raise self._dead(f"answered request {seq} where {self.seq} was due")
         if kind == "ok":
             return self.inbox.unpack(value, copy=True)  # before anything else is sent
-        raise _rebuilt(*value, f"raised in the shard worker process {self.pid}:\n{text}")
+        name, message, base = value
+        raise _rebuilt(
+            name, message, f"raised in the shard worker process {self.pid}:\n{text}", base
+        )
 
     def poll_dead(self) -> bool:
         """Whether the process has ended (reaped here if so)."""
@@ -310,16 +313,14 @@ class _Inbox:
     REPLY_BYTES = 256 * 2**20  # a ViLT-B/32's attention maps for 4 samples take 79 MB
     MIN_BYTES = 64 * 2**10
     ALIGN = 64  # bytes: a cache line
-    REGIONS = ("forward", "backward", "reply")
 
     def __init__(self):
         self.sizes = {"forward": self.REGION_BYTES, "backward": self.REGION_BYTES}
-        self.sizes["reply"] = self.REPLY_BYTES
-        self.bases, base = {}, 0
-        for region in self.REGIONS:
-            self.bases[region] = base
-            base += self.sizes[region]
-        self.buffer = mmap.mmap(-1, base)
+        self.sizes |= {"reply": self.REPLY_BYTES}
+        self.bases, end = {}, 0
+        for region, size in self.sizes.items():  # laid out one after the other
+            self.bases[region], end = end, end + size
+        self.buffer = mmap.mmap(-1, end)
 
     def pack(self, value, region):
         """``value`` (an array, or a plain dict / list / tuple of them) with its large NumPy
@@ -384,7 +385,6 @@ def _serve(model, conn, slots, grads, inbox, pdeathsig):
             return
         if kind == "stop":
             return
-        out = None
         try:
             if kind == "forward":
                 key, part, keep = args
@@ -417,20 +417,37 @@ def _serve(model, conn, slots, grads, inbox, pdeathsig):
             reply = (seq, "ok", inbox.pack(out, "reply"), "")
         except BaseException as exc:  # noqa: BLE001 (every failure goes back to the caller)
             shard = None
-            reply = (seq, "error", (type(exc).__name__, str(exc)), traceback.format_exc())
+            what = (type(exc).__name__, str(exc), _builtin_base(type(exc)))
+            reply = (seq, "error", what, traceback.format_exc())
         args = out = None
         conn.send(reply)
         reply = None
 
 
-def _rebuilt(name, message, note):
+def _builtin_base(cls):
+    """The name of the first built-in exception class among ``cls`` and its bases, short of
+    Exception itself (NumPy's AxisError: ValueError), or None."""
+    for c in cls.__mro__:
+        if c in (Exception, BaseException):
+            return None
+        if getattr(builtins, c.__name__, None) is c:
+            return c.__name__
+    return None
+
+
+def _rebuilt(name, message, note, base=None):
     """A worker's exception, raised here: the built-in exception class of that name (ValueError,
-    TypeError, ...) with its message, else a RuntimeError naming the class; the worker's
-    traceback goes in a note. Only names and text come back, never a pickled exception object,
-    so nothing the worker computed is unpickled into code here."""
-    cls = getattr(builtins, name, None)
+    TypeError, ...) with its message; else its first built-in base ``base``, the message naming
+    the class; else a RuntimeError naming it. The worker's traceback goes in a note. The
+    exception object itself never travels: it may not pickle, and unpickling it would run its
+    class's code here. So an ``except ValueError`` catches the same errors as with thread
+    shards."""
+    cls = getattr(builtins, base or name, None)
     if isinstance(cls, type) and issubclass(cls, Exception):
-        exc = cls(message)
+        try:
+            exc = cls(message if cls.__name__ == name else f"{name}: {message}")
+        except Exception:  # a class that takes more than a message (UnicodeDecodeError)
+            exc = RuntimeError(f"{name}: {message}")
     else:
         exc = RuntimeError(f"{name}: {message}")
     exc.add_note(note)
@@ -443,6 +460,7 @@ class _Pool:
     def __init__(self, model, n):
         self.fingerprint = _fingerprint(model)
         self.slots = {k: _shared(v.shape, v.dtype) for k, v in model.params.items()}
+        self.sizes = {k: v.size for k, v in self.slots.items()}  # fixed: see the fingerprint
         self.workers = []
         try:
             for _ in range(n):
@@ -475,8 +493,7 @@ def workers_for(model, n):
         pool.finalizer = weakref.finalize(model, _stop_pool, id(model))
     copyto, params = _np().copyto, model.params
     # on the pool's threads when large enough (_parallel.for_each_group): the workers wait for it
-    sizes = {k: v.size for k, v in params.items()}
-    _parallel.for_each_group(lambda k: copyto(pool.slots[k], params[k]), sizes)
+    _parallel.for_each_group(lambda k: copyto(pool.slots[k], params[k]), pool.sizes)
     return pool.workers
 
 

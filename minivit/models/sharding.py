@@ -91,10 +91,9 @@ MODES = ("threads", "processes", "off")
 
 def env_mode() -> str | None:
     """The mode ``MINIVIT_SHARD`` names ("off", "threads" or "processes"), or None when it is
-    unset or only says "on" ("1" and the like): then the caller may choose."""
-    if not _SWITCH.on:
-        return "off"
-    return _NAMED.get(_SWITCH.raw)
+    unset or only says "on" ("1" and the like): then the caller may choose. The variable's own
+    text decides, not what :func:`set_mode` or :func:`set_enabled` made of it since."""
+    return "off" if _SWITCH.raw in Switch.OFF else _NAMED.get(_SWITCH.raw)
 
 
 def enabled() -> bool:

@@ -42,7 +42,7 @@ _SIGN_BIT = -(2**31)  # the sign bit of a float32, as an int32 mask
 
 
 def enabled() -> bool:
-    """Whether the fast paths are on (``MINIVIT_FAST`` unset or not "0")."""
+    """Whether the fast paths are on (``MINIVIT_FAST`` unset, or not one of ``Switch.OFF``)."""
     return _SWITCH.on
 
 
@@ -317,20 +317,16 @@ def multiply(a, b, out=None):
 def add_bias(out, b):
     """out (..., N) += b (N,), in place: in row blocks over threads when the fast paths take
     ``out`` (NumPy, large, C-contiguous), else as one add. Returns out."""
-    if use_fast(out):
-        add_bias_(_rows(out), b)
-    else:
+    if not use_fast(out):
         out += b
-    return out
-
-
-def add_bias_(out2, b):
-    """out2 (M, N) += b (N,), in place, blocked over threads."""
+        return out
+    out2 = _rows(out)
 
     def block(s, e):
         out2[s:e] += b
 
     _parallel.for_each_block(block, out2.shape[0], out2.shape[1])
+    return out
 
 
 def column_sum(a2):

@@ -22,7 +22,6 @@ from ._common import (
 __all__ = [
     "gelu_forward",
     "bias_gelu_forward",
-    "takes_bias",
     "gelu_backward",
     "tanh_forward",
     "tanh_backward",
@@ -63,7 +62,10 @@ def bias_gelu_forward(h, b, approximate="none"):
 def takes_bias(x, approximate) -> bool:
     """Whether GELU's own pass over ``x`` (a GEMM product, or an array like it) adds a bias for
     free: the exact form on the CuPy kernel path or NumPy's float32 blocks. Elsewhere a bias
-    costs a pass of its own, better made inside a GEMM's row blocks (``linear_forward``)."""
+    costs a pass of its own, better made inside a GEMM's row blocks (``linear_forward``). (For
+    NumPy float32 arrays too small for the blocks, or with ``MINIVIT_FAST=0``, it answers yes
+    although ``_gelu`` then adds the bias in one plain pass: the same pass ``linear_forward``
+    would make there.)"""
     if approximate != "none":
         return False
     if _fast.use_kernels(x):

@@ -62,10 +62,14 @@ ADDED = {"drop_rate": 0.0, "max_image_len": -1}
 
 def patch_count(text) -> int:
     """An argparse type: -1 (every patch) or a positive number of patches per image."""
-    if str(text).strip() == "-1":
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value == -1:
         return -1
     try:
-        return positive_int(text)
+        return positive_int(value)
     except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(f"{exc} (or -1: every patch)") from None
 
