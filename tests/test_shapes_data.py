@@ -210,6 +210,80 @@ def test_bert_masking_rates_and_labels():
     np.testing.assert_array_equal(masked[~chosen], ids[~chosen])
 
 
+def _words(starts_row, candidate_row):
+    """The words of one row: lists of token positions, each a chosen-or-not unit (a run from a
+    word's first token through its pieces, cut at any token that cannot be chosen)."""
+    words = []
+    for t in np.nonzero(candidate_row)[0]:
+        if starts_row[t] or not words or words[-1][-1] != t - 1:
+            words.append([t])
+        else:
+            words[-1].append(t)
+    return words
+
+
+@pytest.mark.parametrize("min_one", [False, True])
+def test_whole_word_masking_takes_words_whole(min_one):
+    rng = np.random.default_rng(1)
+    n, L, V = 3000, 14, 40
+    ids = rng.integers(5, V, size=(n, L))
+    ids[:, 0] = 1  # [CLS]
+    starts = rng.random((n, L)) < 0.6  # about 1.7 pieces per word
+    starts[:, 1] = True
+    lengths = rng.integers(4, L - 1, size=n)
+    mask = np.arange(L) < lengths[:, None]  # [CLS] ... then padding
+    ids[np.arange(n), lengths - 1] = 2  # [SEP]
+    ids[~mask] = 0
+    ids[(rng.random((n, L)) < 0.05) & mask & (ids > 2)] = 4  # an [UNK] amid the words
+    masked, labels = mask_tokens(
+        ids,
+        mask,
+        rng,
+        vocab_size=V,
+        mask_id=3,
+        special_ids=(0, 1, 2, 3, 4),
+        min_one=min_one,
+        word_starts=starts,
+    )
+    chosen = labels != -100
+    candidate = mask & (ids > 4)
+    assert not chosen[~candidate].any()
+    # a piece right after an [UNK] begins a word of its own: it can be chosen
+    orphan = candidate & ~starts
+    orphan[:, 1:] &= ids[:, :-1] == 4
+    orphan[:, 0] = False
+    assert orphan.sum() > 200 and chosen[orphan].mean() > 0.08
+    n_words = n_chosen = expected = 0
+    for b in range(n):
+        words = _words(starts[b], candidate[b])
+        picked = [chosen[b, w].all() for w in words]
+        for w in words:
+            assert chosen[b, w].all() or not chosen[b, w].any()  # a word is chosen whole
+        assert not min_one or any(picked)
+        n_words += len(words)
+        n_chosen += sum(picked)
+        # each word with probability 0.15; with min_one, a row that drew none gets one
+        expected += 0.15 * len(words) + (0.85 ** len(words) if min_one else 0)
+    assert abs(n_chosen - expected) / n_words < 0.01
+    as_mask = ((masked == 3) & chosen).sum() / chosen.sum()
+    assert abs(as_mask - 0.8) < 0.02  # the 80 / 10 / 10 split, token by token
+    np.testing.assert_array_equal(labels[chosen], ids[chosen])
+    np.testing.assert_array_equal(masked[~chosen], ids[~chosen])
+
+
+def test_whole_word_masking_with_every_token_a_word_is_token_masking():
+    rng_ids = np.random.default_rng(2)
+    ids = rng_ids.integers(5, 30, size=(50, 9))
+    mask = rng_ids.random((50, 9)) < 0.9
+    kw = dict(vocab_size=30, mask_id=3, special_ids=(0, 1, 2, 3, 4))
+    plain = mask_tokens(ids, mask, np.random.default_rng(3), **kw)
+    whole = mask_tokens(ids, mask, np.random.default_rng(3), word_starts=np.ones((50, 9)), **kw)
+    for a, b in zip(plain, whole):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="word_starts has shape"):
+        mask_tokens(ids, mask, np.random.default_rng(3), word_starts=np.ones((50, 8)), **kw)
+
+
 def test_masking_min_one_and_mlm_batch(data):
     b = data.mlm_batch(data.rng("train", 7), 64)
     chosen = b["mlm_labels"] != -100

@@ -32,6 +32,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minivit.data import WordPieceTokenizer
+from minivit.data.tokenizer import WordTokenizer
 
 L = 16  # max_text_len of the comparisons: long drawn text is truncated
 
@@ -282,6 +283,22 @@ def test_decode_spelled_out(vocab_dir):
     ids, _ = tok.encode("UNAFFABLE cats, [MASK]!")
     assert tok.decode(ids) == "unaffable cats , !"
     assert tok.decode(ids, skip_special_tokens=False) == "[CLS] unaffable cats , [MASK] ! [SEP]"
+
+
+def test_word_starts_mark_the_pieces(vocab_dir):
+    tok = WordPieceTokenizer.from_file(vocab_dir / "vocab.txt")
+    ids, mask = tok.encode_batch(["the cats are unaffable", "[MASK] cats"])
+    pieces = tok.convert_ids_to_tokens(ids.ravel())
+    starts = tok.word_starts(ids)
+    assert starts.shape == ids.shape and starts.dtype == bool
+    assert starts.ravel().tolist() == [not p.startswith("##") for p in pieces]
+    assert not starts.all()  # "cats" is cat ##s
+    words = WordTokenizer(["the", "cats"])
+    assert words.word_starts(np.array([[1, 5, 6, 2, 0]])).all()  # one token, one word
+    with pytest.raises(ValueError, match=f"id {len(VOCAB)} is outside the vocabulary"):
+        tok.word_starts([1, len(VOCAB)])
+    with pytest.raises(TypeError, match="ids must be integers"):
+        tok.word_starts([1.0, 2.0])
 
 
 def test_errors(vocab_dir):

@@ -101,7 +101,18 @@ class Caption:
         return " ".join(words)
 
 
-def mask_tokens(ids, text_mask, rng, *, vocab_size, mask_id, special_ids, prob=0.15, min_one=True):
+def mask_tokens(
+    ids,
+    text_mask,
+    rng,
+    *,
+    vocab_size,
+    mask_id,
+    special_ids,
+    prob=0.15,
+    min_one=True,
+    word_starts=None,
+):
     """BERT's masking: returns (masked_ids, labels), labels = -100 where not chosen.
 
     Args:
@@ -109,21 +120,43 @@ def mask_tokens(ids, text_mask, rng, *, vocab_size, mask_id, special_ids, prob=0
         rng: a ``numpy.random.Generator``.
         special_ids: ids never chosen ([PAD], [CLS], [SEP], ...); random replacements are drawn
             from the other ids.
-        min_one: choose at least one token per caption (short captions would otherwise often go
+        min_one: choose at least one word per caption (short captions would otherwise often go
             unmasked and give no signal).
+        word_starts: None (every token is a word of its own), or bool (B, L), True on each
+            token that begins a word: a tokenizer's ``word_starts(ids)``. Then the masking is
+            whole-word, as in the original ViLT's main model: each word is chosen with
+            probability ``prob`` with all of its pieces, and each chosen piece then goes through
+            the 80 / 10 / 10 split on its own (Hugging Face's whole-word collator does the same,
+            but picks words until 15% of the *tokens* are chosen).
     """
     ids = np.asarray(ids)
     special = np.isin(ids, np.asarray(list(special_ids)))
     candidate = np.asarray(text_mask, bool) & ~special  # (B, L)
-    chosen = (rng.random(ids.shape) < prob) & candidate
+    # a word begins at a token that starts one, and at a token that cannot be chosen or follows
+    # one (so no word runs across a special or padding: a piece after [UNK] is a word of its
+    # own); None: at every token
+    starts = np.ones(ids.shape, bool)
+    if word_starts is not None:
+        word_starts = np.asarray(word_starts, bool)
+        if word_starts.shape != ids.shape:
+            raise ValueError(f"word_starts has shape {word_starts.shape}, ids {ids.shape}")
+        starts = word_starts | ~candidate
+        starts[:, 1:] |= ~candidate[:, :-1]
+        starts[:, :1] = True
+    chosen = (rng.random(ids.shape) < prob) & candidate & starts  # the words' first tokens
     if min_one:
-        # rows with no choice get one uniformly random candidate
-        empty = ~chosen.any(axis=1) & candidate.any(axis=1)
+        # rows with no choice get one uniformly random word
+        first = candidate & starts
+        empty = ~chosen.any(axis=1) & first.any(axis=1)
         if empty.any():
-            score = rng.random(ids.shape) + candidate  # candidates score in [1, 2)
+            score = rng.random(ids.shape) + first  # words' first tokens score in [1, 2)
             pick = np.argmax(score, axis=1)
             rows = np.nonzero(empty)[0]
             chosen[rows, pick[rows]] = True
+    if word_starts is not None:  # each token follows its word's first token
+        position = np.arange(ids.shape[1])
+        head = np.maximum.accumulate(np.where(starts, position, 0), axis=1)  # (B, L)
+        chosen = np.take_along_axis(chosen, head, axis=1) & candidate
     labels = np.where(chosen, ids, -100)
     u = rng.random(ids.shape)
     word_ids = np.setdiff1d(np.arange(vocab_size), np.asarray(list(special_ids)))

@@ -120,6 +120,24 @@ class WordTokenizer:
             out.append(self.vocab[i])
         return out
 
+    def word_starts(self, ids) -> np.ndarray:
+        """bool, the shape of ``ids``: True on each token that begins a word, for whole-word
+        masking (``mask_tokens(..., word_starts=...)``). Here every token is a word of its own;
+        ``WordPieceTokenizer`` marks its ``##`` pieces False."""
+        return np.ones(self._in_vocab(ids).shape, bool)
+
+    def _in_vocab(self, ids) -> np.ndarray:
+        """``ids`` as an integer array; an id outside the vocabulary raises ValueError."""
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers, got {ids.dtype}")
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            raise ValueError(
+                f"id {ids[bad].flat[0]} is outside the vocabulary of size {self.vocab_size}"
+            )
+        return ids
+
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
         """ids (L,) -> text; padding is always dropped, other specials unless asked to keep."""
         words = [

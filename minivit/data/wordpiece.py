@@ -46,6 +46,8 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
+import numpy as np
+
 from .tokenizer import SPECIAL_TOKENS, WordTokenizer
 
 __all__ = ["WordPieceTokenizer"]
@@ -159,6 +161,8 @@ class WordPieceTokenizer(WordTokenizer):
         self.strip_accents = self.do_lower_case if strip_accents is None else bool(strip_accents)
         self.tokenize_chinese_chars = bool(tokenize_chinese_chars)
         self.max_chars_per_word = int(max_chars_per_word)
+        # True on the pieces that continue the word before them ("##ing")
+        self._continues_word = np.array([t.startswith(_PREFIX) for t in self.vocab], bool)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kw) -> WordPieceTokenizer:
@@ -207,6 +211,12 @@ class WordPieceTokenizer(WordTokenizer):
             pieces.append(prefix + word[start:end])
             start = end
         return pieces
+
+    def word_starts(self, ids) -> np.ndarray:
+        """bool, the shape of ``ids``: False on a ``##`` piece, which continues the word before
+        it; True on every other token (a word's first piece, a special). For whole-word masking:
+        ``mask_tokens(..., word_starts=tok.word_starts(ids))``."""
+        return ~self._continues_word[self._in_vocab(ids)]
 
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
         """ids (L,) -> text; padding is always dropped, other specials unless asked to keep.
