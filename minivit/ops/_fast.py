@@ -32,9 +32,9 @@ _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 # erfc(z) ~ t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2), t = 1 / (1 + p z), z >= 0:
-# Hastings' rational approximation (Abramowitz & Stegun 7.1.26), absolute error < 1.5e-7,
-# which is below float32's resolution of Phi = (1 + erf) / 2 near 1 (6e-8 per ulp, a few ulp
-# after rounding). Used for float32 only: float64 keeps the library erf.
+# Hastings' rational approximation (Abramowitz & Stegun 7.1.26), absolute error < 1.5e-7, so
+# Phi = (1 + erf) / 2 is off by less than 7.5e-8: about one float32 ulp of Phi near 1 (6e-8).
+# Used for float32 only: float64 keeps the library erf.
 _ERFC_P = 0.3275911
 _ERFC_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 

@@ -79,11 +79,13 @@ def _im2col(xpad, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int):
     """
     xp = array_module(xpad)
     B, _, _, C = xpad.shape
-    s_b, s_h, s_w, s_c = xpad.strides  # bytes, as as_strided wants them on numpy and cupy
+    # byte strides (as as_strided wants them on numpy and cupy), t_* so as not to read as the
+    # convolution's stride (docs/ops/conv2d.md)
+    t_b, t_y, t_x, t_c = xpad.strides
     view = xp.lib.stride_tricks.as_strided(
         xpad,
         shape=(B, ho, wo, kh, kw, C),
-        strides=(s_b, s_h * sh, s_w * sw, s_h, s_w, s_c),
+        strides=(t_b, sh * t_y, sw * t_x, t_y, t_x, t_c),
     )  # (B, Ho, Wo, kh, kw, C), a view
     return view.reshape(B * ho * wo, kh * kw * C)  # (M, K), M = B Ho Wo, K = kh kw C
 

@@ -442,7 +442,10 @@ def sinkhorn_backward(dplan, cache):
     iterations). Each step's softmax weights are recomputed from ``logK`` and the stored
     potentials (docs/ops/sinkhorn.md, "The unrolled backward"). Gradients with respect to the
     marginals are computed divided by the marginal already, so zero entries give finite values
-    (the one-sided derivative) instead of 0/0.
+    instead of 0/0: at a zero ``b_j``, the one-sided derivative; at a zero ``a_i``, the
+    derivative with the start ``f_0,i = -inf`` held fixed, which a forward difference matches
+    only near convergence (the start jumps to 0 as ``a_i`` leaves 0; the docs' "Dividing by the
+    marginals without dividing").
     """
     xp = array_module(dplan)
     logK, alphas, betas = cache.logK, cache.alphas, cache.betas
