@@ -81,9 +81,29 @@ def console_main() -> int:
     return main()
 
 
+def typed_options(argv: list[str] | None = None) -> set[str]:
+    """The options typed on the command line ``argv`` (by their dest), whatever their values:
+    ``argv`` parsed again with every default suppressed, so only what was typed is set. A
+    ``--resume`` checks these against the run's recipe, a default value typed included."""
+    probe = build_parser()
+    _suppress_defaults(probe)
+    return set(vars(probe.parse_args(argv)))
+
+
+def _suppress_defaults(parser: argparse.ArgumentParser) -> None:
+    parser._defaults.clear()  # set_defaults' entries (_run, _parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _suppress_defaults(sub)
+        else:
+            action.default = argparse.SUPPRESS
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._given = typed_options(argv)  # (saved_recipe: what a --resume must check)
     from .backend import BackendUnavailable
     from .heap import keep_freed_memory
 

@@ -79,6 +79,14 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert "--lr 0.5 (the run's: 0.002)" in err and "--epochs" not in err  # 3 is the run's own
     assert (part / "checkpoint.safetensors").read_bytes() == saved
+    # a value typed is checked even when it is the option's default (100 epochs; the run's: 3)
+    assert main([*resume, "--epochs", "100"]) == 2
+    assert "--epochs 100 (the run's: 3)" in capsys.readouterr().err
+    # and a resume cannot move the run elsewhere
+    assert main([*resume, "--out", str(tmp_path / "elsewhere")]) == 2
+    assert "continues the run in its own folder" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
+    assert (part / "checkpoint.safetensors").read_bytes() == saved
     # options left at their defaults take the saved values (epochs 3, embed-dim 16, ...)
     assert main(resume) == 0
     capsys.readouterr()
@@ -165,3 +173,90 @@ def test_shards_in_processes_train_the_same_weights_as_threads(
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (
+            ["train", "vit", "--clip-grad", "-1"],
+            "argument --clip-grad: must be at least 0.0, got -1",
+        ),
+        (["train", "vit", "--min-lr", "-1"], "argument --min-lr: must be at least 0.0"),
+        (["train", "vit", "--patch-size", "0"], "argument --patch-size: must be at least 1"),
+        (["train", "vit", "--num-heads", "0"], "argument --num-heads: must be at least 1"),
+        (
+            ["train", "vit", "--label-smoothing", "1"],
+            "argument --label-smoothing: must be in [0.0, 1.0)",
+        ),
+        (["train", "vit", "--test-size", "0"], "argument --test-size: must be in (0.0, 1.0)"),
+        (["train", "vit", "--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+        (["train", "vit", "--train-limit", "-5"], "argument --train-limit: must be at least 0"),
+        (["train", "vit", "--mlp-ratio", "-1"], "argument --mlp-ratio: must be above 0.0"),
+        (["train", "hybrid", "--stem-chs", "0"], "argument --stem-chs: must be at least 1"),
+        (["train", "vilt", "--clip", "-1"], "argument --clip: must be at least 0.0"),
+        (["train", "vilt", "--wpa-weight", "-0.1"], "argument --wpa-weight: must be at least 0.0"),
+        (["train", "vilt", "--patch-size", "0"], "argument --patch-size: must be at least 1"),
+        (
+            ["train", "vilt", "--hard-fraction", "2"],
+            "argument --hard-fraction: must be in [0.0, 1.0]",
+        ),
+        (["train", "vilt", "--workers", "-1"], "argument --workers: must be at least 0"),
+        (["train", "vilt", "--curriculum", "abc"], "must be A,B with 0 <= A <= B <= 1, got 'abc'"),
+        (["predict", "run", "digit.png", "--top", "0"], "argument --top: must be at least 1"),
+    ],
+)
+def test_values_out_of_range_are_refused_as_the_line_is_parsed(
+    argv, says, tmp_path, capsys, monkeypatch
+):
+    """Before, a negative clip flipped the gradient, a negative min-lr or WPA weight trained
+    quietly to nonsense, and a zero patch size or head count ended in a ZeroDivisionError."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (
+            ["train", "vit", "--scale-min", "2", "--scale-max", "1"],
+            "--scale-min 2.0 is above --scale-max 1.0",
+        ),
+        (
+            ["train", "vit", "--model", "hybrid_digits"],
+            "is a HybridViT, and `minivit train vit` trains ViT models: train it with "
+            "`minivit train hybrid`",
+        ),
+        (
+            ["train", "hybrid", "--model", "vit_digits"],
+            "is a ViT, and `minivit train hybrid` trains HybridViT models",
+        ),
+    ],
+)
+def test_a_refused_run_leaves_no_folder(argv, says, tmp_path, capsys, monkeypatch):
+    """Checks that need the whole recipe (or the model) run before the run folder is made, so
+    a refused run leaves no empty folder behind."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MINIVIT_TRACEBACK", raising=False)
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minivit: error: ") and says in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_out_naming_a_finished_run_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    tiny = ["--epochs", "1", "--train-limit", "32", "--batch-size", "32", "--embed-dim", "8",
+            "--depth", "1", "--num-heads", "2", "--no-progress", "--no-plots"]  # fmt: skip
+    assert main(["train", "vit", *tiny, "--out", str(out)]) == 0
+    saved = (out / "checkpoint.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "vit", *tiny, "--out", str(out)]) == 2
+    assert "already holds a run (checkpoint.safetensors); continue it with --resume" in (
+        capsys.readouterr().err
+    )
+    assert (out / "checkpoint.safetensors").read_bytes() == saved

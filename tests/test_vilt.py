@@ -515,13 +515,17 @@ def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, opti
     run_interrupted(args_for(tmp_path / "cut"), monkeypatch)
     ckpt = tmp_path / "cut" / "checkpoint.safetensors"
     assert ckpt.exists()  # written at step 2
-    elsewhere = ["--out", str(tmp_path / "elsewhere")]
-    resume = ["train", "vilt", "--resume", str(tmp_path / "cut"), "--no-progress", *elsewhere]
+    resume = ["train", "vilt", "--resume", str(tmp_path / "cut"), "--no-progress"]
     with pytest.raises(ValueError, match=r"contradicts it: --lr 0\.5 \(the run's: 0\.002\)"):
         train_vilt.run(build_parser().parse_args([*resume, "--lr", "0.5"]))
-    # the recipe is the saved one (16 wide, 4 steps, float64), not the defaults of this line
-    assert train_vilt.run(build_parser().parse_args(resume)) == 0
-    assert not (tmp_path / "elsewhere").exists()  # the resumed run stays in its own folder
+    # a resume cannot move the run: --out elsewhere is refused, not ignored
+    elsewhere = ["--out", str(tmp_path / "elsewhere")]
+    with pytest.raises(ValueError, match="continues the run in its own folder"):
+        train_vilt.run(build_parser().parse_args([*resume, *elsewhere]))
+    assert not (tmp_path / "elsewhere").exists()
+    # the recipe is the saved one (16 wide, 4 steps, float64), not the defaults of this line;
+    # --out naming the run's own folder is no clash
+    assert train_vilt.run(build_parser().parse_args([*resume, "--out", str(tmp_path / "cut")])) == 0
     whole, _ = load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors")
     resumed, _ = load_checkpoint(ckpt)
     assert set(whole) == set(resumed)
@@ -531,3 +535,27 @@ def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, opti
         assert train_vilt.run(args_for(tmp_path / "plain", *off)) == 0
         other, _ = load_checkpoint(tmp_path / "plain" / "checkpoint.safetensors")
         assert any(not np.array_equal(other[k], whole[k]) for k in whole)
+
+
+def test_batch_workers_leave_ctrl_c_to_the_training_process():
+    """A batch worker ignores SIGINT: Ctrl-C reaches the whole process group, and a worker that
+    took it printed a stray traceback header before the run's own "minivit: interrupted"."""
+    import signal
+
+    from minivit.data.shapes import ShapesCaptions
+    from minivit.train import vilt as train_vilt
+
+    data = ShapesCaptions()
+    spec = dict(
+        img_size=data.img_size,
+        max_text_len=data.tokenizer.max_text_len,
+        seed=data.seed,
+        cells=data.cells,
+    )
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        train_vilt._init_worker(spec)  # what each worker runs first
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+        train_vilt._WORKER.clear()

@@ -23,6 +23,7 @@ complete training state; a run stopped after k epochs and resumed continues bit 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -36,6 +37,12 @@ __all__ = [
     "CHECKPOINT",
     "History",
     "make_run_dir",
+    "number_in",
+    "non_negative_int",
+    "non_negative_float",
+    "positive_float",
+    "fraction",
+    "dropout_rate",
     "resolve_checkpoint",
     "progress",
     "epoch_rngs",
@@ -46,6 +53,7 @@ __all__ = [
     "plot_curves",
     "vars_for_json",
     "saved_recipe",
+    "resumed_run_dir",
     "Timer",
 ]
 
@@ -79,9 +87,18 @@ class History:
 
 
 def make_run_dir(out=None, prefix="run", root="runs") -> Path:
-    """``out`` if given, else ``runs/<prefix>-<YYYYmmdd-HHMMSS>`` (made unique); created."""
+    """``out`` if given, else ``runs/<prefix>-<YYYYmmdd-HHMMSS>`` (made unique); created.
+
+    An ``out`` that already holds a run (its checkpoint) is refused: a new run would overwrite
+    the trained weights, and leave the old run's figures beside them. Call this once every
+    option has been checked, so a refused value leaves no empty folder behind."""
     if out:
         path = Path(out)
+        if (path / CHECKPOINT).exists():
+            raise ValueError(
+                f"{str(out)!r} already holds a run ({CHECKPOINT}); continue it with "
+                f"--resume {out}, or choose another --out"
+            )
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = Path(root) / f"{prefix}-{stamp}"
@@ -174,6 +191,50 @@ def positive_int(text) -> int:
     return value
 
 
+def number_in(kind, low=None, high=None, *, open_low=False, open_high=False):
+    """An argparse type: ``kind`` (int or float) within ``[low, high]``, an end left out when
+    None or excluded when open. A value out of range fails when the command line is parsed,
+    with the flag's name, before anything runs (a negative ``--clip-grad`` used to flip the
+    gradient without a word)."""
+    import argparse
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {_A[kind]}: {text!r}") from None
+        if not math.isfinite(value):  # NaN or an infinity
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        too_low = low is not None and (value <= low if open_low else value < low)
+        too_high = high is not None and (value >= high if open_high else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(
+                f"must be {_range_text(low, high, open_low, open_high)}, got {text}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some of its messages
+    return parse
+
+
+_A = {int: "an integer", float: "a number"}
+
+
+def _range_text(low, high, open_low, open_high):
+    if high is None:
+        return f"{'above' if open_low else 'at least'} {low}"
+    if low is None:
+        return f"{'below' if open_high else 'at most'} {high}"
+    return f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+
+
+non_negative_int = number_in(int, 0)
+non_negative_float = number_in(float, 0.0)
+positive_float = number_in(float, 0.0, open_low=True)
+fraction = number_in(float, 0.0, 1.0)  # a share, 0 and 1 included
+dropout_rate = number_in(float, 0.0, 1.0, open_high=True)
+
+
 def write_json(path, obj) -> Path:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     path = Path(path)
@@ -217,8 +278,9 @@ def saved_recipe(ckpt, args, local, model_class, command, added=None) -> dict:
     A resumed run is the run it continues, so the saved options win over this command line's.
     An option given on this command line with another value than the saved one is an error,
     not silently dropped (``--lr 0.01`` on a resume used to be ignored without a word). Options
-    left at their defaults are not "given"; ``local`` names the options a resume may change
-    (threads, backend, where the output goes), which are neither saved nor checked.
+    not typed on the command line are not "given" (``args._given``, set by ``minivit.cli``;
+    without it, those left at their defaults are not). ``local`` names the options a resume may
+    change (threads, backend, where the output goes), which are neither saved nor checked.
 
     ``added`` maps options added after some runs were saved to what those runs did (e.g.
     ``{"max_image_len": -1}``): a recipe without the option reads as having that value, so the
@@ -238,9 +300,15 @@ def saved_recipe(ckpt, args, local, model_class, command, added=None) -> dict:
     if not saved:
         raise ValueError(f"{str(ckpt)!r} is not a training checkpoint (no saved args)")
     saved = {k: v for k, v in {**(added or {}), **saved}.items() if k not in local}
-    parser = getattr(args, "_parser", None)  # set by the command line (minivit/cli.py)
-    options = vars_for_json(args, drop=local) if parser is not None else {}
-    given = {k: v for k, v in options.items() if v != parser.get_default(k)}
+    options = vars_for_json(args, drop=local)
+    typed = getattr(args, "_given", None)  # the options typed on the command line (cli.py)
+    parser = getattr(args, "_parser", None)
+    if typed is not None:  # a value typed is checked even when it equals the default
+        given = {k: v for k, v in options.items() if k in typed}
+    elif parser is not None:  # a Namespace made otherwise: what differs from the defaults
+        given = {k: v for k, v in options.items() if v != parser.get_default(k)}
+    else:
+        given = {}
     clashes = [
         f"--{k.replace('_', '-')} {_as_saved(v)!r} (the run's: {saved[k]!r})"
         for k, v in sorted(given.items())
@@ -253,6 +321,19 @@ def saved_recipe(ckpt, args, local, model_class, command, added=None) -> dict:
             "run (--out) with them"
         )
     return saved
+
+
+def resumed_run_dir(ckpt, out=None) -> Path:
+    """The folder a ``--resume`` of checkpoint ``ckpt`` continues in: the run's own. An ``--out``
+    naming another folder is refused rather than ignored (a resume cannot move a run)."""
+    run_dir = Path(ckpt).parent
+    if out and Path(out).resolve() != run_dir.resolve():
+        raise ValueError(
+            f"--resume continues the run in its own folder {str(run_dir)!r}; --out "
+            f"{str(out)!r} cannot move it (drop --out, or copy the run folder there and "
+            "resume the copy)"
+        )
+    return run_dir
 
 
 def _as_saved(value):

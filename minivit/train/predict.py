@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -47,7 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert brightness first (auto: when the border is bright)")  # fmt: skip
     p.add_argument(
-        "--top", type=int, default=3, help="how many classes (ViLT: words per [MASK]) to list"
+        "--top",
+        type=positive_int,
+        default=3,
+        help="how many classes (ViLT: words per [MASK]) to list (default: 3)",
     )
     p.add_argument(
         "--caption",

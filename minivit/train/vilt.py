@@ -36,12 +36,18 @@ import numpy as np
 from .common import (
     CHECKPOINT,
     History,
+    dropout_rate,
+    fraction,
     load_training_checkpoint,
     make_run_dir,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
     positive_int,
     progress,
     reseed_model_rng,
     resolve_checkpoint,
+    resumed_run_dir,
     save_training_checkpoint,
     saved_recipe,
     vars_for_json,
@@ -79,38 +85,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--steps", type=positive_int, default=9000, help="optimizer steps (default: 9000)")
     a("--batch-size", type=positive_int, default=32, help="ITM rows per step (default: 32)")
     a("--mlm-batch-size", type=positive_int, default=32, help="MLM rows per step (default: 32)")
-    a("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
-    a("--min-lr", type=float, default=1e-5, help="learning rate at the end (default: 1e-5)")
-    a("--warmup", type=float, default=0.05, help="warmup, a fraction of the steps")
-    a("--weight-decay", type=float, default=0.01)
-    a("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    a("--wpa-weight", type=float, default=0.1, help="word-patch alignment weight (0: off)")
+    a("--lr", type=non_negative_float, default=2e-3, help="peak learning rate (default: 2e-3)")
+    a(
+        "--min-lr",
+        type=non_negative_float,
+        default=1e-5,
+        help="learning rate at the end (default: 1e-5)",
+    )
+    a(
+        "--warmup",
+        type=fraction,
+        default=0.05,
+        help="warmup, a fraction of the steps (default: 0.05)",
+    )
+    a("--weight-decay", type=non_negative_float, default=0.01, help="default: 0.01")
+    a(
+        "--clip",
+        type=non_negative_float,
+        default=1.0,
+        help="global gradient-norm clip (0: off; default: 1.0)",
+    )
+    a(
+        "--wpa-weight",
+        type=non_negative_float,
+        default=0.1,
+        help="word-patch alignment weight (0: off; default: 0.1)",
+    )
     a(
         "--curriculum",
+        type=curriculum_text,
         default="0",
         help="A,B: one-object scenes for the first fraction A of the steps, one or two objects "
         "until B, then one to three (default '0': no curriculum, one to three from the start)",
     )
     a(
         "--hard-fraction",
-        type=float,
+        type=fraction,
         default=0.8,
-        help="share of training ITM negatives that are hard (the held-out set keeps half)",
+        help="share of training ITM negatives that are hard (the held-out set keeps half; "
+        "default: 0.8)",
     )
     a(
         "--relation-share",
-        type=float,
+        type=fraction,
         default=None,
         help="share of hard training negatives that flip the relation, when the caption has "
         "one (default: uniform over the caption's attributes; the held-out set stays uniform)",
     )
-    a("--img-size", type=int, default=48)
-    a("--patch-size", type=int, default=16)
-    a("--embed-dim", type=int, default=96)
-    a("--depth", type=int, default=3)
-    a("--num-heads", type=int, default=4)
-    a("--mlp-ratio", type=float, default=2.0)
-    a("--max-text-len", type=int, default=16)
+    a("--img-size", type=positive_int, default=48, help="default: 48")
+    a("--patch-size", type=positive_int, default=16, help="default: 16")
+    a("--embed-dim", type=positive_int, default=96, help="default: 96")
+    a("--depth", type=positive_int, default=3, help="default: 3")
+    a("--num-heads", type=positive_int, default=4, help="default: 4")
+    a("--mlp-ratio", type=positive_float, default=2.0, help="default: 2.0")
+    a("--max-text-len", type=positive_int, default=16, help="default: 16")
     a(
         "--max-image-len",
         type=patch_count,
@@ -123,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a(
         "--drop-rate",
-        type=float,
+        type=dropout_rate,
         default=0.0,
         help="dropout in training, where the original has it (0.1 there; default 0: none)",
     )
@@ -132,22 +160,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-size",
         type=positive_int,
         default=1000,
-        help="held-out ITM pairs and MLM captions each",
+        help="held-out ITM pairs and MLM captions each (default: 1000)",
     )
-    a("--eval-every", type=int, default=500, help="steps between quick held-out checks (0: off)")
-    a("--seed", type=int, default=0)
+    a(
+        "--eval-every",
+        type=non_negative_int,
+        default=500,
+        help="steps between quick held-out checks (0: off; default: 500)",
+    )
+    a("--seed", type=non_negative_int, default=0, help="default: 0")
     a(
         "--threads",
-        type=int,
+        type=non_negative_int,
         default=1,
         help="CPU threads for BLAS and minivit's thread pool (default 1: the matrices are "
         "small, and a second thread mostly waits on a busy machine; 0 = one per core)",
     )
     a(
         "--workers",
-        type=int,
+        type=non_negative_int,
         default=1,
-        help="processes that make the next batches while the model computes (0: inline)",
+        help="processes that make the next batches while the model computes (0: inline; "
+        "default: 1)",
     )
     a("--out", default=None, help="run folder (default: runs/vilt-shapes-<time>)")
     a(
@@ -342,12 +376,26 @@ def build(args):
 
 def parse_curriculum(text):
     """ "A,B" -> (A, B) fractions of the steps; "0" or "" -> (0, 0) (no curriculum)."""
-    parts = [float(x) for x in str(text).split(",") if x.strip()] or [0.0]
+    refused = ValueError(f"--curriculum must be A,B with 0 <= A <= B <= 1, got {text!r}")
+    try:
+        parts = [float(x) for x in str(text).split(",") if x.strip()] or [0.0]
+    except ValueError:
+        raise refused from None
     a = parts[0]
     b = parts[1] if len(parts) > 1 else a
-    if not 0 <= a <= b <= 1:
-        raise ValueError(f"--curriculum must be A,B with 0 <= A <= B <= 1, got {text!r}")
+    if len(parts) > 2 or not 0 <= a <= b <= 1:
+        raise refused
     return a, b
+
+
+def curriculum_text(text) -> str:
+    """An argparse type: the ``--curriculum`` text, kept as typed (the recipe saves it), once
+    :func:`parse_curriculum` accepts it."""
+    try:
+        parse_curriculum(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--curriculum ")) from None
+    return text
 
 
 def curriculum_counts(step, total, curriculum):
@@ -385,8 +433,14 @@ _WORKER: dict = {}
 
 
 def _init_worker(spec):
+    import signal
+
     from ..data.shapes import ShapesCaptions
 
+    # Ctrl-C is the training process's to handle: it stops the pool. A worker that took the
+    # signal itself printed a stray "Process ForkPoolWorker-1:" traceback before the run's own
+    # "minivit: interrupted".
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER["data"] = ShapesCaptions(
         img_size=spec["img_size"],
         max_text_len=spec["max_text_len"],
@@ -452,12 +506,13 @@ def train(args, data, model, *, log=print, quiet=False):
     be = model.backend
     if args.resume:  # the run goes on in its own folder (checked before anything is made)
         ckpt = resolve_checkpoint(args.resume)
-        run_dir = ckpt.parent
-    else:
-        run_dir = make_run_dir(args.out, "vilt-shapes")
+        run_dir = resumed_run_dir(ckpt, args.out)
     opt = optim.AdamW(model.params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = int(round(args.warmup * args.steps))
     sched = optim.WarmupCosine(args.lr, args.steps, warmup, min_lr=args.min_lr)
+    spec = batch_spec(args, data)
+    if not args.resume:  # now that every option has been checked
+        run_dir = make_run_dir(args.out, "vilt-shapes")
     history = History()
     start = 0
     if args.resume:
@@ -466,7 +521,6 @@ def train(args, data, model, *, log=print, quiet=False):
     quick = min(256, args.eval_size)
     t0 = time.perf_counter()
     sums = dict(loss=0.0, itm=0.0, mlm=0.0, wpa=0.0, acc=0.0, n=0)
-    spec = batch_spec(args, data)
     with (
         progress(total=args.steps, initial=start, desc="vilt", disable=quiet) as bar,
         prefetch(spec, range(start, args.steps), getattr(args, "workers", 0)) as batches,

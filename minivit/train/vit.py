@@ -18,7 +18,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from .common import positive_int
+from .common import (
+    dropout_rate,
+    non_negative_float,
+    non_negative_int,
+    number_in,
+    positive_float,
+    positive_int,
+)
 
 # Defaults of the recipe (see docs/vit.md for how they were chosen).
 DEFAULTS = dict(
@@ -76,45 +83,59 @@ JOB = DigitsJob(
 )
 
 # (option, type, help) of every recipe option; the defaults come from the job's ``defaults``.
+# The types refuse values out of range as the command line is parsed (common.number_in).
 RECIPE_OPTIONS = (
     ("model", str, "registered config (minivit.list_models)"),
     ("epochs", positive_int, None),
     ("batch_size", positive_int, None),
-    ("lr", float, "peak AdamW learning rate"),
-    ("min_lr", float, "lr at the cosine's end"),
-    ("weight_decay", float, None),
-    ("warmup_epochs", float, None),
-    ("label_smoothing", float, None),
-    ("clip_grad", float, "0 turns it off"),
-    ("drop_rate", float, None),
-    ("drop_path_rate", float, None),
-    ("shift", float, "max random shift, pixels"),
-    ("rotate", float, "max rotation, degrees"),
-    ("scale_min", float, None),
-    ("scale_max", float, None),
-    ("test_size", float, None),
-    ("split_seed", int, "seed of the stratified train/test split (unset: the --seed)"),
-    ("seed", int, "seed of the initialisation, shuffling, augmentation and dropout"),
+    ("lr", non_negative_float, "peak AdamW learning rate"),
+    ("min_lr", non_negative_float, "lr at the cosine's end"),
+    ("weight_decay", non_negative_float, None),
+    ("warmup_epochs", non_negative_float, None),
+    ("label_smoothing", number_in(float, 0.0, 1.0, open_high=True), None),
+    ("clip_grad", non_negative_float, "global gradient-norm clip; 0 turns it off"),
+    ("drop_rate", dropout_rate, None),
+    ("drop_path_rate", dropout_rate, None),
+    ("shift", non_negative_float, "max random shift, pixels"),
+    ("rotate", non_negative_float, "max rotation, degrees"),
+    ("scale_min", positive_float, None),
+    ("scale_max", positive_float, None),
+    ("test_size", number_in(float, 0.0, 1.0, open_low=True, open_high=True), None),
+    ("split_seed", non_negative_int, "seed of the stratified train/test split"),
+    ("seed", non_negative_int, "seed of the initialisation, shuffling, augmentation and dropout"),
 )
-# The type of an ARCH override, where it is not int.
-ARCH_TYPES = {"mlp_ratio": float, "global_pool": str, "pos_embed_init": str}
+# The type of an ARCH override, where it is not a positive int.
+ARCH_TYPES = {"mlp_ratio": positive_float, "global_pool": str, "pos_embed_init": str}
+
+
+def _with_default(help, default):
+    """An option's help with its default; a split seed left unset follows --seed."""
+    shown = (
+        "the --seed" if default is None else repr(default) if isinstance(default, str) else default
+    )
+    return f"{help} (default: {shown})" if help else f"default: {shown}"
 
 
 def add_arguments(p: argparse.ArgumentParser, job: DigitsJob = JOB) -> None:
     d = job.defaults
     for name, kind, help in RECIPE_OPTIONS:
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=d[name], help=help)
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=d[name],
+            help=_with_default(help, d[name]),
+        )
     p.add_argument("--dtype", choices=["float32", "float64"], default=d["dtype"])
     for name in job.arch:
         p.add_argument(
             "--" + name.replace("_", "-"),
-            type=ARCH_TYPES.get(name, int),
+            type=ARCH_TYPES.get(name, positive_int),
             default=None,
             help="override the model config",
         )
     p.add_argument(
         "--train-limit",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="use only the first N training images (0: all); for quick checks",
     )
@@ -127,7 +148,7 @@ def add_arguments(p: argparse.ArgumentParser, job: DigitsJob = JOB) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=non_negative_int,
         default=1,
         help="BLAS threads on the numpy backend when minivit's pool has one thread (default "
         "1; 0: BLAS default). With more pool threads (MINIVIT_NUM_THREADS, one per core by "
@@ -216,6 +237,7 @@ def train(args, job: DigitsJob = JOB) -> dict:
         plot_curves,
         progress,
         resolve_checkpoint,
+        resumed_run_dir,
         save_training_checkpoint,
         saved_recipe,
         vars_for_json,
@@ -228,13 +250,13 @@ def train(args, job: DigitsJob = JOB) -> dict:
     # float32 differently, processes and threads alike do not)
     local = ("resume", "out", "no_progress", "no_plots", "backend", "threads", "shards")
     cfg = vars_for_json(args, drop=local)
+    command = f"minivit train {job.name}"
     if args.resume:
         ckpt = resolve_checkpoint(args.resume)
-        command = f"minivit train {job.name}"
         cfg = {**cfg, **saved_recipe(ckpt, args, local, job.model_class, command)}
-        run_dir = ckpt.parent
-    else:
-        run_dir = make_run_dir(args.out, job.run_prefix)
+        run_dir = resumed_run_dir(ckpt, args.out)
+    if cfg["scale_min"] > cfg["scale_max"]:
+        raise ValueError(f"--scale-min {cfg['scale_min']} is above --scale-max {cfg['scale_max']}")
 
     split_seed = cfg.get("split_seed")  # absent (older runs) or None: the --seed
     data = load_digits_split(
@@ -246,12 +268,21 @@ def train(args, job: DigitsJob = JOB) -> dict:
     x_test = data.normalize(data.x_test, cfg["dtype"])
 
     model = build_model(cfg, backend, job.arch)
+    if type(model).__name__ != job.model_class:  # e.g. --model hybrid_digits to `train vit`
+        other = {"ViT": "vit", "HybridViT": "hybrid"}.get(type(model).__name__)
+        raise ValueError(
+            f"--model {cfg['model']} is a {type(model).__name__}, and `{command}` trains "
+            f"{job.model_class} models"
+            + (f": train it with `minivit train {other}`" if other else "")
+        )
     opt = AdamW(model.params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     bs = cfg["batch_size"]
     steps_per_epoch = -(-len(x_train) // bs)
     total = cfg["epochs"] * steps_per_epoch
     warmup = min(int(round(cfg["warmup_epochs"] * steps_per_epoch)), total)
     sched = WarmupCosine(cfg["lr"], total, warmup, cfg["min_lr"])
+    if not args.resume:  # now that every option has been checked
+        run_dir = make_run_dir(args.out, job.run_prefix)
     start, history = 0, History()
     if args.resume:
         start, history, _ = load_training_checkpoint(ckpt, model, opt)
