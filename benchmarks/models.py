@@ -43,9 +43,37 @@ def batch_size(name: str, device: str, quick: bool) -> int:
     return 8 if device == "cpu" else 64
 
 
+def known_models() -> str:
+    """The accepted model names, each with the label the report prints (an alias), for help
+    texts and error messages: ``vit_tiny_patch16_224 (ViT-Ti/16), ...``."""
+    return ", ".join(f"{m} ({SHORT[m]})" for m in MODEL_NAMES + EXTRA_MODELS)
+
+
+def model_name(text: str) -> str | None:
+    """A model's name from the name or its report label (``ViT-Ti/16``), case ignored; None for
+    an unknown one."""
+    for m in MODEL_NAMES + EXTRA_MODELS:
+        if str(text).lower() in (m, SHORT[m].lower()):
+            return m
+    return None
+
+
+def resolve_models(names) -> list[str]:
+    """``names`` (names or report labels) as model names, in the benchmark's order, each once.
+    Unknown names raise ``ValueError`` naming them all and listing the known ones."""
+    unknown = [str(n) for n in names if model_name(n) is None]
+    if unknown:
+        raise ValueError(
+            f"unknown model{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            f"for --models; known (name or report label): {known_models()}"
+        )
+    wanted = {model_name(n) for n in names}
+    return [m for m in MODEL_NAMES + EXTRA_MODELS if m in wanted]
+
+
 def model_list(cfg: harness.BenchConfig, device: str) -> list[str]:
     if cfg.models is not None:
-        return [m for m in MODEL_NAMES + EXTRA_MODELS if m in cfg.models]
+        return resolve_models(cfg.models)
     if cfg.quick:
         if device == "cuda":
             return ["vit_tiny_patch16_224", "vit_base_patch16_224"]

@@ -30,6 +30,25 @@ from benchmarks import harness
 
 OP_NAMES = ("linear", "layernorm", "gelu", "softmax", "attention", "cross_entropy", "sinkhorn")
 
+
+def known_ops() -> str:
+    """The accepted op names, for help texts and error messages."""
+    return ", ".join(OP_NAMES)
+
+
+def resolve_ops(names) -> list[str]:
+    """``names`` as op names (case ignored), in the benchmark's order, each once. Unknown names
+    raise ``ValueError`` naming them all and listing the known ones."""
+    unknown = [str(n) for n in names if str(n).lower() not in OP_NAMES]
+    if unknown:
+        raise ValueError(
+            f"unknown op{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            f"for --ops; known: {known_ops()}"
+        )
+    wanted = {str(n).lower() for n in names}
+    return [n for n in OP_NAMES if n in wanted]
+
+
 CENTRE = dict(batch=8, tokens=197, width=384)
 
 
@@ -247,7 +266,7 @@ def run(
     a case that raises is logged and skipped (as in ``models.run``).
     """
     ceilings = ceilings or {}
-    names = [n for n in OP_NAMES if cfg.ops is None or n in cfg.ops]
+    names = list(OP_NAMES) if cfg.ops is None else resolve_ops(cfg.ops)
     have_torch = cfg.torch and harness.impl_available("torch")
     rows = [] if rows is None else rows
     for backend in cfg.backends:

@@ -22,7 +22,7 @@ if __name__ == "__main__":  # before NumPy loads: the fastest OpenBLAS kernels f
 
     apply_for_command()
 
-from benchmarks import harness, report  # noqa: E402
+from benchmarks import harness, models, ops, report  # noqa: E402
 
 
 def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None:
@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None
             nargs="+",
             choices=["numpy", "cupy"],
             default=None,
-            help="backends to run (default: numpy, plus cupy when a device is present)",
+            help="backends to run (default: $MINIVIT_BACKEND, else numpy, plus cupy when a "
+            "device is present)",
         )
     p.add_argument("--quick", action="store_true", help="a small subset (< 2 min on 2 cores)")
     p.add_argument(
@@ -40,14 +41,15 @@ def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None
         nargs="*",
         default=None,
         metavar="OP",
-        help="ops to run (default all; give none to skip ops)",
+        help=f"ops to run (default all; give none to skip ops): {ops.known_ops()}",
     )
     p.add_argument(
         "--models",
         nargs="*",
         default=None,
         metavar="MODEL",
-        help="models to run (default all; give none to skip models)",
+        help="models to run, by name or report label (default all; give none to skip "
+        f"models): {models.known_models()}",
     )
     p.add_argument(
         "--out", default=None, help="results folder (default benchmarks/results/<device-tag>)"
@@ -89,6 +91,8 @@ def config_from_args(args) -> harness.BenchConfig:
     backends = args.backend
     if isinstance(backends, str):
         backends = [backends]
+    if not backends and os.environ.get("MINIVIT_BACKEND"):
+        backends = [os.environ["MINIVIT_BACKEND"].lower()]  # as every minivit command does
     if not backends:
         backends = ["numpy"] + (["cupy"] if harness.impl_available("cupy") else [])
     return harness.BenchConfig(
@@ -109,6 +113,7 @@ def config_from_args(args) -> harness.BenchConfig:
 def execute(cfg: harness.BenchConfig, out: str | None = None, log=print) -> dict:
     """Run everything selected by ``cfg``; write the report; return its paths."""
     t0 = time.perf_counter()
+    check_names(cfg.models, cfg.ops)  # a misspelt name fails before anything runs
     harness.configure(cfg)  # first: CUPY_TF32 is read at CuPy's first float32 matmul
     missing = [b for b in cfg.backends if not harness.impl_available(b)]
     if len(missing) == len(cfg.backends):
@@ -118,8 +123,6 @@ def execute(cfg: harness.BenchConfig, out: str | None = None, log=print) -> dict
         out = os.path.join(
             os.path.dirname(os.path.abspath(__file__)), "results", harness.device_tag(env)
         )
-    from benchmarks import models, ops
-
     rows = []  # the groups append to it as each case finishes
     # Models first (the headline figures), and the JSON written after them. However the run
     # ends, the report of what it measured is written: stopped by SIGINT (Ctrl-C, or
@@ -175,9 +178,26 @@ def _sgemm_ceilings(cfg: harness.BenchConfig, log) -> tuple[dict, dict, dict]:
     return ceilings, sg, sg_median
 
 
+def check_names(model_names, op_names) -> tuple[list[str] | None, list[str] | None]:
+    """``--models`` and ``--ops`` as the benchmark's names (a model's report label, such as
+    ``ViT-Ti/16``, is accepted for its name); None stays None (all). Unknown names raise one
+    ``ValueError`` that names them and lists the known models and ops."""
+    errors, out = [], []
+    for names, resolve in ((model_names, models.resolve_models), (op_names, ops.resolve_ops)):
+        try:
+            out.append(None if names is None else resolve(names))
+        except ValueError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ValueError("; ".join(errors))
+    return out[0], out[1]
+
+
 def dispatch(args) -> int:
     """Run what the parsed options ask for (this script's and ``minivit bench``'s): the op
-    profile (--profile), the perf breakdown (--perf), or the timed benchmark. Exit status."""
+    profile (--profile), the perf breakdown (--perf), or the timed benchmark. Exit status.
+    Unknown ``--models`` or ``--ops`` names raise ``ValueError`` before anything runs."""
+    args.models, args.ops = check_names(args.models, args.ops)
     if args.profile:
         from benchmarks import profile_step
 
@@ -194,7 +214,12 @@ def dispatch(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
-    return dispatch(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        args.models, args.ops = check_names(args.models, args.ops)
+    except ValueError as exc:
+        p.error(str(exc))
+    return dispatch(args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 The harness itself lives in the repository's ``benchmarks/`` folder (benchmarks/README.md);
 this command runs it from a source checkout (``pip install -e .``). ``--backend`` (added by the
-CLI) picks one backend; without it NumPy runs, plus CuPy when a CUDA device is present.
+CLI) picks one backend; without it ``$MINIVIT_BACKEND`` does, as for every command, and without
+either NumPy runs, plus CuPy when a CUDA device is present. A backend that cannot run here, or
+an unknown ``--models`` or ``--ops`` name, is a user error (exit status 2) before anything runs.
 """
 
 from __future__ import annotations
@@ -30,15 +32,23 @@ def _benchmarks_package(required: bool = True):
 def add_arguments(parser) -> None:
     # The options are benchmarks/run.py's own, minus --backend (the CLI adds that one). Without
     # a source checkout there are none, and run() says why.
+    for action in parser._actions:
+        if action.dest == "backend":
+            action.help = (
+                "array backend (default: $MINIVIT_BACKEND, else numpy, plus cupy when a CUDA "
+                "device is present)"
+            )
     bench_run = _benchmarks_package(required=False)
     if bench_run is not None:
         bench_run.add_arguments(parser, with_backend=False)
 
 
 def run(args) -> int:
-    if args.backend:
+    name = args.backend or os.environ.get("MINIVIT_BACKEND") or None
+    if name:
         from .backend import get_backend
 
-        get_backend(args.backend)  # BackendUnavailable (exit status 2) says what is missing
+        # BackendUnavailable (exit status 2) says what is missing, ValueError a wrong name
+        args.backend = get_backend(name).name
     # the timed benchmark, or --profile (op by op) or --perf (by kind of work): run.py decides
     return _benchmarks_package().dispatch(args)

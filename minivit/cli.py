@@ -115,12 +115,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args._run(args) or 0)
-    except BackendUnavailable as exc:
-        print(f"minivit: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, CheckpointError, ValueError) as exc:
-        # A missing or unreadable file, a checkpoint of the wrong kind, a refused value: the
-        # message says what to change; MINIVIT_TRACEBACK=1 shows where it was raised.
+    except (BackendUnavailable, OSError, CheckpointError, ValueError) as exc:
+        # A backend that cannot run here (CuPy or the device missing), a missing or unreadable
+        # file, a checkpoint of the wrong kind, a refused value: the message says what to
+        # change; MINIVIT_TRACEBACK=1 shows where it was raised.
         if os.environ.get("MINIVIT_TRACEBACK", "0") not in ("", "0"):
             raise
         print(f"minivit: error: {exc}", file=sys.stderr)

@@ -3,7 +3,10 @@
 For each case (an op with one choice of options, on small inputs) it runs the directional check
 and the elementwise check of :mod:`minivit.gradcheck`, prints one row per case (op, input shapes,
 largest relative error of each check, pass or fail), then the per-input table of every failure,
-and exits 1 when any case fails (2 for a bad ``--ops`` name).
+and exits 1 when any case fails. A user error exits with status 2 before anything is checked:
+an option out of its range (``--eps`` or ``--rtol`` not above 0, fewer than one
+``--directions``, a negative ``--seed``) as argparse reports it, a bad ``--ops`` name with one
+``minivit: error:`` line.
 
 Ops that other parts of the package add later (optimal transport, the hybrid stem's convolution)
 are picked up here when ``minivit.ops`` has them.
@@ -57,13 +60,17 @@ class Case:
 
 
 def add_arguments(parser) -> None:
+    from .train.common import non_negative_int, positive_float, positive_int
+
     parser.add_argument(
         "--dtype",
         choices=sorted(DEFAULTS),
         default="float64",
         help="dtype of the inputs (default float64; float32 gives only a coarse check)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for inputs and directions")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed for inputs and directions (>= 0)"
+    )
     parser.add_argument(
         "--ops",
         nargs="+",
@@ -71,10 +78,23 @@ def add_arguments(parser) -> None:
         metavar="OP",
         help="check only these op families or cases (e.g. attention gelu); default: all",
     )
-    parser.add_argument("--rtol", type=float, default=None, help="relative tolerance")
-    parser.add_argument("--eps", type=float, default=None, help="finite-difference step")
     parser.add_argument(
-        "--directions", type=int, default=3, help="random directions per input (default 3)"
+        "--rtol",
+        type=positive_float,
+        default=None,
+        help="relative tolerance, > 0 (default 1e-6 in float64, 2e-2 in float32)",
+    )
+    parser.add_argument(
+        "--eps",
+        type=positive_float,
+        default=None,
+        help="finite-difference step, > 0 (default 1e-6 in float64, 3e-3 in float32)",
+    )
+    parser.add_argument(
+        "--directions",
+        type=positive_int,
+        default=3,
+        help="random directions per input, >= 1 (default 3)",
     )
     parser.add_argument(
         "--no-full",
@@ -400,10 +420,12 @@ def run(args) -> int:
     rtol = args.rtol if getattr(args, "rtol", None) is not None else defaults["rtol"]
     seed = getattr(args, "seed", 0)
     cases, unknown = _select(build_cases(backend, dtype, seed), getattr(args, "ops", None))
-    if unknown:
+    if unknown:  # a user error: `minivit: error: ...`, exit status 2 (minivit/cli.py)
         known = sorted({c.op for c in build_cases(backend, dtype, seed)})
-        print(f"minivit gradcheck: unknown op(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        return 2
+        raise ValueError(
+            f"unknown op(s) for --ops: {', '.join(unknown)}; known ops: {', '.join(known)} "
+            "(or a case's name, as `minivit gradcheck --list` prints it)"
+        )
     if getattr(args, "list", False):
         for c in cases:
             print(f"{c.name:40s} {c.shapes()}")

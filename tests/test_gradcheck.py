@@ -329,5 +329,38 @@ def test_cli_reports_a_crashing_op(monkeypatch, capsys):
 
 
 def test_cli_unknown_op(capsys):
-    assert main(["gradcheck", "--backend", "numpy", "--ops", "nonsense"]) == 2
-    assert "unknown op(s) nonsense" in capsys.readouterr().out
+    assert main(["gradcheck", "--backend", "numpy", "--ops", "nonsense", "gelu", "bad"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # nothing checked
+    (line,) = err.strip().splitlines()
+    assert line.startswith("minivit: error: unknown op(s) for --ops: nonsense, bad; known ops: ")
+    assert "gelu" in line and "attention" in line
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--directions", "0"),
+        ("--directions", "-2"),
+        ("--eps", "0"),
+        ("--eps", "-0.5"),
+        ("--eps", "nan"),
+        ("--rtol", "0"),
+        ("--rtol", "inf"),
+        ("--seed", "-1"),
+    ],
+)
+def test_cli_refuses_options_out_of_range(capsys, option, value):
+    """A step or tolerance of 0 used to fail every op with ZeroDivisionError, and no directions
+    passed with nothing checked."""
+    with pytest.raises(SystemExit) as e:
+        main(["gradcheck", "--backend", "numpy", "--ops", "gelu", "--no-full", option, value])
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"error: argument {option}: must be " in err and value in err
+
+
+def test_cli_takes_options_in_range(capsys):
+    argv = ["--ops", "gelu", "--no-full", "--directions", "1", "--eps", "1e-5", "--rtol", "1e-5"]
+    assert main(["gradcheck", "--backend", "numpy", *argv, "--seed", "0"]) == 0
+    assert "2/2 cases passed" in capsys.readouterr().out

@@ -304,6 +304,43 @@ def test_photos_are_read_upright_and_16_bit_images_keep_their_contrast(tmp_path)
         np.testing.assert_array_equal(got, want)
 
 
+def test_float_and_32_bit_greyscale_images_are_not_read_as_black(tmp_path):
+    """A float TIFF (PIL mode "F") holding [0, 1] intensities, which PIL's own conversion reads
+    as black; on the 0..255 scale it is read as such (clipped). A 32-bit integer image (mode
+    "I") of values up to 255 is on the 8-bit scale, one with larger values on the 16-bit one."""
+    from PIL import Image
+
+    from minivit.train.predict import load_image, open_image
+
+    rng = np.random.default_rng(7)
+    levels = rng.integers(0, 256, (12, 20)).astype(np.uint8)
+    Image.fromarray(levels, "L").save(tmp_path / "8bit.png")
+    cases = {
+        "unit.tif": (levels / 255.0).astype(np.float32),  # intensities in [0, 1]
+        "scale255.tif": levels.astype(np.float32),  # the 8-bit scale
+        "int8scale.tif": levels.astype(np.int32),  # mode I, values <= 255
+        "int16scale.tif": levels.astype(np.int32) * 256 + 7,  # mode I, the 16-bit scale
+    }
+    for name, a in cases.items():
+        Image.fromarray(a).save(tmp_path / name)
+        assert Image.open(tmp_path / name).mode == ("F" if a.dtype == np.float32 else "I")
+        for mode in ("L", "RGB"):
+            got = np.asarray(open_image(tmp_path / name, mode))
+            np.testing.assert_array_equal(got, np.asarray(open_image(tmp_path / "8bit.png", mode)))
+    # through the classifier's reader: the same pixels as the 8-bit file
+    got = load_image(tmp_path / "unit.tif", 8, 1, invert="no")
+    assert got.std() > 0.1
+    np.testing.assert_array_equal(got, load_image(tmp_path / "8bit.png", 8, 1, invert="no"))
+
+    # outside both scales: clipped; NaN is black
+    odd = np.array([[-3.0, 0.5, 300.0, np.nan]], dtype=np.float32)
+    Image.fromarray(odd).save(tmp_path / "odd.tif")
+    assert np.asarray(open_image(tmp_path / "odd.tif", "L")).tolist() == [[0, 0, 255, 0]]
+    big = np.array([[0, 65535, 1 << 20]], dtype=np.int32)
+    Image.fromarray(big).save(tmp_path / "big.tif")
+    assert np.asarray(open_image(tmp_path / "big.tif", "L")).tolist() == [[0, 255, 255]]
+
+
 @pytest.mark.oracle
 @settings(max_examples=300, deadline=None)
 @given(

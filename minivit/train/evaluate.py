@@ -2,19 +2,34 @@
 
 The checkpoint's metadata records the dataset and the split (test_size, seed), so the same held-
 out images that the training run reported on are rebuilt and scored.
+
+Printed: the checkpoint, ``test loss:`` and, last, ``test accuracy: 0.xxxx``. With ``--json``
+stdout holds only the metrics as one JSON object (checkpoint, test_accuracy, test_loss,
+test_size, epoch, confusion), for a JSON tool to read; the human lines go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from .common import positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint.safetensors file or a run folder")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=256,
+        help="images per forward pass, >= 1 (default: 256)",
+    )
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
                    help="compute dtype (default: the checkpoint's)")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print only the metrics, as one JSON object (the usual lines go to stderr)",
+    )
 
 
 def evaluate_checkpoint(path, backend=None, dtype=None, batch_size=256) -> dict:
@@ -26,6 +41,8 @@ def evaluate_checkpoint(path, backend=None, dtype=None, batch_size=256) -> dict:
     from .common import resolve_checkpoint
     from .vit import evaluate
 
+    if int(batch_size) < 1:
+        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
     path = resolve_checkpoint(path)
     model, meta = load_model(path, backend=backend, dtype=dtype)
     data_meta = meta.get("train", {}).get("data")
@@ -53,11 +70,14 @@ def evaluate_checkpoint(path, backend=None, dtype=None, batch_size=256) -> dict:
 
 def run(args) -> int:
     import json
+    import sys
 
     m = evaluate_checkpoint(args.checkpoint, args.backend, args.dtype, args.batch_size)
-    print(f"checkpoint: {m['checkpoint']} (epoch {m['epoch']}, {m['test_size']} test images)")
-    print(f"test loss: {m['test_loss']:.4f}")
+    human = sys.stderr if args.json else sys.stdout  # --json: stdout is the JSON alone
+    what = f"{m['checkpoint']} (epoch {m['epoch']}, {m['test_size']} test images)"
+    print(f"checkpoint: {what}", file=human)
+    print(f"test loss: {m['test_loss']:.4f}", file=human)
+    print(f"test accuracy: {m['test_accuracy']:.4f}", file=human)
     if args.json:
         print(json.dumps(m))
-    print(f"test accuracy: {m['test_accuracy']:.4f}")
     return 0

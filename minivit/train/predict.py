@@ -4,7 +4,8 @@ A ViT or Hybrid ViT checkpoint gives class probabilities; a ViLT checkpoint scor
 (``--caption``) against each image (below). Images are read with Pillow.
 
 Every image file is read upright (its EXIF orientation applied), with transparency laid onto
-white and 16-bit greyscale brought to 8 bits (:func:`open_image`).
+white and 16-bit, 32-bit integer and floating-point greyscale brought to 8 bits
+(:func:`open_image`, which gives the rules).
 
 ViT and Hybrid ViT: each image is converted to the model's channels (grayscale "L" for one,
 "RGB" for three), resized to the model's input size and scaled to [0, 1]. The digits the model
@@ -68,9 +69,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-# PIL modes of 16- and 32-bit integer greyscale (16-bit PNGs, TIFFs): PIL's own conversion to
-# "L" or "RGB" clips them, which turns nearly every pixel of a 16-bit image white
-_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# PIL modes of 16-bit integer greyscale (16-bit PNGs, TIFFs): PIL's own conversion to "L" or
+# "RGB" clips them, which turns nearly every pixel of a 16-bit image white
+_GREY_16 = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _grey_to_8bit(im):
+    """A 16-bit, 32-bit integer ("I") or 32-bit float ("F") greyscale image as an "L" image, by
+    the rules of :func:`open_image`."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode in _GREY_16:
+        a = np.asarray(im, dtype=np.int64) >> 8  # the top 8 bits
+    elif im.mode == "I":  # no bit depth recorded: judged from the values
+        a = np.asarray(im, dtype=np.int64)
+        if a.size and a.max() > 255:
+            a = a >> 8  # a 16-bit image (older Pillow opens 16-bit PNGs as "I")
+    else:  # "F"
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            a = a * 255.0  # intensities in [0, 1], as floating-point images usually hold
+        a = np.rint(a)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
 
 
 def open_image(path, mode):
@@ -79,16 +100,19 @@ def open_image(path, mode):
     - turned upright by its EXIF orientation tag (a phone's portrait photo is stored sideways);
     - transparency laid onto white (as Hugging Face's ``convert_to_rgb`` does): PIL's plain
       conversion would show whatever colour the transparent pixels happen to hold;
-    - 16-bit greyscale kept to its top 8 bits (PIL would clip it to white).
+    - wide greyscale brought to 8 bits, where PIL's own conversion would clip it to white or
+      read [0, 1] floats as black: 16-bit (modes "I;16*") keeps its top 8 bits; 32-bit integer
+      (mode "I") is read on the 8-bit scale when no value exceeds 255, else on the 16-bit
+      scale (its top 8 of 16 bits); 32-bit float (mode "F", a float TIFF) is read as
+      intensities in [0, 1] when every value lies there, else on the 8-bit scale (0..255).
+      Values outside the scale are clipped to black or white; NaN is black.
     """
-    import numpy as np
     from PIL import Image, ImageOps
 
     with Image.open(path) as f:
         im = ImageOps.exif_transpose(f)  # a loaded copy, upright
-    if im.mode in _WIDE_GREY:
-        a = np.asarray(im, dtype=np.int64) >> 8
-        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    if im.mode in _GREY_16 or im.mode in ("I", "F"):
+        im = _grey_to_8bit(im)
     if "A" in im.getbands() or im.info.get("transparency") is not None:
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, im.convert("RGBA"))
