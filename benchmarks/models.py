@@ -58,17 +58,24 @@ def model_name(text: str) -> str | None:
     return None
 
 
-def resolve_models(names) -> list[str]:
-    """``names`` (names or report labels) as model names, in the benchmark's order, each once.
-    Unknown names raise ``ValueError`` naming them all and listing the known ones."""
-    unknown = [str(n) for n in names if model_name(n) is None]
+def resolve_models(names, any_registered=False) -> list[str]:
+    """``names`` (names or report labels) as model names, in the benchmark's order, each once;
+    with ``any_registered``, other names of ``minivit.list_models()`` too, after those (the op
+    profile and the perf breakdown build any registered model). Unknown names raise
+    ``ValueError`` naming them all and listing the known ones."""
+    from minivit import list_models
+
+    registered = list_models() if any_registered else []
+    unknown = [str(n) for n in names if model_name(n) is None and str(n) not in registered]
     if unknown:
+        also = f"; or any of minivit.list_models(): {', '.join(registered)}" if registered else ""
         raise ValueError(
             f"unknown model{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
-            f"for --models; known (name or report label): {known_models()}"
+            f"for --models; known (name or report label): {known_models()}{also}"
         )
-    wanted = {model_name(n) for n in names}
-    return [m for m in MODEL_NAMES + EXTRA_MODELS if m in wanted]
+    wanted = {model_name(n) or str(n) for n in names}
+    ours = [m for m in MODEL_NAMES + EXTRA_MODELS if m in wanted]
+    return ours + [m for m in registered if m in wanted and m not in ours]
 
 
 def model_list(cfg: harness.BenchConfig, device: str) -> list[str]:

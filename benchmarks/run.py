@@ -23,6 +23,12 @@ if __name__ == "__main__":  # before NumPy loads: the fastest OpenBLAS kernels f
     apply_for_command()
 
 from benchmarks import harness, models, ops, report  # noqa: E402
+from minivit.backend import BACKEND_NAMES  # noqa: E402
+from minivit.train.common import (  # noqa: E402
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None:
@@ -54,14 +60,19 @@ def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None
     p.add_argument(
         "--out", default=None, help="results folder (default benchmarks/results/<device-tag>)"
     )
-    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 5, quick 3)")
     p.add_argument(
-        "--warmup", type=int, default=None, help="untimed runs first (default 2, quick 1)"
+        "--repeats", type=positive_int, default=None, help="timed runs (default 5, quick 3)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=non_negative_int,
+        default=None,
+        help="untimed runs first (default 2, quick 1)",
     )
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (default: fp32)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="threads for BLAS, torch and minivit's thread pool",
     )
@@ -81,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None
     )
     p.add_argument(
         "--gap",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="idle seconds before each timed CPU run (default 0.12 models, 0.01 ops)",
     )
@@ -178,12 +189,20 @@ def _sgemm_ceilings(cfg: harness.BenchConfig, log) -> tuple[dict, dict, dict]:
     return ceilings, sg, sg_median
 
 
-def check_names(model_names, op_names) -> tuple[list[str] | None, list[str] | None]:
+def check_names(
+    model_names, op_names, any_registered=False
+) -> tuple[list[str] | None, list[str] | None]:
     """``--models`` and ``--ops`` as the benchmark's names (a model's report label, such as
-    ``ViT-Ti/16``, is accepted for its name); None stays None (all). Unknown names raise one
-    ``ValueError`` that names them and lists the known models and ops."""
+    ``ViT-Ti/16``, is accepted for its name); None stays None (all). ``any_registered``: any
+    name of ``minivit.list_models()`` is a model too (--profile and --perf build any registered
+    model). Unknown names raise one ``ValueError`` that names them and lists the known models
+    and ops."""
     errors, out = [], []
-    for names, resolve in ((model_names, models.resolve_models), (op_names, ops.resolve_ops)):
+
+    def resolve_models(names):
+        return models.resolve_models(names, any_registered=any_registered)
+
+    for names, resolve in ((model_names, resolve_models), (op_names, ops.resolve_ops)):
         try:
             out.append(None if names is None else resolve(names))
         except ValueError as exc:
@@ -197,7 +216,7 @@ def dispatch(args) -> int:
     """Run what the parsed options ask for (this script's and ``minivit bench``'s): the op
     profile (--profile), the perf breakdown (--perf), or the timed benchmark. Exit status.
     Unknown ``--models`` or ``--ops`` names raise ``ValueError`` before anything runs."""
-    args.models, args.ops = check_names(args.models, args.ops)
+    args.models, args.ops = check_names(args.models, args.ops, args.profile or args.perf)
     if args.profile:
         from benchmarks import profile_step
 
@@ -216,7 +235,10 @@ def main(argv=None) -> int:
     add_arguments(p)
     args = p.parse_args(argv)
     try:
-        args.models, args.ops = check_names(args.models, args.ops)
+        args.models, args.ops = check_names(args.models, args.ops, args.profile or args.perf)
+        env = os.environ.get("MINIVIT_BACKEND")
+        if not args.backend and env and env.lower() not in BACKEND_NAMES:
+            raise ValueError(f"$MINIVIT_BACKEND must be one of {BACKEND_NAMES}, got {env!r}")
     except ValueError as exc:
         p.error(str(exc))
     return dispatch(args)

@@ -52,6 +52,8 @@ __all__ = [
     "random_like",
     "host_rng",
     "format_table",
+    "step_and_rtol",
+    "DEFAULTS",
 ]
 
 
@@ -176,8 +178,16 @@ def _host(a) -> np.ndarray:
     return backend_of(a).to_numpy(a)
 
 
+def _dtype_name(dtype) -> str:
+    """A dtype's name, for NumPy's and CuPy's dtypes and for type objects (np.float32)."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:  # a backend's own dtype object: its str is the name
+        return np.dtype(str(dtype)).name
+
+
 def _unit_roundoff(dtype) -> float:
-    return float(np.finfo(np.dtype(str(dtype))).eps)
+    return float(np.finfo(_dtype_name(dtype)).eps)
 
 
 def host_rng(seed) -> np.random.Generator:
@@ -271,6 +281,38 @@ def _inner(out, dout) -> float:
 def _abs_inner(out, dout) -> float:
     xp = backend_of(out).xp
     return float((xp.abs(out.astype(xp.float64)) * xp.abs(dout.astype(xp.float64))).sum())
+
+
+# The step and relative tolerance of a check, by the dtype of the inputs checked, when not given
+# (docs/gradcheck.md, "Choosing eps"). float64 resolves a derivative to about 1e-10; float32 to
+# 2e-5 at best, so its check is coarse: a smoke test of the float32 code, not a proof.
+DEFAULTS = {"float64": {"eps": 1e-6, "rtol": 1e-6}, "float32": {"eps": 3e-3, "rtol": 2e-2}}
+
+
+def step_and_rtol(dtypes, eps=None, rtol=None) -> tuple[float, float]:
+    """``(eps, rtol)`` for inputs of ``dtypes``: the values given, else :data:`DEFAULTS` for the
+    least precise of them.
+
+    A step below ``sqrt(u)`` (``u`` the unit roundoff of that dtype) is refused. There the
+    rounding of the two function values, about ``u S / eps`` on the derivative (``S`` their
+    size), outgrows the derivative itself, and the noise floor that absorbs it lets any
+    gradient pass: in float32 with ``eps = 1e-6`` a sign error in a weight's gradient passed.
+    """
+    names = {_dtype_name(d) for d in dtypes} or {"float64"}
+    least = max(names, key=lambda n: _unit_roundoff(n))
+    defaults = DEFAULTS.get(least, DEFAULTS["float32"])
+    eps = defaults["eps"] if eps is None else float(eps)
+    rtol = defaults["rtol"] if rtol is None else float(rtol)
+    floor = math.sqrt(_unit_roundoff(least))
+    if not (math.isfinite(eps) and eps >= floor):
+        raise ValueError(
+            f"eps={eps:g} is below what {least} inputs can resolve (sqrt(u) = {floor:.1e}): the "
+            f"rounding of the finite differences would hide any error in the gradient. Use "
+            f"eps >= {floor:.1e} (the default for {least}: {defaults['eps']:g}), or float64 inputs"
+        )
+    if not (math.isfinite(rtol) and rtol > 0):
+        raise ValueError(f"rtol must be a finite number above 0, got {rtol}")
+    return eps, rtol
 
 
 def _auto_atol(scale: float, eps: float, dtype, factor: float = 16.0) -> float:
@@ -452,8 +494,8 @@ def check_backward(
     dout=None,
     grad_indices: Sequence[int] | Mapping[int, int] | None = None,
     n_directions: int = 3,
-    eps: float = 1e-6,
-    rtol: float = 1e-6,
+    eps: float | None = None,
+    rtol: float | None = None,
     atol: float | None = None,
     seed: int = 0,
     kwargs: Mapping[str, Any] | None = None,
@@ -489,6 +531,7 @@ def check_backward(
     kwargs = dict(kwargs or {})
     inputs = list(inputs)
     idx = _resolve_indices(inputs, grad_indices)
+    eps, rtol = step_and_rtol([inputs[i].dtype for i in idx], eps, rtol)
     labels = _input_names(forward, inputs, names)
     before = {i: _host(a).copy() for i, a in enumerate(inputs) if _is_array(a)}
     out, cache = _call(forward, inputs, kwargs)
@@ -546,8 +589,8 @@ def check_backward_full(
     *,
     dout=None,
     grad_indices: Sequence[int] | Mapping[int, int] | None = None,
-    eps: float = 1e-6,
-    rtol: float = 1e-6,
+    eps: float | None = None,
+    rtol: float | None = None,
     atol: float | None = None,
     seed: int = 0,
     kwargs: Mapping[str, Any] | None = None,
@@ -564,6 +607,7 @@ def check_backward_full(
     kwargs = dict(kwargs or {})
     inputs = list(inputs)
     idx = _resolve_indices(inputs, grad_indices)
+    eps, rtol = step_and_rtol([inputs[i].dtype for i in idx], eps, rtol)
     labels = _input_names(forward, inputs, names)
     out, cache = _call(forward, inputs, kwargs)
     dout = _prepare_dout(out, dout, seed)
@@ -604,8 +648,8 @@ def check_jacobian(
     inputs: Sequence[Any],
     *,
     grad_indices: Sequence[int] | Mapping[int, int] | None = None,
-    eps: float = 1e-6,
-    rtol: float = 1e-6,
+    eps: float | None = None,
+    rtol: float | None = None,
     atol: float | None = None,
     kwargs: Mapping[str, Any] | None = None,
     names: Sequence[str] | None = None,
@@ -622,6 +666,7 @@ def check_jacobian(
     kwargs = dict(kwargs or {})
     inputs = list(inputs)
     idx = _resolve_indices(inputs, grad_indices)
+    eps, rtol = step_and_rtol([inputs[i].dtype for i in idx], eps, rtol)
     labels = _input_names(forward, inputs, names)
     out, cache = _call(forward, inputs, kwargs)
     scale = float(np.abs(_host(out).astype(np.float64)).max()) if out.size else 0.0
@@ -662,12 +707,12 @@ def check_model_directional(
     loss_fn: Callable[[], Any],
     params: Mapping[str, Any],
     grads: Mapping[str, Any],
-    eps: float = 1e-6,
+    eps: float | None = None,
     *,
     names: Sequence[str] | None = None,
     n_directions: int = 2,
     per_parameter: bool = False,
-    rtol: float = 1e-6,
+    rtol: float | None = None,
     atol: float | None = None,
     seed: int = 0,
     title: str = "",
@@ -700,6 +745,7 @@ def check_model_directional(
                 f"grads[{k!r}] has shape {tuple(grads[k].shape)} but params[{k!r}] has "
                 f"shape {tuple(params[k].shape)}"
             )
+    eps, rtol = step_and_rtol([params[k].dtype for k in keys], eps, rtol)
     gen = np.random.default_rng([seed, 3])
     saved = {k: params[k].copy() for k in keys}
     l0 = _scalar(loss_fn())

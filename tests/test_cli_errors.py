@@ -95,6 +95,50 @@ def test_bench_profile_and_perf_check_names_too(monkeypatch, capsys):
         assert "'nosuchmodel'" in _one_error_line(capsys.readouterr().err)
     assert main(["bench", "--profile", "--models", "ViT-S/16"]) == 0
     assert called == [["vit_small_patch16_224"]]
+    # the profile and the breakdown build any registered model, not just the timed five
+    assert main(["bench", "--profile", "--models", "vit_digits"]) == 0
+    assert called[-1] == ["vit_digits"]
+    assert main(["bench", "--models", "vit_digits", "--no-torch"]) == 2  # not timed
+    assert "'vit_digits'" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--repeats", "-1"), ("--repeats", "0"), ("--warmup", "-1"), ("--gap", "-1")]
+)
+def test_bench_refuses_counts_out_of_range(flag, value, capsys, no_bench_run):
+    """--repeats -1 used to measure nothing and exit 0 with an empty report."""
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--ops", "gelu", "--models", flag, value])
+    assert exc.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err
+
+
+def test_bench_script_refuses_a_bad_minivit_backend(monkeypatch, capsys, no_bench_run):
+    from benchmarks import run as bench_run
+
+    monkeypatch.setenv("MINIVIT_BACKEND", " CuPy")
+    with pytest.raises(SystemExit) as exc:
+        bench_run.main(["--ops", "gelu", "--models"])
+    assert exc.value.code == 2
+    assert "$MINIVIT_BACKEND must be one of ('numpy', 'cupy'), got ' CuPy'" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_huge_integer_is_refused_in_one_line(capsys):
+    """math.isfinite on an int past float's range raised OverflowError: a traceback."""
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "vit", "--seed", "-" + "9" * 400])
+    assert exc.value.code == 2
+    assert "argument --seed: must be at least 0" in capsys.readouterr().err
+
+
+def test_eval_json_is_strict_json_when_the_loss_is_not_finite():
+    from minivit.train.evaluate import _finite_or_none
+
+    m = {"test_loss": float("nan"), "confusion": [[1.0, float("inf")]], "epoch": 3}
+    text = json.dumps(_finite_or_none(m), allow_nan=False)
+    assert json.loads(text) == {"test_loss": None, "confusion": [[1.0, None]], "epoch": 3}
 
 
 def test_bench_help_lists_the_names(capsys):

@@ -364,3 +364,37 @@ def test_cli_takes_options_in_range(capsys):
     argv = ["--ops", "gelu", "--no-full", "--directions", "1", "--eps", "1e-5", "--rtol", "1e-5"]
     assert main(["gradcheck", "--backend", "numpy", *argv, "--seed", "0"]) == 0
     assert "2/2 cases passed" in capsys.readouterr().out
+
+
+def _negated_dw(dout, cache):
+    """linear's backward with a sign error in the weight's gradient."""
+    dx, dw, db = ops.linear_backward(dout, cache)
+    return dx, -dw, db
+
+
+@pytest.mark.parametrize("check", ["check_backward", "check_backward_full"])
+def test_float32_inputs_get_a_step_they_can_resolve(check):
+    """With float32 inputs and the float64 step (1e-6), the noise floor reached 72 and a sign
+    error in dw passed. The defaults now follow the dtype, and the error is caught."""
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((4, 6), (5, 6), (5,)))
+    fn = getattr(gc, check)
+    wrong = fn(ops.linear_forward, _negated_dw, (x, w, b))
+    assert wrong.rtol == gc.DEFAULTS["float32"]["rtol"]
+    assert [r.passed for r in wrong.rows] == [True, False, True]  # x, w, b: w is named
+    assert fn(ops.linear_forward, ops.linear_backward, (x, w, b)).passed
+    with pytest.raises(ValueError, match=r"eps=1e-06 is below what float32 inputs can resolve"):
+        fn(ops.linear_forward, _negated_dw, (x, w, b), eps=1e-6)
+    # float64 keeps its own defaults
+    x64, w64, b64 = (a.astype(np.float64) for a in (x, w, b))
+    assert fn(ops.linear_forward, ops.linear_backward, (x64, w64, b64)).rtol == 1e-6
+
+
+def test_step_and_rtol_rules():
+    assert gc.step_and_rtol([np.float64]) == (1e-6, 1e-6)
+    assert gc.step_and_rtol([np.float64, np.float32]) == (3e-3, 2e-2)  # the least precise
+    assert gc.step_and_rtol([np.float64], eps=1e-7, rtol=1e-5) == (1e-7, 1e-5)
+    with pytest.raises(ValueError, match="below what float64 inputs can resolve"):
+        gc.step_and_rtol([np.float64], eps=1e-9)
+    with pytest.raises(ValueError, match="rtol must be a finite number above 0"):
+        gc.step_and_rtol([np.float64], rtol=0.0)

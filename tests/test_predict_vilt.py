@@ -336,6 +336,10 @@ def test_float_and_32_bit_greyscale_images_are_not_read_as_black(tmp_path):
     odd = np.array([[-3.0, 0.5, 300.0, np.nan]], dtype=np.float32)
     Image.fromarray(odd).save(tmp_path / "odd.tif")
     assert np.asarray(open_image(tmp_path / "odd.tif", "L")).tolist() == [[0, 0, 255, 0]]
+    # the scale is judged from the finite values: one +inf pixel keeps [0, 1] intensities
+    inf = np.array([[0.0, 0.5, 1.0, np.inf, -np.inf]], dtype=np.float32)
+    Image.fromarray(inf).save(tmp_path / "inf.tif")
+    assert np.asarray(open_image(tmp_path / "inf.tif", "L")).tolist() == [[0, 128, 255, 255, 0]]
     big = np.array([[0, 65535, 1 << 20]], dtype=np.int32)
     Image.fromarray(big).save(tmp_path / "big.tif")
     assert np.asarray(open_image(tmp_path / "big.tif", "L")).tolist() == [[0, 255, 255]]

@@ -539,7 +539,8 @@ def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, opti
 
 def test_batch_workers_leave_ctrl_c_to_the_training_process():
     """A batch worker ignores SIGINT: Ctrl-C reaches the whole process group, and a worker that
-    took it printed a stray traceback header before the run's own "minivit: interrupted"."""
+    took it printed a stray traceback header before the run's own "minivit: interrupted". The
+    training process keeps its own handler, also when it makes its batches inline."""
     import signal
 
     from minivit.data.shapes import ShapesCaptions
@@ -551,11 +552,27 @@ def test_batch_workers_leave_ctrl_c_to_the_training_process():
         max_text_len=data.tokenizer.max_text_len,
         seed=data.seed,
         cells=data.cells,
+        steps=4,
+        curriculum=(0.0, 0.0),
+        batch_size=2,
+        mlm_batch_size=2,
+        hard_fraction=0.5,
+        relation_share=None,
     )
     before = signal.getsignal(signal.SIGINT)
     try:
-        train_vilt._init_worker(spec)  # what each worker runs first
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        with train_vilt.prefetch(spec, range(2), workers=0) as batches:
+            next(batches)
+        assert signal.getsignal(signal.SIGINT) is before  # inline: untouched
+        with train_vilt.prefetch(spec, range(2), workers=1) as batches:
+            next(batches)
+            assert signal.getsignal(signal.SIGINT) is before
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(
+            1, initializer=train_vilt._init_pool_worker, initargs=(spec,)
+        ) as pool:  # what a batch worker runs first
+            assert pool.apply(signal.getsignal, (signal.SIGINT,)) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
         train_vilt._WORKER.clear()

@@ -203,7 +203,7 @@ def number_in(kind, low=None, high=None, *, open_low=False, open_high=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {_A[kind]}: {text!r}") from None
-        if not math.isfinite(value):  # NaN or an infinity
+        if kind is float and not math.isfinite(value):  # NaN or an infinity
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         too_low = low is not None and (value <= low if open_low else value < low)
         too_high = high is not None and (value >= high if open_high else value > high)

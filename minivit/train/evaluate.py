@@ -78,6 +78,19 @@ def run(args) -> int:
     print(f"checkpoint: {what}", file=human)
     print(f"test loss: {m['test_loss']:.4f}", file=human)
     print(f"test accuracy: {m['test_accuracy']:.4f}", file=human)
-    if args.json:
-        print(json.dumps(m))
+    if args.json:  # strict JSON: a diverged model's NaN or infinite loss is written as null
+        print(json.dumps(_finite_or_none(m), allow_nan=False))
     return 0
+
+
+def _finite_or_none(value):
+    """``value`` with every NaN or infinite float (in dicts and lists) replaced by None."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value

@@ -86,9 +86,12 @@ def _grey_to_8bit(im):
         a = np.asarray(im, dtype=np.int64)
         if a.size and a.max() > 255:
             a = a >> 8  # a 16-bit image (older Pillow opens 16-bit PNGs as "I")
-    else:  # "F"
-        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+    else:  # "F": the scale is judged from the finite values
+        a = np.asarray(im, dtype=np.float64)
+        finite = a[np.isfinite(a)]
+        unit = finite.size and finite.min() >= 0.0 and finite.max() <= 1.0
+        a = np.nan_to_num(a, nan=0.0, posinf=1.0 if unit else 255.0, neginf=0.0)
+        if unit:
             a = a * 255.0  # intensities in [0, 1], as floating-point images usually hold
         a = np.rint(a)
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
@@ -105,7 +108,8 @@ def open_image(path, mode):
       (mode "I") is read on the 8-bit scale when no value exceeds 255, else on the 16-bit
       scale (its top 8 of 16 bits); 32-bit float (mode "F", a float TIFF) is read as
       intensities in [0, 1] when every value lies there, else on the 8-bit scale (0..255).
-      Values outside the scale are clipped to black or white; NaN is black.
+      Values outside the scale are clipped to black or white; NaN is black, +inf white and
+      -inf black (the scale is judged from the finite values).
     """
     from PIL import Image, ImageOps
 

@@ -433,14 +433,8 @@ _WORKER: dict = {}
 
 
 def _init_worker(spec):
-    import signal
-
     from ..data.shapes import ShapesCaptions
 
-    # Ctrl-C is the training process's to handle: it stops the pool. A worker that took the
-    # signal itself printed a stray "Process ForkPoolWorker-1:" traceback before the run's own
-    # "minivit: interrupted".
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER["data"] = ShapesCaptions(
         img_size=spec["img_size"],
         max_text_len=spec["max_text_len"],
@@ -466,6 +460,17 @@ def _batch_for_step(step):
     )
 
 
+def _init_pool_worker(spec):
+    """A batch worker's start: Ctrl-C is the training process's to handle (it stops the pool).
+    A worker that took the signal itself printed a stray "Process ForkPoolWorker-1:" traceback
+    before the run's own "minivit: interrupted". (Inline, with --workers 0, the training
+    process makes its batches itself and keeps its own handler.)"""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(spec)
+
+
 @contextlib.contextmanager
 def prefetch(spec, steps, workers, depth=4):
     """Yields an iterator over the batches of ``steps``: made by ``workers`` forked processes
@@ -477,7 +482,7 @@ def prefetch(spec, steps, workers, depth=4):
         _init_worker(spec)
         yield (_batch_for_step(s) for s in steps)
         return
-    pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(spec,))
+    pool = mp.get_context("fork").Pool(workers, initializer=_init_pool_worker, initargs=(spec,))
 
     def gen():
         it = iter(steps)
