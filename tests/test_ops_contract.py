@@ -5,6 +5,9 @@
 - forward and backward never change their inputs, ``dout`` or the cache (backward is replayable);
 - float32 in, float32 out (no silent upcast), within 1e-5 relative of the float64 forward.
 
+What a backward does with a ``dout`` of the wrong shape, dtype or backend: test_ops_dout.py, on
+this same table.
+
 The per-op files (test_ops_<family>.py) hold the references, gradient checks, oracles and errors.
 """
 
@@ -342,6 +345,33 @@ CASES = [
         3,
         none_slots=(2,),
     ),
+    OpCase(
+        "relu",
+        ops.relu_forward,
+        ops.relu_backward,
+        lambda r, t, be: ([_n(r, 2, 3, 4, 5, dtype=t)], {}),
+        {0: 0},
+        1,
+    ),
+    OpCase(
+        "groupnorm",
+        ops.groupnorm_forward,
+        ops.groupnorm_backward,
+        lambda r, t, be: (
+            [_n(r, 2, 4, 3, 5, dtype=t), _n(r, 4, dtype=t), _n(r, 4, dtype=t), 2],
+            {},
+        ),
+        {0: 0, 1: 1, 2: 2},
+        3,
+    ),
+    OpCase(
+        "maxpool2d",
+        ops.maxpool2d_forward,
+        ops.maxpool2d_backward,
+        lambda r, t, be: ([_n(r, 2, 3, 5, 6, dtype=t)], {"kernel_size": 2}),  # a row dropped
+        {0: 0},
+        1,
+    ),
 ]
 # Arrays above 2^14 entries, where NumPy may take a blocked/threaded fast path (ops/_fast.py): the
 # same contract must hold there.
@@ -359,6 +389,17 @@ CASES += [
         ops.layernorm_forward,
         ops.layernorm_backward,
         lambda r, t, be: ([_n(r, 64, 520, dtype=t), _n(r, 520, dtype=t), _n(r, 520, dtype=t)], {}),
+        {0: 0, 1: 1, 2: 2},
+        3,
+    ),
+    OpCase(
+        "linear_gelu_large",  # float32: the fast GELU keeps its derivative, not its input
+        ops.linear_gelu_forward,
+        ops.linear_gelu_backward,
+        lambda r, t, be: (
+            [_n(r, 64, 24, dtype=t), _n(r, 520, 24, dtype=t), _n(r, 520, dtype=t)],
+            {},
+        ),
         {0: 0, 1: 1, 2: 2},
         3,
     ),

@@ -5,8 +5,10 @@ Every op follows one convention (see ``shared/API.md`` and ``docs/ops/``)::
     out, cache = ops.<name>_forward(inputs..., options...)
     grads = ops.<name>_backward(dout, cache)    # a tuple, one entry per floating input
 
-Backward never modifies ``dout`` or the cache. Under ``no_grad()`` (inference) an op may skip
-work that only backward needs; such a cache is not valid for backward.
+``dout`` has the forward output's backend, shape and dtype, exactly (``_common.check_dout``:
+anything else raises before any work). Backward never modifies ``dout`` or the cache. Under
+``no_grad()`` (inference) an op may skip work that only backward needs; such a cache is not
+valid for backward.
 """
 
 from ._common import Cache, grad_enabled, no_grad, set_grad_enabled  # noqa: F401

@@ -1,5 +1,8 @@
 """What every op shares: the cache type, the gradient mode and the input checks.
 
+Every backward checks its ``dout`` first, with :func:`check_dout`, whose docstring states the
+rule: the forward output's backend, shape and dtype, exactly.
+
 Checks raise ``TypeError`` for a wrong kind of value (not an array, wrong dtype, two backends) and
 ``ValueError`` for a wrong shape or value, and always name the argument, what was expected and
 what was given.
@@ -8,6 +11,8 @@ what was given.
 from __future__ import annotations
 
 import contextlib
+import numbers
+import operator
 import threading
 from types import SimpleNamespace
 
@@ -26,6 +31,10 @@ __all__ = [
     "check_shape",
     "check_int",
     "check_bool",
+    "check_dout",
+    "check_count",
+    "as_index",
+    "check_real",
     "result_dtype",
 ]
 
@@ -161,6 +170,101 @@ def check_shape(name: str, a, expected: tuple, what: str = ""):
         extra = f" ({what})" if what else ""
         raise ValueError(f"{name} must have shape {exp}{extra}, got {shape}")
     return a
+
+
+def check_dout(op: str, dout, shape: tuple, dtype, kind, name: str = "dout") -> None:
+    """Refuse, before any work, a ``dout`` that is not shaped like the forward's output.
+
+    The rule (every ``<op>_backward``): ``dout`` is an array of the forward output's backend,
+    shape and dtype, exactly. It is never broadcast and never cast, so each gradient keeps its
+    input's dtype:
+
+    - an array of the other backend (a NumPy ``dout`` for a CuPy forward, or the reverse), or
+      something that is not an array at all, raises ``TypeError``;
+    - another dtype (float64 for a float32 forward, or the reverse) raises ``TypeError`` naming
+      both: cast ``dout`` first;
+    - another shape raises ``ValueError`` naming the shape given and the output's.
+
+    Where the output is 0-d (``cross_entropy``'s loss, ``ot_distance`` of one problem), a Python
+    ``float`` or ``int`` is accepted too: like a Python scalar in NumPy arithmetic it takes the
+    output's dtype. A NumPy scalar (``numpy.float32(1.0)``; ``numpy.float64`` included, although
+    it subclasses ``float``) counts as a 0-d NumPy array: its dtype must match.
+
+    ``shape`` is the output's shape (a tuple), ``dtype`` its dtype and ``kind`` the array type
+    of the forward's backend (``type()`` of any array the cache holds); ``name`` is what the
+    errors call the array (a buffer given for the gradient is checked the same way). Only the
+    type, shape and dtype are compared (no pass over the data): about 0.2 us a call.
+    """
+    if type(dout) is not kind or dout.shape != shape or dout.dtype is not dtype:
+        _check_dout_slowly(op, dout, shape, dtype, kind, name)
+
+
+def _library(t) -> str:
+    """'numpy' or 'cupy': the top-level module of an array type (as ``_describe`` names it)."""
+    return t.__module__.split(".")[0]
+
+
+def _check_dout_slowly(op, dout, shape, dtype, kind, name):
+    """check_dout past its one-line fast test: accept what only looked different (an array
+    subclass, an equal dtype that is another object, a Python scalar for a 0-d output), refuse
+    the rest with the error that says why."""
+    if type(dout) in (float, int):  # not bool: type(True) is bool
+        if shape == ():
+            return
+        raise TypeError(
+            f"{op}: {name} must be an array of shape {shape} and dtype {dtype} (the forward's "
+            f"output), got a Python {type(dout).__name__}"
+        )
+    d_dtype, d_shape = getattr(dout, "dtype", None), getattr(dout, "shape", None)
+    if d_dtype is None or d_shape is None:
+        raise TypeError(
+            f"{op}: {name} must be a {_library(kind)}.ndarray of shape {shape} and dtype {dtype} "
+            f"(the forward's output), got {_describe(dout)}"
+        )
+    if _library(type(dout)) != _library(kind):
+        raise TypeError(
+            f"{op}: {name} is a {_library(type(dout))} array but the forward ran on "
+            f"{_library(kind)}; move it there first (Backend.asarray)"
+        )
+    if d_dtype != dtype:
+        raise TypeError(
+            f"{op}: {name} has dtype {d_dtype} but the forward's output has dtype {dtype}; "
+            f"backward never casts (each gradient keeps its input's dtype): cast {name} first"
+        )
+    if tuple(d_shape) != shape:
+        raise ValueError(
+            f"{op}: {name} must have shape {shape} (the forward's output), got {tuple(d_shape)}"
+        )
+
+
+def as_index(value):
+    """``value`` as a Python int when it is integral (an int, a NumPy integer, a 0-d integer
+    array: whatever ``operator.index`` takes), else None. Bools are not integers here."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # NumPy's bool refuses it too
+    except TypeError:
+        return None
+
+
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """An integer option (a size, a count: num_heads, patch_size, n_iters) >= ``minimum``,
+    returned as a Python int. NumPy integers are accepted; bools, floats and strings raise
+    ``ValueError`` naming the option."""
+    v = as_index(value)
+    if v is None or v < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return v
+
+
+def check_real(name: str, value) -> float:
+    """A real-valued option (epsilon, beta, tol) as a Python float: Python and NumPy ints and
+    floats are accepted; bools, strings and arrays raise ``ValueError`` naming the option."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
 
 
 def result_dtype(*arrays):

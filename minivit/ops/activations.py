@@ -12,6 +12,7 @@ from ._common import (
     Cache,
     array_module,
     backend_of,
+    check_dout,
     check_float,
     check_grad_cache,
     check_same_dtype,
@@ -133,23 +134,40 @@ def gelu_backward(dout, cache, *, out=None):
 
     ``out`` (dout's shape and dtype), when given, receives dx; it may be ``dout`` itself (a
     caller that has no further use for dout saves an array: ``linear_gelu_backward``).
+    ``dout`` must have the output's shape, dtype and backend (``_common.check_dout``).
     """
     check_grad_cache("gelu_backward", cache)
+    ref = gelu_output(cache)
+    check_dout("gelu_backward", dout, ref.shape, ref.dtype, type(ref))
+    if out is not None and out is not dout:
+        check_dout("gelu_backward", out, ref.shape, ref.dtype, type(ref), name="out")
+    return (gelu_grad(dout, cache, out=out),)
+
+
+def gelu_output(cache):
+    """An array of the shape, dtype and backend of the output of the GELU that made ``cache``
+    (a cache made with gradients on): its input, or the derivative the fast path kept."""
+    x = cache.x
+    return x if x is not None else cache.dydx
+
+
+def gelu_grad(dout, cache, out=None):
+    """gelu_backward past its checks -> dx (not a tuple), for linear_gelu_backward too."""
     x = cache.x
     dydx = getattr(cache, "dydx", None)
     xp = backend_of(x if x is not None else dydx).xp
     if cache.approximate == "none":
         if getattr(cache, "fused", False) and _fast.use_kernels(dout, out):
-            return (_fast.kernels_cupy.gelu_backward(dout, x, out=out),)
+            return _fast.kernels_cupy.gelu_backward(dout, x, out=out)
         if getattr(cache, "fused", False):  # a non-contiguous dout: the generic formula
             cdf = backend_of(x).erf(x * _SQRT_HALF)
             cdf += 1.0
             cdf *= 0.5
-            return (_into(out, dout * (cdf + x * xp.exp(-0.5 * x * x) * _INV_SQRT_2PI)),)
+            return _into(out, dout * (cdf + x * xp.exp(-0.5 * x * x) * _INV_SQRT_2PI))
         if dydx is not None:  # made by the fast forward
             if _fast.use_fast(dout, dydx, out):
-                return (_fast.multiply(dout, dydx, out=out),)
-            return (xp.multiply(dout, dydx, out=out),)
+                return _fast.multiply(dout, dydx, out=out)
+            return xp.multiply(dout, dydx, out=out)
         pdf = xp.multiply(x, x, out=xp.empty_like(x))  # an array even for 0-d x, for out= below
         pdf *= -0.5
         xp.exp(pdf, out=pdf)
@@ -157,7 +175,7 @@ def gelu_backward(dout, cache, *, out=None):
         pdf *= x
         pdf += cache.cdf  # Phi(x) + x phi(x)
         pdf *= dout
-        return (_into(out, pdf),)
+        return _into(out, pdf)
     t = cache.t
     dinner = x * x
     dinner *= 3.0 * _GELU_TANH_C
@@ -170,7 +188,7 @@ def gelu_backward(dout, cache, *, out=None):
     sech2 *= dinner
     sech2 += 0.5 * (t + 1.0)
     sech2 *= dout
-    return (_into(out, sech2),)
+    return _into(out, sech2)
 
 
 def _into(out, dx):
@@ -191,6 +209,7 @@ def tanh_forward(x):
 def tanh_backward(dout, cache):
     """Returns (dx,): dx = dout * (1 - y^2), y = tanh(x) from the forward."""
     y = cache.y
+    check_dout("tanh_backward", dout, y.shape, y.dtype, type(y))
     dx = y * y
     dx -= 1.0
     dx *= -1.0

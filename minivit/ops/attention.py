@@ -17,22 +17,24 @@ from ._common import (
     Cache,
     array_module,
     check_bool,
+    check_count,
+    check_dout,
     check_float,
     check_same_dtype,
     check_shape,
 )
-from .linear import linear_backward, linear_forward, linear_product
+from .linear import linear_forward, linear_grads, linear_product
 
 __all__ = ["attention_forward", "attention_backward"]
 
 
 def _check(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask):
+    """attention_forward's argument checks; returns num_heads as a Python int."""
     check_float("x", x)
     if x.ndim != 3:
         raise ValueError(f"x must have shape (B, N, D), got {tuple(x.shape)}")
     B, N, D = x.shape
-    if not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    num_heads = check_count("num_heads", num_heads)  # NumPy integers accepted
     if D % num_heads:
         raise ValueError(f"num_heads={num_heads} must divide the width D={D} of x")
     for name, a, shape in (
@@ -49,18 +51,20 @@ def _check(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask):
         check_bool("key_mask", key_mask)
         check_shape("key_mask", key_mask, (B, N), "one flag per key, True = may be attended to")
     array_module(x, w_qkv, b_qkv, w_proj, b_proj, key_mask)
+    return num_heads
 
 
 def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask=None):
-    """x (B, N, D) -> out (B, N, D). ``cache.attn`` holds the probabilities (B, H, N, N)."""
-    _check(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask)
+    """x (B, N, D) -> out (B, N, D). ``cache.attn`` holds the probabilities (B, H, N, N).
+
+    No tokens (N = 0) give an empty output (B, 0, D), and zero gradients for the weights."""
+    H = _check(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask)
     xp = array_module(x)
     B, N, D = x.shape
-    H = num_heads
     hd = D // H
     scale = hd**-0.5
 
-    if _fast.use_kernels(w_qkv, b_qkv, key_mask):  # (x: any layout)
+    if N and _fast.use_kernels(w_qkv, b_qkv, key_mask):  # (x: any layout)
         return _kernel_forward(x, w_qkv, b_qkv, w_proj, b_proj, key_mask, B, N, H, hd, scale)
     qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (B, N, 3D)
     if _fast.use_fast(qkv):
@@ -69,7 +73,9 @@ def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, key_mask=None)
     q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, N, hd)
 
     s = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, H, N, N)
-    if key_mask is None:
+    if not N:
+        p = s  # (B, H, 0, 0): no row to normalize (and max over no keys would raise)
+    elif key_mask is None:
         p = s
         p -= s.max(axis=-1, keepdims=True)
         xp.exp(p, out=p)
@@ -146,8 +152,11 @@ def _kernel_forward(x, w_qkv, b_qkv, w_proj, b_proj, key_mask, B, N, H, hd, scal
 
 
 def attention_backward(dout, cache):
-    """Returns (dx, dw_qkv, db_qkv, dw_proj, db_proj), following the forward in reverse."""
+    """Returns (dx, dw_qkv, db_qkv, dw_proj, db_proj), following the forward in reverse.
+
+    ``dout`` must have the output's shape, dtype and backend (``_common.check_dout``)."""
     p, q, k, v, scale = cache.attn, cache.q, cache.k, cache.v, cache.scale
+    check_dout("attention_backward", dout, cache.proj_cache.out_shape, p.dtype, type(p))
     xp = array_module(p)
     B, H, N, hd = q.shape
     D = H * hd
@@ -157,7 +166,7 @@ def attention_backward(dout, cache):
         return _fast_backward(dout, cache, xp, B, H, N, hd)
 
     # out = ctx W_proj^T + b_proj
-    dctx, dw_proj, db_proj = linear_backward(dout, cache.proj_cache)  # (B, N, D)
+    dctx, dw_proj, db_proj = linear_grads(dout, cache.proj_cache)  # (B, N, D)
     dctx = dctx.reshape(B, N, H, hd).transpose(0, 2, 1, 3)  # (B, H, N, hd)
 
     # ctx = P v
@@ -177,7 +186,7 @@ def attention_backward(dout, cache):
     dqkv = xp.stack((dq, dk, dv))  # (3, B, H, N, hd)
     del ds, dp, dq, dk, dv, dctx  # spent: not held through the last GEMMs
     dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * D)  # (B, N, 3D), rows [q; k; v]
-    dx, dw_qkv, db_qkv = linear_backward(dqkv, cache.qkv_cache)
+    dx, dw_qkv, db_qkv = linear_grads(dqkv, cache.qkv_cache)
     return dx, dw_qkv, db_qkv, dw_proj, db_proj
 
 
@@ -187,7 +196,7 @@ def _kernel_backward(dout, cache, xp, B, H, N, hd):
     softmax backward one kernel. dK and dV come out transposed, (hd, N) per head; one kernel
     puts dQ, dK^T and dV^T back in the layout of the qkv rows."""
     p, q, k, v, scale = cache.attn, cache.q, cache.k, cache.v, cache.scale
-    dctx, dw_proj, db_proj = linear_backward(dout, cache.proj_cache)  # (B, N, D)
+    dctx, dw_proj, db_proj = linear_grads(dout, cache.proj_cache)  # (B, N, D)
     dctx = dctx.reshape(B, N, H, hd).transpose(0, 2, 1, 3)  # (B, H, N, hd) view
     ds = xp.matmul(dctx, v.transpose(0, 1, 3, 2))  # dP = dctx v^T, (B, H, N, N)
     dvt = xp.matmul(dctx.transpose(0, 1, 3, 2), p)  # dV^T = dctx^T P, (B, H, hd, N)
@@ -196,7 +205,7 @@ def _kernel_backward(dout, cache, xp, B, H, N, hd):
     dkt = xp.matmul(q.transpose(0, 1, 3, 2), ds)  # dK^T = q^T dS, (B, H, hd, N)
     dqkv = _fast.kernels_cupy.qkv_grad(dq, dkt, dvt)  # (B, N, 3D), rows [q; k; v], one kernel
     del ds, dq, dkt, dvt, dctx  # spent: not held through the last GEMMs (a step's peak)
-    dx, dw_qkv, db_qkv = linear_backward(dqkv, cache.qkv_cache)
+    dx, dw_qkv, db_qkv = linear_grads(dqkv, cache.qkv_cache)
     return dx, dw_qkv, db_qkv, dw_proj, db_proj
 
 
@@ -206,7 +215,7 @@ def _fast_backward(dout, cache, xp, B, H, N, hd):
     qkv (no stack, no transpose)."""
     p, q, k, v, scale = cache.attn, cache.q, cache.k, cache.v, cache.scale
     D = H * hd
-    dctx, dw_proj, db_proj = linear_backward(dout, cache.proj_cache)  # (B, N, D)
+    dctx, dw_proj, db_proj = linear_grads(dout, cache.proj_cache)  # (B, N, D)
     dctx = dctx.reshape(B, N, H, hd).transpose(0, 2, 1, 3)  # (B, H, N, hd) view
     dqkv = xp.empty((B, N, 3, H, hd), dtype=p.dtype)  # rows [q; k; v], head-major
     dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, N, hd) views
@@ -216,5 +225,5 @@ def _fast_backward(dout, cache, xp, B, H, N, hd):
     _fast.batched_matmul(ds, k, dq)
     _fast.batched_matmul(ds.transpose(0, 1, 3, 2), q, dk)
     del ds, dctx  # spent: not held through the last GEMMs (a step's peak)
-    dx, dw_qkv, db_qkv = linear_backward(dqkv.reshape(B, N, 3 * D), cache.qkv_cache)
+    dx, dw_qkv, db_qkv = linear_grads(dqkv.reshape(B, N, 3 * D), cache.qkv_cache)
     return dx, dw_qkv, db_qkv, dw_proj, db_proj

@@ -24,7 +24,16 @@ Derivations: docs/ops/conv2d.md, docs/ops/relu.md, docs/ops/groupnorm.md, docs/o
 from __future__ import annotations
 
 from . import _fast
-from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
+from ._common import (
+    Cache,
+    array_module,
+    as_index,
+    check_count,
+    check_dout,
+    check_float,
+    check_same_dtype,
+    check_shape,
+)
 
 __all__ = [
     "conv2d_forward",
@@ -45,17 +54,15 @@ __all__ = [
 
 
 def _pair(name: str, v, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints (height, width), each >= minimum."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        v = (v, v)
-    ok = (
-        isinstance(v, tuple | list)
-        and len(v) == 2
-        and all(isinstance(e, int) and not isinstance(e, bool) and e >= minimum for e in v)
-    )
-    if not ok:
+    """An int or a pair of ints (height, width), each >= minimum, as Python ints. NumPy integers
+    count as ints (``operator.index``); bools and floats do not."""
+    one = as_index(v)
+    pair = (one, one) if one is not None else None
+    if pair is None and isinstance(v, tuple | list) and len(v) == 2:
+        pair = (as_index(v[0]), as_index(v[1]))
+    if pair is None or any(e is None or e < minimum for e in pair):
         raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {v!r}")
-    return int(v[0]), int(v[1])
+    return pair
 
 
 def _check_image(name: str, x, what: str = "(B, C, H, W)"):
@@ -183,7 +190,7 @@ def conv2d_backward(dout, cache, *, need_dx=True):
     cout, _, kh, kw = w.shape
     sh, sw = cache.stride
     ho, wo = cache.out_hw
-    check_shape("dout", dout, (B, cout, ho, wo), "the shape of the forward's output")
+    check_dout("conv2d_backward", dout, (B, cout, ho, wo), xpad.dtype, type(xpad))
 
     dmat = dout.transpose(0, 2, 3, 1).reshape(-1, cout)  # (M, Cout), rows ordered (b, oy, ox)
     cols = _im2col(xpad, kh, kw, sh, sw, ho, wo)  # (M, K)
@@ -269,13 +276,16 @@ def relu_forward(x):
     check_float("x", x)
     xp = array_module(x)
     mask = x > 0  # (...) bool; 1 byte per entry is all backward needs
-    return xp.where(mask, x, xp.zeros((), dtype=x.dtype)), Cache(mask=mask)
+    out = xp.where(mask, x, xp.zeros((), dtype=x.dtype))
+    return out, Cache(mask=mask, dtype=x.dtype)  # the mask has the output's shape, not its dtype
 
 
 def relu_backward(dout, cache):
     """Returns (dx,): dout where x > 0, else 0 (the subgradient 0 at x = 0, as PyTorch)."""
+    mask = cache.mask
+    check_dout("relu_backward", dout, mask.shape, cache.dtype, type(mask))
     xp = array_module(dout)
-    return (xp.where(cache.mask, dout, xp.zeros((), dtype=dout.dtype)),)
+    return (xp.where(mask, dout, xp.zeros((), dtype=dout.dtype)),)
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,8 +308,7 @@ def groupnorm_forward(x, gamma, beta, num_groups, eps=1e-5):
     check_shape("gamma", gamma, (C,), "one scale per channel of x")
     check_shape("beta", beta, (C,), "one shift per channel of x")
     check_same_dtype(x=x, gamma=gamma, beta=beta)
-    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    num_groups = check_count("num_groups", num_groups)  # NumPy integers accepted
     if C % num_groups:
         raise ValueError(f"num_groups={num_groups} must divide the channels C={C} of x")
     if not eps > 0:
@@ -328,7 +337,7 @@ def groupnorm_backward(dout, cache):
         dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
     """
     xhat, rstd, gamma, G = cache.xhat, cache.rstd, cache.gamma, cache.num_groups
-    check_shape("dout", dout, tuple(xhat.shape), "the shape of the forward's output")
+    check_dout("groupnorm_backward", dout, xhat.shape, xhat.dtype, type(xhat))
     B, C = xhat.shape[:2]
     axes = (0,) + tuple(range(2, xhat.ndim))  # every axis but the channels
     dgamma = (dout * xhat).sum(axis=axes)  # (C,)
@@ -358,9 +367,7 @@ def maxpool2d_forward(x, kernel_size=2):
     first maximum in row-major order within the window.
     """
     _check_image("x", x)
-    k = kernel_size
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"kernel_size must be a positive int, got {k!r}")
+    k = check_count("kernel_size", kernel_size)  # NumPy integers accepted
     B, C, H, W = x.shape
     if H < k or W < k:
         raise ValueError(f"x is {H}x{W}, smaller than kernel_size={k}")
@@ -370,7 +377,7 @@ def maxpool2d_forward(x, kernel_size=2):
     win = win.transpose(0, 1, 2, 4, 3, 5).reshape(B, C, ho, wo, k * k)  # (B, C, Ho, Wo, k k)
     idx = xp.argmax(win, axis=-1)  # (B, C, Ho, Wo), the first maximum
     out = xp.take_along_axis(win, idx[..., None], axis=-1)[..., 0]  # (B, C, Ho, Wo)
-    return out, Cache(idx=idx, x_shape=tuple(x.shape), k=k)
+    return out, Cache(idx=idx, x_shape=tuple(x.shape), k=k, dtype=x.dtype)
 
 
 def maxpool2d_backward(dout, cache):
@@ -378,7 +385,7 @@ def maxpool2d_backward(dout, cache):
     idx, k = cache.idx, cache.k
     B, C, H, W = cache.x_shape
     ho, wo = idx.shape[2:]
-    check_shape("dout", dout, (B, C, ho, wo), "the shape of the forward's output")
+    check_dout("maxpool2d_backward", dout, idx.shape, cache.dtype, type(idx))
     xp = array_module(dout)
     onehot = idx[..., None] == xp.arange(k * k)  # (B, C, Ho, Wo, k k) bool
     dwin = xp.where(onehot, dout[..., None], xp.zeros((), dtype=dout.dtype))

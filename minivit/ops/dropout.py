@@ -5,7 +5,7 @@ Derivation: docs/ops/dropout.md.
 
 from __future__ import annotations
 
-from ._common import Cache, backend_of, check_float
+from ._common import Cache, backend_of, check_dout, check_float
 
 __all__ = ["dropout_forward", "dropout_backward"]
 
@@ -20,8 +20,8 @@ def dropout_forward(x, p=0.0, *, rng=None, train=True):
     check_float("x", x)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"p must be in [0, 1), got {p}")
-    if not train or p == 0.0:
-        return x, Cache(mask=None)
+    if not train or p == 0.0:  # the output's shape, dtype and array type, for backward's check
+        return x, Cache(mask=None, shape=x.shape, dtype=x.dtype, kind=type(x))
     if rng is None:
         raise ValueError("dropout with p > 0 in train mode needs rng=Backend.rng(seed)")
     backend_of(x)
@@ -34,6 +34,9 @@ def dropout_forward(x, p=0.0, *, rng=None, train=True):
 
 def dropout_backward(dout, cache):
     """Returns (dx,): the same mask and scale as the forward."""
-    if cache.mask is None:
+    mask = cache.mask
+    if mask is None:
+        check_dout("dropout_backward", dout, cache.shape, cache.dtype, cache.kind)
         return (dout.copy(),)
-    return (dout * cache.mask,)
+    check_dout("dropout_backward", dout, mask.shape, mask.dtype, type(mask))
+    return (dout * mask,)

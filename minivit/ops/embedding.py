@@ -5,7 +5,7 @@ Derivation: docs/ops/embedding.md.
 
 from __future__ import annotations
 
-from ._common import Cache, backend_of, check_float, check_int
+from ._common import Cache, backend_of, check_dout, check_float, check_int
 
 __all__ = ["embedding_forward", "embedding_backward"]
 
@@ -23,13 +23,16 @@ def embedding_forward(ids, table):
         raise ValueError(
             f"ids must lie in [0, {V}) for a table of {V} rows, got values in [{lo}, {hi}]"
         )
-    return table[ids], Cache(ids=ids, table_shape=table.shape, dtype=table.dtype)
+    out = table[ids]  # (..., D)
+    return out, Cache(ids=ids, table_shape=table.shape, dtype=table.dtype, out_shape=out.shape)
 
 
 def embedding_backward(dout, cache):
     """Returns (dtable,): each row of dtable sums dout over the positions that used it."""
+    ids = cache.ids
+    check_dout("embedding_backward", dout, cache.out_shape, cache.dtype, type(ids))
     be = backend_of(dout)
     V, D = cache.table_shape
     dtable = be.xp.zeros((V, D), dtype=cache.dtype)
-    be.scatter_add(dtable, cache.ids.reshape(-1), dout.reshape(-1, D))  # repeated ids add up
+    be.scatter_add(dtable, ids.reshape(-1), dout.reshape(-1, D))  # repeated ids add up
     return (dtable,)

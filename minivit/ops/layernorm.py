@@ -8,7 +8,7 @@ Derivation: docs/ops/layernorm.md.
 from __future__ import annotations
 
 from . import _fast
-from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
+from ._common import Cache, array_module, check_dout, check_float, check_same_dtype, check_shape
 
 __all__ = ["layernorm_forward", "layernorm_backward"]
 
@@ -58,15 +58,19 @@ def layernorm_backward(dout, cache, *, skip=None):
     ``skip`` (x's shape), when given, is added to dx: the gradient that reaches x by another
     path, as the skip of a pre-LN block's residual connection does (x feeds both the norm and
     the sum). dx + skip then comes out of the same pass (one launch fewer on the GPU).
+    ``dout`` must have the output's shape, dtype and backend (``_common.check_dout``).
     """
+    fused = getattr(cache, "fused", False)
+    ref = cache.x if fused else cache.xhat  # the output's shape, dtype and backend
+    check_dout("layernorm_backward", dout, ref.shape, ref.dtype, type(ref))
     if skip is not None:
         check_float("skip", skip)
         check_shape("skip", skip, tuple(dout.shape), "dout's shape")
         check_same_dtype(dout=dout, skip=skip)
         array_module(dout, skip)
-    if getattr(cache, "fused", False):
+    if fused:
         x, mean, rstd = cache.x, cache.mean, cache.rstd
-        if dout.shape == x.shape and _fast.use_kernels(dout, skip):
+        if _fast.use_kernels(dout, skip):
             return _fast.kernels_cupy.layernorm_backward(
                 dout, x, mean, cache.rstd, cache.gamma, skip
             )
@@ -75,7 +79,7 @@ def layernorm_backward(dout, cache, *, skip=None):
             xhat=(x - mean[..., None]) * rstd[..., None], rstd=rstd[..., None], gamma=cache.gamma
         )
     xhat, rstd, gamma = cache.xhat, cache.rstd, cache.gamma
-    if dout.shape == xhat.shape and _fast.use_fast(dout, xhat, rstd, gamma, skip):
+    if _fast.use_fast(dout, xhat, rstd, gamma, skip):
         return _fast.layernorm_backward(dout, xhat, rstd, gamma, skip)
     d = xhat.shape[-1]
     d2 = dout.reshape(-1, d)  # (M, D)

@@ -6,8 +6,16 @@ Derivation: docs/ops/linear.md.
 from __future__ import annotations
 
 from . import _fast
-from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
-from .activations import bias_gelu_forward, gelu_backward, gelu_forward, takes_bias
+from ._common import (
+    Cache,
+    array_module,
+    check_dout,
+    check_float,
+    check_grad_cache,
+    check_same_dtype,
+    check_shape,
+)
+from .activations import bias_gelu_forward, gelu_forward, gelu_grad, gelu_output, takes_bias
 
 __all__ = ["linear_forward", "linear_backward", "linear_gelu_forward", "linear_gelu_backward"]
 
@@ -25,7 +33,7 @@ def linear_forward(x, w, b=None):
     x2 = x.reshape(-1, d_in)  # (M, Din)
     out = _fast.matmul_nt(x2, w, b)  # x2 @ w.T + b, (M, Dout); on minivit's pool when it pays
     out = out.reshape(*x.shape[:-1], d_out)  # (..., Dout)
-    return out, Cache(x=x, w=w, has_bias=b is not None)
+    return out, Cache(x=x, w=w, has_bias=b is not None, out_shape=out.shape)
 
 
 def linear_product(x, w, b=None):
@@ -33,7 +41,8 @@ def linear_product(x, w, b=None):
     caller that adds b itself in a pass it makes anyway (fc1's GELU, attention's head layout);
     ``linear_backward`` then gives db as usual."""
     _check(x, w, b)
-    return _fast.matmul_nt(x.reshape(-1, w.shape[1]), w), Cache(x=x, w=w, has_bias=b is not None)
+    cache = Cache(x=x, w=w, has_bias=b is not None, out_shape=x.shape[:-1] + w.shape[:1])
+    return _fast.matmul_nt(x.reshape(-1, w.shape[1]), w), cache
 
 
 def _check(x, w, b):
@@ -61,7 +70,16 @@ def linear_backward(dout, cache, *, need_dx=True):
     Forward was out = x w^T + b, so dx = dout w, dw = dout^T x (summed over all leading dims),
     db = sum of dout over all leading dims. ``need_dx=False`` skips the dx product (one of the
     backward's two GEMMs) and returns dx = None: for a first layer whose input needs no gradient.
+    ``dout`` must have the output's shape, dtype and backend (``_common.check_dout``).
     """
+    w = cache.w
+    check_dout("linear_backward", dout, cache.out_shape, w.dtype, type(w))
+    return linear_grads(dout, cache, need_dx)
+
+
+def linear_grads(dout, cache, need_dx=True):
+    """linear_backward past its check of ``dout``: for the ops built on it (attention, patch
+    embedding, linear + GELU), which check their own ``dout`` and pass on arrays they made."""
     x, w = cache.x, cache.w
     d_out, d_in = w.shape
     d2 = dout.reshape(-1, d_out)  # (M, Dout)
@@ -98,11 +116,11 @@ def linear_gelu_backward(dout, cache, *, need_dx=True, overwrite_dout=False):
 
     ``overwrite_dout=True`` lets GELU's backward write into ``dout`` (C-contiguous), for a
     caller that has no further use for it: one (..., Dout) array fewer at that moment.
+    ``dout`` must have the output's shape, dtype and backend (``_common.check_dout``).
     """
     act = cache.act
-    made = getattr(act, "x", None)
-    made = getattr(act, "dydx", None) if made is None else made  # of the forward's dtype
-    # a dout of another dtype would make dh that dtype only when overwritten: never, then
-    overwrite = overwrite_dout and made is not None and dout.dtype == made.dtype
-    (dh,) = gelu_backward(dout, act, out=dout if overwrite else None)
-    return linear_backward(dh, cache.fc, need_dx=need_dx)
+    check_grad_cache("linear_gelu_backward", act)
+    ref = gelu_output(act)  # an array of the output's shape, dtype and backend
+    check_dout("linear_gelu_backward", dout, ref.shape, ref.dtype, type(ref))
+    dh = gelu_grad(dout, act, out=dout if overwrite_dout else None)
+    return linear_grads(dh, cache.fc, need_dx=need_dx)

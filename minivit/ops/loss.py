@@ -5,7 +5,7 @@ Derivation: docs/ops/cross_entropy.md.
 
 from __future__ import annotations
 
-from ._common import Cache, array_module, backend_of, check_float, check_int
+from ._common import Cache, array_module, backend_of, check_dout, check_float, check_int
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward", "log_softmax"]
 
@@ -61,8 +61,13 @@ def cross_entropy_forward(logits, targets, ignore_index=-100, label_smoothing=0.
 
 
 def cross_entropy_backward(dout, cache):
-    """Returns (dlogits,): (softmax(logits) - target distribution) * valid / n * dout."""
+    """Returns (dlogits,): (softmax(logits) - target distribution) * valid / n * dout.
+
+    The loss is a scalar, so ``dout`` is one: a Python float (or int), or a 0-d array of the
+    loss's dtype and backend (``_common.check_dout``).
+    """
     logp, t, valid = cache.logp, cache.t, cache.valid
+    check_dout("cross_entropy_backward", dout, (), logp.dtype, type(logp))
     xp = array_module(logp)
     K = logp.shape[-1]
     s = cache.label_smoothing

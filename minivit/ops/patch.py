@@ -6,8 +6,16 @@ Derivation: docs/ops/patch_embed.md.
 
 from __future__ import annotations
 
-from ._common import Cache, array_module, check_float, check_same_dtype, check_shape
-from .linear import linear_backward, linear_forward
+from ._common import (
+    Cache,
+    array_module,
+    check_count,
+    check_dout,
+    check_float,
+    check_same_dtype,
+    check_shape,
+)
+from .linear import linear_forward, linear_grads
 
 __all__ = ["patch_embed_forward", "patch_embed_backward", "patchify", "unpatchify"]
 
@@ -39,9 +47,7 @@ def patch_embed_forward(images, w, b, patch_size):
     if images.ndim != 4:
         raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
     B, C, H, W = images.shape
-    P = patch_size
-    if not isinstance(P, int) or P < 1:
-        raise ValueError(f"patch_size must be a positive int, got {P!r}")
+    P = check_count("patch_size", patch_size)  # a Python int (NumPy integers accepted)
     if H % P or W % P:
         raise ValueError(f"image size {H}x{W} must be divisible by patch_size {P}")
     check_float("w", w)
@@ -61,7 +67,7 @@ def patch_embed_forward(images, w, b, patch_size):
     # the backward makes the patches again for the one product that reads them (torch's
     # convolution keeps its input the same way).
     lin_cache.x = None
-    cache = Cache(lin_cache=lin_cache, images=images, w_shape=w.shape, P=P)
+    cache = Cache(lin_cache=lin_cache, images=images, w_shape=w.shape, P=P, out_shape=out.shape)
     return out, cache
 
 
@@ -69,9 +75,12 @@ def patch_embed_backward(dout, cache, *, need_dx=True):
     """Returns (dimages, dw, db): the linear backward, then patches folded back into images.
 
     ``need_dx=False`` returns dimages = None and skips its product (images need no gradient
-    in training)."""
+    in training). ``dout`` must have the output's shape, dtype and backend
+    (``_common.check_dout``)."""
+    images = cache.images
+    check_dout("patch_embed_backward", dout, cache.out_shape, images.dtype, type(images))
     lin_cache = Cache(**vars(cache.lin_cache))  # a new record: the cache is never written
-    lin_cache.x = patchify(cache.images, cache.P)  # (B, N, C*P*P), the forward's patches again
-    dpatches, dw, db = linear_backward(dout, lin_cache, need_dx=need_dx)  # (B, N, C*P*P)
-    dimages = unpatchify(dpatches, cache.images.shape, cache.P) if need_dx else None
+    lin_cache.x = patchify(images, cache.P)  # (B, N, C*P*P), the forward's patches again
+    dpatches, dw, db = linear_grads(dout, lin_cache, need_dx=need_dx)  # (B, N, C*P*P)
+    dimages = unpatchify(dpatches, images.shape, cache.P) if need_dx else None
     return dimages, dw.reshape(cache.w_shape), db

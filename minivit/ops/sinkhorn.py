@@ -28,7 +28,15 @@ from __future__ import annotations
 import math
 import warnings
 
-from ._common import Cache, array_module, check_float, check_same_dtype
+from ._common import (
+    Cache,
+    array_module,
+    check_count,
+    check_dout,
+    check_float,
+    check_real,
+    check_same_dtype,
+)
 
 __all__ = [
     "SinkhornConvergenceWarning",
@@ -60,17 +68,16 @@ class SinkhornConvergenceWarning(RuntimeWarning):
 
 
 def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    """A positive finite number (Python or NumPy, not bool) -> a Python float."""
+    try:
+        v = check_real(name, value)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    if not v > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not math.isfinite(value):
+    if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
-def _check_count(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return v
 
 
 def _check_marginal(name, p, cost, axis_size, xp):
@@ -340,8 +347,8 @@ def sinkhorn_forward(cost, a=None, b=None, *, epsilon=0.05, n_iters=100, tol=Non
     """
     xp, a_b, b_b, la, lb = _prepare_marginals(cost, a, b)
     epsilon = _check_positive("epsilon", epsilon)
-    n_iters = _check_count("n_iters", n_iters)
-    check_every = _check_count("check_every", check_every)
+    n_iters = check_count("n_iters", n_iters)  # Python ints (NumPy integers accepted)
+    check_every = check_count("check_every", check_every)
     if tol is not None:
         tol = _check_positive("tol", tol)
     n, m = cost.shape[-2], cost.shape[-1]
@@ -445,8 +452,11 @@ def sinkhorn_backward(dplan, cache):
     instead of 0/0: at a zero ``b_j``, the one-sided derivative; at a zero ``a_i``, the
     derivative with the start ``f_0,i = -inf`` held fixed, which a forward difference matches
     only near convergence (the start jumps to 0 as ``a_i`` leaves 0; the docs' "Dividing by the
-    marginals without dividing").
+    marginals without dividing"). ``dplan`` must have the plan's shape, dtype and backend
+    (``_common.check_dout``).
     """
+    plan = cache.plan
+    check_dout("sinkhorn_backward", dplan, plan.shape, plan.dtype, type(plan))
     xp = array_module(dplan)
     logK, alphas, betas = cache.logK, cache.alphas, cache.betas
     A, B = cache.a, cache.b  # (..., n) / (..., m) arrays, or python floats 1/n, 1/m
@@ -509,8 +519,9 @@ def sinkhorn_implicit_backward(dplan, cache):
     (docs/ops/sinkhorn.md, "Three gradients"). da and db are defined up to (da + c, db - c);
     this returns the pair with equal sums. Padding entries get 0.
     """
-    xp = array_module(dplan)
     P = cache.plan  # (..., n, m)
+    check_dout("sinkhorn_implicit_backward", dplan, P.shape, P.dtype, type(P))
+    xp = array_module(dplan)
     n, m = P.shape[-2], P.shape[-1]
     batch = tuple(P.shape[:-2])
     A = xp.broadcast_to(xp.asarray(cache.a, dtype=P.dtype), batch + (n,))  # (..., n)
@@ -575,9 +586,12 @@ def sinkhorn_value_backward(dvalue, cache):
     dcost = dvalue * P, da = dvalue * F, db = dvalue * G with F, G the dual potentials (cost
     units). Exact only at convergence; F and G are defined up to F + c, G - c, so da and db are
     meaningful along perturbations that keep sum(a) = sum(b). Padding entries get 0.
+    ``dvalue`` must have the value's shape (...), dtype and backend (``_common.check_dout``).
     """
-    xp = array_module(cache.plan)
-    dv = xp.asarray(dvalue, dtype=cache.plan.dtype)
+    plan = cache.plan
+    check_dout("sinkhorn_value_backward", dvalue, plan.shape[:-2], plan.dtype, type(plan))
+    xp = array_module(plan)
+    dv = xp.asarray(dvalue, dtype=plan.dtype)  # a Python scalar for a 0-d value, as an array
     dcost = dv[..., None, None] * cache.plan
     da = None
     db = None
@@ -604,8 +618,8 @@ def ipot_forward(cost, a=None, b=None, *, beta=0.5, n_iters=50, inner_iters=1):
     """
     xp, a_b, b_b, la, lb = _prepare_marginals(cost, a, b)
     beta = _check_positive("beta", beta)
-    n_iters = _check_count("n_iters", n_iters)
-    inner_iters = _check_count("inner_iters", inner_iters)
+    n_iters = check_count("n_iters", n_iters)  # Python ints (NumPy integers accepted)
+    inner_iters = check_count("inner_iters", inner_iters)
     cache = Cache(
         shape=tuple(cost.shape),
         dtype=cost.dtype,
@@ -688,9 +702,10 @@ def ipot_backward(dplan, cache):
 
     Returns zeros: ``(dcost, da, db)`` with the plan treated as a constant of its inputs. This is
     NOT the derivative of the iterations; differentiate through Sinkhorn when you need one
-    (docs/ops/ipot.md).
+    (docs/ops/ipot.md). ``dplan`` must have the plan's shape, dtype and backend.
     """
     xp = cache.xp
+    check_dout("ipot_backward", dplan, cache.shape, cache.dtype, xp.ndarray)
     dcost = xp.zeros(cache.shape, dtype=cache.dtype)
     da = None if cache.a_shape is None else xp.zeros(cache.a_shape, dtype=cache.dtype)
     db = None if cache.b_shape is None else xp.zeros(cache.b_shape, dtype=cache.dtype)
@@ -719,10 +734,15 @@ def ot_distance_forward(cost, a=None, b=None, *, method="ipot", **solver_options
 
 
 def ot_distance_backward(ddistance, cache):
-    """Returns (dcost,) = ddistance[..., None, None] * plan: the plan is a constant here."""
-    xp = array_module(cache.plan)
-    dd = xp.asarray(ddistance, dtype=cache.plan.dtype)
-    return (dd[..., None, None] * cache.plan,)
+    """Returns (dcost,) = ddistance[..., None, None] * plan: the plan is a constant here.
+
+    ``ddistance`` must have the distance's shape (...), dtype and backend; a Python float where
+    the distance is 0-d (``_common.check_dout``)."""
+    plan = cache.plan
+    check_dout("ot_distance_backward", ddistance, plan.shape[:-2], plan.dtype, type(plan))
+    xp = array_module(plan)
+    dd = xp.asarray(ddistance, dtype=plan.dtype)  # a Python scalar for a 0-d distance, as an array
+    return (dd[..., None, None] * plan,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -759,15 +779,19 @@ def cosine_cost_forward(x, y, eps=1e-5):
     yn = y / ry  # (..., m, d)
     out = xn @ xp.swapaxes(yn, -1, -2)  # (..., n, m) cosine similarity
     xp.subtract(1, out, out=out)
-    cache = Cache(xn=xn, yn=yn, rx=rx, ry=ry, x_free=nx >= eps, y_free=ny >= eps)
+    cache = Cache(
+        xn=xn, yn=yn, rx=rx, ry=ry, x_free=nx >= eps, y_free=ny >= eps, out_shape=out.shape
+    )
     return out, cache
 
 
 def cosine_cost_backward(dout, cache):
     """Returns (dx, dy). d(1 - xn.yn) = -(dxn.yn + xn.dyn); through x / max(|x|, eps):
-    dx = (dxn - xn (xn . dxn)) / |x| where |x| >= eps, dxn / eps where the norm was clamped."""
-    xp = array_module(dout)
+    dx = (dxn - xn (xn . dxn)) / |x| where |x| >= eps, dxn / eps where the norm was clamped.
+    ``dout`` must have the output's shape, dtype and backend (``_common.check_dout``)."""
     xn, yn = cache.xn, cache.yn
+    check_dout("cosine_cost_backward", dout, cache.out_shape, xn.dtype, type(xn))
+    xp = array_module(dout)
     dxn = -(dout @ yn)  # (..., n, d)
     dyn = -(xp.swapaxes(dout, -1, -2) @ xn)  # (..., m, d)
 

@@ -6,7 +6,7 @@ Derivation: docs/ops/softmax.md.
 from __future__ import annotations
 
 from . import _fast
-from ._common import Cache, array_module, check_float
+from ._common import Cache, array_module, as_index, check_dout, check_float
 
 __all__ = ["softmax_forward", "softmax_backward", "softmax"]
 
@@ -23,10 +23,14 @@ def softmax(x, axis=-1):
 def softmax_forward(x, axis=-1):
     """x (...) -> y (...), with y summing to 1 along ``axis``."""
     check_float("x", x, ndim_min=1)
-    if not -x.ndim <= axis < x.ndim:
+    index = as_index(axis)  # a NumPy integer too; not a bool or a float
+    if index is None:
+        raise ValueError(f"axis must be an int, got {axis!r}")
+    if not -x.ndim <= index < x.ndim:
         raise ValueError(
-            f"axis must be in [-{x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {axis}"
+            f"axis must be in [-{x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {axis!r}"
         )
+    axis = index
     if axis in (-1, x.ndim - 1) and _fast.use_kernels(x):
         y = _fast.kernels_cupy.softmax_forward(x)  # one CuPy kernel
     elif axis in (-1, x.ndim - 1) and _fast.use_fast(x):
@@ -39,9 +43,10 @@ def softmax_forward(x, axis=-1):
 def softmax_backward(dout, cache):
     """Returns (dx,): dx = y * (dout - sum(dout * y, axis)), the Jacobian-vector product."""
     y, axis = cache.y, cache.axis
-    if axis in (-1, y.ndim - 1) and dout.shape == y.shape and _fast.use_kernels(dout, y):
+    check_dout("softmax_backward", dout, y.shape, y.dtype, type(y))
+    if axis in (-1, y.ndim - 1) and _fast.use_kernels(dout, y):
         return (_fast.kernels_cupy.softmax_backward(dout, y),)
-    if axis in (-1, y.ndim - 1) and dout.shape == y.shape and _fast.use_fast(dout, y):
+    if axis in (-1, y.ndim - 1) and _fast.use_fast(dout, y):
         return (_fast.softmax_backward(dout, y),)
     dx = dout * y
     dx -= y * dx.sum(axis=axis, keepdims=True)
