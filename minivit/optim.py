@@ -36,6 +36,17 @@ count; ``"step.<name>"``, the steps that updated each parameter; ``"exp_avg.<nam
 (safetensors) can hold them and ``load_state_dict`` resumes bit for bit. A state without the
 per-parameter counts (written before they existed) loads with every count equal to ``"step"``.
 
+Checks
+------
+Hyperparameters are refused (ValueError, or TypeError for a non-number) unless finite and in
+range, in the constructors and in ``step(..., lr=...)``: lr, weight_decay and eps >= 0, betas a
+pair in [0, 1), SGD's momentum >= 0 (as torch; no upper bound) and dampening in [0, 1]. Python
+and NumPy numbers (and 0-d arrays) are taken. ``step`` needs a dict of gradients, as
+``model.grads``; an empty one (a step before any backward, or after ``model.zero_grads()``)
+updates nothing, as torch's step does when every ``.grad`` is None, and warns
+(``RuntimeWarning``) rather than raising, so that a loop that steps that way keeps running;
+``step_count`` still counts it.
+
 A parameter without a gradient at a step is left alone, as PyTorch leaves a parameter whose
 ``.grad`` is None, and its own step count stays where it was: like PyTorch's per-parameter
 state, that count (not the optimizer's) sets AdamW's bias correction and SGD's first momentum
@@ -45,6 +56,8 @@ step, so a parameter that first gets a gradient late is updated as PyTorch updat
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Callable, Mapping
 
 from . import kernels_cupy
@@ -64,6 +77,27 @@ NoDecayRule = Callable[[str, object], bool]
 
 _NO_DECAY_LEAVES = frozenset({"cls_token", "pos_embed", "dist_token"})
 _NO_DECAY_SUBSTRINGS = ("position_embeddings", "token_type_embeddings", "norm")
+
+
+def _real(name: str, value, low: float = 0.0, high: float = math.inf, *, high_open=False):
+    """``value`` as a float after checking it: a real number (a Python or NumPy scalar, or a 0-d
+    array; not a bool or a string), finite, in [low, high] (or [low, high) with high_open).
+    Raises TypeError or ValueError naming ``name``."""
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    if isinstance(value, bool) or not (
+        isinstance(value, numbers.Real)
+        or (getattr(value, "ndim", None) == 0 and kind in ("f", "i", "u"))
+    ):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}")
+    if v < low or v > high or (high_open and v == high):
+        if high == math.inf:
+            raise ValueError(f"{name} must be >= {low:g}, got {v}")
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must lie in [{low:g}, {high:g}{bracket}, got {v}")
+    return v
 
 
 def default_no_decay(name: str, param) -> bool:
@@ -86,16 +120,19 @@ class _Optimizer:
             raise TypeError("params must be a non-empty dict of name -> array")
         for name, p in params.items():
             dtype = getattr(p, "dtype", None)
-            if dtype is None or dtype.kind != "f":
+            if dtype is None or getattr(dtype, "kind", None) != "f":
                 raise TypeError(f"params[{name!r}] must be a floating array, got {dtype}")
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        lr = _real("lr", lr)
+        weight_decay = _real("weight_decay", weight_decay)
+        if no_decay is not None and not callable(no_decay):
+            raise TypeError(
+                f"no_decay must be a function (name, param) -> bool or None, got "
+                f"{type(no_decay).__name__}"
+            )
         backend_of(*params.values())  # one backend for all
         self.params = params
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
+        self.lr = lr
+        self.weight_decay = weight_decay
         rule = default_no_decay if no_decay is None else no_decay
         self.decay = {name: not rule(name, p) for name, p in params.items()}
         self.step_count = 0  # optimizer steps taken
@@ -117,13 +154,34 @@ class _Optimizer:
         return [n for n, d in self.decay.items() if not d]
 
     def _check_grads(self, grads: Mapping[str, object]):
+        if not isinstance(grads, Mapping):
+            raise TypeError(
+                "grads must be a dict of name -> array (or None), as model.grads, got "
+                f"{type(grads).__name__}"
+            )
+        if not grads:
+            # Most likely a step before any backward, or right after model.zero_grads(): then
+            # nothing is updated, as torch's step() does when every .grad is None. Said, not
+            # raised: a loop that skips a step this way keeps running.
+            warnings.warn(
+                f"{type(self).__name__}.step got an empty grads dict: no parameter is updated "
+                "(was backward run since the last zero_grads()?)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         unknown = [k for k in grads if k not in self.params]
         if unknown:
-            raise KeyError(f"grads has names that are not parameters: {', '.join(unknown)}")
+            raise KeyError(
+                f"grads has names that are not parameters: {', '.join(map(str, unknown))}"
+            )
         for name, g in grads.items():
             if g is None:
                 continue
             p = self.params[name]
+            if getattr(g, "shape", None) is None or getattr(g, "dtype", None) is None:
+                raise TypeError(
+                    f"grads[{name!r}] must be an array (or None), got {type(g).__name__}"
+                )
             if tuple(g.shape) != tuple(p.shape):
                 raise ValueError(
                     f"grads[{name!r}] has shape {tuple(g.shape)}, params[{name!r}] has "
@@ -191,7 +249,8 @@ class _Optimizer:
     def _lr(self, lr):
         if lr is None:
             return self.lr
-        self.lr = float(lr)  # a scheduled lr stays the current one, as in a torch param group
+        # checked like the constructor's: a negative lr would ascend, a NaN poison every param
+        self.lr = _real("lr", lr)  # a scheduled lr stays the current one, as in a param group
         return self.lr
 
 
@@ -222,13 +281,14 @@ class AdamW(_Optimizer):
         no_decay: NoDecayRule | None = None,
     ):
         super().__init__(params, lr, weight_decay, no_decay)
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        self.betas = (float(b1), float(b2))
-        self.eps = float(eps)
+        try:
+            b1, b2 = betas
+        except (TypeError, ValueError) as exc:  # not iterable / not two of them
+            raise type(exc)(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+        b1 = _real("betas[0]", b1, 0.0, 1.0, high_open=True)
+        b2 = _real("betas[1]", b2, 0.0, 1.0, high_open=True)
+        self.betas = (b1, b2)
+        self.eps = _real("eps", eps)
 
     def step(self, grads: Mapping[str, object], lr: float | None = None) -> None:
         """One update of every parameter that has a gradient, in place."""
@@ -297,14 +357,16 @@ class SGD(_Optimizer):
         nesterov: bool = False,
         no_decay: NoDecayRule | None = None,
     ):
-        if momentum < 0:
-            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        momentum = _real("momentum", momentum)  # >= 0, as torch; no upper bound there either
+        dampening = _real("dampening", dampening, 0.0, 1.0)
+        if not isinstance(nesterov, (bool, numbers.Integral)):
+            raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
         self._buffers = ("momentum_buffer",) if momentum else ()
         super().__init__(params, lr, weight_decay, no_decay)
-        self.momentum = float(momentum)
-        self.dampening = float(dampening)
+        self.momentum = momentum
+        self.dampening = dampening
         self.nesterov = bool(nesterov)
 
     def step(self, grads: Mapping[str, object], lr: float | None = None) -> None:

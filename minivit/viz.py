@@ -18,14 +18,40 @@ __all__ = ["attention_maps", "attention_rollout", "attention_figure"]
 
 def attention_maps(model, images):
     """Run ``model.forward(images)`` (eval) and return each block's attention as numpy arrays,
-    a list of depth arrays (B, H, T, T), T = 1 + number of patches."""
+    a list of depth arrays (B, H, T, T), T = 1 + number of patches.
+
+    The model is left as it was: a pending forward's cache (a training step between its forward
+    and its backward) is put back afterwards, so the next ``backward`` is that forward's. Works
+    under ``minivit.no_grad()`` too: the maps need this forward's cache, so it keeps one for as
+    long as it takes to read them. The forward runs whole, never in batch shards, so that
+    shard worker processes holding a pending forward's cache are left alone.
+    """
+    from .models.sharding import run_whole
+    from .ops import set_grad_enabled
+
     be = model.backend
-    model.forward(be.asarray(images, dtype=model.dtype), train=False)
-    return [be.to_numpy(a) for a in model.cached_attention()]
+    x = be.asarray(images, dtype=model.dtype)
+    saved = model._cache, getattr(model, "_no_cache", "new")
+    try:
+        with set_grad_enabled(True):
+            run_whole(model.forward, x, train=False)
+            return [be.to_numpy(a) for a in model.cached_attention()]
+    finally:
+        model._cache, model._no_cache = saved
+
+
+HEAD_FUSIONS = ("mean", "max")
 
 
 def attention_rollout(attns, head_fusion="mean"):
-    """attns: list of (B, H, T, T) from the first block to the last -> rollout (B, T, T)."""
+    """attns: list of (B, H, T, T) from the first block to the last -> rollout (B, T, T).
+
+    head_fusion: how each layer's heads become one matrix, "mean" (Abnar & Zuidema) or "max".
+    """
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(
+            f"head_fusion must be one of {', '.join(map(repr, HEAD_FUSIONS))}, got {head_fusion!r}"
+        )
     B, _, T, _ = attns[0].shape
     eye = np.eye(T)
     R = np.broadcast_to(eye, (B, T, T)).copy()  # (B, T, T)

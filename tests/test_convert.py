@@ -153,3 +153,52 @@ def test_a_timm_average_pool_vit_file_loads(tmp_path):
     assert list(w.params) == list(v.params)  # timm's order, fc_norm before the head
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8))
     np.testing.assert_allclose(w.forward(x), v.forward(x), rtol=1e-12, atol=1e-14)
+
+
+def test_incomplete_or_inconsistent_hf_dicts_are_refused(hf_sd):
+    """from_hf_vit dropped a missing position embedding, layernorm_before or classifier.bias
+    without a word, and fused a (5, 8) query into a (21, 8) qkv. Now one error names each
+    missing and mis-shaped key by its Hugging Face name, as check_timm_vit refuses a timm dict
+    that lacks pos_embed."""
+
+    def without(*keys):
+        return {k: v for k, v in hf_sd.items() if k not in keys}
+
+    for key in ("vit.embeddings.position_embeddings", "vit.layers.0.layernorm_before.weight",
+                "classifier.bias", "vit.layers.1.mlp.fc2.bias", "vit.layernorm.bias",
+                "vit.embeddings.patch_embeddings.projection.bias"):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"incomplete or inconsistent: missing: {key}$"):
+            from_hf_vit(without(key))
+    bad = dict(hf_sd)
+    bad["vit.layers.0.attention.q_proj.weight"] = np.zeros((5, 8), np.float32)
+    bad["vit.layers.1.mlp.fc1.bias"] = np.zeros(15, np.float32)
+    with pytest.raises(ValueError, match=r"q_proj.weight: expected \(8, 8\), got \(5, 8\)"):
+        from_hf_vit(bad)
+    del bad["vit.layers.0.attention.q_proj.weight"]
+    bad["vit.layers.0.attention.q_proj.weight"] = hf_sd["vit.layers.0.attention.q_proj.weight"]
+    with pytest.raises(ValueError, match=r"vit.layers.1.mlp.fc1.bias: expected \(16,\), got"):
+        from_hf_vit(bad)
+    # both paths refuse the same dict
+    timm = from_hf_vit(hf_sd)
+    for key in ("pos_embed", "blocks.0.norm1.weight", "head.bias"):
+        with pytest.raises(ValueError, match=rf"missing: {key}$"):
+            check_timm_vit({k: v for k, v in timm.items() if k != key})
+    wrong = {**timm, "blocks.1.attn.qkv.weight": np.zeros((21, 8), np.float32)}
+    with pytest.raises(ValueError, match=r"blocks.1.attn.qkv.weight: expected \(24, 8\)"):
+        check_timm_vit(wrong)
+
+
+def test_what_from_hf_vit_leaves_out_on_purpose(hf_sd):
+    """The pooler (ViTModel's, no timm counterpart) and the classifier as a whole (ViTModel has
+    none: num_classes=0); q/k/v biases in no layer at all (qkv_bias=False)."""
+    from transformers import ViTConfig, ViTModel
+
+    c = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=8,
+                  num_hidden_layers=2, num_attention_heads=2, intermediate_size=16)  # fmt: skip
+    model_sd = {k: v.numpy() for k, v in ViTModel(c).state_dict().items()}
+    assert any(k.startswith("pooler.") for k in model_sd)
+    sd = from_hf_vit(model_sd)
+    assert "head.weight" not in sd and infer_vit_config(sd, num_heads=2)["num_classes"] == 0
+    no_bias = {k: v for k, v in hf_sd.items() if not k.endswith(("q_proj.bias", "k_proj.bias",
+                                                                   "v_proj.bias"))}  # fmt: skip
+    assert not any(k.endswith("qkv.bias") for k in from_hf_vit(no_bias))

@@ -67,3 +67,45 @@ def test_to_moves_the_parameters(backend, cls, cfg):
     before = m.state_dict()
     m.to("numpy")
     assert all(np.array_equal(m.params[k], v) for k, v in before.items())
+
+
+def test_load_state_dict_checks_every_entry_before_it_copies_any():
+    """The dtype check sat in the copy loop: a state dict whose 10th entry was an int array
+    raised after 9 parameters had been overwritten. Now every entry is checked first, and one
+    error names every problem (torch tensors and lists included, which gave "'torch.dtype'
+    object has no attribute 'kind'" and a confusing shape message)."""
+    import torch
+
+    m = ViT(**VIT, dtype="float64")
+    before = m.state_dict()
+    good = ViT(**VIT, dtype="float64", seed=1).state_dict()
+    tenth = list(good)[9]
+    cases = [
+        ({tenth: good[tenth].astype(np.int64)}, rf"not floating arrays: {tenth}: int64"),
+        ({"head.bias": torch.zeros(3, dtype=torch.float64)}, r"head.bias: torch.Tensor \(conv"),
+        ({"head.bias": [0.0, 0.0, 0.0]}, "not numpy or cupy arrays: head.bias: list"),
+    ]
+    for change, match in cases:
+        with pytest.raises(TypeError, match=match):
+            m.load_state_dict({**good, **change})
+        assert all(np.array_equal(m.params[k], v) for k, v in before.items())
+    # every problem in one error, types and keys alike
+    bad = {**good, tenth: good[tenth].astype(np.int32), "head.bias": [0.0]}
+    bad.pop("cls_token")
+    with pytest.raises(TypeError) as err:
+        m.load_state_dict(bad)
+    assert all(s in str(err.value) for s in (tenth, "head.bias: list", "missing keys: cls_token"))
+    with pytest.raises(TypeError, match="state_dict must be a dict of name -> array, got list"):
+        m.load_state_dict(list(good.values()))
+    assert all(np.array_equal(m.params[k], v) for k, v in before.items())
+    m.load_state_dict({k: v.astype(np.float32) for k, v in good.items()})  # other floats: cast
+    assert all(m.params[k].dtype == np.float64 for k in m.params)
+
+
+def test_load_state_dict_takes_arrays_of_either_backend(backend):
+    other = ViT(**VIT, dtype="float64", seed=1, backend=backend)
+    want = other.state_dict()
+    for target in (backend.name, "numpy"):
+        m = ViT(**VIT, dtype="float64", backend=target)
+        m.load_state_dict(other.params)  # arrays of ``backend``, into a model on ``target``
+        assert all(np.array_equal(m.backend.to_numpy(m.params[k]), v) for k, v in want.items())

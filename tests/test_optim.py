@@ -288,6 +288,89 @@ def test_bad_grads_raise():
         opt.step({"head.bias": np.zeros(3, dtype=np.float32)})
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda p: AdamW(p, lr=NAN), ValueError, "lr must be a finite number"),
+        (lambda p: AdamW(p, lr=-1e-3), ValueError, "lr must be >= 0"),
+        (lambda p: AdamW(p, lr=INF), ValueError, "lr must be a finite number"),
+        (lambda p: AdamW(p, eps=NAN), ValueError, "eps must be a finite number"),
+        (lambda p: AdamW(p, weight_decay=NAN), ValueError, "weight_decay must be a finite"),
+        (lambda p: AdamW(p, betas=(0.9, NAN)), ValueError, r"betas\[1\] must be a finite"),
+        (lambda p: AdamW(p, betas=(1.0, 0.9)), ValueError, r"betas\[0\] must lie in \[0, 1\)"),
+        (lambda p: AdamW(p, betas=(0.9,)), ValueError, r"betas must be a pair.*\(0\.9,\)"),
+        (lambda p: AdamW(p, betas=0.9), TypeError, "betas must be a pair"),
+        (lambda p: AdamW(p, lr="0.1"), TypeError, "lr must be a real number, got str"),
+        (lambda p: AdamW(p, lr=True), TypeError, "lr must be a real number, got bool"),
+        (lambda p: AdamW(p, no_decay=True), TypeError, "no_decay must be a function"),
+        (lambda p: SGD(p, momentum=NAN), ValueError, "momentum must be a finite number"),
+        (lambda p: SGD(p, momentum=0.9, dampening=2.0), ValueError, "dampening must lie in"),
+        (lambda p: SGD(p, momentum=0.9, dampening=-0.1), ValueError, "dampening must lie in"),
+        (lambda p: SGD(p, lr=NAN), ValueError, "lr must be a finite number"),
+        (lambda p: SGD(p, weight_decay=-1.0), ValueError, "weight_decay must be >= 0"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(make, error, match):
+    with pytest.raises(error, match=match):
+        make(make_params())
+
+
+@pytest.mark.parametrize("cls", [AdamW, SGD])
+def test_step_checks_its_lr_and_grads(cls):
+    """step's lr was never checked (lr=-1 ascended the gradient, NaN made every parameter NaN);
+    a list of grads gave "unhashable type". A refused step changes nothing."""
+    params = make_params()
+    before = {k: v.copy() for k, v in params.items()}
+    opt = cls(params, lr=0.1)
+    grads = grad_sequence(1)[0]
+    for lr, error in ((-1.0, ValueError), (NAN, ValueError), (INF, ValueError), ("0.1", TypeError)):
+        with pytest.raises(error, match="lr must be"):
+            opt.step(grads, lr=lr)
+    with pytest.raises(TypeError, match="grads must be a dict of name -> array"):
+        opt.step(list(grads.values()))
+    with pytest.raises(TypeError, match=r"grads\['head.bias'\] must be an array"):
+        opt.step({"head.bias": [0.0, 0.0, 0.0]})
+    assert opt.step_count == 0 and opt.lr == 0.1
+    assert all(np.array_equal(params[k], before[k]) for k in params)
+    # NumPy numbers are numbers
+    opt.step(grads, lr=np.float32(0.05))
+    assert opt.lr == pytest.approx(0.05) and type(opt.lr) is float
+    cls(make_params(), lr=np.float64(1e-3), weight_decay=np.int64(0))
+
+
+def test_adamw_takes_numpy_numbers_everywhere():
+    opt = AdamW(make_params(), lr=np.float32(1e-3), betas=np.array([0.9, 0.99]),
+                eps=np.float64(1e-8), weight_decay=np.float32(0.05))  # fmt: skip
+    assert opt.betas == (0.9, 0.99) and all(type(b) is float for b in opt.betas)
+
+
+def test_a_step_on_empty_grads_warns_and_the_loop_goes_on():
+    """model.zero_grads() empties model.grads (torch's set_to_none): a step on it updates
+    nothing, as torch's does when every .grad is None, and says so; it does not raise, so a
+    loop that calls zero_grads after its step keeps working."""
+    from minivit.models import ViT
+
+    m = ViT(img_size=4, patch_size=2, in_chans=1, num_classes=2, embed_dim=8, depth=1,
+            num_heads=2, dtype="float64")  # fmt: skip
+    opt = AdamW(m.params, lr=1e-2)
+    x = np.random.default_rng(0).standard_normal((2, 1, 4, 4))
+    for _ in range(2):  # the training loop's order: forward, backward, step, zero_grads
+        m.forward(x)
+        m.backward(np.ones((2, 2)))
+        assert set(m.grads) == set(m.params)
+        opt.step(m.grads)
+        m.zero_grads()
+        assert m.grads == {}
+    before = m.state_dict()
+    with pytest.warns(RuntimeWarning, match="empty grads dict: no parameter is updated"):
+        opt.step(m.grads)
+    assert all(np.array_equal(m.params[k], v) for k, v in before.items())
+    assert all(n == 2 for n in opt.param_steps.values())
+
+
 # --------------------------------------------------------------------------------------------
 # Schedule
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from minivit import ViT
 from minivit.viz import attention_figure, attention_maps, attention_rollout
@@ -39,3 +40,47 @@ def test_maps_and_figure(backend, tmp_path):
 
     with Image.open(path) as im:
         assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_rollout_refuses_an_unknown_head_fusion():
+    a = [np.full((1, 2, 3, 3), 1 / 3)]
+    assert attention_rollout(a, "max").shape == (1, 3, 3)
+    with pytest.raises(ValueError, match=r"head_fusion must be one of 'mean', 'max', got 'maxx'"):
+        attention_rollout(a, "maxx")  # was: the mean, silently
+
+
+@pytest.mark.usefixtures("keep_parallel_settings")
+@pytest.mark.parametrize("mode, threads", [("off", 1), ("threads", 2), ("processes", 2)])
+def test_maps_leave_a_pending_training_forward_alone(mode, threads):
+    """attention_maps between a training forward and its backward replaced the forward's cache
+    (the backward then ran on the maps' images, or failed deep); with shards in processes the
+    workers' caches were replaced too. Now the pending cache is put back, and under no_grad()
+    the maps work (they failed there: no cache)."""
+    import minivit
+    from minivit import _parallel
+    from minivit.models import sharding
+
+    if mode == "processes" and not sharding.shard_workers.available():
+        pytest.skip("shards in processes need os.fork")
+    sharding.set_mode(mode)
+    _parallel.set_num_threads(threads)
+    v = ViT(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=2,
+            num_heads=2, dtype="float64")  # fmt: skip
+    rng = np.random.default_rng(0)
+    # the maps' batch as large as the pending forward's: a replaced cache fits the gradient
+    x, other = rng.standard_normal((4, 1, 8, 8)), rng.standard_normal((4, 1, 8, 8))
+    d = rng.standard_normal((4, 3))
+    v.forward(x, train=True)
+    v.backward(d)
+    ref = {k: g.copy() for k, g in v.grads.items()}
+    v.forward(x, train=True)
+    maps = attention_maps(v, other)
+    assert maps[0].shape == (4, 2, 5, 5)
+    v.backward(d)
+    for k in ref:
+        np.testing.assert_allclose(v.grads[k], ref[k], rtol=1e-12, atol=1e-14, err_msg=k)
+    with minivit.no_grad():
+        again = attention_maps(v, other)
+    np.testing.assert_allclose(again[1], maps[1], rtol=1e-12)
+    with pytest.raises(RuntimeError, match="the last backward consumed it"):
+        v.backward(d)  # no cache before the maps, none after: the reason is kept too

@@ -110,24 +110,111 @@ def detect_vit_naming(state_dict) -> str:
     raise ValueError(f"cannot tell the naming of this ViT state dict (first keys: {sample})")
 
 
+_BLOCK_PARTS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+
+
+def vit_dict_problems(sd, name=str) -> list[str]:
+    """What makes a timm-named ViT state dict incomplete or inconsistent, as readable lines
+    (empty when it is whole): every missing and every mis-shaped key, named by ``name(key)``
+    (the key the caller was given, where it was another naming).
+
+    Whole means what minivit's ViT (and timm's VisionTransformer) holds: ``cls_token``,
+    ``pos_embed`` and the patch conv with its bias; blocks 0 .. depth-1, each with all of its
+    weights and biases (``attn.qkv.bias`` in every block or in none: ``qkv_bias``); the final
+    norm (``norm``, or ``fc_norm`` for average pooling) as a weight and bias pair. The head is
+    optional (``num_classes=0``) but comes as a pair. Shapes follow from the width D of
+    ``cls_token`` (else of the patch conv) and the MLP width of the first block.
+    """
+    missing, misshaped = [], []
+
+    def shape(k):
+        return tuple(np.shape(sd[k]))
+
+    def need(k, expected=None):
+        """k must be there, with the expected shape where that is known (no None in it)."""
+        if k not in sd:
+            missing.append(k)
+        elif expected is not None and None not in expected and shape(k) != expected:
+            misshaped.append(f"{name(k)}: expected {expected}, got {shape(k)}")
+
+    D = None
+    for k, axis in (("cls_token", -1), ("patch_embed.proj.weight", 0)):
+        if D is None and k in sd and len(shape(k)) >= 1:
+            D = shape(k)[axis]
+    need("cls_token", (1, 1, D))
+    need("pos_embed")
+    pos = shape("pos_embed") if "pos_embed" in sd else None
+    if pos is not None and D is not None and (len(pos) != 3 or pos[::2] != (1, D)):
+        misshaped.append(f"{name('pos_embed')}: expected (1, 1 + patches, {D}), got {pos}")
+    need("patch_embed.proj.weight")
+    if "patch_embed.proj.weight" in sd:
+        w = shape("patch_embed.proj.weight")
+        if len(w) != 4 or (D is not None and w[0] != D) or w[2] != w[3]:
+            misshaped.append(f"{name('patch_embed.proj.weight')}: expected ({D}, C, P, P), got {w}")
+    need("patch_embed.proj.bias", (D,))
+
+    depth = 1 + max((int(m.group(1)) for m in map(_TIMM_BLOCK.match, sd) if m), default=-1)
+    qkv_bias = any(f"blocks.{i}.attn.qkv.bias" in sd for i in range(depth))
+    D3 = None if D is None else 3 * D  # the fused [q; k; v] rows
+    fc1 = "blocks.0.mlp.fc1.weight"
+    hidden = shape(fc1)[0] if fc1 in sd and len(shape(fc1)) == 2 else None
+    for i in range(depth):
+        b = f"blocks.{i}."
+        need(b + "norm1.weight", (D,))
+        need(b + "norm1.bias", (D,))
+        need(b + "attn.qkv.weight", (D3, D))
+        if qkv_bias:
+            need(b + "attn.qkv.bias", (D3,))
+        need(b + "attn.proj.weight", (D, D))
+        need(b + "attn.proj.bias", (D,))
+        need(b + "norm2.weight", (D,))
+        need(b + "norm2.bias", (D,))
+        need(b + "mlp.fc1.weight", (hidden, D))
+        need(b + "mlp.fc1.bias", (hidden,))
+        need(b + "mlp.fc2.weight", (D, hidden))
+        need(b + "mlp.fc2.bias", (D,))
+
+    norms = [n for n in ("norm", "fc_norm") if f"{n}.weight" in sd or f"{n}.bias" in sd]
+    for n in norms or ["norm"]:
+        need(f"{n}.weight", (D,))
+        need(f"{n}.bias", (D,))
+    if "head.weight" in sd or "head.bias" in sd:
+        hw = shape("head.weight") if "head.weight" in sd else None
+        classes = hw[0] if hw is not None and len(hw) == 2 else None
+        need("head.weight", (classes, D))
+        if hw is not None and classes is None:
+            misshaped.append(f"{name('head.weight')}: expected (num_classes, {D}), got {hw}")
+        need("head.bias", (classes,))
+    problems = []
+    if missing:
+        problems.append("missing: " + ", ".join(name(k) for k in missing))
+    if misshaped:
+        problems.append("mis-shaped: " + "; ".join(misshaped))
+    return problems
+
+
 def check_timm_vit(state_dict) -> dict:
     """Validate timm names (a leading 'vit.'/'model.' is stripped); returns a new dict.
 
-    Raises ValueError naming every key that is not a timm ViT parameter, and every block that
-    lacks a parameter that its siblings have.
+    Raises ValueError naming every key that is not a timm ViT parameter, then one naming every
+    missing and mis-shaped key (:func:`vit_dict_problems`): a block that lacks a parameter
+    that its siblings have, a missing ``pos_embed``, a qkv that is not (3D, D), ...
     """
-    out, bad = {}, []
+    out, bad, given = {}, [], {}
     for k, v in state_dict.items():
         s = _strip(k)
         if s in _TIMM_TOP or _TIMM_BLOCK.match(s):
             out[s] = v
+            given[s] = k
         else:
             bad.append(k)
     if bad:
         raise ValueError("not timm ViT parameter names: " + ", ".join(bad))
-    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
-        if key not in out:
-            raise ValueError(f"timm ViT state dict lacks {key!r}")
+    problems = vit_dict_problems(out, lambda k: given.get(k, k))
+    if problems:
+        raise ValueError(
+            "timm ViT state dict is incomplete or inconsistent: " + " | ".join(problems)
+        )
     return out
 
 
@@ -136,17 +223,23 @@ def from_hf_vit(state_dict) -> dict:
 
     The input is a dict of numpy arrays (as ``safetensors.numpy.load_file`` gives); so is the
     output. Every key must be understood: unknown keys raise one ValueError naming them all.
+    The result must be a whole ViT, as :func:`check_timm_vit` requires of a timm dict (both
+    paths refuse the same things): one ValueError names every missing and mis-shaped key by its
+    Hugging Face name (a query, key or value that is not (D, D) is named before it is fused).
+    Left out on purpose: ``ViTModel``'s pooler (no timm counterpart), and the classifier as a
+    whole (``ViTModel`` has none: ``num_classes=0``); q/k/v biases, in every layer or in none.
     """
     naming = detect_vit_naming(state_dict)
     if naming == "timm":
         return check_timm_vit(state_dict)
     layer_map = _HF_HUB_LAYER if naming == "hf_hub" else _HF_V5_LAYER
-    out, qkv, unknown = {}, {}, []
+    out, qkv, unknown, given = {}, {}, [], {}
     for key, value in state_dict.items():
         k = _strip(key)
         v = np.asarray(value)
         if k in _HF_TOP:
             out[_HF_TOP[k]] = v
+            given[_HF_TOP[k]] = key
             continue
         if k.startswith("pooler."):
             continue  # ViTModel's pooler: no timm counterpart
@@ -154,22 +247,69 @@ def from_hf_vit(state_dict) -> dict:
         if m and m.group(2) in layer_map:
             i, sub, kind = int(m.group(1)), layer_map[m.group(2)], m.group(3)
             if sub in ("q", "k", "v"):
-                qkv.setdefault((i, kind), {})[sub] = v
+                qkv.setdefault((i, kind), {})[sub] = (key, v)
             else:
                 out[f"blocks.{i}.{sub}.{kind}"] = v
+                given[f"blocks.{i}.{sub}.{kind}"] = key
             continue
         unknown.append(key)
     if unknown:
         raise ValueError(f"keys not understood as {naming} ViT names: " + ", ".join(unknown))
+    prefix = "vit." if any(str(k).startswith("vit.") for k in state_dict) else ""
+    name = _hf_namer(naming, prefix, given)
+    problems = []
+    D = np.shape(out["cls_token"])[-1] if np.ndim(out.get("cls_token", 0)) == 3 else None
     for (i, kind), parts in sorted(qkv.items()):
         if set(parts) != {"q", "k", "v"}:
             missing = sorted({"q", "k", "v"} - set(parts))
-            raise ValueError(f"layer {i}: {kind} of {missing} missing (query/key/value)")
+            problems.append(f"layer {i}: {kind} of {missing} missing (query/key/value)")
+            continue
+        want = None if D is None else ((D, D) if kind == "weight" else (D,))
+        shapes = {n: np.shape(v) for n, (_, v) in parts.items()}
+        if want is None:  # no width to hold them to: they must at least agree
+            want = shapes["q"] if len(set(shapes.values())) == 1 else None
+        bad = [
+            f"{parts[n][0]}: expected {want}, got {shapes[n]}"
+            for n in "qkv"
+            if want is None or shapes[n] != want
+        ]
+        if bad:
+            problems.append("mis-shaped: " + "; ".join(bad))
+            continue
         # timm's rows are [q; k; v]: one concatenation along the output axis.
         out[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate(
-            [parts["q"], parts["k"], parts["v"]], axis=0
+            [parts["q"][1], parts["k"][1], parts["v"][1]], axis=0
+        )
+    if not problems:  # (a q/k/v problem above would be named again as a missing qkv)
+        problems = vit_dict_problems(out, name)
+    if problems:
+        raise ValueError(
+            f"{naming} ViT state dict is incomplete or inconsistent: " + " | ".join(problems)
         )
     return _timm_order(out)
+
+
+def _hf_namer(naming, prefix, given):
+    """timm key -> the Hugging Face key it came from (``given``), or would have come from."""
+    top = {timm: hf for hf, timm in _HF_TOP.items()}
+    layer_map = _HF_HUB_LAYER if naming == "hf_hub" else _HF_V5_LAYER
+    subs = {timm: hf for hf, timm in layer_map.items() if timm not in ("q", "k", "v")}
+    layer = "encoder.layer" if naming == "hf_hub" else "layers"
+
+    def name(k):
+        if k in given:
+            return given[k]
+        if k in top:
+            return top[k] if k.startswith("head.") else prefix + top[k]
+        m = _TIMM_BLOCK.match(k)
+        if m and m.group(2) == "attn.qkv":
+            qkv = [hf for hf, timm in layer_map.items() if timm in ("q", "k", "v")]
+            return "/".join(f"{prefix}{layer}.{m.group(1)}.{hf}.{m.group(3)}" for hf in qkv)
+        if m:
+            return f"{prefix}{layer}.{m.group(1)}.{subs[m.group(2)]}.{m.group(3)}"
+        return k
+
+    return name
 
 
 def to_timm_vit(state_dict) -> dict:

@@ -14,9 +14,46 @@ the plumbing that is the same for all of them:
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Mapping
+
 from ..backend import get_backend
 
-__all__ = ["Model", "load_state_dict_into", "resolve_dtype"]
+__all__ = ["Model", "load_state_dict_into", "resolve_dtype", "int_arg", "float_arg"]
+
+
+def int_arg(name, value, minimum=1):
+    """``value`` as an int, checked: an integer (Python or NumPy; a float only when it is a
+    whole number, as a config read from JSON may hold) of at least ``minimum``. A constructor
+    argument's ValueError or TypeError names it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not isinstance(value, numbers.Integral) and not (
+        math.isfinite(value) and float(value).is_integer()
+    ):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def float_arg(name, value, minimum=0.0, maximum=math.inf, *, above=False, below=False):
+    """``value`` as a float, checked: a real number (not a bool), finite, at least ``minimum``
+    (above it with ``above=True``) and at most ``maximum`` (below it with ``below=True``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    low_ok = v > minimum if above else v >= minimum
+    high_ok = v < maximum if below else v <= maximum
+    if not math.isfinite(v) or not low_ok or not high_ok:
+        if maximum == math.inf:
+            where = f"{'>' if above else '>='} {minimum:g}"
+        else:
+            low = f"({minimum:g}" if above else f"[{minimum:g}"
+            where = f"in {low}, {maximum:g}{')' if below else ']'}"
+        raise ValueError(f"{name} must be a finite number {where}, got {value!r}")
+    return v
 
 
 def resolve_dtype(dtype, backend) -> str:
@@ -42,6 +79,11 @@ class Model:
     # checkpoint.load_model, written again by save_model, left out by ``minivit predict``
     missing_heads: tuple = ()
 
+    # a model whose forward returns a dict (ViLT) names here the outputs its backward takes
+    # gradients for; None: the forward returns one array, and backward takes its gradient
+    # (checked before backward runs: models/sharding.check_output_grad)
+    output_grad_keys: tuple | None = None
+
     def _setup(self, config, dtype, backend):
         """Resolve the backend and dtype, store ``config`` (also as attributes)."""
         self.backend = get_backend(backend)
@@ -63,9 +105,16 @@ class Model:
     def load_state_dict(self, state_dict, strict=True):
         """Copy arrays (numpy or this backend) into ``params``, cast to the model's dtype.
 
-        With strict=True every missing, unexpected and mis-shaped key is named in one
-        ValueError. With strict=False only mis-shaped keys raise; missing keys keep their values
-        and unexpected ones are ignored. Returns (missing, unexpected) like PyTorch.
+        Every entry is checked before anything is copied, so a refused state dict leaves the
+        model as it was. With strict=True every missing, unexpected and mis-shaped key is named
+        in one ValueError. With strict=False only mis-shaped keys raise; missing keys keep their
+        values and unexpected ones are ignored. A value that is not a floating numpy or CuPy
+        array (a list, a torch tensor, an int array) raises one TypeError naming every such key
+        (and any other problem). Returns (missing, unexpected) like PyTorch.
+
+        Loading replaces the parameter arrays, so a pending forward's cache (which holds the
+        old ones) is dropped: the next backward raises until a forward has run again. The
+        gradients of the last backward are kept, as torch keeps ``.grad``.
         """
         return load_state_dict_into(self, state_dict, strict)
 
@@ -89,6 +138,10 @@ class Model:
         return self
 
     def zero_grads(self):
+        """Let go of the gradients: ``grads`` becomes ``{}`` (torch's
+        ``zero_grad(set_to_none=True)``), so that they are not held through the next forward.
+        ``grads`` has the keys of ``params`` only from a ``backward`` until then; an optimizer
+        step on the empty dict updates nothing (``optim`` warns)."""
         self.grads = {}
 
     # ------------------------------------------------------------------------------------------
@@ -110,6 +163,7 @@ class Model:
         "backward_failed": "the last backward raised an error after it had begun to free the "
         "cache, so what is left of it is incomplete",
         "moved": "the model moved to another backend (to()) since",
+        "loaded": "load_state_dict replaced the parameters since, and the cache holds the old ones",
     }
 
     def _drop_cache(self, why="dropped"):
@@ -151,36 +205,68 @@ class Model:
         return f"{type(self).__name__}({cfg}, dtype={self.dtype!r}, backend={self.backend.name!r})"
 
 
-def load_state_dict_into(model, state_dict, strict=True):
-    """Check names and shapes against ``model.params``, then copy (cast to ``model.dtype``).
+def _is_array(v, host) -> bool:
+    """A numpy array or scalar, or a CuPy array (by type name: no import of cupy here)."""
+    if isinstance(v, (host.ndarray, host.generic)):
+        return True
+    t = type(v)
+    return t.__module__.startswith("cupy") and t.__name__ == "ndarray"
 
-    Returns (missing, unexpected). Raises one ValueError naming every problem.
+
+def _not_an_array(k, v) -> str:
+    t = type(v)
+    name = t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+    if t.__module__.startswith("torch"):
+        return f"{k}: {name} (convert it with .detach().cpu().numpy())"
+    return f"{k}: {name}"
+
+
+def load_state_dict_into(model, state_dict, strict=True):
+    """Check every entry (names, types, shapes) against ``model.params``, then copy them (cast
+    to ``model.dtype``): a refused state dict changes nothing.
+
+    Returns (missing, unexpected). Raises one error naming every problem: a TypeError when some
+    value is not a floating numpy or CuPy array, else a ValueError.
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"state_dict must be a dict of name -> array, got {type(state_dict).__name__}"
+        )
+    host = get_backend("numpy").xp
     expected = {k: tuple(v.shape) for k, v in model.params.items()}
-    given = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    misshaped = [
-        f"{k}: expected {expected[k]}, got {given[k]}"
-        for k in expected
-        if k in given and given[k] != expected[k]
-    ]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    not_arrays, not_floating, misshaped = [], [], []
+    for k, shape in expected.items():
+        if k not in state_dict:
+            continue
+        v = state_dict[k]
+        if not _is_array(v, host):
+            not_arrays.append(_not_an_array(k, v))
+        elif v.dtype.kind != "f":
+            not_floating.append(f"{k}: {v.dtype}")
+        elif tuple(v.shape) != shape:
+            misshaped.append(f"{k}: expected {shape}, got {tuple(v.shape)}")
     problems = []
+    if not_arrays:
+        problems.append("values that are not numpy or cupy arrays: " + "; ".join(not_arrays))
+    if not_floating:
+        problems.append("values that are not floating arrays: " + "; ".join(not_floating))
     if misshaped:
         problems.append("mis-shaped keys: " + "; ".join(misshaped))
     if strict and missing:
         problems.append("missing keys: " + ", ".join(missing))
     if strict and unexpected:
-        problems.append("unexpected keys: " + ", ".join(unexpected))
+        problems.append("unexpected keys: " + ", ".join(map(str, unexpected)))
     if problems:
-        raise ValueError(
-            f"state_dict does not match {type(model).__name__}: " + " | ".join(problems)
-        )
+        error = TypeError if not_arrays or not_floating else ValueError
+        raise error(f"state_dict does not match {type(model).__name__}: " + " | ".join(problems))
     be = model.backend
+    loaded = False
     for k in expected:
         if k in state_dict:
-            v = state_dict[k]
-            if getattr(v, "dtype", None) is not None and v.dtype.kind != "f":
-                raise TypeError(f"state_dict[{k!r}] must be a floating array, got {v.dtype}")
-            model.params[k] = be.asarray(be.to_numpy(v), dtype=model.dtype).copy()
+            model.params[k] = be.asarray(be.to_numpy(state_dict[k]), dtype=model.dtype).copy()
+            loaded = True
+    if loaded:  # a pending forward's cache holds the arrays just replaced
+        model._drop_cache("loaded")
     return missing, unexpected

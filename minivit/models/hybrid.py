@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from .. import ops
 from ..blocks import trunc_normal
+from .base import float_arg, int_arg
 from .registry import register_config
 from .vit import ViT, transformer_config
 
@@ -46,6 +47,22 @@ def _gn_groups(channels: int, max_groups: int) -> int:
     while channels % g:
         g -= 1
     return g
+
+
+def _stages_arg(stages):
+    """``stages`` checked: a list of [channels >= 1, num_blocks >= 1, stride >= 1] (lists or
+    tuples of three ints), returned as a list of lists."""
+    if isinstance(stages, (str, bytes)) or not hasattr(stages, "__iter__"):
+        raise TypeError(f"stages must be a list of [channels, num_blocks, stride], got {stages!r}")
+    out = []
+    for i, entry in enumerate(stages):
+        if isinstance(entry, (str, bytes)) or not hasattr(entry, "__len__") or len(entry) != 3:
+            raise ValueError(
+                f"stages[{i}] must be [channels, num_blocks, stride] (three ints), got {entry!r}"
+            )
+        parts = zip(("channels", "num_blocks", "stride"), entry)
+        out.append([int_arg(f"stages[{i}] {what}", v) for what, v in parts])
+    return out
 
 
 class HybridViT(ViT):
@@ -95,24 +112,22 @@ class HybridViT(ViT):
         transformer = transformer_config(
             embed_dim, depth, num_heads, mlp_ratio, qkv_bias, eps, drop_rate, drop_path_rate
         )
-        if stem_kernel < 1 or stem_kernel % 2 == 0:
+        stem_kernel = int_arg("stem_kernel", stem_kernel)
+        if stem_kernel % 2 == 0:
             raise ValueError(f"stem_kernel must be a positive odd int, got {stem_kernel}")
-        stages = [[int(c), int(n), int(s)] for c, n, s in stages]
-        for i, (c, n, s) in enumerate(stages):
-            if c < 1 or n < 1 or s < 1:
-                raise ValueError(f"stages[{i}] must be [channels >= 1, blocks >= 1, stride >= 1]")
         config = dict(
-            img_size=int(img_size),
-            in_chans=int(in_chans),
-            num_classes=int(num_classes),
-            stem_chs=int(stem_chs),
-            stem_kernel=int(stem_kernel),
+            img_size=int_arg("img_size", img_size),
+            in_chans=int_arg("in_chans", in_chans),
+            num_classes=int_arg("num_classes", num_classes, 0),  # 0: no head
+            stem_chs=int_arg("stem_chs", stem_chs),
+            stem_kernel=stem_kernel,
             stem_pool=bool(stem_pool),
-            stages=stages,
-            gn_groups=int(gn_groups),
-            gn_eps=float(gn_eps),
+            stages=_stages_arg(stages),
+            gn_groups=int_arg("gn_groups", gn_groups),
+            gn_eps=float_arg("gn_eps", gn_eps),
             **transformer,
         )
+        stages = config["stages"]
         self._setup(config, dtype, backend)
         # ViT's token pipeline with timm's defaults: pool the CLS token after the final norm.
         self.global_pool = "token"

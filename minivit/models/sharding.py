@@ -54,7 +54,7 @@ import copy
 import functools
 import inspect
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .. import _parallel
 from ..backend import Switch
@@ -78,6 +78,9 @@ __all__ = [
     "env_mode",
     "shard_query",
     "on_each_shard",
+    "output_spec",
+    "check_output_grad",
+    "run_whole",
     "MODES",
 ]
 
@@ -152,13 +155,22 @@ def _run_whole(fn, *args, **kwargs):
         _whole.depth -= 1
 
 
-class ShardedRun:
-    """The cache of a sharded forward: the shard models (each holding its own cache) and the
-    sample ranges ``bounds`` [(start, stop), ...] they ran on."""
+def run_whole(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with every decorated forward it calls on this thread run whole,
+    never in shards: one cache held by the model itself, none by worker processes (whose
+    caches of a pending sharded forward, ``MINIVIT_SHARD=processes``, it leaves alone)."""
+    return _run_whole(fn, *args, **kwargs)
 
-    def __init__(self, shards, bounds):
+
+class ShardedRun:
+    """The cache of a sharded forward: the shard models (each holding its own cache), the
+    sample ranges ``bounds`` [(start, stop), ...] they ran on and ``out_spec``, the shape(s)
+    of the joined output (:func:`output_spec`) that backward's gradient must have."""
+
+    def __init__(self, shards, bounds, out_spec=None):
         self.shards = shards
         self.bounds = bounds
+        self.out_spec = out_spec
 
 
 def shard_bounds(model, batch_size: int, draws_random: bool):
@@ -194,16 +206,68 @@ def take(value, s, e):
     return value
 
 
-def _leaves(value, name):
-    """(name, array) for every array of at least one axis in a batched value."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _leaves(v, f"{name}[{k!r}]")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            yield from _leaves(v, f"{name}[{i}]")
-    elif getattr(value, "ndim", 0) >= 1:
-        yield name, value
+def output_spec(out):
+    """What a forward's output gradient must look like, recorded with its cache: the output's
+    shape for an array output, or {key: shape} of the array values of a dict output (ViLT's).
+    Shapes only: nothing is read from the arrays, and lists (ViLT's attention maps) are left
+    out unread."""
+    if isinstance(out, dict):
+        return {k: tuple(v.shape) for k, v in out.items() if getattr(v, "ndim", None) is not None}
+    shape = getattr(out, "shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def _shape_error(name, shape, expected):
+    ran = f", but the forward ran on {expected[0]} samples" if expected else ""
+    return ValueError(
+        f"{name} has shape {tuple(shape)}{ran}: the gradient must have the shape of its "
+        f"output, {expected}"
+    )
+
+
+def check_output_grad(model, grad, spec):
+    """Refuse a gradient that does not fit the forward's output (``spec``, :func:`output_spec`)
+    before anything is computed, whether the forward ran whole or in shards: an array output
+    needs an array of its shape; a dict output (a model whose ``output_grad_keys`` names the
+    differentiable keys) needs a dict of some of those keys, each None or an array of the
+    output's shape. Shapes and types only, so it costs nothing beside the backward."""
+    keys = getattr(model, "output_grad_keys", None)
+    what = f"{type(model).__name__}.backward"
+    if keys is None:
+        if getattr(grad, "shape", None) is None or getattr(grad, "dtype", None) is None:
+            raise TypeError(
+                f"{what} takes the gradient of the forward's output, an array"
+                + (f" of shape {spec}" if spec is not None else "")
+                + f", got {type(grad).__name__}"
+            )
+        if spec is not None and tuple(grad.shape) != spec:
+            raise _shape_error("grad", grad.shape, spec)
+        return
+    listed = ", ".join(keys)
+    if not isinstance(grad, Mapping):
+        raise TypeError(
+            f"{what} takes a dict of output gradients with any of the keys {listed} (a missing "
+            f"key counts as zero), got {type(grad).__name__}"
+        )
+    unknown = [k for k in grad if k not in keys]
+    if unknown:
+        raise ValueError(
+            f"{what} takes gradients for {listed} only (a missing key counts as zero), got "
+            f"{', '.join(repr(k) for k in unknown)}"
+        )
+    for k, g in grad.items():
+        if g is None:
+            continue
+        name = f"grad[{k!r}]"
+        expected = None if spec is None else spec.get(k)
+        if getattr(g, "shape", None) is None or getattr(g, "dtype", None) is None:
+            raise TypeError(
+                f"{name} must be None or an array"
+                + (f" of shape {expected}" if expected is not None else "")
+                + f", got {type(g).__name__}"
+            )
+        if expected is not None and tuple(g.shape) != expected:
+            raise _shape_error(name, g.shape, expected)
 
 
 def _cast(value, dtype):
@@ -362,6 +426,8 @@ def sharded_forward(batched, check=None):
                     raise
                 if not grad_enabled():  # inference: the method's cache is not kept
                     self._drop_cache("no_grad")
+                elif self._cache is not None:  # what backward's gradient must fit
+                    self._cache.out_spec = output_spec(out)
                 return out
             if check is not None:  # before the cut, so that errors name the caller's shapes
                 check(self, named)
@@ -416,11 +482,12 @@ def sharded_forward(batched, check=None):
             except BaseException:
                 self._drop_cache("forward_failed")
                 raise
+            out = join(self.backend.xp, outs)
             if keep:
-                self._cache = ShardedRun(shards, bounds)
+                self._cache = ShardedRun(shards, bounds, output_spec(out))
             else:
                 self._drop_cache("no_grad")
-            return join(self.backend.xp, outs)
+            return out
 
         return forward
 
@@ -431,7 +498,11 @@ def sharded_backward(method):
     """Decorator of a model's backward(grad, **options): after a sharded forward, each shard
     runs its own backward on its samples of ``grad`` (an array or a dict of arrays), the
     parameter gradients are summed over the shards into ``self.grads`` and the input gradients
-    (if any) are joined along the batch axis. After a whole forward it runs whole."""
+    (if any) are joined along the batch axis. After a whole forward it runs whole.
+
+    Either way the gradient is first checked against the forward's output
+    (:func:`check_output_grad`): the same error for the same mistake, whatever the thread count
+    or batch size."""
     whole = _parallel.pool_only()(method)
     key = shard_workers.register(method)
 
@@ -440,6 +511,8 @@ def sharded_backward(method):
         run = self._cache
         if run is None:
             raise self._no_cache_error("backward")
+        # before anything is cut or computed: a refused gradient leaves the cache whole
+        check_output_grad(self, grad, getattr(run, "out_spec", None))
         # in the model's dtype, as torch casts a gradient to its output's (a float64 ones for
         # a float32 model would otherwise make float64 gradients on some paths)
         grad = _cast(grad, self.dtype)
@@ -460,13 +533,6 @@ def sharded_backward(method):
     def _backward(self, run, grad, options):
         if not isinstance(run, ShardedRun):
             return whole(self, grad, **options)  # encoder_backward dropped the blocks' part
-        batch = run.bounds[-1][1]
-        for name, leaf in _leaves(grad, "grad"):
-            if leaf.shape[0] != batch:
-                raise ValueError(
-                    f"{name} has shape {tuple(leaf.shape)}, but the forward ran on {batch} "
-                    f"samples: its first axis must be {batch}"
-                )
 
         def call(shard, s, e):  # shard's backward on samples s:e, to run on a thread
             return lambda: method(shard, take(grad, s, e), **options)

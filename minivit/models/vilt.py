@@ -35,7 +35,7 @@ from ..blocks import (
     maybe_dropout_back,
     trunc_normal,
 )
-from .base import Model
+from .base import Model, float_arg, int_arg
 from .registry import register_config
 from .sharding import begin_consuming, sharded_backward, sharded_forward
 
@@ -103,33 +103,34 @@ class ViLT(Model):
         num_vqa_labels=0,
         drop_rate=0.0,
     ):
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
-        if embed_dim % num_heads:
-            raise ValueError(f"num_heads {num_heads} must divide embed_dim {embed_dim}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-        if vocab_size < 1 or max_text_len < 1:
-            raise ValueError(
-                f"vocab_size and max_text_len must be positive, got {vocab_size}, {max_text_len}"
-            )
+        # each bad value raises a ValueError (TypeError for a non-number) naming the argument
         config = dict(
-            vocab_size=int(vocab_size),
-            max_text_len=int(max_text_len),
-            img_size=int(img_size),
-            patch_size=int(patch_size),
-            in_chans=int(in_chans),
-            embed_dim=int(embed_dim),
-            depth=int(depth),
-            num_heads=int(num_heads),
-            mlp_ratio=float(mlp_ratio),
+            vocab_size=int_arg("vocab_size", vocab_size),
+            max_text_len=int_arg("max_text_len", max_text_len),
+            img_size=int_arg("img_size", img_size),
+            patch_size=int_arg("patch_size", patch_size),
+            in_chans=int_arg("in_chans", in_chans),
+            embed_dim=int_arg("embed_dim", embed_dim),
+            depth=int_arg("depth", depth, 0),
+            num_heads=int_arg("num_heads", num_heads),
+            mlp_ratio=float_arg("mlp_ratio", mlp_ratio, 0.0, above=True),
             qkv_bias=bool(qkv_bias),
-            eps=float(eps),
-            text_eps=float(text_eps),
-            max_image_len=int(max_image_len),
-            num_vqa_labels=int(num_vqa_labels),
-            drop_rate=float(drop_rate),
+            eps=float_arg("eps", eps),
+            text_eps=float_arg("text_eps", text_eps),
+            # <= 0 keeps every patch (-1 by default); > 0 samples that many
+            max_image_len=int_arg("max_image_len", max_image_len, -(2**63)),
+            num_vqa_labels=int_arg("num_vqa_labels", num_vqa_labels, 0),
+            drop_rate=float_arg("drop_rate", drop_rate, 0.0, 1.0, below=True),
         )
+        if config["img_size"] % config["patch_size"]:
+            raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
+        if config["embed_dim"] % config["num_heads"]:
+            raise ValueError(f"num_heads {num_heads} must divide embed_dim {embed_dim}")
+        if int(config["embed_dim"] * config["mlp_ratio"]) < 1:
+            raise ValueError(
+                f"mlp_ratio {mlp_ratio} leaves the MLP no hidden unit at embed_dim {embed_dim} "
+                f"(its width is int(embed_dim * mlp_ratio) = 0)"
+            )
         self._setup(config, dtype, backend)  # dtype, backend, config (models/base.py)
         self.grid = self.img_size // self.patch_size
         self.num_patches = self.grid**2
@@ -489,19 +490,20 @@ class ViLT(Model):
             attn=None if c.encoder.blocks is None else [b.attn for b in c.encoder.blocks],
         )
 
+    # the outputs backward takes gradients for (the keys of its dict; models/sharding.py)
+    output_grad_keys = ("text_feats", "image_feats", "pooled")
+
     @sharded_backward
     def backward(self, grads, *, input_grad=True):
         """grads: a dict with any of text_feats (B, L, D), image_feats (B, I, D), pooled (B, D)
-        (a missing key counts as zero). Overwrites ``self.grads`` with every parameter's gradient
-        (heads the grads do not reach get zeros) and returns dimages (B, C, H, W), or None with
-        ``input_grad=False`` (training needs no image gradient)."""
-        c = self._cache  # there is one: the decorator has checked (models/sharding.py)
-        unknown = set(grads) - {"text_feats", "image_feats", "pooled"}
-        if unknown:
-            raise ValueError(
-                "backward takes gradients for text_feats, image_feats and pooled, got "
-                f"{sorted(unknown)}"
-            )
+        (a missing key or None counts as zero; each shape must be its output's, and any other
+        key or a plain array is refused before anything is computed). Overwrites
+        ``self.grads`` with every parameter's gradient (heads the grads do not reach get zeros)
+        and returns dimages (B, C, H, W), or None with ``input_grad=False`` (training needs no
+        image gradient)."""
+        # the decorator has checked that there is a cache and that ``grads`` fits the forward's
+        # output: a dict of output_grad_keys, each None or of its output's shape (sharding.py)
+        c = self._cache
         p = self.params
         xp = self.backend.xp
         B, L, N, D = c.B, c.L, c.N, self.embed_dim

@@ -29,7 +29,7 @@ from ..blocks import (
     maybe_dropout_back,
     trunc_normal,
 )
-from .base import Model
+from .base import Model, float_arg, int_arg
 from .registry import register_config
 from .sharding import (
     ShardedRun,
@@ -93,6 +93,10 @@ class ViT(Model):
         global_pool="token",
         pos_embed_init="trunc_normal",
     ):
+        img_size = int_arg("img_size", img_size)
+        patch_size = int_arg("patch_size", patch_size)
+        in_chans = int_arg("in_chans", in_chans)
+        num_classes = int_arg("num_classes", num_classes, 0)  # 0: no head
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
         transformer = transformer_config(
@@ -105,10 +109,10 @@ class ViT(Model):
                 f"pos_embed_init must be 'trunc_normal' or 'sincos', got {pos_embed_init!r}"
             )
         config = dict(
-            img_size=int(img_size),
-            patch_size=int(patch_size),
-            in_chans=int(in_chans),
-            num_classes=int(num_classes),
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
             **transformer,
             global_pool=str(global_pool),
             pos_embed_init=str(pos_embed_init),
@@ -315,8 +319,15 @@ class ViT(Model):
 
         The chain rule in reverse order of forward; residuals are added inside block_backward.
         ``input_grad=False`` skips the image gradient (returns None), as training does.
+        ``dlogits`` must have the shape of the forward's output (checked before anything runs,
+        whatever the thread count: models/sharding.check_output_grad).
         """
         c = self._cache  # there is one: the decorator has checked (models/sharding.py)
+        if not hasattr(c, "head_drop"):  # a cache of forward_features(), which ends before
+            raise RuntimeError(
+                "backward goes back through forward(); the last forward was forward_features(), "
+                "whose cache ends at the final norm: run forward() to train"
+            )
         xp = self.backend.xp
         g = {}
         # head: logits = pooled W^T + b
@@ -355,22 +366,29 @@ class ViT(Model):
 def transformer_config(
     embed_dim, depth, num_heads, mlp_ratio, qkv_bias, eps, drop_rate, drop_path_rate
 ):
-    """The transformer's arguments of a ViT-like model, checked, typed, in ``config`` order."""
+    """The transformer's arguments of a ViT-like model, checked, typed, in ``config`` order.
+
+    Each bad value raises a ValueError (TypeError for a non-number) naming the argument."""
+    embed_dim = int_arg("embed_dim", embed_dim)
+    depth = int_arg("depth", depth, 0)  # 0: no blocks (the embeddings, norm and head alone)
+    num_heads = int_arg("num_heads", num_heads)
     if embed_dim % num_heads:
         raise ValueError(f"num_heads {num_heads} must divide embed_dim {embed_dim}")
-    if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
+    mlp_ratio = float_arg("mlp_ratio", mlp_ratio, 0.0, above=True)
+    if int(embed_dim * mlp_ratio) < 1:
         raise ValueError(
-            f"drop_rate and drop_path_rate must be in [0, 1), got {drop_rate}, {drop_path_rate}"
+            f"mlp_ratio {mlp_ratio} leaves the MLP no hidden unit at embed_dim {embed_dim} "
+            f"(its width is int(embed_dim * mlp_ratio) = 0)"
         )
     return dict(
-        embed_dim=int(embed_dim),
-        depth=int(depth),
-        num_heads=int(num_heads),
-        mlp_ratio=float(mlp_ratio),
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
         qkv_bias=bool(qkv_bias),
-        eps=float(eps),
-        drop_rate=float(drop_rate),
-        drop_path_rate=float(drop_path_rate),
+        eps=float_arg("eps", eps),
+        drop_rate=float_arg("drop_rate", drop_rate, 0.0, 1.0, below=True),
+        drop_path_rate=float_arg("drop_path_rate", drop_path_rate, 0.0, 1.0, below=True),
     )
 
 
