@@ -272,6 +272,11 @@ def _call(forward, args, kwargs):
     return res
 
 
+def _same(a, saved) -> bool:
+    """Whether array ``a`` still holds the host copy ``saved`` (NaN equal to NaN)."""
+    return bool(np.array_equal(_host(a), saved, equal_nan=saved.dtype.kind == "f"))
+
+
 def _inner(out, dout) -> float:
     """<out, dout> accumulated in float64 (the scalar whose derivative is checked)."""
     xp = backend_of(out).xp
@@ -512,8 +517,9 @@ def check_backward(
         analytic = <grads[slot(i)], v>
 
     One row per checked input, so a failure says which input is wrong. Two forward calls per
-    direction and input, whatever the input size. It also fails (with a note) when forward
-    modifies an input or backward modifies ``dout``. With ``joint=True`` one more row,
+    direction and input, whatever the input size. It also fails (with a note) when forward or
+    backward modifies an input (the note names the pass) or backward modifies ``dout``. With
+    ``joint=True`` one more row,
     ``(all inputs)``, perturbs every checked input at once along one unit direction and compares
     with ``sum_i <grads[slot(i)], v_i>``: exactly Chainer's check.
 
@@ -535,15 +541,18 @@ def check_backward(
     labels = _input_names(forward, inputs, names)
     before = {i: _host(a).copy() for i, a in enumerate(inputs) if _is_array(a)}
     out, cache = _call(forward, inputs, kwargs)
+    # The contract of every op: forward and backward leave the inputs alone, backward dout.
+    changed = {i: "forward" for i, a in before.items() if not _same(inputs[i], a)}
     dout = _prepare_dout(out, dout, seed)
     dout_before = _host(dout).copy()
     grads = backward(dout, cache)
+    changed.update(
+        (i, "backward") for i, a in before.items() if i not in changed and not _same(inputs[i], a)
+    )
     scale = _abs_inner(out, dout)
     report = GradcheckReport("directional", rtol=rtol, title=title)
-    # The contract of every op: forward leaves its inputs alone and backward leaves dout alone.
-    for i, a in before.items():
-        if not np.array_equal(_host(inputs[i]), a, equal_nan=a.dtype.kind == "f"):
-            report.rows.append(_failed_row(labels[i], inputs[i], "forward modified this input"))
+    for i, who in changed.items():
+        report.rows.append(_failed_row(labels[i], inputs[i], f"{who} modified this input"))
     if not np.array_equal(_host(dout), dout_before, equal_nan=True):
         report.rows.append(_failed_row("dout", dout, "backward modified dout"))
     gen = np.random.default_rng([seed, 2])

@@ -172,6 +172,16 @@ def test_mutating_forward_or_backward_fails(backend, rng):
     rep = gc.check_backward(scribbling_forward, ops.linear_backward, inputs)
     assert "forward modified this input" in str(rep) and not rep.passed
 
+    def input_scribbling_backward(dout, cache):  # writes into w through the cache
+        grads = ops.linear_backward(dout, cache)
+        cache.w[...] += 1e-3
+        return grads
+
+    rep = gc.check_backward(ops.linear_forward, input_scribbling_backward, inputs)
+    assert not rep.passed
+    assert "backward modified this input" in str(rep)  # blamed on the pass that did it
+    assert "forward modified" not in str(rep)
+
 
 def test_report_format():
     rows = [
