@@ -456,7 +456,7 @@ def sinkhorn_backward(dplan, cache):
     (``_common.check_dout``).
     """
     plan = cache.plan
-    check_dout("sinkhorn_backward", dplan, plan.shape, plan.dtype, type(plan))
+    check_dout("sinkhorn_backward", dplan, plan.shape, plan.dtype, type(plan), "dplan")
     xp = array_module(dplan)
     logK, alphas, betas = cache.logK, cache.alphas, cache.betas
     A, B = cache.a, cache.b  # (..., n) / (..., m) arrays, or python floats 1/n, 1/m
@@ -520,7 +520,7 @@ def sinkhorn_implicit_backward(dplan, cache):
     this returns the pair with equal sums. Padding entries get 0.
     """
     P = cache.plan  # (..., n, m)
-    check_dout("sinkhorn_implicit_backward", dplan, P.shape, P.dtype, type(P))
+    check_dout("sinkhorn_implicit_backward", dplan, P.shape, P.dtype, type(P), "dplan")
     xp = array_module(dplan)
     n, m = P.shape[-2], P.shape[-1]
     batch = tuple(P.shape[:-2])
@@ -589,7 +589,7 @@ def sinkhorn_value_backward(dvalue, cache):
     ``dvalue`` must have the value's shape (...), dtype and backend (``_common.check_dout``).
     """
     plan = cache.plan
-    check_dout("sinkhorn_value_backward", dvalue, plan.shape[:-2], plan.dtype, type(plan))
+    check_dout("sinkhorn_value_backward", dvalue, plan.shape[:-2], plan.dtype, type(plan), "dvalue")
     xp = array_module(plan)
     dv = xp.asarray(dvalue, dtype=plan.dtype)  # a Python scalar for a 0-d value, as an array
     dcost = dv[..., None, None] * cache.plan
@@ -705,7 +705,7 @@ def ipot_backward(dplan, cache):
     (docs/ops/ipot.md). ``dplan`` must have the plan's shape, dtype and backend.
     """
     xp = cache.xp
-    check_dout("ipot_backward", dplan, cache.shape, cache.dtype, xp.ndarray)
+    check_dout("ipot_backward", dplan, cache.shape, cache.dtype, xp.ndarray, "dplan")
     dcost = xp.zeros(cache.shape, dtype=cache.dtype)
     da = None if cache.a_shape is None else xp.zeros(cache.a_shape, dtype=cache.dtype)
     db = None if cache.b_shape is None else xp.zeros(cache.b_shape, dtype=cache.dtype)
@@ -739,7 +739,9 @@ def ot_distance_backward(ddistance, cache):
     ``ddistance`` must have the distance's shape (...), dtype and backend; a Python float where
     the distance is 0-d (``_common.check_dout``)."""
     plan = cache.plan
-    check_dout("ot_distance_backward", ddistance, plan.shape[:-2], plan.dtype, type(plan))
+    check_dout(
+        "ot_distance_backward", ddistance, plan.shape[:-2], plan.dtype, type(plan), "ddistance"
+    )
     xp = array_module(plan)
     dd = xp.asarray(ddistance, dtype=plan.dtype)  # a Python scalar for a 0-d distance, as an array
     return (dd[..., None, None] * plan,)
