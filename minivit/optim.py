@@ -40,7 +40,7 @@ Checks
 ------
 Hyperparameters are refused (ValueError, or TypeError for a non-number) unless finite and in
 range, in the constructors and in ``step(..., lr=...)``: lr, weight_decay and eps >= 0, betas a
-pair in [0, 1), SGD's momentum >= 0 (as torch; no upper bound) and dampening in [0, 1]. Python
+pair in [0, 1), SGD's momentum and dampening >= 0 (as torch; no upper bound). Python
 and NumPy numbers (and 0-d arrays) are taken. ``step`` needs a dict of gradients, as
 ``model.grads``; an empty one (a step before any backward, or after ``model.zero_grads()``)
 updates nothing, as torch's step does when every ``.grad`` is None, and warns
@@ -358,9 +358,10 @@ class SGD(_Optimizer):
         no_decay: NoDecayRule | None = None,
     ):
         momentum = _real("momentum", momentum)  # >= 0, as torch; no upper bound there either
-        dampening = _real("dampening", dampening, 0.0, 1.0)
-        if not isinstance(nesterov, (bool, numbers.Integral)):
+        dampening = _real("dampening", dampening)  # >= 0; torch sets no upper bound either
+        if not isinstance(nesterov, (bool, numbers.Integral)) and type(nesterov).__name__ != "bool":
             raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
+        nesterov = bool(nesterov)  # (NumPy's bool too: np.True_)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
         self._buffers = ("momentum_buffer",) if momentum else ()

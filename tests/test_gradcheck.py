@@ -408,3 +408,12 @@ def test_step_and_rtol_rules():
         gc.step_and_rtol([np.float64], eps=1e-9)
     with pytest.raises(ValueError, match="rtol must be a finite number above 0"):
         gc.step_and_rtol([np.float64], rtol=0.0)
+
+
+def test_cli_refuses_a_step_the_dtype_cannot_resolve(capsys):
+    """It parsed, then listed every case as FAILED with the library's refusal."""
+    argv = ["gradcheck", "--backend", "numpy", "--ops", "gelu", "--no-full", "--dtype", "float32"]
+    assert main([*argv, "--eps", "1e-5"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("minivit: error: eps=1e-05 is below what float32 inputs can resolve")

@@ -184,3 +184,7 @@ def test_backward_after_forward_features_says_so(path):
     feats = m.forward_features(_images(m))
     with pytest.raises(RuntimeError, match="the last forward was forward_features"):
         m.backward(np.ones(feats.shape))  # was: 'Cache' object has no attribute 'head'
+    # the usual mistake, logits' gradient after forward_features, gets the same answer (it got
+    # a shape error inviting a features-shaped gradient)
+    with pytest.raises(RuntimeError, match="the last forward was forward_features"):
+        m.backward(np.ones((feats.shape[0], m.num_classes)))

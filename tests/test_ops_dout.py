@@ -127,6 +127,10 @@ def test_dout_of_the_other_backend_is_refused(case, backend, request):
         other = get_backend("numpy")
     _, _, out, cache = _forward(case, backend, np.float64)
     dout = other.asarray(np.ones(tuple(out.shape)))
+    if backend.name != "numpy" and out.ndim == 0:  # scalar-valued: CuPy takes a host scalar
+        (g,) = case.bwd(dout, cache)[:1]
+        assert type(g) is type(out)
+        return
     want = rf"d\w+ is a {other.name} array but the forward ran on {backend.name}"
     with pytest.raises(TypeError, match=want):
         case.bwd(dout, cache)
@@ -152,7 +156,7 @@ def test_a_scalar_output_takes_a_python_number(dtype, backend):
         (got,) = ops.cross_entropy_backward(dout, cache)
         assert got.dtype == dtype
         np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))
-    with pytest.raises(TypeError, match=r"got bool"):
+    with pytest.raises(TypeError, match=r"got a Python bool"):
         ops.cross_entropy_backward(True, cache)
     # a NumPy scalar is a 0-d NumPy array: its dtype counts (numpy.float64 subclasses float)
     other = np.float64 if dtype == np.float32 else np.float32
@@ -195,9 +199,14 @@ def test_gelu_out_buffer_is_checked_like_dout(backend):
 def test_check_dout_accepts_what_only_looks_different():
     a = np.ones((2, 3), dtype=np.float32)
     check_dout("op", a.view(np.memmap), (2, 3), np.dtype(np.float32), np.ndarray)  # a subclass
-    check_dout("op", a, (2, 3), np.dtype("float32"), np.ndarray)
-    check_dout("op", 1.0, (), np.dtype(np.float32), np.ndarray)
+    other = np.dtype("<f4").newbyteorder("=")  # float32, but another dtype object
+    assert other == np.dtype(np.float32) and other is not np.dtype(np.float32)
+    check_dout("op", a.astype(other), (2, 3), np.dtype("float32"), np.ndarray)
+    check_dout("op", 1.0, (), np.dtype(np.float32), np.ndarray, scalar_ok=True)
     check_dout("op", np.float32(1.0), (), np.dtype(np.float32), np.ndarray)
+    # a plain number only where the op takes one (a scalar-valued op): elsewhere an array
+    with pytest.raises(TypeError, match="got a Python float"):
+        check_dout("op", 1.0, (), np.dtype(np.float32), np.ndarray)
     with pytest.raises(ValueError, match=r"op: dout must have shape \(3, 2\)"):
         check_dout("op", a, (3, 2), np.dtype(np.float32), np.ndarray)
 
@@ -295,3 +304,21 @@ def test_real_options_take_numpy_floats(backend):
     for bad in (True, "0.1"):
         with pytest.raises(ValueError, match=r"epsilon must be a positive number"):
             ops.sinkhorn_forward(cost, epsilon=bad)
+
+
+def test_scalar_valued_ops_take_host_scalars_on_either_backend(backend):
+    """CuPy takes host scalars as plain numbers: a NumPy scalar or 0-d host array of the loss's
+    dtype is a valid dout on a CuPy forward too (it was, before the checks); another dtype is
+    not. Ops whose output is 0-d only for 0-d inputs (relu) take arrays only."""
+    rng = np.random.default_rng(3)
+    logits = backend.asarray(rng.standard_normal((4, 5)).astype(np.float32))
+    _, cache = ops.cross_entropy_forward(logits, backend.asarray(np.array([0, 1, 2, 3])))
+    (want,) = ops.cross_entropy_backward(backend.asarray(np.float32(2.0)), cache)
+    for dout in (np.float32(2.0), np.array(2.0, dtype=np.float32)):
+        (got,) = ops.cross_entropy_backward(dout, cache)
+        np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))
+    with pytest.raises(TypeError, match="has dtype float64"):
+        ops.cross_entropy_backward(np.float64(2.0), cache)
+    _, c_relu = ops.relu_forward(backend.asarray(np.float32(1.5).reshape(())))
+    with pytest.raises(TypeError, match="got a Python float"):
+        ops.relu_backward(1.0, c_relu)

@@ -307,8 +307,9 @@ NAN, INF = float("nan"), float("inf")
         (lambda p: AdamW(p, lr=True), TypeError, "lr must be a real number, got bool"),
         (lambda p: AdamW(p, no_decay=True), TypeError, "no_decay must be a function"),
         (lambda p: SGD(p, momentum=NAN), ValueError, "momentum must be a finite number"),
-        (lambda p: SGD(p, momentum=0.9, dampening=2.0), ValueError, "dampening must lie in"),
-        (lambda p: SGD(p, momentum=0.9, dampening=-0.1), ValueError, "dampening must lie in"),
+        (lambda p: SGD(p, momentum=0.9, dampening=-0.1), ValueError, "dampening must be >= 0"),
+        (lambda p: SGD(p, momentum=0.9, dampening=NAN), ValueError, "dampening must be a finite"),
+        (lambda p: SGD(p, nesterov="yes"), TypeError, "nesterov must be a bool, got str"),
         (lambda p: SGD(p, lr=NAN), ValueError, "lr must be a finite number"),
         (lambda p: SGD(p, weight_decay=-1.0), ValueError, "weight_decay must be >= 0"),
     ],
@@ -433,3 +434,10 @@ def test_clip_grad_norm_matches_torch(backend, max_norm, norm_type):
         np.testing.assert_allclose(a, t.grad.numpy(), rtol=1e-13)
     after = float(global_grad_norm(grads, norm_type))
     assert after <= max_norm * (1 + 1e-12) or max_norm > float(ref)
+
+
+def test_sgd_takes_what_torch_takes():
+    """A NumPy bool for nesterov and a dampening above 1 (torch bounds neither) were refused."""
+    p = {"w": np.ones(3)}
+    assert SGD(p, lr=0.1, momentum=0.9, nesterov=np.True_).nesterov is True
+    SGD(p, lr=0.1, momentum=0.9, dampening=1.5)

@@ -576,3 +576,29 @@ def test_batch_workers_leave_ctrl_c_to_the_training_process():
     finally:
         signal.signal(signal.SIGINT, before)
         train_vilt._WORKER.clear()
+
+
+def test_a_replayed_plan_of_another_dtype_is_taken_in_the_model_dtype(backend):
+    """A float32 model given a float64 plan (a replay saved in float64) ran its forward, then
+    its backward failed in ot_distance_backward on an array the caller never passed."""
+    model = tiny(backend, dtype="float32")
+    ids, mask, images = batch(backend, dtype="float32")
+    labels = backend.asarray(np.full((4, 8), -100))
+    itm = backend.asarray(np.array([1, 1, 0, 1]))
+
+    def run(plan):
+        return H.pretrain_forward(
+            model, ids, mask, images, labels, itm, wpa_weight=0.1, wpa_plan=plan
+        )
+
+    losses, _ = run(None)
+    plan64 = backend.asarray(backend.to_numpy(losses["wpa_plan"]).astype(np.float64))
+    again, cache = run(plan64)
+    assert again["loss"].dtype == np.float32
+    np.testing.assert_allclose(
+        backend.to_numpy(again["loss"]), backend.to_numpy(losses["loss"]), rtol=1e-6
+    )
+    grads = H.pretrain_backward(model, cache)
+    assert all(g.dtype == np.float32 for g in grads.values())
+    with pytest.raises(ValueError, match=r"plan has shape \(4, 3, 5\).*a plan is \(B, L, I\)"):
+        run(plan64[:, :3])

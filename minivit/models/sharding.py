@@ -426,8 +426,9 @@ def sharded_forward(batched, check=None):
                     raise
                 if not grad_enabled():  # inference: the method's cache is not kept
                     self._drop_cache("no_grad")
-                elif self._cache is not None:  # what backward's gradient must fit
-                    self._cache.out_spec = output_spec(out)
+                elif self._cache is not None:  # what backward's gradient must fit, and which
+                    self._cache.out_spec = output_spec(out)  # method made the cache
+                    self._cache.made_by = method.__name__
                 return out
             if check is not None:  # before the cut, so that errors name the caller's shapes
                 check(self, named)
@@ -485,6 +486,7 @@ def sharded_forward(batched, check=None):
             out = join(self.backend.xp, outs)
             if keep:
                 self._cache = ShardedRun(shards, bounds, output_spec(out))
+                self._cache.made_by = method.__name__
             else:
                 self._drop_cache("no_grad")
             return out
@@ -512,6 +514,12 @@ def sharded_backward(method):
         if run is None:
             raise self._no_cache_error("backward")
         # before anything is cut or computed: a refused gradient leaves the cache whole
+        made_by = getattr(run, "made_by", "forward")
+        if made_by != "forward":  # e.g. ViT's forward_features: not what backward undoes
+            raise RuntimeError(
+                f"backward goes back through forward(); the last forward was {made_by}(), "
+                "whose output is not forward()'s: run forward() to train"
+            )
         check_output_grad(self, grad, getattr(run, "out_spec", None))
         # in the model's dtype, as torch casts a gradient to its output's (a float64 ones for
         # a float32 model would otherwise make float64 gradients on some paths)

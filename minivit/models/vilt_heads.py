@@ -150,7 +150,8 @@ def wpa_forward(text_feats, image_feats, text_valid, image_valid, *, plan=None, 
     cost. A row with no valid word gets distance 0 and no gradient.
 
     ``plan`` (B, L, I), if given, is used instead of solving (to check gradients with the plan
-    frozen, or to replay a plan); ``ot_options`` go to ``ops.ot_distance_forward``.
+    frozen, or to replay a plan), in the features' dtype; ``ot_options`` go to
+    ``ops.ot_distance_forward``.
     """
     xp = array_module(text_feats)
     dtype = text_feats.dtype
@@ -167,7 +168,13 @@ def wpa_forward(text_feats, image_feats, text_valid, image_valid, *, plan=None, 
     options.update(ot_options)
     if plan is None:
         dist, c_ot = ops.ot_distance_forward(cost, a.astype(dtype), b.astype(dtype), **options)
-    else:
+    else:  # in the features' dtype and backend (a replayed plan may have been saved in float64)
+        plan = xp.asarray(plan, dtype=dtype)
+        if plan.shape != cost.shape:
+            raise ValueError(
+                f"plan has shape {tuple(plan.shape)}, but the cost between words and patches "
+                f"is {tuple(cost.shape)}: a plan is (B, L, I)"
+            )
         dist, c_ot = (plan * cost).sum(axis=(-2, -1)), ops.Cache(plan=plan)  # (B,)
     keep = has.astype(dtype)
     return dist * keep, (c_cost, c_ot, keep)

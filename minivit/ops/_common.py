@@ -172,7 +172,9 @@ def check_shape(name: str, a, expected: tuple, what: str = ""):
     return a
 
 
-def check_dout(op: str, dout, shape: tuple, dtype, kind, name: str = "dout") -> None:
+def check_dout(
+    op: str, dout, shape: tuple, dtype, kind, name: str = "dout", scalar_ok: bool = False
+) -> None:
     """Refuse, before any work, a ``dout`` that is not shaped like the forward's output.
 
     The rule (every ``<op>_backward``): ``dout`` is an array of the forward output's backend,
@@ -185,10 +187,14 @@ def check_dout(op: str, dout, shape: tuple, dtype, kind, name: str = "dout") -> 
       both: cast ``dout`` first;
     - another shape raises ``ValueError`` naming the shape given and the output's.
 
-    Where the output is 0-d (``cross_entropy``'s loss, ``ot_distance`` of one problem), a Python
-    ``float`` or ``int`` is accepted too: like a Python scalar in NumPy arithmetic it takes the
-    output's dtype. A NumPy scalar (``numpy.float32(1.0)``; ``numpy.float64`` included, although
-    it subclasses ``float``) counts as a 0-d NumPy array: its dtype must match.
+    A NumPy scalar (``numpy.float32(1.0)``; ``numpy.float64`` included, although it subclasses
+    ``float``) counts as a 0-d NumPy array: its dtype must match.
+
+    ``scalar_ok``: the backwards of a scalar-valued op (``cross_entropy``'s loss, the OT
+    distance and Sinkhorn value of one problem) also take a plain number for their 0-d output:
+    a Python real (not a bool), which takes the output's dtype as in NumPy arithmetic, or a
+    host scalar or 0-d host array of the output's dtype, on either backend (CuPy takes host
+    scalars as plain numbers). Such a backward turns it into an array itself.
 
     ``shape`` is the output's shape (a tuple), ``dtype`` its dtype and ``kind`` the array type
     of the forward's backend (``type()`` of any array the cache holds); ``name`` is what the
@@ -196,7 +202,7 @@ def check_dout(op: str, dout, shape: tuple, dtype, kind, name: str = "dout") -> 
     type, shape and dtype are compared (no pass over the data): about 0.2 us a call.
     """
     if type(dout) is not kind or dout.shape != shape or dout.dtype is not dtype:
-        _check_dout_slowly(op, dout, shape, dtype, kind, name)
+        _check_dout_slowly(op, dout, shape, dtype, kind, name, scalar_ok)
 
 
 def _library(t) -> str:
@@ -204,18 +210,27 @@ def _library(t) -> str:
     return t.__module__.split(".")[0]
 
 
-def _check_dout_slowly(op, dout, shape, dtype, kind, name):
+def _check_dout_slowly(op, dout, shape, dtype, kind, name, scalar_ok=False):
     """check_dout past its one-line fast test: accept what only looked different (an array
-    subclass, an equal dtype that is another object, a Python scalar for a 0-d output), refuse
-    the rest with the error that says why."""
-    if type(dout) in (float, int):  # not bool: type(True) is bool
-        if shape == ():
+    subclass, an equal dtype that is another object, a plain number where ``scalar_ok``),
+    refuse the rest with the error that says why."""
+    d_dtype, d_shape = getattr(dout, "dtype", None), getattr(dout, "shape", None)
+    python_real = isinstance(dout, numbers.Real) and d_dtype is None
+    if isinstance(dout, bool) or python_real:
+        if scalar_ok and shape == () and not isinstance(dout, bool):
             return
         raise TypeError(
             f"{op}: {name} must be an array of shape {shape} and dtype {dtype} (the forward's "
             f"output), got a Python {type(dout).__name__}"
         )
-    d_dtype, d_shape = getattr(dout, "dtype", None), getattr(dout, "shape", None)
+    host_scalar = d_shape == () and d_dtype is not None and _library(type(dout)) == "numpy"
+    if scalar_ok and shape == () and host_scalar:
+        if d_dtype == dtype:
+            return  # a NumPy scalar or 0-d host array of the output's dtype, on either backend
+        raise TypeError(
+            f"{op}: {name} has dtype {d_dtype} but the forward's output has dtype {dtype}; "
+            f"backward never casts (each gradient keeps its input's dtype): cast {name} first"
+        )
     if d_dtype is None or d_shape is None:
         raise TypeError(
             f"{op}: {name} must be a {_library(kind)}.ndarray of shape {shape} and dtype {dtype} "

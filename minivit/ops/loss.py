@@ -67,7 +67,7 @@ def cross_entropy_backward(dout, cache):
     loss's dtype and backend (``_common.check_dout``).
     """
     logp, t, valid = cache.logp, cache.t, cache.valid
-    check_dout("cross_entropy_backward", dout, (), logp.dtype, type(logp))
+    check_dout("cross_entropy_backward", dout, (), logp.dtype, type(logp), scalar_ok=True)
     xp = array_module(logp)
     K = logp.shape[-1]
     s = cache.label_smoothing

@@ -589,7 +589,15 @@ def sinkhorn_value_backward(dvalue, cache):
     ``dvalue`` must have the value's shape (...), dtype and backend (``_common.check_dout``).
     """
     plan = cache.plan
-    check_dout("sinkhorn_value_backward", dvalue, plan.shape[:-2], plan.dtype, type(plan), "dvalue")
+    check_dout(
+        "sinkhorn_value_backward",
+        dvalue,
+        plan.shape[:-2],
+        plan.dtype,
+        type(plan),
+        "dvalue",
+        scalar_ok=True,
+    )
     xp = array_module(plan)
     dv = xp.asarray(dvalue, dtype=plan.dtype)  # a Python scalar for a 0-d value, as an array
     dcost = dv[..., None, None] * cache.plan
@@ -740,7 +748,13 @@ def ot_distance_backward(ddistance, cache):
     the distance is 0-d (``_common.check_dout``)."""
     plan = cache.plan
     check_dout(
-        "ot_distance_backward", ddistance, plan.shape[:-2], plan.dtype, type(plan), "ddistance"
+        "ot_distance_backward",
+        ddistance,
+        plan.shape[:-2],
+        plan.dtype,
+        type(plan),
+        "ddistance",
+        scalar_ok=True,
     )
     xp = array_module(plan)
     dd = xp.asarray(ddistance, dtype=plan.dtype)  # a Python scalar for a 0-d distance, as an array
