@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -124,7 +125,9 @@ def config_from_args(args) -> harness.BenchConfig:
 def execute(cfg: harness.BenchConfig, out: str | None = None, log=print) -> dict:
     """Run everything selected by ``cfg``; write the report; return its paths."""
     t0 = time.perf_counter()
-    check_names(cfg.models, cfg.ops)  # a misspelt name fails before anything runs
+    # a misspelt name fails before anything runs; labels become names once, here
+    models_, ops_ = check_names(cfg.models, cfg.ops)
+    cfg = dataclasses.replace(cfg, models=models_, ops=ops_)
     harness.configure(cfg)  # first: CUPY_TF32 is read at CuPy's first float32 matmul
     missing = [b for b in cfg.backends if not harness.impl_available(b)]
     if len(missing) == len(cfg.backends):

@@ -29,15 +29,15 @@ def _benchmarks_package(required: bool = True):
     return bench_run
 
 
+# what --backend (added by the CLI) defaults to here
+BACKEND_HELP = (
+    "array backend (default: $MINIVIT_BACKEND, else numpy, plus cupy when a CUDA device is present)"
+)
+
+
 def add_arguments(parser) -> None:
     # The options are benchmarks/run.py's own, minus --backend (the CLI adds that one). Without
     # a source checkout there are none, and run() says why.
-    for action in parser._actions:
-        if action.dest == "backend":
-            action.help = (
-                "array backend (default: $MINIVIT_BACKEND, else numpy, plus cupy when a CUDA "
-                "device is present)"
-            )
     bench_run = _benchmarks_package(required=False)
     if bench_run is not None:
         bench_run.add_arguments(parser, with_backend=False)

@@ -29,14 +29,13 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 
-def add_backend_argument(parser: argparse.ArgumentParser) -> None:
-    """The ``--backend numpy|cupy`` option every command takes."""
-    parser.add_argument(
-        "--backend",
-        choices=["numpy", "cupy"],
-        default=None,
-        help="array backend (default: $MINIVIT_BACKEND, else numpy)",
-    )
+def add_backend_argument(
+    parser: argparse.ArgumentParser,
+    help: str = "array backend (default: $MINIVIT_BACKEND, else numpy)",
+) -> None:
+    """The ``--backend numpy|cupy`` option every command takes (a command module's
+    ``BACKEND_HELP``, if it has one, says what its default means there)."""
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default=None, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[words[0]] = grp.add_subparsers(dest="what", metavar="MODEL")
                 groups[words[0]].required = True
             sub = groups[words[0]].add_parser(words[1], help=help_text, description=help_text)
-        add_backend_argument(sub)
+        add_backend_argument(
+            sub, **({"help": module.BACKEND_HELP} if hasattr(module, "BACKEND_HELP") else {})
+        )
         module.add_arguments(sub)
-        sub.set_defaults(_run=module.run, _parser=sub)  # _parser: its defaults (resume)
+        sub.set_defaults(_run=module.run)
     return parser
 
 
@@ -91,7 +92,7 @@ def typed_options(argv: list[str] | None = None) -> set[str]:
 
 
 def _suppress_defaults(parser: argparse.ArgumentParser) -> None:
-    parser._defaults.clear()  # set_defaults' entries (_run, _parser)
+    parser._defaults.clear()  # set_defaults' entries (_run)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
@@ -100,10 +101,17 @@ def _suppress_defaults(parser: argparse.ArgumentParser) -> None:
             action.default = argparse.SUPPRESS
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``argv`` parsed by the ``minivit`` parser. For a ``--resume``, ``args._given`` also holds
+    the options typed (:func:`typed_options`), which the run's recipe is checked against."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "resume", None):
+        args._given = typed_options(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args._given = typed_options(argv)  # (saved_recipe: what a --resume must check)
+    args = parse_args(argv)
     from .backend import BackendUnavailable
     from .heap import keep_freed_memory
 

@@ -178,16 +178,8 @@ def _host(a) -> np.ndarray:
     return backend_of(a).to_numpy(a)
 
 
-def _dtype_name(dtype) -> str:
-    """A dtype's name, for NumPy's and CuPy's dtypes and for type objects (np.float32)."""
-    try:
-        return np.dtype(dtype).name
-    except TypeError:  # a backend's own dtype object: its str is the name
-        return np.dtype(str(dtype)).name
-
-
 def _unit_roundoff(dtype) -> float:
-    return float(np.finfo(_dtype_name(dtype)).eps)
+    return float(np.finfo(np.dtype(dtype)).eps)  # (CuPy's dtypes are NumPy's)
 
 
 def host_rng(seed) -> np.random.Generator:
@@ -303,7 +295,7 @@ def step_and_rtol(dtypes, eps=None, rtol=None) -> tuple[float, float]:
     size), outgrows the derivative itself, and the noise floor that absorbs it lets any
     gradient pass: in float32 with ``eps = 1e-6`` a sign error in a weight's gradient passed.
     """
-    names = {_dtype_name(d) for d in dtypes} or {"float64"}
+    names = {np.dtype(d).name for d in dtypes} or {"float64"}
     least = max(names, key=lambda n: _unit_roundoff(n))
     defaults = DEFAULTS.get(least, DEFAULTS["float32"])
     eps = defaults["eps"] if eps is None else float(eps)
@@ -553,7 +545,7 @@ def check_backward(
     report = GradcheckReport("directional", rtol=rtol, title=title)
     for i, who in changed.items():
         report.rows.append(_failed_row(labels[i], inputs[i], f"{who} modified this input"))
-    if not np.array_equal(_host(dout), dout_before, equal_nan=True):
+    if not _same(dout, dout_before):
         report.rows.append(_failed_row("dout", dout, "backward modified dout"))
     gen = np.random.default_rng([seed, 2])
 

@@ -26,7 +26,6 @@ __all__ = ["Case", "add_arguments", "build_cases", "run", "run_case"]
 
 # Default tolerances per dtype: in float64 a central difference with eps ~ 1e-6 is good to ~1e-9
 # relative, so 1e-6 leaves room; float32 only supports a coarse check (see docs/gradcheck.md).
-DEFAULTS = gc.DEFAULTS  # eps and rtol by dtype: the library's, so both check alike
 
 
 # Ops in minivit.ops that have no numerical check, and why.
@@ -64,7 +63,7 @@ def add_arguments(parser) -> None:
 
     parser.add_argument(
         "--dtype",
-        choices=sorted(DEFAULTS),
+        choices=sorted(gc.DEFAULTS),  # the dtypes the library has eps and rtol for
         default="float64",
         help="dtype of the inputs (default float64; float32 gives only a coarse check)",
     )

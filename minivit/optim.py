@@ -56,12 +56,12 @@ step, so a parameter that first gets a gradient late is updated as PyTorch updat
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Mapping
 
 from . import kernels_cupy
 from .backend import array_module, backend_of
+from .models.base import float_arg
 
 __all__ = [
     "AdamW",
@@ -80,24 +80,9 @@ _NO_DECAY_SUBSTRINGS = ("position_embeddings", "token_type_embeddings", "norm")
 
 
 def _real(name: str, value, low: float = 0.0, high: float = math.inf, *, high_open=False):
-    """``value`` as a float after checking it: a real number (a Python or NumPy scalar, or a 0-d
-    array; not a bool or a string), finite, in [low, high] (or [low, high) with high_open).
-    Raises TypeError or ValueError naming ``name``."""
-    kind = getattr(getattr(value, "dtype", None), "kind", None)
-    if isinstance(value, bool) or not (
-        isinstance(value, numbers.Real)
-        or (getattr(value, "ndim", None) == 0 and kind in ("f", "i", "u"))
-    ):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v}")
-    if v < low or v > high or (high_open and v == high):
-        if high == math.inf:
-            raise ValueError(f"{name} must be >= {low:g}, got {v}")
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"{name} must lie in [{low:g}, {high:g}{bracket}, got {v}")
-    return v
+    """A hyperparameter (or a step's lr) as a float: ``models.base.float_arg``, the check the
+    models' constructors use, in [low, high] (or [low, high) with ``high_open``)."""
+    return float_arg(name, value, low, high, below=high_open)
 
 
 def default_no_decay(name: str, param) -> bool:
@@ -359,9 +344,9 @@ class SGD(_Optimizer):
     ):
         momentum = _real("momentum", momentum)  # >= 0, as torch; no upper bound there either
         dampening = _real("dampening", dampening)  # >= 0; torch sets no upper bound either
-        if not isinstance(nesterov, (bool, numbers.Integral)) and type(nesterov).__name__ != "bool":
+        # a Python or NumPy bool (np.True_: dtype kind "b", on NumPy 1 and 2 alike)
+        if not (isinstance(nesterov, bool) or getattr(nesterov, "dtype", None) == "bool"):
             raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
-        nesterov = bool(nesterov)  # (NumPy's bool too: np.True_)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
         self._buffers = ("momentum_buffer",) if momentum else ()

@@ -190,7 +190,9 @@ def test_skip_is_added_to_dx(backend):
     np.testing.assert_array_equal(backend.to_numpy(skip), kept)
     with pytest.raises(ValueError, match=r"skip must have shape \(4, 200, 24\)"):
         ops.layernorm_backward(d, cache, skip=skip[:, :3])
-    with pytest.raises(TypeError, match=r"skip has dtype float64 but dout has dtype float32"):
+    with pytest.raises(
+        TypeError, match=r"skip has dtype float64 but the forward.s output has dtype float32"
+    ):
         ops.layernorm_backward(d, cache, skip=skip.astype("float64"))
 
 

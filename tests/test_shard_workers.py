@@ -468,6 +468,21 @@ def test_no_reply_is_ever_read_out_of_step(two_threads, monkeypatch, where):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
 
+def test_a_reply_out_of_step_is_refused(two_threads):
+    """The sequence-number guard on its own (the test above needs both guards gone to fail): a
+    reply whose number is not the one due is never taken; the worker is stopped instead."""
+    model = _vit()
+    x, y = _inputs(4)
+    sharding.set_mode("processes")
+    _step(model, x, y)
+    (worker,) = shard_workers.workers_for(model, 1)
+    worker.send("query", "no such method")  # any request: its reply carries its number
+    worker.seq += 1  # the parent now waits for a later request's reply
+    with pytest.raises(shard_workers.WorkerLost, match=r"answered request \d+ where \d+ was due"):
+        worker.receive()
+    assert not worker.alive
+
+
 def test_using_restores_the_setting_exactly(two_threads):
     sharding.set_mode("processes")
     sharding.set_mode("off")

@@ -224,7 +224,7 @@ def test_a_forward_run_whole_runs_its_inner_forward_whole():
     m = _vit()
     _parallel.set_num_threads(2)
     assert shard_bounds(m, 4, False) is not None
-    assert sharding._run_whole(shard_bounds, m, 4, False) is None
+    assert sharding.run_whole(shard_bounds, m, 4, False) is None
 
 
 def test_dropout_set_after_construction_is_seen():

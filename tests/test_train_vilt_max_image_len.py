@@ -10,7 +10,7 @@ import pytest
 from test_vilt import run_interrupted
 
 from minivit.checkpoint import load_checkpoint, load_model, read_metadata, save_checkpoint
-from minivit.cli import build_parser
+from minivit.cli import parse_args
 from minivit.models.vilt import ViLT
 from minivit.train import vilt as train_vilt
 
@@ -45,7 +45,7 @@ def test_training_forwards_keep_k_patches_and_evaluation_every_patch(
 ):
     seen = _spy_forwards(monkeypatch)
     argv = _argv(tmp_path, "--max-image-len", str(k), "--backend", backend.name)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     assert args.max_image_len == k
     assert train_vilt.run(args) == 0
     train = [n for is_train, n in seen if is_train]
@@ -69,7 +69,7 @@ def test_training_forwards_keep_k_patches_and_evaluation_every_patch(
 
 def test_default_keeps_every_patch_in_training(tmp_path, monkeypatch):
     seen = _spy_forwards(monkeypatch)
-    assert train_vilt.run(build_parser().parse_args(_argv(tmp_path))) == 0
+    assert train_vilt.run(parse_args(_argv(tmp_path))) == 0
     assert {n for _, n in seen} == {1 + NP}
     assert read_metadata(tmp_path / "checkpoint.safetensors")["config"]["max_image_len"] == -1
 
@@ -77,14 +77,14 @@ def test_default_keeps_every_patch_in_training(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bad", ["0", "-2", "-100", "1.5", "all"])
 def test_bad_values_are_argparse_errors(bad, capsys):
     with pytest.raises(SystemExit) as exc:
-        build_parser().parse_args(["train", "vilt", "--max-image-len", bad])
+        parse_args(["train", "vilt", "--max-image-len", bad])
     assert exc.value.code == 2
     assert "--max-image-len" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("good", ["-1", "1", "9", "200"])
 def test_good_values_parse(good):
-    args = build_parser().parse_args(["train", "vilt", "--max-image-len", good])
+    args = parse_args(["train", "vilt", "--max-image-len", good])
     assert args.max_image_len == int(good)
 
 
@@ -98,13 +98,13 @@ def _as_saved_before_the_option(ckpt):
 
 
 def test_a_run_saved_before_the_option_resumes(tmp_path, monkeypatch):
-    run_interrupted(build_parser().parse_args(_argv(tmp_path / "old")), monkeypatch)
+    run_interrupted(parse_args(_argv(tmp_path / "old")), monkeypatch)
     ckpt = tmp_path / "old" / "checkpoint.safetensors"
     _as_saved_before_the_option(ckpt)
     resume = ["train", "vilt", "--resume", str(tmp_path / "old"), "--no-progress"]
     # left at its default, the run resumes (steps 3 and 4), with every patch
     seen = _spy_forwards(monkeypatch)
-    assert train_vilt.run(build_parser().parse_args(resume)) == 0
+    assert train_vilt.run(parse_args(resume)) == 0
     assert [n for is_train, n in seen if is_train] == [1 + NP] * 2
     assert {n for _, n in seen} == {1 + NP}
     meta = read_metadata(ckpt)
@@ -112,19 +112,19 @@ def test_a_run_saved_before_the_option_resumes(tmp_path, monkeypatch):
     # another value contradicts the old run, which kept every patch
     _as_saved_before_the_option(ckpt)
     with pytest.raises(ValueError, match=r"--max-image-len 4 \(the run's: -1\)"):
-        train_vilt.run(build_parser().parse_args([*resume, "--max-image-len", "4"]))
+        train_vilt.run(parse_args([*resume, "--max-image-len", "4"]))
 
 
 def test_a_run_saved_before_drop_rate_is_held_to_no_dropout(tmp_path, monkeypatch):
     """--drop-rate came after --resume too: a recipe without it reads as no dropout (train
     vilt's ADDED), so a resume that asks for dropout is refused instead of silently changing
     the old run's recipe."""
-    run_interrupted(build_parser().parse_args(_argv(tmp_path / "old")), monkeypatch)
+    run_interrupted(parse_args(_argv(tmp_path / "old")), monkeypatch)
     ckpt = tmp_path / "old" / "checkpoint.safetensors"
     tensors, meta = load_checkpoint(ckpt)
     del meta["train"]["args"]["drop_rate"]
     save_checkpoint(ckpt, tensors, meta)
     resume = ["train", "vilt", "--resume", str(tmp_path / "old"), "--no-progress"]
     with pytest.raises(ValueError, match=r"--drop-rate 0\.3 \(the run's: 0\.0\)"):
-        train_vilt.run(build_parser().parse_args([*resume, "--drop-rate", "0.3"]))
-    assert train_vilt.run(build_parser().parse_args(resume)) == 0
+        train_vilt.run(parse_args([*resume, "--drop-rate", "0.3"]))
+    assert train_vilt.run(parse_args(resume)) == 0

@@ -9,12 +9,12 @@ import re
 import numpy as np
 import pytest
 
-from minivit.cli import build_parser, main
+from minivit.cli import main, parse_args
 from minivit.train import common
 
 
 def parse(argv):
-    return build_parser().parse_args(argv)
+    return parse_args(argv)
 
 
 def run_job(args):  # the command without main()'s reporting of errors

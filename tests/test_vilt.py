@@ -381,10 +381,10 @@ def test_vqa_head_gradient(backend):
 
 
 def test_training_loop_runs_a_few_steps(tmp_path, capsys, backend):
-    from minivit.cli import build_parser
+    from minivit.cli import parse_args
     from minivit.train import vilt as train_vilt
 
-    args = build_parser().parse_args(
+    args = parse_args(
         [
             "train", "vilt", "--steps", "4", "--batch-size", "8", "--mlm-batch-size", "4",
             "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--eval-size", "16",
@@ -498,11 +498,11 @@ def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, opti
     dropout or patch sampling too, since each step's masks and samples come from a generator
     seeded by (seed, step)."""
     from minivit.checkpoint import load_checkpoint
-    from minivit.cli import build_parser
+    from minivit.cli import parse_args
     from minivit.train import vilt as train_vilt
 
     def args_for(out, *extra):
-        return build_parser().parse_args(
+        return parse_args(
             [
                 "train", "vilt", "--steps", "4", "--batch-size", "8", "--mlm-batch-size", "4",
                 "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--eval-size", "16",
@@ -517,15 +517,15 @@ def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, opti
     assert ckpt.exists()  # written at step 2
     resume = ["train", "vilt", "--resume", str(tmp_path / "cut"), "--no-progress"]
     with pytest.raises(ValueError, match=r"contradicts it: --lr 0\.5 \(the run's: 0\.002\)"):
-        train_vilt.run(build_parser().parse_args([*resume, "--lr", "0.5"]))
+        train_vilt.run(parse_args([*resume, "--lr", "0.5"]))
     # a resume cannot move the run: --out elsewhere is refused, not ignored
     elsewhere = ["--out", str(tmp_path / "elsewhere")]
     with pytest.raises(ValueError, match="continues the run in its own folder"):
-        train_vilt.run(build_parser().parse_args([*resume, *elsewhere]))
+        train_vilt.run(parse_args([*resume, *elsewhere]))
     assert not (tmp_path / "elsewhere").exists()
     # the recipe is the saved one (16 wide, 4 steps, float64), not the defaults of this line;
     # --out naming the run's own folder is no clash
-    assert train_vilt.run(build_parser().parse_args([*resume, "--out", str(tmp_path / "cut")])) == 0
+    assert train_vilt.run(parse_args([*resume, "--out", str(tmp_path / "cut")])) == 0
     whole, _ = load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors")
     resumed, _ = load_checkpoint(ckpt)
     assert set(whole) == set(resumed)
@@ -535,6 +535,13 @@ def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, opti
         assert train_vilt.run(args_for(tmp_path / "plain", *off)) == 0
         other, _ = load_checkpoint(tmp_path / "plain" / "checkpoint.safetensors")
         assert any(not np.array_equal(other[k], whole[k]) for k in whole)
+
+
+def _worker_ignores_sigint(step):
+    """A stand-in batch maker: whether the process that runs it ignores Ctrl-C."""
+    import signal
+
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_batch_workers_leave_ctrl_c_to_the_training_process():
@@ -573,6 +580,14 @@ def test_batch_workers_leave_ctrl_c_to_the_training_process():
             1, initializer=train_vilt._init_pool_worker, initargs=(spec,)
         ) as pool:  # what a batch worker runs first
             assert pool.apply(signal.getsignal, (signal.SIGINT,)) is signal.SIG_IGN
+        # and prefetch's own workers run it: a batch made there sees Ctrl-C ignored
+        real = train_vilt._batch_for_step
+        train_vilt._batch_for_step = _worker_ignores_sigint
+        try:
+            with train_vilt.prefetch(spec, range(2), workers=1) as batches:
+                assert next(batches) is True
+        finally:
+            train_vilt._batch_for_step = real
     finally:
         signal.signal(signal.SIGINT, before)
         train_vilt._WORKER.clear()

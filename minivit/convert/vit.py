@@ -110,9 +110,6 @@ def detect_vit_naming(state_dict) -> str:
     raise ValueError(f"cannot tell the naming of this ViT state dict (first keys: {sample})")
 
 
-_BLOCK_PARTS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
-
-
 def vit_dict_problems(sd, name=str) -> list[str]:
     """What makes a timm-named ViT state dict incomplete or inconsistent, as readable lines
     (empty when it is whole): every missing and every mis-shaped key, named by ``name(key)``

@@ -18,7 +18,7 @@ import math
 import numbers
 from collections.abc import Mapping
 
-from ..backend import get_backend
+from ..backend import _library_of, get_backend
 
 __all__ = ["Model", "load_state_dict_into", "resolve_dtype", "int_arg", "float_arg"]
 
@@ -39,9 +39,12 @@ def int_arg(name, value, minimum=1):
 
 
 def float_arg(name, value, minimum=0.0, maximum=math.inf, *, above=False, below=False):
-    """``value`` as a float, checked: a real number (not a bool), finite, at least ``minimum``
-    (above it with ``above=True``) and at most ``maximum`` (below it with ``below=True``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    """``value`` as a float, checked: a real number (a Python or NumPy scalar, or a 0-d array of
+    numbers; not a bool), finite, at least ``minimum`` (above it with ``above=True``) and at
+    most ``maximum`` (below it with ``below=True``). The models' constructors and the
+    optimizers (hyperparameters, a step's lr) check their numbers with it."""
+    zero_d = getattr(value, "ndim", None) == 0 and getattr(value.dtype, "kind", "") in "fiu"
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or zero_d):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     v = float(value)
     low_ok = v > minimum if above else v >= minimum
@@ -205,14 +208,6 @@ class Model:
         return f"{type(self).__name__}({cfg}, dtype={self.dtype!r}, backend={self.backend.name!r})"
 
 
-def _is_array(v, host) -> bool:
-    """A numpy array or scalar, or a CuPy array (by type name: no import of cupy here)."""
-    if isinstance(v, (host.ndarray, host.generic)):
-        return True
-    t = type(v)
-    return t.__module__.startswith("cupy") and t.__name__ == "ndarray"
-
-
 def _not_an_array(k, v) -> str:
     t = type(v)
     name = t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
@@ -232,7 +227,6 @@ def load_state_dict_into(model, state_dict, strict=True):
         raise TypeError(
             f"state_dict must be a dict of name -> array, got {type(state_dict).__name__}"
         )
-    host = get_backend("numpy").xp
     expected = {k: tuple(v.shape) for k, v in model.params.items()}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -241,7 +235,7 @@ def load_state_dict_into(model, state_dict, strict=True):
         if k not in state_dict:
             continue
         v = state_dict[k]
-        if not _is_array(v, host):
+        if _library_of(v) is None:  # a NumPy array or scalar, or a CuPy array
             not_arrays.append(_not_an_array(k, v))
         elif v.dtype.kind != "f":
             not_floating.append(f"{k}: {v.dtype}")

@@ -147,7 +147,10 @@ def set_mode(value: str) -> str:
 _whole = threading.local()
 
 
-def _run_whole(fn, *args, **kwargs):
+def run_whole(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with every decorated forward it calls on this thread run whole,
+    never in shards: one cache held by the model itself, none by worker processes (whose
+    caches of a pending sharded forward, ``MINIVIT_SHARD=processes``, it leaves alone)."""
     _whole.depth = getattr(_whole, "depth", 0) + 1
     try:
         return fn(*args, **kwargs)
@@ -155,22 +158,14 @@ def _run_whole(fn, *args, **kwargs):
         _whole.depth -= 1
 
 
-def run_whole(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` with every decorated forward it calls on this thread run whole,
-    never in shards: one cache held by the model itself, none by worker processes (whose
-    caches of a pending sharded forward, ``MINIVIT_SHARD=processes``, it leaves alone)."""
-    return _run_whole(fn, *args, **kwargs)
-
-
 class ShardedRun:
-    """The cache of a sharded forward: the shard models (each holding its own cache), the
-    sample ranges ``bounds`` [(start, stop), ...] they ran on and ``out_spec``, the shape(s)
-    of the joined output (:func:`output_spec`) that backward's gradient must have."""
+    """The cache of a sharded forward: the shard models (each holding its own cache) and the
+    sample ranges ``bounds`` [(start, stop), ...] they ran on (plus what :func:`_record` notes
+    on every cache)."""
 
-    def __init__(self, shards, bounds, out_spec=None):
+    def __init__(self, shards, bounds):
         self.shards = shards
         self.bounds = bounds
-        self.out_spec = out_spec
 
 
 def shard_bounds(model, batch_size: int, draws_random: bool):
@@ -217,6 +212,15 @@ def output_spec(out):
     return None if shape is None else tuple(shape)
 
 
+def _record(cache, method, out):
+    """Note on a forward's cache what its backward checks first: the method that made it
+    (``made_by``: backward undoes ``forward`` only) and the output's shape(s) (``out_spec``,
+    :func:`output_spec`), which the gradient must have. Returns ``cache``."""
+    cache.made_by = method.__name__
+    cache.out_spec = output_spec(out)
+    return cache
+
+
 def _shape_error(name, shape, expected):
     ran = f", but the forward ran on {expected[0]} samples" if expected else ""
     return ValueError(
@@ -231,17 +235,12 @@ def check_output_grad(model, grad, spec):
     needs an array of its shape; a dict output (a model whose ``output_grad_keys`` names the
     differentiable keys) needs a dict of some of those keys, each None or an array of the
     output's shape. Shapes and types only, so it costs nothing beside the backward."""
-    keys = getattr(model, "output_grad_keys", None)
+    keys = model.output_grad_keys
     what = f"{type(model).__name__}.backward"
     if keys is None:
-        if getattr(grad, "shape", None) is None or getattr(grad, "dtype", None) is None:
-            raise TypeError(
-                f"{what} takes the gradient of the forward's output, an array"
-                + (f" of shape {spec}" if spec is not None else "")
-                + f", got {type(grad).__name__}"
-            )
-        if spec is not None and tuple(grad.shape) != spec:
-            raise _shape_error("grad", grad.shape, spec)
+        _check_array_grad(
+            "grad", grad, spec, f"{what} takes the gradient of the forward's output, an array"
+        )
         return
     listed = ", ".join(keys)
     if not isinstance(grad, Mapping):
@@ -256,18 +255,23 @@ def check_output_grad(model, grad, spec):
             f"{', '.join(repr(k) for k in unknown)}"
         )
     for k, g in grad.items():
-        if g is None:
-            continue
-        name = f"grad[{k!r}]"
-        expected = None if spec is None else spec.get(k)
-        if getattr(g, "shape", None) is None or getattr(g, "dtype", None) is None:
-            raise TypeError(
-                f"{name} must be None or an array"
-                + (f" of shape {expected}" if expected is not None else "")
-                + f", got {type(g).__name__}"
-            )
-        if expected is not None and tuple(g.shape) != expected:
-            raise _shape_error(name, g.shape, expected)
+        if g is not None:
+            name = f"grad[{k!r}]"
+            expected = None if spec is None else spec.get(k)
+            _check_array_grad(name, g, expected, f"{name} must be None or an array")
+
+
+def _check_array_grad(name, g, expected, must):
+    """One array gradient: an array (``must`` says what was wanted) of shape ``expected``
+    (None: any)."""
+    if getattr(g, "shape", None) is None or getattr(g, "dtype", None) is None:
+        raise TypeError(
+            must
+            + (f" of shape {expected}" if expected is not None else "")
+            + f", got {type(g).__name__}"
+        )
+    if expected is not None and tuple(g.shape) != expected:
+        raise _shape_error(name, g.shape, expected)
 
 
 def _cast(value, dtype):
@@ -419,16 +423,15 @@ def sharded_forward(batched, check=None):
                 bounds = shard_bounds(self, shape[0], self.forward_draws_random(named))
             if bounds is None:  # the method checks its inputs, then drops the last cache itself
                 try:
-                    out = _run_whole(whole, self, *args, **kwargs)
+                    out = run_whole(whole, self, *args, **kwargs)
                 except BaseException:
                     if self._cache is None and self._no_cache == "dropped":  # past its checks
                         self._drop_cache("forward_failed")
                     raise
                 if not grad_enabled():  # inference: the method's cache is not kept
                     self._drop_cache("no_grad")
-                elif self._cache is not None:  # what backward's gradient must fit, and which
-                    self._cache.out_spec = output_spec(out)  # method made the cache
-                    self._cache.made_by = method.__name__
+                elif self._cache is not None:
+                    _record(self._cache, method, out)
                 return out
             if check is not None:  # before the cut, so that errors name the caller's shapes
                 check(self, named)
@@ -485,8 +488,7 @@ def sharded_forward(batched, check=None):
                 raise
             out = join(self.backend.xp, outs)
             if keep:
-                self._cache = ShardedRun(shards, bounds, output_spec(out))
-                self._cache.made_by = method.__name__
+                self._cache = _record(ShardedRun(shards, bounds), method, out)
             else:
                 self._drop_cache("no_grad")
             return out

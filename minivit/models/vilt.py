@@ -24,6 +24,8 @@ fewer), I = 1 + K image tokens (CLS first), N = L + I fused tokens, D width, V v
 
 from __future__ import annotations
 
+import math
+
 from .. import ops
 from ..backend import backend_of, get_backend
 from ..blocks import (
@@ -38,6 +40,7 @@ from ..blocks import (
 from .base import Model, float_arg, int_arg
 from .registry import register_config
 from .sharding import begin_consuming, sharded_backward, sharded_forward
+from .vit import transformer_config
 
 __all__ = ["ViLT", "interpolation_matrix"]
 
@@ -103,34 +106,25 @@ class ViLT(Model):
         num_vqa_labels=0,
         drop_rate=0.0,
     ):
-        # each bad value raises a ValueError (TypeError for a non-number) naming the argument
+        # each bad value raises a ValueError (TypeError for a non-number) naming the argument;
+        # the transformer's arguments are checked as ViT's are (no stochastic depth here)
+        t = transformer_config(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, eps, drop_rate, 0)
         config = dict(
             vocab_size=int_arg("vocab_size", vocab_size),
             max_text_len=int_arg("max_text_len", max_text_len),
             img_size=int_arg("img_size", img_size),
             patch_size=int_arg("patch_size", patch_size),
             in_chans=int_arg("in_chans", in_chans),
-            embed_dim=int_arg("embed_dim", embed_dim),
-            depth=int_arg("depth", depth, 0),
-            num_heads=int_arg("num_heads", num_heads),
-            mlp_ratio=float_arg("mlp_ratio", mlp_ratio, 0.0, above=True),
-            qkv_bias=bool(qkv_bias),
-            eps=float_arg("eps", eps),
+            **{k: t[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")},
+            eps=t["eps"],
             text_eps=float_arg("text_eps", text_eps),
             # <= 0 keeps every patch (-1 by default); > 0 samples that many
-            max_image_len=int_arg("max_image_len", max_image_len, -(2**63)),
+            max_image_len=int_arg("max_image_len", max_image_len, -math.inf),
             num_vqa_labels=int_arg("num_vqa_labels", num_vqa_labels, 0),
-            drop_rate=float_arg("drop_rate", drop_rate, 0.0, 1.0, below=True),
+            drop_rate=t["drop_rate"],
         )
         if config["img_size"] % config["patch_size"]:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
-        if config["embed_dim"] % config["num_heads"]:
-            raise ValueError(f"num_heads {num_heads} must divide embed_dim {embed_dim}")
-        if int(config["embed_dim"] * config["mlp_ratio"]) < 1:
-            raise ValueError(
-                f"mlp_ratio {mlp_ratio} leaves the MLP no hidden unit at embed_dim {embed_dim} "
-                f"(its width is int(embed_dim * mlp_ratio) = 0)"
-            )
         self._setup(config, dtype, backend)  # dtype, backend, config (models/base.py)
         self.grid = self.img_size // self.patch_size
         self.num_patches = self.grid**2

@@ -322,12 +322,8 @@ class ViT(Model):
         ``dlogits`` must have the shape of the forward's output (checked before anything runs,
         whatever the thread count: models/sharding.check_output_grad).
         """
-        c = self._cache  # there is one: the decorator has checked (models/sharding.py)
-        if not hasattr(c, "head_drop"):  # a cache of forward_features(), which ends before
-            raise RuntimeError(
-                "backward goes back through forward(); the last forward was forward_features(), "
-                "whose cache ends at the final norm: run forward() to train"
-            )
+        # there is one, made by forward() (not forward_features()): the decorator has checked
+        c = self._cache
         xp = self.backend.xp
         g = {}
         # head: logits = pooled W^T + b

@@ -5,7 +5,9 @@ rule: the forward output's backend, shape and dtype, exactly.
 
 Checks raise ``TypeError`` for a wrong kind of value (not an array, wrong dtype, two backends) and
 ``ValueError`` for a wrong shape or value, and always name the argument, what was expected and
-what was given.
+what was given. Integer and real options (``num_heads``, ``n_iters``, ``epsilon``:
+:func:`check_count`, :func:`check_real`) raise ``ValueError`` for any bad value, a bool or a
+string included, as they always have.
 """
 
 from __future__ import annotations
@@ -223,20 +225,14 @@ def _check_dout_slowly(op, dout, shape, dtype, kind, name, scalar_ok=False):
             f"{op}: {name} must be an array of shape {shape} and dtype {dtype} (the forward's "
             f"output), got a Python {type(dout).__name__}"
         )
-    host_scalar = d_shape == () and d_dtype is not None and _library(type(dout)) == "numpy"
-    if scalar_ok and shape == () and host_scalar:
-        if d_dtype == dtype:
-            return  # a NumPy scalar or 0-d host array of the output's dtype, on either backend
-        raise TypeError(
-            f"{op}: {name} has dtype {d_dtype} but the forward's output has dtype {dtype}; "
-            f"backward never casts (each gradient keeps its input's dtype): cast {name} first"
-        )
     if d_dtype is None or d_shape is None:
         raise TypeError(
             f"{op}: {name} must be a {_library(kind)}.ndarray of shape {shape} and dtype {dtype} "
             f"(the forward's output), got {_describe(dout)}"
         )
-    if _library(type(dout)) != _library(kind):
+    # a NumPy scalar or 0-d host array goes to a scalar-valued op on either backend
+    host_scalar = scalar_ok and shape == () and d_shape == () and _library(type(dout)) == "numpy"
+    if not host_scalar and _library(type(dout)) != _library(kind):
         raise TypeError(
             f"{op}: {name} is a {_library(type(dout))} array but the forward ran on "
             f"{_library(kind)}; move it there first (Backend.asarray)"

@@ -24,13 +24,14 @@ def embedding_forward(ids, table):
             f"ids must lie in [0, {V}) for a table of {V} rows, got values in [{lo}, {hi}]"
         )
     out = table[ids]  # (..., D)
-    return out, Cache(ids=ids, table_shape=table.shape, dtype=table.dtype, out_shape=out.shape)
+    return out, Cache(ids=ids, table_shape=table.shape, dtype=table.dtype)
 
 
 def embedding_backward(dout, cache):
     """Returns (dtable,): each row of dtable sums dout over the positions that used it."""
     ids = cache.ids
-    check_dout("embedding_backward", dout, cache.out_shape, cache.dtype, type(ids))
+    out_shape = ids.shape + cache.table_shape[1:]  # (..., D)
+    check_dout("embedding_backward", dout, out_shape, cache.dtype, type(ids))
     be = backend_of(dout)
     V, D = cache.table_shape
     dtable = be.xp.zeros((V, D), dtype=cache.dtype)

@@ -63,11 +63,8 @@ def layernorm_backward(dout, cache, *, skip=None):
     fused = getattr(cache, "fused", False)
     ref = cache.x if fused else cache.xhat  # the output's shape, dtype and backend
     check_dout("layernorm_backward", dout, ref.shape, ref.dtype, type(ref))
-    if skip is not None:
-        check_float("skip", skip)
-        check_shape("skip", skip, tuple(dout.shape), "dout's shape")
-        check_same_dtype(dout=dout, skip=skip)
-        array_module(dout, skip)
+    if skip is not None:  # the same rule as dout's
+        check_dout("layernorm_backward", skip, ref.shape, ref.dtype, type(ref), name="skip")
     if fused:
         x, mean, rstd = cache.x, cache.mean, cache.rstd
         if _fast.use_kernels(dout, skip):

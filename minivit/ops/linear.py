@@ -38,8 +38,9 @@ def linear_forward(x, w, b=None):
 
 def linear_product(x, w, b=None):
     """x w^T without the bias -> ((M, Dout), the cache of ``linear_forward(x, w, b)``), for a
-    caller that adds b itself in a pass it makes anyway (fc1's GELU, attention's head layout);
-    ``linear_backward`` then gives db as usual."""
+    caller that adds b itself in a pass it makes anyway (fc1's GELU, attention's head layout).
+    The cache records the (..., Dout) layout of ``linear_forward``'s output, so the caller
+    hands the gradient to :func:`linear_grads` (which gives db as usual) in that layout."""
     _check(x, w, b)
     cache = Cache(x=x, w=w, has_bias=b is not None, out_shape=x.shape[:-1] + w.shape[:1])
     return _fast.matmul_nt(x.reshape(-1, w.shape[1]), w), cache

@@ -67,7 +67,7 @@ def patch_embed_forward(images, w, b, patch_size):
     # the backward makes the patches again for the one product that reads them (torch's
     # convolution keeps its input the same way).
     lin_cache.x = None
-    cache = Cache(lin_cache=lin_cache, images=images, w_shape=w.shape, P=P, out_shape=out.shape)
+    cache = Cache(lin_cache=lin_cache, images=images, w_shape=w.shape, P=P)
     return out, cache
 
 
@@ -78,7 +78,8 @@ def patch_embed_backward(dout, cache, *, need_dx=True):
     in training). ``dout`` must have the output's shape, dtype and backend
     (``_common.check_dout``)."""
     images = cache.images
-    check_dout("patch_embed_backward", dout, cache.out_shape, images.dtype, type(images))
+    out_shape = cache.lin_cache.out_shape  # the linear's output is the op's
+    check_dout("patch_embed_backward", dout, out_shape, images.dtype, type(images))
     lin_cache = Cache(**vars(cache.lin_cache))  # a new record: the cache is never written
     lin_cache.x = patchify(images, cache.P)  # (B, N, C*P*P), the forward's patches again
     dpatches, dw, db = linear_grads(dout, lin_cache, need_dx=need_dx)  # (B, N, C*P*P)

@@ -589,18 +589,9 @@ def sinkhorn_value_backward(dvalue, cache):
     ``dvalue`` must have the value's shape (...), dtype and backend (``_common.check_dout``).
     """
     plan = cache.plan
-    check_dout(
-        "sinkhorn_value_backward",
-        dvalue,
-        plan.shape[:-2],
-        plan.dtype,
-        type(plan),
-        "dvalue",
-        scalar_ok=True,
-    )
     xp = array_module(plan)
-    dv = xp.asarray(dvalue, dtype=plan.dtype)  # a Python scalar for a 0-d value, as an array
-    dcost = dv[..., None, None] * cache.plan
+    dv = _per_problem_grad("sinkhorn_value_backward", "dvalue", dvalue, plan)
+    dcost = dv[..., None, None] * plan
     da = None
     db = None
     if cache.a_shape is not None:
@@ -747,18 +738,16 @@ def ot_distance_backward(ddistance, cache):
     ``ddistance`` must have the distance's shape (...), dtype and backend; a Python float where
     the distance is 0-d (``_common.check_dout``)."""
     plan = cache.plan
-    check_dout(
-        "ot_distance_backward",
-        ddistance,
-        plan.shape[:-2],
-        plan.dtype,
-        type(plan),
-        "ddistance",
-        scalar_ok=True,
-    )
-    xp = array_module(plan)
-    dd = xp.asarray(ddistance, dtype=plan.dtype)  # a Python scalar for a 0-d distance, as an array
+    dd = _per_problem_grad("ot_distance_backward", "ddistance", ddistance, plan)
     return (dd[..., None, None] * plan,)
+
+
+def _per_problem_grad(op, name, d, plan):
+    """The gradient of a value with one number per problem (the plan's (...) dims), checked
+    (``check_dout``; a plain number where there is one problem) and as an array of the plan's
+    dtype and backend."""
+    check_dout(op, d, plan.shape[:-2], plan.dtype, type(plan), name, scalar_ok=True)
+    return array_module(plan).asarray(d, dtype=plan.dtype)
 
 
 # --------------------------------------------------------------------------------------------

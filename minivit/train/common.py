@@ -42,7 +42,7 @@ __all__ = [
     "non_negative_float",
     "positive_float",
     "fraction",
-    "dropout_rate",
+    "below_one",
     "resolve_checkpoint",
     "progress",
     "epoch_rngs",
@@ -177,20 +177,6 @@ def load_training_checkpoint(path, model, optimizer=None):
     return int(train.get("epoch", 0)), History(train.get("history", [])), train
 
 
-def positive_int(text) -> int:
-    """An argparse type: an integer of at least 1 (a batch size of 0 used to fail later, with a
-    ZeroDivisionError)."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def number_in(kind, low=None, high=None, *, open_low=False, open_high=False):
     """An argparse type: ``kind`` (int or float) within ``[low, high]``, an end left out when
     None or excluded when open. A value out of range fails when the command line is parsed,
@@ -228,11 +214,12 @@ def _range_text(low, high, open_low, open_high):
     return f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
 
 
+positive_int = number_in(int, 1)  # a batch size of 0 used to fail later (ZeroDivisionError)
 non_negative_int = number_in(int, 0)
 non_negative_float = number_in(float, 0.0)
 positive_float = number_in(float, 0.0, open_low=True)
 fraction = number_in(float, 0.0, 1.0)  # a share, 0 and 1 included
-dropout_rate = number_in(float, 0.0, 1.0, open_high=True)
+below_one = number_in(float, 0.0, 1.0, open_high=True)  # in [0, 1): a dropout rate, smoothing
 
 
 def write_json(path, obj) -> Path:
@@ -263,7 +250,7 @@ def _json_default(o):
 
 def vars_for_json(args, drop=("resume", "out", "no_progress")) -> dict:
     """argparse Namespace -> a JSON-able dict: the options, less ``drop`` (run-local ones) and
-    the command line's own entries (``_run``, ``_parser``: names that start with "_")."""
+    the command line's own entries (``_run``, ``_given``: names that start with "_")."""
     return {
         k: v
         for k, v in vars(args).items()
@@ -278,9 +265,10 @@ def saved_recipe(ckpt, args, local, model_class, command, added=None) -> dict:
     A resumed run is the run it continues, so the saved options win over this command line's.
     An option given on this command line with another value than the saved one is an error,
     not silently dropped (``--lr 0.01`` on a resume used to be ignored without a word). Options
-    not typed on the command line are not "given" (``args._given``, set by ``minivit.cli``;
-    without it, those left at their defaults are not). ``local`` names the options a resume may
-    change (threads, backend, where the output goes), which are neither saved nor checked.
+    not typed on the command line are not "given": ``args._given`` names those typed, a
+    default value typed included (``minivit.cli.parse_args``; a Namespace made otherwise
+    gives none). ``local`` names the options a resume may change (threads, backend, where the
+    output goes), which are neither saved nor checked.
 
     ``added`` maps options added after some runs were saved to what those runs did (e.g.
     ``{"max_image_len": -1}``): a recipe without the option reads as having that value, so the
@@ -301,14 +289,8 @@ def saved_recipe(ckpt, args, local, model_class, command, added=None) -> dict:
         raise ValueError(f"{str(ckpt)!r} is not a training checkpoint (no saved args)")
     saved = {k: v for k, v in {**(added or {}), **saved}.items() if k not in local}
     options = vars_for_json(args, drop=local)
-    typed = getattr(args, "_given", None)  # the options typed on the command line (cli.py)
-    parser = getattr(args, "_parser", None)
-    if typed is not None:  # a value typed is checked even when it equals the default
-        given = {k: v for k, v in options.items() if k in typed}
-    elif parser is not None:  # a Namespace made otherwise: what differs from the defaults
-        given = {k: v for k, v in options.items() if v != parser.get_default(k)}
-    else:
-        given = {}
+    typed = getattr(args, "_given", ())  # the options typed (minivit.cli.parse_args)
+    given = {k: v for k, v in options.items() if k in typed}
     clashes = [
         f"--{k.replace('_', '-')} {_as_saved(v)!r} (the run's: {saved[k]!r})"
         for k, v in sorted(given.items())

@@ -36,7 +36,7 @@ import numpy as np
 from .common import (
     CHECKPOINT,
     History,
-    dropout_rate,
+    below_one,
     fraction,
     load_training_checkpoint,
     make_run_dir,
@@ -151,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a(
         "--drop-rate",
-        type=dropout_rate,
+        type=below_one,
         default=0.0,
         help="dropout in training, where the original has it (0.1 there; default 0: none)",
     )

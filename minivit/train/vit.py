@@ -19,7 +19,7 @@ import argparse
 from dataclasses import dataclass
 
 from .common import (
-    dropout_rate,
+    below_one,
     non_negative_float,
     non_negative_int,
     number_in,
@@ -92,10 +92,10 @@ RECIPE_OPTIONS = (
     ("min_lr", non_negative_float, "lr at the cosine's end"),
     ("weight_decay", non_negative_float, None),
     ("warmup_epochs", non_negative_float, None),
-    ("label_smoothing", number_in(float, 0.0, 1.0, open_high=True), None),
+    ("label_smoothing", below_one, None),
     ("clip_grad", non_negative_float, "global gradient-norm clip; 0 turns it off"),
-    ("drop_rate", dropout_rate, None),
-    ("drop_path_rate", dropout_rate, None),
+    ("drop_rate", below_one, None),
+    ("drop_path_rate", below_one, None),
     ("shift", non_negative_float, "max random shift, pixels"),
     ("rotate", non_negative_float, "max rotation, degrees"),
     ("scale_min", positive_float, None),
