@@ -75,7 +75,8 @@ class BenchConfig:
     sgemm_n: int | None = None  # size of the sgemm ceiling's GEMM (None: 1024 CPU, 4096 GPU)
     # Idle seconds before each timed CPU run, so that the thread pools of the previous run
     # (OpenBLAS workers spin ~0.1 s after a GEMM by default, OpenMP ~5 ms) have gone to sleep
-    # and do not take a core from the next implementation. None: 0.12 s for models, 0.01 s for ops.
+    # and do not take a core from the next implementation. None: models.GAP_S
+    # (0.12 s) for models, ops.GAP_S (0.01 s) for ops.
     gap_s: float | None = None
 
 

@@ -33,6 +33,9 @@ SHORT = {
     "hybrid_resnet_small_32": "Hybrid-R18s/32px",
 }
 TEXT_LEN = 40
+# Idle seconds before each timed CPU run of a model (BenchConfig.gap_s, when None): longer than
+# the ~0.1 s OpenBLAS's workers spin after a GEMM.
+GAP_S = 0.12
 VILT_IMG = 384
 
 
@@ -359,7 +362,7 @@ def _time_phase(cfg, name, backend, device, B, built, phase, ceilings, log) -> l
     if f"torch_{phase}" in built:
         cases[("torch", phase)] = (built[f"torch_{phase}"], "torch", device)
     timed = harness.time_interleaved(
-        cases, cfg.repeats, cfg.warmup, gap_s=0.12 if cfg.gap_s is None else cfg.gap_s
+        cases, cfg.repeats, cfg.warmup, gap_s=GAP_S if cfg.gap_s is None else cfg.gap_s
     )
     fl = built["flops"]
     if fl and phase == "train_step":

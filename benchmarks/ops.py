@@ -50,6 +50,9 @@ def resolve_ops(names) -> list[str]:
 
 
 CENTRE = dict(batch=8, tokens=197, width=384)
+# Idle seconds before each timed CPU run of an op (BenchConfig.gap_s, when None): an op takes
+# milliseconds, and a model's 0.12 s would dominate the sweep's wall time.
+GAP_S = 0.01
 
 
 def sizes(quick: bool, gpu: bool) -> list[dict]:
@@ -310,7 +313,7 @@ def _time_op(cfg, op, size, backend, device, torch_ok, ceilings, log, rows) -> N
     for phase in ("forward", "backward"):
         sub = {k: v for k, v in cases.items() if k[1] == phase}
         timed = harness.time_interleaved(
-            sub, cfg.repeats, cfg.warmup, gap_s=0.01 if cfg.gap_s is None else cfg.gap_s
+            sub, cfg.repeats, cfg.warmup, gap_s=GAP_S if cfg.gap_s is None else cfg.gap_s
         )
         for (impl, _), timing in timed.items():
             fn = sub[(impl, phase)][0]

@@ -31,6 +31,10 @@ from minivit.train.common import (  # noqa: E402
     positive_int,
 )
 
+# Timed and untimed runs per case, by default: a full run and --quick.
+REPEATS = {"full": 5, "quick": 3}
+WARMUP = {"full": 2, "quick": 1}
+
 
 def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None:
     if with_backend:
@@ -62,13 +66,16 @@ def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None
         "--out", default=None, help="results folder (default benchmarks/results/<device-tag>)"
     )
     p.add_argument(
-        "--repeats", type=positive_int, default=None, help="timed runs (default 5, quick 3)"
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help=f"timed runs (default {REPEATS['full']}, quick {REPEATS['quick']})",
     )
     p.add_argument(
         "--warmup",
         type=non_negative_int,
         default=None,
-        help="untimed runs first (default 2, quick 1)",
+        help=f"untimed runs first (default {WARMUP['full']}, quick {WARMUP['quick']})",
     )
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (default: fp32)")
     p.add_argument(
@@ -95,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser, with_backend: bool = True) -> None
         "--gap",
         type=non_negative_float,
         default=None,
-        help="idle seconds before each timed CPU run (default 0.12 models, 0.01 ops)",
+        help=f"idle seconds before each timed CPU run (default {models.GAP_S} models, "
+        f"{ops.GAP_S} ops)",
     )
 
 
@@ -107,10 +115,11 @@ def config_from_args(args) -> harness.BenchConfig:
         backends = [os.environ["MINIVIT_BACKEND"].lower()]  # as every minivit command does
     if not backends:
         backends = ["numpy"] + (["cupy"] if harness.impl_available("cupy") else [])
+    kind = "quick" if args.quick else "full"
     return harness.BenchConfig(
         backends=list(backends),
-        repeats=args.repeats or (3 if args.quick else 5),
-        warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
+        repeats=args.repeats or REPEATS[kind],
+        warmup=args.warmup if args.warmup is not None else WARMUP[kind],
         quick=bool(args.quick),
         tf32=bool(args.tf32),
         threads=args.threads,

@@ -58,6 +58,11 @@ class Case:
         return " ".join(parts)
 
 
+def _by_dtype(key) -> str:
+    """A default of gradcheck.DEFAULTS as help text: "1e-06 in float64, 0.02 in float32"."""
+    return ", ".join(f"{v[key]:g} in {dtype}" for dtype, v in gc.DEFAULTS.items())
+
+
 def add_arguments(parser) -> None:
     from .train.common import non_negative_int, positive_float, positive_int
 
@@ -81,13 +86,13 @@ def add_arguments(parser) -> None:
         "--rtol",
         type=positive_float,
         default=None,
-        help="relative tolerance, > 0 (default 1e-6 in float64, 2e-2 in float32)",
+        help=f"relative tolerance, > 0 (default {_by_dtype('rtol')})",
     )
     parser.add_argument(
         "--eps",
         type=positive_float,
         default=None,
-        help="finite-difference step, > 0 (default 1e-6 in float64, 3e-3 in float32)",
+        help=f"finite-difference step, > 0 (default {_by_dtype('eps')})",
     )
     parser.add_argument(
         "--directions",

@@ -7,8 +7,10 @@ Covers `minivit bench` (unknown --models / --ops names, $MINIVIT_BACKEND), `mini
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -246,3 +248,45 @@ def test_eval_json_prints_the_json_alone(tiny_run, capsys):
     assert metrics["test_size"] == 360 and metrics["epoch"] == 1
     assert plain[-1] == f"test accuracy: {metrics['test_accuracy']:.4f}"
     assert err.strip().splitlines() == plain  # the usual lines, on stderr
+
+
+def _subcommands(parser, path=()):
+    """(words, parser) for every command that takes options: `train vilt`, `bench`, ..."""
+    found = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found = True
+            for word, sub in action.choices.items():
+                yield from _subcommands(sub, path + (word,))
+    if not found:
+        yield path, parser
+
+
+# A number the help states as the default: "(default: 32)", "default 1:", "(default '0': ...".
+_STATED_DEFAULT = re.compile(r"default:?\s+'?(-?\d[\d.e+-]*)")
+
+
+def test_every_default_a_help_states_is_the_real_one():
+    """A help text that writes its default by hand can drift from ``default=`` when one of them
+    changes. Every number a help gives as its default must equal the option's value. Not checked:
+    ``%(default)s`` (argparse fills it in), and options whose default is None, resolved later
+    (``bench --repeats``, ``gradcheck --eps``): their helps are made from the same constants."""
+    from minivit.cli import build_parser
+
+    checked, wrong = 0, []
+    for words, sub in _subcommands(build_parser()):
+        for action in sub._actions:
+            if action.default is None:
+                continue
+            for m in _STATED_DEFAULT.finditer(action.help or ""):
+                stated, real = m.group(1).rstrip(".:"), action.default
+                checked += 1
+                same = (
+                    float(stated) == float(real)
+                    if isinstance(real, (int, float)) and not isinstance(real, bool)
+                    else stated == str(real)
+                )
+                if not same:
+                    wrong.append(f"{' '.join(words)} {action.option_strings}: {stated} != {real!r}")
+    assert checked > 10  # the pattern does find the hand-written defaults
+    assert not wrong, "\n".join(wrong)

@@ -82,34 +82,49 @@ def patch_count(text) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--steps", type=positive_int, default=9000, help="optimizer steps (default: 9000)")
-    a("--batch-size", type=positive_int, default=32, help="ITM rows per step (default: 32)")
-    a("--mlm-batch-size", type=positive_int, default=32, help="MLM rows per step (default: 32)")
-    a("--lr", type=non_negative_float, default=2e-3, help="peak learning rate (default: 2e-3)")
+    a("--steps", type=positive_int, default=9000, help="optimizer steps (default: %(default)s)")
+    a(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="ITM rows per step (default: %(default)s)",
+    )
+    a(
+        "--mlm-batch-size",
+        type=positive_int,
+        default=32,
+        help="MLM rows per step (default: %(default)s)",
+    )
+    a(
+        "--lr",
+        type=non_negative_float,
+        default=2e-3,
+        help="peak learning rate (default: %(default)s)",
+    )
     a(
         "--min-lr",
         type=non_negative_float,
         default=1e-5,
-        help="learning rate at the end (default: 1e-5)",
+        help="learning rate at the end (default: %(default)s)",
     )
     a(
         "--warmup",
         type=fraction,
         default=0.05,
-        help="warmup, a fraction of the steps (default: 0.05)",
+        help="warmup, a fraction of the steps (default: %(default)s)",
     )
-    a("--weight-decay", type=non_negative_float, default=0.01, help="default: 0.01")
+    a("--weight-decay", type=non_negative_float, default=0.01, help="default: %(default)s")
     a(
         "--clip",
         type=non_negative_float,
         default=1.0,
-        help="global gradient-norm clip (0: off; default: 1.0)",
+        help="global gradient-norm clip (0: off; default: %(default)s)",
     )
     a(
         "--wpa-weight",
         type=non_negative_float,
         default=0.1,
-        help="word-patch alignment weight (0: off; default: 0.1)",
+        help="word-patch alignment weight (0: off; default: %(default)s)",
     )
     a(
         "--curriculum",
@@ -123,7 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=fraction,
         default=0.8,
         help="share of training ITM negatives that are hard (the held-out set keeps half; "
-        "default: 0.8)",
+        "default: %(default)s)",
     )
     a(
         "--relation-share",
@@ -132,13 +147,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of hard training negatives that flip the relation, when the caption has "
         "one (default: uniform over the caption's attributes; the held-out set stays uniform)",
     )
-    a("--img-size", type=positive_int, default=48, help="default: 48")
-    a("--patch-size", type=positive_int, default=16, help="default: 16")
-    a("--embed-dim", type=positive_int, default=96, help="default: 96")
-    a("--depth", type=positive_int, default=3, help="default: 3")
-    a("--num-heads", type=positive_int, default=4, help="default: 4")
-    a("--mlp-ratio", type=positive_float, default=2.0, help="default: 2.0")
-    a("--max-text-len", type=positive_int, default=16, help="default: 16")
+    a("--img-size", type=positive_int, default=48, help="default: %(default)s")
+    a("--patch-size", type=positive_int, default=16, help="default: %(default)s")
+    a("--embed-dim", type=positive_int, default=96, help="default: %(default)s")
+    a("--depth", type=positive_int, default=3, help="default: %(default)s")
+    a("--num-heads", type=positive_int, default=4, help="default: %(default)s")
+    a("--mlp-ratio", type=positive_float, default=2.0, help="default: %(default)s")
+    a("--max-text-len", type=positive_int, default=16, help="default: %(default)s")
     a(
         "--max-image-len",
         type=patch_count,
@@ -153,28 +168,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--drop-rate",
         type=below_one,
         default=0.0,
-        help="dropout in training, where the original has it (0.1 there; default 0: none)",
+        help="dropout in training, where the original has it (0.1 there; default "
+        "%(default)s: none)",
     )
     a("--dtype", default="float32", choices=["float32", "float64"])
     a(
         "--eval-size",
         type=positive_int,
         default=1000,
-        help="held-out ITM pairs and MLM captions each (default: 1000)",
+        help="held-out ITM pairs and MLM captions each (default: %(default)s)",
     )
     a(
         "--eval-every",
         type=non_negative_int,
         default=500,
-        help="steps between quick held-out checks (0: off; default: 500)",
+        help="steps between quick held-out checks (0: off; default: %(default)s)",
     )
-    a("--seed", type=non_negative_int, default=0, help="default: 0")
+    a("--seed", type=non_negative_int, default=0, help="default: %(default)s")
     a(
         "--threads",
         type=non_negative_int,
         default=1,
-        help="CPU threads for BLAS and minivit's thread pool (default 1: the matrices are "
-        "small, and a second thread mostly waits on a busy machine; 0 = one per core)",
+        help="CPU threads for BLAS and minivit's thread pool (default %(default)s: the "
+        "matrices are small, and a second thread mostly waits on a busy machine; 0 = one per core)",
     )
     a(
         "--workers",
