@@ -94,6 +94,30 @@ def test_vilt_output_gradients_are_checked_key_by_key_on_every_path(path):
 
 
 @pytest.mark.parametrize("path", ["whole", "shards"])
+def test_a_gradient_on_the_other_backend_is_refused_by_the_model(cupy_stand_in, path):
+    """A CuPy gradient for a NumPy model (and the reverse) is refused by the model's backward,
+    naming both backends, before the batch is cut: it used to reach the head's linear_backward,
+    whose error named an op the caller never called. ViLT's dict is checked key by key."""
+    cp = cupy_stand_in.xp
+    _path(path)
+    m = ViT(**VIT, dtype="float64")
+    m.forward(_images(m))
+    d = np.ones((4, 2))
+    with pytest.raises(TypeError, match="ViT.backward: grad is a cupy array but the model runs "
+                       "on numpy; move it there first"):  # fmt: skip
+        m.backward(cp.asarray(d))
+    m.backward(d)  # the cache was left whole
+    mc = ViT(**VIT, dtype="float64", backend="cupy")
+    mc.forward(cp.asarray(_images(mc)))
+    with pytest.raises(TypeError, match="grad is a numpy array but the model runs on cupy"):
+        mc.backward(d)
+    v = ViLT(**VILT, dtype="float64")
+    out = v.forward(*_vilt_inputs())
+    with pytest.raises(TypeError, match=r"ViLT.backward: grad\['pooled'\] is a cupy array"):
+        v.backward({"pooled": cp.ones(out["pooled"].shape)})
+
+
+@pytest.mark.parametrize("path", ["whole", "shards"])
 def test_new_parameters_make_a_pending_forward_stale(path):
     """forward, load_state_dict, backward gave the gradients of the replaced weights: loading
     drops the forward's cache, and backward says why. A refused load changes nothing, so the

@@ -57,7 +57,7 @@ import threading
 from collections.abc import Mapping, Sequence
 
 from .. import _parallel
-from ..backend import Switch
+from ..backend import Switch, _library_of
 from ..ops import grad_enabled, set_grad_enabled
 from . import shard_workers
 
@@ -234,12 +234,14 @@ def check_output_grad(model, grad, spec):
     before anything is computed, whether the forward ran whole or in shards: an array output
     needs an array of its shape; a dict output (a model whose ``output_grad_keys`` names the
     differentiable keys) needs a dict of some of those keys, each None or an array of the
-    output's shape. Shapes and types only, so it costs nothing beside the backward."""
+    output's shape, on the model's backend. Shapes and types only, so it costs nothing beside
+    the backward."""
     keys = model.output_grad_keys
     what = f"{type(model).__name__}.backward"
+    on = (what, model.backend.name)
     if keys is None:
         _check_array_grad(
-            "grad", grad, spec, f"{what} takes the gradient of the forward's output, an array"
+            "grad", grad, spec, f"{what} takes the gradient of the forward's output, an array", on
         )
         return
     listed = ", ".join(keys)
@@ -258,17 +260,24 @@ def check_output_grad(model, grad, spec):
         if g is not None:
             name = f"grad[{k!r}]"
             expected = None if spec is None else spec.get(k)
-            _check_array_grad(name, g, expected, f"{name} must be None or an array")
+            _check_array_grad(name, g, expected, f"{name} must be None or an array", on)
 
 
-def _check_array_grad(name, g, expected, must):
+def _check_array_grad(name, g, expected, must, on):
     """One array gradient: an array (``must`` says what was wanted) of shape ``expected``
-    (None: any)."""
+    (None: any), of the backend ``on = (what, backend name)`` names."""
     if getattr(g, "shape", None) is None or getattr(g, "dtype", None) is None:
         raise TypeError(
             must
             + (f" of shape {expected}" if expected is not None else "")
             + f", got {type(g).__name__}"
+        )
+    what, backend = on
+    library = _library_of(g)
+    if library is not None and library != backend:
+        raise TypeError(
+            f"{what}: {name} is a {library} array but the model runs on {backend}; move it "
+            "there first (model.backend.asarray)"
         )
     if expected is not None and tuple(g.shape) != expected:
         raise _shape_error(name, g.shape, expected)
