@@ -102,6 +102,27 @@ def test_load_state_dict_checks_every_entry_before_it_copies_any():
     assert all(m.params[k].dtype == np.float64 for k in m.params)
 
 
+def test_load_state_dict_keeps_device_arrays_on_the_device(cupy_stand_in):
+    """A CuPy model loading CuPy arrays copies them on the device: it used to read every array
+    back to the host and upload it again (on the stand-in, a sync and an h2d per parameter).
+    The parameters are copies, not the caller's arrays, cast to the model's dtype."""
+    import _cupy_stand_in as si
+
+    src = ViT(**VIT, dtype="float32", seed=1, backend="cupy")
+    m = ViT(**VIT, dtype="float64", backend="cupy")
+    with si.counting() as c:
+        m.load_state_dict(src.params)
+    assert c["sync"] == 0 and c["h2d"] == 0, dict(c)
+    for k, v in src.params.items():
+        assert m.params[k] is not v and m.params[k].dtype == np.float64
+        np.testing.assert_array_equal(m.params[k].get(), v.get())
+    same = ViT(**VIT, dtype="float32", backend="cupy")
+    same.load_state_dict(src.params)  # no cast: still a copy of its own
+    key = "head.weight"
+    same.params[key][...] = 0
+    assert float(abs(src.params[key]).sum()) > 0
+
+
 def test_load_state_dict_takes_arrays_of_either_backend(backend):
     other = ViT(**VIT, dtype="float64", seed=1, backend=backend)
     want = other.state_dict()

@@ -259,7 +259,8 @@ def load_state_dict_into(model, state_dict, strict=True):
     loaded = False
     for k in expected:
         if k in state_dict:
-            model.params[k] = be.asarray(be.to_numpy(state_dict[k]), dtype=model.dtype).copy()
+            # a copy, never the caller's array; a CuPy array for a CuPy model stays on the device
+            model.params[k] = be.asarray(state_dict[k], dtype=model.dtype).copy()
             loaded = True
     if loaded:  # a pending forward's cache holds the arrays just replaced
         model._drop_cache("loaded")
