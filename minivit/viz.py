@@ -26,18 +26,13 @@ def attention_maps(model, images):
     long as it takes to read them. The forward runs whole, never in batch shards, so that
     shard worker processes holding a pending forward's cache are left alone.
     """
-    from .models.sharding import run_whole
     from .ops import set_grad_enabled
 
     be = model.backend
     x = be.asarray(images, dtype=model.dtype)
-    saved = model._cache, getattr(model, "_no_cache", "new")
-    try:
-        with set_grad_enabled(True):
-            run_whole(model.forward, x, train=False)
-            return [be.to_numpy(a) for a in model.cached_attention()]
-    finally:
-        model._cache, model._no_cache = saved
+    with model.keep_cache(), set_grad_enabled(True):
+        model.forward(x, train=False)
+        return [be.to_numpy(a) for a in model.cached_attention()]
 
 
 HEAD_FUSIONS = ("mean", "max")

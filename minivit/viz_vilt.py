@@ -17,7 +17,8 @@ __all__ = ["alignment_plan", "alignment_figure"]
 def alignment_plan(model, input_ids, text_mask, image):
     """One pair -> (words (list of str positions), plan (L, I) numpy, grid (gh, gw)).
 
-    input_ids (L,), text_mask (L,), image (C, H, W): numpy arrays.
+    input_ids (L,), text_mask (L,), image (C, H, W): numpy arrays. The model is left as it
+    was: a pending forward's cache is kept for its backward (``Model.keep_cache``).
     """
     from . import ops
     from .models import vilt_heads as H
@@ -27,8 +28,10 @@ def alignment_plan(model, input_ids, text_mask, image):
     ids = be.asarray(np.asarray(input_ids)[None, :L])
     mask = be.asarray(np.asarray(text_mask, bool)[None, :L])
     img = be.asarray(np.asarray(image)[None], dtype=model.dtype)
-    with ops.no_grad():  # the features only: no cache kept; every patch, so that the plan's
-        out = model.forward(ids, mask, img, max_image_len=-1)  # columns tile the grid
+    # the features only, and a pending training step left alone; every patch, so that the
+    # plan's columns tile the grid
+    with model.keep_cache(), ops.no_grad():
+        out = model.forward(ids, mask, img, max_image_len=-1)
     tv, iv = H.wpa_valid_masks(out["text_mask"], out["image_mask"])
     _, cache = H.wpa_forward(out["text_feats"], out["image_feats"], tv, iv)
     plan = be.to_numpy(H.wpa_plan(cache))[0]  # (L, I)

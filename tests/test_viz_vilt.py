@@ -69,3 +69,21 @@ def test_figure_has_a_panel_per_word(pair, tmp_path):
     # figsize (2.0 per column) x (2.2 per row + 0.4) inches at 110 dpi
     assert pixels.shape[1] == round(2.0 * ncol * 110)
     assert pixels.shape[0] == round((2.2 * -(-n_panels // ncol) + 0.4) * 110)
+
+
+def test_plan_leaves_a_pending_training_forward_alone(pair):
+    """alignment_plan between a training forward and its backward ran a no_grad forward that
+    dropped the pending cache, so the backward failed ("no_grad ... keeps none"). The cache is
+    now put back (Model.keep_cache): the backward gives the gradients it gives without the plan."""
+    data, model, ids, mask, image = pair
+    batch = data.itm_batch(data.rng("train"), 2)
+    inputs = (batch["input_ids"], batch["text_mask"], batch["images"].astype("float64"))
+    out = model.forward(*inputs, train=True)
+    grad = {"pooled": np.ones(out["pooled"].shape)}
+    model.backward(grad)
+    ref = {k: g.copy() for k, g in model.grads.items()}
+    model.forward(*inputs, train=True)
+    alignment_plan(model, ids, mask, image)
+    model.backward(grad)
+    for k in ref:
+        np.testing.assert_array_equal(model.grads[k], ref[k], err_msg=k)

@@ -14,6 +14,7 @@ the plumbing that is the same for all of them:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Mapping
@@ -173,6 +174,22 @@ class Model:
         """Let go of the forward's cache; ``why`` is a key of ``_NO_CACHE_REASONS``."""
         self._cache = None
         self._no_cache = why
+
+    @contextlib.contextmanager
+    def keep_cache(self):
+        """A block whose forwards leave a pending training step alone (the study tools draw
+        their pictures in one): the forward's cache, or the reason there is none, is put back
+        when the block ends, so the next ``backward`` is the pending forward's. Forwards inside
+        run whole, never in batch shards, so that shard worker processes holding that forward's
+        cache are not touched either."""
+        from .sharding import whole
+
+        saved = self._cache, getattr(self, "_no_cache", "new")
+        try:
+            with whole():
+                yield self
+        finally:
+            self._cache, self._no_cache = saved
 
     def _no_cache_error(self, what):
         """The RuntimeError of ``what`` ("backward", ...) when there is no cache."""

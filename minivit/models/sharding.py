@@ -81,6 +81,7 @@ __all__ = [
     "output_spec",
     "check_output_grad",
     "run_whole",
+    "whole",
     "MODES",
 ]
 
@@ -147,15 +148,22 @@ def set_mode(value: str) -> str:
 _whole = threading.local()
 
 
-def run_whole(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` with every decorated forward it calls on this thread run whole,
-    never in shards: one cache held by the model itself, none by worker processes (whose
-    caches of a pending sharded forward, ``MINIVIT_SHARD=processes``, it leaves alone)."""
+@contextlib.contextmanager
+def whole():
+    """Inside the block, every decorated forward on this thread runs whole, never in shards:
+    one cache held by the model itself, none by worker processes (whose caches of a pending
+    sharded forward, ``MINIVIT_SHARD=processes``, it leaves alone)."""
     _whole.depth = getattr(_whole, "depth", 0) + 1
     try:
-        return fn(*args, **kwargs)
+        yield
     finally:
         _whole.depth -= 1
+
+
+def run_whole(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` inside :func:`whole`."""
+    with whole():
+        return fn(*args, **kwargs)
 
 
 class ShardedRun:
