@@ -24,7 +24,7 @@ if __name__ == "__main__":  # before NumPy loads: the fastest OpenBLAS kernels f
     apply_for_command()
 
 from benchmarks import harness, models, ops, report  # noqa: E402
-from minivit.backend import BACKEND_NAMES  # noqa: E402
+from minivit.backend import env_backend_name  # noqa: E402
 from minivit.train.common import (  # noqa: E402
     non_negative_float,
     non_negative_int,
@@ -111,10 +111,12 @@ def config_from_args(args) -> harness.BenchConfig:
     backends = args.backend
     if isinstance(backends, str):
         backends = [backends]
-    if not backends and os.environ.get("MINIVIT_BACKEND"):
-        backends = [os.environ["MINIVIT_BACKEND"].lower()]  # as every minivit command does
     if not backends:
-        backends = ["numpy"] + (["cupy"] if harness.impl_available("cupy") else [])
+        env = env_backend_name()  # as every minivit command does
+        if env:
+            backends = [env]
+        else:
+            backends = ["numpy"] + (["cupy"] if harness.impl_available("cupy") else [])
     kind = "quick" if args.quick else "full"
     return harness.BenchConfig(
         backends=list(backends),
@@ -248,9 +250,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         args.models, args.ops = check_names(args.models, args.ops, args.profile or args.perf)
-        env = os.environ.get("MINIVIT_BACKEND")
-        if not args.backend and env and env.lower() not in BACKEND_NAMES:
-            raise ValueError(f"$MINIVIT_BACKEND must be one of {BACKEND_NAMES}, got {env!r}")
+        if not args.backend:
+            env_backend_name()  # a wrong $MINIVIT_BACKEND is a usage error, before any work
     except ValueError as exc:
         p.error(str(exc))
     return dispatch(args)

@@ -141,17 +141,31 @@ def _make_cupy() -> Backend:
     return Backend("cupy", cupy, cupyx.scipy.special.erf)
 
 
+def env_backend_name() -> str | None:
+    """The backend that ``$MINIVIT_BACKEND`` names (any case), or None when it is unset or
+    empty. Every command's default backend, and ``get_backend(None)``'s, comes from here. Raises
+    ``ValueError`` naming the variable when it names no backend (it is not checked that the
+    backend can run here: ``get_backend`` says that)."""
+    env = os.environ.get("MINIVIT_BACKEND")
+    if not env:
+        return None
+    if env.lower() not in BACKEND_NAMES:
+        raise ValueError(f"$MINIVIT_BACKEND must be one of {BACKEND_NAMES}, got {env!r}")
+    return env.lower()
+
+
 def get_backend(name: str | Backend | None = None) -> Backend:
     """Return the backend called ``name`` (``"numpy"`` or ``"cupy"``).
 
-    ``None`` reads the environment variable ``MINIVIT_BACKEND`` (default ``"numpy"``). A
+    ``None`` reads the environment variable ``MINIVIT_BACKEND`` (:func:`env_backend_name`;
+    default ``"numpy"``). A
     :class:`Backend` passed in is returned unchanged. Raises :class:`BackendUnavailable` when
     CuPy or a CUDA device is missing, and ``ValueError`` for an unknown name.
     """
     if isinstance(name, Backend):
         return name
     if name is None:
-        name = os.environ.get("MINIVIT_BACKEND", "numpy") or "numpy"
+        name = env_backend_name() or "numpy"
     name = str(name).lower()
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")

@@ -44,11 +44,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    name = args.backend or os.environ.get("MINIVIT_BACKEND") or None
-    if name:
-        from .backend import get_backend
+    from .backend import env_backend_name, get_backend
 
-        # BackendUnavailable (exit status 2) says what is missing, ValueError a wrong name
+    # ValueError (exit status 2) names a wrong name, BackendUnavailable what is missing
+    name = args.backend or env_backend_name()
+    if name:
         args.backend = get_backend(name).name
     # the timed benchmark, or --profile (op by op) or --perf (by kind of work): run.py decides
     return _benchmarks_package().dispatch(args)

@@ -49,7 +49,8 @@ def test_environment_variable(monkeypatch):
     monkeypatch.setenv("MINIVIT_BACKEND", "")
     assert get_backend().name == "numpy"  # empty counts as unset
     monkeypatch.setenv("MINIVIT_BACKEND", "tpu")
-    with pytest.raises(ValueError, match=r"backend must be one of \('numpy', 'cupy'\), got 'tpu'"):
+    want = r"\$MINIVIT_BACKEND must be one of \('numpy', 'cupy'\), got 'tpu'"  # names the variable
+    with pytest.raises(ValueError, match=want):
         get_backend()
 
 
