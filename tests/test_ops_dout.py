@@ -286,10 +286,16 @@ def test_integer_options_take_numpy_integers(backend):
 
 @pytest.mark.filterwarnings("ignore::minivit.ops.SinkhornConvergenceWarning")
 def test_integer_options_refuse_bools_and_floats(backend):
+    """Another kind of value is a TypeError, as in the models' constructors; 0 a ValueError."""
     for name, call in _integer_option_calls(backend):
         for v in (True, np.True_, 2.0, np.float64(2.0), "2"):
-            with pytest.raises(ValueError, match=rf"{name} must be"):
+            with pytest.raises(
+                TypeError, match=rf"{name} must be .*, got \w+ .*{re.escape(repr(v))}"
+            ):
                 call(v)
+        if name not in ("padding", "axis"):  # 0 is a valid padding and axis
+            with pytest.raises(ValueError, match=rf"{name} must be .*, got 0"):
+                call(0)
 
 
 def test_real_options_take_numpy_floats(backend):
@@ -302,7 +308,10 @@ def test_real_options_take_numpy_floats(backend):
         backend.to_numpy(ops.ipot_forward(cost, beta=0.5, n_iters=3)[0]),
     )
     for bad in (True, "0.1"):
-        with pytest.raises(ValueError, match=r"epsilon must be a positive number"):
+        with pytest.raises(TypeError, match=r"epsilon must be a real number"):
+            ops.sinkhorn_forward(cost, epsilon=bad)
+    for bad in (0.0, -1, np.inf):
+        with pytest.raises(ValueError, match=r"epsilon must be (a positive number|finite)"):
             ops.sinkhorn_forward(cost, epsilon=bad)
 
 

@@ -6,8 +6,8 @@ rule: the forward output's backend, shape and dtype, exactly.
 Checks raise ``TypeError`` for a wrong kind of value (not an array, wrong dtype, two backends) and
 ``ValueError`` for a wrong shape or value, and always name the argument, what was expected and
 what was given. Integer and real options (``num_heads``, ``n_iters``, ``epsilon``:
-:func:`check_count`, :func:`check_real`) raise ``ValueError`` for any bad value, a bool or a
-string included, as they always have.
+:func:`check_count`, :func:`check_real`) keep the same rule, as the models' constructors do: a
+bool or a string is a wrong kind (``TypeError``), a count of 0 a wrong value (``ValueError``).
 """
 
 from __future__ import annotations
@@ -261,20 +261,24 @@ def as_index(value):
 
 def check_count(name: str, value, minimum: int = 1) -> int:
     """An integer option (a size, a count: num_heads, patch_size, n_iters) >= ``minimum``,
-    returned as a Python int. NumPy integers are accepted; bools, floats and strings raise
-    ``ValueError`` naming the option."""
+    returned as a Python int. NumPy integers are accepted. As everywhere in minivit (the
+    models' ``int_arg``), another type (a bool, a float, a string) raises ``TypeError`` and an
+    integer below ``minimum`` ``ValueError``, each naming the option."""
     v = as_index(value)
-    if v is None or v < minimum:
-        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    if v is None:
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if v < minimum:
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return v
 
 
 def check_real(name: str, value) -> float:
     """A real-valued option (epsilon, beta, tol) as a Python float: Python and NumPy ints and
-    floats are accepted; bools, strings and arrays raise ``ValueError`` naming the option."""
+    floats are accepted; bools, strings and arrays raise ``TypeError`` naming the option (the
+    caller checks the range)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value)
 
 

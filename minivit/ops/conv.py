@@ -55,13 +55,19 @@ __all__ = [
 
 def _pair(name: str, v, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints (height, width), each >= minimum, as Python ints. NumPy integers
-    count as ints (``operator.index``); bools and floats do not."""
-    one = as_index(v)
-    pair = (one, one) if one is not None else None
-    if pair is None and isinstance(v, tuple | list) and len(v) == 2:
+    count as ints (``operator.index``); bools and floats do not (``TypeError``). A sequence of
+    another length than 2, or an int below ``minimum``, is a ``ValueError``."""
+    what = f"{name} must be an int >= {minimum} or a pair of them, got"
+    if isinstance(v, tuple | list):
+        if len(v) != 2:
+            raise ValueError(f"{what} {v!r}")
         pair = (as_index(v[0]), as_index(v[1]))
-    if pair is None or any(e is None or e < minimum for e in pair):
-        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {v!r}")
+    else:
+        pair = (as_index(v),) * 2
+    if None in pair:
+        raise TypeError(f"{what} {type(v).__name__} {v!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{what} {v!r}")
     return pair
 
 

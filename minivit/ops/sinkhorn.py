@@ -68,11 +68,9 @@ class SinkhornConvergenceWarning(RuntimeWarning):
 
 
 def _check_positive(name, value):
-    """A positive finite number (Python or NumPy, not bool) -> a Python float."""
-    try:
-        v = check_real(name, value)
-    except ValueError:
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    """A positive finite number (Python or NumPy, not bool) -> a Python float. Another kind of
+    value raises ``TypeError`` (:func:`check_real`), a number out of range ``ValueError``."""
+    v = check_real(name, value)
     if not v > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     if not math.isfinite(v):

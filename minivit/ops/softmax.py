@@ -25,7 +25,7 @@ def softmax_forward(x, axis=-1):
     check_float("x", x, ndim_min=1)
     index = as_index(axis)  # a NumPy integer too; not a bool or a float
     if index is None:
-        raise ValueError(f"axis must be an int, got {axis!r}")
+        raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
     if not -x.ndim <= index < x.ndim:
         raise ValueError(
             f"axis must be in [-{x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {axis!r}"
