@@ -234,7 +234,9 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
       comes from ``num_heads``, else from a ``config.json`` beside the file (HF's
       ``num_attention_heads``, which also gives ``layer_norm_eps``), else the count timm's
       common configs give the width (``convert.default_num_heads``: heads of 64, but 16 heads
-      for the ViT-H, ViT-g, ViT-G and SigLIP so400m widths).
+      for the ViT-H, ViT-g, ViT-G and SigLIP so400m widths). Where that ``config.json`` gives
+      the depth, width, patch size, channels or vocabulary, the shapes must agree with it
+      (``CheckpointError`` otherwise: a file missing its last block would load shallower).
     * a Hugging Face ViLT ``model.safetensors`` (``ViltForMaskedLM``, ``ViltModel``,
       ``ViltForQuestionAnswering``, ...): converted with ``from_hf_vilt``, the config read off
       the shapes and the same ``config.json``. Heads the file lacks (the MLM checkpoint has no
@@ -274,9 +276,11 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
     from .models.vit import ViT
 
     sd = to_timm_vit(tensors)
+    inferred = infer_vit_config(sd, num_heads=num_heads)
+    _check_hf_config(path, hf, inferred)
     # HF's layernorm eps (its ViT default is 1e-12), when its config.json says
     from_json = {"eps": float(hf["layer_norm_eps"])} if "layer_norm_eps" in hf else {}
-    cfg = {**infer_vit_config(sd, num_heads=num_heads), **from_json, **overrides}
+    cfg = {**inferred, **from_json, **overrides}
     model = ViT(**cfg, dtype=dtype or "float32", backend=backend)
     want = tuple(model.params["pos_embed"].shape)
     if tuple(sd["pos_embed"].shape) != want:
@@ -300,6 +304,33 @@ def _hf_config_beside(path) -> dict:
         raise CheckpointError(f"cannot read {str(cfg_json)!r}: {exc}") from exc
 
 
+# config.json's names (Hugging Face's ViT and ViLT configs) for what the weights' shapes give too
+_HF_SHAPE_KEYS = {
+    "num_hidden_layers": "depth",
+    "hidden_size": "embed_dim",
+    "patch_size": "patch_size",
+    "num_channels": "in_chans",
+    "vocab_size": "vocab_size",
+}
+
+
+def _check_hf_config(path, hf, cfg):
+    """Refuse weights whose shapes disagree with the ``config.json`` beside them (``hf``; ``cfg``
+    the config read off the shapes). The blocks are counted by their names, so a file that lost
+    its last whole block would load as a shallower model without a word: its config says how
+    many it should hold."""
+    wrong = [
+        f"{key} is {hf[key]}, the weights give {name}={cfg[name]}"
+        for key, name in _HF_SHAPE_KEYS.items()
+        if key in hf and name in cfg and hf[key] != cfg[name]
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{str(path)!r} does not match the config.json beside it: {'; '.join(wrong)} (an "
+            "incomplete file, or another model's config)"
+        )
+
+
 def _load_hf_vilt(path, tensors, meta, hf, backend, dtype, num_heads, overrides):
     from .convert import from_hf_vilt, infer_vilt_config
     from .models.vilt import ViLT
@@ -311,6 +342,7 @@ def _load_hf_vilt(path, tensors, meta, hf, backend, dtype, num_heads, overrides)
         raise CheckpointError(
             f"{str(path)!r} is not a ViLT checkpoint minivit reads: {exc}"
         ) from exc
+    _check_hf_config(path, hf, cfg)
     model = ViLT(**{**cfg, **overrides}, dtype=dtype or "float32", backend=backend)
     try:
         missing, _ = model.load_state_dict(sd, strict=False)

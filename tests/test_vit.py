@@ -133,6 +133,27 @@ def test_timm_named_safetensors_file_loads(backend, tmp_path):
     assert rel(backend.to_numpy(v2.forward(backend.asarray(x))), ref) < 1e-10
 
 
+@pytest.mark.oracle
+def test_a_hub_file_that_disagrees_with_its_config_is_refused(tmp_path):
+    """The blocks are counted by their names, so a file that lost its last whole block loaded as
+    a one-block model without a word. The config.json beside it says two: refused, naming it."""
+    from safetensors.numpy import save_file
+
+    from minivit.checkpoint import CheckpointError, load_model
+
+    m = hf_model()
+    sd = hub_naming({k: t.numpy() for k, t in m.state_dict().items()})
+    cut = {k: np.ascontiguousarray(v) for k, v in sd.items() if ".layer.1." not in k}
+    assert len(cut) < len(sd)
+    save_file(cut, tmp_path / "model.safetensors")
+    m.config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers is 2, the weights give depth=1"):
+        load_model(tmp_path / "model.safetensors")
+    (tmp_path / "config.json").unlink()  # without the config nothing says so: it loads
+    v, _ = load_model(tmp_path / "model.safetensors")
+    assert v.depth == 1
+
+
 def tiny(backend, **kw):
     cfg = dict(img_size=4, patch_size=2, in_chans=2, num_classes=3, embed_dim=8, depth=2,
                num_heads=2, dtype="float64", backend=backend, seed=3)  # fmt: skip
