@@ -450,7 +450,10 @@ def _rebuilt(name, message, note, base=None):
             exc = RuntimeError(f"{name}: {message}")
     else:
         exc = RuntimeError(f"{name}: {message}")
-    exc.add_note(note)
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # Python 3.10 has no add_note; keep the note where 3.11 keeps it (not printed there)
+        exc.__notes__ = [note]
     return exc
 
 

@@ -251,10 +251,11 @@ def _check_dout_slowly(op, dout, shape, dtype, kind, name, scalar_ok=False):
 def as_index(value):
     """``value`` as a Python int when it is integral (an int, a NumPy integer, a 0-d integer
     array: whatever ``operator.index`` takes), else None. Bools are not integers here."""
-    if isinstance(value, bool):
+    # NumPy's bool too: NumPy 2.4 refuses it in operator.index, but 2.0 only warns
+    if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b":
         return None
     try:
-        return operator.index(value)  # NumPy's bool refuses it too
+        return operator.index(value)
     except TypeError:
         return None
 
