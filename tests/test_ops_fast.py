@@ -262,13 +262,45 @@ def test_softmax_rows_far_below_the_block_maximum(dtype):
     assert np.all(np.isfinite(got[0]))
 
 
+@pytest.fixture
+def attention_paths(monkeypatch):
+    """Counts of attention's fast forward and backward calls: a test of the fast path must see
+    it run (arrays below ``_fast.MIN_ELEMS`` take the generic path on both sides unnoticed)."""
+    from minivit.ops import attention
+
+    calls = {"forward": 0, "backward": 0}
+    for name, key in (("_fast_forward", "forward"), ("_fast_backward", "backward")):
+        real = getattr(attention, name)
+
+        def counted(*args, _real=real, _key=key, **kwargs):
+            calls[_key] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(attention, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scaled_softmax_rows_far_below_the_block_maximum(dtype):
+    """Attention's softmax takes a scale: softmax(scale * S). The rows redone with their own
+    shift (far below their block's maximum) must be scaled too."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((256, 64)).astype(dtype) * 4
+    x[1::3] -= 2000.0  # times the scale 0.125: exp(-250) underflows in float32
+    x[2::3] -= 1e5
+    scale = 0.125
+    want = ops.softmax_forward(x.astype(np.float64) * scale)[0].astype(dtype)
+    got = _fast.softmax_(x.copy(), scale)
+    _close(want, got, dtype)
+
+
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("B", [3, 1])  # a batch of one splits the heads over the threads
-def test_attention(threads, dtype, B):
+def test_attention(threads, dtype, B, attention_paths):
     _parallel.set_num_threads(threads)
     rng = np.random.default_rng(5)
-    N, D, H = 53, 96, 4
+    N, D, H = 65, 96, 4  # P (B, H, N, N) above MIN_ELEMS for B = 1 too
     x = rng.standard_normal((B, N, D)).astype(dtype)
     w_qkv = (rng.standard_normal((3 * D, D)) * 0.2).astype(dtype)
     b_qkv = rng.standard_normal(3 * D).astype(dtype)
@@ -281,17 +313,18 @@ def test_attention(threads, dtype, B):
         return (out, c.attn) + ops.attention_backward(d, c)
 
     _close(*_both(run), dtype)
+    assert attention_paths == {"forward": 1, "backward": 1}  # the fast run took the fast path
 
 
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("fully_masked", [False, True])
-def test_attention_with_a_key_mask(threads, dtype, fully_masked):
+def test_attention_with_a_key_mask(threads, dtype, fully_masked, attention_paths):
     """Padded keys (ViLT's text): the fast path adds the mask as -inf and gives the masked keys
     exact zeros; a sequence with no valid key at all gets P = 0 rows, as on the generic path."""
     _parallel.set_num_threads(threads)
     rng = np.random.default_rng(6)
-    B, N, D, H = 3, 41, 32, 4
+    B, N, D, H = 3, 41, 48, 4  # qkv (B, N, 3D) above MIN_ELEMS: the fast path runs
     x = rng.standard_normal((B, N, D)).astype(dtype)
     w_qkv = (rng.standard_normal((3 * D, D)) * 0.3).astype(dtype)
     w_proj = (rng.standard_normal((D, D)) * 0.3).astype(dtype)
@@ -308,6 +341,7 @@ def test_attention_with_a_key_mask(threads, dtype, fully_masked):
 
     ref, got = _both(run)
     _close(ref, got, dtype)
+    assert attention_paths == {"forward": 1, "backward": 1}
     attn = got[1]
     assert (np.moveaxis(attn, 3, 1)[~mask] == 0).all()  # masked keys (b, j): exactly 0
     if fully_masked:

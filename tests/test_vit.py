@@ -165,8 +165,11 @@ def tiny(backend, **kw):
     return v
 
 
-def test_whole_model_gradcheck(backend):
-    v = tiny(backend)
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_whole_model_gradcheck(backend, global_pool):
+    """Every parameter's and the image's gradient against central differences, for the CLS
+    token's head and for timm's average pool (fc_norm over the mean of the patch tokens)."""
+    v = tiny(backend, global_pool=global_pool)
     rng = np.random.default_rng(5)
     x = backend.asarray(rng.standard_normal((3, 2, 4, 4)))
     y = backend.asarray(np.array([0, 2, 1]))
@@ -189,6 +192,32 @@ def test_whole_model_gradcheck(backend):
     num = (lp - lm) / (2 * eps)
     ana = float((dx * d).sum())
     assert abs(num - ana) <= 1e-6 * max(abs(ana), 1e-3)
+
+
+def test_training_forward_gradcheck_with_dropout_and_drop_path(backend):
+    """In training, dropout (after the position embedding, in every block and before the head)
+    and stochastic depth draw masks; with the generator reseeded before each forward the masks
+    are fixed, and the loss is a smooth function of the parameters whose gradient backward must
+    give, masks included (a mask dropped from the backward passed every other test)."""
+    v = tiny(backend, drop_rate=0.3, drop_path_rate=0.3)
+    rng = np.random.default_rng(7)
+    x = backend.asarray(rng.standard_normal((3, 2, 4, 4)))
+    y = backend.asarray(np.array([0, 2, 1]))
+
+    def forward():
+        v.rng = backend.rng(11)  # the same masks at every evaluation
+        return v.forward(x, train=True)
+
+    def loss():
+        return ops.cross_entropy_forward(forward(), y)[0]
+
+    with minivit.no_grad():
+        plain = v.forward(x)
+    assert not np.allclose(backend.to_numpy(forward()), backend.to_numpy(plain))  # masks drawn
+    _, c = ops.cross_entropy_forward(forward(), y)
+    v.backward(ops.cross_entropy_backward(backend.xp.asarray(1.0), c)[0])
+    rep = check_model_directional(loss, v.params, v.grads, per_parameter=True, n_directions=1)
+    rep.assert_ok()
 
 
 def test_dropout_train_and_eval(backend):
