@@ -493,6 +493,25 @@ def test_ops_on_their_fused_branch(dtype, rng):
 
 
 @pytest.mark.usefixtures("fused_on_numpy")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_caches_take_a_non_contiguous_gradient(dtype, rng):
+    """A kernel's cache meets a dout the kernels cannot read (not C-contiguous: a transposed
+    view, say): layernorm rebuilds the generic cache from mean and rstd, GELU computes Phi and
+    phi itself. Both must give what the kernels give for the same values, contiguous."""
+    x = _normal(rng, (4, 9, 48), dtype, 2, 1)
+    g, b = _normal(rng, (48,), dtype), _normal(rng, (48,), dtype)
+    d = _normal(rng, x.shape, dtype)
+    strided = np.asfortranarray(d)  # the same values, another layout
+    assert not strided.flags.c_contiguous
+    y1, c1 = ops.layernorm_forward(x, g, b)
+    y2, c2 = ops.gelu_forward(x)
+    assert c1.fused and c2.fused
+    want = ops.layernorm_backward(d, c1) + ops.gelu_backward(d, c2)
+    got = ops.layernorm_backward(strided, c1) + ops.gelu_backward(strided, c2)
+    _close(want, got, dtype)
+
+
+@pytest.mark.usefixtures("fused_on_numpy")
 def test_vit_train_steps_with_the_fused_kernels(rng):
     """Two AdamW steps of a small ViT (float64): logits, every gradient and the updated
     parameters agree with the generic path, so the fused caches flow through the blocks."""

@@ -691,6 +691,10 @@ def test_ipot_matches_scaling_domain_reference(backend, path, monkeypatch):
         )
         ref = ipot_reference(C, a, b, 0.5, 50, inner)
         assert rel(backend.to_numpy(P), ref) <= 1e-12
+        # the scaling domain itself, on this plain kernel: it must not need the log domain's
+        # rescue (a wrong update there fails its own check, and the fallback hid it)
+        scaled = sk._ipot_scaling(C, a, b, 0.5, 50, inner)
+        assert scaled is not None and rel(scaled, ref) <= 1e-12
     grads = ops.ipot_backward(backend.asarray(np.ones(C.shape)), cache)
     assert all(float(abs(backend.to_numpy(g)).max()) == 0.0 for g in grads)
     assert [g.shape for g in grads] == [C.shape, a.shape, b.shape]

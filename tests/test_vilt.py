@@ -207,6 +207,24 @@ def test_wpa_uses_only_words_and_patches(backend):
     assert (backend.to_numpy(dist) > 0).all()
 
 
+def test_wpa_row_without_words_has_no_distance_and_no_gradient(backend):
+    """A caption of only [CLS] and [SEP] has no word to align: its distance is 0 and its
+    features get no gradient from WPA (its dummy uniform marginal still makes a plan, which
+    the backward must not follow). The other rows keep theirs."""
+    rng = np.random.default_rng(3)
+    text = backend.asarray(rng.standard_normal((3, 5, 8)))
+    image = backend.asarray(rng.standard_normal((3, 4, 8)))
+    tv = np.ones((3, 5), bool)
+    tv[1] = False  # row 1: no word
+    iv = backend.asarray(np.ones((3, 4), bool))
+    dist, cache = H.wpa_forward(text, image, backend.asarray(tv), iv)
+    d = backend.to_numpy(dist)
+    assert d[1] == 0 and (d[[0, 2]] > 0).all()
+    dt, di = (backend.to_numpy(g) for g in H.wpa_backward(backend.asarray(np.ones(3)), cache))
+    assert np.abs(dt[1]).max() == 0 and np.abs(di[1]).max() == 0
+    assert np.abs(dt[0]).max() > 0 and np.abs(di[2]).max() > 0
+
+
 def test_max_image_len_samples_with_a_seeded_generator(backend):
     a, b = tiny(backend, max_image_len=3), tiny(backend, max_image_len=3)
     ids, mask, images = batch(backend)
