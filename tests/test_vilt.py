@@ -562,6 +562,30 @@ def _worker_ignores_sigint(step):
     return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
+def test_a_lost_batch_is_an_error_not_a_hang(monkeypatch):
+    """A pool never returns the task of a worker that died: the loop waited for ever. It now
+    gives up after BATCH_TIMEOUT_S with an error that says what to do."""
+    from minivit.data.shapes import ShapesCaptions
+    from minivit.train import vilt as train_vilt
+
+    data = ShapesCaptions()
+    spec = dict(img_size=data.img_size, max_text_len=data.tokenizer.max_text_len,
+                seed=data.seed, cells=data.cells, steps=2, curriculum=(0.0, 0.0), batch_size=2,
+                mlm_batch_size=2, hard_fraction=0.5, relation_share=None)  # fmt: skip
+    monkeypatch.setattr(train_vilt, "BATCH_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(train_vilt, "_batch_for_step", _worker_dies)
+    with pytest.raises(RuntimeError, match=r"a batch worker made no batch in 0.5 s.*--workers 0"):
+        with train_vilt.prefetch(spec, range(1), workers=1) as batches:
+            next(batches)
+
+
+def _worker_dies(step):
+    """A stand-in batch maker whose process dies, as one killed by the OOM killer would."""
+    import os
+
+    os._exit(1)
+
+
 def test_batch_workers_leave_ctrl_c_to_the_training_process():
     """A batch worker ignores SIGINT: Ctrl-C reaches the whole process group, and a worker that
     took it printed a stray traceback header before the run's own "minivit: interrupted". The
@@ -597,7 +621,8 @@ def test_batch_workers_leave_ctrl_c_to_the_training_process():
         with mp.get_context("fork").Pool(
             1, initializer=train_vilt._init_pool_worker, initargs=(spec,)
         ) as pool:  # what a batch worker runs first
-            assert pool.apply(signal.getsignal, (signal.SIGINT,)) is signal.SIG_IGN
+            got = pool.apply_async(signal.getsignal, (signal.SIGINT,)).get(timeout=60)
+            assert got is signal.SIG_IGN
         # and prefetch's own workers run it: a batch made there sees Ctrl-C ignored
         real = train_vilt._batch_for_step
         train_vilt._batch_for_step = _worker_ignores_sigint

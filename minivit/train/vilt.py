@@ -487,6 +487,10 @@ def _init_pool_worker(spec):
     _init_worker(spec)
 
 
+# Seconds to wait for one batch from a worker (a batch takes milliseconds to make).
+BATCH_TIMEOUT_S = 300
+
+
 @contextlib.contextmanager
 def prefetch(spec, steps, workers, depth=4):
     """Yields an iterator over the batches of ``steps``: made by ``workers`` forked processes
@@ -506,7 +510,16 @@ def prefetch(spec, steps, workers, depth=4):
             pool.apply_async(_batch_for_step, (s,)) for s in itertools.islice(it, depth)
         )
         while pending:
-            batch = pending.popleft().get()
+            try:
+                # A pool loses the task of a worker that dies (its result never comes), and a
+                # forked worker can hang on a lock another thread held at the fork: an error
+                # after a wait no batch needs, not a training run that hangs for ever.
+                batch = pending.popleft().get(timeout=BATCH_TIMEOUT_S)
+            except mp.TimeoutError:
+                raise RuntimeError(
+                    f"a batch worker made no batch in {BATCH_TIMEOUT_S} s (a worker process "
+                    "died or hung); run again, or with --workers 0 to make the batches inline"
+                ) from None
             nxt = next(it, None)
             if nxt is not None:
                 pending.append(pool.apply_async(_batch_for_step, (nxt,)))
