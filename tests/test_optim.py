@@ -254,8 +254,13 @@ def test_state_dict_round_trip_resumes_exactly(backend, make):
     opt1 = make(first)
     for grads in seq[:3]:
         opt1.step(grads)
-    blob = save({k: backend.to_numpy(v) for k, v in opt1.state_dict().items()})
+    snapshot = opt1.state_dict()
+    blob = save({k: backend.to_numpy(v) for k, v in snapshot.items()})
     resumed = on(backend, {k: backend.to_numpy(v) for k, v in first.items()})
+    kept = {k: backend.to_numpy(v).copy() for k, v in snapshot.items()}
+    opt1.step(seq[3])  # a snapshot is a copy: the optimizer's next step leaves it as it was
+    for k, v in snapshot.items():
+        np.testing.assert_array_equal(backend.to_numpy(v), kept[k], err_msg=k)
     opt2 = make(resumed)
     opt2.load_state_dict(load(blob))
     assert opt2.step_count == 3

@@ -95,6 +95,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys, 
     b = json.loads((part / "metrics.json").read_text())["history"]
     keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    # the schedule runs over the global step: 96 images in batches of 32 are 3 steps an epoch,
+    # 9 in all, the first epoch's 3 the warmup; each epoch logs the lr of its last step
+    from minivit.optim import WarmupCosine
+
+    sched = WarmupCosine(2e-3, 9, 3, min_lr=1e-5)
+    assert [r["lr"] for r in a] == pytest.approx([sched(2), sched(5), sched(8)], rel=1e-12)
     from minivit.checkpoint import load_checkpoint
 
     ta, _ = load_checkpoint(full / "checkpoint.safetensors")
@@ -102,6 +108,23 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys, 
     assert set(ta) == set(tb) and any(k.startswith("optim.") for k in ta)
     for k in ta:
         np.testing.assert_array_equal(ta[k], tb[k])
+
+
+def test_each_epoch_draws_its_own_shuffle_and_masks():
+    """epoch_rngs seeds an epoch's host generator (shuffle, augmentation) and the model's
+    (dropout) from (seed, epoch): the same for a resumed epoch, another for the next one."""
+    from minivit import ViT
+
+    m = ViT(img_size=4, patch_size=2, in_chans=1, num_classes=2, embed_dim=8, depth=1,
+            num_heads=2)  # fmt: skip
+
+    def draws(seed, epoch):
+        host = common.epoch_rngs(m, seed, epoch)
+        return host.permutation(50).tolist(), m.backend.to_numpy(m.rng.random(5)).tolist()
+
+    assert draws(0, 1) == draws(0, 1)  # a resumed epoch replays its draws
+    for other in (draws(0, 2), draws(1, 1)):
+        assert other[0] != draws(0, 1)[0] and other[1] != draws(0, 1)[1]
 
 
 def test_resume_refuses_non_training_checkpoint(tmp_path):
