@@ -241,6 +241,24 @@ def test_from_hf_vilt_accepts_both_namings_and_model_without_prefix():
     assert "mlm_score.decoder.bias" not in a
 
 
+def test_a_vilt_without_qkv_biases_is_read_as_one():
+    """ViltConfig(qkv_bias=False) has no query/key/value biases: the config read off the weights
+    says so, and the model built from it takes the weights whole (strict)."""
+    from transformers import ViltForMaskedLM
+
+    from minivit.convert import infer_vilt_config
+
+    torch.manual_seed(0)
+    hf = ViltForMaskedLM(_hf_config(qkv_bias=False)).double().eval()
+    sd = from_hf_vilt({k: v.detach().numpy() for k, v in hf.state_dict().items()})
+    assert not any(k.endswith("attn.qkv.bias") for k in sd)
+    cfg = infer_vilt_config(sd, num_heads=4)
+    assert cfg["qkv_bias"] is False
+    model = ViLT(**cfg, dtype="float64")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert unexpected == [] and all(k.startswith("itm_score.") for k in missing)
+
+
 def test_from_hf_vilt_names_unknown_and_incomplete_keys():
     hf = _hf_model(seed=8)
     sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}

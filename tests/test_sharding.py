@@ -252,6 +252,8 @@ def test_joined_list_reads_like_the_joined_arrays():
     for plain in (pickle.loads(pickle.dumps(j)), copy.deepcopy(j), j + [], [] + j):
         assert type(plain) is list and len(plain) == 2
         np.testing.assert_array_equal(plain[1], j[1])
+    x = np.full((3, 2), 7.0)
+    assert ([x] + j)[0] is x and (j + [x])[2] is x  # each side keeps its place
 
 
 def test_shards_keep_no_gradients_after_the_sum():

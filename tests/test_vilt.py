@@ -460,6 +460,28 @@ def test_training_loss_decreases_on_a_fixed_batch():
     assert float(losses["loss"]) < 0.8 * first
 
 
+def test_a_training_batch_keeps_each_task_to_its_rows():
+    """make_batch: ITM rows first with MLM labels all -100, then MLM rows with ITM labels -100;
+    the text cut to the longest caption, whose last valid token is its [SEP]. The held-out sets
+    of the training loop come from the test stream, never from a training step's."""
+    from minivit.data.shapes import ShapesCaptions
+    from minivit.train import vilt as train_vilt
+
+    data = ShapesCaptions(seed=0)
+    b = train_vilt.make_batch(data, data.rng("train", 0), 6, 4)
+    labels_mlm, labels_itm = b["mlm_labels"], b["itm_labels"]
+    assert (labels_mlm[:6] == -100).all() and (labels_mlm[6:] != -100).any(axis=1).all()
+    assert (labels_itm[6:] == -100).all() and set(labels_itm[:6].tolist()) <= {0, 1}
+    lengths = b["text_mask"].sum(axis=1)
+    assert b["input_ids"].shape[1] == lengths.max()  # cut to the longest caption, no shorter
+    last = b["input_ids"][np.arange(len(lengths)), lengths - 1]
+    assert (last == data.tokenizer.sep_id).all()  # every caption whole, to its [SEP]
+    itm, mlm = train_vilt.heldout(data, 8)
+    step0 = data.itm_batch(data.rng("train", 0), 8)
+    assert not np.array_equal(itm["images"], step0["images"])
+    np.testing.assert_array_equal(itm["images"], data.itm_batch(data.rng("test"), 8)["images"])
+
+
 def test_prefetch_workers_make_the_same_batches_as_inline():
     from minivit.data.shapes import ShapesCaptions
     from minivit.train import vilt as train_vilt

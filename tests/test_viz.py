@@ -27,15 +27,37 @@ def test_rollout_by_hand():
     np.testing.assert_allclose(attention_rollout(u)[0], 0.5 * np.eye(4) + 0.125)
 
 
-def test_maps_and_figure(backend, tmp_path):
+def test_rollout_max_fuses_the_heads_by_their_maximum():
+    rng = np.random.default_rng(2)
+    a = rng.random((1, 3, 4, 4))
+    a /= a.sum(-1, keepdims=True)
+    m = 0.5 * a.max(1) + 0.5 * np.eye(4)
+    np.testing.assert_allclose(attention_rollout([a], "max"), m / m.sum(-1, keepdims=True))
+    assert not np.allclose(attention_rollout([a], "max"), attention_rollout([a], "mean"))
+
+
+def test_maps_and_figure(backend, tmp_path, monkeypatch):
+    """The figure draws, per image, each head's CLS row of the last block and the rollout's CLS
+    row, each over the patch grid (the panels' arrays are recorded as they are drawn)."""
+    from matplotlib.axes import Axes
+
     v = ViT(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=16, depth=2,
             num_heads=2, backend=backend)  # fmt: skip
     x = np.random.default_rng(1).standard_normal((3, 1, 8, 8)).astype(np.float32)
     maps = attention_maps(v, x)
     assert len(maps) == 2 and maps[0].shape == (3, 2, 17, 17)
     np.testing.assert_allclose(maps[1].sum(-1), 1.0, rtol=1e-5)
+    drawn = []
+    real = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda ax, a, **k: drawn.append(a) or real(ax, a, **k))
     path = attention_figure(v, x, labels=[1, 2, 3], path=tmp_path / "att.png",
                             probs=np.full((3, 10), 0.1))  # fmt: skip
+    roll = attention_rollout(maps)
+    for b in range(3):  # per row: the image, two heads, the rollout
+        image, h0, h1, rolled = drawn[4 * b : 4 * b + 4]
+        for h, panel in enumerate((h0, h1)):
+            np.testing.assert_allclose(panel, maps[-1][b, h, 0, 1:].reshape(4, 4), rtol=1e-6)
+        np.testing.assert_allclose(rolled, roll[b, 0, 1:].reshape(4, 4), rtol=1e-6)
     from PIL import Image
 
     with Image.open(path) as im:
