@@ -110,6 +110,28 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys, 
         np.testing.assert_array_equal(ta[k], tb[k])
 
 
+def test_the_logged_training_loss_is_the_mean_over_samples(tmp_path, monkeypatch):
+    """80 images in batches of 32: the last batch holds 16. The epoch's train_loss is the mean
+    over the 80 samples (each batch's mean loss weighted by its size), not over the batches."""
+    from minivit import ops
+
+    seen = []
+    real = ops.cross_entropy_forward
+
+    def recording(logits, labels, **kw):
+        out = real(logits, labels, **kw)
+        if "label_smoothing" in kw:  # the training step's call (evaluate passes none)
+            seen.append((float(out[0]), len(labels)))
+        return out
+
+    monkeypatch.setattr(ops, "cross_entropy_forward", recording)
+    argv = [*TINY, "--epochs", "1", "--train-limit", "80", "--no-plots", "--out", str(tmp_path)]
+    assert main(["train", "vit", *argv]) == 0
+    assert [n for _, n in seen] == [32, 32, 16]
+    logged = json.loads((tmp_path / "metrics.json").read_text())["history"][0]["train_loss"]
+    assert logged == pytest.approx(sum(loss * n for loss, n in seen) / 80, rel=1e-6)
+
+
 def test_each_epoch_draws_its_own_shuffle_and_masks():
     """epoch_rngs seeds an epoch's host generator (shuffle, augmentation) and the model's
     (dropout) from (seed, epoch): the same for a resumed epoch, another for the next one."""
