@@ -113,6 +113,7 @@ def test_load_state_dict_keeps_device_arrays_on_the_device(cupy_stand_in):
     with si.counting() as c:
         m.load_state_dict(src.params)
     assert c["sync"] == 0 and c["h2d"] == 0, dict(c)
+    assert c["launch"] == len(src.params)  # one cast-and-copy each
     for k, v in src.params.items():
         assert m.params[k] is not v and m.params[k].dtype == np.float64
         np.testing.assert_array_equal(m.params[k].get(), v.get())

@@ -276,8 +276,11 @@ def load_state_dict_into(model, state_dict, strict=True):
     loaded = False
     for k in expected:
         if k in state_dict:
-            # a copy, never the caller's array; a CuPy array for a CuPy model stays on the device
-            model.params[k] = be.asarray(state_dict[k], dtype=model.dtype).copy()
+            v = state_dict[k]
+            if _library_of(v) == be.name:  # one copy, never the caller's array (a cast is one)
+                model.params[k] = be.xp.array(v, dtype=model.dtype, copy=True)
+            else:  # from the other backend: the transfer makes the new array
+                model.params[k] = be.asarray(v, dtype=model.dtype)
             loaded = True
     if loaded:  # a pending forward's cache holds the arrays just replaced
         model._drop_cache("loaded")
