@@ -108,6 +108,7 @@ def test_load_state_dict_keeps_device_arrays_on_the_device(cupy_stand_in):
     The parameters are copies, not the caller's arrays, cast to the model's dtype."""
     import _cupy_stand_in as si
 
+    cp = cupy_stand_in.xp
     src = ViT(**VIT, dtype="float32", seed=1, backend="cupy")
     m = ViT(**VIT, dtype="float64", backend="cupy")
     with si.counting() as c:
@@ -117,11 +118,25 @@ def test_load_state_dict_keeps_device_arrays_on_the_device(cupy_stand_in):
     for k, v in src.params.items():
         assert m.params[k] is not v and m.params[k].dtype == np.float64
         np.testing.assert_array_equal(m.params[k].get(), v.get())
+    fortran = {k: cp.asfortranarray(v) for k, v in src.params.items()}
+    m.load_state_dict(fortran)  # another layout in: C-contiguous parameters out (the kernels)
+    assert all(p.flags.c_contiguous for p in m.params.values())
     same = ViT(**VIT, dtype="float32", backend="cupy")
     same.load_state_dict(src.params)  # no cast: still a copy of its own
     key = "head.weight"
     same.params[key][...] = 0
     assert float(abs(src.params[key]).sum()) > 0
+
+
+def test_loaded_parameters_are_c_contiguous_whatever_the_layout_given():
+    """Weights given as transposed views or in Fortran order (torch's .t().numpy(), say) load
+    C-contiguous: the fast paths and the kernels take only those, and would be skipped."""
+    src = ViT(**VIT, dtype="float64", seed=1)
+    m = ViT(**VIT, dtype="float64")
+    m.load_state_dict({k: np.asfortranarray(v) for k, v in src.params.items()})
+    assert all(p.flags.c_contiguous for p in m.params.values())
+    m.load_state_dict({k: np.asfortranarray(v).astype(np.float32) for k, v in src.params.items()})
+    assert all(p.flags.c_contiguous for p in m.params.values())
 
 
 def test_load_state_dict_takes_arrays_of_either_backend(backend):

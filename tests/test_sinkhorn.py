@@ -691,13 +691,26 @@ def test_ipot_matches_scaling_domain_reference(backend, path, monkeypatch):
         )
         ref = ipot_reference(C, a, b, 0.5, 50, inner)
         assert rel(backend.to_numpy(P), ref) <= 1e-12
-        # the scaling domain itself, on this plain kernel: it must not need the log domain's
-        # rescue (a wrong update there fails its own check, and the fallback hid it)
-        scaled = sk._ipot_scaling(C, a, b, 0.5, 50, inner)
-        assert scaled is not None and rel(scaled, ref) <= 1e-12
     grads = ops.ipot_backward(backend.asarray(np.ones(C.shape)), cache)
     assert all(float(abs(backend.to_numpy(g)).max()) == 0.0 for g in grads)
     assert [g.shape for g in grads] == [C.shape, a.shape, b.shape]
+
+
+def test_ipot_scaling_domain_needs_no_rescue_on_a_plain_kernel():
+    """NumPy's scaling domain on its own: on a plain kernel it must give the reference plan
+    itself. A wrong update there fails its own check, and the log domain's rescue hid it."""
+    import minivit.ops.sinkhorn as sk
+
+    rng = np.random.default_rng(13)
+    C = rng.random((3, 5, 8)) * 2
+    a, b = rng.uniform(0.2, 1, (3, 5)), rng.uniform(0.2, 1, (3, 8))
+    a[1, 3:] = 0
+    b[2, 6:] = 0
+    a /= a.sum(-1, keepdims=True)
+    b /= b.sum(-1, keepdims=True)
+    for inner in (1, 3):
+        scaled = sk._ipot_scaling(C, a, b, 0.5, 50, inner)
+        assert scaled is not None and rel(scaled, ipot_reference(C, a, b, 0.5, 50, inner)) <= 1e-12
 
 
 def test_ipot_falls_back_to_the_log_domain_when_the_scalings_underflow(backend):

@@ -594,11 +594,25 @@ def test_a_lost_batch_is_an_error_not_a_hang(monkeypatch):
     spec = dict(img_size=data.img_size, max_text_len=data.tokenizer.max_text_len,
                 seed=data.seed, cells=data.cells, steps=2, curriculum=(0.0, 0.0), batch_size=2,
                 mlm_batch_size=2, hard_fraction=0.5, relation_share=None)  # fmt: skip
+    import threading
+
     monkeypatch.setattr(train_vilt, "BATCH_TIMEOUT_S", 0.5)
     monkeypatch.setattr(train_vilt, "_batch_for_step", _worker_dies)
-    with pytest.raises(RuntimeError, match=r"a batch worker made no batch in 0.5 s.*--workers 0"):
-        with train_vilt.prefetch(spec, range(1), workers=1) as batches:
-            next(batches)
+    raised = []
+
+    def first_batch():
+        try:
+            with train_vilt.prefetch(spec, range(1), workers=1) as batches:
+                next(batches)
+        except RuntimeError as exc:
+            raised.append(exc)
+
+    t = threading.Thread(target=first_batch, daemon=True)  # a hang fails, not blocks, the test
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "prefetch still waits for the dead worker's batch"
+    assert len(raised) == 1
+    assert re.search(r"a batch worker made no batch in 0.5 s.*--workers 0", str(raised[0]))
 
 
 def _worker_dies(step):

@@ -106,3 +106,22 @@ def test_maps_leave_a_pending_training_forward_alone(mode, threads):
     np.testing.assert_allclose(again[1], maps[1], rtol=1e-12)
     with pytest.raises(RuntimeError, match="the last backward consumed it"):
         v.backward(d)  # no cache before the maps, none after: the reason is kept too
+
+
+def test_keep_cache_does_not_bring_back_a_cache_made_stale_inside():
+    """Parameters replaced inside the block (load_state_dict) make the pending cache stale: it
+    stays dropped, and backward says why, as it does outside the block."""
+    v = ViT(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=1,
+            num_heads=2, dtype="float64")  # fmt: skip
+    other = ViT(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=1,
+                num_heads=2, dtype="float64", seed=5)  # fmt: skip
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8))
+    v.forward(x, train=True)
+    with v.keep_cache():
+        v.load_state_dict(other.params)
+    with pytest.raises(RuntimeError, match="load_state_dict replaced the parameters"):
+        v.backward(np.ones((2, 3)))
+    v.forward(x, train=True)
+    with v.keep_cache():  # a plain forward inside: the pending cache comes back
+        v.forward(x)
+    v.backward(np.ones((2, 3)))

@@ -181,15 +181,26 @@ class Model:
         their pictures in one): the forward's cache, or the reason there is none, is put back
         when the block ends, so the next ``backward`` is the pending forward's. Forwards inside
         run whole, never in batch shards, so that shard worker processes holding that forward's
-        cache are not touched either."""
+        cache are not touched either.
+
+        Parameters replaced inside the block (``load_state_dict``, ``to()``) make the pending
+        cache stale: it is then not put back, and ``backward`` says why."""
         from .sharding import whole
 
         saved = self._cache, getattr(self, "_no_cache", "new")
+        params, backend = dict(self.params), self.backend.name  # held: no id is reused
         try:
             with whole():
                 yield self
         finally:
-            self._cache, self._no_cache = saved
+            if self.backend.name != backend:
+                self._drop_cache("moved")
+            elif self.params.keys() != params.keys() or any(
+                self.params[k] is not v for k, v in params.items()
+            ):
+                self._drop_cache("loaded")
+            else:
+                self._cache, self._no_cache = saved
 
     def _no_cache_error(self, what):
         """The RuntimeError of ``what`` ("backward", ...) when there is no cache."""
@@ -277,10 +288,11 @@ def load_state_dict_into(model, state_dict, strict=True):
     for k in expected:
         if k in state_dict:
             v = state_dict[k]
-            if _library_of(v) == be.name:  # one copy, never the caller's array (a cast is one)
-                model.params[k] = be.xp.array(v, dtype=model.dtype, copy=True)
+            # C-contiguous (the fast paths and kernels need it), never the caller's array
+            if _library_of(v) == be.name:  # one copy (a cast is one), on the device for CuPy
+                model.params[k] = be.xp.array(v, dtype=model.dtype, copy=True, order="C")
             else:  # from the other backend: the transfer makes the new array
-                model.params[k] = be.asarray(v, dtype=model.dtype)
+                model.params[k] = be.xp.ascontiguousarray(be.asarray(v, dtype=model.dtype))
             loaded = True
     if loaded:  # a pending forward's cache holds the arrays just replaced
         model._drop_cache("loaded")

@@ -672,10 +672,8 @@ def _limit_threads(n):
     if n <= 0:
         n = os.cpu_count() or 1
     _parallel.set_num_threads(n)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        return None
+    from threadpoolctl import threadpool_limits  # a dependency of minivit (setup.cfg)
+
     return threadpool_limits(n)
 
 

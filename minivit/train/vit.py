@@ -388,10 +388,8 @@ def blas_threads(n):
 
     if not n:
         return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # threadpoolctl comes with scikit-learn; without it, run as is
-        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits  # a dependency of minivit (setup.cfg)
+
     return threadpool_limits(limits=n, user_api="blas")
 
 
