@@ -94,12 +94,9 @@ def configure(cfg: BenchConfig) -> dict:
     # both sides of every comparison run in this process, under the same malloc settings
     applied = {"tf32": bool(cfg.tf32), "threads": cfg.threads, "malloc": keep_freed_memory()}
     if cfg.threads:
-        try:
-            from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # a dependency of minivit (setup.cfg)
 
-            _STATE["limiter"] = threadpool_limits(limits=int(cfg.threads))
-        except ImportError:
-            applied["threadpoolctl"] = "missing: BLAS thread count not limited"
+        _STATE["limiter"] = threadpool_limits(limits=int(cfg.threads))
         from minivit import _parallel
 
         _parallel.set_num_threads(int(cfg.threads))
@@ -550,15 +547,12 @@ def environment_info(cfg: BenchConfig) -> dict:
 
     info["malloc"] = applied() or "glibc's defaults (minivit/heap.py not applied)"
     info["openblas_kernels"] = last_applied() or "not chosen (OpenBLAS's own pick)"
-    try:
-        from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info  # a dependency of minivit (setup.cfg)
 
-        info["threadpools"] = [
-            {k: p.get(k) for k in ("internal_api", "num_threads", "version", "architecture")}
-            for p in threadpool_info()
-        ]
-    except ImportError:
-        info["threadpools"] = "threadpoolctl not installed"
+    info["threadpools"] = [
+        {k: p.get(k) for k in ("internal_api", "num_threads", "version", "architecture")}
+        for p in threadpool_info()
+    ]
     from minivit import _parallel
     from minivit.models import sharding
 

@@ -254,7 +254,7 @@ def _blas_controllers():
             from threadpoolctl import ThreadpoolController
 
             _blas_libs = tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
-        except Exception:  # threadpoolctl missing or unable to read the libraries
+        except Exception:  # threadpoolctl unable to read the loaded libraries
             _blas_libs = ()
     return _blas_libs
 
