@@ -231,12 +231,16 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
     * a minivit checkpoint: the class and config come from its metadata;
     * a timm or Hugging Face ``model.safetensors`` of a ViT: names are converted to timm's and
       the ViT config is read off the shapes. The head count leaves no trace in the weights: it
-      comes from ``num_heads``, else from a ``config.json`` beside the file (HF's
-      ``num_attention_heads``, which also gives ``layer_norm_eps``), else the count timm's
-      common configs give the width (``convert.default_num_heads``: heads of 64, but 16 heads
-      for the ViT-H, ViT-g, ViT-G and SigLIP so400m widths). Where that ``config.json`` gives
-      the depth, width, patch size, channels or vocabulary, the shapes must agree with it
-      (``CheckpointError`` otherwise: a file missing its last block would load shallower).
+      comes from ``num_heads``, else from a ``config.json`` beside the file, else the count
+      timm's common configs give the width (``convert.default_num_heads``: heads of 64, but 16
+      heads for the ViT-H, ViT-g, ViT-G and SigLIP so400m widths). The ``config.json`` may be
+      transformers' (``num_attention_heads``, and ``layer_norm_eps`` for the eps) or the one
+      timm writes for the hub (``model_args.num_heads``, else the registered config of its
+      ``architecture``). Whatever that ``config.json`` says that the shapes show too (depth,
+      width, patch size, channels, classes, pooling, vocabulary) must agree with them
+      (``CheckpointError`` otherwise: a file missing its last block would load shallower), and
+      a timm option minivit's ViT does not implement (no class token, register tokens, another
+      activation, ...) is refused rather than computed differently.
     * a Hugging Face ViLT ``model.safetensors`` (``ViltForMaskedLM``, ``ViltModel``,
       ``ViltForQuestionAnswering``, ...): converted with ``from_hf_vilt``, the config read off
       the shapes and the same ``config.json``. Heads the file lacks (the MLM checkpoint has no
@@ -268,18 +272,26 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
 
     tensors, meta = load_checkpoint(path)
     hf = _hf_config_beside(path)
-    if num_heads is None:
-        num_heads = hf.get("num_attention_heads") or hf.get("num_heads")
     if is_hf_vilt(tensors):
+        if num_heads is None:
+            num_heads = hf.get("num_attention_heads") or hf.get("num_heads")
         return _load_hf_vilt(path, tensors, meta, hf, backend, dtype, num_heads, overrides)
     from .convert import infer_vit_config, to_timm_vit
     from .models.vit import ViT
 
-    sd = to_timm_vit(tensors)
-    inferred = infer_vit_config(sd, num_heads=num_heads)
-    _check_hf_config(path, hf, inferred)
+    declared = _declared_vit_config(path, hf)  # first: it names an option minivit lacks
+    if num_heads is None and "num_heads" in declared:
+        num_heads = declared["num_heads"][1]
+    try:
+        sd = to_timm_vit(tensors)
+        inferred = infer_vit_config(sd, num_heads=num_heads)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"{str(path)!r} is not a ViT checkpoint minivit reads: {exc}"
+        ) from exc
+    _check_declared(path, declared, inferred)
     # HF's layernorm eps (its ViT default is 1e-12), when its config.json says
-    from_json = {"eps": float(hf["layer_norm_eps"])} if "layer_norm_eps" in hf else {}
+    from_json = {"eps": declared["eps"][1]} if "eps" in declared else {}
     cfg = {**inferred, **from_json, **overrides}
     model = ViT(**cfg, dtype=dtype or "float32", backend=backend)
     want = tuple(model.params["pos_embed"].shape)
@@ -304,7 +316,8 @@ def _hf_config_beside(path) -> dict:
         raise CheckpointError(f"cannot read {str(cfg_json)!r}: {exc}") from exc
 
 
-# config.json's names (Hugging Face's ViT and ViLT configs) for what the weights' shapes give too
+# transformers' config.json names for ViT and ViLT settings (minivit's names as values): the
+# first five are read off the weights' shapes too, the last two leave no trace in them
 _HF_SHAPE_KEYS = {
     "num_hidden_layers": "depth",
     "hidden_size": "embed_dim",
@@ -312,17 +325,85 @@ _HF_SHAPE_KEYS = {
     "num_channels": "in_chans",
     "vocab_size": "vocab_size",
 }
+_HF_OTHER_KEYS = {"num_attention_heads": "num_heads", "num_heads": "num_heads",
+                  "layer_norm_eps": "eps"}  # fmt: skip
+
+# timm's config.json, as timm writes it beside model.safetensors for the Hugging Face hub:
+# "architecture" names the model, "model_args" holds the arguments it was built with beyond that
+# name's own, and "num_classes", "num_features" (the width) and "global_pool" describe it.
+# These model_args are minivit's ViT's own arguments under the same names:
+_TIMM_ARGS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
+              "num_heads", "mlp_ratio", "qkv_bias", "global_pool")  # fmt: skip
+# these change nothing a forward computes from given weights (dropout, initialisation, a
+# position embedding resized on the fly), or show in the names of the weights (fc_norm, through
+# the pooling compared above):
+_TIMM_HARMLESS = ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate",
+                  "drop_path_rate", "weight_init", "fix_init", "dynamic_img_size",
+                  "dynamic_img_pad", "fc_norm")  # fmt: skip
+# and these are timm's options that minivit's ViT does not have, harmless at their defaults
+_TIMM_DEFAULTS = {"class_token": True, "no_embed_class": False, "reg_tokens": 0,
+                  "pre_norm": False, "final_norm": True, "init_values": None, "qk_norm": False,
+                  "proj_bias": True, "pos_embed": "learn", "act_layer": None, "norm_layer": None,
+                  "embed_layer": None, "block_fn": None, "mlp_layer": None,
+                  "strict_img_size": True}  # fmt: skip
 
 
-def _check_hf_config(path, hf, cfg):
-    """Refuse weights whose shapes disagree with the ``config.json`` beside them (``hf``; ``cfg``
-    the config read off the shapes). The blocks are counted by their names, so a file that lost
-    its last whole block would load as a shallower model without a word: its config says how
-    many it should hold."""
+def _declared_vit_config(path, js) -> dict:
+    """What a ``config.json`` beside a ViT's weights declares: {minivit's argument name:
+    (where the json says it, value)}, from transformers' format or from timm's (the registered
+    config of its ``architecture`` when minivit knows the name, then its ``model_args``).
+    Raises CheckpointError for a timm option that would make minivit compute something else
+    from the same weights."""
+    if "architecture" not in js:  # transformers' config (or none)
+        keys = {**_HF_SHAPE_KEYS, **_HF_OTHER_KEYS}
+        declared = {name: (key, js[key]) for key, name in keys.items() if key in js}
+        if "eps" in declared:
+            declared["eps"] = (declared["eps"][0], float(declared["eps"][1]))
+        return declared
+    from .models.registry import list_models, model_config
+
+    arch = js["architecture"]
+    args = js.get("model_args") or {}
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{str(path)!r}: config.json's model_args is not a JSON object")
+    unsupported = [f"{k}={v!r}" for k, v in args.items() if not _timm_arg_understood(k, v)]
+    if unsupported:
+        raise CheckpointError(
+            f"{str(path)!r}: timm built {arch!r} with {', '.join(unsupported)}, which minivit's "
+            "ViT (timm's plain VisionTransformer) does not implement"
+        )
+    declared = {}
+    for key in ("num_features", "num_classes", "global_pool"):  # the json's own description
+        if key in js:
+            declared["embed_dim" if key == "num_features" else key] = (key, js[key])
+    if arch in list_models():  # timm's name for one of minivit's registered ViTs
+        for k, v in model_config(arch).items():
+            if k in _TIMM_ARGS:
+                declared[k] = (f"{arch}'s {k}", v)
+    for k, v in args.items():  # what it was built with beyond its name's own
+        if k in _TIMM_ARGS:
+            if k == "img_size" and isinstance(v, (list, tuple)):  # timm's (height, width)
+                v = v[0] if len(set(v)) == 1 else tuple(v)
+            declared[k] = (f"model_args.{k}", v)
+    return declared
+
+
+def _timm_arg_understood(key, value) -> bool:
+    if key in _TIMM_ARGS or key in _TIMM_HARMLESS:
+        return True
+    return key in _TIMM_DEFAULTS and value == _TIMM_DEFAULTS[key]
+
+
+def _check_declared(path, declared, cfg):
+    """Refuse weights whose shapes disagree with the ``config.json`` beside them (``declared``
+    as :func:`_declared_vit_config` gives it; ``cfg`` the config read off the shapes). The
+    blocks are counted by their names, so a file that lost its last whole block would load as a
+    shallower model without a word: its config says how many it should hold. So does a timm
+    pooling that the names alone would misread (global_pool="avg" without fc_norm)."""
     wrong = [
-        f"{key} is {hf[key]}, the weights give {name}={cfg[name]}"
-        for key, name in _HF_SHAPE_KEYS.items()
-        if key in hf and name in cfg and hf[key] != cfg[name]
+        f"{where} is {value!r}, the weights give {name}={cfg[name]!r}"
+        for name, (where, value) in declared.items()
+        if name in cfg and name not in ("num_heads", "eps") and value != cfg[name]
     ]
     if wrong:
         raise CheckpointError(
@@ -342,7 +423,7 @@ def _load_hf_vilt(path, tensors, meta, hf, backend, dtype, num_heads, overrides)
         raise CheckpointError(
             f"{str(path)!r} is not a ViLT checkpoint minivit reads: {exc}"
         ) from exc
-    _check_hf_config(path, hf, cfg)
+    _check_declared(path, _declared_vit_config(path, hf), cfg)
     model = ViLT(**{**cfg, **overrides}, dtype=dtype or "float32", backend=backend)
     try:
         missing, _ = model.load_state_dict(sd, strict=False)

@@ -44,7 +44,7 @@ def test_transformers5_names_map_to_timm(hf_sd):
     np.testing.assert_array_equal(sd["head.weight"], hf_sd["classifier.weight"])
     assert infer_vit_config(sd, num_heads=2) == dict(
         img_size=8, patch_size=4, in_chans=3, num_classes=3, embed_dim=8, depth=2, num_heads=2,
-        qkv_bias=True, mlp_ratio=2.0)  # fmt: skip
+        qkv_bias=True, mlp_ratio=2.0, global_pool="token")  # fmt: skip
 
 
 def test_the_default_head_count_is_timms_for_the_width():

@@ -377,8 +377,8 @@ def infer_vit_config(state_dict, num_heads=None) -> dict:
     )
     if depth:
         cfg["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / D
-    if "fc_norm.weight" in sd:  # timm's global_pool="avg" (its final norm is then fc_norm)
-        cfg["global_pool"] = "avg"
+    # timm's global_pool="avg" has its final norm as fc_norm, after the pooling
+    cfg["global_pool"] = "avg" if "fc_norm.weight" in sd else "token"
     return cfg
 
 
