@@ -94,9 +94,12 @@ def configure(cfg: BenchConfig) -> dict:
     # both sides of every comparison run in this process, under the same malloc settings
     applied = {"tf32": bool(cfg.tf32), "threads": cfg.threads, "malloc": keep_freed_memory()}
     if cfg.threads:
-        from threadpoolctl import threadpool_limits  # a dependency of minivit (setup.cfg)
-
-        _STATE["limiter"] = threadpool_limits(limits=int(cfg.threads))
+        try:  # a dependency of minivit, but the device run installs it with --no-deps
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # (benchmarks/gpu_run.sh), on an image that may not have it
+            applied["threadpoolctl"] = "missing: BLAS thread count not limited"
+        else:
+            _STATE["limiter"] = threadpool_limits(limits=int(cfg.threads))
         from minivit import _parallel
 
         _parallel.set_num_threads(int(cfg.threads))
@@ -547,12 +550,15 @@ def environment_info(cfg: BenchConfig) -> dict:
 
     info["malloc"] = applied() or "glibc's defaults (minivit/heap.py not applied)"
     info["openblas_kernels"] = last_applied() or "not chosen (OpenBLAS's own pick)"
-    from threadpoolctl import threadpool_info  # a dependency of minivit (setup.cfg)
-
-    info["threadpools"] = [
-        {k: p.get(k) for k in ("internal_api", "num_threads", "version", "architecture")}
-        for p in threadpool_info()
-    ]
+    try:  # missing on a device image without it (see configure)
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        info["threadpools"] = "threadpoolctl not installed"
+    else:
+        info["threadpools"] = [
+            {k: p.get(k) for k in ("internal_api", "num_threads", "version", "architecture")}
+            for p in threadpool_info()
+        ]
     from minivit import _parallel
     from minivit.models import sharding
 
