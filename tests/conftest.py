@@ -102,6 +102,21 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """Under MINIVIT_ORACLES=optional (the device run, tests/_oracles.py), a test whose oracle
+    is not installed is skipped, naming it; everywhere else it fails."""
+    from _oracles import missing_oracle, oracles_optional, skip_for
+
+    try:
+        return (yield)
+    except ModuleNotFoundError as exc:
+        name = missing_oracle(exc)
+        if name is None or not oracles_optional():
+            raise
+        skip_for(name)
+
+
 @pytest.fixture
 def backend(request):
     """The Backend under test; CuPy is skipped with the reason where it cannot run."""

@@ -10,6 +10,7 @@ import os
 import sys
 
 import pytest
+from _oracles import oracle_import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -247,6 +248,20 @@ def test_tiny_benchmark_end_to_end(tmp_path, backend):
     assert "layernorm" in open(paths["markdown"]).read()
 
 
+def test_a_run_without_threadpoolctl_still_reports(tmp_path, monkeypatch, keep_parallel_settings):
+    """threadpoolctl is a dependency, but benchmarks/gpu_run.sh installs minivit with --no-deps
+    on an image that may lack it: the run limits no BLAS threads and says so, and goes on."""
+    from benchmarks import run
+
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import raises ImportError
+    cfg = harness.BenchConfig(backends=["numpy"], repeats=1, warmup=0, quick=True,
+                              ops=["layernorm"], models=[], threads=1, torch=False, memory=False,
+                              sgemm_n=64)  # fmt: skip
+    paths = run.execute(cfg, str(tmp_path), log=lambda *a: None)
+    rows, env = report.load_json(paths["json"])
+    assert rows and env["threadpools"] == "threadpoolctl not installed"
+
+
 def _tiny_config(ops_):
     return harness.BenchConfig(
         backends=["numpy"],
@@ -347,6 +362,8 @@ def test_minivit_bench_command_parses_its_options():
 def test_sinkhorn_benchmark_runs_beside_pot(backend):
     # the batched op against a loop of POT calls on the same arrays (POT takes cupy arrays too)
     from benchmarks import bench_sinkhorn
+
+    oracle_import("ot")  # (the benchmark leaves the POT loop out without it)
 
     rows = bench_sinkhorn.run(quick=True, backends=[backend.name])
     impls = {(r["impl"], r["dtype"]) for r in rows}

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _oracles import oracle_import
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = oracle_import("torch")
+transformers = oracle_import("transformers")
 
 from minivit.convert import from_hf_vilt  # noqa: E402
 from minivit.models import vilt_heads as H  # noqa: E402
