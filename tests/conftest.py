@@ -104,17 +104,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_pyfunc_call(pyfuncitem):
-    """Under MINIVIT_ORACLES=optional (the device run, tests/_oracles.py), a test whose oracle
-    is not installed is skipped, naming it; everywhere else it fails."""
-    from _oracles import missing_oracle, oracles_optional, skip_for
+    """Under MINIVIT_MISSING_PACKAGES=skip (the device run, tests/_requires.py), a test that
+    needs an outside package that is not installed is skipped, naming it; everywhere else it
+    fails."""
+    from _requires import skip_missing
 
     try:
         return (yield)
     except ModuleNotFoundError as exc:
-        name = missing_oracle(exc)
-        if name is None or not oracles_optional():
-            raise
-        skip_for(name)
+        skip_missing(exc)
+        raise
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import os
 import sys
 
 import pytest
-from _oracles import oracle_import
+from _requires import require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -363,7 +363,7 @@ def test_sinkhorn_benchmark_runs_beside_pot(backend):
     # the batched op against a loop of POT calls on the same arrays (POT takes cupy arrays too)
     from benchmarks import bench_sinkhorn
 
-    oracle_import("ot")  # (the benchmark leaves the POT loop out without it)
+    require("ot")  # (the benchmark leaves the POT loop out without it)
 
     rows = bench_sinkhorn.run(quick=True, backends=[backend.name])
     impls = {(r["impl"], r["dtype"]) for r in rows}

@@ -12,14 +12,14 @@ import copy
 import numpy as np
 import pytest
 from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
-from _oracles import oracle_import
+from _requires import require
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from minivit import ops
 from minivit.ops import conv
 
-torch = oracle_import("torch")
+torch = require("torch")
 F = torch.nn.functional
 
 ORACLE_TOL = 1e-10

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _oracles import oracle_import
+from _requires import require
 
-torch = oracle_import("torch")
-transformers = oracle_import("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 from minivit.convert import from_hf_vilt  # noqa: E402
 from minivit.models import vilt_heads as H  # noqa: E402

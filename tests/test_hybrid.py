@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _numgrad import rel_err
-from _oracles import oracle_import
+from _requires import require
 
 import minivit
 from minivit import HybridViT, ops
@@ -99,7 +99,7 @@ def _torch_backbone(sd, x, cfg):
 
 
 def test_backbone_matches_torch(backend):
-    torch = oracle_import("torch")
+    torch = require("torch")
     m = tiny(backend)
     x = np.random.default_rng(1).standard_normal((2, 2, 8, 8))
     feat, cache = m._backbone_forward(backend.asarray(x))

@@ -16,7 +16,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from _oracles import oracle_import
+from _requires import require
 
 from minivit import ViT, _parallel, ops
 
@@ -313,7 +313,7 @@ def torch_peak():
     release does not show and the start is without them. In a fresh process: the profiler
     remembers the sizes of blocks an earlier trace saw, and a later trace in the same process
     was seen to report frees of those (2-3% lower peaks, varying with the tests before it)."""
-    oracle_import("torch")
+    require("torch")
     args = [str(B), str(_SMALL["img_size"]), str(_SMALL["depth"])]
     run = subprocess.run(
         [sys.executable, "-c", _TORCH_PEAK, ROOT, *args],

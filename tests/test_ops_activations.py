@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
-from _oracles import oracle_import
+from _requires import require
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -83,7 +83,7 @@ def test_tanh_backward_matches_central_differences(backend, shape, scale, seed):
 @fixture_settings()
 @given(shape=shapes, scale=scales, approximate=approx, seed=st.integers(0, 2**31))
 def test_gelu_matches_torch(backend, shape, scale, approximate, seed):
-    torch = oracle_import("torch")
+    torch = require("torch")
     x = _draw(seed, shape, scale)
     out, cache = ops.gelu_forward(backend.asarray(x), approximate=approximate)
     g = np.random.default_rng(seed + 1).standard_normal(x.shape)
@@ -109,7 +109,7 @@ def test_gelu_matches_torch(backend, shape, scale, approximate, seed):
 @fixture_settings()
 @given(shape=shapes, scale=scales, seed=st.integers(0, 2**31))
 def test_tanh_matches_torch(backend, shape, scale, seed):
-    torch = oracle_import("torch")
+    torch = require("torch")
     x = _draw(seed, shape, scale)
     out, cache = ops.tanh_forward(backend.asarray(x))
     g = np.random.default_rng(seed + 1).standard_normal(x.shape)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.special
 from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
-from _oracles import oracle_import
+from _requires import require
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -113,7 +113,7 @@ def test_backward_matches_central_differences(backend, B, N, H, hd, biases, kind
 @fixture_settings()
 @given(**dims)
 def test_matches_torch(backend, B, N, H, hd, biases, kind, seed):
-    torch = oracle_import("torch")
+    torch = require("torch")
     F = torch.nn.functional
     inputs = _draw(seed, B, N, H, hd, biases, kind)
     out, cache = ops.attention_forward(*_dev(backend, inputs))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
-from _oracles import oracle_import
+from _requires import require
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -94,7 +94,7 @@ def test_backward_matches_central_differences(backend, shape, p, seed):
 @fixture_settings()
 @given(shape=shapes, p=probs, seed=st.integers(0, 2**31))
 def test_matches_torch_with_the_same_mask(backend, shape, p, seed):
-    torch = oracle_import("torch")
+    torch = require("torch")
     x = 1.0 + np.random.default_rng(seed).random(shape)
     out, cache = ops.dropout_forward(backend.asarray(x), p=p, rng=backend.rng(seed))
     keep = np.asarray(backend.to_numpy(out) != 0)
@@ -113,7 +113,7 @@ def test_matches_torch_with_the_same_mask(backend, shape, p, seed):
 
 def test_torch_dropout_statistics_agree(backend):
     # The same inverted-dropout law as torch.nn.functional.dropout: values in {0, x / (1 - p)}.
-    torch = oracle_import("torch")
+    torch = require("torch")
     p, n = 0.3, 100_000
     out, _ = ops.dropout_forward(backend.asarray(np.full(n, 2.0)), p=p, rng=backend.rng(1))
     t = torch.nn.functional.dropout(torch.full((n,), 2.0, dtype=torch.float64), p=p)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
-from _oracles import oracle_import
+from _requires import require
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -64,7 +64,7 @@ def test_backward_matches_central_differences(backend, shape, V, D, seed):
 @fixture_settings()
 @given(shape=id_shapes, V=st.integers(1, 6), D=st.integers(1, 5), seed=st.integers(0, 2**31))
 def test_matches_torch(backend, shape, V, D, seed):
-    torch = oracle_import("torch")
+    torch = require("torch")
     ids, table = _draw(seed, shape, V, D, np.int64)
     out, cache = ops.embedding_forward(backend.asarray(ids), backend.asarray(table))
     g = np.random.default_rng(seed + 1).standard_normal((*shape, D))

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
-from _oracles import oracle_import
+from _requires import require
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -120,7 +120,7 @@ def _dx_terms(inputs, dout):
 @fixture_settings()
 @given(lead=lead_dims, d=st.integers(2, 9), kind=row_kinds, seed=st.integers(0, 2**31))
 def test_matches_torch(backend, lead, d, kind, seed):
-    torch = oracle_import("torch")
+    torch = require("torch")
     x, gamma, beta = _draw(seed, lead, d, kind)
     out, cache = ops.layernorm_forward(*map(backend.asarray, (x, gamma, beta)), eps=1e-6)
     g = np.random.default_rng(seed + 1).standard_normal(x.shape)

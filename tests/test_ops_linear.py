@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
-from _oracles import oracle_import
+from _requires import require
 from hypothesis import given
 from hypothesis import strategies as st
 from test_ops_activations import ref_gelu
@@ -59,7 +59,7 @@ def _against_torch(
     ``scales(x, w, b, g)``, when given, returns the sizes (out, dx, dw, db) that each result's
     rounding error is measured against, for results that can be small through cancellation
     (see :func:`rel_err`)."""
-    torch = oracle_import("torch")
+    torch = require("torch")
     x, w, b = _draw(seed, lead, din, dout, bias)
     out, cache = fwd(*(backend.asarray(a) if a is not None else None for a in (x, w, b)), **kwargs)
     g = np.random.default_rng(seed + 1).standard_normal(out.shape)
@@ -84,7 +84,7 @@ def _against_torch(
 @fixture_settings()
 @given(**DRAWS)
 def test_matches_torch(backend, lead, din, dout, bias, seed):
-    torch = oracle_import("torch")
+    torch = require("torch")
     fn = torch.nn.functional.linear
     args = (lead, din, dout, bias, seed)
     _against_torch(backend, ops.linear_forward, ops.linear_backward, fn, "linear", *args)
@@ -154,7 +154,7 @@ def test_linear_gelu_backward_matches_central_differences(
 @fixture_settings()
 @given(**DRAWS, approximate=approx)
 def test_linear_gelu_matches_torch(backend, lead, din, dout, bias, approximate, seed):
-    torch = oracle_import("torch")
+    torch = require("torch")
     F = torch.nn.functional
 
     def fn(x, w, b):

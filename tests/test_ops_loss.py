@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.special
 from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
-from _oracles import oracle_import
+from _requires import require
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -91,7 +91,7 @@ def test_backward_matches_central_differences(
 @fixture_settings()
 @given(**dims)
 def test_matches_torch(backend, lead, K, scale, smoothing, ignore_index, seed):
-    torch = oracle_import("torch")
+    torch = require("torch")
     logits, targets = _draw(seed, lead, K, scale, ignore_index)
     if not np.any(targets != ignore_index):
         targets.flat[0] = (ignore_index + 1) % K  # torch returns NaN with nothing to average

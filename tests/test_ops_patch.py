@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
-from _oracles import oracle_import
+from _requires import require
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -66,7 +66,7 @@ def test_backward_matches_central_differences(backend, B, C, gh, gw, P, D, bias,
 @fixture_settings()
 @given(**dims)
 def test_matches_torch_conv2d(backend, B, C, gh, gw, P, D, bias, seed):
-    torch = oracle_import("torch")
+    torch = require("torch")
     inputs = _draw(seed, B, C, gh, gw, P, D, bias)
     dev = [backend.asarray(a) if isinstance(a, np.ndarray) else a for a in inputs]
     out, cache = ops.patch_embed_forward(*dev)

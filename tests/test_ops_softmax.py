@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.special
 from _numgrad import check_grads, fixture_settings, record_torch_err, rel_err, to_torch
-from _oracles import oracle_import
+from _requires import require
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -54,7 +54,7 @@ def test_backward_matches_central_differences(backend, shape, regime, data, seed
 @fixture_settings()
 @given(shape=shapes, regime=regimes, data=st.data(), seed=st.integers(0, 2**31))
 def test_matches_torch(backend, shape, regime, data, seed):
-    torch = oracle_import("torch")
+    torch = require("torch")
     axis = data.draw(st.integers(-len(shape), len(shape) - 1), label="axis")
     x = _draw(seed, shape, regime)
     y, cache = ops.softmax_forward(backend.asarray(x), axis=axis)

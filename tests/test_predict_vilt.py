@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 import pytest
-from _oracles import oracle_import
+from _requires import require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -158,8 +158,8 @@ def test_predict_user_errors(tmp_path, backend):
 
 def _hf_folder(folder):
     """A random-weight ViltForMaskedLM saved as on the hub, with a small BERT vocabulary."""
-    torch = oracle_import("torch")
-    oracle_import("transformers")
+    torch = require("torch")
+    require("transformers")
     from test_convert_vilt import _hf_config, _randomize
     from transformers import ViltForMaskedLM
 
@@ -238,7 +238,7 @@ def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):
 
 @pytest.mark.oracle
 def test_vilt_pixels_are_those_of_the_hugging_face_processor(tmp_path):
-    oracle_import("transformers")
+    require("transformers")
     from PIL import Image
     from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
 
@@ -256,7 +256,7 @@ def test_vilt_pixels_are_those_of_the_hugging_face_processor(tmp_path):
 def test_transparency_and_greyscale_are_read_as_hugging_face_reads_them(tmp_path):
     """Transparent pixels lie on white (transformers' convert_to_rgb), whatever colour they
     hold; a greyscale image becomes three equal channels."""
-    oracle_import("transformers")
+    require("transformers")
     from PIL import Image
     from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
 
@@ -353,7 +353,7 @@ def test_float_and_32_bit_greyscale_images_are_not_read_as_black(tmp_path):
     shorter_divisor=st.sampled_from([(384, 32), (32, 8), (48, 16), (224, 16), (100, 7)]),
 )
 def test_vilt_image_size_is_the_processors_rule(hw, shorter_divisor):
-    vilt = oracle_import("transformers.models.vilt.image_processing_pil_vilt")
+    vilt = require("transformers.models.vilt.image_processing_pil_vilt")
     shorter, divisor = shorter_divisor
     h, w = vilt.get_resize_output_image_size(
         np.zeros((3, *hw)), shorter=shorter, longer=int(1333 / 800 * shorter),
@@ -368,8 +368,8 @@ def test_vilt_image_size_is_the_processors_rule(hw, shorter_divisor):
 
 @pytest.mark.oracle
 def test_load_model_reads_a_vqa_folder_and_refuses_missing_weights(tmp_path, capsys):
-    torch = oracle_import("torch")
-    oracle_import("transformers")
+    torch = require("torch")
+    require("transformers")
     from safetensors.numpy import load_file, save_file
     from transformers import ViltForQuestionAnswering
 

@@ -11,7 +11,7 @@ import os
 import sys
 
 import pytest
-from _oracles import oracle_import
+from _requires import require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -117,7 +117,7 @@ def test_instrument_puts_the_ops_back_even_after_an_error():
 def test_profile_counts_every_op_call_of_a_train_step(backend):
     torch_ok = backend.name == "numpy"  # the stand-in for CuPy has no CUDA torch beside it
     if torch_ok:
-        oracle_import("torch")
+        require("torch")
     p = ps.profile_model("vit_tiny_patch16_224", backend.name, 2, 2, 1, torch_ok, **SMALL)
     m = p["minivit"]
     calls = {o["name"]: o["calls"] for o in m["ops"]}
@@ -152,7 +152,7 @@ def _args(tmp_path, models, no_torch=False):
 
 
 def test_profile_command_writes_json_and_markdown(tmp_path):
-    oracle_import("torch")
+    require("torch")
     paths = ps.execute(_args(tmp_path, ["vit_tiny_patch16_224"]), log=lambda *a: None)
     data = json.load(open(paths["json"]))
     (p,) = data["results"]

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _oracles import oracle_import
+from _requires import require
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -61,7 +61,7 @@ def simplex(rng, shape, lo=0.2):
 
 
 def pot_log(a, b, C, eps, iters, stop=0.0):
-    ot = oracle_import("ot")  # here, not at the top: the device run has no POT (tests/_oracles.py)
+    ot = require("ot")  # here, not at the top: the device run has no POT (tests/_requires.py)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return ot.sinkhorn(a, b, C, eps, method="sinkhorn_log", numItermax=iters, stopThr=stop)
@@ -653,7 +653,7 @@ def test_tolerance_warning_and_early_stop(backend):
 def test_ipot_distance_approaches_emd2(backend):
     rng = np.random.default_rng(12)
     C, a, b = problem(rng, (), 8, 10)
-    exact = oracle_import("ot").emd2(a, b, C)
+    exact = require("ot").emd2(a, b, C)
     errs = []
     for iters in (50, 200, 1000):
         d, _ = ops.ot_distance_forward(

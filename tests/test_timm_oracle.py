@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _oracles import oracle_import
+from _requires import require
 from _timm import import_timm
 from test_vit import minivit_loss_grads, rel  # the loss and the measure of the HF checks
 
@@ -23,7 +23,7 @@ import minivit
 from minivit.checkpoint import CheckpointError, load_model
 from minivit.convert import resample_abs_pos_embed
 
-timm = oracle_import("timm", lambda _: import_timm())
+timm = require("timm", lambda _: import_timm())
 from timm.layers import resample_abs_pos_embed as timm_resample  # noqa: E402
 from timm.models import save_for_hf  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402

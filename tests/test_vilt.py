@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from _oracles import oracle_import
+from _requires import require
 
 from minivit.models import vilt_heads as H
 from minivit.models.vilt import ViLT, interpolation_matrix
@@ -176,7 +176,7 @@ def test_directional_gradient_with_image_mask_and_other_grid(backend):
 
 
 def test_position_interpolation_matches_torch_bilinear_align_corners():
-    torch = oracle_import("torch")
+    torch = require("torch")
     g = 4
     table = np.random.default_rng(0).normal(size=(1, 6, g, g))
     for h, w in ((4, 4), (3, 5), (6, 2), (1, 3)):

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _oracles import oracle_import
+from _requires import require
 
-torch = oracle_import("torch")
-transformers = oracle_import("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 from test_convert_vilt import (  # noqa: E402  (the same tiny config, weights and captions)
     B,

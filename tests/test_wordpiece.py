@@ -28,7 +28,7 @@ import string
 
 import numpy as np
 import pytest
-from _oracles import oracle_import
+from _requires import require
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -131,8 +131,8 @@ def vocab_dir(tmp_path_factory):
 def hf_tokenizers(vocab_dir):
     """``make(kind, **options)``: the HF tokenizer ("rust" or "python") read from ``vocab_dir``
     (made once per options)."""
-    oracle_import("tokenizers")  # the Rust BERT tokenizer is the oracle
-    transformers = oracle_import("transformers")  # and transformers' BERT tokenizers
+    require("tokenizers")  # the Rust BERT tokenizer is the oracle
+    transformers = require("transformers")  # and transformers' BERT tokenizers
     from transformers import BertTokenizerFast
 
     try:  # transformers 5: BertTokenizer is the Rust one, the Python one is kept apart
@@ -244,7 +244,7 @@ def test_from_file_reads_a_vocab_as_hf_does(tmp_path):
     (tmp_path / "vocab.txt").write_bytes("\r\n".join(tokens).encode("utf-8"))
     tok = WordPieceTokenizer.from_file(tmp_path / "vocab.txt")
     assert tok.vocab == [t.rstrip() for t in tokens]
-    oracle_import("transformers")  # transformers reads the same file
+    require("transformers")  # transformers reads the same file
     from transformers import BertTokenizerFast
 
     assert tok.index == BertTokenizerFast.from_pretrained(str(tmp_path)).get_vocab()
@@ -320,7 +320,7 @@ def test_errors(vocab_dir):
 def test_mlm_logits_match_hf_vilt_from_the_same_captions(hf_tokenizers, vocab_dir, monkeypatch):
     """From strings to MLM logits: HF's tokenizer and ViltForMaskedLM on one side, minivit's
     tokenizer and the converted ViLT on the other (float64, random weights)."""
-    torch = oracle_import("torch")  # HF's ViLT runs on torch
+    torch = require("torch")  # HF's ViLT runs on torch
     import test_convert_vilt as tiny  # the tiny ViLT config, weights and conversion
 
     from minivit.models import vilt_heads as H
