@@ -29,8 +29,9 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 __all__ = [
     "get_num_threads",
@@ -257,6 +258,28 @@ def _blas_controllers():
         except Exception:  # threadpoolctl unable to read the loaded libraries
             _blas_libs = ()
     return _blas_libs
+
+
+def limit_blas_threads(n):
+    """A context that holds the BLAS libraries to ``n`` threads each and restores their counts
+    at its end; ``n`` = 0 or None leaves them alone.
+
+    threadpoolctl does the work. It is a dependency, so it is missing only where minivit was
+    installed with ``--no-deps`` (benchmarks/gpu_run.sh, on the device machine's image): there
+    nothing is limited, with a warning that says so.
+    """
+    if not n:
+        return nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        warnings.warn(
+            "threadpoolctl is not installed: the BLAS thread count is not limited",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return nullcontext()
+    return threadpool_limits(limits=int(n), user_api="blas")
 
 
 # Open blas_single_threaded() contexts, in every thread together: the first to open sets the

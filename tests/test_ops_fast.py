@@ -7,6 +7,7 @@ on one and two threads. Budget: a few seconds.
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -404,6 +405,27 @@ def test_blas_single_threaded_nests_and_overlaps_across_threads():
             assert _parallel._blas_depth == 1
         assert counts() == [2] * len(libs)  # the last to close restored the counts
         assert _parallel._blas_depth == 0
+
+
+def test_limit_blas_threads_limits_restores_and_goes_without_threadpoolctl(monkeypatch):
+    """The training jobs' BLAS limit: held inside, restored after, nothing for 0, and (on an
+    install without threadpoolctl, as the device run's --no-deps one) a warning, not a crash."""
+    import threadpoolctl
+
+    libs = _parallel._blas_controllers()
+    if not libs:
+        pytest.skip("threadpoolctl found no BLAS library")
+    counts = lambda: [lib.num_threads for lib in libs]  # noqa: E731
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        with _parallel.limit_blas_threads(1):
+            assert counts() == [1] * len(libs)
+        assert counts() == [2] * len(libs)
+        with _parallel.limit_blas_threads(0):
+            assert counts() == [2] * len(libs)
+        monkeypatch.setitem(sys.modules, "threadpoolctl", None)
+        with pytest.warns(RuntimeWarning, match="threadpoolctl is not installed"):
+            with _parallel.limit_blas_threads(1):
+                assert counts() == [2] * len(libs)
 
 
 def test_fast_paths_are_skipped_for_non_contiguous_and_small_inputs():

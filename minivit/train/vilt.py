@@ -29,7 +29,9 @@ import argparse
 import collections
 import contextlib
 import itertools
+import os
 import time
+import warnings
 
 import numpy as np
 
@@ -502,24 +504,29 @@ def prefetch(spec, steps, workers, depth=4):
         _init_worker(spec)
         yield (_batch_for_step(s) for s in steps)
         return
-    pool = mp.get_context("fork").Pool(workers, initializer=_init_pool_worker, initargs=(spec,))
+    with warnings.catch_warnings():  # Python 3.12+ warns about forking a threaded process: the
+        warnings.simplefilter("ignore", DeprecationWarning)  # workers make batches with NumPy
+        pool = mp.get_context("fork").Pool(  # alone and touch none of the parent's threads
+            workers, initializer=_init_pool_worker, initargs=(spec,)
+        )
+
+    pending = collections.deque()  # the batches asked for and not taken yet, oldest first
 
     def gen():
         it = iter(steps)
-        pending = collections.deque(
-            pool.apply_async(_batch_for_step, (s,)) for s in itertools.islice(it, depth)
-        )
+        pending.extend(pool.apply_async(_batch_for_step, (s,)) for s in itertools.islice(it, depth))
         while pending:
             try:
                 # A pool loses the task of a worker that dies (its result never comes), and a
                 # forked worker can hang on a lock another thread held at the fork: an error
                 # after a wait no batch needs, not a training run that hangs for ever.
-                batch = pending.popleft().get(timeout=BATCH_TIMEOUT_S)
-            except mp.TimeoutError:
+                batch = pending[0].get(timeout=BATCH_TIMEOUT_S)
+            except mp.TimeoutError:  # (the lost batch stays pending: _stop_pool must know)
                 raise RuntimeError(
                     f"a batch worker made no batch in {BATCH_TIMEOUT_S} s (a worker process "
                     "died or hung); run again, or with --workers 0 to make the batches inline"
                 ) from None
+            pending.popleft()
             nxt = next(it, None)
             if nxt is not None:
                 pending.append(pool.apply_async(_batch_for_step, (nxt,)))
@@ -528,8 +535,27 @@ def prefetch(spec, steps, workers, depth=4):
     try:
         yield gen()
     finally:
+        _stop_pool(pool, pending)
+
+
+def _stop_pool(pool, pending):
+    """Stop the batch workers, letting the batches in flight arrive first.
+
+    ``Pool.terminate`` kills the workers wherever they are. One killed while it sends a batch
+    leaves the result queue's lock taken, and ``terminate`` then waits for ever on the pool's
+    task thread, which needs that lock for its last message (a hazard of CPython's Pool; a test
+    hung on it about once in ten runs on a loaded machine). Batches take milliseconds, so the
+    ones in flight are awaited (as long as one batch may take) and the idle workers are told to
+    leave. ``terminate`` is kept for workers that died or hang, whose batches never come.
+    """
+    deadline = time.monotonic() + BATCH_TIMEOUT_S
+    for result in pending:
+        result.wait(max(0.0, deadline - time.monotonic()))
+    if all(result.ready() for result in pending):
+        pool.close()  # the workers finish their queue (nothing left) and exit
+    else:
         pool.terminate()
-        pool.join()
+    pool.join()
 
 
 def train(args, data, model, *, log=print, quiet=False):
@@ -664,22 +690,17 @@ def plot_vilt_curves(history, path):
 
 
 def _limit_threads(n):
-    """Use ``n`` threads (0: one per core) for BLAS and for minivit's thread pool."""
-    import os
-
+    """Use ``n`` threads (0: one per core) for minivit's thread pool, and a context that holds
+    BLAS to as many. The caller restores the pool's count."""
     from .. import _parallel
 
-    if n <= 0:
-        n = os.cpu_count() or 1
+    n = n if n > 0 else (os.cpu_count() or 1)
     _parallel.set_num_threads(n)
-    from threadpoolctl import threadpool_limits  # a dependency of minivit (setup.cfg)
-
-    return threadpool_limits(n)
+    return _parallel.limit_blas_threads(n)
 
 
 def run(args) -> int:
     from .. import _parallel
-    from ..viz_vilt import alignment_figure
 
     if args.resume:  # the recipe is the run's own (before the model is built from it)
         recipe = saved_recipe(
@@ -687,44 +708,49 @@ def run(args) -> int:
         )
         args = argparse.Namespace(**{**vars(args), **recipe})
     pool_threads = _parallel.get_num_threads()
-    limiter = _limit_threads(args.threads)
     try:
-        data, model = build(args)
-        wall = time.perf_counter()
-        history, run_dir, final, (itm_set, _) = train(args, data, model, quiet=args.no_progress)
-        plot_vilt_curves(history, run_dir / "curves.png")
-        # a held-out matching pair with the most objects, for the alignment figure
-        pos = np.nonzero(itm_set["itm_labels"] == 1)[0]
-        k = int(pos[np.argmax([len(itm_set["scenes"][i]) for i in pos])])
-        fig_path = alignment_figure(
-            model,
-            data,
-            itm_set["input_ids"][k],
-            itm_set["text_mask"][k],
-            itm_set["images"][k],
-            run_dir / "alignment.png",
-        )
-        final["wall_time_s"] = time.perf_counter() - wall
-        write_json(
-            run_dir / "metrics.json",
-            dict(
-                final,
-                args=vars_for_json(args),
-                backend=model.backend.name,
-                params=model.num_params(),
-                history=history.to_list(),
-                checkpoint=str(run_dir / CHECKPOINT),
-                alignment_figure=str(fig_path),
-            ),
-        )
-        print(f"run folder: {run_dir}")
-        print(f"alignment figure: {fig_path}")
-        by = ", ".join(f"{k} {v:.3f}" for k, v in final["itm_acc_by_change"].items())
-        print(f"hard-negative itm accuracy: {final['itm_acc_hard']:.4f} ({by})")
-        print(f"itm accuracy: {final['itm_acc']:.4f}")
-        print(f"mlm accuracy: {final['mlm_acc']:.4f}")
+        with _limit_threads(args.threads):
+            _train_and_report(args)
     finally:
         _parallel.set_num_threads(pool_threads)
-        if limiter is not None:
-            limiter.restore_original_limits()
     return 0
+
+
+def _train_and_report(args):
+    """The job itself: build, train, draw and save, then print the figures."""
+    from ..viz_vilt import alignment_figure
+
+    data, model = build(args)
+    wall = time.perf_counter()
+    history, run_dir, final, (itm_set, _) = train(args, data, model, quiet=args.no_progress)
+    plot_vilt_curves(history, run_dir / "curves.png")
+    # a held-out matching pair with the most objects, for the alignment figure
+    pos = np.nonzero(itm_set["itm_labels"] == 1)[0]
+    k = int(pos[np.argmax([len(itm_set["scenes"][i]) for i in pos])])
+    fig_path = alignment_figure(
+        model,
+        data,
+        itm_set["input_ids"][k],
+        itm_set["text_mask"][k],
+        itm_set["images"][k],
+        run_dir / "alignment.png",
+    )
+    final["wall_time_s"] = time.perf_counter() - wall
+    write_json(
+        run_dir / "metrics.json",
+        dict(
+            final,
+            args=vars_for_json(args),
+            backend=model.backend.name,
+            params=model.num_params(),
+            history=history.to_list(),
+            checkpoint=str(run_dir / CHECKPOINT),
+            alignment_figure=str(fig_path),
+        ),
+    )
+    print(f"run folder: {run_dir}")
+    print(f"alignment figure: {fig_path}")
+    by = ", ".join(f"{k} {v:.3f}" for k, v in final["itm_acc_by_change"].items())
+    print(f"hard-negative itm accuracy: {final['itm_acc_hard']:.4f} ({by})")
+    print(f"itm accuracy: {final['itm_acc']:.4f}")
+    print(f"mlm accuracy: {final['mlm_acc']:.4f}")

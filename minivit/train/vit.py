@@ -382,22 +382,12 @@ def train(args, job: DigitsJob = JOB) -> dict:
     return metrics
 
 
-def blas_threads(n):
-    """A context that limits BLAS threads to n (n = 0: leave them alone)."""
-    import contextlib
-
-    if not n:
-        return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits  # a dependency of minivit (setup.cfg)
-
-    return threadpool_limits(limits=n, user_api="blas")
-
-
 def run(args, job: DigitsJob = JOB) -> int:
+    from .. import _parallel
     from ..models import sharding
 
     shards = getattr(args, "shards", None) or sharding.mode()
-    with sharding.using(shards), blas_threads(getattr(args, "threads", 0)):
+    with sharding.using(shards), _parallel.limit_blas_threads(getattr(args, "threads", 0)):
         metrics = train(args, job)
     print(f"run folder: {metrics['run_dir']}")
     print(f"test accuracy: {metrics['test_accuracy']:.4f}")
