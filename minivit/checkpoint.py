@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -290,8 +291,17 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
             f"{str(path)!r} is not a ViT checkpoint minivit reads: {exc}"
         ) from exc
     _check_declared(path, declared, inferred)
-    # HF's layernorm eps (its ViT default is 1e-12), when its config.json says
-    from_json = {"eps": declared["eps"][1]} if "eps" in declared else {}
+    if num_heads is None and "architecture" in hf:
+        warnings.warn(
+            f"{str(path)!r}: timm's config.json does not give the head count of "
+            f"{hf['architecture']!r}, which is not a name minivit registers; using "
+            f"{inferred['num_heads']}, the count timm's common configs give width "
+            f"{inferred['embed_dim']}. Pass num_heads= if the model had another.",
+            stacklevel=2,
+        )
+    # what config.json says that the shapes cannot, or say less neatly: HF's layernorm eps (its
+    # ViT default is 1e-12), and the MLP ratio as given (the shapes give width / D)
+    from_json = {k: declared[k][1] for k in ("eps", "mlp_ratio") if k in declared}
     cfg = {**inferred, **from_json, **overrides}
     model = ViT(**cfg, dtype=dtype or "float32", backend=backend)
     want = tuple(model.params["pos_embed"].shape)
@@ -311,13 +321,17 @@ def _hf_config_beside(path) -> dict:
     if not cfg_json.exists():
         return {}
     try:
-        return json.loads(cfg_json.read_text())
+        js = json.loads(cfg_json.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {str(cfg_json)!r}: {exc}") from exc
+    if not isinstance(js, dict):
+        raise CheckpointError(f"{str(cfg_json)!r} is not a JSON object")
+    return js
 
 
 # transformers' config.json names for ViT and ViLT settings (minivit's names as values): the
-# first five are read off the weights' shapes too, the last two leave no trace in them
+# first five are read off the weights' shapes too, the others leave no trace in them (where a
+# file gives both head counts, num_attention_heads, the later, wins)
 _HF_SHAPE_KEYS = {
     "num_hidden_layers": "depth",
     "hidden_size": "embed_dim",
@@ -325,7 +339,7 @@ _HF_SHAPE_KEYS = {
     "num_channels": "in_chans",
     "vocab_size": "vocab_size",
 }
-_HF_OTHER_KEYS = {"num_attention_heads": "num_heads", "num_heads": "num_heads",
+_HF_OTHER_KEYS = {"num_heads": "num_heads", "num_attention_heads": "num_heads",
                   "layer_norm_eps": "eps"}  # fmt: skip
 
 # timm's config.json, as timm writes it beside model.safetensors for the Hugging Face hub:
@@ -340,12 +354,17 @@ _TIMM_ARGS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", 
 _TIMM_HARMLESS = ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate",
                   "drop_path_rate", "weight_init", "fix_init", "dynamic_img_size",
                   "dynamic_img_pad", "fc_norm")  # fmt: skip
-# and these are timm's options that minivit's ViT does not have, harmless at their defaults
-_TIMM_DEFAULTS = {"class_token": True, "no_embed_class": False, "reg_tokens": 0,
-                  "pre_norm": False, "final_norm": True, "init_values": None, "qk_norm": False,
-                  "proj_bias": True, "pos_embed": "learn", "act_layer": None, "norm_layer": None,
-                  "embed_layer": None, "block_fn": None, "mlp_layer": None,
-                  "strict_img_size": True}  # fmt: skip
+# and these are timm's options that minivit's ViT does not have: harmless only at the values
+# listed (timm's defaults, or their names)
+_TIMM_DEFAULTS = {"class_token": (True,), "no_embed_class": (False,), "reg_tokens": (0,),
+                  "pre_norm": (False,), "final_norm": (True,), "init_values": (None,),
+                  "qk_norm": (False,), "proj_bias": (True,), "pos_embed": ("learn",),
+                  "act_layer": (None, "gelu"), "norm_layer": (None,), "embed_layer": (None,),
+                  "block_fn": (None,), "mlp_layer": (None,),
+                  "strict_img_size": (True,)}  # fmt: skip
+# what a registered name's config declares for the weights: not its image size, which timm
+# changes on load by resampling the position embedding
+_REGISTERED_ARGS = ("patch_size", "embed_dim", "depth", "num_heads")
 
 
 def _declared_vit_config(path, js) -> dict:
@@ -363,7 +382,10 @@ def _declared_vit_config(path, js) -> dict:
     from .models.registry import list_models, model_config
 
     arch = js["architecture"]
-    args = js.get("model_args") or {}
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{str(path)!r}: config.json's architecture is not a name")
+    args = js.get("model_args")
+    args = {} if args is None else args
     if not isinstance(args, dict):
         raise CheckpointError(f"{str(path)!r}: config.json's model_args is not a JSON object")
     unsupported = [f"{k}={v!r}" for k, v in args.items() if not _timm_arg_understood(k, v)]
@@ -378,7 +400,7 @@ def _declared_vit_config(path, js) -> dict:
             declared["embed_dim" if key == "num_features" else key] = (key, js[key])
     if arch in list_models():  # timm's name for one of minivit's registered ViTs
         for k, v in model_config(arch).items():
-            if k in _TIMM_ARGS:
+            if k in _REGISTERED_ARGS:
                 declared[k] = (f"{arch}'s {k}", v)
     for k, v in args.items():  # what it was built with beyond its name's own
         if k in _TIMM_ARGS:
@@ -391,7 +413,14 @@ def _declared_vit_config(path, js) -> dict:
 def _timm_arg_understood(key, value) -> bool:
     if key in _TIMM_ARGS or key in _TIMM_HARMLESS:
         return True
-    return key in _TIMM_DEFAULTS and value == _TIMM_DEFAULTS[key]
+    return key in _TIMM_DEFAULTS and value in _TIMM_DEFAULTS[key]
+
+
+def _agrees(name, value, cfg) -> bool:
+    if name == "mlp_ratio":  # a ratio stands for the MLP width int(D * ratio), as in timm
+        D = cfg["embed_dim"]
+        return isinstance(value, (int, float)) and int(D * value) == int(D * cfg["mlp_ratio"])
+    return value == cfg[name]
 
 
 def _check_declared(path, declared, cfg):
@@ -403,7 +432,7 @@ def _check_declared(path, declared, cfg):
     wrong = [
         f"{where} is {value!r}, the weights give {name}={cfg[name]!r}"
         for name, (where, value) in declared.items()
-        if name in cfg and name not in ("num_heads", "eps") and value != cfg[name]
+        if name in cfg and name not in ("num_heads", "eps") and not _agrees(name, value, cfg)
     ]
     if wrong:
         raise CheckpointError(

@@ -102,11 +102,10 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_pyfunc_call(pyfuncitem):
+def _skip_for_missing_packages():
     """Under MINIVIT_MISSING_PACKAGES=skip (the device run, tests/_requires.py), a test that
-    needs an outside package that is not installed is skipped, naming it; everywhere else it
-    fails."""
+    needs an outside package that is not installed, in its body or in a fixture, is skipped,
+    naming it; everywhere else it fails."""
     from _requires import skip_missing
 
     try:
@@ -114,6 +113,16 @@ def pytest_pyfunc_call(pyfuncitem):
     except ModuleNotFoundError as exc:
         skip_missing(exc)
         raise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    return (yield from _skip_for_missing_packages())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    return (yield from _skip_for_missing_packages())
 
 
 @pytest.fixture

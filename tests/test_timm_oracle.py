@@ -187,8 +187,14 @@ def test_position_embedding_resize_is_timms(old, new):
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"num_heads": 6}, {"global_pool": "avg", "num_classes": 0}],
-    ids=["as-registered", "other-heads", "avg-no-head"],
+    [
+        {},
+        {"num_heads": 6},
+        {"global_pool": "avg", "num_classes": 0},
+        {"mlp_ratio": 2.7},
+        {"act_layer": "gelu"},
+    ],
+    ids=["as-registered", "other-heads", "avg-no-head", "mlp-ratio-2.7", "gelu-by-name"],
 )
 def test_a_folder_timm_publishes_loads(backend, tmp_path, kw):
     """The folder timm writes for the Hugging Face hub (``save_for_hf``: model.safetensors and
@@ -208,6 +214,7 @@ def test_a_folder_timm_publishes_loads(backend, tmp_path, kw):
     v, _ = load_model(tmp_path / "model.safetensors", backend=backend, dtype="float64")
     assert v.config["num_heads"] == t.blocks[0].attn.num_heads
     assert v.config["global_pool"] == t.global_pool
+    assert v.config["mlp_ratio"] == kw.get("mlp_ratio", 4.0)  # as declared, not 518 / 192
     x = np.random.default_rng(4).standard_normal((2, 3, 32, 32))
     with torch.no_grad():
         ref = t(torch.tensor(x)).numpy()
@@ -248,3 +255,55 @@ def test_a_timm_model_minivit_would_compute_differently_is_refused(tmp_path, kw,
     save_for_hf(t, tmp_path, safe_serialization=True)
     with pytest.raises(CheckpointError, match=match):
         load_model(tmp_path / "model.safetensors")
+
+
+def test_a_timm_folder_of_a_name_minivit_does_not_know_warns_about_its_heads(tmp_path):
+    """timm's config.json gives the head count only when the model was built with one other
+    than its name's. For a name minivit does not register, the count is the width's common one,
+    a guess: load_model says so, and num_heads= settles it. timm's own test_vit (width 64 in 2
+    heads of 32) is such a model."""
+    torch.manual_seed(0)
+    t = timm.create_model("test_vit", pretrained=False).to(torch.float64).eval()
+    save_for_hf(t, tmp_path, safe_serialization=True)
+    path = tmp_path / "model.safetensors"
+    with pytest.warns(UserWarning, match="does not give the head count of 'test_vit'"):
+        guessed, _ = load_model(path, dtype="float64")
+    assert guessed.config["num_heads"] == 1 != t.blocks[0].attn.num_heads
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v, _ = load_model(path, dtype="float64", num_heads=2)
+    x = np.random.default_rng(5).standard_normal((1, 3, 160, 160))
+    with torch.no_grad():
+        ref = t(torch.tensor(x)).numpy()
+    assert rel(v.forward(x), ref) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (None, "is not a JSON object"),
+        ([], "is not a JSON object"),
+        ({"architecture": None}, "architecture is not a name"),
+        ({"architecture": "vit_tiny_patch16_224", "model_args": []}, "model_args is not"),
+    ],
+    ids=["null", "list", "no-architecture-name", "model-args-list"],
+)
+def test_a_config_json_of_the_wrong_shape_is_refused(tmp_path, config, match):
+    torch.manual_seed(0)
+    t = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32)
+    save_for_hf(t, tmp_path, safe_serialization=True)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=match):
+        load_model(tmp_path / "model.safetensors")
+
+
+def test_transformers_head_count_wins_over_a_stray_num_heads(tmp_path):
+    """A transformers config.json with both names: num_attention_heads is transformers' own."""
+    torch.manual_seed(0)
+    t = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32)
+    save_for_hf(t, tmp_path, safe_serialization=True)
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 3, "num_heads": 6}))
+    v, _ = load_model(tmp_path / "model.safetensors")
+    assert v.config["num_heads"] == 3

@@ -616,6 +616,49 @@ def test_a_lost_batch_is_an_error_not_a_hang(monkeypatch):
     assert re.search(r"a batch worker made no batch in 0.5 s.*--workers 0", str(raised[0]))
 
 
+class _FakeResult:
+    def __init__(self, ready):
+        self._ready, self.waited = ready, []
+
+    def wait(self, timeout=None):
+        self.waited.append(timeout)
+
+    def ready(self):
+        return self._ready
+
+
+class _FakePool:
+    def __init__(self):
+        self.calls = []
+
+    def close(self):
+        self.calls.append("close")
+
+    def terminate(self):
+        self.calls.append("terminate")
+
+    def join(self):
+        self.calls.append("join")
+
+
+@pytest.mark.parametrize(
+    "ready,lost,expected",
+    [((True, True), False, "close"), ((True, False), False, "terminate"),
+     ((False,), True, "terminate")],
+    ids=["all-arrived", "one-never-came", "already-lost"],
+)  # fmt: skip
+def test_stopping_the_batch_workers(ready, lost, expected):
+    """The batches in flight are awaited and the workers leave on their own (close): terminate,
+    which can hang on a worker killed mid-send, only for a batch that never came. One already
+    lost is not waited for a second time."""
+    from minivit.train import vilt as train_vilt
+
+    pool, pending = _FakePool(), [_FakeResult(r) for r in ready]
+    train_vilt._stop_pool(pool, pending, lost=lost)
+    assert pool.calls == [expected, "join"]
+    assert all(len(r.waited) == (0 if lost else 1) for r in pending)
+
+
 def _worker_dies(step):
     """A stand-in batch maker whose process dies, as one killed by the OOM killer would."""
     import os

@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from .vit import default_num_heads, square_grid_side
+from .vit import default_num_heads, mlp_ratio_for, square_grid_side
 
 __all__ = ["from_hf_vilt", "infer_vilt_config", "is_hf_vilt"]
 
@@ -167,7 +167,7 @@ def infer_vilt_config(state_dict, num_heads=None, eps=1e-12) -> dict:
         embed_dim=int(D),
         depth=depth,
         num_heads=int(num_heads) if num_heads else default_num_heads(D),
-        mlp_ratio=sd["transformer.blocks.0.mlp.fc1.weight"].shape[0] / D,
+        mlp_ratio=mlp_ratio_for(int(sd["transformer.blocks.0.mlp.fc1.weight"].shape[0]), int(D)),
         qkv_bias="transformer.blocks.0.attn.qkv.bias" in sd,
         eps=float(eps),
         text_eps=float(eps),

@@ -23,6 +23,7 @@ by ``ViTModel`` only, never by the classifier) has no timm counterpart and is dr
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -355,6 +356,16 @@ def default_num_heads(embed_dim: int) -> int:
     return _HEADS_BY_WIDTH.get(int(embed_dim), max(1, int(embed_dim) // 64))
 
 
+def mlp_ratio_for(hidden: int, width: int) -> float:
+    """The ``mlp_ratio`` that gives an MLP of ``hidden`` units at ``width``: the models (as timm)
+    size it ``int(width * mlp_ratio)``, and ``hidden / width`` times ``width`` can round to just
+    below ``hidden`` (15 / 11 * 11 is 14.999...), so the ratio is nudged up until it does not."""
+    ratio = hidden / width
+    while int(width * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 def infer_vit_config(state_dict, num_heads=None) -> dict:
     """ViT keyword arguments read off a timm-named state dict.
 
@@ -376,7 +387,7 @@ def infer_vit_config(state_dict, num_heads=None) -> dict:
         qkv_bias=any(k.endswith("attn.qkv.bias") for k in sd),
     )
     if depth:
-        cfg["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / D
+        cfg["mlp_ratio"] = mlp_ratio_for(int(sd["blocks.0.mlp.fc1.weight"].shape[0]), int(D))
     # timm's global_pool="avg" has its final norm as fc_norm, after the pooling
     cfg["global_pool"] = "avg" if "fc_norm.weight" in sd else "token"
     return cfg

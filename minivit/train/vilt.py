@@ -511,6 +511,7 @@ def prefetch(spec, steps, workers, depth=4):
         )
 
     pending = collections.deque()  # the batches asked for and not taken yet, oldest first
+    lost = []  # a batch that never came (its worker died or hangs)
 
     def gen():
         it = iter(steps)
@@ -521,7 +522,8 @@ def prefetch(spec, steps, workers, depth=4):
                 # forked worker can hang on a lock another thread held at the fork: an error
                 # after a wait no batch needs, not a training run that hangs for ever.
                 batch = pending[0].get(timeout=BATCH_TIMEOUT_S)
-            except mp.TimeoutError:  # (the lost batch stays pending: _stop_pool must know)
+            except mp.TimeoutError:
+                lost.append(pending[0])
                 raise RuntimeError(
                     f"a batch worker made no batch in {BATCH_TIMEOUT_S} s (a worker process "
                     "died or hung); run again, or with --workers 0 to make the batches inline"
@@ -535,10 +537,10 @@ def prefetch(spec, steps, workers, depth=4):
     try:
         yield gen()
     finally:
-        _stop_pool(pool, pending)
+        _stop_pool(pool, pending, lost=bool(lost))
 
 
-def _stop_pool(pool, pending):
+def _stop_pool(pool, pending, lost=False):
     """Stop the batch workers, letting the batches in flight arrive first.
 
     ``Pool.terminate`` kills the workers wherever they are. One killed while it sends a batch
@@ -546,13 +548,20 @@ def _stop_pool(pool, pending):
     task thread, which needs that lock for its last message (a hazard of CPython's Pool; a test
     hung on it about once in ten runs on a loaded machine). Batches take milliseconds, so the
     ones in flight are awaited (as long as one batch may take) and the idle workers are told to
-    leave. ``terminate`` is kept for workers that died or hang, whose batches never come.
+    leave. ``terminate`` is kept for workers that died or hang, whose batches never come: at
+    once when a batch was already ``lost`` (its wait is over), after the wait otherwise, and on
+    an interrupt during the wait.
     """
-    deadline = time.monotonic() + BATCH_TIMEOUT_S
-    for result in pending:
-        result.wait(max(0.0, deadline - time.monotonic()))
-    if all(result.ready() for result in pending):
-        pool.close()  # the workers finish their queue (nothing left) and exit
+    try:
+        deadline = time.monotonic() + BATCH_TIMEOUT_S
+        for result in () if lost else pending:
+            result.wait(max(0.0, deadline - time.monotonic()))
+        finished = not lost and all(result.ready() for result in pending)
+    except BaseException:  # Ctrl-C while waiting: no more waiting
+        pool.terminate()
+        raise
+    if finished:
+        pool.close()  # the workers find their queue empty and exit
     else:
         pool.terminate()
     pool.join()
