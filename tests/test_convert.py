@@ -14,7 +14,7 @@ from minivit.convert import (
     infer_vit_config,
     resample_abs_pos_embed,
 )
-from minivit.convert.vit import bicubic_resize_matrix
+from minivit.convert.vit import bicubic_resize_matrix, mlp_ratio_for
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +202,19 @@ def test_what_from_hf_vit_leaves_out_on_purpose(hf_sd):
     no_bias = {k: v for k, v in hf_sd.items() if not k.endswith(("q_proj.bias", "k_proj.bias",
                                                                    "v_proj.bias"))}  # fmt: skip
     assert not any(k.endswith("qkv.bias") for k in from_hf_vit(no_bias))
+
+
+def test_any_mlp_width_is_read_back_from_the_weights():
+    """The models size the MLP int(D * mlp_ratio), as timm does, and hidden / D times D can fall
+    just short of hidden (15 / 11 * 11 is 14.999...): a checkpoint with such a width built a
+    model one unit narrower and failed to load. The ratio read off the weights now maps back."""
+    from minivit import ViT
+
+    assert mlp_ratio_for(3072, 768) == 4.0 and mlp_ratio_for(518, 192) == 518 / 192
+    assert all(int(D * mlp_ratio_for(H, D)) == H for D in range(1, 120) for H in range(1, 5 * D))
+    v = ViT(img_size=4, patch_size=2, in_chans=1, num_classes=2, embed_dim=11, depth=1,
+            num_heads=1, mlp_ratio=mlp_ratio_for(15, 11))  # fmt: skip
+    sd = v.state_dict()
+    assert sd["blocks.0.mlp.fc1.weight"].shape == (15, 11)
+    cfg = infer_vit_config(sd, num_heads=1)
+    ViT(**cfg).load_state_dict(sd)  # was: 14 units for the weights' 15
