@@ -238,10 +238,11 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
       transformers' (``num_attention_heads``, and ``layer_norm_eps`` for the eps) or the one
       timm writes for the hub (``model_args.num_heads``, else the registered config of its
       ``architecture``). Whatever that ``config.json`` says that the shapes show too (depth,
-      width, patch size, channels, classes, pooling, vocabulary) must agree with them
+      width, MLP width, patch size, channels, classes, pooling, vocabulary) must agree with them
       (``CheckpointError`` otherwise: a file missing its last block would load shallower), and
-      a timm option minivit's ViT does not implement (no class token, register tokens, another
-      activation, ...) is refused rather than computed differently.
+      an option minivit's ViT does not implement (transformers' ``hidden_act`` other than
+      ``"gelu"``; timm's no class token, register tokens, another activation, ...) is refused
+      rather than computed differently.
     * a Hugging Face ViLT ``model.safetensors`` (``ViltForMaskedLM``, ``ViltModel``,
       ``ViltForQuestionAnswering``, ...): converted with ``from_hf_vilt``, the config read off
       the shapes and the same ``config.json``. Heads the file lacks (the MLM checkpoint has no
@@ -335,6 +336,7 @@ def _hf_config_beside(path) -> dict:
 _HF_SHAPE_KEYS = {
     "num_hidden_layers": "depth",
     "hidden_size": "embed_dim",
+    "intermediate_size": "mlp_width",  # compared with int(D * mlp_ratio)
     "patch_size": "patch_size",
     "num_channels": "in_chans",
     "vocab_size": "vocab_size",
@@ -374,6 +376,12 @@ def _declared_vit_config(path, js) -> dict:
     Raises CheckpointError for a timm option that would make minivit compute something else
     from the same weights."""
     if "architecture" not in js:  # transformers' config (or none)
+        act = js.get("hidden_act", "gelu")
+        if act != "gelu":  # the activation leaves no trace in the weights
+            raise CheckpointError(
+                f"{str(path)!r}: config.json's hidden_act is {act!r}; minivit's ViT and ViLT "
+                "compute the exact GELU ('gelu') only"
+            )
         keys = {**_HF_SHAPE_KEYS, **_HF_OTHER_KEYS}
         declared = {name: (key, js[key]) for key, name in keys.items() if key in js}
         if "eps" in declared:
@@ -416,11 +424,9 @@ def _timm_arg_understood(key, value) -> bool:
     return key in _TIMM_DEFAULTS and value in _TIMM_DEFAULTS[key]
 
 
-def _agrees(name, value, cfg) -> bool:
-    if name == "mlp_ratio":  # a ratio stands for the MLP width int(D * ratio), as in timm
-        D = cfg["embed_dim"]
-        return isinstance(value, (int, float)) and int(D * value) == int(D * cfg["mlp_ratio"])
-    return value == cfg[name]
+def _mlp_width(cfg):
+    """The MLP width a config gives: int(D * mlp_ratio), as timm sizes it (None: no blocks)."""
+    return int(cfg["embed_dim"] * cfg["mlp_ratio"]) if "mlp_ratio" in cfg else None
 
 
 def _check_declared(path, declared, cfg):
@@ -428,12 +434,19 @@ def _check_declared(path, declared, cfg):
     as :func:`_declared_vit_config` gives it; ``cfg`` the config read off the shapes). The
     blocks are counted by their names, so a file that lost its last whole block would load as a
     shallower model without a word: its config says how many it should hold. So does a timm
-    pooling that the names alone would misread (global_pool="avg" without fc_norm)."""
-    wrong = [
-        f"{where} is {value!r}, the weights give {name}={cfg[name]!r}"
-        for name, (where, value) in declared.items()
-        if name in cfg and name not in ("num_heads", "eps") and not _agrees(name, value, cfg)
-    ]
+    pooling that the names alone would misread (global_pool="avg" without fc_norm). An MLP
+    ratio is compared as the width it gives."""
+    wrong = []
+    for name, (where, value) in declared.items():
+        if name in ("mlp_ratio", "mlp_width"):
+            width = _mlp_width(cfg)
+            if width is None or not isinstance(value, (int, float)):
+                continue
+            said = int(cfg["embed_dim"] * value) if name == "mlp_ratio" else value
+            if said != width:
+                wrong.append(f"{where} is {value!r}, the weights give an MLP of {width}")
+        elif name in cfg and name not in ("num_heads", "eps") and value != cfg[name]:
+            wrong.append(f"{where} is {value!r}, the weights give {name}={cfg[name]!r}")
     if wrong:
         raise CheckpointError(
             f"{str(path)!r} does not match the config.json beside it: {'; '.join(wrong)} (an "

@@ -154,6 +154,30 @@ def test_a_hub_file_that_disagrees_with_its_config_is_refused(tmp_path):
     assert v.depth == 1
 
 
+@pytest.mark.oracle
+@pytest.mark.parametrize(
+    "change,match",
+    [({"hidden_act": "gelu_new"}, r"hidden_act is 'gelu_new'.*exact GELU"),
+     ({"intermediate_size": 32}, r"intermediate_size is 32, the weights give an MLP of 24")],
+    ids=["tanh-gelu", "other-mlp-width"],
+)  # fmt: skip
+def test_what_a_hub_config_says_beyond_the_shapes_is_checked(tmp_path, change, match):
+    """transformers' activation leaves no trace in the weights (a tanh-approximated GELU would
+    load and compute the exact one), and its MLP width must be the weights' own."""
+    from safetensors.numpy import save_file
+
+    from minivit.checkpoint import CheckpointError, load_model
+
+    m = hf_model()
+    sd = hub_naming({k: t.numpy() for k, t in m.state_dict().items()})
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, tmp_path / "model.safetensors")
+    for k, v in change.items():
+        setattr(m.config, k, v)
+    m.config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match=match):
+        load_model(tmp_path / "model.safetensors")
+
+
 def tiny(backend, **kw):
     cfg = dict(img_size=4, patch_size=2, in_chans=2, num_classes=3, embed_dim=8, depth=2,
                num_heads=2, dtype="float64", backend=backend, seed=3)  # fmt: skip
