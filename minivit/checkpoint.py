@@ -274,16 +274,14 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
 
     tensors, meta = load_checkpoint(path)
     hf = _hf_config_beside(path)
-    if is_hf_vilt(tensors):
-        if num_heads is None:
-            num_heads = hf.get("num_attention_heads") or hf.get("num_heads")
-        return _load_hf_vilt(path, tensors, meta, hf, backend, dtype, num_heads, overrides)
-    from .convert import infer_vit_config, to_timm_vit
-    from .models.vit import ViT
-
     declared = _declared_vit_config(path, hf)  # first: it names an option minivit lacks
     if num_heads is None and "num_heads" in declared:
         num_heads = declared["num_heads"][1]
+    if is_hf_vilt(tensors):
+        return _load_hf_vilt(path, tensors, meta, declared, backend, dtype, num_heads, overrides)
+    from .convert import infer_vit_config, to_timm_vit
+    from .models.vit import ViT
+
     try:
         sd = to_timm_vit(tensors)
         inferred = infer_vit_config(sd, num_heads=num_heads)
@@ -454,18 +452,19 @@ def _check_declared(path, declared, cfg):
         )
 
 
-def _load_hf_vilt(path, tensors, meta, hf, backend, dtype, num_heads, overrides):
+def _load_hf_vilt(path, tensors, meta, declared, backend, dtype, num_heads, overrides):
     from .convert import from_hf_vilt, infer_vilt_config
     from .models.vilt import ViLT
 
     try:
         sd = from_hf_vilt(tensors)
-        cfg = infer_vilt_config(sd, num_heads=num_heads, eps=hf.get("layer_norm_eps", 1e-12))
+        eps = declared["eps"][1] if "eps" in declared else 1e-12  # HF's ViLT default
+        cfg = infer_vilt_config(sd, num_heads=num_heads, eps=eps)
     except (KeyError, ValueError) as exc:
         raise CheckpointError(
             f"{str(path)!r} is not a ViLT checkpoint minivit reads: {exc}"
         ) from exc
-    _check_declared(path, _declared_vit_config(path, hf), cfg)
+    _check_declared(path, declared, cfg)
     model = ViLT(**{**cfg, **overrides}, dtype=dtype or "float32", backend=backend)
     try:
         missing, _ = model.load_state_dict(sd, strict=False)

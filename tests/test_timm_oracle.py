@@ -11,6 +11,7 @@ every timm model is built with ``pretrained=False`` and random weights.
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -42,11 +43,26 @@ def timm_small(dtype=torch.float64, **kw):
     """timm's VisionTransformer at SMALL (overridden by kw), every parameter perturbed: timm
     starts biases at 0 and norms at 1, where a wrong index or a missing term would not show."""
     torch.manual_seed(0)
-    m = VisionTransformer(**{**SMALL, **kw}).to(dtype).eval()
+    return perturbed(VisionTransformer(**{**SMALL, **kw}).to(dtype).eval())
+
+
+def perturbed(m):
+    """m with every parameter moved off its initial value, in place."""
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     return m
+
+
+def publish(folder, name="vit_tiny_patch16_224", float64=False, **kw):
+    """timm's model ``name`` (random, seed 0), saved in ``folder`` as timm publishes it for the
+    hub (``save_for_hf``); in float64 and perturbed if asked. Returns the model."""
+    torch.manual_seed(0)
+    t = timm.create_model(name, pretrained=False, **kw)
+    if float64:
+        t = perturbed(t.to(torch.float64).eval())
+    save_for_hf(t, folder, safe_serialization=True)
+    return t
 
 
 def host_state(m):
@@ -201,14 +217,8 @@ def test_a_folder_timm_publishes_loads(backend, tmp_path, kw):
     timm's config.json, with its ``architecture`` and ``model_args``) loads with
     ``load_model`` and computes what timm computes, including a head count the weights cannot
     show."""
-    torch.manual_seed(0)
     kw = {"num_classes": 7, **kw}
-    t = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, **kw)
-    t = t.to(torch.float64).eval()
-    with torch.no_grad():
-        for p in t.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    save_for_hf(t, tmp_path, safe_serialization=True)
+    t = publish(tmp_path, depth=2, img_size=32, float64=True, **kw)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architecture"] == "vit_tiny_patch16_224"  # timm's format, not transformers'
     v, _ = load_model(tmp_path / "model.safetensors", backend=backend, dtype="float64")
@@ -224,9 +234,7 @@ def test_a_folder_timm_publishes_loads(backend, tmp_path, kw):
 def test_a_timm_folder_whose_config_disagrees_is_refused(tmp_path):
     """timm's config.json names the model's depth (in ``model_args``) and its width
     (``num_features``): weights that disagree with it are refused, as with transformers'."""
-    torch.manual_seed(0)
-    t = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32)
-    save_for_hf(t, tmp_path, safe_serialization=True)
+    publish(tmp_path, depth=2, img_size=32)
     cfg_path = tmp_path / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["model_args"]["depth"] = 3
@@ -250,9 +258,7 @@ def test_a_timm_model_minivit_would_compute_differently_is_refused(tmp_path, kw,
     names at all, are refused by what timm's config.json says instead of giving other outputs:
     an average pool over the final norm (the names read as a CLS-token pool), no class token,
     register tokens, another activation."""
-    torch.manual_seed(0)
-    t = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, **kw)
-    save_for_hf(t, tmp_path, safe_serialization=True)
+    publish(tmp_path, depth=1, img_size=32, **kw)
     with pytest.raises(CheckpointError, match=match):
         load_model(tmp_path / "model.safetensors")
 
@@ -262,15 +268,11 @@ def test_a_timm_folder_of_a_name_minivit_does_not_know_warns_about_its_heads(tmp
     than its name's. For a name minivit does not register, the count is the width's common one,
     a guess: load_model says so, and num_heads= settles it. timm's own test_vit (width 64 in 2
     heads of 32) is such a model."""
-    torch.manual_seed(0)
-    t = timm.create_model("test_vit", pretrained=False).to(torch.float64).eval()
-    save_for_hf(t, tmp_path, safe_serialization=True)
+    t = publish(tmp_path, "test_vit", float64=True)
     path = tmp_path / "model.safetensors"
     with pytest.warns(UserWarning, match="does not give the head count of 'test_vit'"):
         guessed, _ = load_model(path, dtype="float64")
     assert guessed.config["num_heads"] == 1 != t.blocks[0].attn.num_heads
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         v, _ = load_model(path, dtype="float64", num_heads=2)
@@ -291,9 +293,7 @@ def test_a_timm_folder_of_a_name_minivit_does_not_know_warns_about_its_heads(tmp
     ids=["null", "list", "no-architecture-name", "model-args-list"],
 )
 def test_a_config_json_of_the_wrong_shape_is_refused(tmp_path, config, match):
-    torch.manual_seed(0)
-    t = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32)
-    save_for_hf(t, tmp_path, safe_serialization=True)
+    publish(tmp_path, depth=1, img_size=32)
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=match):
         load_model(tmp_path / "model.safetensors")
@@ -301,9 +301,7 @@ def test_a_config_json_of_the_wrong_shape_is_refused(tmp_path, config, match):
 
 def test_transformers_head_count_wins_over_a_stray_num_heads(tmp_path):
     """A transformers config.json with both names: num_attention_heads is transformers' own."""
-    torch.manual_seed(0)
-    t = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32)
-    save_for_hf(t, tmp_path, safe_serialization=True)
+    publish(tmp_path, depth=1, img_size=32)
     (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 3, "num_heads": 6}))
     v, _ = load_model(tmp_path / "model.safetensors")
     assert v.config["num_heads"] == 3

@@ -511,9 +511,10 @@ def prefetch(spec, steps, workers, depth=4):
         )
 
     pending = collections.deque()  # the batches asked for and not taken yet, oldest first
-    lost = []  # a batch that never came (its worker died or hangs)
+    lost = False  # a batch never came (its worker died or hangs)
 
     def gen():
+        nonlocal lost
         it = iter(steps)
         pending.extend(pool.apply_async(_batch_for_step, (s,)) for s in itertools.islice(it, depth))
         while pending:
@@ -523,7 +524,7 @@ def prefetch(spec, steps, workers, depth=4):
                 # after a wait no batch needs, not a training run that hangs for ever.
                 batch = pending[0].get(timeout=BATCH_TIMEOUT_S)
             except mp.TimeoutError:
-                lost.append(pending[0])
+                lost = True
                 raise RuntimeError(
                     f"a batch worker made no batch in {BATCH_TIMEOUT_S} s (a worker process "
                     "died or hung); run again, or with --workers 0 to make the batches inline"
@@ -537,7 +538,7 @@ def prefetch(spec, steps, workers, depth=4):
     try:
         yield gen()
     finally:
-        _stop_pool(pool, pending, lost=bool(lost))
+        _stop_pool(pool, pending, lost=lost)
 
 
 def _stop_pool(pool, pending, lost=False):
