@@ -1,9 +1,11 @@
 """NVRTC, the CUDA compiler inside CuPy, driven through ctypes: minivit's kernel text is compiled
 for the H100/H200 (sm_90) the way CuPy compiles it there, on a machine without a GPU.
 
-NVRTC compiles to a cubin without a driver or a device. It comes from the ``nvidia-cuda-nvrtc-cu12``
-wheel (a test extra on Linux x86-64) or a CUDA toolkit's ``libnvrtc``; where neither exists,
-:data:`LIB` is None and the tests that need it skip with :data:`MISSING` as the reason.
+NVRTC compiles to a cubin without a driver or a device. It comes from the pip wheels (the test
+extra installs CUDA 12's ``nvidia-cuda-nvrtc-cu12`` and CUDA 13's ``nvidia-cuda-nvrtc``, on
+Linux x86-64) or a CUDA toolkit's ``libnvrtc``; every release found is in :data:`LIBS`. Where
+none exists, :data:`LIB` is None and the tests that need it skip with :data:`MISSING` as the
+reason.
 
 The options are those CuPy 14 adds when it compiles a ``RawKernel`` (``cupy/cuda/compiler.py``,
 ``cupy/_core/raw.pyx``): ``-arch=sm_XX`` (a cubin, not PTX), ``-std=c++17``, ``-ftz=true`` and
@@ -26,12 +28,18 @@ CUPY_OPTIONS = ("-std=c++17", "-ftz=true", "--device-as-default-execution-space"
 
 
 def _candidates():
-    """Where libnvrtc may be: the pip wheel's folder first, then a toolkit, then the loader."""
+    """Where libnvrtc may be: $MINIVIT_NVRTC (one library file, and nothing else), else the pip
+    wheels' folders (CUDA 12's ``nvidia/cuda_nvrtc``, CUDA 13's ``nvidia/cu13``), a toolkit, and
+    the loader."""
+    if os.environ.get("MINIVIT_NVRTC"):
+        yield os.environ["MINIVIT_NVRTC"]
+        return
     try:
-        import nvidia.cuda_nvrtc as wheel  # the nvidia-cuda-nvrtc-cu12 wheel (no __init__)
+        import nvidia  # the wheels' shared namespace package (no __init__)
 
-        for d in wheel.__path__:
-            yield from sorted(glob.glob(os.path.join(d, "lib", "libnvrtc.so.*")))
+        for d in nvidia.__path__:
+            for sub in ("cuda_nvrtc", "cu13"):
+                yield from sorted(glob.glob(os.path.join(d, sub, "lib", "libnvrtc.so.*")))
     except ImportError:
         pass
     for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
@@ -42,35 +50,51 @@ def _candidates():
         yield found
 
 
+def _open(path):
+    # NVRTC opens its builtins library by name at its first compile: the one beside it, loaded
+    # first, is found even where the loader's search path does not reach that folder
+    for builtins in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.*")):
+        if ".alt." not in builtins:
+            ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.CDLL(path)
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+def _version_of(lib) -> str:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    return f"{major.value}.{minor.value}"
+
+
 def _load():
-    errors = []
+    """One library per NVRTC release found, the first found of each, in :func:`_candidates`'
+    order. The device's CuPy (cupy-cuda13x) compiles with CUDA 13's, a cupy-cuda12x with 12's:
+    the tests compile with every one here."""
+    libs, errors = {}, []
     for path in _candidates():
         try:
-            lib = ctypes.CDLL(path)
+            lib = _open(path)
         except OSError as exc:
             errors.append(f"{path}: {exc}")
             continue
-        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
-        return lib, ""
-    return None, "; ".join(errors) or "no libnvrtc (pip install nvidia-cuda-nvrtc-cu12)"
+        libs.setdefault(_version_of(lib), lib)
+    missing = "; ".join(errors) or "no libnvrtc (pip install nvidia-cuda-nvrtc-cu12)"
+    return libs, ("" if libs else missing)
 
 
-LIB, MISSING = _load()
-
-
-def version() -> tuple[int, int]:
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    _check(LIB.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
-    return major.value, minor.value
+#: NVRTC release ("12.9", "13.0") -> its library; :data:`LIB` is the first found, or None
+LIBS, MISSING = _load()
+LIB = next(iter(LIBS.values()), None)
 
 
 class NvrtcError(RuntimeError):
     pass
 
 
-def _check(status, what):
+def _check(status, what, lib=None):
     if status:
-        raise NvrtcError(f"{what}: {LIB.nvrtcGetErrorString(status).decode()}")
+        raise NvrtcError(f"{what}: {(lib or LIB).nvrtcGetErrorString(status).decode()}")
 
 
 @dataclass
@@ -117,14 +141,22 @@ def _parse_ptxas(log: str) -> dict[str, Kernel]:
     return kernels
 
 
-def compile_cuda(source: str, arch: str = "sm_90", filename: str = "minivit.cu") -> Compiled:
-    """Compile ``source`` to a cubin for ``arch`` with CuPy's options; raises NvrtcError with
-    the compiler's log when it fails."""
+def compile_cuda(
+    source: str, arch: str = "sm_90", filename: str = "minivit.cu", release: str | None = None
+) -> Compiled:
+    """Compile ``source`` to a cubin for ``arch`` with CuPy's options, under NVRTC ``release``
+    (a key of :data:`LIBS`; the first found by default); raises NvrtcError with the compiler's
+    log when it fails."""
     if LIB is None:
         raise NvrtcError(MISSING)
+    lib = LIBS[release] if release else LIB
+
+    def check(status, what):
+        _check(status, what, lib)
+
     prog = ctypes.c_void_p()
-    _check(
-        LIB.nvrtcCreateProgram(
+    check(
+        lib.nvrtcCreateProgram(
             ctypes.byref(prog), source.encode(), filename.encode(), 0, None, None
         ),
         "nvrtcCreateProgram",
@@ -132,17 +164,17 @@ def compile_cuda(source: str, arch: str = "sm_90", filename: str = "minivit.cu")
     try:
         opts = [f"-arch={arch}", *CUPY_OPTIONS, "--ptxas-options=-v"]
         argv = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
-        status = LIB.nvrtcCompileProgram(prog, len(opts), argv)
+        status = lib.nvrtcCompileProgram(prog, len(opts), argv)
         size = ctypes.c_size_t()
-        _check(LIB.nvrtcGetProgramLogSize(prog, ctypes.byref(size)), "nvrtcGetProgramLogSize")
+        check(lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)), "nvrtcGetProgramLogSize")
         buf = ctypes.create_string_buffer(size.value)
-        _check(LIB.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
+        check(lib.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
         log = buf.value.decode(errors="replace")
         if status:
             raise NvrtcError(f"NVRTC could not compile {filename} for {arch}:\n{log[-4000:]}")
-        _check(LIB.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
         cubin = ctypes.create_string_buffer(size.value)
-        _check(LIB.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        check(lib.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
         return Compiled(cubin=cubin.raw, log=log, kernels=_parse_ptxas(log))
     finally:
-        LIB.nvrtcDestroyProgram(ctypes.byref(prog))
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))

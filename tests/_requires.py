@@ -4,7 +4,8 @@ The README's test command installs every one of them: the oracles (torch, transf
 timm) and the extras the tools use (safetensors, scikit-learn, tqdm, matplotlib, Pillow). A
 missing one is an error there, since a check that quietly skipped would pass for one that ran.
 
-The GPU machine's image has torch but none of the others, and no network to install them.
+The GPU machine has no network to install them, and its image lacks some (POT, as listed on
+2026-11-17; ``benchmarks/fetch_wheels.sh`` prepares it as a wheel to carry there).
 ``benchmarks/gpu_run.sh`` sets ``MINIVIT_MISSING_PACKAGES=skip``: then a test that needs one of
 these packages, and finds it missing, is skipped with the package's name instead of failing, so
 the device's minutes go to everything else the suite checks on CuPy.
@@ -23,13 +24,14 @@ import sys
 
 import pytest
 
-__all__ = ["OUTSIDE", "missing_package", "require", "skip_missing"]
+__all__ = ["OUTSIDE", "missing_package", "require", "skip_missing", "skipping_missing"]
 
 OUTSIDE = ("torch", "transformers", "tokenizers", "ot", "timm", "torchvision",
            "safetensors", "sklearn", "tqdm", "matplotlib", "PIL")  # fmt: skip
 
 
-def _skipping() -> bool:
+def skipping_missing() -> bool:
+    """Whether this run skips (rather than fails) a test whose outside package is missing."""
     return os.environ.get("MINIVIT_MISSING_PACKAGES", "fail") == "skip"
 
 
@@ -52,7 +54,7 @@ def skip_missing(exc: BaseException) -> None:
     """Skip for ``exc`` if it reports a missing outside package and the run skips those;
     otherwise return (the caller re-raises)."""
     name = missing_package(exc)
-    if name is not None and _skipping():
+    if name is not None and skipping_missing():
         pytest.skip(
             f"{name!r} is not installed and MINIVIT_MISSING_PACKAGES=skip (the device run)",
             allow_module_level=True,

@@ -12,44 +12,79 @@ it inside a loop of its own generated code. Skipped, with the reason, where libn
 
 from __future__ import annotations
 
+import os
+import platform
+import sys
+
 import _cuda_emu as emu
 import _nvrtc
 import numpy as np
 import pytest
+from _requires import skipping_missing
 
 from minivit import kernels_cupy
 
-pytestmark = pytest.mark.skipif(_nvrtc.LIB is None, reason=f"NVRTC: {_nvrtc.MISSING}")
+needs_nvrtc = pytest.mark.skipif(_nvrtc.LIB is None, reason=f"NVRTC: {_nvrtc.MISSING}")
 
 DTYPES = [np.float32, np.float64]
 
 
-def _compiled(source, name, dtype):
-    out = _nvrtc.compile_cuda(source, arch="sm_90", filename=f"{name}_{np.dtype(dtype)}.cu")
+# every NVRTC release found: CUDA 13's is the device image's (cupy-cuda13x), 12's a
+# cupy-cuda12x user's; both are test extras
+RELEASES = sorted(_nvrtc.LIBS) or ["none"]
+
+
+def _compiled(source, name, dtype, release):
+    out = _nvrtc.compile_cuda(
+        source, arch="sm_90", filename=f"{name}_{np.dtype(dtype)}.cu", release=release
+    )
     assert out.cubin[:4] == b"\x7fELF", "NVRTC returned no cubin"
     return out
 
 
+@needs_nvrtc
+@pytest.mark.parametrize("release", RELEASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(kernels_cupy.RAW))
-def test_row_kernel_compiles_for_sm90_without_spills(name, dtype):
-    out = _compiled(kernels_cupy.raw_source(name, np.dtype(dtype)), name, dtype)
+def test_row_kernel_compiles_for_sm90_without_spills(name, dtype, release):
+    out = _compiled(kernels_cupy.raw_source(name, np.dtype(dtype)), name, dtype, release)
     k = out.kernels[name]  # the entry point CuPy's RawKernel looks up (extern "C", unmangled)
     assert k.registers > 0, out.log
     assert k.spill_store_bytes == 0 and k.spill_load_bytes == 0, out.log
     assert k.stack_bytes == 0, out.log  # no local arrays: everything lives in registers
 
 
+@needs_nvrtc
+@pytest.mark.parametrize("release", RELEASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(kernels_cupy.ELEMENTWISE))
-def test_elementwise_operation_compiles_for_sm90_without_spills(name, dtype):
+def test_elementwise_operation_compiles_for_sm90_without_spills(name, dtype, release):
     kernel = emu.ElementwiseKernel(*kernels_cupy.ELEMENTWISE[name], f"minivit_{name}")
-    out = _compiled(kernel.cuda_source(np.dtype(dtype)), name, dtype)
+    out = _compiled(kernel.cuda_source(np.dtype(dtype)), name, dtype, release)
     (k,) = out.kernels.values()
     assert k.spill_store_bytes == 0 and k.spill_load_bytes == 0, out.log
     assert k.stack_bytes == 0, out.log
 
 
+def test_the_test_extras_two_nvrtc_releases_are_both_found():
+    """On Linux x86-64 the test extra installs CUDA 12's and CUDA 13's NVRTC. One missing there
+    fails, as a missing oracle does: its compile checks would otherwise be skipped or never
+    drawn, and the run would pass as if they had run (skipped in the device run, and when
+    MINIVIT_NVRTC picks one library alone)."""
+    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
+        pytest.skip("the NVRTC wheels are a test extra on Linux x86-64 only")
+    if os.environ.get("MINIVIT_NVRTC"):
+        pytest.skip("MINIVIT_NVRTC picks one NVRTC library alone")
+    missing = sorted({"12", "13"} - {release.split(".")[0] for release in _nvrtc.LIBS})
+    if missing and skipping_missing():
+        pytest.skip(f"NVRTC of CUDA {missing} is not installed (the device run)")
+    assert not missing, (
+        f"no NVRTC of CUDA {', '.join(missing)} (found {sorted(_nvrtc.LIBS)}); "
+        f"pip install -e '.[test]' installs both. {_nvrtc.MISSING}"
+    )
+
+
+@needs_nvrtc
 def test_a_kernel_that_cannot_compile_is_reported_with_the_compilers_message():
     # the check can fail: an undeclared name is NVRTC's error, with its log, not a pass
     bad = 'extern "C" __global__ void k(float* y) { y[0] = undeclared_name; }'
@@ -57,6 +92,7 @@ def test_a_kernel_that_cannot_compile_is_reported_with_the_compilers_message():
         _nvrtc.compile_cuda(bad)
 
 
+@needs_nvrtc
 def test_ptxas_report_sees_a_stack_frame():
     # an array too large for registers, indexed at run time, lives in local memory: the parser
     # must read that from ptxas's report (a kernel above passes only if its frame is 0 bytes)
