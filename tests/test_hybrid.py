@@ -63,12 +63,10 @@ def test_names_and_shapes(backend):
     assert m.forward_features(x).shape == (3, 5, 8)
 
 
-def _torch_backbone(sd, x, cfg):
-    """The same backbone written with torch.nn.functional, from the state dict (an oracle)."""
-    import torch
+def torch_backbone(t, x, cfg):
+    """The same backbone written with torch.nn.functional (an oracle): ``t`` maps minivit's
+    parameter names to torch tensors. test_timm_oracle.py puts it inside timm's HybridEmbed."""
     import torch.nn.functional as F
-
-    t = {k: torch.from_numpy(v) for k, v in sd.items()}
 
     def gn(h, name):
         C = h.shape[1]
@@ -107,7 +105,9 @@ def test_backbone_matches_torch(backend):
     grads = {}
     dx = m._backbone_backward(backend.asarray(g), cache, grads)
     tx = torch.from_numpy(x).requires_grad_(True)
-    tfeat = _torch_backbone(m.state_dict(), tx, m.config)
+    tfeat = torch_backbone(
+        {k: torch.from_numpy(v) for k, v in m.state_dict().items()}, tx, m.config
+    )
     tfeat.backward(torch.from_numpy(g))
     assert rel_err(backend.to_numpy(feat), tfeat.detach().numpy()) <= 1e-10
     assert rel_err(backend.to_numpy(dx), tx.grad.numpy()) <= 1e-10

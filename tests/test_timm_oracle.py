@@ -18,6 +18,8 @@ import pytest
 import torch
 from _requires import require
 from _timm import import_timm
+from test_hybrid import BB, torch_backbone
+from test_hybrid import CFG as HYBRID  # the tiny hybrid: every backbone feature, 2x2 grid
 from test_vit import minivit_loss_grads, rel  # the loss and the measure of the HF checks
 
 import minivit
@@ -25,6 +27,7 @@ from minivit.checkpoint import CheckpointError, load_model
 from minivit.convert import resample_abs_pos_embed
 
 timm = require("timm", lambda _: import_timm())
+from timm.layers import HybridEmbed  # noqa: E402
 from timm.layers import resample_abs_pos_embed as timm_resample  # noqa: E402
 from timm.models import save_for_hf  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
@@ -158,6 +161,63 @@ def test_vit_tiny_at_224_float32_matches_timm(backend):
     worst = max((rel(grads[k], ref_grads[k]), k) for k in grads)
     assert worst[0] < 1e-4, worst  # 2.3e-6
     assert rel(dx, ref_dx) < 1e-4  # 1.6e-6
+
+
+class _HybridBackbone(torch.nn.Module):
+    """minivit's hybrid CNN in torch (test_hybrid's functional oracle) as the backbone module
+    that timm's HybridEmbed takes; its weights under minivit's names with '.' as '/'."""
+
+    def __init__(self, shapes, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.w = torch.nn.ParameterDict()  # (built from a plain dict, it would sort the keys)
+        for k, s in shapes.items():
+            self.w[k.replace(".", "/")] = torch.nn.Parameter(0.5 * torch.randn(s))
+
+    @staticmethod
+    def name(key):
+        """minivit's name for a key of timm's state dict around this backbone."""
+        return key.removeprefix(BB + "w.").replace("/", ".")
+
+    def forward(self, x):
+        return torch_backbone({k.replace("/", "."): p for k, p in self.w.items()}, x, self.cfg)
+
+
+def test_hybrid_is_timms_vision_transformer_over_its_cnn(backend):
+    """The Hybrid ViT is timm's VisionTransformer with a HybridEmbed (a CNN, then a 1x1 proj):
+    timm's model built that way around minivit's CNN (in torch) has the transformer half's
+    names, shapes and order, and its logits and every gradient are minivit's. So the feature
+    map becomes tokens as timm flattens it, and the proj, CLS, positions, blocks and head are
+    timm's; the CNN alone is test_hybrid.py's check against torch."""
+    v = minivit.HybridViT(**HYBRID, dtype="float64", backend=backend)
+    torch.manual_seed(0)
+    bb = _HybridBackbone({k: p.shape for k, p in v.params.items() if k.startswith(BB)}, v.config)
+    keys = ("img_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads", "mlp_ratio")
+    m = VisionTransformer(
+        **{k: HYBRID[k] for k in keys},
+        patch_size=1,  # timm's hybrids take the feature map's positions as 1x1 patches
+        embed_layer=lambda **kw: HybridEmbed(backbone=bb, **kw),
+    )
+    m = perturbed(m.to(torch.float64).eval())
+    assert m.patch_embed.grid_size == v.grid
+    theirs = [(k, tuple(p.shape)) for k, p in m.state_dict().items()]
+    ours = [(k, tuple(p.shape)) for k, p in v.params.items()]
+    assert [kv for kv in ours if not kv[0].startswith(BB)] == [
+        kv for kv in theirs if not kv[0].startswith(BB)
+    ]
+    sd = {_HybridBackbone.name(k): a for k, a in host_state(m).items()}
+    assert list(sd) == list(v.params)  # the backbone's order too, as minivit lists it
+    v.load_state_dict(sd)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((3, HYBRID["in_chans"], 8, 8)), np.array([0, 2, 1])
+    ref_logits, ref_grads, ref_dx = timm_loss_grads(m, x, y)
+    ref_grads = {_HybridBackbone.name(k): g for k, g in ref_grads.items()}
+    logits, grads, dx = minivit_loss_grads(v, x, y, backend)
+    assert rel(logits, ref_logits) < 1e-12  # 6.5e-16 measured on NumPy
+    assert set(grads) == set(ref_grads)
+    worst = max((rel(grads[k], ref_grads[k]), k) for k in grads)
+    assert worst[0] < 1e-10, worst  # 6.2e-15
+    assert rel(backend.to_numpy(dx), ref_dx) < 1e-10  # 3.4e-15
 
 
 def _stats(a):
