@@ -723,8 +723,7 @@ def check_model_directional(
     ``loss_fn()`` recomputes the scalar loss from the current ``params`` (deterministically: no
     dropout, or a fixed-seed one); ``grads`` holds the analytic gradients of that loss (computed
     beforehand, at the unperturbed parameters). For a random direction ``v`` over all the
-    parameters in ``names`` (default: all keys of ``grads`` whose value is not None), normalized
-    to unit length::
+    parameters in ``names`` (default: every key of ``params``), normalized to unit length::
 
         numeric  = (L(p + eps v) - L(p - eps v)) / (2 eps)
         analytic = sum_name <grads[name], v[name]>
@@ -734,12 +733,17 @@ def check_model_directional(
 
     With ``per_parameter=True`` there is one row per parameter (only that parameter perturbed,
     two loss calls per parameter and direction), which says which parameter is wrong; otherwise
-    one row, ``(all parameters)``.
+    one row, ``(all parameters)``. A checked parameter with no gradient in ``grads`` (absent,
+    or None) is a failed row of its own, "no gradient", and the others are checked without it:
+    a backward that forgets a parameter fails, where a direction over the rest would pass. (To
+    leave out a parameter on purpose, a frozen one, leave it out of ``names``.)
     """
-    keys = list(names) if names is not None else [k for k, g in grads.items() if g is not None]
-    missing = [k for k in keys if k not in params or grads.get(k) is None]
-    if missing:
-        raise KeyError(f"no parameter or no gradient for: {', '.join(missing)}")
+    keys = list(names) if names is not None else list(params)
+    unknown = [k for k in keys if k not in params]
+    if unknown:
+        raise KeyError(f"no parameter named: {', '.join(unknown)}")
+    no_grad = [_failed_row(k, params[k], "no gradient") for k in keys if grads.get(k) is None]
+    keys = [k for k in keys if grads.get(k) is not None]
     for k in keys:
         if tuple(grads[k].shape) != tuple(params[k].shape):
             raise ValueError(
@@ -783,6 +787,7 @@ def check_model_directional(
         return GradcheckRow(label, shape, ae, re, re <= rtol, tol, n_directions, f"dir {kk}")
 
     report = GradcheckReport("model directional", rtol=rtol, title=title)
+    report.rows.extend(no_grad)
     if per_parameter:
         for k in keys:
             report.rows.append(one_row([k], k))

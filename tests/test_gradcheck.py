@@ -275,6 +275,32 @@ def test_model_directional_check(backend, rng):
         np.testing.assert_array_equal(backend.to_numpy(params[k]), before[k])
 
 
+def test_a_parameter_without_a_gradient_fails_the_model_check(backend, rng):
+    """A backward that forgets a parameter (its gradient absent or None) fails: a direction
+    over the other parameters alone would pass. Leaving it out of ``names`` is the way to skip
+    a parameter on purpose."""
+    params, loss_and_grads = tiny_model(backend, rng)
+    _, grads = loss_and_grads()
+
+    def loss_fn():
+        return loss_and_grads()[0]
+
+    for forgotten in ({k: g for k, g in grads.items() if k != "fc1.weight"},
+                      {**grads, "fc1.weight": None}):  # fmt: skip
+        for per_parameter in (False, True):
+            rep = gc.check_model_directional(
+                loss_fn, params, forgotten, per_parameter=per_parameter
+            )
+            assert not rep.passed
+            (row,) = [r for r in rep.rows if not r.passed]
+            assert row.name == "fc1.weight" and row.note == "no gradient"
+            assert len(rep.rows) == (len(params) if per_parameter else 2)
+    names = [k for k in params if k != "fc1.weight"]
+    gc.check_model_directional(loss_fn, params, forgotten, names=names).assert_ok()
+    with pytest.raises(KeyError, match="no parameter named: fc9"):
+        gc.check_model_directional(loss_fn, params, grads, names=["fc9"])
+
+
 def test_model_check_restores_params_when_the_loss_raises(backend, rng):
     params, loss_and_grads = tiny_model(backend, rng)
     before = {k: backend.to_numpy(v).copy() for k, v in params.items()}
