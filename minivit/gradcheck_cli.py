@@ -14,6 +14,7 @@ are picked up here when ``minivit.ops`` has them.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -234,6 +235,19 @@ def build_cases(backend, dtype: str = "float64", seed: int = 0) -> list[Case]:
     # --- ops that later parts add (optimal transport, hybrid stem) ---------------------------
     if has("cosine_cost"):
         add("cosine_cost", "cosine_cost", [randn(2, 3, 4), randn(2, 5, 4)])
+        # A row of x whose norm (5e-6) is below the clamp at eps = 1e-5, as a padding token's
+        # features can be: there the row's map is linear (x / eps), without the projection
+        # that a row above the clamp has. The step (1e-6) keeps it on that side. (Not a zero
+        # row: there the projection term vanishes, so it would not show whether it is left
+        # out.)
+        x = gen.standard_normal((2, 3, 4))
+        x[1, 0] *= 5e-6 / math.sqrt(float((x[1, 0] ** 2).sum()))
+        add(
+            "cosine_cost (a row below the norm's clamp)",
+            "cosine_cost",
+            [backend.asarray(x, dtype=dtype), randn(2, 5, 4)],
+            skip="needs float64: the float32 step crosses the clamp at 1e-5" if coarse else "",
+        )
     if has("sinkhorn"):
         cost = uniform(2, 3, 4)
         a = backend.asarray(_simplex(gen, (2, 3)), dtype=dtype)
@@ -251,6 +265,7 @@ def build_cases(backend, dtype: str = "float64", seed: int = 0) -> list[Case]:
             kwargs={"epsilon": 0.1, "n_iters": 20},
             skip="needs float64: the float32 step breaks sum(a) = sum(b)" if coarse else "",
         )
+        cases.append(_padded_sinkhorn(ops, backend, gen, dtype, coarse))
     if has("sinkhorn_value"):
         # The envelope gradient (dcost = P) is the derivative only at convergence: run to it.
         add(
@@ -324,6 +339,41 @@ def build_cases(backend, dtype: str = "float64", seed: int = 0) -> list[Case]:
 def _simplex(gen, shape):
     w = gen.uniform(0.5, 1.5, shape)
     return w / w.sum(axis=-1, keepdims=True)
+
+
+def _padded_sinkhorn(ops, backend, gen, dtype, coarse) -> Case:
+    """Sinkhorn with padded marginals, as ViLT's masks make them: a zero entry in a (a padded
+    word) and in b (a padded patch). A marginal cannot go below 0, so at a zero entry the
+    derivative is one-sided, and a central difference does not apply there: the case holds
+    those entries at 0 (forward) and leaves their gradient out (backward). What it checks is
+    that padding leaves dcost, and da and db at every other entry, the true derivatives.
+    (tests/test_sinkhorn.py checks the one-sided value at a zero entry with a forward
+    difference.)"""
+    a, b = _simplex(gen, (2, 3)), _simplex(gen, (2, 4))
+    a[0, 2] = 0.0
+    b[1, 1] = 0.0
+    a /= a.sum(axis=-1, keepdims=True)
+    b /= b.sum(axis=-1, keepdims=True)
+    xp = backend.xp
+    keep_a, keep_b = backend.asarray(a > 0), backend.asarray(b > 0)
+
+    def forward(cost, a_, b_, **kw):
+        return ops.sinkhorn_forward(cost, xp.where(keep_a, a_, 0), xp.where(keep_b, b_, 0), **kw)
+
+    def backward(dplan, cache):
+        dcost, da, db = ops.sinkhorn_backward(dplan, cache)
+        return dcost, xp.where(keep_a, da, 0), xp.where(keep_b, db, 0)
+
+    cost = backend.asarray(gen.uniform(0.0, 1.0, (2, 3, 4)), dtype=dtype)
+    return Case(
+        "sinkhorn (padded marginals)",
+        "sinkhorn",
+        forward,
+        backward,
+        (cost, backend.asarray(a, dtype=dtype), backend.asarray(b, dtype=dtype)),
+        kwargs={"epsilon": 0.1, "n_iters": 20},
+        skip="needs float64: the float32 step breaks sum(a) = sum(b)" if coarse else "",
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -354,6 +354,29 @@ def test_cli_fails_on_a_broken_op(monkeypatch, capsys):
     assert "elementwise gradient check of gelu (none)" in out  # the per-input table follows
 
 
+def test_cli_sees_the_cosine_clamp_and_sinkhorn_padding(monkeypatch, capsys):
+    """Two branches that random inputs never reach have cases of their own: a row of x below
+    the norm's clamp (a backward that projects it as if it were above fails), and padded
+    marginals (a backward that goes wrong only when a marginal has a zero entry fails)."""
+    cosine_backward, sinkhorn_backward = ops.cosine_cost_backward, ops.sinkhorn_backward
+
+    def projects_every_row(dout, cache):
+        cache.x_free = cache.x_free | True
+        return cosine_backward(dout, cache)
+
+    def wrong_with_padding(dplan, cache):
+        dcost, da, db = sinkhorn_backward(dplan, cache)
+        return (dcost * 1.01 if (cache.b == 0).any() else dcost), da, db
+
+    monkeypatch.setattr(ops, "cosine_cost_backward", projects_every_row)
+    monkeypatch.setattr(ops, "sinkhorn_backward", wrong_with_padding)
+    assert main(["gradcheck", "--backend", "numpy", "--ops", "cosine_cost", "sinkhorn"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index(next(x for x in lines if x.startswith("op "))) + 2 :]
+    failed = [row.split("  ")[0] for row in table[: table.index("")] if row.endswith("FAIL")]
+    assert failed == ["cosine_cost (a row below the norm's clamp)", "sinkhorn (padded marginals)"]
+
+
 def test_cli_reports_a_crashing_op(monkeypatch, capsys):
     def crash(dout, cache):
         raise RuntimeError("kaboom")
