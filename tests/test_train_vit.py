@@ -280,6 +280,15 @@ def test_values_out_of_range_are_refused_as_the_line_is_parsed(
             ["train", "hybrid", "--model", "vit_digits"],
             "is a ViT, and `minivit train hybrid` trains HybridViT models",
         ),
+        (  # a registered model made for other images: refused before the first step
+            ["train", "vit", "--model", "vit_tiny_patch16_224"],
+            "--model vit_tiny_patch16_224 takes 3 x 224 x 224 images in 1000 classes, and the "
+            "digits are 1 x 8 x 8 in 10: train a model made for them (vit_digits,",
+        ),
+        (
+            ["train", "hybrid", "--model", "hybrid_resnet_small_32"],
+            "takes 3 x 32 x 32 images in 10 classes",
+        ),
     ],
 )
 def test_a_refused_run_leaves_no_folder(argv, says, tmp_path, capsys, monkeypatch):

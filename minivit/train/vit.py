@@ -275,6 +275,13 @@ def train(args, job: DigitsJob = JOB) -> dict:
             f"{job.model_class} models"
             + (f": train it with `minivit train {other}`" if other else "")
         )
+    want = (model.config["in_chans"], model.config["img_size"], model.config["num_classes"])
+    if want != (x_test.shape[1], x_test.shape[2], 10):  # the digits: 1 x 8 x 8, 10 classes
+        raise ValueError(
+            f"--model {cfg['model']} takes {want[0]} x {want[1]} x {want[1]} images in "
+            f"{want[2]} classes, and the digits are 1 x 8 x 8 in 10: train a model made for "
+            f"them ({job.defaults['model']}, or another config of that input size)"
+        )
     opt = AdamW(model.params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     bs = cfg["batch_size"]
     steps_per_epoch = -(-len(x_train) // bs)
