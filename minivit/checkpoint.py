@@ -42,6 +42,33 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, truncated, or was written for another config."""
 
 
+RUN_FILE = "checkpoint.safetensors"  # the checkpoint in a minivit run's folder
+WEIGHTS_FILE = "model.safetensors"  # weights as timm and Hugging Face publish them
+
+
+def checkpoint_file(path, weights=True) -> Path:
+    """A folder or a checkpoint file -> the checkpoint file (FileNotFoundError if none).
+
+    A folder holds a run's ``checkpoint.safetensors``, or else (``weights=True``) weights as
+    timm and Hugging Face publish them: ``model.safetensors``, with a ``config.json`` beside it.
+    ``weights=False`` is for what only a run can give (``minivit eval``, ``--resume``)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (RUN_FILE, WEIGHTS_FILE) if weights else (RUN_FILE,):
+            if (path / name).exists():
+                return path / name
+        what = f"no {RUN_FILE} (a minivit run)"
+        if weights:
+            what = (
+                f"neither {RUN_FILE} (a minivit run) nor {WEIGHTS_FILE} (timm or Hugging Face "
+                "weights)"
+            )
+        raise FileNotFoundError(f"no checkpoint in {str(path)!r}: {what}")
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    return path
+
+
 def _to_host(a):
     # cupy arrays have .get(); everything becomes a contiguous numpy array.
     if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
@@ -257,8 +284,11 @@ def load_model(path, backend=None, dtype=None, num_heads=None, **overrides):
     ``img_size=...`` gives a model for another image size, its position embedding resampled like
     timm's ``resample_abs_pos_embed`` (bicubic, antialiased, CLS token kept). Returns
     (model, metadata).
+
+    ``path`` may also be a folder: a minivit run's, or one that timm or Hugging Face publish
+    (:func:`checkpoint_file`).
     """
-    path = Path(path)
+    path = checkpoint_file(path)
     meta = read_metadata(path)
     if meta.get("format") == FORMAT:
         classes = _model_classes()

@@ -116,6 +116,30 @@ def test_foreign_file_at_another_image_size(tmp_path):
     assert out.shape == (1, 3)
 
 
+def test_load_model_takes_a_folder(tmp_path):
+    """A folder as a run or the hub leaves it: a run's checkpoint.safetensors first, else the
+    published model.safetensors (with its config.json beside it); a folder with neither is a
+    FileNotFoundError naming both."""
+    from safetensors.numpy import save_file
+
+    m = small(seed=1)
+    (tmp_path / "hub").mkdir()
+    save_file(m.state_dict(), tmp_path / "hub" / "model.safetensors")
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({"num_attention_heads": 2}))
+    loaded, _ = load_model(tmp_path / "hub")
+    assert loaded.config["num_heads"] == 2
+    np.testing.assert_array_equal(loaded.params["head.weight"], m.params["head.weight"])
+    (tmp_path / "run").mkdir()
+    save_model(tmp_path / "run" / "checkpoint.safetensors", small(seed=2))
+    save_file(m.state_dict(), tmp_path / "run" / "model.safetensors")  # (the run's comes first)
+    loaded, meta = load_model(tmp_path / "run")
+    assert meta["format"] == "minivit"
+    np.testing.assert_array_equal(loaded.params["head.weight"], small(seed=2).params["head.weight"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither checkpoint.safetensors .* nor model"):
+        load_model(tmp_path / "empty")
+
+
 def test_written_files_take_the_umask_like_a_plain_open(tmp_path):
     """mkstemp makes its temporary file 0600 and the atomic rename keeps the mode: checkpoints
     and metrics were unreadable to other users. They now get what open(path, "w") would."""

@@ -237,6 +237,19 @@ def test_eval_refuses_a_batch_size_below_one(tiny_run, capsys, size):
     assert "error: argument --batch-size:" in err and size in err
 
 
+def test_eval_and_resume_of_a_folder_without_a_run_name_only_a_run(tmp_path, capsys):
+    """eval and --resume read only a run's checkpoint: a folder without one is not said to
+    need Hugging Face weights (predict, which reads those too, names both)."""
+    (tmp_path / "model.safetensors").write_bytes(b"")  # a hub folder's file is no run
+    for argv in (["eval", str(tmp_path)], ["train", "vit", "--resume", str(tmp_path)]):
+        assert main([*argv, "--no-progress"] if argv[0] == "train" else argv) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"no checkpoint in {str(tmp_path)!r}: no checkpoint.safetensors (a minivit run)" in err
+        )
+        assert "Hugging Face" not in err
+
+
 def test_eval_json_prints_the_json_alone(tiny_run, capsys):
     assert main(["eval", str(tiny_run), "--backend", "numpy", "--batch-size", "64"]) == 0
     plain = capsys.readouterr().out.strip().splitlines()

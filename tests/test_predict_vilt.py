@@ -400,6 +400,9 @@ def test_load_model_reads_a_vqa_folder_and_refuses_missing_weights(tmp_path, cap
     assert main(["predict", str(tmp_path / "vqa"), img, "--caption", "a [MASK]"]) == 2
     assert "neither an image-text matching nor an MLM head" in capsys.readouterr().err
     assert main(["train", "vit", "--resume", str(tmp_path / "vqa"), "--no-progress"]) == 2
+    assert "no checkpoint.safetensors (a minivit run)" in capsys.readouterr().err  # not a run
+    vqa_file = str(tmp_path / "vqa" / "model.safetensors")
+    assert main(["train", "vit", "--resume", vqa_file, "--no-progress"]) == 2
     assert "not a minivit training checkpoint" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(tmp_path / "empty"), img, "--caption", "a"]) == 2

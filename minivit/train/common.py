@@ -57,7 +57,7 @@ __all__ = [
     "Timer",
 ]
 
-CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT = "checkpoint.safetensors"  # (minivit.checkpoint.RUN_FILE)
 
 
 class History:
@@ -110,23 +110,14 @@ def make_run_dir(out=None, prefix="run", root="runs") -> Path:
     return path
 
 
-def resolve_checkpoint(path) -> Path:
-    """A run folder or a checkpoint file -> the checkpoint file (FileNotFoundError if none).
+def resolve_checkpoint(path, weights=True) -> Path:
+    """A run folder or a checkpoint file -> the checkpoint file (FileNotFoundError if none):
+    :func:`minivit.checkpoint.checkpoint_file`. ``weights=False`` where only a run's checkpoint
+    will do (``eval``, ``--resume``), so a folder without one is not told to hold
+    Hugging Face weights."""
+    from ..checkpoint import checkpoint_file
 
-    A folder holds a run's ``checkpoint.safetensors``, or else weights as Hugging Face
-    publishes them (``model.safetensors``, with config.json beside it)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in (CHECKPOINT, "model.safetensors"):  # a run's checkpoint first
-            if (path / name).exists():
-                return path / name
-        raise FileNotFoundError(
-            f"no checkpoint in {str(path)!r}: neither {CHECKPOINT} (a minivit run) nor "
-            "model.safetensors (Hugging Face weights)"
-        )
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    return path
+    return checkpoint_file(path, weights)
 
 
 def progress(total, desc="", disable=False, **kwargs):

@@ -43,7 +43,7 @@ def evaluate_checkpoint(path, backend=None, dtype=None, batch_size=256) -> dict:
 
     if int(batch_size) < 1:
         raise ValueError(f"the batch size must be at least 1, got {batch_size}")
-    path = resolve_checkpoint(path)
+    path = resolve_checkpoint(path, weights=False)
     model, meta = load_model(path, backend=backend, dtype=dtype)
     data_meta = meta.get("train", {}).get("data")
     if not data_meta or data_meta.get("dataset") != "digits":

@@ -575,7 +575,7 @@ def train(args, data, model, *, log=print, quiet=False):
 
     be = model.backend
     if args.resume:  # the run goes on in its own folder (checked before anything is made)
-        ckpt = resolve_checkpoint(args.resume)
+        ckpt = resolve_checkpoint(args.resume, weights=False)
         run_dir = resumed_run_dir(ckpt, args.out)
     opt = optim.AdamW(model.params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = int(round(args.warmup * args.steps))
@@ -714,7 +714,12 @@ def run(args) -> int:
 
     if args.resume:  # the recipe is the run's own (before the model is built from it)
         recipe = saved_recipe(
-            resolve_checkpoint(args.resume), args, LOCAL, "ViLT", COMMAND, added=ADDED
+            resolve_checkpoint(args.resume, weights=False),
+            args,
+            LOCAL,
+            "ViLT",
+            COMMAND,
+            added=ADDED,
         )
         args = argparse.Namespace(**{**vars(args), **recipe})
     pool_threads = _parallel.get_num_threads()

@@ -252,7 +252,7 @@ def train(args, job: DigitsJob = JOB) -> dict:
     cfg = vars_for_json(args, drop=local)
     command = f"minivit train {job.name}"
     if args.resume:
-        ckpt = resolve_checkpoint(args.resume)
+        ckpt = resolve_checkpoint(args.resume, weights=False)
         cfg = {**cfg, **saved_recipe(ckpt, args, local, job.model_class, command)}
         run_dir = resumed_run_dir(ckpt, args.out)
     if cfg["scale_min"] > cfg["scale_max"]:
