@@ -559,6 +559,11 @@ def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, opti
     resume = ["train", "vilt", "--resume", str(tmp_path / "cut"), "--no-progress"]
     with pytest.raises(ValueError, match=r"contradicts it: --lr 0\.5 \(the run's: 0\.002\)"):
         train_vilt.run(parse_args([*resume, "--lr", "0.5"]))
+    # --curriculum compares by value: "0,0" is the run's "0" (only --lr clashes), "0.5" is not
+    with pytest.raises(ValueError, match=r"contradicts it: --lr 0\.5 \(the run's: 0\.002\)\."):
+        train_vilt.run(parse_args([*resume, "--lr", "0.5", "--curriculum", "0,0"]))
+    with pytest.raises(ValueError, match=r"contradicts it: --curriculum '0\.5' \(the run's: '0'\)"):
+        train_vilt.run(parse_args([*resume, "--curriculum", "0.5"]))
     # a resume cannot move the run: --out elsewhere is refused, not ignored
     elsewhere = ["--out", str(tmp_path / "elsewhere")]
     with pytest.raises(ValueError, match="continues the run in its own folder"):

@@ -249,7 +249,7 @@ def vars_for_json(args, drop=("resume", "out", "no_progress")) -> dict:
     }
 
 
-def saved_recipe(ckpt, args, local, model_class, command, added=None) -> dict:
+def saved_recipe(ckpt, args, local, model_class, command, added=None, same=None) -> dict:
     """The recipe a ``--resume`` continues: the options saved in the training checkpoint
     ``ckpt``, which must hold a ``model_class``.
 
@@ -264,6 +264,10 @@ def saved_recipe(ckpt, args, local, model_class, command, added=None) -> dict:
     ``added`` maps options added after some runs were saved to what those runs did (e.g.
     ``{"max_image_len": -1}``): a recipe without the option reads as having that value, so the
     run resumes with it, and another value given on this command line is a clash like any other.
+
+    ``same`` maps an option whose text can spell one value in several ways (``--curriculum``:
+    "0" and "0,0") to a test ``same[k](given, saved)`` of their values; other options compare
+    as saved.
     """
     from ..checkpoint import read_metadata
 
@@ -282,10 +286,11 @@ def saved_recipe(ckpt, args, local, model_class, command, added=None) -> dict:
     options = vars_for_json(args, drop=local)
     typed = getattr(args, "_given", ())  # the options typed (minivit.cli.parse_args)
     given = {k: v for k, v in options.items() if k in typed}
+    equal = {**{k: (lambda a, b: a == b) for k in given}, **(same or {})}
     clashes = [
         f"--{k.replace('_', '-')} {_as_saved(v)!r} (the run's: {saved[k]!r})"
         for k, v in sorted(given.items())
-        if k in saved and _as_saved(v) != saved[k]
+        if k in saved and not equal[k](_as_saved(v), saved[k])
     ]
     if clashes:
         raise ValueError(

@@ -720,6 +720,7 @@ def run(args) -> int:
             "ViLT",
             COMMAND,
             added=ADDED,
+            same={"curriculum": lambda a, b: parse_curriculum(a) == parse_curriculum(b)},
         )
         args = argparse.Namespace(**{**vars(args), **recipe})
     pool_threads = _parallel.get_num_threads()
