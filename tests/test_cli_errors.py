@@ -250,6 +250,19 @@ def test_eval_and_resume_of_a_folder_without_a_run_name_only_a_run(tmp_path, cap
         assert "Hugging Face" not in err
 
 
+@pytest.mark.parametrize(
+    "sizes", [["--img-size", "32", "--patch-size", "32"], ["--img-size", "16"]]
+)
+def test_train_vilt_refuses_a_one_patch_grid_naming_the_flags(sizes, capsys, tmp_path, monkeypatch):
+    """The scenes need a grid of at least 2 x 2 patches: the refusal names the two flags (it
+    said "cells must be >= 2", a word no option uses) and leaves no run folder."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "vilt", *sizes, "--steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "patch grid" in err and "make --img-size at least twice --patch-size" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_eval_json_prints_the_json_alone(tiny_run, capsys):
     assert main(["eval", str(tiny_run), "--backend", "numpy", "--batch-size", "64"]) == 0
     plain = capsys.readouterr().out.strip().splitlines()

@@ -369,6 +369,12 @@ def build(args):
 
     # one grid cell per patch, so that every object lies within one patch
     cells = args.img_size // args.patch_size
+    if cells < 2:
+        raise ValueError(
+            f"--img-size {args.img_size} with --patch-size {args.patch_size} gives a {cells} x "
+            f"{cells} patch grid, and the scenes put one object per patch in a grid of at least "
+            f"2 x 2: make --img-size at least twice --patch-size"
+        )
     data = ShapesCaptions(
         img_size=args.img_size, max_text_len=args.max_text_len, seed=args.seed, cells=cells
     )
