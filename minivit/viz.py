@@ -70,6 +70,17 @@ def attention_figure(model, images, labels=None, path="attention.png", probs=Non
     import matplotlib.pyplot as plt
 
     images = np.asarray(model.backend.to_numpy(images))
+    depth = model.config["depth"]
+    if not -depth <= int(layer) < depth:
+        raise ValueError(
+            f"layer must be in [-{depth}, {depth}) for a model of depth {depth}, got {layer}"
+        )
+    for name, per_image in (("labels", labels), ("probs", probs)):
+        if per_image is not None and len(per_image) != len(images):
+            raise ValueError(
+                f"{name} must give one entry per image: {len(images)} images, "
+                f"{len(per_image)} {name}"
+            )
     attns = attention_maps(model, images)
     roll = attention_rollout(attns)  # (B, T, T)
     a = attns[layer]  # (B, H, T, T)

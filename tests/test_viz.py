@@ -64,6 +64,22 @@ def test_maps_and_figure(backend, tmp_path, monkeypatch):
         assert im.size[0] > 300 and im.size[1] > 200
 
 
+def test_figure_refuses_a_layer_or_labels_that_do_not_fit(tmp_path):
+    """A layer outside the model, or labels / probs of another length than the batch: a
+    ValueError that says so (it was a bare IndexError from deep inside)."""
+    v = ViT(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=16, depth=2,
+            num_heads=2)  # fmt: skip
+    x = np.zeros((3, 1, 8, 8), np.float32)
+    with pytest.raises(ValueError, match=r"layer must be in \[-2, 2\) for a model of depth 2"):
+        attention_figure(v, x, path=tmp_path / "a.png", layer=2)
+    with pytest.raises(ValueError, match="labels must give one entry per image: 3 images, 2"):
+        attention_figure(v, x, labels=[1, 2], path=tmp_path / "a.png")
+    with pytest.raises(ValueError, match="probs must give one entry per image: 3 images, 4"):
+        attention_figure(v, x, probs=np.full((4, 10), 0.1), path=tmp_path / "a.png")
+    assert not (tmp_path / "a.png").exists()
+    attention_figure(v, x, path=tmp_path / "a.png", layer=-2)  # the first block
+
+
 def test_rollout_refuses_an_unknown_head_fusion():
     a = [np.full((1, 2, 3, 3), 1 / 3)]
     assert attention_rollout(a, "max").shape == (1, 3, 3)
