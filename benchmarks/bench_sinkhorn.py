@@ -205,8 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", nargs="+", default=["numpy"], choices=["numpy", "cupy"])
     p.add_argument(
         "--out",
-        default=os.path.join(os.path.dirname(__file__), "results", "sinkhorn.json"),
-        help="where to write the JSON results",
+        default=os.path.join("runs", f"sinkhorn-{time.strftime('%Y%m%d-%H%M%S')}.json"),
+        help="where to write the JSON results (default runs/sinkhorn-<date>-<time>.json)",
     )
     args = p.parse_args(argv)
     rows = run(args.quick, args.backend)

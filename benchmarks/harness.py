@@ -585,6 +585,15 @@ def environment_info(cfg: BenchConfig) -> dict:
     return info
 
 
+def default_out(info: dict, kind: str = "") -> str:
+    """Where a run writes when ``--out`` is not given: a new folder under ``runs/`` (ignored by
+    git, as the training jobs' are), ``runs/bench-<device-tag>[-<kind>]-<date>-<time>``. Never
+    ``benchmarks/results/``: a user's run would overwrite the figures kept there (pass
+    ``--out benchmarks/results/...`` to record a result set)."""
+    name = "-".join(x for x in ("bench", device_tag(info), kind) if x)
+    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def device_tag(info: dict) -> str:
     """A short folder name for a result set: ``cpu-<n>c`` or ``gpu-<name>``."""
     gpu = info.get("gpu")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks import harness
+from benchmarks import harness, report
 
 MODEL_NAMES = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vilt_b32")
 EXTRA_MODELS = ("hybrid_resnet_small_32",)
@@ -104,6 +104,8 @@ def encoder_flops(B, N, D, depth, mlp_ratio=4.0):
 
 def model_flops(model, name: str, B: int) -> float | None:
     """Forward GEMM FLOPs of one batch."""
+    if name.startswith("hybrid"):
+        return model.forward_flops(B)
     if name.startswith("vit"):
         P, S, D = model.patch_size, model.img_size, model.embed_dim
         Np = (S // P) ** 2
@@ -118,6 +120,26 @@ def model_flops(model, name: str, B: int) -> float | None:
         f += 2.0 * B * Np * (model.in_chans * P * P) * D + 2.0 * B * D * D
         return f
     return None
+
+
+def input_layer_flops(model, name: str, B: int) -> float:
+    """Forward FLOPs of the layer that reads the images: the patch embedding (ViT, ViLT), the
+    stem convolution (hybrid). A train step skips its input gradient (no image gradient, on
+    either side), so its backward is the weight gradient alone: one forward's worth, not two."""
+    if name.startswith("hybrid"):
+        k = model.stem_kernel
+        return 2.0 * B * model.img_size**2 * model.stem_chs * model.in_chans * k * k
+    S = VILT_IMG if name.startswith("vilt") else model.img_size
+    P = model.patch_size
+    return 2.0 * B * (S // P) ** 2 * (model.in_chans * P * P) * model.embed_dim
+
+
+def train_step_flops(model, name: str, B: int) -> float | None:
+    """GEMM FLOPs of a train step: the forward, then a backward of twice its work (the input
+    and the weight gradient of every GEMM), less the input gradient of the layer that reads
+    the images, which neither side computes."""
+    f = model_flops(model, name, B)
+    return None if f is None else 3 * f - input_layer_flops(model, name, B)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,8 +240,9 @@ def _torch_twin(kind: str, params: dict, cfg: dict, device: str):
 
 def build(name: str, backend: str, B: int, with_torch: bool, **overrides):
     """Returns dict(forward=..., train_step=..., torch_forward=..., torch_train_step=...,
-    flops=..., twin_max_abs_diff=..., label=...) for one model on one backend. ``overrides``
-    replace entries of the model's config (``create_model``), for small test models."""
+    flops={phase: GEMM FLOPs}, twin_max_abs_diff=..., label=...) for one model on one
+    backend. ``overrides`` replace entries of the model's config (``create_model``), for small
+    test models."""
     import minivit
     from minivit import ops
     from minivit.backend import get_backend
@@ -267,7 +290,9 @@ def build(name: str, backend: str, B: int, with_torch: bool, **overrides):
             (dl,) = ops.cross_entropy_backward(be.xp.asarray(1.0, dtype=logits.dtype), c)
             model.backward(dl, input_grad=False)  # as the twin: images need no gradient
 
-    out.update(forward=fwd, train_step=step, flops=model_flops(model, name, B), model=model)
+    out.update(forward=fwd, train_step=step, model=model,
+               flops={"forward": model_flops(model, name, B),
+                      "train_step": train_step_flops(model, name, B)})  # fmt: skip
     if with_torch and kind in ("vit", "vilt"):
         import torch
         import torch.nn.functional as F
@@ -343,6 +368,7 @@ def run(
                 built = build(name, backend, B, torch_ok)
             except Exception as exc:  # out of memory, say: skip, say so
                 log(f"models: {name} on {backend} could not be built: {type(exc).__name__}: {exc}")
+                rows.append(report.failure_row(name, "build", backend, exc))
                 continue
             for phase in ("forward", "train_step"):
                 try:
@@ -351,6 +377,7 @@ def run(
                     )
                 except Exception as exc:
                     log(f"models: {name} {phase} on {backend} failed: {type(exc).__name__}: {exc}")
+                    rows.append(report.failure_row(name, phase, backend, exc))
                     harness.release_memory(device)
     return rows
 
@@ -364,9 +391,7 @@ def _time_phase(cfg, name, backend, device, B, built, phase, ceilings, log) -> l
     timed = harness.time_interleaved(
         cases, cfg.repeats, cfg.warmup, gap_s=GAP_S if cfg.gap_s is None else cfg.gap_s
     )
-    fl = built["flops"]
-    if fl and phase == "train_step":
-        fl = 3 * fl  # backward is twice the forward's GEMM work
+    fl = built["flops"][phase]
     for (impl, _), timing in timed.items():
         fn = cases[(impl, phase)][0]
         mem = harness.peak_memory(fn, impl, device) if cfg.memory else None

@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from benchmarks import harness
+from benchmarks import harness, report
 
 OP_NAMES = ("linear", "layernorm", "gelu", "softmax", "attention", "cross_entropy", "sinkhorn")
 
@@ -291,6 +291,7 @@ def run(
                     _time_op(cfg, op, size, backend, device, torch_ok, ceilings, log, rows)
                 except Exception as exc:
                     log(f"ops: {op} {label} on {backend} failed: {type(exc).__name__}: {exc}")
+                    rows.append(report.failure_row(op, label, backend, exc))
                     harness.release_memory(device)
     if "sinkhorn" in names:
         rows.extend(run_sinkhorn(cfg, log))
@@ -355,7 +356,7 @@ def run_sinkhorn(cfg: harness.BenchConfig, log=print) -> list[dict]:
         raw = bench_sinkhorn.run(cfg.quick, backends)
     except Exception as exc:  # another helper's code: report, never lose the other results
         log(f"ops: sinkhorn benchmark failed: {type(exc).__name__}: {exc}")
-        return []
+        return [report.failure_row("sinkhorn", "all", ", ".join(backends), exc)]
     rows = []
     for r in raw:
         row = dict(r)

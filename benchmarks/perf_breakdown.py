@@ -35,7 +35,7 @@ OpenBLAS kernel set the benchmarks use (minivit/blas_kernels.py).
 
 Needs Linux ``perf`` (Debian: ``linux-perf``) and permission to profile one's own processes
 (``/proc/sys/kernel/perf_event_paranoid`` at most 2). Output: ``perf_breakdown.json`` and
-``perf_breakdown.md`` in ``--out``, by default ``benchmarks/results/<device-tag>/perf/``.
+``perf_breakdown.md`` in ``--out``, by default ``runs/bench-<device-tag>-perf-<date>-<time>/``.
 """
 
 from __future__ import annotations
@@ -459,7 +459,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gap", type=float, default=0.15, help="idle seconds before each step")
     p.add_argument("--top", type=int, default=12, help="symbols listed per implementation")
     p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results folder (default: a new one in runs/)")
     p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
 
 
@@ -496,9 +496,7 @@ def main(argv=None, log=print) -> int:
     check_perf()
     cfg = harness.BenchConfig(threads=args.threads or None, torch=not args.no_torch)
     env = harness.environment_info(cfg)
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", harness.device_tag(env), "perf"
-    )
+    out = args.out or harness.default_out(env, "perf")
     results = [breakdown_model(args, name, log) for name in args.models]
     for r in results:
         log("\n".join(table(r, args.top)))

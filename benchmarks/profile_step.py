@@ -28,7 +28,7 @@ adds host time per operator.
 
 Each implementation's step is also timed without any profiling (the median of the steps), for
 reference. Output: ``profile.json`` and ``profile.md`` in ``--out`` (default
-``benchmarks/results/<device-tag>/profile/``), and the tables on stdout.
+``runs/bench-<device-tag>-profile-<date>-<time>/``), and the tables on stdout.
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=15, help="rows per table")
     p.add_argument("--tf32", action="store_true")
     p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results folder (default: a new one in runs/)")
 
 
 def args_from_bench(args) -> argparse.Namespace:
@@ -372,9 +372,7 @@ def execute(args, log=print) -> dict:
         raise SystemExit(f"profile: backend {', '.join(missing)} cannot run here")
     env = harness.environment_info(cfg)
     env["minivit_batch_shards"] = False  # profile_minivit turns them off
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", harness.device_tag(env), "profile"
-    )
+    out = args.out or harness.default_out(env, "profile")
     profiles = []
     try:
         for backend in cfg.backends:

@@ -163,9 +163,12 @@ def environment_lines(env: dict) -> list[str]:
         f"median of {env.get('repeats')} repeats, implementations interleaved"
     )
     for m in env.get("merged") or []:
+        sgemm = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in (m.get("sgemm") or {}).items())
         lines.append(
             f"- merged with a run on {m.get('cpu')} ({m.get('cpu_count')} cores, "
-            f"torch threads {m.get('torch_threads')}, sgemm {m.get('sgemm')})"
+            f"torch threads {m.get('torch_threads')}; warm-up {m.get('warmup')}, median of "
+            f"{m.get('repeats')} repeats{', quick' if m.get('quick') else ''}; sgemm ceilings "
+            f"{sgemm or '-'} GFLOP/s)"
         )
     if env.get("sgemm"):
         med = env.get("sgemm_median") or {}  # absent in runs before the ceiling was a best run
@@ -183,6 +186,9 @@ def environment_lines(env: dict) -> list[str]:
     runs = [env] + list(env.get("merged") or [])
     if any(r.get("interrupted") for r in runs):
         lines.append("- **interrupted** (a time limit): only the cases that finished are listed")
+    for r in runs:
+        if r.get("error"):
+            lines.append(f"- **stopped by an error**: {r['error']}; the cases before it are listed")
     return lines
 
 
@@ -255,7 +261,20 @@ def markdown(rows: list, env: dict) -> str:
                 f"| {s['cupy_ms']:.3f} | {s['speedup']:.1f}x |"
             )
         out.append("")
+    failed = [r for r in rows if r.get("group") == "failed"]
+    if failed:
+        out += ["## Cases that failed (not timed)", ""]
+        out += [f"- {r.get('name')} {r.get('phase')} on {r.get('backend')}: {r.get('error')}"
+                for r in failed]  # fmt: skip
+        out.append("")
     return "\n".join(out)
+
+
+def failure_row(name: str, phase: str, backend: str, exc: BaseException) -> dict:
+    """A case that raised (out of memory, say), for the report: the run goes on without it,
+    and results.json and results.md say what is missing and why."""
+    return dict(group="failed", name=name, phase=phase, backend=backend,
+                error=f"{type(exc).__name__}: {exc}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,13 +403,28 @@ def write_all(rows: list, env: dict, outdir: str) -> dict:
 
 def merge(paths: list) -> tuple[list, dict]:
     """Rows of several result files together; the first file's environment, the others' kept
-    under ``env["merged"]`` (e.g. a GPU run and a CPU run on the same host)."""
-    rows, env = [], {}
+    under ``env["merged"]`` (e.g. a GPU run and a CPU run on the same host).
+
+    Merging is for runs on different devices. Two files that both measured a case on the same
+    device (the same implementation) are refused with a ``ValueError``: their rows would pair
+    one run's minivit time with the other's torch time, or one would hide the other."""
+    rows, env, seen = [], {}, {}
     for path in paths:
         if not os.path.isfile(path):
             print(f"report: {path} missing, skipped", file=sys.stderr)
             continue
         r, e = load_json(path)
+        for row in r:
+            if row.get("group") not in ("op", "model"):
+                continue
+            key = (*_key(row), row.get("impl"))
+            other = seen.setdefault(key, path)
+            if other != path:
+                raise ValueError(
+                    f"{other} and {path} both measured {row.get('name')} {row.get('phase')} "
+                    f"({row.get('impl')} on {row.get('device')}): merge runs made on different "
+                    "devices (a GPU run with its host CPU's), not two runs of one device"
+                )
         rows += r
         if not env:
             env = dict(e)
@@ -407,7 +441,9 @@ def merge(paths: list) -> tuple[list, dict]:
                         "sgemm",
                         "quick",
                         "repeats",
+                        "warmup",
                         "interrupted",
+                        "error",
                         "elapsed_s",
                     )
                 }
@@ -420,7 +456,11 @@ def main(argv=None) -> int:
     ap.add_argument("json", nargs="+", help="results.json files (several are merged)")
     ap.add_argument("--out", default=None, help="folder (default: the first JSON's folder)")
     a = ap.parse_args(argv)
-    rows, env = merge(a.json)
+    try:
+        rows, env = merge(a.json)
+    except ValueError as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return 2
     if not rows:
         print("report: no results", file=sys.stderr)
         return 1

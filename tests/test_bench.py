@@ -223,6 +223,84 @@ def test_report_merges_result_files(tmp_path):
     assert "interrupted" in report.markdown(merged, env)
 
 
+def test_merging_two_runs_of_one_device_is_refused(tmp_path, capsys):
+    """Two files that measured the same case on the same device would pair one run's minivit
+    time with the other's torch time (or one would hide the other): refused, naming both."""
+    rows = _rows()
+    a = report.write_json(rows, {"cpu": "a"}, str(tmp_path / "a.json"))
+    b = report.write_json(rows[:2], {"cpu": "a"}, str(tmp_path / "b.json"))
+    with pytest.raises(ValueError, match=r"a\.json and .*b\.json both measured gelu forward"):
+        report.merge([a, b])
+    assert report.main([a, b]) == 2
+    assert "merge runs made on different devices" in capsys.readouterr().err
+
+
+def test_a_merged_report_states_each_runs_settings():
+    env = {"cpu": "host", "repeats": 7, "warmup": 2,
+           "merged": [{"cpu": "other", "cpu_count": 16, "torch_threads": 16, "repeats": 3,
+                       "warmup": 1, "quick": True, "sgemm": {"numpy (n=1024)": 1.086e11},
+                       "error": "RuntimeError: boom"}]}  # fmt: skip
+    text = "\n".join(report.environment_lines(env))
+    assert "median of 7 repeats" in text
+    assert (
+        "warm-up 1, median of 3 repeats, quick; sgemm ceilings numpy (n=1024) 109 GFLOP/s" in text
+    )
+    assert "**stopped by an error**: RuntimeError: boom" in text
+
+
+def test_model_flops_are_torchs_own_count():
+    """The GEMM FLOPs of each model's forward and train step equal what torch's FlopCounterMode
+    counts on the twin (one block each, to stay quick). The train step is not 3 forwards: no
+    image gradient is computed, so the patch embedding's input gradient is not counted."""
+    require("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks import models
+
+    for name in ("vit_tiny_patch16_224", "vilt_b32"):
+        built = models.build(name, "numpy", 1, True, depth=1)
+        for phase in ("forward", "train_step"):
+            with FlopCounterMode(display=False) as counter:
+                built[f"torch_{phase}"]()
+            assert built["flops"][phase] == counter.get_total_flops(), (name, phase)
+        assert built["flops"]["train_step"] < 3 * built["flops"]["forward"]
+
+
+def test_the_default_folder_is_a_new_one_in_runs(tmp_path, monkeypatch):
+    """Without --out a run writes to a new runs/bench-<device>-<time>/ folder under the working
+    directory, never into benchmarks/results/ (whose kept figures it would overwrite)."""
+    from benchmarks import run
+
+    monkeypatch.chdir(tmp_path)
+    paths = run.execute(_tiny_config(["layernorm"]), None, log=lambda *a: None)
+    folder = os.path.dirname(paths["json"])
+    assert os.path.dirname(folder) == "runs" and os.path.basename(folder).startswith("bench-cpu-")
+    assert os.path.isfile(tmp_path / paths["markdown"])
+
+
+def test_the_ceiling_is_the_best_of_a_first_and_a_last_measurement(tmp_path, monkeypatch):
+    """A ceiling measured while the machine was busy gave fractions above 100%: it is measured
+    again at the end, the better of the two kept, and every fraction recomputed from it."""
+    from benchmarks import run
+
+    real, calls = harness.sgemm_ceiling, []
+
+    def first_slow(backend, impl, n=1024):
+        c = dict(real(backend, impl, n=n))
+        calls.append(1)
+        if len(calls) == 1:  # the first measurement, taken on a busy machine
+            c["flops_per_s"] = c["median_flops_per_s"] = 1e3
+        return c
+
+    monkeypatch.setattr(harness, "sgemm_ceiling", first_slow)
+    paths = run.execute(_tiny_config(["linear"]), str(tmp_path), log=lambda *a: None)
+    rows, env = report.load_json(paths["json"])
+    (first,) = env["sgemm_first"].values()
+    (best,) = env["sgemm"].values()
+    assert first == 1e3 and best > 1e6
+    assert all(r["frac_of_sgemm"] == r["gflops_per_s"] * 1e9 / best for r in rows)
+
+
 def test_tiny_benchmark_end_to_end(tmp_path, backend):
     # On cupy: CUDA-event timing, the memory pool's peak (on a GPU, or on the CPU stand-in).
     from benchmarks import run
@@ -292,9 +370,16 @@ def test_a_failing_case_is_logged_and_the_others_still_run(tmp_path, monkeypatch
     logged = []
     paths = run.execute(_tiny_config(["gelu", "layernorm"]), str(tmp_path), log=logged.append)
     rows, env = report.load_json(paths["json"])
-    assert {r["name"] for r in rows} == {"layernorm"} and not env.get("interrupted")
+    timed = [r for r in rows if r["group"] != "failed"]
+    assert {r["name"] for r in timed} == {"layernorm"} and not env.get("interrupted")
     failed = [m for m in logged if "failed" in m]
     assert failed and all("gelu" in m and "simulated" in m for m in failed)
+    # the report says what is missing and why, not only the log
+    lost = [r for r in rows if r["group"] == "failed"]
+    assert lost and {r["name"] for r in lost} == {"gelu"}
+    assert "RuntimeError: out of memory (simulated)" in lost[0]["error"]
+    text = open(paths["markdown"]).read()
+    assert "## Cases that failed (not timed)" in text and "- gelu " in text
 
 
 def test_an_op_that_ignores_an_axis_runs_once_per_shape(monkeypatch):
@@ -322,7 +407,9 @@ def test_an_interrupted_run_writes_what_it_measured(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(harness, "time_interleaved", timed)
-    paths = run.execute(_tiny_config(["layernorm", "gelu"]), str(tmp_path), log=lambda *a: None)
+    with pytest.raises(KeyboardInterrupt):  # raised again once the report is written
+        run.execute(_tiny_config(["layernorm", "gelu"]), str(tmp_path), log=lambda *a: None)
+    paths = {"json": str(tmp_path / "results.json"), "markdown": str(tmp_path / "results.md")}
     rows, env = report.load_json(paths["json"])
     assert env["interrupted"] is True
     assert {(r["name"], r["phase"]) for r in rows} == {
