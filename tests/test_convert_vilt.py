@@ -63,15 +63,17 @@ def _randomize(model, seed, norms=()):
     return model
 
 
-def _hf_model(seed=0):
+def _hf_model(seed=0, tied=False):
     from transformers import ViltForMaskedLM
 
     torch.manual_seed(seed)
     model = ViltForMaskedLM(_hf_config()).double().eval()
     # HF ties the decoder to the word embeddings (ViltConfig keeps tie_word_embeddings=True);
-    # the original ViLT keeps them apart, as minivit does: untie, so each has its own gradient.
-    dec = model.mlm_score.decoder
-    dec.weight = torch.nn.Parameter(dec.weight.detach().clone())
+    # the original ViLT keeps them apart, as minivit does: untie, so each has its own gradient
+    # (tied=True keeps HF's tie).
+    if not tied:
+        dec = model.mlm_score.decoder
+        dec.weight = torch.nn.Parameter(dec.weight.detach().clone())
     return _randomize(model, seed)
 
 
@@ -154,10 +156,17 @@ def test_forward_parity_with_hf_vilt():
         assert _rel(img[b, 1:][perm], img_hf[b, 1:]) < 1e-10
 
 
-def test_gradient_parity_with_hf_vilt(monkeypatch):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_gradient_parity_with_hf_vilt(monkeypatch, tied):
+    """Every gradient against HF's autograd. HF's own ViltForMaskedLM ties the MLM decoder to
+    the word embeddings (tied): minivit keeps them apart, as the original ViLT does, and its two
+    gradients add up to HF's one (docs/vilt.md)."""
     # identity patch order inside HF's visual_embed (see the module docstring)
     monkeypatch.setattr(torch, "multinomial", lambda w, n, replacement=False, **kw: torch.arange(n))
-    hf = _hf_model(seed=3)
+    hf = _hf_model(seed=3, tied=tied)
+    assert (
+        hf.mlm_score.decoder.weight is hf.vilt.embeddings.text_embeddings.word_embeddings.weight
+    ) == tied
     model = _minivit_from(hf)
     ids, mask, images = _inputs(seed=4)
     rng = np.random.default_rng(5)
@@ -198,6 +207,11 @@ def test_gradient_parity_with_hf_vilt(monkeypatch):
 
     assert set(hf_grads) <= set(grads)
     assert len(hf_grads) == len(grads) - 2  # all but minivit's itm_score.*
+    if tied:  # HF's one gradient of the shared table is the sum of minivit's two
+        word, dec = "text_embeddings.word_embeddings.weight", "mlm_score.decoder.weight"
+        assert _rel(grads[word], hf_grads[word]) > 0.01  # (apart, neither is HF's alone)
+        grads[word] = grads[word] + grads.pop(dec)
+        del hf_grads[dec]  # (from_hf_vilt filled it in with the word table's gradient)
     worst = max(_rel(grads[k], hf_grads[k]) for k in hf_grads)
     assert worst < 1e-8, worst
 
