@@ -423,6 +423,17 @@ def test_a_worker_lost_before_its_backward_is_raised(two_threads):
     with pytest.raises(shard_workers.WorkerLost):
         model.backward(dl, input_grad=True)
     _assert_same(_step(model, x, y), ref)  # the next step forks anew
+    # a query that meets the dead worker first: the backward after it says the same, and what
+    # to do (it was a bare "has been stopped")
+    logits = model.forward(x, train=True)
+    (pid,) = _pids(model)
+    os.kill(pid, signal.SIGKILL)
+    _wait_until_dead(pid)
+    with pytest.raises(shard_workers.WorkerLost):
+        model.cached_attention()
+    with pytest.raises(shard_workers.WorkerLost, match="run the forward again"):
+        model.backward(dl, input_grad=True)
+    _assert_same(_step(model, x, y), ref)
 
 
 @pytest.mark.parametrize("where", ["after the request", "reading a query"])

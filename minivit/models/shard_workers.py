@@ -55,8 +55,12 @@ How, for one model:
 Only NumPy models run sharded at all (``sharding.shard_bounds``), and this mode needs
 ``os.fork``. It is meant for Linux: on macOS, system libraries that NumPy may use (Accelerate,
 the Objective-C runtime) are not safe in a child forked from a threaded process, so the
-training commands default to it on Linux only. Results are those of thread shards, to the same
-rounding: each shard runs the same code on the same samples.
+training commands default to it on Linux only. On Linux too, a fork while another thread of
+the program is inside OpenBLAS can hang in OpenBLAS's fork handler (seen with a background
+thread multiplying matrices): such a program should use thread shards. Results are those of
+thread shards, to the same rounding: each shard runs the same code on the same samples (a
+parameter changed in place between a forward and its backward aside: the workers read the
+copy made at the forward, the first shard the live array).
 """
 
 from __future__ import annotations
@@ -204,8 +208,11 @@ class _Worker:
         )
 
     def send(self, *msg):
-        if not self.alive:
-            raise RuntimeError(f"the shard worker process {self.pid} has been stopped")
+        if not self.alive:  # lost before (a query met it dead), or stopped with its pool
+            raise WorkerLost(
+                f"the shard worker process {self.pid} was stopped earlier, and the cache of the "
+                "forward it served went with it: run the forward again"
+            )
         self.seq += 1
         try:
             self.conn.send((self.seq, *msg))
