@@ -64,7 +64,13 @@ def _default_threads() -> int:
         try:
             return max(int(env), 1)
         except ValueError:
-            pass
+            from .backend import setting_problem
+
+            setting_problem(
+                "MINIVIT_NUM_THREADS",
+                f"$MINIVIT_NUM_THREADS={env!r} is not a whole number",
+                "the pool takes one thread per core",
+            )
     try:
         return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:  # not on Linux

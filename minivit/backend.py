@@ -226,15 +226,56 @@ def contiguous_on(name: str, *arrays) -> bool:
     return all(a is None or (_library_of(a) == name and a.flags.c_contiguous) for a in arrays)
 
 
+# The minivit environment settings read at import that name nothing minivit knows: env ->
+# (what is wrong, what the library does instead). Every `minivit` command refuses them
+# (settings_problems); a program of one's own is warned once, when it builds its first model.
+_PROBLEMS: dict[str, tuple[str, str]] = {}
+_WARNED: set[str] = set()
+
+
+def setting_problem(env: str, wrong: str, instead: str) -> None:
+    """Record an environment setting that names nothing minivit knows (:data:`_PROBLEMS`)."""
+    _PROBLEMS[env] = (wrong, instead)
+
+
+def settings_problems() -> list[str]:
+    """Every minivit environment setting that names nothing minivit knows (``$MINIVIT_BACKEND``
+    included), one message each; empty when all are understood."""
+    problems = [wrong for wrong, _ in _PROBLEMS.values()]
+    _WARNED.update(_PROBLEMS)  # (said now: no warning later)
+    try:
+        env_backend_name()
+    except ValueError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def warn_settings_once() -> None:
+    """A RuntimeWarning for each misspelt setting not yet reported (models call this when they
+    are built: the library goes on with the default the warning names)."""
+    import warnings
+
+    for env, (wrong, instead) in _PROBLEMS.items():
+        if env not in _WARNED:
+            _WARNED.add(env)
+            warnings.warn(f"{wrong}: {instead}", RuntimeWarning, stacklevel=4)
+
+
 class Switch:
     """An on/off setting of an optimised path, on unless the environment variable ``env`` is
-    "0", "false", "no" or "off" (``MINIVIT_FAST``, ``MINIVIT_KERNELS``); ``set`` changes it."""
+    "0", "false", "no" or "off" (``MINIVIT_FAST``, ``MINIVIT_KERNELS``); ``set`` changes it.
+    ``names`` are the other values it understands (``MINIVIT_SHARD``: where the shards run); any
+    other value is a :func:`setting_problem`, and the switch stays on."""
 
     OFF = ("0", "false", "no", "off")  # the values that turn a switch off
+    ON = ("", "1", "true", "yes", "on")
 
-    def __init__(self, env: str):
-        self.raw = os.environ.get(env, "1").lower()  # the variable's text, for richer settings
+    def __init__(self, env: str, names: tuple = ()):
+        self.raw = os.environ.get(env, "1").strip().lower()  # the text, for richer settings
         self.on = self.raw not in self.OFF
+        if self.raw not in self.OFF + self.ON + tuple(names):
+            known = ", ".join(repr(v) for v in (*self.OFF, *self.ON[1:], *names))
+            setting_problem(env, f"${env}={self.raw!r} is not one of {known}", "read as '1'")
 
     def set(self, flag: bool) -> bool:
         """Turn the path on or off; returns the previous setting."""

@@ -119,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     # freed instead of faulting it in again (minivit/heap.py; MINIVIT_KEEP_MEMORY=0: off).
     keep_freed_memory()
 
+    from .backend import settings_problems
     from .checkpoint import CheckpointError
 
     try:
+        problems = settings_problems()  # a misspelt MINIVIT_* setting is refused, not ignored
+        if problems:
+            raise ValueError("; ".join(problems))
         return int(args._run(args) or 0)
     except (BackendUnavailable, OSError, CheckpointError, ValueError) as exc:
         # A backend that cannot run here (CuPy or the device missing), a missing or unreadable

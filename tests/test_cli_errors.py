@@ -263,6 +263,40 @@ def test_train_vilt_refuses_a_one_patch_grid_naming_the_flags(sizes, capsys, tmp
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_misspelt_setting_is_refused_by_commands_and_warned_about_once_in_programs():
+    """$MINIVIT_SHARD=thred (or a thread count that is no number) named nothing minivit knows
+    and was silently read as the default. A command refuses it, naming what it takes; a
+    program of one's own is warned once, when it builds its first model."""
+    import subprocess
+
+    env = {**os.environ, "MINIVIT_SHARD": "thred", "MINIVIT_NUM_THREADS": "two",
+           "PYTHONPATH": ROOT}  # fmt: skip
+    cmd = [sys.executable, "-m", "minivit", "gradcheck", "--ops", "linear"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("minivit: error: ") and out.stderr.count("\n") == 1
+    assert "$MINIVIT_NUM_THREADS='two' is not a whole number" in out.stderr
+    assert (
+        "$MINIVIT_SHARD='thred' is not one of '0', 'false', 'no', 'off', '1', 'true', 'yes', "
+        "'on', 'threads', 'thread', 'process', 'processes'" in out.stderr
+    )
+    program = (
+        "import warnings, minivit\n"
+        "warnings.simplefilter('always')\n"
+        "for _ in range(2):\n"
+        "    minivit.ViT(img_size=4, patch_size=2, in_chans=1, embed_dim=8, depth=1, num_heads=2)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0
+    assert out.stderr.count("RuntimeWarning") == 2  # one per setting, not one per model
+    assert "$MINIVIT_SHARD='thred' is not one of" in out.stderr and "read as '1'" in out.stderr
+    env["MINIVIT_SHARD"] = "thread"  # the singular is understood
+    del env["MINIVIT_NUM_THREADS"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
 def test_eval_json_prints_the_json_alone(tiny_run, capsys):
     assert main(["eval", str(tiny_run), "--backend", "numpy", "--batch-size", "64"]) == 0
     plain = capsys.readouterr().out.strip().splitlines()

@@ -19,7 +19,7 @@ import math
 import numbers
 from collections.abc import Mapping
 
-from ..backend import _library_of, get_backend
+from ..backend import _library_of, get_backend, warn_settings_once
 
 __all__ = ["Model", "load_state_dict_into", "resolve_dtype", "int_arg", "float_arg"]
 
@@ -90,6 +90,7 @@ class Model:
 
     def _setup(self, config, dtype, backend):
         """Resolve the backend and dtype, store ``config`` (also as attributes)."""
+        warn_settings_once()  # a misspelt MINIVIT_* setting, before anything depends on it
         self.backend = get_backend(backend)
         self.dtype = resolve_dtype(dtype, self.backend)
         self.config = config

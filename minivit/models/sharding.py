@@ -85,10 +85,11 @@ __all__ = [
     "MODES",
 ]
 
-_SWITCH = Switch("MINIVIT_SHARD")
 # where the shards after the first run: "threads" (this process) or "processes" (workers,
 # minivit/models/shard_workers.py); MINIVIT_SHARD=processes chooses the second
-_NAMED = {"threads": "threads", "process": "processes", "processes": "processes"}
+_NAMED = {"threads": "threads", "thread": "threads", "process": "processes",
+          "processes": "processes"}  # fmt: skip
+_SWITCH = Switch("MINIVIT_SHARD", names=tuple(_NAMED))
 _WHERE = {"value": _NAMED.get(_SWITCH.raw, "threads")}
 MODES = ("threads", "processes", "off")
 
