@@ -461,6 +461,16 @@ def sinkhorn_backward(dplan, cache):
     T = cache.n_run
     col_b = B[..., None, :] if not isinstance(B, float) else B  # (..., 1, m)
     row_a = A[..., :, None] if not isinstance(A, float) else A  # (..., n, 1)
+    # Padding (zero marginal entries): there exp(logK + potentials) has no upper bound and can
+    # overflow for a small epsilon, and inf times the zero marginal is NaN. Each product that
+    # the marginal zeroes is set to exactly 0 on the padded rows or columns instead.
+    pad_cols = _zeros_of(col_b, xp)  # (..., 1, m) bool, or None without padding
+    pad_rows = _zeros_of(row_a, xp)  # (..., n, 1)
+
+    def zero(x, mask):
+        if mask is not None:
+            xp.copyto(x, 0, where=mask)
+        return x
 
     buf = xp.empty_like(logK)  # (..., n, m)
     # Every matrix below is exp(logK + row potential + column potential) for stored potentials
@@ -470,8 +480,8 @@ def sinkhorn_backward(dplan, cache):
     # Plan: P = a_i b_j Q_ij with Q = exp(logK + beta_T + alpha_T), which is also S_T / b.
     Q = kernel.rebuild(betas[T - 1], alphas[T - 1])
     xp.multiply(Q, dplan, out=buf)  # dP * Q
-    f_hat = (buf * col_b).sum(-1)  # (..., n)  dL/df_T divided by a
-    g_hat = (buf * row_a).sum(-2)  # (..., m)  dL/dg_T divided by b
+    f_hat = zero(buf * col_b, pad_cols).sum(-1)  # (..., n)  dL/df_T divided by a
+    g_hat = zero(buf * row_a, pad_rows).sum(-2)  # (..., m)  dL/dg_T divided by b
     dlogK = dplan * cache.plan  # (..., n, m)
     da = f_hat.copy()  # accumulates dL/d(log a) / a
     db = xp.zeros_like(g_hat)  # accumulates dL/d(log b) / b
@@ -481,10 +491,10 @@ def sinkhorn_backward(dplan, cache):
         # S = b_j exp(logK + alpha_t + beta_t) (rows of S sum to 1).
         beta_bar = f_hat * A  # (..., n)
         S_b = kernel.E if t == T - 1 else kernel.move_cols(alphas[t])  # S / b
-        xp.multiply(S_b, beta_bar[..., :, None], out=buf)
+        zero(xp.multiply(S_b, beta_bar[..., :, None], out=buf), pad_rows)
         g_hat = g_hat - buf.sum(-2)  # (..., m)
         buf *= col_b
-        dlogK -= buf
+        dlogK -= zero(buf, pad_cols)
         db += g_hat
         # g_t = log b + alpha_t,  alpha_t = -LSE_i(logK + f_{t-1}):  d alpha_j / d f_i = -R_ij,
         # R = a_i exp(logK + beta_{t-1} + alpha_t) (columns of R sum to 1).
@@ -493,11 +503,11 @@ def sinkhorn_backward(dplan, cache):
             R_a = kernel.move_rows(betas[t - 1])  # R / a
         else:  # f_0: 0, or -inf on padding (no a in it): rebuilt, not rescaled
             R_a = kernel.rebuild(r=cache.f0)  # R
-        xp.multiply(R_a, alpha_bar[..., None, :], out=buf)
+        zero(xp.multiply(R_a, alpha_bar[..., None, :], out=buf), pad_cols)
         if t > 0:
             f_hat = -buf.sum(-1)  # (..., n)
             da += f_hat
-            buf *= row_a
+            zero(xp.multiply(buf, row_a, out=buf), pad_rows)
         dlogK -= buf
         g_hat = xp.zeros_like(g_hat)
 
@@ -506,6 +516,15 @@ def sinkhorn_backward(dplan, cache):
     da_out = None if cache.a_shape is None else _unbroadcast(da, cache.a_shape, xp)
     db_out = None if cache.b_shape is None else _unbroadcast(db, cache.b_shape, xp)
     return dcost, da_out, db_out
+
+
+def _zeros_of(marginal, xp):
+    """Where a broadcast marginal (``(..., 1, m)`` or ``(..., n, 1)``) is 0, or None when it
+    has no zero entry (or is a python float: uniform)."""
+    if isinstance(marginal, float):
+        return None
+    mask = marginal == 0
+    return mask if bool(mask.any()) else None
 
 
 def sinkhorn_implicit_backward(dplan, cache):
