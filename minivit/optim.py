@@ -403,7 +403,8 @@ def warmup_cosine_lr(
     Linear warmup from 0 over ``warmup_steps`` steps (``base_lr * step / warmup_steps``, so step
     0 has lr 0 when there is a warmup), then a half cosine from ``base_lr`` down to ``min_lr`` at
     ``step = total_steps``; ``min_lr`` after that. With ``min_lr = 0`` this is exactly
-    ``transformers.get_cosine_schedule_with_warmup`` times ``base_lr``.
+    ``transformers.get_cosine_schedule_with_warmup`` times ``base_lr`` up to ``total_steps``
+    (past it, transformers' cosine rises again; this one stays at ``min_lr``).
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
