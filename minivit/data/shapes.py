@@ -55,6 +55,14 @@ COLOURS = {
     "purple": (0.65, 0.25, 0.85),
 }
 SHAPES = ("circle", "square", "triangle")
+
+
+def _reach(obj) -> float:
+    """How far an object's pixels reach from its centre: r for a circle; r sqrt 2 for a square
+    (its corners) and a triangle (its base corners, at (+-r, +r)). Two objects whose reaches do
+    not meet do not overlap (the circles alone let corners overlap: a review counted 22 of 2610
+    pairs at 32 px)."""
+    return obj.r if obj.shape == "circle" else obj.r * 2**0.5
 SIZES = ("small", "large")
 # relation word(s) -> (axis, sign): "A left of B" means x_B - x_A > 0.
 RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
@@ -282,7 +290,7 @@ class ShapesCaptions:
         for i in range(len(objs)):
             for j in range(i + 1, len(objs)):
                 a, b = objs[i], objs[j]
-                if (a.cx - b.cx) ** 2 + (a.cy - b.cy) ** 2 < (a.r + b.r + 1.0) ** 2:
+                if (a.cx - b.cx) ** 2 + (a.cy - b.cy) ** 2 < (_reach(a) + _reach(b) + 1.0) ** 2:
                     return False
         if len(objs) > 1 and not self._clear_pairs(objs):
             return False
