@@ -11,8 +11,11 @@ ViT and Hybrid ViT: each image is converted to the model's channels (grayscale "
 "RGB" for three), resized to the model's input size and scaled to [0, 1]. The digits the model
 learned from are bright ink on a dark background, so a picture with a bright background (a
 dark digit on white paper, the usual case) is inverted first (``--invert auto``, judged from
-the border pixels). Then the training run's normalisation (mean and std from the checkpoint)
-is applied.
+the border pixels). For a model trained on the digits, a picture larger than 8 x 8 is then
+made to look like them before it is shrunk (:func:`load_image`): its background brought to 0
+and its ink to full strength, the ink cropped, and centred in a square, since every one of
+those digits fills its frame from top to bottom. Then the training run's normalisation (mean
+and std from the checkpoint) is applied.
 
 ViLT (a ``train vilt`` run, or Hugging Face ViLT weights: a ``model.safetensors`` with its
 ``config.json`` and ``vocab.txt`` beside it): each image is prepared as the original ViLT and
@@ -123,23 +126,67 @@ def open_image(path, mode):
     return im.convert(mode)
 
 
-def load_image(path, size, channels, invert="auto"):
-    """One image file -> float64 array (channels, size, size) in [0, 1], for ViT and Hybrid ViT
-    (digits). Read with :func:`open_image`; BOX resampling when shrinking, BICUBIC when
-    enlarging."""
+def load_image(path, size, channels, invert="auto", digit=False):
+    """One image file -> float64 array (channels, size, size) in [0, 1], for ViT and Hybrid ViT.
+    Read with :func:`open_image`; BOX resampling when shrinking, BICUBIC when enlarging.
+
+    ``digit=True`` (a model trained on the 8x8 digits, one channel): a picture larger than the
+    model's input is first made to look like those digits (:func:`_as_digit`): the background
+    brought to 0 and the brightest ink to 1, the ink cropped, and centred in a square, since
+    every one of the digits fills its frame from top to bottom. Without it, a digit drawn with a
+    margin, or on grey paper, reached the model small or on a grey ground, and was misread."""
     import numpy as np
     from PIL import Image
 
     im = open_image(path, "L" if channels == 1 else "RGB")
+    big = im.width > size or im.height > size
+    if digit and channels == 1 and big:
+        a = np.asarray(im, dtype=np.float64) / 255.0
+        if invert == "yes" or (invert == "auto" and _border_mean(a[None]) > 0.5):
+            a = 1.0 - a
+        a = _as_digit(a, size)
+        im = Image.fromarray(a.astype(np.float32), "F")
+        big = im.width > size  # (square now)
+        resample = Image.Resampling.BOX if big else Image.Resampling.BICUBIC
+        a = np.asarray(im.resize((size, size), resample), dtype=np.float64)
+        return np.clip(a, 0.0, 1.0)[None]
     # BOX averages every source pixel when shrinking (as the 8x8 digits were made, by counting
     # ink in 4x4 blocks).
-    big = im.width > size or im.height > size
     im = im.resize((size, size), Image.Resampling.BOX if big else Image.Resampling.BICUBIC)
     a = np.asarray(im, dtype=np.float64) / 255.0
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, S, S)
     if invert == "yes" or (invert == "auto" and _border_mean(a) > 0.5):
         a = 1.0 - a
     return a
+
+
+def _as_digit(a, size):
+    """A greyscale picture (H, W) in [0, 1], bright ink on a dark ground -> the ink as the 8x8
+    digits hold theirs: the ground (the border's median) at 0 and the brightest ink at 1, cut
+    to the ink's bounding box (pixels above 5% of the ink's level: the digits' faintest
+    strokes are 1/16), and centred in a square of the box's longer side, its aspect kept, to a
+    whole pixel of the ``size`` x ``size`` result. A picture with no ink to find (its brightest
+    pixel within 0.1 of the ground) is returned unchanged."""
+    import numpy as np
+
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    ground, top = float(np.median(border)), float(a.max())
+    if top - ground < 0.1:
+        return a
+    a = np.clip((a - ground) / (top - ground), 0.0, 1.0)
+    ink = a > 0.05
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    a = a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    h, w = a.shape
+    n = max(h, w)
+    out = np.zeros((n, n))
+    # centred to a whole pixel of the size x size result: half a pixel's shift would blur
+    # every stroke across two columns
+    cell = n / size
+    top = min(int(round(round((n - h) / 2 / cell) * cell)), n - h)
+    left = min(int(round(round((n - w) / 2 / cell) * cell)), n - w)
+    out[top : top + h, left : left + w] = a
+    return out
 
 
 def _border_mean(a):
@@ -167,7 +214,8 @@ def classify(model, meta, images, invert="auto"):
         raise ValueError("this checkpoint has no classification head (num_classes=0)")
     data = meta.get("train", {}).get("data", {}) if isinstance(meta.get("train"), dict) else {}
     mean, std = data.get("mean", 0.5), data.get("std", 0.5)  # HF ViT's default is 0.5 / 0.5
-    x = np.stack([load_image(p, model.img_size, model.in_chans, invert) for p in images])
+    digit = data.get("dataset") == "digits"  # a run of train vit / train hybrid
+    x = np.stack([load_image(p, model.img_size, model.in_chans, invert, digit) for p in images])
     x = ((x - mean) / std).astype(model.dtype)
     be = model.backend
     with ops.no_grad():  # inference: no cache kept
