@@ -126,7 +126,8 @@ def _make_cupy() -> Backend:
     except Exception as exc:  # ImportError, or a broken CUDA install raising at import
         raise BackendUnavailable(
             f"backend 'cupy' needs CuPy, which could not be imported ({exc}). "
-            "Install it with `pip install minivit[gpu]` (cupy-cuda12x) on a machine with CUDA."
+            "Install it with `pip install minivit[gpu]` (cupy-cuda12x), or `minivit[gpu-cuda13]` "
+            "(cupy-cuda13x) for CUDA 13, on a machine with CUDA."
         ) from exc
     try:
         n = cupy.cuda.runtime.getDeviceCount()
