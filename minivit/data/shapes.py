@@ -63,6 +63,8 @@ def _reach(obj) -> float:
     not meet do not overlap (the circles alone let corners overlap: a review counted 22 of 2610
     pairs at 32 px)."""
     return obj.r if obj.shape == "circle" else obj.r * 2**0.5
+
+
 SIZES = ("small", "large")
 # relation word(s) -> (axis, sign): "A left of B" means x_B - x_A > 0.
 RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
