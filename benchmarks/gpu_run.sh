@@ -36,7 +36,10 @@ OUT="${OUT:-/tmp/minivit-gpu}"
 mkdir -p "$OUT"
 PACK=0
 case "${1:-}" in
-  --pack) PACK=1 ;;
+  --pack) PACK=1  # it deletes what it did not archive: only into a folder of its own
+          if [[ -n "$(ls -A "$OUT")" ]]; then
+            echo "--pack needs an empty \$OUT ($OUT is not)" >&2; exit 2
+          fi ;;
   "") ;;
   *) echo "usage: bash benchmarks/gpu_run.sh [--pack]" >&2; exit 2 ;;
 esac
@@ -136,7 +139,9 @@ step "archive: $OUT/minivit-gpu.tar.gz"
 # at once stay beside it (the device tool brings back at most 8 files, two folders down).
 (
   cd "$OUT" || exit 1
-  tar czf /tmp/minivit-gpu.tar.gz --exclude=./minivit-gpu.tar.gz . && mv /tmp/minivit-gpu.tar.gz .
+  # (no archive, no cleanup: the loose files are all there is)
+  { tar czf /tmp/minivit-gpu.tar.gz --exclude=./minivit-gpu.tar.gz . \
+      && mv /tmp/minivit-gpu.tar.gz .; } || { echo "archiving failed: files left as written"; exit 1; }
   ((PACK)) || exit 0
   [[ -f bench/results.md ]] && cp bench/results.md results.md
   [[ -f profile-gpu/profile.md ]] && cp profile-gpu/profile.md profile.md

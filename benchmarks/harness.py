@@ -96,8 +96,8 @@ def configure(cfg: BenchConfig) -> dict:
     if cfg.threads:
         try:  # a dependency of minivit, but the device run installs it with --no-deps
             from threadpoolctl import threadpool_limits
-        except ImportError:  # (benchmarks/gpu_run.sh), on an image that may not have it
-            applied["threadpoolctl"] = "missing: BLAS thread count not limited"
+        except ImportError:  # (gpu_run.sh): environment_info records it as missing
+            pass
         else:
             _STATE["limiter"] = threadpool_limits(limits=int(cfg.threads))
         from minivit import _parallel
@@ -185,6 +185,11 @@ def summarize(times: list, warmup: int, method: str) -> Timing:
         method=method,
         times_s=times,
     )
+
+
+def ceiling_key(row: dict) -> tuple:
+    """The key of a result row's sgemm ceiling: (its backend, or "torch"; its device)."""
+    return (row["backend"] if row["impl"] == "minivit" else "torch", row["device"])
 
 
 def result_row(base: dict, timing: Timing, flops, ceiling, mem) -> dict:

@@ -107,18 +107,13 @@ def model_flops(model, name: str, B: int) -> float | None:
     if name.startswith("hybrid"):
         return model.forward_flops(B)
     if name.startswith("vit"):
-        P, S, D = model.patch_size, model.img_size, model.embed_dim
-        Np = (S // P) ** 2
+        Np, D = (model.img_size // model.patch_size) ** 2, model.embed_dim
         f = encoder_flops(B, Np + 1, D, model.depth, model.mlp_ratio)
-        f += 2.0 * B * Np * (model.in_chans * P * P) * D  # patch embedding
-        f += 2.0 * B * D * model.num_classes  # head
-        return f
+        return f + input_layer_flops(model, name, B) + 2.0 * B * D * model.num_classes  # head
     if name.startswith("vilt"):
-        P, S, D = model.patch_size, VILT_IMG, model.embed_dim
-        Np = (S // P) ** 2
+        Np, D = (VILT_IMG // model.patch_size) ** 2, model.embed_dim
         f = encoder_flops(B, TEXT_LEN + Np + 1, D, model.depth, model.mlp_ratio)
-        f += 2.0 * B * Np * (model.in_chans * P * P) * D + 2.0 * B * D * D
-        return f
+        return f + input_layer_flops(model, name, B) + 2.0 * B * D * D  # pooler
     return None
 
 
@@ -127,19 +122,19 @@ def input_layer_flops(model, name: str, B: int) -> float:
     stem convolution (hybrid). A train step skips its input gradient (no image gradient, on
     either side), so its backward is the weight gradient alone: one forward's worth, not two."""
     if name.startswith("hybrid"):
-        k = model.stem_kernel
-        return 2.0 * B * model.img_size**2 * model.stem_chs * model.in_chans * k * k
+        return model.stem_flops(B)
     S = VILT_IMG if name.startswith("vilt") else model.img_size
     P = model.patch_size
     return 2.0 * B * (S // P) ** 2 * (model.in_chans * P * P) * model.embed_dim
 
 
-def train_step_flops(model, name: str, B: int) -> float | None:
-    """GEMM FLOPs of a train step: the forward, then a backward of twice its work (the input
-    and the weight gradient of every GEMM), less the input gradient of the layer that reads
-    the images, which neither side computes."""
+def step_flops(model, name: str, B: int) -> dict:
+    """GEMM FLOPs by phase: the forward, and a train step, which adds a backward of twice the
+    forward's work (the input and the weight gradient of every GEMM) less the input gradient of
+    the layer that reads the images, which neither side computes. None where not counted."""
     f = model_flops(model, name, B)
-    return None if f is None else 3 * f - input_layer_flops(model, name, B)
+    step = None if f is None else 3 * f - input_layer_flops(model, name, B)
+    return {"forward": f, "train_step": step}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,9 +285,7 @@ def build(name: str, backend: str, B: int, with_torch: bool, **overrides):
             (dl,) = ops.cross_entropy_backward(be.xp.asarray(1.0, dtype=logits.dtype), c)
             model.backward(dl, input_grad=False)  # as the twin: images need no gradient
 
-    out.update(forward=fwd, train_step=step, model=model,
-               flops={"forward": model_flops(model, name, B),
-                      "train_step": train_step_flops(model, name, B)})  # fmt: skip
+    out.update(forward=fwd, train_step=step, model=model, flops=step_flops(model, name, B))
     if with_torch and kind in ("vit", "vilt"):
         import torch
         import torch.nn.functional as F
@@ -409,8 +402,7 @@ def _time_phase(cfg, name, backend, device, B, built, phase, ceilings, log) -> l
         )
         if "twin_max_abs_diff" in built:
             base["twin_max_abs_diff"] = built["twin_max_abs_diff"]
-        ceiling = ceilings.get((backend if impl == "minivit" else "torch", device))
-        row = harness.result_row(base, timing, fl, ceiling, mem)
+        row = harness.result_row(base, timing, fl, ceilings.get(harness.ceiling_key(base)), mem)
         rows.append(row)
     m = timed[("minivit", phase)]
     t = timed.get(("torch", phase))

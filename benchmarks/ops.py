@@ -331,7 +331,7 @@ def _time_op(cfg, op, size, backend, device, torch_ok, ceilings, log, rows) -> N
                 **size,
             )
             fl = f_fwd if phase == "forward" else f_bwd
-            ceiling = ceilings.get((backend if impl == "minivit" else "torch", device))
+            ceiling = ceilings.get(harness.ceiling_key(base))
             rows.append(harness.result_row(base, timing, fl, ceiling, mem))
         m = timed[("minivit", phase)].median_s
         t = timed.get(("torch", phase))

@@ -217,9 +217,8 @@ def _remeasure_ceilings(cfg, ceilings, env, rows, log) -> None:
         env["sgemm"][label] = max(v, env["sgemm"].get(label, 0.0))
         env["sgemm_median"][label] = max(sg_median[label], env["sgemm_median"].get(label, 0.0))
     for r in rows:
-        key = (r.get("backend") if r.get("impl") == "minivit" else "torch", r.get("device"))
-        if r.get("gflops_per_s") and ceilings.get(key):
-            r["frac_of_sgemm"] = r["gflops_per_s"] * 1e9 / ceilings[key]
+        if r.get("gflops_per_s") and ceilings.get(harness.ceiling_key(r)):
+            r["frac_of_sgemm"] = r["gflops_per_s"] * 1e9 / ceilings[harness.ceiling_key(r)]
 
 
 def check_names(

@@ -53,7 +53,9 @@ def _candidates():
 def _open(path):
     # NVRTC opens its builtins library by name at its first compile: the one beside it, loaded
     # first, is found even where the loader's search path does not reach that folder
-    for builtins in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.*")):
+    # (a bare name from the loader's search has no folder to look in)
+    folder = os.path.dirname(path) if os.path.isabs(path) else None
+    for builtins in glob.glob(os.path.join(folder, "libnvrtc-builtins.so.*")) if folder else ():
         if ".alt." not in builtins:
             ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
     lib = ctypes.CDLL(path)
@@ -92,9 +94,9 @@ class NvrtcError(RuntimeError):
     pass
 
 
-def _check(status, what, lib=None):
+def _check(status, what, lib):
     if status:
-        raise NvrtcError(f"{what}: {(lib or LIB).nvrtcGetErrorString(status).decode()}")
+        raise NvrtcError(f"{what}: {lib.nvrtcGetErrorString(status).decode()}")
 
 
 @dataclass

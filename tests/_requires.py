@@ -27,7 +27,7 @@ import pytest
 __all__ = ["OUTSIDE", "missing_package", "require", "skip_missing", "skipping_missing"]
 
 OUTSIDE = ("torch", "transformers", "tokenizers", "ot", "timm", "torchvision",
-           "safetensors", "sklearn", "tqdm", "matplotlib", "PIL")  # fmt: skip
+           "safetensors", "sklearn", "tqdm", "matplotlib", "PIL", "threadpoolctl")  # fmt: skip
 
 
 def skipping_missing() -> bool:

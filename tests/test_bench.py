@@ -199,7 +199,7 @@ def test_report_pairs_ratios_speedups_markdown_and_plots(tmp_path):
     assert "12.0x" in md and "GPU over CPU" in md and "test cpu" in md
     data = json.load(open(paths["json"]))
     assert data["results"] == json.loads(json.dumps(rows)) and data["environment"] == env
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     names = sorted(os.path.basename(p) for p in paths["plots"])
     assert names == [
         "ops_time_vs_tokens.png",
@@ -252,7 +252,6 @@ def test_model_flops_are_torchs_own_count():
     """The GEMM FLOPs of each model's forward and train step equal what torch's FlopCounterMode
     counts on the twin (one block each, to stay quick). The train step is not 3 forwards: no
     image gradient is computed, so the patch embedding's input gradient is not counted."""
-    require("torch")
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks import models

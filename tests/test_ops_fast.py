@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 from _paths import both, close
+from _requires import require
 
 from minivit import _parallel, ops
 from minivit.ops import _fast
@@ -379,7 +380,7 @@ def test_gelu_fast_path_refuses_float64():
 
 
 def test_blas_single_threaded_nests_and_overlaps_across_threads():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    threadpoolctl = require("threadpoolctl")
     libs = _parallel._blas_controllers()
     if not libs:
         pytest.skip("threadpoolctl found no BLAS library")
@@ -410,7 +411,7 @@ def test_blas_single_threaded_nests_and_overlaps_across_threads():
 def test_limit_blas_threads_limits_restores_and_goes_without_threadpoolctl(monkeypatch):
     """The training jobs' BLAS limit: held inside, restored after, nothing for 0, and (on an
     install without threadpoolctl, as the device run's --no-deps one) a warning, not a crash."""
-    import threadpoolctl
+    threadpoolctl = require("threadpoolctl")
 
     libs = _parallel._blas_controllers()
     if not libs:

@@ -20,7 +20,7 @@ from _requires import require
 from _timm import import_timm
 from test_hybrid import BB, torch_backbone
 from test_hybrid import CFG as HYBRID  # the tiny hybrid: every backbone feature, 2x2 grid
-from test_vit import minivit_loss_grads, rel  # the loss and the measure of the HF checks
+from test_vit import hf_reference, minivit_loss_grads, perturbed, rel  # as the HF checks
 
 import minivit
 from minivit.checkpoint import CheckpointError, load_model
@@ -49,14 +49,6 @@ def timm_small(dtype=torch.float64, **kw):
     return perturbed(VisionTransformer(**{**SMALL, **kw}).to(dtype).eval())
 
 
-def perturbed(m):
-    """m with every parameter moved off its initial value, in place."""
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return m
-
-
 def publish(folder, name="vit_tiny_patch16_224", float64=False, **kw):
     """timm's model ``name`` (random, seed 0), saved in ``folder`` as timm publishes it for the
     hub (``save_for_hf``); in float64 and perturbed if asked. Returns the model."""
@@ -74,11 +66,7 @@ def host_state(m):
 
 def timm_loss_grads(m, x, y):
     """timm's logits, its autograd gradients by parameter name, and the image gradient."""
-    xt = torch.tensor(x, requires_grad=True)
-    logits = m(xt)
-    torch.nn.functional.cross_entropy(logits, torch.tensor(y)).backward()
-    grads = {k: p.grad.numpy() for k, p in m.named_parameters()}
-    return logits.detach().numpy(), grads, xt.grad.numpy()
+    return hf_reference(m, x, y, logits_of=lambda m, xt: m(xt))
 
 
 @pytest.mark.parametrize("name", TIMM_NAMES)

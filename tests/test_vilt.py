@@ -662,6 +662,9 @@ def test_stopping_the_batch_workers(ready, lost, expected):
     train_vilt._stop_pool(pool, pending, lost=lost)
     assert pool.calls == [expected, "join"]
     assert all(len(r.waited) == (0 if lost else 1) for r in pending)
+    # every wait has a limit (a dead worker's batch never comes), none beyond one batch's
+    assert all(t is not None and 0 <= t <= train_vilt.BATCH_TIMEOUT_S for r in pending
+               for t in r.waited)  # fmt: skip
 
 
 def _worker_dies(step):

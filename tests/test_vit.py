@@ -23,8 +23,13 @@ def hf_model(dtype=torch.float64):
     c = ViTConfig(image_size=8, patch_size=2, num_channels=3, hidden_size=16,
                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=24, num_labels=5,
                   layer_norm_eps=1e-6, hidden_act="gelu")  # fmt: skip
-    m = ViTForImageClassification(c).to(dtype).eval()
-    with torch.no_grad():  # HF zero-inits biases and unit norms; perturb so every one matters
+    return perturbed(ViTForImageClassification(c).to(dtype).eval())
+
+
+def perturbed(m):
+    """m with every parameter moved off its initial value, in place: HF and timm start biases
+    at 0 and norms at 1, where a wrong index or a missing term would not show."""
+    with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     return m
@@ -49,9 +54,12 @@ def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
-def hf_reference(m, x, y):
+def hf_reference(m, x, y, logits_of=lambda m, xt: m(pixel_values=xt).logits):
+    """The torch model's logits, its autograd gradients by parameter name and the image
+    gradient, of a mean cross-entropy (``logits_of``: how the model is called; timm's takes
+    the images alone)."""
     xt = torch.tensor(x, requires_grad=True)
-    logits = m(pixel_values=xt).logits
+    logits = logits_of(m, xt)
     torch.nn.functional.cross_entropy(logits, torch.tensor(y)).backward()
     grads = {k: p.grad.numpy() for k, p in m.named_parameters()}
     return logits.detach().numpy(), grads, xt.grad.numpy()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _requires import require
 
 from minivit import ops
 from minivit.data.shapes import ShapesCaptions
@@ -59,7 +60,7 @@ def test_plan_is_the_wpa_plan_of_the_pair(pair):
 
 
 def test_figure_has_a_panel_per_word(pair, tmp_path):
-    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib = require("matplotlib")
     data, model, ids, mask, image = pair
     path = alignment_figure(model, data, ids, mask, image, tmp_path / "alignment.png")
     assert path.exists()

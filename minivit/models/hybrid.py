@@ -213,11 +213,16 @@ class HybridViT(ViT):
     # ------------------------------------------------------------------------------------------
     # cost
 
+    def stem_flops(self, batch_size: int) -> float:
+        """Forward FLOPs of the stem convolution ("same" size), the layer that reads the images."""
+        k = self.stem_kernel
+        return 2.0 * batch_size * self.img_size**2 * self.stem_chs * self.in_chans * k * k
+
     def forward_flops(self, batch_size: int) -> float:
         """Forward GEMM FLOPs of one batch (2 per multiply-add; convs, proj, encoder, head),
         the numerator of a roofline figure; norms and activations are left out."""
-        B, S, k = batch_size, self.img_size, self.stem_kernel
-        f = 2.0 * B * S * S * self.stem_chs * self.in_chans * k * k  # stem conv, "same" size
+        B, S = batch_size, self.img_size
+        f = self.stem_flops(B)
         side = S // 2 if self.stem_pool else S
         for _, cin, cout, stride, down in self._blocks():
             side_out = ops.conv_output_size(side, 3, stride, 1)

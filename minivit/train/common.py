@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import tempfile
 import time
@@ -31,7 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import load_checkpoint, load_weights_into, publish, save_model, split_prefix
+from ..checkpoint import RUN_FILE as CHECKPOINT  # the checkpoint in a run folder
+from ..checkpoint import (
+    load_checkpoint,
+    load_weights_into,
+    publish,
+    save_model,
+    split_prefix,
+)
 
 __all__ = [
     "CHECKPOINT",
@@ -43,7 +51,6 @@ __all__ = [
     "positive_float",
     "fraction",
     "below_one",
-    "resolve_checkpoint",
     "progress",
     "epoch_rngs",
     "reseed_model_rng",
@@ -56,8 +63,6 @@ __all__ = [
     "resumed_run_dir",
     "Timer",
 ]
-
-CHECKPOINT = "checkpoint.safetensors"  # (minivit.checkpoint.RUN_FILE)
 
 
 class History:
@@ -108,16 +113,6 @@ def make_run_dir(out=None, prefix="run", root="runs") -> Path:
             path = Path(root) / f"{prefix}-{stamp}-{n}"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def resolve_checkpoint(path, weights=True) -> Path:
-    """A run folder or a checkpoint file -> the checkpoint file (FileNotFoundError if none):
-    :func:`minivit.checkpoint.checkpoint_file`. ``weights=False`` where only a run's checkpoint
-    will do (``eval``, ``--resume``), so a folder without one is not told to hold
-    Hugging Face weights."""
-    from ..checkpoint import checkpoint_file
-
-    return checkpoint_file(path, weights)
 
 
 def progress(total, desc="", disable=False, **kwargs):
@@ -286,11 +281,11 @@ def saved_recipe(ckpt, args, local, model_class, command, added=None, same=None)
     options = vars_for_json(args, drop=local)
     typed = getattr(args, "_given", ())  # the options typed (minivit.cli.parse_args)
     given = {k: v for k, v in options.items() if k in typed}
-    equal = {**{k: (lambda a, b: a == b) for k in given}, **(same or {})}
+    same = same or {}
     clashes = [
         f"--{k.replace('_', '-')} {_as_saved(v)!r} (the run's: {saved[k]!r})"
         for k, v in sorted(given.items())
-        if k in saved and not equal[k](_as_saved(v), saved[k])
+        if k in saved and not same.get(k, operator.eq)(_as_saved(v), saved[k])
     ]
     if clashes:
         raise ValueError(

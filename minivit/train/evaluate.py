@@ -36,14 +36,13 @@ def evaluate_checkpoint(path, backend=None, dtype=None, batch_size=256) -> dict:
     """Load the checkpoint, rebuild its test split and score it; returns a metrics dict."""
     import numpy as np
 
-    from ..checkpoint import load_model
+    from ..checkpoint import checkpoint_file, load_model
     from ..data import load_digits_split
-    from .common import resolve_checkpoint
     from .vit import evaluate
 
     if int(batch_size) < 1:
         raise ValueError(f"the batch size must be at least 1, got {batch_size}")
-    path = resolve_checkpoint(path, weights=False)
+    path = checkpoint_file(path, weights=False)
     model, meta = load_model(path, backend=backend, dtype=dtype)
     data_meta = meta.get("train", {}).get("data")
     if not data_meta or data_meta.get("dataset") != "digits":

@@ -170,10 +170,10 @@ def _as_digit(a, size):
     import numpy as np
 
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    ground, top = float(np.median(border)), float(a.max())
-    if top - ground < 0.1:
+    ground, peak = float(np.median(border)), float(a.max())
+    if peak - ground < 0.1:
         return a
-    a = np.clip((a - ground) / (top - ground), 0.0, 1.0)
+    a = np.clip((a - ground) / (peak - ground), 0.0, 1.0)
     ink = a > 0.05
     rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
     a = a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
@@ -407,11 +407,10 @@ def _missing_heads(model):
 
 
 def run(args) -> int:
-    from ..checkpoint import load_model
+    from ..checkpoint import checkpoint_file, load_model
     from ..models.vilt import ViLT
-    from .common import resolve_checkpoint
 
-    path = resolve_checkpoint(args.checkpoint)
+    path = checkpoint_file(args.checkpoint)
     model, meta = load_model(path, backend=args.backend)
     if isinstance(model, ViLT):
         if args.caption is None:

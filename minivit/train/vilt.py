@@ -35,6 +35,7 @@ import warnings
 
 import numpy as np
 
+from ..checkpoint import checkpoint_file
 from .common import (
     CHECKPOINT,
     History,
@@ -48,7 +49,6 @@ from .common import (
     positive_int,
     progress,
     reseed_model_rng,
-    resolve_checkpoint,
     resumed_run_dir,
     save_training_checkpoint,
     saved_recipe,
@@ -581,7 +581,7 @@ def train(args, data, model, *, log=print, quiet=False):
 
     be = model.backend
     if args.resume:  # the run goes on in its own folder (checked before anything is made)
-        ckpt = resolve_checkpoint(args.resume, weights=False)
+        ckpt = checkpoint_file(args.resume, weights=False)
         run_dir = resumed_run_dir(ckpt, args.out)
     opt = optim.AdamW(model.params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = int(round(args.warmup * args.steps))
@@ -720,7 +720,7 @@ def run(args) -> int:
 
     if args.resume:  # the recipe is the run's own (before the model is built from it)
         recipe = saved_recipe(
-            resolve_checkpoint(args.resume, weights=False),
+            checkpoint_file(args.resume, weights=False),
             args,
             LOCAL,
             "ViLT",

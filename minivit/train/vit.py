@@ -225,6 +225,7 @@ def train(args, job: DigitsJob = JOB) -> dict:
     """Run (or resume) ``job`` as described by the parsed ``args``; returns the metrics dict."""
     from .. import ops
     from ..backend import get_backend
+    from ..checkpoint import checkpoint_file
     from ..data import iterate_batches, load_digits_split, random_affine, random_translate
     from ..optim import AdamW, WarmupCosine, clip_grad_norm
     from .common import (
@@ -236,7 +237,6 @@ def train(args, job: DigitsJob = JOB) -> dict:
         make_run_dir,
         plot_curves,
         progress,
-        resolve_checkpoint,
         resumed_run_dir,
         save_training_checkpoint,
         saved_recipe,
@@ -252,7 +252,7 @@ def train(args, job: DigitsJob = JOB) -> dict:
     cfg = vars_for_json(args, drop=local)
     command = f"minivit train {job.name}"
     if args.resume:
-        ckpt = resolve_checkpoint(args.resume, weights=False)
+        ckpt = checkpoint_file(args.resume, weights=False)
         cfg = {**cfg, **saved_recipe(ckpt, args, local, job.model_class, command)}
         run_dir = resumed_run_dir(ckpt, args.out)
     if cfg["scale_min"] > cfg["scale_max"]:
