@@ -156,18 +156,20 @@ def test_forward_parity_with_hf_vilt():
         assert _rel(img[b, 1:][perm], img_hf[b, 1:]) < 1e-10
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_gradient_parity_with_hf_vilt(monkeypatch, tied):
+@pytest.mark.parametrize("mode", ["untied", "tied", "tied-model"])
+def test_gradient_parity_with_hf_vilt(monkeypatch, mode):
     """Every gradient against HF's autograd. HF's own ViltForMaskedLM ties the MLM decoder to
-    the word embeddings (tied): minivit keeps them apart, as the original ViLT does, and its two
-    gradients add up to HF's one (docs/vilt.md)."""
+    the word embeddings (tied): minivit keeps them apart by default, as the original ViLT does,
+    and its two gradients add up to HF's one (docs/vilt.md); built with tie_mlm_decoder=True
+    (tied-model) it has HF's one table and HF's gradient of it."""
+    tied = mode != "untied"
     # identity patch order inside HF's visual_embed (see the module docstring)
     monkeypatch.setattr(torch, "multinomial", lambda w, n, replacement=False, **kw: torch.arange(n))
     hf = _hf_model(seed=3, tied=tied)
     assert (
         hf.mlm_score.decoder.weight is hf.vilt.embeddings.text_embeddings.word_embeddings.weight
     ) == tied
-    model = _minivit_from(hf)
+    model = _minivit_from(hf, tie_mlm_decoder=mode == "tied-model")
     ids, mask, images = _inputs(seed=4)
     rng = np.random.default_rng(5)
     Np = (S // P) ** 2
@@ -197,7 +199,9 @@ def test_gradient_parity_with_hf_vilt(monkeypatch, tied):
     # minivit: the same scalar, by hand
     mine = model.forward(ids, mask, images)
     assert _rel(mine["image_feats"], seq[:, L:].detach().numpy()) < 1e-10  # identity order
-    logits, cache = H.mlm_forward(mine["text_feats"], model.params, model.text_eps)
+    logits, cache = H.mlm_forward(
+        mine["text_feats"], model.params, model.text_eps, model.mlm_decoder_key
+    )
     head_grads = {}
     dtext = H.mlm_backward(r_mlm, cache, head_grads) + r_text
     model.backward(dict(text_feats=dtext, image_feats=r_img, pooled=r_pool))
@@ -205,10 +209,13 @@ def test_gradient_parity_with_hf_vilt(monkeypatch, tied):
     for k, g in head_grads.items():
         grads[k] = grads[k] + g
 
+    word, dec = "text_embeddings.word_embeddings.weight", "mlm_score.decoder.weight"
+    if mode == "tied-model":  # one table, as HF's
+        assert dec not in model.params and dec not in grads
+        del hf_grads[dec]  # (from_hf_vilt filled it in with the word table's gradient)
     assert set(hf_grads) <= set(grads)
     assert len(hf_grads) == len(grads) - 2  # all but minivit's itm_score.*
-    if tied:  # HF's one gradient of the shared table is the sum of minivit's two
-        word, dec = "text_embeddings.word_embeddings.weight", "mlm_score.decoder.weight"
+    if mode == "tied":  # HF's one gradient of the shared table is the sum of minivit's two
         assert _rel(grads[word], hf_grads[word]) > 0.01  # (apart, neither is HF's alone)
         grads[word] = grads[word] + grads.pop(dec)
         del hf_grads[dec]  # (from_hf_vilt filled it in with the word table's gradient)

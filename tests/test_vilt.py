@@ -143,6 +143,43 @@ def test_whole_model_directional_gradient_all_three_losses(backend):
     assert set(grads) == set(model.params)
 
 
+def test_tied_mlm_decoder_is_the_word_table_with_both_gradients(backend):
+    """tie_mlm_decoder=True: no decoder of its own; the word table's gradient passes the
+    central-difference check, and equals the sum of the two gradients of the same model untied
+    whose decoder holds the table's values."""
+    word, dec = "text_embeddings.word_embeddings.weight", "mlm_score.decoder.weight"
+    tied = tiny(backend, tie_mlm_decoder=True)
+    assert dec not in tied.params and tied.mlm_decoder_key == word
+    _, grads = _three_losses_directional(tied, backend, 8)
+    assert set(grads) == set(tied.params)
+
+    untied = tiny(backend)  # given the same values, and a decoder holding the table's
+    untied.params = {k: v.copy() for k, v in tied.params.items()}
+    untied.params[dec] = tied.params[word].copy()
+    host = backend.to_numpy
+    apart = {}
+    for model, out in ((tied, grads), (untied, apart)):
+        ids, mask, images = batch(backend)
+        labels = np.full((4, 8), -100)
+        labels[0, 2], labels[1, 1], labels[2, 3], labels[3, 5] = 7, 9, 11, 6
+        itm = backend.asarray(np.array([-100, 1, 0, 1]))
+        _, cache = H.pretrain_forward(
+            model, ids, mask, images, backend.asarray(labels), itm, wpa_weight=0.1, train=True
+        )
+        out.update({k: host(v) for k, v in H.pretrain_backward(model, cache).items()})
+    np.testing.assert_allclose(grads[word], apart[word] + apart[dec], rtol=0, atol=1e-12)
+    assert np.abs(apart[dec]).max() > 1e-3 and np.abs(apart[word]).max() > 1e-3  # both count
+
+    # loading: a decoder equal to the table is taken (and dropped), a different one refused
+    sd = untied.state_dict()
+    with pytest.raises(ValueError, match="differs from that table"):
+        tied.load_state_dict({**sd, dec: sd[dec] + 1.0})
+    with pytest.raises(ValueError, match="needs that table beside it"):
+        tied.load_state_dict({dec: sd[dec]}, strict=False)
+    assert tied.load_state_dict(sd) == ([], [])
+    assert dec not in tied.state_dict()
+
+
 def test_directional_gradient_with_image_mask_and_other_grid(backend):
     """Pixel mask (a smaller valid region per image) and 24x24 images on a 16x16 model: the
     interpolated position embeddings and their transpose in backward."""
@@ -530,8 +567,9 @@ def run_interrupted(args, monkeypatch):
         ([], None),
         (["--drop-rate", "0.2"], ["--drop-rate", "0"]),
         (["--max-image-len", "3"], ["--max-image-len", "-1"]),
+        (["--tie-mlm-decoder"], ["--no-tie-mlm-decoder"]),
     ],
-    ids=["plain", "dropout", "patch-sampling"],
+    ids=["plain", "dropout", "patch-sampling", "tied-decoder"],
 )
 def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, option, off):
     """The checkpoint is written at every --eval-every check, so a run stopped by Ctrl-C goes
@@ -575,6 +613,8 @@ def test_an_interrupted_training_run_resumes_exactly(tmp_path, monkeypatch, opti
     whole, _ = load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors")
     resumed, _ = load_checkpoint(ckpt)
     assert set(whole) == set(resumed)
+    # a tied run's checkpoint has no decoder of its own: the word embeddings are it
+    assert ("mlm_score.decoder.weight" in whole) != ("--tie-mlm-decoder" in option)
     for k in whole:
         np.testing.assert_allclose(resumed[k], whole[k], rtol=0, atol=1e-12, err_msg=k)
     if off:  # the option was on, and changed the training

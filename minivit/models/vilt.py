@@ -25,9 +25,10 @@ fewer), I = 1 + K image tokens (CLS first), N = L + I fused tokens, D width, V v
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from .. import ops
-from ..backend import backend_of, get_backend
+from ..backend import _library_of, backend_of, get_backend
 from ..blocks import (
     block_param_shapes,
     encoder_backward,
@@ -40,6 +41,7 @@ from ..blocks import (
 from .base import Model, float_arg, int_arg
 from .registry import register_config
 from .sharding import begin_consuming, sharded_backward, sharded_forward
+from .vilt_heads import MLM_DECODER, WORD_EMBEDDINGS
 from .vit import transformer_config
 
 __all__ = ["ViLT", "interpolation_matrix"]
@@ -59,6 +61,14 @@ def interpolation_matrix(n_out: int, n_in: int):
         row[hi] += w
         rows.append(row)
     return rows
+
+
+def _same_values(a, b) -> bool:
+    """Whether two arrays (NumPy or CuPy, either) hold the same shape and values."""
+    if _library_of(a) is None or _library_of(b) is None or tuple(a.shape) != tuple(b.shape):
+        return False
+    host = [get_backend(_library_of(x)).to_numpy(x) for x in (a, b)]
+    return bool((host[0] == host[1]).all())
 
 
 class ViLT(Model):
@@ -82,6 +92,11 @@ class ViLT(Model):
             original has it (its ``drop_rate``, 0.1 there; 0 here by default): after the text
             embeddings' LayerNorm, on the image tokens after their position embeddings, and in
             every block after the attention projection and in the MLP. Masks come from ``rng``.
+        tie_mlm_decoder: keyword only; True makes the MLM decoder the word-embedding table, as
+            Hugging Face's ``ViltForMaskedLM`` does (BERT's tie): ``params`` then has no
+            ``mlm_score.decoder.weight``, and the table's gradient is the sum of its two uses.
+            False (the default) keeps a decoder of its own, as the original ViLT does
+            (docs/vilt.md, "MLM").
     """
 
     def __init__(
@@ -105,6 +120,7 @@ class ViLT(Model):
         max_image_len=-1,
         num_vqa_labels=0,
         drop_rate=0.0,
+        tie_mlm_decoder=False,
     ):
         # each bad value raises a ValueError (TypeError for a non-number) naming the argument;
         # the transformer's arguments are checked as ViT's are (no stochastic depth here)
@@ -122,6 +138,7 @@ class ViLT(Model):
             max_image_len=int_arg("max_image_len", max_image_len, -math.inf),
             num_vqa_labels=int_arg("num_vqa_labels", num_vqa_labels, 0),
             drop_rate=t["drop_rate"],
+            tie_mlm_decoder=bool(tie_mlm_decoder),
         )
         if config["img_size"] % config["patch_size"]:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
@@ -166,7 +183,8 @@ class ViLT(Model):
         s["mlm_score.transform.dense.bias"] = (D,)
         s["mlm_score.transform.LayerNorm.weight"] = (D,)
         s["mlm_score.transform.LayerNorm.bias"] = (D,)
-        s["mlm_score.decoder.weight"] = (V, D)
+        if not self.tie_mlm_decoder:  # tied: the word embeddings serve (mlm_decoder_key)
+            s[MLM_DECODER] = (V, D)
         if self.num_vqa_labels > 0:
             s["vqa_classifier.0.weight"] = (2 * D, D)
             s["vqa_classifier.0.bias"] = (2 * D,)
@@ -175,6 +193,37 @@ class ViLT(Model):
             s["vqa_classifier.3.weight"] = (self.num_vqa_labels, 2 * D)
             s["vqa_classifier.3.bias"] = (self.num_vqa_labels,)
         return s
+
+    @property
+    def mlm_decoder_key(self) -> str:
+        """The name of the MLM decoder's (V, D) weight in ``params``: its own, or the word
+        embeddings' when ``tie_mlm_decoder`` is set."""
+        return WORD_EMBEDDINGS if self.tie_mlm_decoder else MLM_DECODER
+
+    def load_state_dict(self, state_dict, strict=True):
+        """As ``Model.load_state_dict``. A tied model (``tie_mlm_decoder``) also takes a state
+        dict that has a decoder, as an untied model's or ``from_hf_vilt``'s output has, when the
+        decoder equals the word embeddings beside it: the tie then loses nothing. A decoder that
+        differs from them (an untied model after training) is refused: loading it would drop
+        trained weights without a word."""
+        if self.tie_mlm_decoder and isinstance(state_dict, Mapping) and MLM_DECODER in state_dict:
+            dec, word = state_dict[MLM_DECODER], state_dict.get(WORD_EMBEDDINGS)
+            if word is None:
+                raise ValueError(
+                    f"this ViLT ties its MLM decoder to {WORD_EMBEDDINGS} "
+                    f"(tie_mlm_decoder=True): the state dict's {MLM_DECODER} needs that table "
+                    "beside it, equal to it"
+                )
+            if dec is not word and not _same_values(dec, word):
+                raise ValueError(
+                    f"this ViLT ties its MLM decoder to {WORD_EMBEDDINGS} "
+                    f"(tie_mlm_decoder=True), but the state dict's {MLM_DECODER} differs from "
+                    "that table (an untied model's trained decoder?): load it into "
+                    "ViLT(..., tie_mlm_decoder=False), or drop the key to tie the decoder to the "
+                    "word embeddings"
+                )
+            state_dict = {k: v for k, v in state_dict.items() if k != MLM_DECODER}
+        return super().load_state_dict(state_dict, strict)
 
     def _init_params(self, seed):
         # The original's init_weights: Linear and Embedding weights N(0, 0.02) (here truncated at

@@ -5,6 +5,8 @@ gradients into a dict (``grads[name] += g``), so a caller can run several heads 
 
     itm_forward(pooled, params)            pooled (B, D) -> logits (B, 2)        itm_score.fc
     mlm_forward(feats, params, text_eps)   feats (..., D) -> logits (..., V)     mlm_score.*
+        (its decoder weight is ``params[decoder]``: ``model.mlm_decoder_key``, which names the
+        word embeddings for a model built with ``tie_mlm_decoder=True``)
     vqa_forward(pooled, params)            pooled (B, D) -> logits (B, A)        vqa_classifier.*
     wpa_forward(text_feats, image_feats, text_valid, image_valid)
         -> distance (B,), the IPOT optimal-transport distance between the valid words and the
@@ -28,6 +30,8 @@ from ..backend import array_module
 from ..blocks import accumulate
 
 __all__ = [
+    "MLM_DECODER",
+    "WORD_EMBEDDINGS",
     "itm_forward",
     "itm_backward",
     "mlm_forward",
@@ -40,6 +44,11 @@ __all__ = [
     "pretrain_forward",
     "pretrain_backward",
 ]
+
+
+# the MLM decoder's own weight, and the word-embedding table that a tied model uses in its place
+MLM_DECODER = "mlm_score.decoder.weight"
+WORD_EMBEDDINGS = "text_embeddings.word_embeddings.weight"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,8 +71,10 @@ def itm_backward(dlogits, cache, grads):
 # MLM: BERT's prediction head  dense -> GELU -> LayerNorm(text_eps) -> decoder + bias
 
 
-def mlm_forward(feats, params, text_eps=1e-12):
-    """feats (..., D) -> logits (..., V)."""
+def mlm_forward(feats, params, text_eps=1e-12, decoder=MLM_DECODER):
+    """feats (..., D) -> logits (..., V). ``decoder`` names the (V, D) decoder weight in
+    ``params``: ``model.mlm_decoder_key`` (``WORD_EMBEDDINGS`` for a tied model). The backward
+    adds the decoder's gradient under the same name."""
     p = params
     # dense, then BERT's exact (erf) GELU
     h, c_dense = ops.linear_gelu_forward(
@@ -77,14 +88,14 @@ def mlm_forward(feats, params, text_eps=1e-12):
     )
     # The decoder has no bias of its own; the separate vector mlm_score.bias is added (the
     # original's MLMHead; HF stores the same vector as mlm_score.decoder.bias).
-    logits, c_dec = ops.linear_forward(h, p["mlm_score.decoder.weight"], p["mlm_score.bias"])
-    return logits, (c_dense, c_ln, c_dec)
+    logits, c_dec = ops.linear_forward(h, p[decoder], p["mlm_score.bias"])
+    return logits, (c_dense, c_ln, c_dec, decoder)
 
 
 def mlm_backward(dlogits, cache, grads):
-    c_dense, c_ln, c_dec = cache
+    c_dense, c_ln, c_dec, decoder = cache
     dh, dw, db = ops.linear_backward(dlogits, c_dec)
-    accumulate(grads, "mlm_score.decoder.weight", dw)
+    accumulate(grads, decoder, dw)  # tied: added to the word embeddings' gradient
     accumulate(grads, "mlm_score.bias", db)
     dh, dg, dbeta = ops.layernorm_backward(dh, c_ln)
     accumulate(grads, "mlm_score.transform.LayerNorm.weight", dg)
@@ -247,7 +258,7 @@ def pretrain_forward(
     cache["mlm_index"] = (rows, cols)
     if rows.shape[0]:
         feats = out["text_feats"][rows, cols]  # (M, D)
-        mlm_logits, cache["mlm"] = mlm_forward(feats, p, model.text_eps)
+        mlm_logits, cache["mlm"] = mlm_forward(feats, p, model.text_eps, model.mlm_decoder_key)
         mlm_loss, cache["mlm_ce"] = ops.cross_entropy_forward(mlm_logits, mlm_labels[rows, cols])
     else:
         mlm_logits, cache["mlm"] = None, None
@@ -310,6 +321,8 @@ def pretrain_backward(model, cache, dloss=1.0):
         dimage = xp.zeros_like(out["image_feats"])  # (B, I, D)
         dimage[rows] = di
     model.backward(dict(text_feats=dtext, image_feats=dimage, pooled=dpooled), input_grad=False)
-    for k, v in g.items():  # the heads' parameters (model.backward left them at zero)
+    # the heads' parameters (model.backward left them at zero), and a tied decoder's gradient
+    # onto the word embeddings' own
+    for k, v in g.items():
         model.grads[k] = model.grads[k] + v
     return model.grads

@@ -373,7 +373,9 @@ def match_and_fill(model, tokenizer, images, caption, top=5):
             match = be.to_numpy(softmax(logits))[:, 1]
         if "mlm_score" not in missing:
             feats = out["text_feats"][:, be.asarray(where)]  # (n, masks, D)
-            logits, _ = vilt_heads.mlm_forward(feats, model.params, model.text_eps)
+            logits, _ = vilt_heads.mlm_forward(
+                feats, model.params, model.text_eps, model.mlm_decoder_key
+            )
             probs = be.to_numpy(softmax(logits))  # (n, masks, V)
             specials = list(tokenizer.special_ids)
             probs[..., specials] = -1.0  # ranked last: never a word to fill in

@@ -65,7 +65,7 @@ LOCAL = ("resume", "out", "no_progress", "backend", "threads", "workers")
 # Options added after runs were saved, with what a run saved before them did: its recipe reads
 # as if it had them (saved_recipe), so a resume keeps that, and refuses another value.
 # (--relation-share predates --resume: every saved recipe has it.)
-ADDED = {"drop_rate": 0.0, "max_image_len": -1}
+ADDED = {"drop_rate": 0.0, "max_image_len": -1, "tie_mlm_decoder": False}
 
 
 def patch_count(text) -> int:
@@ -172,6 +172,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="dropout in training, where the original has it (0.1 there; default "
         "%(default)s: none)",
+    )
+    a(
+        "--tie-mlm-decoder",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="make the MLM decoder the word-embedding table, as Hugging Face's ViltForMaskedLM "
+        "does (default: a decoder of its own, as the original ViLT)",
     )
     a("--dtype", default="float32", choices=["float32", "float64"])
     a(
@@ -330,7 +337,7 @@ def evaluate(model, data, itm_set, mlm_set, n=None):
         lab = labels_m[s : s + len(out["pooled"]), :L]
         rows, cols = np.nonzero(lab != -100)
         feats = out["text_feats"][be.asarray(rows), be.asarray(cols)]
-        lg, _ = H.mlm_forward(feats, model.params, model.text_eps)
+        lg, _ = H.mlm_forward(feats, model.params, model.text_eps, model.mlm_decoder_key)
         lg = be.to_numpy(lg).astype(np.float64)
         tgt = lab[rows, cols]
         hit = lg.argmax(axis=1) == tgt
@@ -394,6 +401,7 @@ def build(args):
         # patches kept per image in a training forward (the config records it; evaluation
         # passes -1)
         max_image_len=args.max_image_len,
+        tie_mlm_decoder=args.tie_mlm_decoder,
     )
     return data, model
 
