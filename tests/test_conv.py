@@ -158,6 +158,18 @@ def test_relu_matches_torch_and_central_differences(backend, shape, seed):
     check_grads(backend, ops.relu_forward, ops.relu_backward, [x], {0: 0}, seed=seed)
 
 
+def test_relu_keeps_nan_and_inf_as_torch(backend):
+    """NaN stays NaN (a diverging input must show in the logits) and +-inf map as max(x, 0);
+    the gradient is 0 at NaN, as PyTorch's."""
+    x = np.array([np.nan, np.inf, -np.inf, -2.0, 0.0, 3.0], np.float32)
+    out, cache = ops.relu_forward(backend.asarray(x))
+    (dx,) = ops.relu_backward(backend.asarray(np.ones_like(x)), cache)
+    tx = torch.from_numpy(x).requires_grad_()
+    torch.relu(tx).backward(torch.ones(6))
+    np.testing.assert_array_equal(backend.to_numpy(out), torch.relu(tx).detach().numpy())
+    np.testing.assert_array_equal(backend.to_numpy(dx), tx.grad.numpy())
+
+
 # --------------------------------------------------------------------------------------------
 # groupnorm
 # --------------------------------------------------------------------------------------------

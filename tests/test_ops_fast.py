@@ -87,6 +87,29 @@ def test_layernorm(threads, dtype):
     np.testing.assert_array_equal(skip, skip0)
 
 
+@pytest.mark.parametrize("value", [1000.0, 2.0, -3e4])
+def test_layernorm_constant_float32_rows_give_beta(value):
+    """A constant row normalizes to beta exactly on the fast path too, as on the generic one:
+    its mean is the row sum divided by D. (Taken as the row times a rounded 1/D, the mean
+    missed by an ulp, and rstd = 1/sqrt(eps) made that 0.6 at 1000.)"""
+    x = np.full((64, 768), value, np.float32)
+    g = np.random.default_rng(3).standard_normal(768).astype(np.float32)
+    b = np.random.default_rng(4).standard_normal(768).astype(np.float32)
+    d = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
+
+    def run():
+        out, c = ops.layernorm_forward(x, g, b, 1e-6)
+        return (out, *ops.layernorm_backward(d, c))
+
+    (ref_out, *ref_grads), (out, *grads) = _both(run)
+    np.testing.assert_array_equal(out, np.broadcast_to(b, x.shape))
+    np.testing.assert_array_equal(ref_out, out)
+    dgamma, dbeta = grads[1:]
+    np.testing.assert_array_equal(dgamma, 0.0)  # xhat is 0 everywhere
+    np.testing.assert_allclose(dbeta, d.sum(0), rtol=1e-5, atol=1e-4)
+    _close(ref_grads, grads, np.float32)
+
+
 @pytest.mark.parametrize("threads", THREADS)
 def test_gelu_exact_float32(threads):
     _parallel.set_num_threads(threads)

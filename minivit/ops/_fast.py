@@ -368,14 +368,18 @@ def layernorm_forward(x, gamma, beta, eps):
     xhat = xp.empty_like(x)
     rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
     x2, o2, h2, r2 = _rows(x), _rows(out), _rows(xhat), rstd.reshape(-1)
-    w = xp.full(D, 1.0 / D, dtype=x.dtype)  # row mean = x @ w
+    ones = xp.ones(D, dtype=x.dtype)
 
     def block(s, e):
         xs, h, r = x2[s:e], h2[s:e], r2[s:e]
-        m = xs @ w  # mean, (rows,)
+        # the row sum, then divided by D as the generic path's mean is: multiplying by a
+        # rounded 1 / D made a constant row's mean miss its value by an ulp, which rstd
+        # (1 / sqrt(eps) there) blew up to an output off by 0.6 for rows of 1000 (float32)
+        m = xs @ ones
+        m /= D  # mean, (rows,)
         xp.subtract(xs, m[:, None], out=h)  # centred
         v = xp.einsum("ij,ij->i", h, h)  # sum of squares per row, without a squared copy
-        v *= 1.0 / D
+        v /= D
         v += eps
         xp.sqrt(v, out=v)
         xp.divide(1.0, v, out=r)  # rstd
@@ -396,7 +400,7 @@ def layernorm_backward(dout, xhat, rstd, gamma, skip=None):
     dx = xp.empty_like(xhat)
     d2, h2, r2, g2 = _rows(dout), _rows(xhat), rstd.reshape(-1, 1), _rows(dx)
     s2 = None if skip is None else skip.reshape(-1, D)
-    w = xp.full(D, 1.0 / D, dtype=xhat.dtype)
+    ones_d = xp.ones(D, dtype=xhat.dtype)
     parts_g, parts_b = [], []
 
     def block(s, e):
@@ -406,9 +410,10 @@ def layernorm_backward(dout, xhat, rstd, gamma, skip=None):
         parts_g.append((s, ones @ t))  # column sums
         parts_b.append((s, ones @ d))
         xp.multiply(d, gamma, out=g)  # gradient w.r.t. xhat
-        mg = g @ w  # mean(g), (rows,)
+        mg = g @ ones_d
+        mg /= D  # mean(g), (rows,), as the forward's mean
         mgx = xp.einsum("ij,ij->i", g, h)
-        mgx *= 1.0 / D  # mean(g xhat)
+        mgx /= D  # mean(g xhat)
         xp.multiply(h, mgx[:, None], out=t)
         g -= t
         g -= mg[:, None]

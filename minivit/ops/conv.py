@@ -278,20 +278,22 @@ def _input_grad_col2im(dmat, wmat, cache):
 
 
 def relu_forward(x):
-    """max(x, 0), elementwise."""
+    """max(x, 0), elementwise; NaN stays NaN (as in PyTorch), so that a diverging input shows."""
     check_float("x", x)
     xp = array_module(x)
-    mask = x > 0  # (...) bool; 1 byte per entry is all backward needs
-    out = xp.where(mask, x, xp.zeros((), dtype=x.dtype))
-    return out, Cache(mask=mask, dtype=x.dtype)  # the mask has the output's shape, not its dtype
+    # where backward blocks the gradient: x <= 0, so that a NaN entry passes it as PyTorch's
+    # does; (...) bool, 1 byte per entry is all backward needs
+    dead = x <= 0
+    out = xp.maximum(x, xp.zeros((), dtype=x.dtype))  # (where(x > 0, x, 0) made NaN 0)
+    return out, Cache(dead=dead, dtype=x.dtype)  # dead has the output's shape, not its dtype
 
 
 def relu_backward(dout, cache):
-    """Returns (dx,): dout where x > 0, else 0 (the subgradient 0 at x = 0, as PyTorch)."""
-    mask = cache.mask
-    check_dout("relu_backward", dout, mask.shape, cache.dtype, type(mask))
+    """Returns (dx,): 0 where x <= 0 (the subgradient 0 at x = 0, as PyTorch), else dout."""
+    dead = cache.dead
+    check_dout("relu_backward", dout, dead.shape, cache.dtype, type(dead))
     xp = array_module(dout)
-    return (xp.where(mask, dout, xp.zeros((), dtype=dout.dtype)),)
+    return (xp.where(dead, xp.zeros((), dtype=dout.dtype), dout),)
 
 
 # --------------------------------------------------------------------------------------------
