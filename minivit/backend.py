@@ -25,6 +25,7 @@ __all__ = [
     "BackendUnavailable",
     "array_module",
     "backend_of",
+    "not_an_array",
     "erf",
     "get_backend",
     "available_backends",
@@ -199,6 +200,22 @@ def _library_of(a) -> str | None:
     if _is_cupy_array(a):
         return "cupy"
     return None
+
+
+def not_an_array(name: str, a) -> str | None:
+    """None when ``a`` is a NumPy or CuPy array (or NumPy scalar); else the message of the
+    TypeError to raise: what ``a`` is, and for a torch tensor how to convert it."""
+    if _library_of(a) is not None:
+        return None
+    return f"{name} must be a NumPy or CuPy array, got {type_name(a)}"
+
+
+def type_name(a) -> str:
+    """``a``'s type by its qualified name, and for a torch tensor how to convert it."""
+    t = type(a)
+    what = t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+    hint = " (convert it with .detach().cpu().numpy())" if t.__module__.startswith("torch") else ""
+    return what + hint
 
 
 def backend_of(*arrays) -> Backend:

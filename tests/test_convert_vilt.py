@@ -290,6 +290,11 @@ def test_from_hf_vilt_names_unknown_and_incomplete_keys():
     del broken["vilt.encoder.layer.0.attention.attention.key.bias"]
     with pytest.raises(ValueError, match="layer 0 has no k bias"):
         from_hf_vilt(broken)
+    # nothing of ViLT's (an empty dict, or only the buffers it skips) is an error, as for ViT
+    with pytest.raises(ValueError, match="no ViLT weights in a state dict of 0 entries"):
+        from_hf_vilt({})
+    with pytest.raises(ValueError, match="of 1 entries .*position_ids"):
+        from_hf_vilt({"vilt.embeddings.text_embeddings.position_ids": np.arange(3)})
 
 
 def test_from_hf_vilt_fills_the_tied_decoder_that_save_pretrained_leaves_out():

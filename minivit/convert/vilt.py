@@ -115,6 +115,11 @@ def from_hf_vilt(state_dict):
         unknown.append(key)
     if unknown:
         raise ValueError("from_hf_vilt: keys with no ViLT counterpart: " + ", ".join(unknown))
+    if not out and not qkv:
+        raise ValueError(
+            f"from_hf_vilt: no ViLT weights in a state dict of {len(state_dict)} entries "
+            f"(first keys: {', '.join(list(state_dict)[:5])})"
+        )
     for (i, kind), parts in sorted(qkv.items()):
         missing = [n for n, a in zip("qkv", parts) if a is None]
         if missing:

@@ -19,7 +19,7 @@ import math
 import numbers
 from collections.abc import Mapping
 
-from ..backend import _library_of, get_backend, warn_settings_once
+from ..backend import _library_of, get_backend, type_name, warn_settings_once
 
 __all__ = ["Model", "load_state_dict_into", "resolve_dtype", "int_arg", "float_arg"]
 
@@ -238,11 +238,7 @@ class Model:
 
 
 def _not_an_array(k, v) -> str:
-    t = type(v)
-    name = t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
-    if t.__module__.startswith("torch"):
-        return f"{k}: {name} (convert it with .detach().cpu().numpy())"
-    return f"{k}: {name}"
+    return f"{k}: {type_name(v)}"
 
 
 def load_state_dict_into(model, state_dict, strict=True):

@@ -28,7 +28,7 @@ import math
 from collections.abc import Mapping
 
 from .. import ops
-from ..backend import _library_of, backend_of, get_backend
+from ..backend import _library_of, backend_of, get_backend, not_an_array
 from ..blocks import (
     block_param_shapes,
     encoder_backward,
@@ -273,8 +273,9 @@ class ViLT(Model):
     def _check_inputs(self, input_ids, text_mask, images, image_mask, interpolate_pos_encoding):
         xp = self.backend.xp
         for name, a in (("input_ids", input_ids), ("text_mask", text_mask), ("images", images)):
-            if getattr(a, "shape", None) is None or getattr(a, "dtype", None) is None:
-                raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+            problem = not_an_array(name, a)
+            if problem:
+                raise TypeError(problem)
             if backend_of(a).name != self.backend.name:
                 raise TypeError(
                     f"{name} lives on backend {backend_of(a).name!r} but the model lives on "
@@ -302,7 +303,9 @@ class ViLT(Model):
             )
         tmask = text_mask if text_mask.dtype.kind == "b" else text_mask != 0
         # The checks of values, read on the host in one transfer (one wait on a GPU).
-        checks = [input_ids.min(), input_ids.max(), tmask[:, 0].all()]
+        # (a batch of 0 has no ids to range over: min and max of a zero-size array raise)
+        ids = input_ids if input_ids.size else xp.zeros(1, dtype=input_ids.dtype)
+        checks = [ids.min(), ids.max(), tmask[:, 0].all()]
         if text_mask.dtype.kind != "b":
             checks.append((tmask == text_mask).all())  # integer masks: 0 and 1 only
         lo, hi, cls_valid, *zero_one = self.backend.host_values(*checks)

@@ -110,7 +110,8 @@ def _conv_gemm(xpad, wmat, kh, kw, sh, sw, ho, wo):
     cols = _im2col(xpad, kh, kw, sh, sw, ho, wo)  # (M, K)
     out = _fast.matmul_nt(cols, wmat)  # cols @ wmat.T, (M, Cout); on the pool when it pays
     # (B, Ho, Wo, Cout) -> (B, Cout, Ho, Wo), made contiguous: the usual NCHW strides.
-    return xp.ascontiguousarray(out.reshape(B, ho, wo, -1).transpose(0, 3, 1, 2))
+    cout = wmat.shape[0]  # (named: -1 cannot be inferred from a batch of 0)
+    return xp.ascontiguousarray(out.reshape(B, ho, wo, cout).transpose(0, 3, 1, 2))
 
 
 def _pad_nhwc(x, ph, pw):
@@ -301,6 +302,15 @@ def relu_backward(dout, cache):
 # --------------------------------------------------------------------------------------------
 
 
+def _group_size(x, G):
+    """The entries of one (sample, group) of x (B, C, *spatial): C/G * prod(spatial), named
+    rather than left to reshape's -1, which a batch of 0 leaves undetermined."""
+    n = 1
+    for d in x.shape[1:]:
+        n *= d
+    return n // G
+
+
 def groupnorm_forward(x, gamma, beta, num_groups, eps=1e-5):
     """x (B, C, *spatial), gamma (C,), beta (C,) -> out, the shape of x.
 
@@ -324,7 +334,7 @@ def groupnorm_forward(x, gamma, beta, num_groups, eps=1e-5):
     xp = array_module(x, gamma, beta)
 
     G = num_groups
-    xg = x.reshape(B, G, -1)  # (B, G, C/G * S), S = prod(spatial)
+    xg = x.reshape(B, G, _group_size(x, G))  # (B, G, C/G * S), S = prod(spatial)
     mean = xg.mean(axis=-1, keepdims=True)  # (B, G, 1)
     xhat = xg - mean  # (B, G, C/G * S), centred
     var = xp.mean(xhat * xhat, axis=-1, keepdims=True)  # (B, G, 1)
@@ -352,8 +362,9 @@ def groupnorm_backward(dout, cache):
     dbeta = dout.sum(axis=axes)  # (C,)
 
     g = dout * gamma.reshape((1, C) + (1,) * (xhat.ndim - 2))  # (B, C, *spatial)
-    g = g.reshape(B, G, -1)  # (B, G, C/G * S)
-    xg = xhat.reshape(B, G, -1)
+    n = _group_size(xhat, G)
+    g = g.reshape(B, G, n)  # (B, G, C/G * S)
+    xg = xhat.reshape(B, G, n)
     mean_g = g.mean(axis=-1, keepdims=True)  # (B, G, 1)
     mean_gx = (g * xg).mean(axis=-1, keepdims=True)  # (B, G, 1)
     g -= mean_g

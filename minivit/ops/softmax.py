@@ -14,6 +14,8 @@ __all__ = ["softmax_forward", "softmax_backward", "softmax"]
 def softmax(x, axis=-1):
     """The stable softmax itself, shared with attention: subtract the max before exp."""
     xp = array_module(x)
+    if x.shape[axis] == 0:  # no entries to normalize (and no max to take): an empty result
+        return x.copy()
     y = x - x.max(axis=axis, keepdims=True)
     xp.exp(y, out=y)
     y /= y.sum(axis=axis, keepdims=True)
