@@ -467,11 +467,7 @@ def sinkhorn_backward(dplan, cache):
     pad_cols = _zeros_of(col_b, xp)  # (..., 1, m) bool, or None without padding
     pad_rows = _zeros_of(row_a, xp)  # (..., n, 1)
 
-    def zero(x, mask):
-        if mask is not None:
-            xp.copyto(x, 0, where=mask)
-        return x
-
+    zero = _zero_where
     buf = xp.empty_like(logK)  # (..., n, m)
     # Every matrix below is exp(logK + row potential + column potential) for stored potentials
     # one step apart, so one kernel is walked back: by rescaling on NumPy (as in the forward),
@@ -480,17 +476,23 @@ def sinkhorn_backward(dplan, cache):
     # Plan: P = a_i b_j Q_ij with Q = exp(logK + beta_T + alpha_T), which is also S_T / b.
     Q = kernel.rebuild(betas[T - 1], alphas[T - 1])
     xp.multiply(Q, dplan, out=buf)  # dP * Q
-    f_hat = zero(buf * col_b, pad_cols).sum(-1)  # (..., n)  dL/df_T divided by a
+    dPQ_b = zero(buf * col_b, pad_cols)  # dP * Q b
+    f_hat = dPQ_b.sum(-1)  # (..., n)  dL/df_T divided by a
     g_hat = zero(buf * row_a, pad_rows).sum(-2)  # (..., m)  dL/dg_T divided by b
-    dlogK = dplan * cache.plan  # (..., n, m)
+    # dL/dlogK through the plan's own exponent: dP * P with P = a b Q, the Q just used, not the
+    # forward's plan, the same matrix rounded another way (exp(logK + f + g)). The gradient is
+    # a small difference of such terms, where mixing two roundings of P showed (float32 at a
+    # small epsilon; _weight_sums says how).
+    dlogK = zero(xp.multiply(dPQ_b, row_a, out=dPQ_b), pad_rows)  # (..., n, m)
     da = f_hat.copy()  # accumulates dL/d(log a) / a
     db = xp.zeros_like(g_hat)  # accumulates dL/d(log b) / b
 
     for t in range(T - 1, -1, -1):
         # f_t = log a + beta_t,  beta_t = -LSE_j(logK + g_t):  d beta_i / d g_j = -S_ij,
         # S = b_j exp(logK + alpha_t + beta_t) (rows of S sum to 1).
-        beta_bar = f_hat * A  # (..., n)
         S_b = kernel.E if t == T - 1 else kernel.move_cols(alphas[t])  # S / b
+        beta_bar = f_hat * A  # (..., n)
+        beta_bar /= _weight_sums(S_b, B, -1, pad_cols, buf)  # S's rows: see _weight_sums
         zero(xp.multiply(S_b, beta_bar[..., :, None], out=buf), pad_rows)
         g_hat = g_hat - buf.sum(-2)  # (..., m)
         buf *= col_b
@@ -501,8 +503,10 @@ def sinkhorn_backward(dplan, cache):
         alpha_bar = g_hat * B  # (..., m)
         if t > 0:
             R_a = kernel.move_rows(betas[t - 1])  # R / a
+            alpha_bar /= _weight_sums(R_a, A, -2, pad_rows, buf)  # R's columns, as S's rows
         else:  # f_0: 0, or -inf on padding (no a in it): rebuilt, not rescaled
             R_a = kernel.rebuild(r=cache.f0)  # R
+            alpha_bar /= _weight_sums(R_a, 1.0, -2, None, buf)
         zero(xp.multiply(R_a, alpha_bar[..., None, :], out=buf), pad_cols)
         if t > 0:
             f_hat = -buf.sum(-1)  # (..., n)
@@ -516,6 +520,38 @@ def sinkhorn_backward(dplan, cache):
     da_out = None if cache.a_shape is None else _unbroadcast(da, cache.a_shape, xp)
     db_out = None if cache.b_shape is None else _unbroadcast(db, cache.b_shape, xp)
     return dcost, da_out, db_out
+
+
+def _weight_sums(E, w, axis, pad, buf):
+    """The sums along ``axis`` of a step's softmax weights w * E (S = b E along rows, R = a E
+    along columns; ``w`` the marginal, a python float when uniform), by which the unrolled
+    backward divides its adjoints. In exact arithmetic they are 1. As computed they miss 1 by
+    the rounding of the exponent logK + alpha + beta, whose terms are about 1/epsilon in size
+    (an ulp of 1000 is 6e-5 in float32), where the forward's own log-sum-exp added two. The
+    gradient is a small difference of such weighted sums (a cost shifted along a row or a
+    column leaves the plan as it was), so that rounding came out magnified
+    (docs/ops/sinkhorn.md, "float32 at a small epsilon"). Dividing makes each step's weights
+    sum to 1 again. ``pad`` (the zero entries of ``w``, or None): there E may have overflowed,
+    so the products are made in ``buf`` and zeroed first; a slice of no weight at all is
+    divided by 1."""
+    xp = array_module(E)
+    if pad is not None:
+        w_b = w[..., None, :] if axis == -1 else w[..., :, None]
+        total = _zero_where(xp.multiply(E, w_b, out=buf), pad).sum(axis)
+    elif isinstance(w, float):
+        total = E.sum(axis) * w
+    elif axis == -1:  # one matrix-vector product per problem: no product matrix written
+        total = xp.matmul(E, w[..., :, None])[..., 0]
+    else:
+        total = xp.matmul(w[..., None, :], E)[..., 0, :]
+    return xp.where(total > 0, total, 1)
+
+
+def _zero_where(x, mask):
+    """x with its entries under ``mask`` set to 0 (in place); x itself when mask is None."""
+    if mask is not None:
+        array_module(x).copyto(x, 0, where=mask)
+    return x
 
 
 def _zeros_of(marginal, xp):
