@@ -179,3 +179,28 @@ def test_encoder_drop_path_list_checked(backend, rng):
     x = backend.asarray(rng.standard_normal((1, 2, D)))
     with pytest.raises(ValueError, match="drop_path"):
         blocks.encoder_forward(x, p, "blocks.", 1, H, drop_path=[0.1, 0.2])
+
+
+def test_drop_path_rescales_kept_samples(backend, rng):
+    """Stochastic depth keeps each sample's branch with probability 1 - p and scales it by
+    1 / (1 - p) (timm's DropPath), so its expectation is the eval-mode branch. With the MLP
+    branch zeroed, out - x is the attention branch alone: per sample it is either exactly 0
+    or the eval-mode branch / (1 - p), and a seeded generator gives both cases."""
+    p = make_params(backend, "blocks.0.", rng)
+    for k in ("mlp.fc2.weight", "mlp.fc2.bias"):
+        p["blocks.0." + k] = p["blocks.0." + k] * 0
+    x = backend.asarray(rng.standard_normal((8, 3, D)))
+    rate = 0.4
+    e, _ = blocks.block_forward(x, p, "blocks.0.", H)
+    t, _ = blocks.block_forward(
+        x, p, "blocks.0.", H, drop_path=rate, rng=backend.rng(3), train=True
+    )
+    xh = backend.to_numpy(x)
+    branch_eval = backend.to_numpy(e) - xh
+    branch_train = backend.to_numpy(t) - xh
+    dropped = np.all(branch_train == 0, axis=(1, 2))
+    assert dropped.any() and not dropped.all()
+    assert np.all(np.abs(branch_eval[dropped]) > 0)  # 0 is not the eval branch by chance
+    np.testing.assert_allclose(
+        branch_train[~dropped], branch_eval[~dropped] / (1 - rate), rtol=1e-10, atol=1e-12
+    )

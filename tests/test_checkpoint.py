@@ -17,6 +17,7 @@ from minivit.checkpoint import (
     read_metadata,
     save_checkpoint,
     save_model,
+    split_prefix,
 )
 
 
@@ -183,3 +184,25 @@ def test_a_resaved_hugging_face_vilt_keeps_its_missing_heads(tmp_path):
     full, _ = load_model(save_model(tmp_path / "full.safetensors", small()))
     assert "missing_heads" not in read_metadata(tmp_path / "full.safetensors")
     assert not full.missing_heads
+
+
+def test_a_training_checkpoint_loads_strictly_past_its_optimizer_state(tmp_path):
+    """Training writes the optimizer state beside the weights as ``optim.<key>`` tensors
+    (train.common.save_training_checkpoint). Loading the weights alone, strictly, must leave
+    those out rather than refuse them as unexpected keys; the optimizer part splits back out
+    under its own names, the prefix removed exactly."""
+    from minivit.optim import AdamW
+    from minivit.train.common import History, save_training_checkpoint
+
+    m = small(seed=1, dtype="float64")
+    opt = AdamW(m.params)
+    p = save_training_checkpoint(tmp_path / "ck.safetensors", m, opt, 1, History())
+    tensors, _ = load_checkpoint(p)
+    assert any(k.startswith("optim.") for k in tensors)
+    fresh = small(seed=2, dtype="float64")
+    load_weights_into(fresh, p, strict=True)
+    for k in m.params:
+        np.testing.assert_array_equal(fresh.params[k], m.params[k], err_msg=k)
+    state, rest = split_prefix(tensors, "optim.")
+    assert set(state) == set(opt.state_dict()) and set(rest) == set(m.params)
+    assert split_prefix({"optim.a": 1, "b": 2}, "optim.") == ({"a": 1}, {"b": 2})

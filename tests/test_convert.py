@@ -88,6 +88,32 @@ def test_hub_names_give_the_same_dict(hf_sd):
         np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_the_two_layer_norms_map_by_value_in_both_namings(hf_sd):
+    """layernorm_before is the pre-attention norm (norm1) and layernorm_after the pre-MLP one
+    (norm2), in the hub naming and in transformers 5's. Freshly built norms are all ones and
+    zeros, where a swap would not show: here every tensor is random, so the norms differ."""
+    rng = np.random.default_rng(0)
+    v5 = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in hf_sd.items()}
+    hub = {}
+    for k, v in v5.items():
+        k = k.replace("vit.layers.", "vit.encoder.layer.")
+        for old, new in (("q_proj", "attention.query"), ("k_proj", "attention.key"),
+                         ("v_proj", "attention.value"), ("o_proj", "output.dense")):  # fmt: skip
+            k = k.replace("attention." + old, "attention." + new)
+        k = k.replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense")
+        hub[k] = v
+    for src, layer in ((v5, "vit.layers"), (hub, "vit.encoder.layer")):
+        sd = from_hf_vit(src)
+        for i in range(2):
+            for hf_name, timm_name in (("layernorm_before", "norm1"), ("layernorm_after", "norm2")):
+                for part in ("weight", "bias"):
+                    np.testing.assert_array_equal(
+                        sd[f"blocks.{i}.{timm_name}.{part}"],
+                        src[f"{layer}.{i}.{hf_name}.{part}"],
+                        err_msg=f"{layer}.{i}.{hf_name}.{part}",
+                    )
+
+
 def test_timm_pass_through_and_errors(hf_sd):
     sd = from_hf_vit(hf_sd)
     assert detect_vit_naming(sd) == "timm"

@@ -270,6 +270,38 @@ def test_state_dict_round_trip_resumes_exactly(backend, make):
         np.testing.assert_array_equal(backend.to_numpy(resumed[k]), backend.to_numpy(straight[k]))
 
 
+def test_resuming_keeps_each_parameters_own_step_count(backend):
+    """The head gets no gradient at the first step, so after it its own count is 0 while the
+    others' is 1. Saved then and loaded into a fresh AdamW, that count must come back with the
+    state: 3 more steps give exactly the parameters of 4 uninterrupted steps (a count reset to
+    the optimizer's step would change the head's bias correction)."""
+    head = {"head.weight", "head.bias"}
+    seq = [{k: backend.asarray(g) for k, g in grads.items()} for grads in grad_sequence(4)]
+    seq[0] = {k: g for k, g in seq[0].items() if k not in head}
+
+    def make(p):
+        return AdamW(p, lr=1e-2, weight_decay=0.05)
+
+    straight = on(backend, make_params())
+    opt = make(straight)
+    for grads in seq:
+        opt.step(grads)
+    first = on(backend, make_params())
+    opt1 = make(first)
+    opt1.step(seq[0])
+    state = {k: backend.to_numpy(v).copy() for k, v in opt1.state_dict().items()}
+    assert int(state["step.head.bias"]) == 0 and int(state["step.norm.weight"]) == 1
+    resumed = on(backend, {k: backend.to_numpy(v) for k, v in first.items()})
+    opt2 = make(resumed)
+    opt2.load_state_dict(state)
+    for grads in seq[1:]:
+        opt2.step(grads)
+    for k in SHAPES:
+        np.testing.assert_array_equal(
+            backend.to_numpy(resumed[k]), backend.to_numpy(straight[k]), err_msg=k
+        )
+
+
 def test_load_state_dict_names_every_bad_key():
     opt = AdamW(make_params())
     sd = {k: v for k, v in opt.state_dict().items() if k != "exp_avg.head.bias"}

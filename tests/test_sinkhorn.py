@@ -435,6 +435,27 @@ def test_sinkhorn_backward_broadcast_marginals_and_zero_entries(backend):
     assert rel(db[mask], num_b[mask]) <= 1e-6
 
 
+@pytest.mark.parametrize("lead", [(), (1,)])
+def test_shared_marginal_gradients_sum_over_the_batch(backend, lead):
+    """A marginal shared by the batch, of shape (n,) or (1, n), is one input used by every
+    problem: its gradient is the *sum* over the batch of the per-problem gradients, the ones
+    the same marginal tiled to (3, n) gets (a mean would be a third of it)."""
+    rng = np.random.default_rng(21)
+    C = rng.random((3, 5, 6))
+    a, b = simplex(rng, lead + (5,)), simplex(rng, lead + (6,))
+    dP = backend.asarray(rng.standard_normal(C.shape))
+    kw = dict(epsilon=0.2, n_iters=6)
+    _, c_shared = ops.sinkhorn_forward(backend.asarray(C), *map(backend.asarray, (a, b)), **kw)
+    a3, b3 = (np.broadcast_to(p, (3, p.shape[-1])).copy() for p in (a, b))
+    _, c_tiled = ops.sinkhorn_forward(backend.asarray(C), *map(backend.asarray, (a3, b3)), **kw)
+    dC, da, db = (backend.to_numpy(g) for g in ops.sinkhorn_backward(dP, c_shared))
+    dC3, da3, db3 = (backend.to_numpy(g) for g in ops.sinkhorn_backward(dP, c_tiled))
+    assert da.shape == a.shape and db.shape == b.shape
+    np.testing.assert_allclose(dC, dC3, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(da, da3.sum(0).reshape(a.shape), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(db, db3.sum(0).reshape(b.shape), rtol=1e-12, atol=1e-14)
+
+
 def test_sinkhorn_backward_zero_row_marginal_near_convergence(backend):
     # at a zero a_i the forward jumps as a_i leaves 0 (the start f_0,i goes from -inf to 0), by
     # less the further it has converged; after 300 iterations the returned da_i (the start held
@@ -690,6 +711,24 @@ def test_tolerance_warning_and_early_stop(backend):
     assert cache.alphas.shape[0] == cache.n_run
     err = np.abs(backend.to_numpy(plan).sum(-2) - 1 / 8).sum(-1).max()
     assert err < 1e-10
+
+
+def test_tolerance_stops_at_the_first_check_below_tol_with_weighted_marginals(backend):
+    """tol bounds the L1 error of the column sums against b itself, not relative to b: with a
+    non-uniform b the returned plan's error, measured here from the plan, is below tol, and the
+    plan of the previous check (n_run - 5 iterations, run without tol) is not: the early stop
+    came neither too early nor too late (a relative measure stops later here)."""
+    rng = np.random.default_rng(12)
+    C = rng.random((2, 5, 7))
+    a, b = simplex(rng, (2, 5)), simplex(rng, (2, 7), lo=0.05)
+    args = [backend.asarray(v) for v in (C, a, b)]
+    tol = 1e-4
+    plan, cache = ops.sinkhorn_forward(*args, epsilon=0.1, n_iters=1000, tol=tol, check_every=5)
+    assert cache.n_run % 5 == 0 and 5 < cache.n_run < 1000
+    err = np.abs(backend.to_numpy(plan).sum(-2) - b).sum(-1).max()
+    assert err < tol
+    before, _ = ops.sinkhorn_forward(*args, epsilon=0.1, n_iters=cache.n_run - 5)
+    assert np.abs(backend.to_numpy(before).sum(-2) - b).sum(-1).max() >= tol
 
 
 # --------------------------------------------------------------------------------------------

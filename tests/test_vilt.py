@@ -245,6 +245,33 @@ def test_wpa_uses_only_words_and_patches(backend):
     assert (backend.to_numpy(dist) > 0).all()
 
 
+def test_wpa_loss_averages_over_the_itm_rows_only(backend):
+    """The WPA term is wpa_weight * (sum of +d over matches, -d over mismatches) / n_itm,
+    where n_itm counts only the rows with an ITM label: the -100 (MLM) row has no distance
+    and must not count either, so here the sum is divided by 3, not by the batch size 4."""
+    model = tiny(backend)
+    ids, mask, images = batch(backend)
+    labels = backend.asarray(np.full((4, 8), -100))
+    itm = backend.asarray(np.array([-100, 1, 0, 1]))
+    losses, _ = H.pretrain_forward(
+        model, ids, mask, images, labels, itm, wpa_weight=0.1, train=False
+    )
+    d = backend.to_numpy(losses["wpa_distance"])
+    assert d[0] == 0 and (d[1:] > 0).all()
+    np.testing.assert_allclose(losses["wpa"], 0.1 * (d[1] - d[2] + d[3]) / 3, rtol=1e-12)
+
+
+def test_wpa_valid_masks_leave_the_callers_image_mask_alone(backend):
+    """wpa_valid_masks drops the image CLS from its own copy: the image mask it was given (the
+    model's output, used again by the caller) keeps its CLS column."""
+    text_mask = backend.asarray(np.array([[True] * 4, [True, True, True, False]]))
+    image_mask = backend.asarray(np.array([[True] * 5, [True, True, True, False, False]]))
+    before = backend.to_numpy(image_mask).copy()
+    _, iv = H.wpa_valid_masks(text_mask, image_mask)
+    assert not backend.to_numpy(iv)[:, 0].any()
+    np.testing.assert_array_equal(backend.to_numpy(image_mask), before)
+
+
 def test_wpa_row_without_words_has_no_distance_and_no_gradient(backend):
     """A caption of only [CLS] and [SEP] has no word to align: its distance is 0 and its
     features get no gradient from WPA (its dummy uniform marginal still makes a plan, which

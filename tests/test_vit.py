@@ -388,3 +388,34 @@ def test_the_constructor_takes_api_md_positional_order():
         np.testing.assert_array_equal(v.params[k], same.params[k])
     with pytest.raises(TypeError):
         ViT(8, 4, 2, 3, 8, 1, 2, 2.0, False, 1e-5, "float64", "numpy", 7, 0.1)  # drop_rate
+
+
+def test_stochastic_depth_rates_rise_linearly_to_the_last_block():
+    """timm's rule: block i drops its branches at drop_path_rate * i / (depth - 1), so the
+    first block gets 0 and the last block the full rate; a single block gets 0."""
+    v = ViT(img_size=4, patch_size=2, in_chans=2, num_classes=3, embed_dim=8, depth=4,
+            num_heads=2, drop_path_rate=0.3)  # fmt: skip
+    np.testing.assert_allclose(v.drop_path, np.linspace(0, 0.3, 4), rtol=0, atol=1e-15)
+    v = ViT(img_size=4, patch_size=2, in_chans=2, num_classes=3, embed_dim=8, depth=1,
+            num_heads=2, drop_path_rate=0.3)  # fmt: skip
+    assert v.drop_path == [0.0]
+
+
+def test_sincos_pos_embed_values():
+    """The fixed 2D codes against a formula written out here: a zero CLS row, then for the
+    patch at row y, column x of the grid [sin(y w), cos(y w), sin(x w), cos(x w)] with
+    w_k = 10000^(-k / q), q = dim / 4 (MAE's layout: a swapped pair or a wrong frequency
+    would give a different, still plausible-looking, initial pos_embed). Parameters are drawn
+    on the host, so NumPy builds it whatever the backend."""
+    from minivit.models.vit import sincos_2d_pos_embed
+
+    g, dim = 3, 8
+    q = dim // 4
+    pe = sincos_2d_pos_embed(g, dim, np)
+    assert pe.shape == (1, 1 + g * g, dim)
+    np.testing.assert_array_equal(pe[0, 0], np.zeros(dim))
+    w = np.array([10000.0 ** (-k / q) for k in range(q)])
+    for y in range(g):
+        for x in range(g):
+            want = np.concatenate([np.sin(y * w), np.cos(y * w), np.sin(x * w), np.cos(x * w)])
+            np.testing.assert_allclose(pe[0, 1 + y * g + x], want, rtol=0, atol=1e-12)
