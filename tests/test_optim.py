@@ -245,15 +245,8 @@ def test_state_dict_round_trip_resumes_exactly(backend, make):
     from safetensors.numpy import load, save
 
     seq = [{k: backend.asarray(g) for k, g in grads.items()} for grads in grad_sequence(6)]
-    straight = on(backend, make_params())
-    opt = make(straight)
-    for grads in seq:
-        opt.step(grads)
-
-    first = on(backend, make_params())
-    opt1 = make(first)
-    for grads in seq[:3]:
-        opt1.step(grads)
+    straight, _ = _steps(backend, make, seq)
+    first, opt1 = _steps(backend, make, seq[:3])
     snapshot = opt1.state_dict()
     blob = save({k: backend.to_numpy(v) for k, v in snapshot.items()})
     resumed = on(backend, {k: backend.to_numpy(v) for k, v in first.items()})
@@ -266,8 +259,23 @@ def test_state_dict_round_trip_resumes_exactly(backend, make):
     assert opt2.step_count == 3
     for grads in seq[3:]:
         opt2.step(grads)
+    _assert_same(backend, resumed, straight)
+
+
+def _steps(backend, make, seq):
+    """Fresh parameters and their optimizer ``make(params)`` after a step for each of ``seq``."""
+    params = on(backend, make_params())
+    opt = make(params)
+    for grads in seq:
+        opt.step(grads)
+    return params, opt
+
+
+def _assert_same(backend, got, want):
     for k in SHAPES:
-        np.testing.assert_array_equal(backend.to_numpy(resumed[k]), backend.to_numpy(straight[k]))
+        np.testing.assert_array_equal(
+            backend.to_numpy(got[k]), backend.to_numpy(want[k]), err_msg=k
+        )
 
 
 def test_resuming_keeps_each_parameters_own_step_count(backend):
@@ -282,13 +290,8 @@ def test_resuming_keeps_each_parameters_own_step_count(backend):
     def make(p):
         return AdamW(p, lr=1e-2, weight_decay=0.05)
 
-    straight = on(backend, make_params())
-    opt = make(straight)
-    for grads in seq:
-        opt.step(grads)
-    first = on(backend, make_params())
-    opt1 = make(first)
-    opt1.step(seq[0])
+    straight, _ = _steps(backend, make, seq)
+    first, opt1 = _steps(backend, make, seq[:1])
     state = {k: backend.to_numpy(v).copy() for k, v in opt1.state_dict().items()}
     assert int(state["step.head.bias"]) == 0 and int(state["step.norm.weight"]) == 1
     resumed = on(backend, {k: backend.to_numpy(v) for k, v in first.items()})
@@ -296,10 +299,7 @@ def test_resuming_keeps_each_parameters_own_step_count(backend):
     opt2.load_state_dict(state)
     for grads in seq[1:]:
         opt2.step(grads)
-    for k in SHAPES:
-        np.testing.assert_array_equal(
-            backend.to_numpy(resumed[k]), backend.to_numpy(straight[k]), err_msg=k
-        )
+    _assert_same(backend, resumed, straight)
 
 
 def test_load_state_dict_names_every_bad_key():
