@@ -87,6 +87,22 @@ def test_other_config_is_refused(tmp_path):
     load_weights_into(small(drop_rate=0.1), path)  # dropout is not architecture
 
 
+def test_a_file_missing_a_tensor_is_refused(tmp_path):
+    """load_weights_into is strict by default: a minivit file that lost a tensor does not load
+    with that parameter left at the model's random initialisation."""
+    path = tmp_path / "ck.safetensors"
+    save_model(path, small(seed=1))
+    tensors, meta = load_checkpoint(path)
+    del tensors["head.bias"]
+    save_checkpoint(path, tensors, meta)
+    with pytest.raises(CheckpointError) as err:
+        load_weights_into(small(seed=2), path)
+    assert str(err.value) == (
+        f"checkpoint {str(path)!r} does not fit the model: "
+        "state_dict does not match ViT: missing keys: head.bias"
+    )
+
+
 def test_metadata_is_json_and_no_pickle(tmp_path):
     path = tmp_path / "ck.safetensors"
     save_model(path, small(), metadata={"train": {"epoch": 3, "history": [{"x": 1.5}]}})
@@ -139,6 +155,24 @@ def test_load_model_takes_a_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither checkpoint.safetensors .* nor model"):
         load_model(tmp_path / "empty")
+
+
+def test_the_layernorm_eps_of_a_hub_config_json_is_kept(tmp_path):
+    """transformers' config.json gives the layernorm eps (its ViT default is 1e-12), which the
+    weights cannot show: the model takes it (here 1e-3, far from minivit's 1e-6, so that the
+    outputs tell them apart) and computes what a ViT built with it computes."""
+    from safetensors.numpy import save_file
+
+    m = small(seed=1, dtype="float64", eps=1e-3)
+    save_file(m.state_dict(), tmp_path / "model.safetensors")
+    cfg = {"num_attention_heads": 2, "layer_norm_eps": 1e-3}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded, _ = load_model(tmp_path, dtype="float64")
+    assert loaded.config["eps"] == 1e-3
+    x = np.random.default_rng(0).standard_normal((2, 1, 4, 4)) * 0.05  # small variance
+    np.testing.assert_allclose(loaded.forward(x), m.forward(x), rtol=1e-12, atol=1e-14)
+    other = small(seed=1, dtype="float64")  # the default eps: other outputs
+    assert not np.allclose(other.forward(x), m.forward(x), rtol=1e-6, atol=0)
 
 
 def test_written_files_take_the_umask_like_a_plain_open(tmp_path):

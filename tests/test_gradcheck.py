@@ -54,6 +54,31 @@ def test_numerical_grad_matches_a_known_gradient(backend, rng):
     np.testing.assert_array_equal(backend.to_numpy(x), before)  # the caller's x is untouched
 
 
+def test_numerical_grad_divides_by_the_step_as_stored():
+    """x +- eps rounds at 1e6 (spacing 1.2e-10): dividing by the stored distance, not 2 eps,
+    gives the slope of f = x0 + x1 exactly; 2 eps is off by about 7.6e-6."""
+    x = np.array([1e6 + 0.3, -2e5 + 0.1])
+    num = gc.numerical_grad(lambda x: float(x[0] + x[1]), (x,), 0)
+    np.testing.assert_array_equal(num, [1.0, 1.0])
+
+
+def test_directional_check_runs_every_direction(backend, rng):
+    """One forward for the gradients, then two per direction and input: with n_directions=4
+    and three inputs, 1 + 3 * 2 * 4 calls, each along its own direction."""
+    calls = []
+
+    def counted(x, w, b):
+        calls.append(backend.to_numpy(x).copy())
+        return ops.linear_forward(x, w, b)
+
+    inputs = linear_inputs(backend, rng)
+    rep = gc.check_backward(counted, ops.linear_backward, inputs, n_directions=4).assert_ok()
+    assert len(calls) == 1 + 3 * 2 * 4
+    assert [r.n_compared for r in rep.rows] == [4, 4, 4]
+    steps = [c - calls[0] for c in calls[1:9]]  # x's 4 pairs: +v, -v for 4 directions
+    assert len({tuple(np.round(s.ravel(), 15)) for s in steps[::2]}) == 4
+
+
 @pytest.mark.parametrize("check", [gc.check_backward, gc.check_backward_full, gc.check_jacobian])
 def test_right_backward_passes(backend, rng, check):
     rep = check(ops.linear_forward, ops.linear_backward, linear_inputs(backend, rng))
@@ -83,6 +108,15 @@ def test_joint_direction_row(backend, rng):
     assert [r.passed for r in rep.rows] == [False, True, True, False]
 
 
+def test_joint_direction_row_with_two_inputs(backend, rng):
+    """The joint row is there as soon as two inputs are checked (linear without its bias)."""
+    x, w, _ = linear_inputs(backend, rng)
+    rep = gc.check_backward(ops.linear_forward, ops.linear_backward, (x, w, None), joint=True)
+    rep.assert_ok()
+    assert [r.name for r in rep.rows] == ["x", "w", "(all inputs)"]
+    assert rep.rows[-1].shape == (24 + 20,)
+
+
 def test_elementwise_check_points_at_the_wrong_entry(backend, rng):
     wrong = corrupt(ops.linear_backward, 1, (2, 1), factor=1.01)
     rep = gc.check_backward_full(ops.linear_forward, wrong, linear_inputs(backend, rng))
@@ -100,6 +134,16 @@ def test_jacobian_assembled_from_backward_is_the_softmax_jacobian(backend, rng):
     jn = gc.numerical_jacobian(lambda x: ops.softmax_forward(x)[0], (x,), 0)
     np.testing.assert_allclose(jn, ja, atol=1e-9)
     gc.check_jacobian(ops.softmax_forward, ops.softmax_backward, (x,)).assert_ok()
+
+
+def test_analytic_jacobian_finds_the_slot_after_an_integer_input(backend, rng):
+    """embedding(ids, table): ids take no slot, so the table's gradient is grads[0]."""
+    ids = backend.asarray(np.array([[0, 2], [2, 1]]))
+    table = backend.asarray(rng.standard_normal((3, 2)))
+    ja = gc.analytic_jacobian(ops.embedding_forward, ops.embedding_backward, (ids, table), 1)
+    jn = gc.numerical_jacobian(lambda i, t: ops.embedding_forward(i, t)[0], (ids, table), 1)
+    assert ja.shape == (8, 6)
+    np.testing.assert_allclose(ja, jn, atol=1e-9)
 
 
 def test_random_dout_catches_what_dout_ones_cannot(backend, rng):
@@ -151,6 +195,20 @@ def test_missing_or_misshaped_grads_fail_with_a_note(backend, rng):
     assert "shape" in rep.rows[1].note and "None" in rep.rows[2].note
     text = str(rep)
     assert "backward gave None" in text
+
+
+@pytest.mark.parametrize("check", [gc.check_backward, gc.check_backward_full, gc.check_jacobian])
+def test_a_gradient_of_another_dtype_fails_with_a_note(backend, rng, check):
+    """A float32 gradient for a float64 input is a wrong backward, even where its values would
+    pass: the row fails and its note names both dtypes."""
+
+    def float32_dw(dout, cache):
+        dx, dw, db = ops.linear_backward(dout, cache)
+        return dx, dw.astype(backend.xp.float32), db
+
+    rep = check(ops.linear_forward, float32_dw, linear_inputs(backend, rng))
+    assert [r.passed for r in rep.rows] == [True, False, True]
+    assert rep.rows[1].note == "grad dtype float32 != input dtype float64"
 
 
 def test_mutating_forward_or_backward_fails(backend, rng):
@@ -219,6 +277,13 @@ def test_relative_error_definition():
     assert re == np.inf
 
 
+def test_the_worst_entry_is_the_largest_relative_error():
+    """The worst entry is chosen by relative error: 0.5 off 1e6 is 5e-7, 0.001 off 1 is 1e-3."""
+    ae, re, k = gc._compare([1e6, 1.0], [1e6 + 0.5, 1.001], rtol=1e-6, atol=1e-12)
+    assert k == 1 and re == pytest.approx(0.001 / 1.001)
+    assert ae == 0.5  # the largest absolute error is reported as such, wherever it is
+
+
 # --------------------------------------------------------------------------------------------
 # Whole model
 # --------------------------------------------------------------------------------------------
@@ -273,6 +338,21 @@ def test_model_directional_check(backend, rng):
     assert {k: id(v) for k, v in params.items()} == ids
     for k in params:
         np.testing.assert_array_equal(backend.to_numpy(params[k]), before[k])
+
+
+def test_model_check_sees_a_gradient_off_by_1e_4(backend, rng):
+    """The model check's noise floor (256 unit roundoffs of the loss, over eps) is far below
+    a 1e-4 relative error in one parameter's gradient: that parameter's row fails."""
+    params, loss_and_grads = tiny_model(backend, rng)
+    _, grads = loss_and_grads()
+
+    def loss_fn():
+        return loss_and_grads()[0]
+
+    gc.check_model_directional(loss_fn, params, grads, per_parameter=True).assert_ok()
+    bad = {**grads, "fc1.weight": grads["fc1.weight"] * (1 + 1e-4)}
+    rep = gc.check_model_directional(loss_fn, params, bad, per_parameter=True)
+    assert [r.name for r in rep.rows if not r.passed] == ["fc1.weight"]
 
 
 def test_a_parameter_without_a_gradient_fails_the_model_check(backend, rng):
