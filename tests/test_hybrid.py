@@ -270,3 +270,27 @@ def test_train_command_runs_and_evaluates(tmp_path, capsys, backend):
     trained = capsys.readouterr().out.strip().splitlines()[-1]
     assert main(["eval", str(out), *on]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == trained
+
+
+def test_train_command_builds_the_stem_it_is_given(tmp_path):
+    """`train hybrid --stem-chs 6`: the trained model's stem has 6 channels, in the run's
+    metrics, the checkpoint's config and its stem weights (the default config has 32), and the
+    checkpoint reloads as that model."""
+    import json
+
+    from minivit.checkpoint import load_checkpoint, load_model, read_metadata
+    from minivit.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "hybrid", "--stem-chs", "6", "--embed-dim", "16", "--depth", "1",
+            "--num-heads", "2", "--epochs", "1", "--train-limit", "32", "--batch-size", "32",
+            "--no-progress", "--no-plots", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["config"]["stem_chs"] == 6
+    path = out / "checkpoint.safetensors"
+    meta = read_metadata(path)
+    assert meta["config"]["stem_chs"] == 6 and meta["train"]["args"]["stem_chs"] == 6
+    tensors, _ = load_checkpoint(path)
+    assert tensors[BB + "stem.conv.weight"].shape == (6, 1, 3, 3)
+    model, _ = load_model(path, backend="numpy")
+    assert isinstance(model, HybridViT) and model.stem_chs == 6

@@ -314,3 +314,75 @@ def test_out_naming_a_finished_run_is_refused(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert (out / "checkpoint.safetensors").read_bytes() == saved
+
+
+def test_the_logged_figures_are_counted_on_the_run_s_own_split(tmp_path, monkeypatch, capsys):
+    """A run on the split of --split-seed 3, 80 training images in batches of 32 (the last
+    holds 16), clipped at 0.5, then `eval --json` of it. Pinned down against counts made here:
+    the run trains on that split's images and records its seed; each step clips once at the
+    configured norm (and none with --clip-grad 0); an epoch's train_acc is its hits over the 80
+    samples seen; the last epoch's test figures are those of the final model on the test
+    images; eval rebuilds the recorded split (its loss is the run's) and its confusion matrix
+    has a row per true class, a column per prediction. (The resume tests compare a run with
+    itself, so a figure wrong in both went unseen.)"""
+    from minivit import ops, optim
+    from minivit.checkpoint import load_model, read_metadata
+    from minivit.data import load_digits_split
+    from minivit.train.vit import evaluate
+
+    steps, clips = [], []
+    real_ce, real_clip = ops.cross_entropy_forward, optim.clip_grad_norm
+
+    def recording_ce(logits, labels, **kw):
+        if "label_smoothing" in kw:  # the training step's call (evaluate passes none)
+            hits = int((np.asarray(logits).argmax(axis=-1) == np.asarray(labels)).sum())
+            steps.append((np.asarray(labels).copy(), hits))
+        return real_ce(logits, labels, **kw)
+
+    def recording_clip(grads, max_norm, *a, **kw):
+        clips.append(max_norm)
+        return real_clip(grads, max_norm, *a, **kw)
+
+    monkeypatch.setattr(ops, "cross_entropy_forward", recording_ce)
+    monkeypatch.setattr(optim, "clip_grad_norm", recording_clip)
+    out = tmp_path / "run"
+    argv = [*TINY, "--epochs", "2", "--train-limit", "80", "--split-seed", "3",
+            "--clip-grad", "0.5", "--no-plots", "--out", str(out)]  # fmt: skip
+    assert main(["train", "vit", *argv]) == 0
+    assert [len(labels) for labels, _ in steps] == [32, 32, 16] * 2
+    assert clips == [0.5] * 6  # once per optimizer step, at the configured norm
+
+    split = load_digits_split(0.2, seed=3)
+    assert not np.array_equal(
+        np.sort(split.y_train[:80]), np.sort(load_digits_split().y_train[:80])
+    )
+    for epoch in (0, 1):  # each epoch goes once over split 3's first 80 training images
+        seen = np.concatenate([labels for labels, _ in steps[3 * epoch : 3 * epoch + 3]])
+        np.testing.assert_array_equal(np.sort(seen), np.sort(split.y_train[:80]))
+    meta = read_metadata(out / "checkpoint.safetensors")["train"]
+    assert meta["data"]["seed"] == 3 and meta["args"]["split_seed"] == 3
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    for epoch, record in enumerate(history):
+        hits = sum(h for _, h in steps[3 * epoch : 3 * epoch + 3])
+        assert record["train_acc"] == pytest.approx(hits / 80, rel=1e-12)
+    assert history[-1]["test_acc"] == metrics["test_accuracy"]
+    assert history[-1]["test_loss"] == metrics["test_loss"]
+
+    capsys.readouterr()
+    assert main(["eval", str(out), "--backend", "numpy", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["test_loss"] == pytest.approx(history[-1]["test_loss"], rel=1e-6)
+    assert ev["test_accuracy"] == metrics["test_accuracy"]
+    model, _ = load_model(out / "checkpoint.safetensors", backend="numpy")
+    pred = evaluate(model, split.normalize(split.x_test, "float32"), split.y_test)[2].argmax(1)
+    confusion = np.array(ev["confusion"])
+    np.testing.assert_array_equal(confusion.sum(axis=1), np.bincount(split.y_test, minlength=10))
+    np.testing.assert_array_equal(confusion.sum(axis=0), np.bincount(pred, minlength=10))
+    assert np.trace(confusion) == round(ev["test_accuracy"] * len(split.y_test))
+
+    clips.clear()  # --clip-grad 0 turns clipping off
+    argv = [*TINY, "--epochs", "1", "--train-limit", "32", "--clip-grad", "0", "--no-plots"]
+    assert main(["train", "vit", *argv, "--out", str(tmp_path / "unclipped")]) == 0
+    assert clips == []

@@ -499,6 +499,46 @@ def test_training_loop_runs_a_few_steps(tmp_path, capsys, backend):
     assert isinstance(model, ViLT) and model.embed_dim == 16
 
 
+def test_training_steps_follow_the_schedule_and_clip_each_step(tmp_path, monkeypatch):
+    """With --warmup 0.5 of 4 steps the first 2 warm up: the lr logged at every step (a check
+    each step) is WarmupCosine(lr, 4, 2, min_lr)'s; --clip 0.5 clips every step's gradients
+    once at 0.5, and --clip 0 never."""
+    import json
+
+    from minivit import optim
+    from minivit.cli import parse_args
+    from minivit.train import vilt as train_vilt
+
+    clips, real = [], optim.clip_grad_norm
+
+    def recording(grads, max_norm, *a, **kw):
+        clips.append(max_norm)
+        return real(grads, max_norm, *a, **kw)
+
+    monkeypatch.setattr(optim, "clip_grad_norm", recording)
+
+    def argv(out, *extra):
+        return ["train", "vilt", "--batch-size", "4", "--mlm-batch-size", "2", "--embed-dim",
+                "16", "--depth", "1", "--num-heads", "2", "--eval-size", "8", "--eval-every",
+                "1", "--workers", "0", "--lr", "1e-3", "--min-lr", "1e-4", "--out", str(out),
+                "--no-progress", *extra]  # fmt: skip
+
+    out = tmp_path / "run"
+    clipped = argv(out, "--steps", "4", "--warmup", "0.5", "--clip", "0.5")
+    assert train_vilt.run(parse_args(clipped)) == 0
+    assert clips == [0.5] * 4
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    sched = optim.WarmupCosine(1e-3, 4, 2, min_lr=1e-4)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert [r["lr"] for r in history] == pytest.approx([sched(s) for s in range(4)], rel=1e-12)
+    assert history[1]["lr"] < history[2]["lr"] == pytest.approx(1e-3)  # the peak after warmup
+
+    clips.clear()
+    off = argv(tmp_path / "unclipped", "--steps", "1", "--clip", "0")
+    assert train_vilt.run(parse_args(off)) == 0
+    assert clips == []
+
+
 def test_training_loss_decreases_on_a_fixed_batch():
     """A handful of AdamW steps on one batch must reduce all of ITM + MLM + WPA."""
     from minivit import optim
@@ -567,6 +607,48 @@ def test_prefetch_workers_make_the_same_batches_as_inline():
     # the curriculum: one-object captions (4 or 5 words) during the first 20% of the steps
     first = inline[0]["text_mask"].sum(axis=1)
     assert first.max() <= 7
+
+
+def test_curriculum_counts_change_at_the_fractions_of_the_steps():
+    """curriculum_counts(step, total, (A, B)): one object while step < A * total, one or two
+    while step < B * total, then one to three; each phase starts exactly at its fraction, and
+    with no curriculum (0, 0) every step, the first too, has one to three."""
+    from minivit.train.vilt import curriculum_counts
+
+    one, two, three = (1,), (1, 2), (1, 2, 3)
+    counts = [curriculum_counts(step, 8, (0.25, 0.5)) for step in range(8)]
+    assert counts == [one, one, two, two, three, three, three, three]
+    assert [curriculum_counts(step, 8, (0.0, 0.0)) for step in range(8)] == [three] * 8
+    assert [curriculum_counts(step, 8, (0.25, 0.25)) for step in (1, 2)] == [one, three]
+    assert [curriculum_counts(step, 8, (1.0, 1.0)) for step in (0, 7)] == [one, one]
+
+
+def test_held_out_mlm_accuracy_counts_content_words_only(backend):
+    """evaluate's mlm_acc is the hits over the masked content words (colours, shapes, sizes,
+    relation words) of the held-out MLM set, and mlm_acc_all over every masked token. A decoder
+    bias that makes every prediction one content word gives hits known from the labels alone."""
+    from minivit.data.shapes import ShapesCaptions
+    from minivit.train import vilt as train_vilt
+
+    data = ShapesCaptions(seed=0)
+    model = ViLT(vocab_size=data.tokenizer.vocab_size, max_text_len=16, img_size=48,
+                 patch_size=16, embed_dim=16, depth=1, num_heads=2, dtype="float64",
+                 backend=backend, seed=0)  # fmt: skip
+    itm_set, mlm_set = train_vilt.heldout(data, 24)
+    labels = mlm_set["mlm_labels"]
+    targets = labels[labels != -100]
+    content = data.is_content(targets)
+    assert content.any() and not content.all()  # both kinds are masked
+    word = np.bincount(targets[content]).argmax()  # the most masked content word
+    bias = np.zeros(data.tokenizer.vocab_size)
+    bias[word] = 1e6
+    model.params["mlm_score.bias"] = backend.asarray(bias)
+    m = train_vilt.evaluate(model, data, itm_set, mlm_set)
+    hits = targets == word
+    assert m["mlm_tokens"] == content.sum()
+    assert m["mlm_acc"] == pytest.approx(hits[content].sum() / content.sum(), rel=1e-12)
+    assert m["mlm_acc_all"] == pytest.approx(hits.mean(), rel=1e-12)
+    assert m["mlm_acc"] > m["mlm_acc_all"]
 
 
 def run_interrupted(args, monkeypatch):
