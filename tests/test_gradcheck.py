@@ -546,3 +546,97 @@ def test_cli_refuses_a_step_the_dtype_cannot_resolve(capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith("minivit: error: eps=1e-05 is below what float32 inputs can resolve")
+
+
+def test_a_case_passes_only_when_both_checks_pass_and_nothing_raised():
+    """The table's pass/fail: a case fails when either check fails, or when a check raised
+    (even after the directional check passed); a skipped case is not a failure."""
+    from types import SimpleNamespace as NS
+
+    case = gradcheck_cli.Case("c", "c", None, None, ())
+    ok, bad = NS(passed=True, max_rel_err=1e-9), NS(passed=False, max_rel_err=1e-2)
+    Result = gradcheck_cli.CaseResult
+    assert Result(case, directional=ok, full=ok).passed
+    assert Result(case, directional=ok, full=None).passed  # --no-full
+    assert not Result(case, directional=ok, full=bad).passed
+    assert not Result(case, directional=bad, full=ok).passed
+    assert not Result(case, directional=bad, full=None).passed
+    assert not Result(case, directional=ok, error="RuntimeError: boom").passed
+    assert not Result(case).passed  # nothing ran
+    assert Result(gradcheck_cli.Case("c", "c", None, None, (), skip="why")).passed
+    assert Result(case, directional=ok, full=bad).max_rel_err == 1e-2
+
+
+def test_cli_hands_its_options_to_each_check_and_shows_the_larger_error(monkeypatch, capsys):
+    """--directions, --seed, --eps and --rtol reach the checks, --no-full skips the elementwise
+    one (its column then shows "-"), and the max rel err column is the larger of the two."""
+    from types import SimpleNamespace as NS
+
+    calls = []
+
+    def fake(method, err):
+        def check(forward, backward, inputs, **kw):
+            calls.append((method, kw))
+            return NS(passed=True, max_rel_err=err)
+
+        return check
+
+    monkeypatch.setattr(gc, "check_backward", fake("directional", 1e-9))
+    monkeypatch.setattr(gc, "check_backward_full", fake("full", 3e-7))
+    argv = ["gradcheck", "--backend", "numpy", "--ops", "gelu (tanh)", "--seed", "4"]
+    assert main([*argv, "--directions", "2", "--eps", "1e-5", "--rtol", "1e-4"]) == 0
+    (row,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("gelu (tanh)")]
+    assert row.split()[-4:] == ["1.0e-09", "3.0e-07", "3.0e-07", "pass"]
+    assert [m for m, _ in calls] == ["directional", "full"]
+    assert calls[0][1]["n_directions"] == 2
+    for _, kw in calls:
+        assert (kw["seed"], kw["eps"], kw["rtol"]) == (4, 1e-5, 1e-4)
+    calls.clear()
+    assert main([*argv, "--no-full"]) == 0
+    (row,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("gelu (tanh)")]
+    assert row.split()[-4:] == ["1.0e-09", "-", "1.0e-09", "pass"]
+    assert [m for m, _ in calls] == ["directional"] and calls[0][1]["n_directions"] == 3
+
+
+def test_cli_counts_skipped_cases_apart_and_verbose_prints_every_table(capsys):
+    """In float32 the near-constant layernorm case is skipped (the step is as large as the rows'
+    spread), and the summary counts it apart from the cases checked; -v prints the per-input
+    table of cases that passed too."""
+    argv = ["gradcheck", "--backend", "numpy", "--ops", "layernorm", "--dtype", "float32"]
+    assert main([*argv, "--no-full"]) == 0
+    out = capsys.readouterr().out
+    assert "1/1 cases passed, 1 skipped" in out
+    assert any(x.startswith("layernorm (near-constant rows)") and "skipped" in x
+               for x in out.splitlines())  # fmt: skip
+    assert "gradient check of layernorm" not in out
+    assert main([*argv, "--no-full", "-v"]) == 0
+    assert "gradient check of layernorm" in capsys.readouterr().out
+
+
+def test_cases_are_built_as_their_names_say():
+    """Each case's options and inputs are the ones its name promises (a "gelu (tanh)" case
+    built with the exact GELU, or an "ignore_index" case with no ignored target, checks the
+    other branch twice), and --dtype sets the dtype of every floating input."""
+    from minivit.backend import get_backend
+
+    be = get_backend("numpy")
+    cases = {c.name: c for c in gradcheck_cli.build_cases(be, "float32")}
+    assert cases["gelu (tanh)"].kwargs == {"approximate": "tanh"}
+    assert cases["gelu (none)"].kwargs == {"approximate": "none"}
+    assert cases["softmax (axis=1)"].kwargs == {"axis": 1}
+    assert cases["cross_entropy (label_smoothing=0.1)"].kwargs == {"label_smoothing": 0.1}
+    assert cases["dropout (eval)"].kwargs["train"] is False
+    assert cases["linear (no bias)"].inputs[2] is None
+    for name in ("attention (key_mask)", "attention (one valid key)", "attention (no valid key)"):
+        key_mask = cases[name].inputs[-1]
+        assert key_mask.dtype == bool and not key_mask.all(), name
+    assert cases["attention (one valid key)"].inputs[-1].sum(axis=1).min() == 1
+    assert not cases["attention (no valid key)"].inputs[-1].any(axis=1).all()
+    assert cases["attention"].inputs[-1] is None
+    assert (cases["cross_entropy (ignore_index)"].inputs[1] == -100).any()
+    x = cases["dropout (train, p=0.3)"].inputs[0]
+    out, _ = cases["dropout (train, p=0.3)"].forward(x)
+    assert (out == 0).any() and not (x == 0).any()  # a mask was drawn
+    floats = [a for c in cases.values() for a in c.inputs if getattr(a, "dtype", None) is not None]
+    floats = [a for a in floats if a.dtype.kind == "f"]
+    assert floats and all(a.dtype == np.float32 for a in floats)

@@ -141,3 +141,68 @@ def test_keep_cache_does_not_bring_back_a_cache_made_stale_inside():
     with v.keep_cache():  # a plain forward inside: the pending cache comes back
         v.forward(x)
     v.backward(np.ones((2, 3)))
+
+
+def _rollout_by_definition(attns):
+    """Abnar & Zuidema (2020): A' = 0.5 mean_h(A) + 0.5 I, rows renormalised, multiplied from the
+    first layer up (R = A'_L ... A'_1)."""
+    T = attns[0].shape[-1]
+    R = np.eye(T)
+    for a in attns:
+        m = 0.5 * a.mean(axis=1) + 0.5 * np.eye(T)
+        R = (m / m.sum(axis=-1, keepdims=True)) @ R
+    return R
+
+
+def _record_figure(monkeypatch):
+    """Every imshow'd array and every axes title, in drawing order."""
+    from matplotlib.axes import Axes
+
+    drawn, titles = [], []
+    imshow, set_title = Axes.imshow, Axes.set_title
+    monkeypatch.setattr(Axes, "imshow", lambda ax, a, **k: drawn.append(a) or imshow(ax, a, **k))
+    monkeypatch.setattr(
+        Axes, "set_title", lambda ax, t, **k: titles.append(t) or set_title(ax, t, **k)
+    )
+    return drawn, titles
+
+
+def test_figure_draws_the_layer_it_is_asked_for_and_each_rows_label(tmp_path, monkeypatch):
+    """``layer=0`` draws the first block's heads and titles them "block 0" (a figure that always
+    drew the last block, or titled it "block -2", passed the default-layer test); each image's
+    title gives its own label and its own prediction, not the first image's."""
+    v = ViT(img_size=8, patch_size=2, in_chans=1, num_classes=4, embed_dim=16, depth=2,
+            num_heads=2)  # fmt: skip
+    x = np.random.default_rng(3).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    maps = attention_maps(v, x)
+    probs = np.array([[0.1, 0.6, 0.2, 0.1], [0.05, 0.05, 0.1, 0.8]])
+    drawn, titles = _record_figure(monkeypatch)
+    attention_figure(v, x, labels=[2, 0], probs=probs, path=tmp_path / "a.png", layer=-2)
+    for b in range(2):
+        for h in range(2):
+            np.testing.assert_allclose(
+                drawn[4 * b + 1 + h], maps[0][b, h, 0, 1:].reshape(4, 4), rtol=1e-6
+            )
+    assert not np.allclose(maps[0][:, :, 0], maps[1][:, :, 0])  # the layers tell apart
+    assert "block 0 head 0" in titles and "block 0 head 1" in titles
+    assert "label 2\npred 1 (0.60)" in titles and "label 0\npred 3 (0.80)" in titles
+
+
+def test_figure_of_an_avg_pool_model_draws_the_mean_patch_rows(tmp_path, monkeypatch):
+    """A ``global_pool="avg"`` head reads the mean of the patch tokens, so each panel is the mean
+    over the patch tokens' rows (queries) of their attention to the patches, for each head and
+    for the rollout (computed here by its definition), and not the CLS row."""
+    v = ViT(img_size=8, patch_size=2, in_chans=1, num_classes=4, embed_dim=16, depth=2,
+            num_heads=2, global_pool="avg", dtype="float64")  # fmt: skip
+    x = np.random.default_rng(4).standard_normal((2, 1, 8, 8))
+    maps = attention_maps(v, x)
+    roll = _rollout_by_definition(maps)
+    drawn, titles = _record_figure(monkeypatch)
+    attention_figure(v, x, path=tmp_path / "a.png")
+    for b in range(2):
+        image, h0, h1, rolled = drawn[4 * b : 4 * b + 4]
+        for h, panel in enumerate((h0, h1)):
+            want = maps[-1][b, h, 1:, 1:].mean(axis=0).reshape(4, 4)
+            np.testing.assert_allclose(panel, want, rtol=1e-10)
+        np.testing.assert_allclose(rolled, roll[b, 1:, 1:].mean(axis=0).reshape(4, 4), rtol=1e-10)
+    assert not np.allclose(rolled, roll[1, 0, 1:].reshape(4, 4))

@@ -88,3 +88,45 @@ def test_plan_leaves_a_pending_training_forward_alone(pair):
     model.backward(grad)
     for k in ref:
         np.testing.assert_array_equal(model.grads[k], ref[k], err_msg=k)
+
+
+def test_figure_draws_each_words_plan_row_over_its_patches(pair, tmp_path, monkeypatch):
+    """Each word's panel is titled with that word, and its heat is the word's plan row without
+    the image-CLS column, normalised to sum to one, laid out row-major over the patch grid, one
+    16x16 block per patch (the image drawn first, under it)."""
+    require("matplotlib")
+    from matplotlib.axes import Axes
+
+    data, model, ids, mask, image = pair
+    words, plan, (gh, gw) = alignment_plan(model, ids, mask, image)
+    drawn, titles = [], []
+    imshow, set_title = Axes.imshow, Axes.set_title
+    monkeypatch.setattr(Axes, "imshow", lambda ax, a, **k: drawn.append(a) or imshow(ax, a, **k))
+    monkeypatch.setattr(
+        Axes, "set_title", lambda ax, t, **k: titles.append(t) or set_title(ax, t, **k)
+    )
+    alignment_figure(model, data, ids, mask, image, tmp_path / "alignment.png")
+    rows = np.flatnonzero(words)
+    assert len(drawn) == 1 + 2 * len(rows)
+    vocab = data.tokenizer.vocab
+    assert titles == ["image"] + [vocab[int(ids[i])] for i in rows]
+    for k, i in enumerate(rows):
+        heat = plan[i, 1:] / plan[i, 1:].sum()
+        up = drawn[2 + 2 * k]
+        assert up.shape == image.shape[1:]
+        # block (r, c) of the image holds patch r * gw + c
+        blocks = up.reshape(gh, 16, gw, 16)[:, 0, :, 0]
+        np.testing.assert_allclose(blocks, heat.reshape(gh, gw), rtol=1e-12)
+        np.testing.assert_allclose(up, np.kron(blocks, np.ones((16, 16))), rtol=0)
+
+
+def test_plan_covers_every_patch_even_when_the_model_samples_patches(pair):
+    """A model that samples ``max_image_len`` patches in its forward still gets a plan over
+    every patch (the columns must tile the grid the figure draws them on)."""
+    data, model, ids, mask, image = pair
+    sampling = ViLT(vocab_size=data.tokenizer.vocab_size, max_text_len=16, img_size=48,
+                    patch_size=16, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+                    dtype="float64", seed=3, max_image_len=4)  # fmt: skip
+    words, plan, grid = alignment_plan(sampling, ids, mask, image)
+    assert grid == (3, 3) and plan.shape == (int(mask.sum()), 1 + 9)
+    np.testing.assert_array_equal(plan, alignment_plan(model, ids, mask, image)[1])
