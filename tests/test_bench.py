@@ -45,6 +45,21 @@ def test_time_host_warms_up_untimed_then_takes_the_median():
     assert t.repeats == 5 and t.warmup == 2
 
 
+def test_time_host_waits_for_the_sync_inside_the_timed_region():
+    """Asynchronous work is only done once ``sync`` returns: its time is part of the run's (a
+    clock read before the sync would time the launch alone)."""
+    clock = FakeClock()
+
+    def fn():
+        clock.now += 1.0  # the launch
+
+    def sync():
+        clock.now += 10.0  # the work it launched
+
+    t = harness.time_host(fn, repeats=3, warmup=1, sync=sync, clock=clock)
+    assert t.times_s == [11.0, 11.0, 11.0] and t.method == "perf_counter+sync"
+
+
 def test_summarize_even_count_and_errors():
     t = harness.summarize([4.0, 1.0, 3.0, 2.0], warmup=0, method="x")
     assert t.median_s == 2.5
@@ -84,6 +99,97 @@ def test_the_sgemm_ceiling_is_the_fastest_run_not_the_median(monkeypatch):
     c = harness.sgemm_ceiling("numpy", n=8)
     assert c["seconds"] == 0.25 and c["flops_per_s"] == 2 * 8**3 / 0.25
     assert c["median_flops_per_s"] == 2 * 8**3 / 0.5
+
+
+class FakeTorchCuda:
+    """torch.cuda with events that read a clock in ms: a run's elapsed_time is the fn's ms."""
+
+    def __init__(self, clock):
+        clock_ = clock
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing
+                self.t = None
+
+            def record(self):
+                self.t = clock_.now
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):  # milliseconds, as torch's
+                return end.t - self.t
+
+        self.Event = Event
+        self.synced = 0
+
+    def synchronize(self):
+        self.synced += 1
+
+
+def test_cuda_event_timings_are_converted_from_ms_to_seconds(monkeypatch):
+    """torch's CUDA events and CuPy's get_elapsed_time give milliseconds, cupyx.profiler's
+    gpu_times seconds: every GPU path reports seconds, from the GPU (not the host) times. Fake
+    modules stand in for torch.cuda and CuPy, so this runs without a GPU."""
+    import types
+
+    clock = FakeClock()  # milliseconds here
+    durations = iter([50.0, 2.0, 6.0, 4.0] * 3)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock.now += next(durations)
+
+    fake_cuda = FakeTorchCuda(clock)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=fake_cuda))
+    t = harness.time_callable(fn, "torch", "cuda", repeats=3, warmup=1)
+    assert t.times_s == pytest.approx([0.002, 0.006, 0.004]) and t.median_s == pytest.approx(0.004)
+    assert t.method == "torch.cuda.Event" and fake_cuda.synced >= 2
+    cases = {"t": (fn, "torch", "cuda")}
+    t = harness.time_interleaved(cases, repeats=3, warmup=1, clock=lambda: 1e9)["t"]
+    assert t.times_s == pytest.approx([0.002, 0.006, 0.004]) and t.method.startswith("CUDA")
+
+    # CuPy: cupyx.profiler.benchmark's GPU times (seconds), not its host times
+    class Result:
+        gpu_times = [[0.003, 0.001, 0.002]]  # device 0, one per repeat
+        cpu_times = [0.5, 0.5, 0.5]
+
+    def benchmark(f, n_repeat, n_warmup):
+        assert n_repeat == 3 and n_warmup == 0  # the warm-ups ran before, untimed
+        return Result()
+
+    stream = types.SimpleNamespace(synchronize=lambda: None)
+    cupy_cuda = types.SimpleNamespace(get_current_stream=lambda: stream)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cupy_cuda))
+    monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "cupyx.profiler", types.SimpleNamespace(benchmark=benchmark))
+    calls.clear()
+    t = harness.time_callable(lambda: calls.append(1), "minivit", "cuda", repeats=3, warmup=2)
+    assert len(calls) == 2 and t.times_s == [0.003, 0.001, 0.002] and t.median_s == 0.002
+
+
+def test_result_row_rates_the_median_against_its_ceiling():
+    """GFLOP/s and the fraction of sgemm come from the median run (as the ratios do), not the
+    fastest; the peak memory and its method are kept as measured."""
+    t = harness.summarize([1.0, 2.0, 6.0], warmup=1, method="m")  # median 2, min 1, mean 3
+    row = harness.result_row({"name": "x"}, t, 4e9, 4e9, (123, "tracemalloc"))
+    assert row["median_ms"] == 2000.0 and row["min_ms"] == 1000.0 and row["mean_ms"] == 3000.0
+    assert row["gflops_per_s"] == 2.0 and row["frac_of_sgemm"] == 0.5
+    assert row["peak_mem_bytes"] == 123 and row["mem_method"] == "tracemalloc"
+    assert "frac_of_sgemm" not in harness.result_row({}, t, 4e9, None, None)
+
+
+def test_each_row_is_rated_against_its_own_implementations_ceiling():
+    """A torch row's % of sgemm is against torch's GEMM on its device, a minivit row's against
+    its backend's: the key names the implementation, not the row's backend label."""
+    m = dict(impl="minivit", backend="numpy", device="cpu")
+    t = dict(impl="torch", backend="torch-cpu", device="cpu")
+    g = dict(impl="torch", backend="torch-cuda", device="cuda")
+    assert harness.ceiling_key(m) == ("numpy", "cpu")
+    assert harness.ceiling_key(t) == ("torch", "cpu")
+    assert harness.ceiling_key(g) == ("torch", "cuda")
 
 
 def test_peak_memory_on_cpu_sees_a_numpy_buffer():
@@ -235,6 +341,39 @@ def test_merging_two_runs_of_one_device_is_refused(tmp_path, capsys):
     assert "merge runs made on different devices" in capsys.readouterr().err
 
 
+def test_the_model_table_shows_minivits_share_of_sgemm_and_each_sides_memory():
+    """A model row's GFLOP/s and % of sgemm are minivit's (the torch row has its own, unused
+    here), and each peak-memory column is its own implementation's."""
+    case = dict(group="model", name="vit_tiny_patch16_224", label="ViT-Ti/16", phase="forward",
+                shape="B=8", device="cpu", batch=8)  # fmt: skip
+    rows = [
+        dict(case, impl="minivit", backend="numpy", median_ms=30.0, gflops_per_s=50.0,
+             frac_of_sgemm=0.25, peak_mem_bytes=2 * 2**20, mem_method="tracemalloc"),
+        dict(case, impl="torch", backend="torch-cpu", median_ms=20.0, gflops_per_s=75.0,
+             frac_of_sgemm=0.9, peak_mem_bytes=3 * 2**20, mem_method="RSS"),
+    ]  # fmt: skip
+    (p,) = report.pairs(rows)
+    assert p["gflops"] == 50.0 and p["frac"] == 0.25 and p["ratio"] == 1.5
+    md = report.markdown(rows, {"cpu": "c"})
+    assert "| 30.0 | 20.0 | **1.500** | 50 | 25% | 2.0 | 3.0 |" in md
+
+
+def test_a_gpu_run_merges_with_its_host_cpus_run(tmp_path):
+    """The same case measured on two devices is what merging is for: accepted, and each device
+    keeps its own minivit / torch pair (never one device's time over the other's)."""
+    rows = []
+    for dev, m, t in (("cpu", 4.0, 2.0), ("cuda", 1.0, 4.0)):
+        for impl, ms in (("minivit", m), ("torch", t)):
+            rows.append(dict(group="op", name="gelu", phase="forward", shape="(50)", device=dev,
+                             impl=impl, backend=impl, median_ms=ms))  # fmt: skip
+    a = report.write_json(rows[:2], {"cpu": "host"}, str(tmp_path / "cpu.json"))
+    b = report.write_json(rows[2:], {"gpu": "gpu"}, str(tmp_path / "gpu.json"))
+    merged, env = report.merge([a, b])
+    assert len(merged) == 4 and env["cpu"] == "host"
+    ratios = {p["device"]: p["ratio"] for p in report.pairs(merged)}
+    assert ratios == {"cpu": 2.0, "cuda": 0.25}
+
+
 def test_a_merged_report_states_each_runs_settings():
     env = {"cpu": "host", "repeats": 7, "warmup": 2,
            "merged": [{"cpu": "other", "cpu_count": 16, "torch_threads": 16, "repeats": 3,
@@ -263,6 +402,68 @@ def test_model_flops_are_torchs_own_count():
                 built[f"torch_{phase}"]()
             assert built["flops"][phase] == counter.get_total_flops(), (name, phase)
         assert built["flops"]["train_step"] < 3 * built["flops"]["forward"]
+
+
+def test_the_torch_twin_computes_the_models_function():
+    """The twin is loaded with the model's own weights and must give its outputs: a twin that
+    left out a term (ViLT's text token type, say) would time another function. Small models."""
+    from benchmarks import models
+
+    require("torch")
+    small = dict(depth=1, embed_dim=32, num_heads=2)
+    for name in ("vit_tiny_patch16_224", "vilt_b32"):
+        built = models.build(name, "numpy", 2, True, **small)
+        assert built["twin_max_abs_diff"] < 1e-4, name
+
+
+def test_a_model_phase_is_timed_with_the_configured_gap_and_its_own_ceilings(monkeypatch):
+    """One model phase gives a minivit and a torch row: the idle gap is the configuration's
+    (BenchConfig.gap_s; models.GAP_S when None), and each row is rated against the ceiling
+    of its own implementation, from the median, with the peak memory of its own function."""
+    from benchmarks import models
+
+    seen = {}
+
+    def timed(cases, repeats, warmup, gap_s=0.0):
+        seen.setdefault("gap", []).append(gap_s)
+        return {k: harness.summarize([1.0, 2.0, 9.0], warmup, "fake") for k in cases}
+
+    monkeypatch.setattr(harness, "time_interleaved", timed)
+    peaks = {"m-fn": 1, "t-fn": 2}  # the functions stand in for the two sides' phases
+    monkeypatch.setattr(harness, "peak_memory", lambda fn, impl, dev: (peaks[fn], impl))
+    built = {"forward": "m-fn", "torch_forward": "t-fn", "flops": {"forward": 4e9}}
+    ceilings = {("numpy", "cpu"): 4e9, ("torch", "cpu"): 8e9}
+    for gap in (0.0, None):
+        cfg = harness.BenchConfig(repeats=3, warmup=1, gap_s=gap)
+        rows = models._time_phase(cfg, "vit_tiny_patch16_224", "numpy", "cpu", 8, built,
+                                  "forward", ceilings, lambda *a: None)  # fmt: skip
+    assert seen["gap"] == [0.0, models.GAP_S]
+    by = {r["impl"]: r for r in rows}
+    assert by["minivit"]["backend"] == "numpy" and by["torch"]["backend"] == "torch-cpu"
+    assert by["minivit"]["frac_of_sgemm"] == 0.5 and by["torch"]["frac_of_sgemm"] == 0.25
+    assert by["minivit"]["peak_mem_bytes"] == 1 and by["torch"]["peak_mem_bytes"] == 2
+    assert by["torch"]["mem_method"] == "torch"
+
+
+def test_a_model_phase_that_fails_is_a_row_of_the_report(monkeypatch):
+    """A model phase that raises (out of memory, say) is logged and kept as a failure row, so
+    the report says what is missing; the other phase still runs."""
+    from benchmarks import models
+
+    def phase(cfg, name, backend, device, B, built, phase, ceilings, log):
+        if phase == "forward":
+            raise MemoryError("simulated")
+        return [dict(group="model", name=name, phase=phase)]
+
+    monkeypatch.setattr(models, "build", lambda *a, **k: {})
+    monkeypatch.setattr(models, "_time_phase", phase)
+    logged = []
+    cfg = harness.BenchConfig(models=["vit_tiny_patch16_224"], torch=False)
+    rows = models.run(cfg, log=logged.append)
+    assert [(r["group"], r["phase"]) for r in rows] == [("failed", "forward"),
+                                                        ("model", "train_step")]  # fmt: skip
+    assert rows[0]["backend"] == "numpy" and rows[0]["error"] == "MemoryError: simulated"
+    assert any("forward" in m and "simulated" in m for m in logged)
 
 
 def test_the_default_folder_is_a_new_one_in_runs(tmp_path, monkeypatch):
@@ -475,6 +676,27 @@ def test_minivit_bench_dispatches_to_the_timed_run_the_profile_or_perf(monkeypat
         ("profile", 2),
         ("perf", ["--models", "vit_tiny_patch16_224", "--steps", "2"]),
     ]
+
+
+def test_minivit_bench_takes_its_backend_from_the_environment(monkeypatch):
+    """Without --backend, $MINIVIT_BACKEND picks the backend (any case, as for every command);
+    a backend that cannot run here is refused before the benchmark is dispatched."""
+    from benchmarks import run
+    from minivit import bench
+    from minivit.backend import BackendUnavailable
+    from minivit.cli import build_parser
+
+    seen = []
+    monkeypatch.setattr(run, "dispatch", lambda args: seen.append(args.backend) or 0)
+    monkeypatch.setenv("MINIVIT_BACKEND", "NumPy")
+    assert bench.run(build_parser().parse_args(["bench"])) == 0
+    monkeypatch.delenv("MINIVIT_BACKEND")
+    assert bench.run(build_parser().parse_args(["bench"])) == 0
+    assert seen == ["numpy", None]
+    if not harness.impl_available("cupy"):
+        with pytest.raises(BackendUnavailable):
+            bench.run(build_parser().parse_args(["bench", "--backend", "cupy"]))
+        assert len(seen) == 2
 
 
 def test_gil_cost_times_one_thread_and_shared_calls(capsys):
