@@ -157,7 +157,9 @@ class _Optimizer:
         unknown = [k for k in grads if k not in self.params]
         if unknown:
             raise KeyError(
-                f"grads has names that are not parameters: {', '.join(map(str, unknown))}"
+                f"grads has names that are not parameters: {', '.join(map(str, unknown))} "
+                "(an optimizer over some of a model's parameters, the others frozen, takes "
+                "their gradients alone: {k: g for k, g in model.grads.items() if k in params})"
             )
         for name, g in grads.items():
             if g is None:

@@ -319,7 +319,7 @@ def test_bad_grads_raise():
     grads["head.weight"] = np.zeros((4, 3))
     with pytest.raises(ValueError, match="head.weight"):
         opt.step(grads)
-    with pytest.raises(KeyError, match="nope"):
+    with pytest.raises(KeyError, match=r"nope .*frozen, takes their gradients alone"):
         opt.step({"nope": np.zeros(3)})
     with pytest.raises(TypeError, match="head.bias"):
         opt.step({"head.bias": np.zeros(3, dtype=np.float32)})
