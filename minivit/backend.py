@@ -25,7 +25,7 @@ __all__ = [
     "BackendUnavailable",
     "array_module",
     "backend_of",
-    "not_an_array",
+    "require_array",
     "erf",
     "get_backend",
     "available_backends",
@@ -202,12 +202,12 @@ def _library_of(a) -> str | None:
     return None
 
 
-def not_an_array(name: str, a) -> str | None:
-    """None when ``a`` is a NumPy or CuPy array (or NumPy scalar); else the message of the
-    TypeError to raise: what ``a`` is, and for a torch tensor how to convert it."""
-    if _library_of(a) is not None:
-        return None
-    return f"{name} must be a NumPy or CuPy array, got {type_name(a)}"
+def require_array(name: str, a):
+    """``a`` itself when it is a NumPy or CuPy array (or NumPy scalar); else a TypeError that
+    says what ``a`` is, and for a torch tensor how to convert it."""
+    if _library_of(a) is None:
+        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type_name(a)}")
+    return a
 
 
 def type_name(a) -> str:

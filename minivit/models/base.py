@@ -237,10 +237,6 @@ class Model:
         return f"{type(self).__name__}({cfg}, dtype={self.dtype!r}, backend={self.backend.name!r})"
 
 
-def _not_an_array(k, v) -> str:
-    return f"{k}: {type_name(v)}"
-
-
 def load_state_dict_into(model, state_dict, strict=True):
     """Check every entry (names, types, shapes) against ``model.params``, then copy them (cast
     to ``model.dtype``): a refused state dict changes nothing.
@@ -261,7 +257,7 @@ def load_state_dict_into(model, state_dict, strict=True):
             continue
         v = state_dict[k]
         if _library_of(v) is None:  # a NumPy array or scalar, or a CuPy array
-            not_arrays.append(_not_an_array(k, v))
+            not_arrays.append(f"{k}: {type_name(v)}")
         elif v.dtype.kind != "f":
             not_floating.append(f"{k}: {v.dtype}")
         elif tuple(v.shape) != shape:

@@ -28,7 +28,7 @@ import math
 from collections.abc import Mapping
 
 from .. import ops
-from ..backend import _library_of, backend_of, get_backend, not_an_array
+from ..backend import _library_of, backend_of, get_backend, require_array
 from ..blocks import (
     block_param_shapes,
     encoder_backward,
@@ -67,8 +67,8 @@ def _same_values(a, b) -> bool:
     """Whether two arrays (NumPy or CuPy, either) hold the same shape and values."""
     if _library_of(a) is None or _library_of(b) is None or tuple(a.shape) != tuple(b.shape):
         return False
-    host = [get_backend(_library_of(x)).to_numpy(x) for x in (a, b)]
-    return bool((host[0] == host[1]).all())
+    host_a, host_b = (backend_of(x).to_numpy(x) for x in (a, b))
+    return bool((host_a == host_b).all())
 
 
 class ViLT(Model):
@@ -273,9 +273,7 @@ class ViLT(Model):
     def _check_inputs(self, input_ids, text_mask, images, image_mask, interpolate_pos_encoding):
         xp = self.backend.xp
         for name, a in (("input_ids", input_ids), ("text_mask", text_mask), ("images", images)):
-            problem = not_an_array(name, a)
-            if problem:
-                raise TypeError(problem)
+            require_array(name, a)
             if backend_of(a).name != self.backend.name:
                 raise TypeError(
                     f"{name} lives on backend {backend_of(a).name!r} but the model lives on "

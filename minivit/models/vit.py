@@ -19,7 +19,7 @@ patch embedding is the one stage a subclass replaces (``_embed_param_shapes``,
 from __future__ import annotations
 
 from .. import ops
-from ..backend import backend_of, get_backend, not_an_array
+from ..backend import backend_of, get_backend, require_array
 from ..blocks import (
     block_param_shapes,
     encoder_backward,
@@ -196,10 +196,7 @@ class ViT(Model):
     # forward and backward
 
     def _check_images(self, images):
-        problem = not_an_array("images", images)
-        if problem:
-            raise TypeError(problem)
-        shape, dtype = images.shape, images.dtype
+        shape, dtype = require_array("images", images).shape, images.dtype
         expected = (self.in_chans, self.img_size, self.img_size)
         if len(shape) != 4 or tuple(shape[1:]) != expected:
             raise ValueError(

@@ -18,7 +18,7 @@ import operator
 import threading
 from types import SimpleNamespace
 
-from ..backend import array_module, backend_of, not_an_array
+from ..backend import array_module, backend_of, require_array
 
 __all__ = [
     "Cache",
@@ -120,18 +120,9 @@ def _describe(a) -> str:
     return f"{type(a).__module__.split('.')[0]}.ndarray of dtype {dtype} and shape {tuple(shape)}"
 
 
-def _check_array(name: str, a):
-    """``a`` must be a NumPy or CuPy array: a list, or a torch tensor (whose dtype is not
-    NumPy's), is refused by name."""
-    problem = not_an_array(name, a)
-    if problem:
-        raise TypeError(problem)
-
-
 def check_float(name: str, a, ndim_min: int = 0):
     """``a`` must be a float32/float64 array with at least ``ndim_min`` dims."""
-    _check_array(name, a)
-    dtype = a.dtype
+    dtype = require_array(name, a).dtype  # (a torch tensor's dtype is not NumPy's)
     if dtype.kind != "f" or dtype.itemsize not in (4, 8):
         raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
     if a.ndim < ndim_min:
@@ -143,8 +134,7 @@ def check_float(name: str, a, ndim_min: int = 0):
 
 def check_int(name: str, a):
     """``a`` must be an integer array (ids, targets)."""
-    _check_array(name, a)
-    dtype = a.dtype
+    dtype = require_array(name, a).dtype  # (a torch tensor's dtype is not NumPy's)
     if dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got {_describe(a)}")
     return a
@@ -152,8 +142,7 @@ def check_int(name: str, a):
 
 def check_bool(name: str, a):
     """``a`` must be a boolean array (masks)."""
-    _check_array(name, a)
-    dtype = a.dtype
+    dtype = require_array(name, a).dtype  # (a torch tensor's dtype is not NumPy's)
     if dtype.kind != "b":
         raise TypeError(f"{name} must be a boolean array, got {_describe(a)}")
     return a

@@ -219,8 +219,9 @@ def linear_backward_pooled(d2, x2, w, has_bias, need_dx=True):
 
 
 def _rows(a):
-    # (..., D) -> (M, D) view; C-contiguity is checked by use_fast, so this never copies.
-    return a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(1, -1)
+    # (..., D) -> (M, D), M = prod(leading dims): a view of a C-contiguous a (the fast paths
+    # check that). M is named, not left to reshape's -1, which D = 0 leaves undetermined.
+    return a.reshape(math.prod(a.shape[:-1]), a.shape[-1]) if a.ndim else a.reshape(1, 1)
 
 
 # ----------------------------------------------------------------------------------------------

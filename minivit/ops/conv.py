@@ -23,6 +23,8 @@ Derivations: docs/ops/conv2d.md, docs/ops/relu.md, docs/ops/groupnorm.md, docs/o
 
 from __future__ import annotations
 
+import math
+
 from . import _fast
 from ._common import (
     Cache,
@@ -302,15 +304,6 @@ def relu_backward(dout, cache):
 # --------------------------------------------------------------------------------------------
 
 
-def _group_size(x, G):
-    """The entries of one (sample, group) of x (B, C, *spatial): C/G * prod(spatial), named
-    rather than left to reshape's -1, which a batch of 0 leaves undetermined."""
-    n = 1
-    for d in x.shape[1:]:
-        n *= d
-    return n // G
-
-
 def groupnorm_forward(x, gamma, beta, num_groups, eps=1e-5):
     """x (B, C, *spatial), gamma (C,), beta (C,) -> out, the shape of x.
 
@@ -334,7 +327,8 @@ def groupnorm_forward(x, gamma, beta, num_groups, eps=1e-5):
     xp = array_module(x, gamma, beta)
 
     G = num_groups
-    xg = x.reshape(B, G, _group_size(x, G))  # (B, G, C/G * S), S = prod(spatial)
+    # (B, G, C/G * S), S = prod(spatial); the size named, as -1 is undetermined for B = 0
+    xg = x.reshape(B, G, math.prod(x.shape[1:]) // G)
     mean = xg.mean(axis=-1, keepdims=True)  # (B, G, 1)
     xhat = xg - mean  # (B, G, C/G * S), centred
     var = xp.mean(xhat * xhat, axis=-1, keepdims=True)  # (B, G, 1)
@@ -362,7 +356,7 @@ def groupnorm_backward(dout, cache):
     dbeta = dout.sum(axis=axes)  # (C,)
 
     g = dout * gamma.reshape((1, C) + (1,) * (xhat.ndim - 2))  # (B, C, *spatial)
-    n = _group_size(xhat, G)
+    n = math.prod(xhat.shape[1:]) // G  # C/G * S, named as in the forward
     g = g.reshape(B, G, n)  # (B, G, C/G * S)
     xg = xhat.reshape(B, G, n)
     mean_g = g.mean(axis=-1, keepdims=True)  # (B, G, 1)

@@ -27,10 +27,10 @@ def linear_forward(x, w, b=None):
     without transposes.
     """
     _check(x, w, b)
-    d_out, d_in = w.shape
+    d_out = w.shape[0]
 
     # One GEMM over all leading dims: (M, Din) @ (Din, Dout), M = prod(leading dims).
-    x2 = _rows(x, d_in)  # (M, Din)
+    x2 = _fast._rows(x)  # (M, Din)
     out = _fast.matmul_nt(x2, w, b)  # x2 @ w.T + b, (M, Dout); on minivit's pool when it pays
     out = out.reshape(*x.shape[:-1], d_out)  # (..., Dout)
     return out, Cache(x=x, w=w, has_bias=b is not None, out_shape=out.shape)
@@ -43,7 +43,7 @@ def linear_product(x, w, b=None):
     hands the gradient to :func:`linear_grads` (which gives db as usual) in that layout."""
     _check(x, w, b)
     cache = Cache(x=x, w=w, has_bias=b is not None, out_shape=x.shape[:-1] + w.shape[:1])
-    return _fast.matmul_nt(_rows(x, w.shape[1]), w), cache
+    return _fast.matmul_nt(_fast._rows(x), w), cache
 
 
 def _check(x, w, b):
@@ -82,9 +82,8 @@ def linear_grads(dout, cache, need_dx=True):
     """linear_backward past its check of ``dout``: for the ops built on it (attention, patch
     embedding, linear + GELU), which check their own ``dout`` and pass on arrays they made."""
     x, w = cache.x, cache.w
-    d_out, d_in = w.shape
-    d2 = _rows(dout, d_out)  # (M, Dout)
-    x2 = _rows(x, d_in)  # (M, Din)
+    d2 = _fast._rows(dout)  # (M, Dout)
+    x2 = _fast._rows(x)  # (M, Din)
     # d2 @ w, d2^T @ x2 and the column sums of d2; on minivit's pool when it pays
     dx2, dw, db = _fast.linear_grads(d2, x2, w, cache.has_bias, need_dx)
     return (dx2.reshape(x.shape) if need_dx else None), dw, db  # (..., Din), (Dout, Din), (Dout,)
@@ -125,12 +124,3 @@ def linear_gelu_backward(dout, cache, *, need_dx=True, overwrite_dout=False):
     check_dout("linear_gelu_backward", dout, ref.shape, ref.dtype, type(ref))
     dh = gelu_grad(dout, act, out=dout if overwrite_dout else None)
     return linear_grads(dh, cache.fc, need_dx=need_dx)
-
-
-def _rows(a, d):
-    """a (..., d) as (M, d), M = prod(leading dims), named rather than left to reshape's -1,
-    which d = 0 leaves undetermined (a layer of no input features: out = b, as PyTorch's)."""
-    m = 1
-    for n in a.shape[:-1]:
-        m *= n
-    return a.reshape(m, d)
