@@ -18,7 +18,9 @@ set in the environment before CuPy's first float32 matmul, where CuPy reads it.
 Memory: one extra, untimed run per case measures the peak working memory above what was in use
 before it: ``tracemalloc`` for NumPy (NumPy reports its buffers to it), a sampled RSS delta for
 torch on CPU (approximate, labelled so), the CuPy memory pool's used bytes sampled at every
-allocation for CuPy, and ``torch.cuda.max_memory_allocated`` for torch on CUDA.
+allocation for CuPy, and ``torch.cuda.max_memory_allocated`` for torch on CUDA. Under
+``MINIVIT_SHARD=processes`` the memory run puts the batch shards on threads, where tracemalloc
+sees them all (a worker process's allocations are not this process's).
 
 FLOP/s are reported against a measured sgemm ceiling of the same device (see
 :func:`sgemm_ceiling`).
@@ -461,17 +463,29 @@ def peak_memory(fn, impl: str, device: str) -> tuple[int | None, str]:
             return _peak_cupy(fn), "cupy memory pool used_bytes"
         if impl == "torch":
             return _peak_rss_delta(fn), "RSS delta (sampled, approximate)"
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            base, _ = tracemalloc.get_traced_memory()
-            fn()
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        return peak - base, "tracemalloc"
+        from minivit.models import sharding
+
+        if sharding.mode() == "processes":
+            # tracemalloc sees this process only, and a forked worker's shard would go unseen
+            # (half the batch's activations): the shards run on threads here, same memory.
+            with sharding.using("threads"):
+                return _peak_traced(fn), "tracemalloc (batch shards on threads)"
+        return _peak_traced(fn), "tracemalloc"
     except Exception as exc:  # memory is a side figure; never lose the timing for it
         return None, f"unavailable ({type(exc).__name__}: {exc})"
+
+
+def _peak_traced(fn) -> int:
+    """Peak bytes above the starting level that tracemalloc sees while ``fn`` runs."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak - base
 
 
 # ----------------------------------------------------------------------------------------------

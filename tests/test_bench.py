@@ -200,6 +200,38 @@ def test_peak_memory_on_cpu_sees_a_numpy_buffer():
     assert peak >= 8 * (1 << 20)
 
 
+def test_peak_memory_counts_the_shard_a_worker_process_would_hold(keep_parallel_settings):
+    """Under MINIVIT_SHARD=processes tracemalloc sees only this process, so a worker's shard (half
+    a batch's activations on 2 threads) would go uncounted; the memory run puts it on a thread."""
+    import numpy as np
+
+    import minivit
+    from minivit import _parallel
+    from minivit.models import shard_workers, sharding
+
+    if not shard_workers.available():
+        pytest.skip("needs os.fork")
+    _parallel.set_num_threads(2)
+    cfg = dict(img_size=64, depth=2, embed_dim=64, num_heads=2, num_classes=5, dtype="float64")
+    model = minivit.create_model("vit_tiny_patch16_224", **cfg)
+    x = np.random.default_rng(0).standard_normal((8, 3, 64, 64))
+
+    def step():
+        model.forward(x, train=True)
+        model.backward(np.ones((8, 5)))
+
+    with sharding.using("threads"):
+        step()  # warm-up: workers, caches
+        ref, ref_method = harness.peak_memory(step, "minivit", "cpu")
+    with sharding.using("processes"):
+        step()
+        got, method = harness.peak_memory(step, "minivit", "cpu")
+        assert sharding.mode() == "processes"  # put back after the memory run
+    assert ref_method == "tracemalloc"
+    assert method == "tracemalloc (batch shards on threads)"
+    assert 0.8 * ref < got < 1.25 * ref, (got, ref)
+
+
 def _rows():
     base = dict(group="op", name="gelu", device="cpu", batch=8, width=192, repeats=3)
     rows = []
