@@ -81,7 +81,9 @@ def add_arguments(parser) -> None:
         nargs="+",
         default=None,
         metavar="OP",
-        help="check only these op families or cases (e.g. attention gelu); default: all",
+        help="check only these op families or cases (e.g. attention gelu); a family takes "
+        "every case named after it: sinkhorn takes its implicit-backward case too, "
+        "sinkhorn_implicit that case alone; default: all",
     )
     parser.add_argument(
         "--rtol",

@@ -457,6 +457,22 @@ def test_cli_sees_the_cosine_clamp_and_sinkhorn_padding(monkeypatch, capsys):
     assert failed == ["cosine_cost (a row below the norm's clamp)", "sinkhorn (padded marginals)"]
 
 
+def test_a_family_takes_every_case_named_after_it(capsys):
+    """--ops sinkhorn takes the implicit-backward case too (its name starts "sinkhorn ("), as
+    --help says; --ops sinkhorn_implicit takes that case alone."""
+    assert main(["gradcheck", "--backend", "numpy", "--list", "--ops", "sinkhorn"]) == 0
+    names = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines() if line]
+    assert names == [
+        "sinkhorn (uniform marginals)",
+        "sinkhorn (given marginals)",
+        "sinkhorn (padded marginals)",
+        "sinkhorn (implicit backward, converged)",
+    ]
+    assert main(["gradcheck", "--backend", "numpy", "--list", "--ops", "sinkhorn_implicit"]) == 0
+    names = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines() if line]
+    assert names == ["sinkhorn (implicit backward, converged)"]
+
+
 def test_cli_reports_a_crashing_op(monkeypatch, capsys):
     def crash(dout, cache):
         raise RuntimeError("kaboom")
