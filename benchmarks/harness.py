@@ -18,9 +18,10 @@ set in the environment before CuPy's first float32 matmul, where CuPy reads it.
 Memory: one extra, untimed run per case measures the peak working memory above what was in use
 before it: ``tracemalloc`` for NumPy (NumPy reports its buffers to it), a sampled RSS delta for
 torch on CPU (approximate, labelled so), the CuPy memory pool's used bytes sampled at every
-allocation for CuPy, and ``torch.cuda.max_memory_allocated`` for torch on CUDA. Under
-``MINIVIT_SHARD=processes`` the memory run puts the batch shards on threads, where tracemalloc
-sees them all (a worker process's allocations are not this process's).
+allocation for CuPy, and ``torch.cuda.max_memory_allocated`` for torch on CUDA. With batch
+shards in processes (``MINIVIT_SHARD=processes`` or ``sharding.set_mode``) the memory run puts
+them on threads, where tracemalloc sees them all (a worker process's allocations are not this
+process's).
 
 FLOP/s are reported against a measured sgemm ceiling of the same device (see
 :func:`sgemm_ceiling`).

@@ -181,9 +181,9 @@ def linear_forward_pooled(x2, w, b):
         if b is not None:
             o += b
 
-    rows = _gemm_rows(M)
+    block_rows = _gemm_rows(M)
     with _parallel.blas_single_threaded():
-        _parallel.for_each_block(block, M, 1, block_elems=rows, min_elems=0)
+        _parallel.for_each_block(block, M, 1, block_elems=block_rows, min_elems=0)
     return out
 
 
@@ -218,9 +218,10 @@ def linear_backward_pooled(d2, x2, w, has_bias, need_dx=True):
     return dx2, dw, db
 
 
-def _rows(a):
-    # (..., D) -> (M, D), M = prod(leading dims): a view of a C-contiguous a (the fast paths
-    # check that). M is named, not left to reshape's -1, which D = 0 leaves undetermined.
+def rows(a):
+    """a (..., D) as (M, D), M = prod(leading dims): a view when a is C-contiguous (as the fast
+    paths check), a copy otherwise. M is named, not left to reshape's -1, which D = 0 leaves
+    undetermined (a linear layer of no input features)."""
     return a.reshape(math.prod(a.shape[:-1]), a.shape[-1]) if a.ndim else a.reshape(1, 1)
 
 
@@ -245,8 +246,8 @@ def gelu_forward_f32(x, derivative=True, bias=None):
         raise TypeError(f"gelu_forward_f32 takes float32 only, got {x.dtype}")
     out = x if bias is not None else xp.empty_like(x)
     dydx = xp.empty_like(x) if derivative else None
-    x2, o2 = _rows(x), _rows(out)
-    d2 = _rows(dydx) if derivative else None
+    x2, o2 = rows(x), rows(out)
+    d2 = rows(dydx) if derivative else None
 
     def block(s, e):
         xs, o = x2[s:e], o2[s:e]
@@ -302,7 +303,7 @@ def multiply(a, b, out=None):
     xp = backend_of(a).xp
     if out is None:
         out = xp.empty_like(a)
-    a2, b2, o2 = _rows(a), _rows(b), _rows(out)
+    a2, b2, o2 = rows(a), rows(b), rows(out)
 
     def block(s, e):
         xp.multiply(a2[s:e], b2[s:e], out=o2[s:e])
@@ -321,7 +322,7 @@ def add_bias(out, b):
     if not use_fast(out):
         out += b
         return out
-    out2 = _rows(out)
+    out2 = rows(out)
 
     def block(s, e):
         out2[s:e] += b
@@ -368,7 +369,7 @@ def layernorm_forward(x, gamma, beta, eps):
     out = xp.empty_like(x)
     xhat = xp.empty_like(x)
     rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
-    x2, o2, h2, r2 = _rows(x), _rows(out), _rows(xhat), rstd.reshape(-1)
+    x2, o2, h2, r2 = rows(x), rows(out), rows(xhat), rstd.reshape(-1)
     ones = xp.ones(D, dtype=x.dtype)
 
     def block(s, e):
@@ -399,7 +400,7 @@ def layernorm_backward(dout, xhat, rstd, gamma, skip=None):
     xp = backend_of(xhat).xp
     D = xhat.shape[-1]
     dx = xp.empty_like(xhat)
-    d2, h2, r2, g2 = _rows(dout), _rows(xhat), rstd.reshape(-1, 1), _rows(dx)
+    d2, h2, r2, g2 = rows(dout), rows(xhat), rstd.reshape(-1, 1), rows(dx)
     s2 = None if skip is None else skip.reshape(-1, D)
     ones_d = xp.ones(D, dtype=xhat.dtype)
     parts_g, parts_b = [], []
@@ -446,7 +447,7 @@ def softmax_(y, scale=None):
     from .softmax import softmax  # the generic path (softmax.py imports this module)
 
     xp = backend_of(y).xp
-    y2 = _rows(y)
+    y2 = rows(y)
     n = y2.shape[1]
     ones = xp.ones(n, dtype=y.dtype)
     tiny = float(xp.finfo(y.dtype).tiny) ** 0.5
@@ -483,7 +484,7 @@ def softmax_backward(dout, y, scale=None, out=None):
     """
     xp = backend_of(y).xp
     dx = xp.empty_like(y) if out is None else out
-    d2, y2, g2 = _rows(dout), _rows(y), _rows(dx)
+    d2, y2, g2 = rows(dout), rows(y), rows(dx)
 
     def block(s, e):
         ys, g = y2[s:e], g2[s:e]

@@ -30,7 +30,7 @@ def linear_forward(x, w, b=None):
     d_out = w.shape[0]
 
     # One GEMM over all leading dims: (M, Din) @ (Din, Dout), M = prod(leading dims).
-    x2 = _fast._rows(x)  # (M, Din)
+    x2 = _fast.rows(x)  # (M, Din)
     out = _fast.matmul_nt(x2, w, b)  # x2 @ w.T + b, (M, Dout); on minivit's pool when it pays
     out = out.reshape(*x.shape[:-1], d_out)  # (..., Dout)
     return out, Cache(x=x, w=w, has_bias=b is not None, out_shape=out.shape)
@@ -43,7 +43,7 @@ def linear_product(x, w, b=None):
     hands the gradient to :func:`linear_grads` (which gives db as usual) in that layout."""
     _check(x, w, b)
     cache = Cache(x=x, w=w, has_bias=b is not None, out_shape=x.shape[:-1] + w.shape[:1])
-    return _fast.matmul_nt(_fast._rows(x), w), cache
+    return _fast.matmul_nt(_fast.rows(x), w), cache
 
 
 def _check(x, w, b):
@@ -82,8 +82,8 @@ def linear_grads(dout, cache, need_dx=True):
     """linear_backward past its check of ``dout``: for the ops built on it (attention, patch
     embedding, linear + GELU), which check their own ``dout`` and pass on arrays they made."""
     x, w = cache.x, cache.w
-    d2 = _fast._rows(dout)  # (M, Dout)
-    x2 = _fast._rows(x)  # (M, Din)
+    d2 = _fast.rows(dout)  # (M, Dout)
+    x2 = _fast.rows(x)  # (M, Din)
     # d2 @ w, d2^T @ x2 and the column sums of d2; on minivit's pool when it pays
     dx2, dw, db = _fast.linear_grads(d2, x2, w, cache.has_bias, need_dx)
     return (dx2.reshape(x.shape) if need_dx else None), dw, db  # (..., Din), (Dout, Din), (Dout,)

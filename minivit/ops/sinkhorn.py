@@ -467,7 +467,6 @@ def sinkhorn_backward(dplan, cache):
     pad_cols = _zeros_of(col_b, xp)  # (..., 1, m) bool, or None without padding
     pad_rows = _zeros_of(row_a, xp)  # (..., n, 1)
 
-    zero = _zero_where
     buf = xp.empty_like(logK)  # (..., n, m)
     # Every matrix below is exp(logK + row potential + column potential) for stored potentials
     # one step apart, so one kernel is walked back: by rescaling on NumPy (as in the forward),
@@ -476,14 +475,14 @@ def sinkhorn_backward(dplan, cache):
     # Plan: P = a_i b_j Q_ij with Q = exp(logK + beta_T + alpha_T), which is also S_T / b.
     Q = kernel.rebuild(betas[T - 1], alphas[T - 1])
     xp.multiply(Q, dplan, out=buf)  # dP * Q
-    dPQ_b = zero(buf * col_b, pad_cols)  # dP * Q b
+    dPQ_b = _zero_where(buf * col_b, pad_cols)  # dP * Q b
     f_hat = dPQ_b.sum(-1)  # (..., n)  dL/df_T divided by a
-    g_hat = zero(buf * row_a, pad_rows).sum(-2)  # (..., m)  dL/dg_T divided by b
+    g_hat = _zero_where(buf * row_a, pad_rows).sum(-2)  # (..., m)  dL/dg_T divided by b
     # dL/dlogK through the plan's own exponent: dP * P with P = a b Q, the Q just used, not the
     # forward's plan, the same matrix rounded another way (exp(logK + f + g)). The gradient is
     # a small difference of such terms, where mixing two roundings of P showed (float32 at a
     # small epsilon; _weight_sums says how).
-    dlogK = zero(xp.multiply(dPQ_b, row_a, out=dPQ_b), pad_rows)  # (..., n, m)
+    dlogK = _zero_where(xp.multiply(dPQ_b, row_a, out=dPQ_b), pad_rows)  # (..., n, m)
     da = f_hat.copy()  # accumulates dL/d(log a) / a
     db = xp.zeros_like(g_hat)  # accumulates dL/d(log b) / b
 
@@ -493,10 +492,10 @@ def sinkhorn_backward(dplan, cache):
         S_b = kernel.E if t == T - 1 else kernel.move_cols(alphas[t])  # S / b
         beta_bar = f_hat * A  # (..., n)
         beta_bar /= _weight_sums(S_b, B, -1, pad_cols, buf)  # S's rows: see _weight_sums
-        zero(xp.multiply(S_b, beta_bar[..., :, None], out=buf), pad_rows)
+        _zero_where(xp.multiply(S_b, beta_bar[..., :, None], out=buf), pad_rows)
         g_hat = g_hat - buf.sum(-2)  # (..., m)
         buf *= col_b
-        dlogK -= zero(buf, pad_cols)
+        dlogK -= _zero_where(buf, pad_cols)
         db += g_hat
         # g_t = log b + alpha_t,  alpha_t = -LSE_i(logK + f_{t-1}):  d alpha_j / d f_i = -R_ij,
         # R = a_i exp(logK + beta_{t-1} + alpha_t) (columns of R sum to 1).
@@ -507,11 +506,11 @@ def sinkhorn_backward(dplan, cache):
         else:  # f_0: 0, or -inf on padding (no a in it): rebuilt, not rescaled
             R_a = kernel.rebuild(r=cache.f0)  # R
             alpha_bar /= _weight_sums(R_a, 1.0, -2, None, buf)
-        zero(xp.multiply(R_a, alpha_bar[..., None, :], out=buf), pad_cols)
+        _zero_where(xp.multiply(R_a, alpha_bar[..., None, :], out=buf), pad_cols)
         if t > 0:
             f_hat = -buf.sum(-1)  # (..., n)
             da += f_hat
-            zero(xp.multiply(buf, row_a, out=buf), pad_rows)
+            _zero_where(xp.multiply(buf, row_a, out=buf), pad_rows)
         dlogK -= buf
         g_hat = xp.zeros_like(g_hat)
 
